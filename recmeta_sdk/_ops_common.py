@@ -1,0 +1,156 @@
+"""Input conversion and validation shared by every operation in :mod:`recmeta_sdk.ops`.
+
+Every check here is real code (never ``assert``) and runs before any native call, so that
+no input can make a backend read or write outside its buffers. Errors name the argument
+and the bad value.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .reference import QuantizedTable
+
+__all__ = [
+    "as_tensor",
+    "check_ids",
+    "check_offsets",
+    "check_csr",
+    "check_float",
+    "as_table",
+    "quantize",
+    "to_kind",
+]
+
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def as_tensor(x, name: str) -> Tuple[torch.Tensor, str]:
+    """A torch tensor view of ``x`` (numpy arrays without copying) and the input kind.
+
+    Returns
+    -------
+    (tensor, kind) with kind ``"numpy"`` or ``"torch"``.
+    """
+    if isinstance(x, torch.Tensor):
+        return x, "torch"
+    if isinstance(x, np.ndarray):
+        if x.dtype == np.float64:
+            raise TypeError(f"{name}: float64 arrays are not accepted (use float32), got dtype {x.dtype}")
+        if not x.flags.writeable:
+            x = x.copy()
+        return torch.from_numpy(np.ascontiguousarray(x)), "numpy"
+    raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+
+
+def to_kind(kind: str, *tensors):
+    """Return tensors as numpy arrays when the caller passed numpy, else unchanged."""
+    if kind == "numpy":
+        out = tuple(t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t for t in tensors)
+    else:
+        out = tensors
+    return out[0] if len(out) == 1 else out
+
+
+def check_ids(t: torch.Tensor, name: str, n: int) -> torch.Tensor:
+    """Check a 1-D int32/int64 id array with every id in [0, n); returns it contiguous."""
+    if t.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name}: ids must be int32 or int64, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D array, got shape {tuple(t.shape)}")
+    if t.numel():
+        bad = (t < 0) | (t >= n)
+        if bool(bad.any()):
+            pos = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(
+                f"{name}: id {int(t[pos])} at position {pos} is out of range [0, {n})"
+            )
+    return t.contiguous()
+
+
+def check_offsets(t: torch.Tensor, name: str, nnz: int, num_bags: Optional[int] = None) -> torch.Tensor:
+    """Check CSR offsets: 1-D int, offsets[0] == 0, non-decreasing, offsets[-1] == nnz."""
+    if t.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name}: offsets must be int32 or int64, got {t.dtype}")
+    if t.dim() != 1 or t.numel() < 1:
+        raise ValueError(f"{name}: expected a 1-D array of B+1 >= 1 offsets, got shape {tuple(t.shape)}")
+    if num_bags is not None and t.numel() != num_bags + 1:
+        raise ValueError(f"{name}: expected {num_bags + 1} offsets (B+1), got {t.numel()}")
+    if int(t[0]) != 0:
+        raise ValueError(f"{name}: offsets[0] must be 0, got {int(t[0])}")
+    if t.numel() > 1:
+        d = t[1:] - t[:-1]
+        if bool((d < 0).any()):
+            pos = int(torch.nonzero(d < 0)[0, 0])
+            raise ValueError(
+                f"{name}: offsets decrease at position {pos + 1} ({int(t[pos])} -> {int(t[pos + 1])})"
+            )
+    if int(t[-1]) != nnz:
+        raise ValueError(f"{name}: offsets[-1] must equal the number of indices {nnz}, got {int(t[-1])}")
+    return t.contiguous()
+
+
+def check_csr(pair, name: str, batch: int, n: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Check an ``(offsets, ids)`` pair with B+1 offsets and ids in [0, n)."""
+    if pair is None:
+        return None
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"{name}: expected an (offsets, ids) pair, got {type(pair).__name__}")
+    off, _ = as_tensor(pair[0], f"{name} offsets")
+    ids, _ = as_tensor(pair[1], f"{name} ids")
+    ids = check_ids(ids, f"{name} ids", n)
+    off = check_offsets(off, f"{name} offsets", ids.numel(), batch)
+    return off, ids
+
+
+def check_float(t: torch.Tensor, name: str, shape: Sequence[Optional[int]], finite: bool = True) -> torch.Tensor:
+    """Check a floating tensor's shape (None = any size) and that it holds no NaN/inf."""
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point array, got {t.dtype}")
+    if t.dim() != len(shape) or any(s is not None and s != a for s, a in zip(shape, t.shape)):
+        want = tuple("?" if s is None else s for s in shape)
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+    if finite and t.numel() and not bool(torch.isfinite(t).all()):
+        pos = int(torch.nonzero(~torch.isfinite(t.reshape(-1)))[0, 0])
+        raise ValueError(f"{name}: non-finite value {float(t.reshape(-1)[pos])} at flat position {pos}")
+    return t
+
+
+def as_table(weight, name: str = "weight") -> Tuple[Union[torch.Tensor, QuantizedTable], str]:
+    """Accept a (N, d) float32 array/tensor or a QuantizedTable; returns (table, kind)."""
+    if isinstance(weight, QuantizedTable):
+        return weight, "torch"
+    t, kind = as_tensor(weight, name)
+    if t.dtype == torch.float16:
+        return QuantizedTable("fp16", t.contiguous()), kind
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name}: tables must be float32 (or quantize() them), got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D (N, d) table, got shape {tuple(t.shape)}")
+    return t, kind
+
+
+def quantize(weight, dtype: str) -> QuantizedTable:
+    """Quantise a float32 table to ``"fp16"`` or row-wise ``"int8"``.
+
+    Parameters
+    ----------
+    weight : (N, d) float32 numpy array or torch tensor
+    dtype : {"fp16", "int8"}
+
+    Returns
+    -------
+    QuantizedTable, accepted wherever a float32 table is (``embedding_bag``,
+    ``policy_topk``, ``policy_sample``). Its arrays are CPU torch tensors.
+    """
+    from . import reference
+
+    t, _ = as_tensor(weight, "weight")
+    if t.dtype != torch.float32:
+        raise TypeError(f"quantize: weight must be float32, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"quantize: weight must be 2-D (N, d), got shape {tuple(t.shape)}")
+    check_float(t, "weight", (None, None))
+    return reference.quantize(t, dtype)

@@ -1,0 +1,25 @@
+"""The operations of recmeta, on numpy arrays and torch tensors.
+
+* :func:`embedding_bag` / :func:`embedding_bag_backward`: fused (table-batched) embedding
+  bags, forward and backward with a fused sparse optimiser.
+* :func:`policy_topk` / :func:`policy_sample`: fused policy scoring with top-k or
+  Gumbel-top-k sampling, with the softmax log-normaliser and propensities.
+* :func:`quantize`: float16 / row-wise int8 tables for all of the above.
+
+Each accepts numpy arrays or torch tensors and returns the same kind it was given; a
+``backend=`` argument (or ``RECMETA_BACKEND``) chooses the implementation
+(see :mod:`recmeta_sdk.backends`).
+"""
+from ._op_embedding_bag import embedding_bag, embedding_bag_backward
+from ._op_policy import policy_sample, policy_topk
+from ._ops_common import quantize
+from .reference import QuantizedTable
+
+__all__ = [
+    "embedding_bag",
+    "embedding_bag_backward",
+    "policy_topk",
+    "policy_sample",
+    "quantize",
+    "QuantizedTable",
+]

@@ -1,0 +1,423 @@
+"""Plain PyTorch reference of every recmeta operation.
+
+This module is the *specification* of the operations: the C++ core, the Triton kernels
+and the CUDA kernels must agree with it (up to floating-point summation order), and it
+is the ``"torch"`` fallback backend. It is written for clarity, not speed, but it never
+builds anything larger than one (B, N) score matrix.
+
+All functions take torch tensors and return torch tensors; validation of user input
+happens in :mod:`recmeta_sdk.ops` before any backend is called.
+
+Table formats (see :func:`quantize`)
+------------------------------------
+* ``"fp32"``: a (N, d) float32 tensor.
+* ``"fp16"``: a (N, d) float16 tensor.
+* ``"int8"``: row-wise 8-bit quantisation as in FBGEMM: (N, d) uint8 codes ``q`` and per-row
+  float32 ``row_scale`` and ``row_min`` with ``value = q * row_scale + row_min``.
+
+Gumbel noise (see :func:`gumbel_noise`)
+---------------------------------------
+Policy sampling adds Gumbel noise that is a pure function of ``(seed, row, item)``, where
+``row`` is the user's row in the batch and ``item`` the item id, computed with 32-bit
+integer hashing only, so the CPU, Triton and CUDA backends draw bit-identical noise bits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "QuantizedTable",
+    "quantize",
+    "dequantize",
+    "embedding_bag",
+    "embedding_bag_tbe",
+    "embedding_bag_backward",
+    "policy_topk",
+    "policy_sample",
+    "gumbel_noise",
+    "hash_uniform",
+    "eligible_mask",
+]
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class QuantizedTable:
+    """A table stored as float16 or row-wise int8 (see the module docstring).
+
+    Attributes
+    ----------
+    dtype : {"fp16", "int8"}
+    data : (N, d) float16 or uint8
+    row_scale, row_min : (N,) float32 for ``"int8"``, None for ``"fp16"``
+    """
+
+    dtype: str
+    data: object
+    row_scale: object = None
+    row_min: object = None
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return tuple(self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.data.shape[1])
+
+
+Table = Union[torch.Tensor, QuantizedTable]
+
+
+def quantize(weight: torch.Tensor, dtype: str) -> QuantizedTable:
+    """Quantise a float table.
+
+    Parameters
+    ----------
+    weight : (N, d) float32
+    dtype : {"fp16", "int8"}
+        ``"int8"`` is row-wise asymmetric: ``row_min = min(row)``,
+        ``row_scale = (max(row) - min(row)) / 255`` (1.0 for a constant row, so that the
+        row is reproduced exactly), ``q = round((x - row_min) / row_scale)`` clamped to
+        [0, 255] (round half to even).
+    """
+    w = weight.detach().to(torch.float32)
+    if dtype == "fp16":
+        return QuantizedTable("fp16", w.to(torch.float16).contiguous())
+    if dtype == "int8":
+        lo = w.min(dim=1).values if w.shape[1] > 0 else torch.zeros(w.shape[0])
+        hi = w.max(dim=1).values if w.shape[1] > 0 else torch.zeros(w.shape[0])
+        scale = (hi - lo) / 255.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round((w - lo[:, None]) / scale[:, None]).clamp_(0, 255).to(torch.uint8)
+        return QuantizedTable("int8", q.contiguous(), scale.contiguous(), lo.contiguous())
+    raise ValueError(f"quantize: dtype must be 'fp16' or 'int8', got {dtype!r}")
+
+
+def dequantize(table: Table, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Float32 values of a table (optionally only of the given rows)."""
+    if isinstance(table, QuantizedTable):
+        data = table.data if rows is None else table.data[rows]
+        if table.dtype == "fp16":
+            return data.to(torch.float32)
+        scale = table.row_scale if rows is None else table.row_scale[rows]
+        rmin = table.row_min if rows is None else table.row_min[rows]
+        return data.to(torch.float32) * scale[:, None] + rmin[:, None]
+    data = table if rows is None else table[rows]
+    return data.to(torch.float32)
+
+
+def _bag_ids(offsets: torch.Tensor, nnz: int) -> torch.Tensor:
+    """For each position of ``indices``, the bag it belongs to: (nnz,) int64."""
+    counts = (offsets[1:] - offsets[:-1]).to(torch.int64)
+    return torch.repeat_interleave(torch.arange(counts.numel()), counts, output_size=nnz)
+
+
+def embedding_bag(
+    weight: Table,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor] = None,
+    mode: str = "sum",
+) -> torch.Tensor:
+    """Pooled lookup of bags of rows of one table.
+
+    Parameters
+    ----------
+    weight : (N, d) float32 tensor or QuantizedTable
+    indices : (nnz,) int32 or int64, each in [0, N)
+    offsets : (B+1,) int32 or int64, non-decreasing, offsets[0] == 0, offsets[B] == nnz
+        Bag b is ``indices[offsets[b]:offsets[b+1]]`` (CSR).
+    per_sample_weights : (nnz,) float32, optional
+    mode : {"sum", "mean"}
+        ``mean`` divides the (weighted) sum by the number of indices in the bag.
+        An empty bag gives a zero row in both modes.
+
+    Returns
+    -------
+    (B, d) float32. Differentiable with respect to a float32 ``weight`` tensor.
+    """
+    B = offsets.numel() - 1
+    nnz = indices.numel()
+    idx = indices.to(torch.int64)
+    off = offsets.to(torch.int64)
+    rows = dequantize(weight, idx)  # (nnz, d)
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.to(torch.float32)[:, None]
+    bag = _bag_ids(off, nnz)
+    out = torch.zeros(B, rows.shape[1], dtype=torch.float32, device=rows.device)
+    out = out.index_add(0, bag.to(rows.device), rows)
+    if mode == "mean":
+        counts = (off[1:] - off[:-1]).clamp(min=1).to(torch.float32).to(rows.device)
+        out = out / counts[:, None]
+    elif mode != "sum":
+        raise ValueError(f"embedding_bag: mode must be 'sum' or 'mean', got {mode!r}")
+    return out
+
+
+def embedding_bag_tbe(
+    weights: Sequence[Table],
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor] = None,
+    mode: str = "sum",
+) -> torch.Tensor:
+    """Table-batched embedding bag (FBGEMM's TBE layout).
+
+    Parameters
+    ----------
+    weights : list of T tables, table t of shape (N_t, d_t)
+    indices : (nnz,) int32 or int64; row ids local to their table
+    offsets : (T*B+1,) CSR offsets, table-major: bag ``t*B + b`` is sample b of table t
+    per_sample_weights : (nnz,) float32, optional
+    mode : {"sum", "mean"}
+
+    Returns
+    -------
+    (B, sum_t d_t) float32: the T pooled vectors of each sample, concatenated in table order.
+    """
+    T = len(weights)
+    B = (offsets.numel() - 1) // T
+    outs = []
+    for t, w in enumerate(weights):
+        lo, hi = int(offsets[t * B]), int(offsets[(t + 1) * B])
+        off = offsets[t * B : (t + 1) * B + 1].to(torch.int64) - lo
+        psw = None if per_sample_weights is None else per_sample_weights[lo:hi]
+        outs.append(embedding_bag(w, indices[lo:hi], off, psw, mode))
+    return torch.cat(outs, dim=1)
+
+
+def embedding_bag_backward(
+    weight: torch.Tensor,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    grad_output: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor] = None,
+    mode: str = "sum",
+    optimizer: str = "sgd",
+    lr: float = 0.01,
+    eps: float = 1e-8,
+    state: Optional[torch.Tensor] = None,
+) -> None:
+    """Backward of :func:`embedding_bag` fused with a sparse optimiser step, in place.
+
+    The gradient of row r is ``g_r = sum over occurrences i of r of c_i * grad_output[bag(i)]``
+    with ``c_i = per_sample_weights[i]`` (1 without weights) divided by the bag's size for
+    ``mean``. Occurrences are summed in the order they appear in ``indices``.
+
+    * ``"sgd"``: ``w_r -= lr * g_r``.
+    * ``"rowwise_adagrad"`` (FBGEMM's): ``state_r += mean(g_r ** 2)``;
+      ``w_r -= lr * g_r / (sqrt(state_r) + eps)``. ``state`` is (N,) float32.
+
+    Only rows that occur in ``indices`` change.
+    """
+    nnz = indices.numel()
+    idx = indices.to(torch.int64)
+    off = offsets.to(torch.int64)
+    bag = _bag_ids(off, nnz)
+    coef = torch.ones(nnz, dtype=torch.float32)
+    if per_sample_weights is not None:
+        coef = per_sample_weights.to(torch.float32).clone()
+    if mode == "mean":
+        counts = (off[1:] - off[:-1]).clamp(min=1).to(torch.float32)
+        coef = coef / counts[bag]
+    contrib = grad_output.to(torch.float32)[bag] * coef[:, None]  # (nnz, d)
+    uniq, inv = torch.unique(idx, sorted=True, return_inverse=True)
+    grad = torch.zeros(uniq.numel(), weight.shape[1], dtype=torch.float32)
+    grad.index_add_(0, inv, contrib)
+    with torch.no_grad():
+        if optimizer == "sgd":
+            weight[uniq] -= lr * grad
+        elif optimizer == "rowwise_adagrad":
+            if state is None:
+                raise ValueError("embedding_bag_backward: rowwise_adagrad needs state")
+            st = state[uniq] + (grad * grad).mean(dim=1)
+            state[uniq] = st
+            weight[uniq] -= lr * grad / (torch.sqrt(st)[:, None] + eps)
+        else:
+            raise ValueError(
+                f"embedding_bag_backward: optimizer must be 'sgd' or 'rowwise_adagrad', got {optimizer!r}"
+            )
+
+
+def eligible_mask(
+    batch: int,
+    num_items: int,
+    exclude: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    candidates: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """(B, N) bool: the items each user may receive.
+
+    With ``candidates`` only the listed ids (duplicates count once) are eligible, else all
+    items; ids listed in ``exclude`` are then removed. Both are ``(offsets, ids)`` CSR pairs
+    with B+1 offsets.
+    """
+    if candidates is not None:
+        off, ids = candidates
+        mask = torch.zeros(batch, num_items, dtype=torch.bool)
+        rows = _bag_ids(off.to(torch.int64), ids.numel())
+        mask[rows, ids.to(torch.int64)] = True
+    else:
+        mask = torch.ones(batch, num_items, dtype=torch.bool)
+    if exclude is not None:
+        off, ids = exclude
+        rows = _bag_ids(off.to(torch.int64), ids.numel())
+        mask[rows, ids.to(torch.int64)] = False
+    return mask
+
+
+def _scores(user_states, items, bias, temperature) -> torch.Tensor:
+    s = user_states.to(torch.float32) @ dequantize(items).T
+    if bias is not None:
+        s = s + bias.to(torch.float32)[None, :]
+    return s / float(temperature)
+
+
+def _masked_topk(values: torch.Tensor, mask: torch.Tensor, k: int):
+    """Top-k of ``values`` over ``mask`` with (-1, -inf) padding; returns ids and values."""
+    B, N = values.shape
+    v = values.masked_fill(~mask, float("-inf"))
+    kk = min(k, N)
+    top_v, top_i = torch.topk(v, kk, dim=1, sorted=True) if kk > 0 else (
+        torch.empty(B, 0), torch.empty(B, 0, dtype=torch.int64))
+    valid = torch.gather(mask, 1, top_i) if kk > 0 else torch.empty(B, 0, dtype=torch.bool)
+    ids = torch.full((B, k), -1, dtype=torch.int64)
+    out_v = torch.full((B, k), float("-inf"), dtype=torch.float32)
+    ids[:, :kk] = torch.where(valid, top_i, torch.full_like(top_i, -1))
+    out_v[:, :kk] = torch.where(valid, top_v, torch.full_like(top_v, float("-inf")))
+    return ids, out_v
+
+
+def policy_topk(
+    user_states: torch.Tensor,
+    items: Table,
+    k: int,
+    bias: Optional[torch.Tensor] = None,
+    exclude: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    candidates: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    temperature: float = 1.0,
+):
+    """Top-k of the policy scores ``s = (U @ I.T + b) / temperature`` over eligible items.
+
+    Parameters
+    ----------
+    user_states : (B, d) float32
+    items : (N, d) float32 tensor or QuantizedTable
+    k : int >= 0
+    bias : (N,) float32, optional
+    exclude, candidates : (offsets (B+1,), ids) CSR pairs, optional (see :func:`eligible_mask`)
+    temperature : float > 0
+
+    Returns
+    -------
+    ids : (B, k) int64, best first; -1 where fewer than k items are eligible
+    scores : (B, k) float32; -inf in padded slots
+    log_normalizer : (B,) float32, ``logsumexp`` of s over the eligible items (-inf if none),
+        so that ``pi(a|s) = exp(score - log_normalizer)``.
+    """
+    B = user_states.shape[0]
+    N = items.shape[0]
+    s = _scores(user_states, items, bias, temperature)
+    mask = eligible_mask(B, N, exclude, candidates)
+    ids, scores = _masked_topk(s, mask, k)
+    lognorm = torch.logsumexp(s.masked_fill(~mask, float("-inf")), dim=1)
+    return ids, scores, lognorm.to(torch.float32)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 integer finaliser on uint32 values held in int64 tensors."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    x = x ^ (x >> 16)
+    return x
+
+
+def hash_uniform(seed: int, rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Counter-based uniforms in (0, 1), a pure function of (seed, row, item).
+
+    With 32-bit unsigned arithmetic (wrap-around)::
+
+        key = mix32(seed_lo ^ mix32(seed_hi + 0x9E3779B9))
+        h   = mix32(key ^ mix32(row + 0x85EBCA6B))
+        h   = mix32(h ^ item_lo)
+        h   = mix32(h ^ mix32(item_hi + 0xC2B2AE35))
+        u   = ((h >> 8) + 0.5) * 2**-24                      # exact in float32
+
+    where ``seed`` is taken modulo 2**64 and ``item`` is a non-negative int64.
+    ``rows`` and ``items`` broadcast against each other; returns float32.
+    """
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    s_lo, s_hi = seed & _M32, seed >> 32
+    key = int(_mix32(torch.tensor(s_lo ^ int(_mix32(torch.tensor(s_hi + 0x9E3779B9))))))
+    r = rows.to(torch.int64)
+    it = items.to(torch.int64)
+    h = _mix32(key ^ _mix32(r + 0x85EBCA6B))
+    h = _mix32(h ^ (it & _M32))
+    h = _mix32(h ^ _mix32((it >> 32) + 0xC2B2AE35))
+    return (((h >> 8).to(torch.float64) + 0.5) * (2.0 ** -24)).to(torch.float32)
+
+
+def gumbel_noise(seed: int, rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log(u))`` from :func:`hash_uniform`, float32."""
+    u = hash_uniform(seed, rows, items)
+    return -torch.log(-torch.log(u))
+
+
+def policy_sample(
+    user_states: torch.Tensor,
+    items: Table,
+    k: int,
+    seed: int,
+    bias: Optional[torch.Tensor] = None,
+    exclude: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    candidates: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    temperature: float = 1.0,
+):
+    """Draw k distinct items per user from the softmax policy (Gumbel-top-k).
+
+    The slate is the top-k of ``s + G`` over eligible items, with ``G`` from
+    :func:`gumbel_noise` keyed by (seed, row in the batch, item id); this is exactly a
+    sequential draw without replacement from ``softmax(s)`` (Plackett-Luce).
+
+    Returns
+    -------
+    ids : (B, k) int64 (-1 padding)
+    scores : (B, k) float32, the unperturbed policy scores s of the drawn items (-inf padding)
+    propensities : (B, k) float32, ``pi(a|s) = exp(s_a - logZ)`` of each drawn item (0 padding)
+    slate_log_prob : (B,) float32, Plackett-Luce log-probability of the ranked slate of valid
+        items: ``sum_j [s_j - log(Z - sum_{i<j} exp(s_i))]`` (0.0 for an empty slate)
+    """
+    B = user_states.shape[0]
+    N = items.shape[0]
+    s = _scores(user_states, items, bias, temperature)
+    mask = eligible_mask(B, N, exclude, candidates)
+    rows = torch.arange(B)[:, None]
+    cols = torch.arange(N)[None, :]
+    perturbed = s + gumbel_noise(seed, rows, cols)
+    ids, _ = _masked_topk(perturbed, mask, k)
+    lognorm = torch.logsumexp(s.masked_fill(~mask, float("-inf")), dim=1)
+    valid = ids >= 0
+    safe = ids.clamp(min=0)
+    sc = torch.gather(s, 1, safe).masked_fill(~valid, float("-inf"))
+    return (ids, sc) + _slate_probabilities(sc, valid, lognorm)
+
+
+def _slate_probabilities(sc: torch.Tensor, valid: torch.Tensor, lognorm: torch.Tensor):
+    """Per-item propensities and the Plackett-Luce slate log-probability (float64 inside)."""
+    logp = (sc.to(torch.float64) - lognorm.to(torch.float64)[:, None])
+    p = torch.where(valid, torch.exp(logp), torch.zeros_like(logp))
+    before = torch.cumsum(p, dim=1) - p  # mass removed before position j
+    remaining = torch.clamp(1.0 - before, min=1e-300)
+    terms = torch.where(valid, logp - torch.log(remaining), torch.zeros_like(logp))
+    return p.to(torch.float32), terms.sum(dim=1).to(torch.float32)
