@@ -7,6 +7,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from ._order import group_time_order, unique_sorted
+
 logger = logging.getLogger("recmeta")
 
 
@@ -156,16 +158,14 @@ def build_sequences(
         raise ValueError(f"item_ids and user_ids differ in length: {n} vs {len(users)}")
     if isinstance(L, bool) or not isinstance(L, (int, np.integer)) or L < 1:
         raise ValueError(f"L must be a positive integer, got {L!r}")
-    keys = [np.arange(n, dtype=np.int64)]
+    ts = None
     if timestamps is not None:
         ts = np.asarray(timestamps)
         if ts.shape != (n,):
             raise ValueError(f"timestamps must have shape ({n},), got {ts.shape}")
-        if ts.dtype.kind == "M":
-            ts = ts.view(np.int64)
-        keys.append(ts)
-    keys.append(users)
-    order = np.lexsort(tuple(keys)) if n else np.zeros(0, dtype=np.int64)
+        if ts.dtype.kind == "f" and np.isnan(ts).any():
+            raise ValueError("timestamps hold NaN; run recmeta_sdk.data.clean first")
+    order = group_time_order(users, ts)
     users_sorted = users[order]
     new_group = np.ones(n, dtype=bool)
     new_group[1:] = users_sorted[1:] != users_sorted[:-1]
@@ -204,7 +204,7 @@ def user_item_csr(user_ids, item_ids, n_users: Optional[int] = None) -> tuple[np
     if len(users) and users.max() >= n_rows:
         raise ValueError(f"user id {int(users.max())} >= n_users={n_rows}")
     n_cols = int(items.max()) + 1 if len(items) else 1
-    keys = np.unique(users * n_cols + items)
+    keys = unique_sorted(users * np.int64(n_cols) + items)
     u = keys // n_cols
     indices = keys - u * n_cols
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
@@ -214,10 +214,16 @@ def user_item_csr(user_ids, item_ids, n_users: Optional[int] = None) -> tuple[np
 
 def _member(keys: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Vectorised membership of the (user * n_cols + item) keys ``q`` in sorted ``keys``."""
-    if len(keys) == 0:
+    if len(keys) == 0 or len(q) == 0:
         return np.zeros(q.shape, dtype=bool)
-    pos = np.searchsorted(keys, q)
-    return keys[np.minimum(pos, len(keys) - 1)] == q
+    # searching sorted needles is far more cache-friendly than random ones
+    order = np.argsort(q)
+    qs = q[order]
+    pos = np.searchsorted(keys, qs)
+    hit = keys[np.minimum(pos, len(keys) - 1)] == qs
+    out = np.empty(len(q), dtype=bool)
+    out[order] = hit
+    return out
 
 
 def sample_negatives(
@@ -293,13 +299,13 @@ def sample_negatives(
     n_cols = np.int64(n_items)
     row_of = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
     keys = row_of * n_cols + indices
-    if len(keys) > 1 and (np.diff(keys) <= 0).any():
-        keys = np.unique(keys)
+    if len(keys) > 1 and (keys[1:] <= keys[:-1]).any():
+        keys = unique_sorted(keys)
         row_of = keys // n_cols
     blocking = np.ones(len(keys), dtype=np.float64) if p is None else (p[keys % n_cols] > 0).astype(np.float64)
     n_blocked = np.bincount(row_of, weights=blocking, minlength=len(indptr) - 1)
     allowed_total = n_items if p is None else int((p > 0).sum())
-    present = np.unique(users)
+    present = unique_sorted(users)
     full = present[n_blocked[present] >= allowed_total]
     if len(full):
         raise ValueError(f"user {int(full[0])} has interacted with every sampleable item; no negative exists")

@@ -68,7 +68,9 @@ class FeatureEncoder:
 
     If none of ``categorical``, ``multi_valued``, ``numeric`` is given, :meth:`fit`
     infers them: numeric dtypes are numeric, columns holding lists or ``sep`` are
-    multi-valued, the rest categorical. Tokens are named ``"column=value"``.
+    multi-valued, the rest categorical. Tokens are named ``"column=value"`` (buckets
+    ``"column#b"``); token ids run over categorical, then multi-valued, then bucketised
+    columns, each in sorted value order.
     """
 
     categorical: Optional[Sequence[str]] = None

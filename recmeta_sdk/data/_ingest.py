@@ -113,6 +113,8 @@ def read_interactions(
 
 def _read_path(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".pq", ".csv", ".tsv"):
+        raise ValueError(f"unknown interaction file type {suffix!r} for {path}: use .csv, .tsv, .parquet or .pq")
     if not path.exists():
         raise ValueError(f"interaction file not found: {path}")
     if suffix in (".parquet", ".pq"):
@@ -127,7 +129,6 @@ def _read_path(path: Path) -> pd.DataFrame:
         except Exception as exc:  # pragma: no cover - fall back to pandas' parser
             logger.debug("pyarrow CSV reader failed on %s (%s); using pandas", path, exc)
             return pd.read_csv(path, sep=sep)
-    raise ValueError(f"unknown interaction file type {suffix!r} for {path}: use .csv, .tsv, .parquet or .pq")
 
 
 def _coerce_timestamp(ts: pd.Series) -> pd.Series:

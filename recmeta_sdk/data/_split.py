@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
+from ._order import group_random_order, group_time_order
 from ._ingest import ITEM, TIMESTAMP, USER, InteractionsLike, read_interactions, timestamp_array
 
 logger = logging.getLogger("recmeta")
@@ -157,10 +158,9 @@ def _time_values(df: pd.DataFrame, how: str) -> np.ndarray:
     return ts
 
 
-def _rank_in_group(codes: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Order rows by (group, key, input position); return (order, rank of each row in its group)."""
+def _rank_in_group(codes: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Rank of each row within its group, given rows ordered by (group, key)."""
     n = len(codes)
-    order = np.lexsort((np.arange(n), key, codes))
     sorted_codes = codes[order]
     start = np.ones(n, dtype=bool)
     start[1:] = sorted_codes[1:] != sorted_codes[:-1]
@@ -168,7 +168,7 @@ def _rank_in_group(codes: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.n
     group_start = np.repeat(first, np.diff(np.append(first, n)))
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n) - group_start
-    return order, rank
+    return rank
 
 
 def _parts(df: pd.DataFrame, part: np.ndarray, n_parts: int) -> list[pd.DataFrame]:
@@ -209,7 +209,7 @@ def _split_ratio(
         if group_by not in df.columns:
             raise ValueError(f"group_by column {group_by!r} not in interactions")
         codes, n_groups = _group_codes(df[group_by])
-    _, rank = _rank_in_group(codes, rng.random(n))
+    rank = _rank_in_group(codes, group_random_order(codes, rng))
     sizes = np.bincount(codes, minlength=n_groups)
     cnt = _recbole_counts(sizes, r)
     bounds = np.cumsum(cnt, axis=1)
@@ -221,7 +221,7 @@ def _split_temporal(df: pd.DataFrame, *, ratios: Sequence[float] = (0.8, 0.1, 0.
     r = _check_ratios(ratios)
     n = len(df)
     ts = _time_values(df, "temporal")
-    order = np.lexsort((np.arange(n), ts))
+    order = group_time_order(np.zeros(n, dtype=np.int64), ts)
     cnt = _recbole_counts(np.array([n]), r)[0]
     part_sorted = np.repeat(np.arange(3, dtype=np.int8), cnt)
     part = np.empty(n, dtype=np.int8)
@@ -232,7 +232,7 @@ def _split_temporal(df: pd.DataFrame, *, ratios: Sequence[float] = (0.8, 0.1, 0.
 def _split_leave_last_out(df: pd.DataFrame, *, valid: bool = True) -> Split:
     ts = _time_values(df, "leave_last_out")
     codes, n_groups = _group_codes(df[USER])
-    _, rank = _rank_in_group(codes, ts)
+    rank = _rank_in_group(codes, group_time_order(codes, ts))
     sizes = np.bincount(codes, minlength=n_groups)
     n_out = np.minimum(2 if valid else 1, sizes - 1)  # at least one train row per user
     from_end = sizes[codes] - 1 - rank  # 0 for the last row of a user
@@ -295,7 +295,7 @@ def _split_cold(
     held_keys = distinct[held_pos]
     is_held = held_keys.get_indexer(keys.array) >= 0
     codes, _ = _group_codes(keys)
-    _, rank = _rank_in_group(codes, ts)
+    rank = _rank_in_group(codes, group_time_order(codes, ts))
     part = np.zeros(len(df), dtype=np.int8)  # 0 train, 1 support, 2 gap, 3 query
     part[is_held & (rank < k)] = 1
     part[is_held & (rank >= k) & (rank < query_after)] = 2

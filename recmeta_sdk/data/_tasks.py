@@ -8,6 +8,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import pandas as pd
 
+from ._order import group_random_order, group_time_order
 from ._ingest import ITEM, TIMESTAMP, USER, InteractionsLike, read_interactions, timestamp_array
 
 logger = logging.getLogger("recmeta")
@@ -220,9 +221,11 @@ def make_tasks(
     codes = codes.astype(np.int64, copy=False)
     if temporal and TIMESTAMP in df.columns:
         ts = timestamp_array(df[TIMESTAMP])[row_idx]
+        if np.isnan(ts).any():
+            raise ValueError("column 'timestamp' has missing values; run recmeta_sdk.data.clean first")
+        order = group_time_order(codes, ts)  # ties keep input order (row_idx is non-decreasing)
     else:
-        ts = np.random.default_rng(seed).random(len(row_idx))
-    order = np.lexsort((row_idx, ts, codes))
+        order = group_random_order(codes, np.random.default_rng(seed))
     codes_sorted = codes[order]
     rows = row_idx[order]
     sizes = np.bincount(codes_sorted, minlength=len(uniques))
