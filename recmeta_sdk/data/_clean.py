@@ -223,13 +223,8 @@ def clean(
     idx_alive = np.flatnonzero(alive)
     if len(idx_alive):
         sub = df.iloc[idx_alive] if len(idx_alive) < n else df
-        try:
-            dup_sub = sub.duplicated(keep="first").to_numpy()
-        except TypeError:
-            # unhashable cells (lists): compare their string forms
-            dup_sub = sub.astype(str).duplicated(keep="first").to_numpy()
         dup = np.zeros(n, dtype=bool)
-        dup[idx_alive] = dup_sub
+        dup[idx_alive] = _duplicated(sub)
         apply("duplicate", dup)
 
     if max_events_per_user is not None:
@@ -252,3 +247,46 @@ def clean(
             ", ".join(f"{k}={v}" for k, v in report.counts.items() if v),
         )
     return out, report
+
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _column_hash(s: pd.Series) -> np.ndarray:
+    """(n,) uint64 hash of each cell; equal cells hash equally (NaN == NaN, -0.0 == 0.0)."""
+    if pd.api.types.is_float_dtype(s.dtype):
+        v = s.to_numpy(dtype=np.float64, na_value=np.nan) + 0.0  # -0.0 -> 0.0
+        v[np.isnan(v)] = np.nan  # one NaN bit pattern
+        return v.view(np.uint64)
+    if (pd.api.types.is_integer_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype)) and not s.hasnans:
+        return s.to_numpy(dtype=np.int64).view(np.uint64)
+    if pd.api.types.is_datetime64_any_dtype(s.dtype):
+        return s.to_numpy(dtype="datetime64[ns]").view(np.uint64)
+    return pd.util.hash_pandas_object(s, index=False).to_numpy()
+
+
+def _duplicated(df: pd.DataFrame) -> np.ndarray:
+    """``df.duplicated(keep="first")``, found through 64-bit row hashes and verified exactly.
+
+    Rows whose hash is unique cannot be duplicates; the (few) rows sharing a hash are
+    compared exactly with pandas, so a hash collision can never remove a row.
+    """
+    if len(df.columns) == 0 or len(df) < 2:
+        return np.zeros(len(df), dtype=bool)
+    try:
+        h = np.zeros(len(df), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for col in df.columns:
+                c = _column_hash(df[col])
+                h = (h ^ (c + _MIX + (h << np.uint64(6)) + (h >> np.uint64(2)))) * _MIX
+    except TypeError:  # unhashable cells (lists): compare their string forms
+        return df.astype(str).duplicated(keep="first").to_numpy()
+    cand = np.flatnonzero(pd.Series(h).duplicated(keep=False).to_numpy())
+    out = np.zeros(len(df), dtype=bool)
+    if len(cand):
+        sub = df.iloc[cand]
+        try:
+            out[cand] = sub.duplicated(keep="first").to_numpy()
+        except TypeError:
+            out[cand] = sub.astype(str).duplicated(keep="first").to_numpy()
+    return out
