@@ -1,6 +1,7 @@
 """Train / validation / test splits, warm and cold-start."""
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -120,16 +121,15 @@ def split(interactions: InteractionsLike, how: str, **options: Any) -> Union[Spl
         "cold_items": _split_cold,
         "cold_categories": _split_cold,
     }[how]
-    try:
-        if fn is _split_cold:
-            result = fn(df, how, **options)
-        else:
-            result = fn(df, **options)
-    except TypeError as exc:
-        if "unexpected keyword argument" in str(exc):
-            raise TypeError(f"split(how={how!r}): {exc}".replace(f"{fn.__name__}()", "")) from None
-        raise
-    return result
+    valid = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    if how in ("cold_users", "cold_items"):
+        valid.remove("category")
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"split(how={how!r}) got unknown option(s) {unknown}; valid options: {valid}")
+    if fn is _split_cold:
+        return fn(df, how, **options)
+    return fn(df, **options)
 
 
 # ---------------------------------------------------------------------------- helpers
