@@ -309,6 +309,11 @@ def test_build_sequences_matches_naive(rows, L):
     seqs = data.build_sequences(items, users, ts, L=L)
     expected = _naive_history(items.tolist(), users.tolist(), ts.tolist(), L)
     padded = seqs.padded()
+    n_users = 5
+    idx, off = data.user_histories(items, users, ts, L=L, n_users=n_users)
+    for u in range(n_users):
+        mine = sorted((t, j) for j, (uu, t) in enumerate(zip(users.tolist(), ts.tolist())) if uu == u)
+        assert idx[off[u]:off[u + 1]].tolist() == [int(items[j]) for _, j in mine][-L:]
     assert padded.shape == (len(rows), L)
     indices, offsets = seqs.csr()
     for i, hist in enumerate(expected):

@@ -22,7 +22,14 @@ Only numpy, pandas and pyarrow are imported; nothing here needs the compiled cor
 """
 from __future__ import annotations
 
-from ._batches import Sequences, build_sequences, full_catalogue_targets, sample_negatives, user_item_csr
+from ._batches import (
+    Sequences,
+    build_sequences,
+    full_catalogue_targets,
+    sample_negatives,
+    user_histories,
+    user_item_csr,
+)
 from ._clean import RULES, CleaningReport, clean
 from ._features import EncodedFeatures, FeatureEncoder
 from ._ingest import (
@@ -62,6 +69,7 @@ __all__ = [
     "make_tasks",
     "Sequences",
     "build_sequences",
+    "user_histories",
     "sample_negatives",
     "user_item_csr",
     "full_catalogue_targets",

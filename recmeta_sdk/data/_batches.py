@@ -180,6 +180,61 @@ def build_sequences(
     return Sequences(L=int(L), items_sorted=items[order], order=order.astype(np.int64), start=start, end=end)
 
 
+def user_histories(
+    item_ids,
+    user_ids,
+    timestamps=None,
+    L: int = 50,
+    *,
+    n_users: Optional[int] = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every user's most recent ``L`` items (after all of their interactions), as CSR.
+
+    This is the history a model encodes at recommend time; :func:`build_sequences`
+    gives the history before each training target instead.
+
+    Parameters
+    ----------
+    item_ids, user_ids : (n,) int arrays
+        Dense ids of interactions.
+    timestamps : (n,) array, optional
+        Event times; default input order. Ties keep input order.
+    L : int
+        Maximum history length.
+    n_users : int, optional
+        Number of users (rows); default ``max(user_ids) + 1``.
+
+    Returns
+    -------
+    indices : (nnz,) int64
+        Items, user by user, oldest first.
+    offsets : (n_users + 1,) int64
+        User ``u``'s history is ``indices[offsets[u]:offsets[u + 1]]`` (empty if none).
+    """
+    items = _int_array(item_ids, "item_ids")
+    users = _int_array(user_ids, "user_ids")
+    n = len(items)
+    if len(users) != n:
+        raise ValueError(f"item_ids and user_ids differ in length: {n} vs {len(users)}")
+    if isinstance(L, bool) or not isinstance(L, (int, np.integer)) or L < 1:
+        raise ValueError(f"L must be a positive integer, got {L!r}")
+    n_rows = (int(users.max()) + 1 if n else 0) if n_users is None else int(n_users)
+    if n and users.max() >= n_rows:
+        raise ValueError(f"user id {int(users.max())} >= n_users={n_rows}")
+    ts = None if timestamps is None else np.asarray(timestamps)
+    if ts is not None and ts.shape != (n,):
+        raise ValueError(f"timestamps must have shape ({n},), got {ts.shape}")
+    order = group_time_order(users, ts)
+    users_sorted = users[order]
+    counts = np.bincount(users_sorted, minlength=n_rows)
+    ends = np.cumsum(counts)
+    from_end = ends[users_sorted] - 1 - np.arange(n, dtype=np.int64)
+    keep = from_end < L
+    offsets = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.minimum(counts, L), out=offsets[1:])
+    return items[order][keep], offsets
+
+
 def user_item_csr(user_ids, item_ids, n_users: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """The distinct items of every user, as CSR.
 
