@@ -588,14 +588,14 @@ def format_table(results: Mapping[str, OnlineResult], bars: Optional[Mapping[str
     """A text table of mean ± standard error at each checkpoint (and the bars if given)."""
     first = next(iter(results.values()))
     ts = [t for t in first.checkpoints if t <= first.cumulative.shape[1]]
-    head = f"{'policy':<28}" + "".join(f"{'t=' + str(t):>16}" for t in ts) + f"{'s':>7}"
+    head = f"{'policy':<36}" + "".join(f"{'t=' + str(t):>16}" for t in ts) + f"{'s':>7}"
     lines = [head]
     for nm, res in results.items():
         cells = "".join(f"{res.mean(t):>9.2f} ± {res.se(t):<4.2f}" for t in ts)
-        lines.append(f"{nm:<28}{cells}{res.seconds:>7.1f}")
+        lines.append(f"{nm:<36}{cells}{res.seconds:>7.1f}")
         if bars and nm in bars:
             ref = "".join(f"{bars[nm][t]:>16.2f}" if t in bars[nm] else f"{'':>16}" for t in ts)
-            lines.append(f"{'  (bar)':<28}{ref}")
+            lines.append(f"{'  (bar)':<36}{ref}")
     return "\n".join(lines)
 
 
