@@ -88,6 +88,30 @@ def test_ml100k_cold_user_protocol(ml100k):
     assert 0.79 < len(r.train) / 100_000 < 0.81
 
 
+def test_ml100k_training_arrays_and_tasks(ml100k):
+    parts = data.split(ml100k.interactions, "cold_users", fold=0, k=10)
+    enc = data.encode(parts.train)
+    assert enc.n_users == 943 - len(parts.held_out)
+    seqs = data.build_sequences(enc.item_ids, enc.user_ids, enc.timestamps, L=50)
+    hist = seqs.padded(np.arange(1000))
+    assert hist.shape == (1000, 50) and hist.max() < enc.n_items
+    assert (seqs.lengths == np.minimum(seqs.lengths, 50)).all() and seqs.lengths.max() == 50
+    pos = data.user_item_csr(enc.user_ids, enc.item_ids, enc.n_users)
+    neg = data.sample_negatives(enc.user_ids, enc.n_items, 4, positives=pos, seed=0)
+    hits = [neg[j][np.isin(neg[j], pos[1][pos[0][u]:pos[0][u + 1]])] for j, u in enumerate(enc.user_ids[:2000])]
+    assert sum(map(len, hits)) == 0
+    idx, off = data.user_histories(enc.item_ids, enc.user_ids, enc.timestamps, L=20, n_users=enc.n_users)
+    assert (np.diff(off) == 20).all()  # every user has >= 20 ratings
+    # support users of the cold split are unknown to the training id map: the cold-start path
+    assert (enc.user_map.to_index(parts.support["user"]) == data.UNKNOWN).all()
+    tasks = data.make_tasks(parts.train, by="user", support_size=10)
+    assert len(tasks) == enc.n_users and (tasks.n_support == 10).all()
+    cats = data.make_tasks(parts.train, by="category", items=ml100k.items, column="genres")
+    assert 18 <= len(cats) <= 19 and "Drama" in cats.keys.tolist()
+    seg = data.make_tasks(parts.train, by="segment", users=ml100k.users, column="occupation")
+    assert len(seg) == 21 and seg.sizes.sum() == len(parts.train)
+
+
 def test_ml100k_grouplens_files_agree_with_recbole(ml100k, tmp_path):
     """Write GroupLens-format u.data / u.item / u.user from the loaded data and read them back."""
     inter = ml100k.interactions

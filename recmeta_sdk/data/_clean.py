@@ -222,9 +222,8 @@ def clean(
 
     idx_alive = np.flatnonzero(alive)
     if len(idx_alive):
-        sub = df.iloc[idx_alive] if len(idx_alive) < n else df
         dup = np.zeros(n, dtype=bool)
-        dup[idx_alive] = _duplicated(sub)
+        dup[idx_alive] = _duplicated(df, idx_alive)
         apply("duplicate", dup)
 
     if max_events_per_user is not None:
@@ -265,14 +264,15 @@ def _column_hash(s: pd.Series) -> np.ndarray:
     return pd.util.hash_pandas_object(s, index=False).to_numpy()
 
 
-def _duplicated(df: pd.DataFrame) -> np.ndarray:
-    """``df.duplicated(keep="first")``, found through 64-bit row hashes and verified exactly.
+def _duplicated(df: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
+    """``df.iloc[rows].duplicated(keep="first")``, via 64-bit row hashes verified exactly.
 
-    Rows whose hash is unique cannot be duplicates; the (few) rows sharing a hash are
-    compared exactly with pandas, so a hash collision can never remove a row.
+    Rows whose hash is unique among ``rows`` cannot be duplicates; the (few) rows sharing
+    a hash are compared exactly with pandas, so a hash collision never removes a row.
     """
-    if len(df.columns) == 0 or len(df) < 2:
-        return np.zeros(len(df), dtype=bool)
+    m = len(rows)
+    if len(df.columns) == 0 or m < 2:
+        return np.zeros(m, dtype=bool)
     try:
         h = np.zeros(len(df), dtype=np.uint64)
         with np.errstate(over="ignore"):
@@ -280,11 +280,12 @@ def _duplicated(df: pd.DataFrame) -> np.ndarray:
                 c = _column_hash(df[col])
                 h = (h ^ (c + _MIX + (h << np.uint64(6)) + (h >> np.uint64(2)))) * _MIX
     except TypeError:  # unhashable cells (lists): compare their string forms
-        return df.astype(str).duplicated(keep="first").to_numpy()
+        return df.iloc[rows].astype(str).duplicated(keep="first").to_numpy()
+    h = h[rows] if m < len(df) else h
     cand = np.flatnonzero(pd.Series(h).duplicated(keep=False).to_numpy())
-    out = np.zeros(len(df), dtype=bool)
+    out = np.zeros(m, dtype=bool)
     if len(cand):
-        sub = df.iloc[cand]
+        sub = df.iloc[rows[cand]]
         try:
             out[cand] = sub.duplicated(keep="first").to_numpy()
         except TypeError:
