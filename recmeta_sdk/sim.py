@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Hashable, Iterable, Mapping, Optional, Protocol, Sequence, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, Hashable, Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
