@@ -87,13 +87,13 @@ def main(argv=None) -> int:
         return out
 
     df = stage("ingest", lambda: data.read_interactions(table))
-    del table
+    table = None  # free the source
     gc.collect()
     cleaned, report = stage("clean", lambda: data.clean(df, reward_range=(1, 5), max_events_per_user=5000))
-    del df
+    df = None
     gc.collect()
     enc = stage("encode", lambda: data.encode(cleaned))
-    del cleaned
+    cleaned = None
     gc.collect()
     seqs = stage("sequences", lambda: data.build_sequences(enc.item_ids, enc.user_ids, enc.timestamps, L=args.L))
     batch_rows = np.random.default_rng(1).integers(0, len(enc), args.batch)

@@ -31,14 +31,14 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 logger = logging.getLogger("recmeta")
 
-__all__ = ["Dataset", "DatasetUnavailableError", "load", "fetch", "default_cache_dir", "DATASETS", "ARCHIVES"]
+__all__ = ["ARCHIVES", "DATASETS", "Dataset", "DatasetUnavailableError", "default_cache_dir", "fetch", "load"]
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -104,8 +104,8 @@ class Dataset:
 
     name: str
     interactions: pd.DataFrame
-    users: Optional[pd.DataFrame] = None
-    items: Optional[pd.DataFrame] = None
+    users: pd.DataFrame | None = None
+    items: pd.DataFrame | None = None
     info: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -162,7 +162,7 @@ def _download(arc: _Archive, downloads: Path) -> Path:
                *arc.pip_args, arc.requirement, "-d", tmp]
         logger.info("downloading %s: %s", arc.requirement, " ".join(cmd))
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise DatasetUnavailableError(f"could not run pip to fetch {arc.requirement}: {exc}. "
                                           + _manual_hint(arc, downloads)) from None
@@ -177,7 +177,7 @@ def _download(arc: _Archive, downloads: Path) -> Path:
     return target
 
 
-def fetch(name: str, *, cache_dir: Union[str, os.PathLike, None] = None) -> Path:
+def fetch(name: str, *, cache_dir: str | os.PathLike | None = None) -> Path:
     """Make sure a dataset's files are extracted in the cache and return their folder.
 
     Parameters
@@ -266,7 +266,7 @@ def _extract(archive: Path, members: dict, dest: Path) -> None:
 # ---------------------------------------------------------------------------- loaders
 
 
-def load(name: str, *, cache_dir: Union[str, os.PathLike, None] = None, **options: Any) -> Dataset:
+def load(name: str, *, cache_dir: str | os.PathLike | None = None, **options: Any) -> Dataset:
     """Load a real dataset, downloading its package file into the cache if needed.
 
     Parameters
@@ -318,7 +318,7 @@ GENRES = (
 )
 
 
-def _load_ml100k(*, cache_dir=None, path: Union[str, os.PathLike, None] = None, **rest: Any) -> Dataset:
+def _load_ml100k(*, cache_dir=None, path: str | os.PathLike | None = None, **rest: Any) -> Dataset:
     if rest:
         raise ValueError(f"unknown option(s) for ml-100k: {sorted(rest)}; valid: ['path']")
     if path is not None:
@@ -424,7 +424,7 @@ def _load_obd(*, cache_dir=None, campaign: str = "all", policy: str = "random", 
         "campaign": campaign,
         "policy": policy,
     })
-    context = raw[[c for c in raw.columns if c.startswith("user_feature_") or c.startswith("user-item_affinity_")]]
+    context = raw[[c for c in raw.columns if c.startswith(("user_feature_", "user-item_affinity_"))]]
     interactions = pd.concat([interactions, context.reset_index(drop=True)], axis=1)
     ic = pd.read_csv(folder / "item_context.csv", index_col=0)
     items = ic.set_index(pd.Index(ic["item_id"].to_numpy(dtype=np.int64), name="item")).drop(columns="item_id")

@@ -1,6 +1,8 @@
 """Splits and meta-learning tasks: hand-written logs and hypothesis-generated ones."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -172,7 +174,7 @@ def test_warm_splits_lose_and_duplicate_nothing(rows, seed):
     t = data.split(log, "temporal")
     _assert_partition(log, [t.train, t.valid, t.test])
     parts = [p["timestamp"] for p in (t.train, t.valid, t.test) if len(p)]
-    for a, b in zip(parts, parts[1:]):
+    for a, b in itertools.pairwise(parts):
         assert a.max() <= b.min()
     lo = data.split(log, "leave_last_out")
     _assert_partition(log, [lo.train, lo.valid, lo.test])

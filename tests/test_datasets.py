@@ -100,7 +100,7 @@ def test_ml100k_training_arrays_and_tasks(ml100k):
     neg = data.sample_negatives(enc.user_ids, enc.n_items, 4, positives=pos, seed=0)
     hits = [neg[j][np.isin(neg[j], pos[1][pos[0][u]:pos[0][u + 1]])] for j, u in enumerate(enc.user_ids[:2000])]
     assert sum(map(len, hits)) == 0
-    idx, off = data.user_histories(enc.item_ids, enc.user_ids, enc.timestamps, L=20, n_users=enc.n_users)
+    _idx, off = data.user_histories(enc.item_ids, enc.user_ids, enc.timestamps, L=20, n_users=enc.n_users)
     assert (np.diff(off) == 20).all()  # every user has >= 20 ratings
     # support users of the cold split are unknown to the training id map: the cold-start path
     assert (enc.user_map.to_index(parts.support["user"]) == data.UNKNOWN).all()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import numpy as np
 
@@ -186,7 +185,7 @@ def user_histories(
     timestamps=None,
     L: int = 50,
     *,
-    n_users: Optional[int] = None,
+    n_users: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every user's most recent ``L`` items (after all of their interactions), as CSR.
 
@@ -235,7 +234,7 @@ def user_histories(
     return items[order][keep], offsets
 
 
-def user_item_csr(user_ids, item_ids, n_users: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+def user_item_csr(user_ids, item_ids, n_users: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The distinct items of every user, as CSR.
 
     Parameters
@@ -286,9 +285,9 @@ def sample_negatives(
     n_items: int,
     n_negatives: int,
     *,
-    positives: Optional[tuple[np.ndarray, np.ndarray]] = None,
-    probs: Optional[np.ndarray] = None,
-    seed: Union[int, np.random.Generator, None] = None,
+    positives: tuple[np.ndarray, np.ndarray] | None = None,
+    probs: np.ndarray | None = None,
+    seed: int | np.random.Generator | None = None,
     max_rounds: int = 50,
 ) -> np.ndarray:
     """Sample negative items for each row, avoiding the user's positives.

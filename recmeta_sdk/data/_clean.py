@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -69,8 +69,8 @@ class CleaningReport:
     examples: dict = field(default_factory=dict)
     removed_users: list = field(default_factory=list)
     required: list = field(default_factory=list)
-    reward_range: Optional[tuple] = None
-    max_events_per_user: Optional[int] = None
+    reward_range: tuple | None = None
+    max_events_per_user: int | None = None
 
     @property
     def n_removed(self) -> int:
@@ -79,8 +79,8 @@ class CleaningReport:
 
     def __str__(self) -> str:
         lines = [
-            f"Cleaning report: {self.n_input:,} rows in, {self.n_output:,} kept, "
-            f"{self.n_removed:,} removed"
+            (f"Cleaning report: {self.n_input:,} rows in, {self.n_output:,} kept, "
+             f"{self.n_removed:,} removed")
         ]
         width = max(len(r) for r in RULES)
         for rule in RULES:
@@ -101,8 +101,8 @@ class CleaningReport:
 def clean(
     interactions: InteractionsLike,
     *,
-    reward_range: Optional[Sequence[Optional[float]]] = None,
-    max_events_per_user: Optional[int] = None,
+    reward_range: Sequence[float | None] | None = None,
+    max_events_per_user: int | None = None,
     n_examples: int = 3,
 ) -> tuple[pd.DataFrame, CleaningReport]:
     """Remove invalid, duplicate and (on request) outlier rows from an interaction log.
@@ -161,10 +161,12 @@ def clean(
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"reward_range low {lo} exceeds high {hi}")
         reward_range = (lo, hi)
-    if max_events_per_user is not None:
-        if isinstance(max_events_per_user, bool) or not isinstance(max_events_per_user, (int, np.integer)) \
-                or max_events_per_user < 1:
-            raise ValueError(f"max_events_per_user must be a positive integer, got {max_events_per_user!r}")
+    if max_events_per_user is not None and (
+        isinstance(max_events_per_user, bool)
+        or not isinstance(max_events_per_user, (int, np.integer))
+        or max_events_per_user < 1
+    ):
+        raise ValueError(f"max_events_per_user must be a positive integer, got {max_events_per_user!r}")
     if not isinstance(n_examples, (int, np.integer)) or n_examples < 0:
         raise ValueError(f"n_examples must be a non-negative integer, got {n_examples!r}")
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -73,10 +74,10 @@ class FeatureEncoder:
     columns, each in sorted value order.
     """
 
-    categorical: Optional[Sequence[str]] = None
-    multi_valued: Optional[Sequence[str]] = None
-    numeric: Optional[Sequence[str]] = None
-    numeric_mode: Union[str, Mapping[str, str]] = "normalize"
+    categorical: Sequence[str] | None = None
+    multi_valued: Sequence[str] | None = None
+    numeric: Sequence[str] | None = None
+    numeric_mode: str | Mapping[str, str] = "normalize"
     n_buckets: int = 10
     sep: str = "|"
     vocabulary_: dict = field(default_factory=dict)  # column -> list of values (str)
@@ -90,7 +91,7 @@ class FeatureEncoder:
             raise ValueError(f"numeric_mode for column {col!r} must be one of {NUMERIC_MODES}, got {mode!r}")
         return mode
 
-    def fit(self, table: pd.DataFrame) -> "FeatureEncoder":
+    def fit(self, table: pd.DataFrame) -> FeatureEncoder:
         """Learn vocabularies and statistics.
 
         Parameters
@@ -156,9 +157,7 @@ class FeatureEncoder:
             s = table[col]
             if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
                 num.append(col)
-            elif s.dtype == object and s.map(lambda v: isinstance(v, (list, tuple, np.ndarray))).any():
-                multi.append(col)
-            elif pd.api.types.is_string_dtype(s) and s.astype("str").str.contains(self.sep, regex=False).any():
+            elif s.dtype == object and s.map(lambda v: isinstance(v, (list, tuple, np.ndarray))).any() or pd.api.types.is_string_dtype(s) and s.astype("str").str.contains(self.sep, regex=False).any():
                 multi.append(col)
             else:
                 cat.append(col)
@@ -186,7 +185,7 @@ class FeatureEncoder:
         return out
 
     # ----------------------------------------------------------------- transform
-    def transform(self, table: pd.DataFrame, index: Optional[IdMap] = None) -> EncodedFeatures:
+    def transform(self, table: pd.DataFrame, index: IdMap | None = None) -> EncodedFeatures:
         """Encode a table with the fitted vocabulary.
 
         Parameters
@@ -257,7 +256,7 @@ class FeatureEncoder:
         return EncodedFeatures(indices=indices, offsets=offsets, numeric=numeric, numeric_columns=dense_cols,
                                n_tokens=self.n_tokens, ids=np.asarray(ids))
 
-    def fit_transform(self, table: pd.DataFrame, index: Optional[IdMap] = None) -> EncodedFeatures:
+    def fit_transform(self, table: pd.DataFrame, index: IdMap | None = None) -> EncodedFeatures:
         """:meth:`fit` on ``table`` then :meth:`transform`."""
         return self.fit(table).transform(table, index)
 
@@ -278,7 +277,7 @@ class FeatureEncoder:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "FeatureEncoder":
+    def from_dict(cls, d: Mapping[str, Any]) -> FeatureEncoder:
         """Inverse of :meth:`to_dict`."""
         try:
             enc = cls(categorical=d["categorical"], multi_valued=d["multi_valued"], numeric=d["numeric"],
@@ -295,7 +294,7 @@ class FeatureEncoder:
         return json.dumps(self.to_dict(), ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "FeatureEncoder":
+    def from_json(cls, text: str) -> FeatureEncoder:
         """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,13 +31,13 @@ REQUIRED_COLUMNS: tuple[str, ...] = (USER, ITEM)
 OPTIONAL_COLUMNS: tuple[str, ...] = (TIMESTAMP, REWARD, PROPENSITY, POSITION)
 _NUMERIC_OPTIONAL = (REWARD, PROPENSITY, POSITION)
 
-InteractionsLike = Union[pd.DataFrame, pa.Table, Mapping[str, Any], str, os.PathLike]
+InteractionsLike = pd.DataFrame | pa.Table | Mapping[str, Any] | str | os.PathLike
 
 
 def read_interactions(
     source: InteractionsLike,
     *,
-    columns: Optional[Mapping[str, str]] = None,
+    columns: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Read an interaction log into a pandas DataFrame with the standard column names.
 
@@ -126,7 +127,7 @@ def _read_path(path: Path) -> pd.DataFrame:
 
             table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=sep))
             return table.to_pandas()
-        except Exception as exc:  # pragma: no cover - fall back to pandas' parser
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # fall back to pandas' parser
             logger.debug("pyarrow CSV reader failed on %s (%s); using pandas", path, exc)
             return pd.read_csv(path, sep=sep)
 
@@ -185,7 +186,7 @@ class IdMap:
     """
 
     def __init__(self, ids: Iterable[Any]):
-        index = pd.Index(ids if not isinstance(ids, pd.Index) else ids)
+        index = pd.Index(ids)
         if index.hasnans:
             raise ValueError("external ids must not contain missing values")
         if not index.is_unique:
@@ -194,7 +195,7 @@ class IdMap:
         self._index = index
 
     @classmethod
-    def fit(cls, values: Any) -> "IdMap":
+    def fit(cls, values: Any) -> IdMap:
         """Build a map from the distinct values in ``values``, in order of first appearance.
 
         Parameters
@@ -205,7 +206,7 @@ class IdMap:
         return cls(pd.Index(pd.unique(_as_1d(values))))
 
     @classmethod
-    def fit_transform(cls, values: Any) -> tuple["IdMap", np.ndarray]:
+    def fit_transform(cls, values: Any) -> tuple[IdMap, np.ndarray]:
         """Fit a map and return it with the dense ids of ``values``.
 
         Returns
@@ -319,7 +320,7 @@ class IdMap:
         return {"kind": kind, "ids": [caster(x) for x in self._index.tolist()]}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "IdMap":
+    def from_dict(cls, d: Mapping[str, Any]) -> IdMap:
         """Inverse of :meth:`to_dict`.
 
         Raises
@@ -342,7 +343,7 @@ class IdMap:
         return json.dumps(self.to_dict(), ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "IdMap":
+    def from_json(cls, text: str) -> IdMap:
         """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
 
@@ -384,10 +385,10 @@ class EncodedInteractions:
     item_ids: np.ndarray
     user_map: IdMap
     item_map: IdMap
-    timestamps: Optional[np.ndarray] = None
-    rewards: Optional[np.ndarray] = None
-    propensities: Optional[np.ndarray] = None
-    positions: Optional[np.ndarray] = None
+    timestamps: np.ndarray | None = None
+    rewards: np.ndarray | None = None
+    propensities: np.ndarray | None = None
+    positions: np.ndarray | None = None
     context: dict = field(default_factory=dict)
     context_maps: dict = field(default_factory=dict)
 
@@ -408,9 +409,9 @@ class EncodedInteractions:
 def encode(
     interactions: InteractionsLike,
     *,
-    user_map: Optional[IdMap] = None,
-    item_map: Optional[IdMap] = None,
-    context: Optional[Iterable[str]] = None,
+    user_map: IdMap | None = None,
+    item_map: IdMap | None = None,
+    context: Iterable[str] | None = None,
 ) -> EncodedInteractions:
     """Turn an interaction log into dense arrays and id maps.
 

@@ -3,14 +3,22 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ._ingest import (
+    ITEM,
+    TIMESTAMP,
+    USER,
+    InteractionsLike,
+    read_interactions,
+    timestamp_array,
+)
 from ._order import group_random_order, group_time_order
-from ._ingest import ITEM, TIMESTAMP, USER, InteractionsLike, read_interactions, timestamp_array
 
 logger = logging.getLogger("recmeta")
 
@@ -66,7 +74,7 @@ class ColdSplit:
     seed: int
 
 
-def split(interactions: InteractionsLike, how: str, **options: Any) -> Union[Split, ColdSplit]:
+def split(interactions: InteractionsLike, how: str, **options: Any) -> Split | ColdSplit:
     """Split an interaction log.
 
     Parameters
@@ -198,7 +206,7 @@ def _split_ratio(
     *,
     ratios: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 2020,
-    group_by: Optional[str] = USER,
+    group_by: str | None = USER,
 ) -> Split:
     r = _check_ratios(ratios)
     n = len(df)
@@ -255,7 +263,7 @@ def _split_cold(
     seed: int = 2020,
     k: int = 5,
     query_after: int = 20,
-    category: Union[str, Mapping, pd.Series, None] = None,
+    category: str | Mapping | pd.Series | None = None,
 ) -> ColdSplit:
     for name, value, low in (("n_folds", n_folds, 2), ("k", k, 0), ("query_after", query_after, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:

@@ -2,14 +2,22 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ._ingest import (
+    ITEM,
+    TIMESTAMP,
+    USER,
+    InteractionsLike,
+    read_interactions,
+    timestamp_array,
+)
 from ._order import group_random_order, group_time_order
-from ._ingest import ITEM, TIMESTAMP, USER, InteractionsLike, read_interactions, timestamp_array
 
 logger = logging.getLogger("recmeta")
 
@@ -109,10 +117,10 @@ def make_tasks(
     interactions: InteractionsLike,
     by: str = "user",
     *,
-    users: Optional[pd.DataFrame] = None,
-    items: Optional[pd.DataFrame] = None,
-    column: Optional[str] = None,
-    support_size: Optional[int] = None,
+    users: pd.DataFrame | None = None,
+    items: pd.DataFrame | None = None,
+    column: str | None = None,
+    support_size: int | None = None,
     support_frac: float = 0.5,
     min_interactions: int = 2,
     temporal: bool = True,
