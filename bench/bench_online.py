@@ -85,6 +85,21 @@ def ml_factories(env: sim.MovieLensReplay, ratings, T: int, seed: int, tune: boo
     }
 
 
+def recmeta_factories(env, ratings, items, epochs: int, seed: int) -> dict:
+    """The SDK's policy, trained on the existing users only, re-adapted every round."""
+    from recmeta_sdk import api
+
+    existing = ratings[ratings["user"].isin(env.user_ids[env.train_users])]
+    out = {}
+    for label, meta in (("recmeta meta-RL, online adapt", "fomaml"), ("recmeta no meta-training", "none")):
+        t0 = time.perf_counter()
+        model = api.train(existing, items=items[[]], config={"epochs": epochs, "meta": meta, "seed": seed},
+                          progress=False)
+        print(f"  trained {label} ({epochs} epochs) in {time.perf_counter() - t0:.0f} s")
+        out[label] = lambda e, m=model: bandits.RecommenderPolicy(m, item_ids=e.item_ids)
+    return out
+
+
 SIM_CONFIG = sim.SimConfig(n_items=500, dim=16, n_segments=20, n_test_segments=10, users_per_segment=20,
                            slate_size=3, position_bias=1.0, preference_scale=3.0, user_noise=0.5,
                            popularity_scale=0.5, click_offset=-2.5, drift=0.05, seed=0)
@@ -119,6 +134,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-tune", action="store_true", help="ML: skip the inner-split tuning (λ=500, d=32, α=0)")
     ap.add_argument("--png", default="online_{env}.png", help="curve plot path ({env} is replaced)")
+    ap.add_argument("--recmeta-epochs", type=int, default=0,
+                    help="ML: also train recmeta_sdk.train on the existing users for this many epochs, "
+                         "meta-trained (fomaml) and not (meta='none'), and serve it with online adaptation")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     envs = ("ml100k", "sim") if args.env == "both" else (args.env,)
@@ -132,6 +150,9 @@ def main(argv=None) -> None:
             print(f"== MovieLens-100K replay: {len(env.users)} new users, {len(env.train_users)} existing, "
                   f"{env.n_items} items, T={args.T}")
             facs = ml_factories(env, ratings, args.T, args.seed, not args.no_tune)
+            if args.recmeta_epochs > 0:
+                facs.update(recmeta_factories(env, ratings, datasets.load("ml-100k").items,
+                                              args.recmeta_epochs, args.seed))
             bars = ML_BARS
         else:
             env = sim.UserSimulator(SIM_CONFIG)

@@ -14,7 +14,7 @@ Every policy implements the protocol of :class:`recmeta_sdk.sim.OnlinePolicy`:
 :class:`EASEOnline`         EASE (Steck 2019) trained on the existing users; a new user's
                             liked items so far are folded in each round
 :class:`OraclePolicy`       the environment's optimal slate (needs ``env.optimal_slate``)
-:class:`RecommenderPolicy`  adapts an object with ``adapt`` / ``recommend`` / ``feedback``
+:class:`RecommenderPolicy`  serves with a trained ``Recommender`` (adapt / recommend)
 ==========================  ================================================================
 
 Helpers: :func:`fit_ease` (the EASE item-item matrix), :func:`svd_item_embeddings` (item
@@ -23,7 +23,7 @@ embeddings and the mean user vector from a truncated SVD of a user-item matrix).
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Hashable, Optional
+from typing import Dict, Hashable, Optional
 
 import numpy as np
 
@@ -308,37 +308,78 @@ class OraclePolicy:
 
 
 class RecommenderPolicy:
-    """Adapt a recommender with ``adapt`` / ``recommend`` / ``feedback`` to the online protocol.
+    """Serve with a :class:`recmeta_sdk.Recommender` (online adaptation from the user's feedback).
 
-    The first time a user is served, ``adapt_fn(recommender, user_ctx)`` is called (default:
-    ``recommender.adapt(user_ctx.user, [])`` — a new user with no support interactions).
-    Each round calls ``recommend_fn(recommender, user_ctx, k, exclude)`` (default:
-    ``recommender.recommend([user], k=k, exclude=[exclude])`` taking the first row of the
-    returned ids, or of the first element when a tuple is returned), and each reward calls
-    ``feedback_fn(recommender, user, item, reward)`` (default:
-    ``recommender.feedback([(user, item, reward)])``). Pass the functions to match another
-    signature.
+    Each round the user's state is adapted from everything the user was served so far and
+    the rewards (``recommender.adapt({"item": ids, "reward": rewards}, steps=adapt_steps)``;
+    only the positively rewarded items when ``positives_only``), then
+    ``recommender.recommend(state, k=k, exclude=..., exclude_seen=exclude_seen)`` gives the
+    slate. Environment item indices ``0..n_items-1`` map to the recommender's item ids
+    through ``item_ids`` (``MovieLensReplay.item_ids``; default: the same integers).
+
+    Parameters
+    ----------
+    recommender : object with ``adapt(history, steps=...)`` and
+        ``recommend(state, k=..., exclude=..., exclude_seen=...)`` returning an object with
+        ``ids`` (k,) (or a tuple whose first element is the ids)
+    item_ids : (n_items,) array, optional
+    adapt_steps : int, optional
+        Adaptation steps (None: the recommender's default; 0: encoder only, no adaptation —
+        "the same without online adaptation").
+    positives_only : bool, default False
+    exclude_seen : bool, default True
+        Also exclude the items served before (the environment's ``exclude`` is always passed).
     """
 
-    def __init__(self, recommender, *, adapt_fn: Optional[Callable] = None,
-                 recommend_fn: Optional[Callable] = None, feedback_fn: Optional[Callable] = None):
+    def __init__(self, recommender, *, item_ids=None, adapt_steps: Optional[int] = None,
+                 positives_only: bool = False, exclude_seen: bool = True):
+        for attr in ("adapt", "recommend"):
+            if not callable(getattr(recommender, attr, None)):
+                raise TypeError(f"recommender has no {attr}() method: {type(recommender).__name__}")
         self.rec = recommender
-        self._adapt = adapt_fn or (lambda r, ctx: r.adapt(ctx.user, []))
-        self._recommend = recommend_fn or self._default_recommend
-        self._feedback = feedback_fn or (lambda r, u, i, y: r.feedback([(u, i, y)]))
-        self._seen: set = set()
+        self.item_ids = None if item_ids is None else np.asarray(item_ids)
+        self._index = None
+        if self.item_ids is not None:
+            import pandas as pd
 
-    @staticmethod
-    def _default_recommend(r, ctx, k, exclude):
-        out = r.recommend([ctx.user], k=k, exclude=[exclude])
-        ids = out[0] if isinstance(out, tuple) else out
-        return np.asarray(ids)[0]
+            self._index = pd.Index(self.item_ids)
+            if not self._index.is_unique:
+                raise ValueError("item_ids must be unique")
+        self.adapt_steps = adapt_steps
+        self.positives_only = bool(positives_only)
+        self.exclude_seen = bool(exclude_seen)
+        self._hist: Dict[Hashable, list] = {}
+        self._state: Dict[Hashable, object] = {}
+
+    def _ext(self, idx) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        return idx if self.item_ids is None else self.item_ids[idx]
+
+    def _state_of(self, user):
+        st = self._state.get(user)
+        if st is None:
+            hist = self._hist.get(user, [])
+            if self.positives_only:
+                hist = [(i, r) for i, r in hist if r > 0]
+            items = self._ext([i for i, _ in hist])
+            history = {"item": items, "reward": np.asarray([r for _, r in hist], dtype=np.float64)}
+            kw = {} if self.adapt_steps is None else {"steps": self.adapt_steps}
+            st = self.rec.adapt(history, **kw)
+            self._state[user] = st
+        return st
 
     def recommend(self, user_ctx: UserContext, k: int, exclude: np.ndarray) -> np.ndarray:
-        if user_ctx.user not in self._seen:
-            self._adapt(self.rec, user_ctx)
-            self._seen.add(user_ctx.user)
-        return np.asarray(self._recommend(self.rec, user_ctx, k, exclude), dtype=np.int64)
+        st = self._state_of(user_ctx.user)
+        out = self.rec.recommend(st, k=k, exclude=list(self._ext(exclude)), exclude_seen=self.exclude_seen)
+        ids = out[0] if isinstance(out, tuple) else getattr(out, "ids", out)
+        ids = np.asarray(ids).reshape(-1)
+        if self._index is None:
+            return ids.astype(np.int64)
+        pos = self._index.get_indexer(ids)
+        if (pos < 0).any():
+            raise ValueError(f"recommender returned item ids unknown to the environment: {ids[pos < 0][:5]}")
+        return pos.astype(np.int64)
 
     def feedback(self, user: Hashable, item: int, reward: float) -> None:
-        self._feedback(self.rec, user, item, reward)
+        self._hist.setdefault(user, []).append((int(item), float(reward)))
+        self._state.pop(user, None)  # re-adapt before the next recommendation

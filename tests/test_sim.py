@@ -1,5 +1,6 @@
 """Simulator, MovieLens replay, the online loop and the baseline bandits."""
 import itertools
+import types
 
 import numpy as np
 import pandas as pd
@@ -298,26 +299,28 @@ def test_epsilon_greedy_rate_and_svd_embeddings():
 
 
 def test_recommender_adapter():
-    class FakeRecommender:
+    class FakeRecommender:  # the adapt / recommend signature of recmeta_sdk.Recommender
         def __init__(self):
-            self.calls = []
+            self.adapted = []
 
-        def adapt(self, user, support):
-            self.calls.append(("adapt", user, tuple(support)))
+        def adapt(self, history, *, steps=None):
+            self.adapted.append((list(history["item"]), list(history["reward"]), steps))
+            return ("state", tuple(history["item"]))
 
-        def recommend(self, users, k, exclude):
-            ex = set(exclude[0].tolist())
-            ids = [i for i in range(10) if i not in ex][:k]
-            return np.array([ids]), np.zeros((1, k))
-
-        def feedback(self, events):
-            self.calls.append(("feedback",) + tuple(events[0]))
+        def recommend(self, state, k=10, *, exclude=None, exclude_seen=True):
+            ex = set(exclude or []) | (set(state[1]) if exclude_seen else set())
+            ids = [i for i in range(1000, 1008) if i not in ex][:k]
+            return types.SimpleNamespace(ids=np.array(ids), scores=np.zeros(k))
 
     fake = FakeRecommender()
     env = sim.MovieLensReplay(_toy_ratings(), test_fraction=0.3, seed=1)
-    sim.run_online(env, lambda e: bandits.RecommenderPolicy(fake), T=3)
-    adapts = [c for c in fake.calls if c[0] == "adapt"]
-    assert [c[1] for c in adapts] == list(env.users)
-    fbs = [c for c in fake.calls if c[0] == "feedback"]
-    assert len(fbs) == 3 * len(env.users)
-    assert [c[2] for c in fbs[:3]] == [0, 1, 2]
+    res = sim.run_online(env, lambda e: bandits.RecommenderPolicy(fake, item_ids=e.item_ids, adapt_steps=2), T=3)
+    # one adaptation per round, from the growing history (external ids and rewards)
+    assert len(fake.adapted) == 3 * len(env.users)
+    assert fake.adapted[0] == ([], [], 2)
+    u0 = env.users[0]
+    assert fake.adapted[2][0] == [1000, 1001]  # items 0 and 1 (external 1000, 1001) served first
+    assert fake.adapted[2][1] == [env.step(u0, [0], 0)[0], env.step(u0, [1], 1)[0]]
+    np.testing.assert_array_equal(res.cumulative[:, -1], [env.step(u, [0, 1, 2], 0).sum() for u in env.users])
+    with pytest.raises(TypeError, match="adapt"):
+        bandits.RecommenderPolicy(object())
