@@ -225,6 +225,8 @@ def fetch(name: str, *, cache_dir: str | os.PathLike | None = None) -> Path:
     try:
         _extract(archive, arc.members, tmp)
         (tmp / ".complete").write_text(arc.sha256 + "\n")
+        if marker.exists() and marker.read_text().strip() == arc.sha256:
+            return dest  # another process finished first; keep its copy
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -291,8 +293,9 @@ def load(name: str, *, cache_dir: str | os.PathLike | None = None, **options: An
         ``obd``: interactions ``user``, ``item`` (item_id), ``timestamp`` (UTC
         datetime), ``reward`` (click, float), ``propensity`` (propensity_score),
         ``position`` (1-3), then context ``campaign``, ``policy``,
-        ``user_feature_0..3`` and ``user-item_affinity_*``; items: the item context
-        (``item_feature_*``) indexed by item id. OBD publishes no user id: ``user`` is
+        ``user_feature_0..3`` and ``user-item_affinity_*``; users: the four user
+        features indexed by ``user``; items: the item context (``item_feature_*``)
+        indexed by item id. OBD publishes no user id: ``user`` is
         ``"u"`` + the first 16 hex digits of the MD5 of the four (already hashed) user
         features joined by ``"|"``, so a "user" is a feature profile, stable across
         loads but possibly shared by several people.
@@ -428,5 +431,6 @@ def _load_obd(*, cache_dir=None, campaign: str = "all", policy: str = "random", 
     interactions = pd.concat([interactions, context.reset_index(drop=True)], axis=1)
     ic = pd.read_csv(folder / "item_context.csv", index_col=0)
     items = ic.set_index(pd.Index(ic["item_id"].to_numpy(dtype=np.int64), name="item")).drop(columns="item_id")
-    return Dataset("obd", interactions, None, items,
+    users = interactions[["user", *ufeat]].drop_duplicates("user").set_index("user")
+    return Dataset("obd", interactions, users, items,
                    info={"source": str(folder), "campaign": campaign, "policy": policy})

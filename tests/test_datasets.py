@@ -165,7 +165,9 @@ def test_obd_sample(cache_dir, campaign, policy):
     assert [c for c in inter.columns if c.startswith("user_feature_")] == [f"user_feature_{i}" for i in range(4)]
     n_items = OBD_ITEMS[campaign]
     assert sum(c.startswith("user-item_affinity_") for c in inter.columns) == n_items
-    assert ds.users is None and len(ds.items) == n_items and ds.items.index.tolist() == list(range(n_items))
+    assert ds.users.index.is_unique and set(ds.users.index) == set(inter["user"])
+    assert list(ds.users.columns) == [f"user_feature_{i}" for i in range(4)]
+    assert len(ds.items) == n_items and ds.items.index.tolist() == list(range(n_items))
     assert set(inter["item"]).issubset(set(ds.items.index))
     assert set(inter["position"]) == {1, 2, 3}
     assert set(inter["reward"].unique()) <= {0.0, 1.0} and int(inter["reward"].sum()) == OBD_CLICKS[(policy, campaign)]
