@@ -54,6 +54,9 @@ class Sequences:
     def __len__(self) -> int:
         return len(self.start)
 
+    def __repr__(self) -> str:
+        return f"Sequences(n={len(self)}, L={self.L}, mean_length={float(self.lengths.mean()) if len(self) else 0.0:.1f})"
+
     @property
     def lengths(self) -> np.ndarray:
         """(n,) int64 history length of each row."""

@@ -395,6 +395,11 @@ class EncodedInteractions:
     def __len__(self) -> int:
         return len(self.user_ids)
 
+    def __repr__(self) -> str:
+        extras = [k for k in ("timestamps", "rewards", "propensities", "positions") if getattr(self, k) is not None]
+        return (f"EncodedInteractions(n={len(self)}, users={self.n_users}, items={self.n_items}, "
+                f"fields={extras}, context={list(self.context)})")
+
     @property
     def n_users(self) -> int:
         """Number of users in ``user_map``."""

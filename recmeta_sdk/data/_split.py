@@ -39,6 +39,9 @@ class Split:
     valid: pd.DataFrame
     test: pd.DataFrame
 
+    def __repr__(self) -> str:
+        return f"Split(train={len(self.train)}, valid={len(self.valid)}, test={len(self.test)})"
+
 
 @dataclass
 class ColdSplit:
@@ -72,6 +75,11 @@ class ColdSplit:
     fold: int
     n_folds: int
     seed: int
+
+    def __repr__(self) -> str:
+        return (f"ColdSplit(by={self.by!r}, fold={self.fold}/{self.n_folds}, held_out={len(self.held_out)}, "
+                f"k={self.k}, query_after={self.query_after}, train={len(self.train)}, "
+                f"support={len(self.support)}, gap={len(self.gap)}, query={len(self.query)})")
 
 
 def split(interactions: InteractionsLike, how: str, **options: Any) -> Split | ColdSplit:

@@ -70,6 +70,10 @@ class TaskSet:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def __repr__(self) -> str:
+        return (f"TaskSet(by={self.by!r}, tasks={len(self)}, rows={len(self.rows)}, "
+                f"support={int(self.n_support.sum())}, dropped={self.n_dropped})")
+
     @property
     def sizes(self) -> np.ndarray:
         """(T,) int64 rows per task."""
@@ -219,6 +223,7 @@ def make_tasks(
             exploded = split_labels.explode()
             row_idx = exploded.index.to_numpy(dtype=np.int64)
             labels = pd.Series(exploded.to_numpy(), name="task")
+            labels = labels.map(lambda v: v.strip() if isinstance(v, str) else v)
             labels = labels.where(labels.map(lambda v: not (isinstance(v, str) and v.strip() == "")))
     valid = labels.notna().to_numpy()
     if not valid.all():
