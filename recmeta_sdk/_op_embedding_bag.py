@@ -17,7 +17,8 @@ Torch custom ops (namespace ``recmeta``)
   gradient, via ``recmeta::embedding_bag_grad``) and the per-sample weights. :func:`embedding_bag`
   goes through it when autograd needs it or under ``torch.compile``; otherwise it calls the core
   directly (less dispatch overhead).
-* ``recmeta::embedding_bag_backward(...)``: the fused sparse-optimiser update (mutates the
+* ``recmeta::embedding_bag_backward(weight, indices, offsets, grad_output, per_sample_weights,
+  pooling, optimizer, lr, eps, state)``: the fused sparse-optimiser update (mutates the
   table and the Adagrad state).
 """
 from __future__ import annotations
@@ -239,18 +240,20 @@ torch.library.register_autograd("recmeta::embedding_bag_forward", _forward_backw
 
 @torch.library.custom_op("recmeta::embedding_bag_backward", mutates_args=("weight", "state"), device_types="cpu")
 def _backward_op(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, grad_output: torch.Tensor,
-                 per_sample_weights: Optional[torch.Tensor], mode: str, optimizer: str, lr: float, eps: float,
+                 per_sample_weights: Optional[torch.Tensor], pooling: str, optimizer: str, lr: float, eps: float,
                  state: Optional[torch.Tensor]) -> None:
-    """Fused backward + sparse optimiser on the compiled core, updating weight (and state) in place."""
+    """Fused backward + sparse optimiser on the compiled core, updating weight (and state) in place.
+    (``pooling`` is the forward's mode; an argument named ``mode`` clashes with torch's
+    functionalisation of mutating ops.)"""
     _core().embedding_bag_backward(
         _np_inplace(weight, "weight"), _np(indices, "indices"), _np(offsets, "offsets"),
         _np(grad_output, "grad_output"),
         None if per_sample_weights is None else _np(per_sample_weights, "per_sample_weights"),
-        mode, optimizer, lr, eps, None if state is None else _np_inplace(state, "state"))
+        pooling, optimizer, lr, eps, None if state is None else _np_inplace(state, "state"))
 
 
 @_backward_op.register_fake
-def _backward_fake(weight, indices, offsets, grad_output, per_sample_weights, mode, optimizer, lr, eps, state):
+def _backward_fake(weight, indices, offsets, grad_output, per_sample_weights, pooling, optimizer, lr, eps, state):
     return None
 
 

@@ -41,13 +41,20 @@ void check_ids(IndexView ids, int64_t begin, int64_t end, int64_t n, const char*
   }
 }
 
-void check_finite(const float* x, int64_t n, const char* name) {
+/// All of rows x cols floats (row stride `stride`) finite; names the first bad one by its
+/// flat (row-major, unstrided) position.
+void check_finite(const float* x, int64_t rows, int64_t cols, int64_t stride, const char* name) {
   if (x == nullptr) return;
   bool ok = true;
-  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite(x[i]);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = x + r * stride;
+    for (int64_t j = 0; j < cols; ++j) ok &= std::isfinite(p[j]);
+  }
   if (ok) return;
-  for (int64_t i = 0; i < n; ++i)
-    RECMETA_CHECK(std::isfinite(x[i]), name, ": non-finite value ", x[i], " at flat position ", i);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j)
+      RECMETA_CHECK(std::isfinite(x[r * stride + j]), name, ": non-finite value ", x[r * stride + j],
+                    " at flat position ", r * cols + j);
 }
 
 void check_table(const TableView& t, int64_t i) {
@@ -154,7 +161,7 @@ void embedding_bag_forward(const TableView* tables, int64_t num_tables, IndexVie
                                              : "indices of table " + std::to_string(t);
     check_ids(indices, offsets[t * B], offsets[(t + 1) * B], tables[t].rows, name.c_str());
   }
-  check_finite(per_sample_weights, indices.size, "per_sample_weights");
+  check_finite(per_sample_weights, 1, indices.size, indices.size, "per_sample_weights");
 
   cpu::EmbeddingBagForwardArgs a;
   a.tables = tables;
@@ -193,9 +200,9 @@ void embedding_bag_backward(float* weight, int64_t rows, int64_t dim, int64_t ro
   RECMETA_CHECK(grad_output != nullptr || B * dim == 0, "grad_output: null data");
   check_offsets(offsets, indices.size);
   check_ids(indices, 0, indices.size, rows, "indices");
-  check_finite(per_sample_weights, indices.size, "per_sample_weights");
-  for (int64_t b = 0; b < B; ++b) check_finite(grad_output + b * grad_stride, dim, "grad_output");
-  if (optimizer == SparseOptimizer::RowwiseAdagrad) check_finite(state, rows, "state");
+  check_finite(per_sample_weights, 1, indices.size, indices.size, "per_sample_weights");
+  check_finite(grad_output, B, dim, grad_stride, "grad_output");
+  if (optimizer == SparseOptimizer::RowwiseAdagrad) check_finite(state, 1, rows, rows, "state");
   const int64_t nnz = indices.size;
   if (nnz == 0 || dim == 0) return;
 

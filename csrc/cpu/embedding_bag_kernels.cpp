@@ -34,6 +34,7 @@ namespace RECMETA_ISA_NS {
 namespace {
 
 constexpr int64_t kPrefetchDistance = 16;  ///< rows ahead in the index stream
+constexpr int64_t kParallelMinWork = int64_t{1} << 16;  ///< elements gathered before threads pay off
 
 /// Portable IEEE half -> float (handles subnormals, inf, NaN).
 inline float half_to_float(uint16_t h) {
@@ -275,8 +276,13 @@ void forward_impl(const EmbeddingBagForwardArgs& a) {
   const int64_t pairs = a.num_tables * B;
   const bool mean = a.mode == PoolingMode::Mean;
   if (pairs == 0) return;
+  int64_t max_dim = 0;
+  for (int64_t t = 0; t < a.num_tables; ++t) max_dim = std::max(max_dim, a.tables[t].dim);
+  // Threads only pay off past some work: small calls stay on the calling thread.
+  const bool parallel = (a.indices.size + pairs) * std::max<int64_t>(max_dim, 1) >= kParallelMinWork;
+  (void)parallel;
 #ifdef RECMETA_HAVE_OPENMP
-#pragma omp parallel for schedule(dynamic, 32)
+#pragma omp parallel for schedule(dynamic, 32) if (parallel)
 #endif
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t t = p / B;
@@ -384,8 +390,10 @@ void embedding_bag_forward_kernel(const EmbeddingBagForwardArgs& args) {
 void embedding_bag_backward_kernel(const EmbeddingBagBackwardArgs& args) {
   const int64_t S = args.num_segments;
   if (S == 0 || args.dim == 0) return;
+  const bool parallel = (args.segment_start[S] + S) * args.dim >= kParallelMinWork;
+  (void)parallel;
 #ifdef RECMETA_HAVE_OPENMP
-#pragma omp parallel
+#pragma omp parallel if (parallel)
 #endif
   {
     std::vector<float> gbuf(static_cast<size_t>(args.dim) + 16);
