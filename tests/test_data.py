@@ -366,10 +366,12 @@ def test_duplicate_detection_survives_hash_collisions(monkeypatch):
 
     log = pd.DataFrame({"user": ["a", "b", "a", "b", "c"], "item": [1, 2, 1, 3, 1],
                         "reward": [1.0, 0.0, 1.0, np.nan, np.nan]})
-    monkeypatch.setattr(_clean, "_column_hash", lambda s: np.zeros(len(s), dtype=np.uint64))
+    monkeypatch.setattr(_clean, "_row_hash", lambda df, codes: np.zeros(len(df), dtype=np.uint64))
     out, rep = data.clean(log)
     assert rep.counts["missing"] == 2 and rep.counts["duplicate"] == 1
     assert out["user"].tolist() == ["a", "b"]
     both = pd.DataFrame({"user": ["a", "a", "a"], "ctx": [np.nan, np.nan, 0.0], "item": [1, 1, 1]})
+    lists = pd.DataFrame({"user": ["a", "a"], "item": [1, 1], "tags": [["x"], ["x"]]})
+    assert data.clean(lists)[1].counts["duplicate"] == 1
     out2, rep2 = data.clean(both)
     assert rep2.counts["duplicate"] == 1 and out2["ctx"].isna().tolist() == [True, False]

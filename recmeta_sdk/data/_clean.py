@@ -189,13 +189,28 @@ def clean(
             report.examples[rule] = df.iloc[np.flatnonzero(bad)[:n_examples]]
             alive[bad] = False
 
+    # string / object columns are factorized once: the codes serve the missing check, the
+    # duplicate hashes and the per-user counts
+    codes: dict = {}
+    for col in df.columns:
+        if _needs_codes(df[col]):
+            try:
+                c, uniques = pd.factorize(df[col], use_na_sentinel=True)
+            except TypeError:  # unhashable cells (lists)
+                continue
+            codes[col] = (c.astype(np.int64, copy=False), pd.Index(uniques))
+
     # missing
     missing = np.zeros(n, dtype=bool)
     for col in required:
-        s = df[col]
-        missing |= s.isna().to_numpy()
-        if pd.api.types.is_string_dtype(s.dtype) or s.dtype == object:
-            missing |= (s == "").fillna(False).to_numpy(dtype=bool)
+        if col in codes:
+            c, uniques = codes[col]
+            missing |= c < 0
+            empty = uniques.get_indexer([""])[0] if uniques.inferred_type in ("string", "mixed") else -1
+            if empty >= 0:
+                missing |= c == empty
+        else:
+            missing |= df[col].isna().to_numpy()
     apply("missing", missing)
 
     # non-finite
@@ -225,17 +240,20 @@ def clean(
     idx_alive = np.flatnonzero(alive)
     if len(idx_alive):
         dup = np.zeros(n, dtype=bool)
-        dup[idx_alive] = _duplicated(df, idx_alive)
+        dup[idx_alive] = _duplicated(df, idx_alive, {col: c for col, (c, _) in codes.items()})
         apply("duplicate", dup)
 
     if max_events_per_user is not None:
-        idx_alive = np.flatnonzero(alive)
-        codes, uniques = pd.factorize(df[USER].iloc[idx_alive])
-        counts = np.bincount(codes, minlength=len(uniques))
+        if USER in codes:
+            user_codes, user_ids = codes[USER]
+        else:
+            user_codes, user_ids = pd.factorize(df[USER], use_na_sentinel=True)
+            user_ids = pd.Index(user_ids)
+        counts = np.bincount(user_codes[alive], minlength=len(user_ids))
         heavy = counts > max_events_per_user
         bad = np.zeros(n, dtype=bool)
-        bad[idx_alive] = heavy[codes]
-        report.removed_users = list(pd.Index(uniques)[heavy].tolist())
+        bad[alive] = heavy[user_codes[alive]]
+        report.removed_users = list(user_ids[heavy].tolist())
         apply("too_many_events", bad)
 
     out = df.iloc[np.flatnonzero(alive)].reset_index(drop=True) if not alive.all() else df.reset_index(drop=True)
@@ -253,43 +271,64 @@ def clean(
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
+def _needs_codes(s: pd.Series) -> bool:
+    """Columns hashed through factorize codes: everything but plain numbers and datetimes."""
+    dt = s.dtype
+    if pd.api.types.is_float_dtype(dt) or pd.api.types.is_datetime64_any_dtype(dt):
+        return False
+    return not ((pd.api.types.is_integer_dtype(dt) or pd.api.types.is_bool_dtype(dt)) and isinstance(dt, np.dtype))
+
+
 def _column_hash(s: pd.Series) -> np.ndarray:
-    """(n,) uint64 hash of each cell; equal cells hash equally (NaN == NaN, -0.0 == 0.0)."""
+    """(n,) uint64 key of each cell of a numeric / datetime column (NaN == NaN, -0.0 == 0.0)."""
     if pd.api.types.is_float_dtype(s.dtype):
         v = s.to_numpy(dtype=np.float64, na_value=np.nan) + 0.0  # -0.0 -> 0.0
         v[np.isnan(v)] = np.nan  # one NaN bit pattern
         return v.view(np.uint64)
-    if (pd.api.types.is_integer_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype)) and not s.hasnans:
-        return s.to_numpy(dtype=np.int64).view(np.uint64)
     if pd.api.types.is_datetime64_any_dtype(s.dtype):
         return s.to_numpy(dtype="datetime64[ns]").view(np.uint64)
-    return pd.util.hash_pandas_object(s, index=False).to_numpy()
+    return s.to_numpy(dtype=np.int64).view(np.uint64)
 
 
-def _duplicated(df: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
+def _row_hash(df: pd.DataFrame, codes: dict) -> np.ndarray:
+    """(n,) uint64 hash of each row; equal rows hash equally."""
+    h = np.zeros(len(df), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for col in df.columns:
+            if col in codes:
+                c = codes[col].view(np.uint64)
+            elif _needs_codes(df[col]):  # unhashable cells (lists): hash their string forms
+                c = pd.factorize(df[col].astype(str))[0].astype(np.int64).view(np.uint64)
+            else:
+                c = _column_hash(df[col])
+            h = (h ^ (c + _MIX + (h << np.uint64(6)) + (h >> np.uint64(2)))) * _MIX
+    return h
+
+
+def _duplicated(df: pd.DataFrame, rows: np.ndarray, codes: dict) -> np.ndarray:
     """``df.iloc[rows].duplicated(keep="first")``, via 64-bit row hashes verified exactly.
 
     Rows whose hash is unique among ``rows`` cannot be duplicates; the (few) rows sharing
     a hash are compared exactly with pandas, so a hash collision never removes a row.
+    ``codes`` maps columns to their factorize codes (equal cells, equal codes).
     """
     m = len(rows)
     if len(df.columns) == 0 or m < 2:
         return np.zeros(m, dtype=bool)
-    try:
-        h = np.zeros(len(df), dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for col in df.columns:
-                c = _column_hash(df[col])
-                h = (h ^ (c + _MIX + (h << np.uint64(6)) + (h >> np.uint64(2)))) * _MIX
-    except TypeError:  # unhashable cells (lists): compare their string forms
-        return df.iloc[rows].astype(str).duplicated(keep="first").to_numpy()
+    h = _row_hash(df, codes)
     h = h[rows] if m < len(df) else h
-    cand = np.flatnonzero(pd.Series(h).duplicated(keep=False).to_numpy())
+    # hashes that occur more than once, found by sorting (faster than a hash table here)
+    hs = np.sort(h)
+    repeated = hs[1:][hs[1:] == hs[:-1]]
     out = np.zeros(m, dtype=bool)
-    if len(cand):
-        sub = df.iloc[rows[cand]]
-        try:
-            out[cand] = sub.duplicated(keep="first").to_numpy()
-        except TypeError:
-            out[cand] = sub.astype(str).duplicated(keep="first").to_numpy()
+    if len(repeated) == 0:
+        return out
+    repeated = repeated[np.concatenate(([True], repeated[1:] != repeated[:-1]))]
+    pos = np.minimum(np.searchsorted(repeated, h), len(repeated) - 1)
+    cand = np.flatnonzero(repeated[pos] == h)
+    sub = df.iloc[rows[cand]]
+    try:
+        out[cand] = sub.duplicated(keep="first").to_numpy()
+    except TypeError:
+        out[cand] = sub.astype(str).duplicated(keep="first").to_numpy()
     return out
