@@ -317,15 +317,17 @@ def _duplicated(df: pd.DataFrame, rows: np.ndarray, codes: dict) -> np.ndarray:
         return np.zeros(m, dtype=bool)
     h = _row_hash(df, codes)
     h = h[rows] if m < len(df) else h
-    # hashes that occur more than once, found by sorting (faster than a hash table here)
-    hs = np.sort(h)
-    repeated = hs[1:][hs[1:] == hs[:-1]]
+    # rows whose hash occurs more than once, found by sorting (faster than a hash table)
+    order = np.argsort(h)
+    hs = h[order]
+    same = hs[1:] == hs[:-1]
     out = np.zeros(m, dtype=bool)
-    if len(repeated) == 0:
+    if not same.any():
         return out
-    repeated = repeated[np.concatenate(([True], repeated[1:] != repeated[:-1]))]
-    pos = np.minimum(np.searchsorted(repeated, h), len(repeated) - 1)
-    cand = np.flatnonzero(repeated[pos] == h)
+    in_run = np.zeros(m, dtype=bool)
+    in_run[1:] = same
+    in_run[:-1] |= same
+    cand = np.sort(order[in_run])  # input order, so keep="first" keeps the earliest row
     sub = df.iloc[rows[cand]]
     try:
         out[cand] = sub.duplicated(keep="first").to_numpy()
