@@ -164,7 +164,8 @@ def test_bernoulli_ts_action_dist_matches_exact_probabilities():
 
 @pytest.fixture(scope="module")
 def obd_logs():
-    datasets = pytest.importorskip("recmeta_sdk.datasets")
+    from recmeta_sdk import datasets
+
     out = {}
     for campaign in ("all", "men", "women"):
         for policy in ("random", "bts"):

@@ -208,7 +208,8 @@ def test_replay_rewards_match_ratings_and_no_repeats_on_toy_data():
 
 @pytest.fixture(scope="module")
 def ml_ratings():
-    datasets = pytest.importorskip("recmeta_sdk.datasets")
+    from recmeta_sdk import datasets
+
     return datasets.load("ml-100k").interactions
 
 
