@@ -222,9 +222,13 @@ def make_tasks(
         if is_multi.any():
             exploded = split_labels.explode()
             row_idx = exploded.index.to_numpy(dtype=np.int64)
-            labels = pd.Series(exploded.to_numpy(), name="task")
-            labels = labels.map(lambda v: v.strip() if isinstance(v, str) else v)
-            labels = labels.where(labels.map(lambda v: not (isinstance(v, str) and v.strip() == "")))
+            if labels.dtype != object:  # strings: vectorised strip
+                labels = pd.Series(exploded.to_numpy(), name="task", dtype=labels.dtype).str.strip()
+                labels = labels.mask(labels == "")
+            else:
+                labels = pd.Series(exploded.to_numpy(), name="task")
+                labels = labels.map(lambda v: v.strip() if isinstance(v, str) else v)
+                labels = labels.where(labels.map(lambda v: not (isinstance(v, str) and v == "")))
     valid = labels.notna().to_numpy()
     if not valid.all():
         logger.info("make_tasks: %d rows have no %s and belong to no task", int((~valid).sum()), column or by)
