@@ -17,6 +17,10 @@ Typical flow::
     seqs = data.build_sequences(enc.item_ids, enc.user_ids, enc.timestamps, L=50)
     hist = seqs.padded(rows=range(256))            # (256, 50) most recent items, -1 padded
     tasks = data.make_tasks(parts.train, by="user", support_size=10)
+    genres = data.FeatureEncoder(multi_valued=["genres"], numeric=["release_year"],
+                                 numeric_mode="bucketize").fit(ds.items)
+    bags = genres.transform(ds.items, index=enc.item_map)   # CSR token bags per dense item id
+    enc.user_map.to_index(["new-user"])                      # array([-1]): the cold-start path
 
 Only numpy, pandas and pyarrow are imported; nothing here needs the compiled core.
 """
