@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import resource
 import sys
 import tempfile
@@ -112,7 +113,8 @@ def main(argv=None) -> int:
     print(f"encoded: {len(enc):,} rows, {enc.n_users:,} users, {enc.n_items:,} items; "
           f"history batch {hist.shape}, negatives {neg.shape}, targets {tgt.shape}")
     print(f"TOTAL {total:.1f} s wall, {sum(cpu.values()):.1f} s CPU (target < 60 s), "
-          f"peak RSS {peak_rss_gb():.2f} GB (target < 3 GB)")
+          f"peak RSS {peak_rss_gb():.2f} GB (target < 3 GB); "
+          f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     return 0 if total < 60 and peak_rss_gb() < 3 else 1
 
 
