@@ -375,3 +375,23 @@ def test_duplicate_detection_survives_hash_collisions(monkeypatch):
     assert data.clean(lists)[1].counts["duplicate"] == 1
     out2, rep2 = data.clean(both)
     assert rep2.counts["duplicate"] == 1 and out2["ctx"].isna().tolist() == [True, False]
+
+
+def test_data_layer_needs_neither_torch_nor_the_core(tmp_path):
+    """recmeta_sdk.data and .datasets import with numpy / pandas / pyarrow / stdlib only."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import recmeta_sdk
+
+    pkg_dir = str(Path(recmeta_sdk.__file__).resolve().parent)
+    code = (
+        "import sys, types\n"
+        f"pkg = types.ModuleType('recmeta_sdk'); pkg.__path__ = [{pkg_dir!r}]\n"
+        "sys.modules['recmeta_sdk'] = pkg  # bypass the package __init__ (torch, _core)\n"
+        "import recmeta_sdk.data, recmeta_sdk.datasets\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'scipy') or m == 'recmeta_sdk._core')\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=120)
