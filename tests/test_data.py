@@ -395,3 +395,13 @@ def test_data_layer_needs_neither_torch_nor_the_core(tmp_path):
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=120)
+
+
+def test_dictionary_encoded_arrow_columns():
+    table = pa.table({"user": pa.array(["a", "b", "", "a", "a"]).dictionary_encode(),
+                      "item": pa.array([1, 2, 3, 1, 4]), "timestamp": [1, 2, 3, 1, 5]})
+    out, rep = data.clean(table)
+    assert rep.counts["missing"] == 1 and rep.counts["duplicate"] == 1 and len(out) == 3
+    enc = data.encode(out)
+    assert enc.user_map.to_dict() == {"kind": "str", "ids": ["a", "b"]}
+    np.testing.assert_array_equal(enc.user_ids, [0, 1, 0])

@@ -206,7 +206,10 @@ def clean(
         if col in codes:
             c, uniques = codes[col]
             missing |= c < 0
-            empty = uniques.get_indexer([""])[0] if uniques.inferred_type in ("string", "mixed") else -1
+            try:
+                empty = int(uniques.get_indexer([""])[0])
+            except (TypeError, ValueError):
+                empty = -1
             if empty >= 0:
                 missing |= c == empty
         else:

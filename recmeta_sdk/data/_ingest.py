@@ -187,6 +187,8 @@ class IdMap:
 
     def __init__(self, ids: Iterable[Any]):
         index = pd.Index(ids)
+        if isinstance(index, pd.CategoricalIndex):  # e.g. dictionary-encoded Arrow columns
+            index = pd.Index(index.astype(index.categories.dtype))
         if index.hasnans:
             raise ValueError("external ids must not contain missing values")
         if not index.is_unique:
