@@ -96,7 +96,10 @@ def recmeta_factories(env, ratings, items, epochs: int, seed: int) -> dict:
         model = api.train(existing, items=items[[]], config={"epochs": epochs, "meta": meta, "seed": seed},
                           progress=False)
         print(f"  trained {label} ({epochs} epochs) in {time.perf_counter() - t0:.0f} s")
-        out[label] = lambda e, m=model: bandits.RecommenderPolicy(m, item_ids=e.item_ids)
+        # fold in the liked items only, as EASE does: adapt() reads every history item as an
+        # interaction, and the misses (reward 0) hurt it (t=50: 11.2 with them vs 16.6 without,
+        # 60 new users, 15 epochs)
+        out[label] = lambda e, m=model: bandits.RecommenderPolicy(m, item_ids=e.item_ids, positives_only=True)
     return out
 
 
