@@ -405,3 +405,13 @@ def test_dictionary_encoded_arrow_columns():
     enc = data.encode(out)
     assert enc.user_map.to_dict() == {"kind": "str", "ids": ["a", "b"]}
     np.testing.assert_array_equal(enc.user_ids, [0, 1, 0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(keys=st.lists(st.integers(-3, 3), max_size=50) | st.lists(st.integers(-(2**62), 2**62), max_size=50),
+       as_float=st.booleans())
+def test_stable_argsort_equals_numpy_stable(keys, as_float):
+    from recmeta_sdk.data._order import stable_argsort
+
+    arr = np.array(keys, dtype=np.float64 if as_float else np.int64)
+    np.testing.assert_array_equal(stable_argsort(arr), np.argsort(arr, kind="stable"))
