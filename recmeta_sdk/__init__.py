@@ -2,7 +2,7 @@
 
 Public API: :func:`train`, :func:`load`, :class:`Recommender`, :class:`UserState`,
 :class:`Recommendations`, :class:`ModelFileError`; submodules :mod:`~recmeta_sdk.data`,
-:mod:`~recmeta_sdk.datasets` and :mod:`~recmeta_sdk.ops` (imported on first use).
+:mod:`~recmeta_sdk.datasets` and :mod:`~recmeta_sdk.ops` (``data`` and ``datasets`` are imported on first use).
 """
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ logging.getLogger("recmeta").addHandler(logging.NullHandler())
 
 from . import backends, ops, reference  # noqa: E402
 from .io import ModelFileError  # noqa: E402
+# imported eagerly: importing the submodule recmeta_sdk.train would otherwise shadow the function
+from .api import Recommendations, Recommender, UserState, load, train  # noqa: E402
 
-_LAZY = {"train": "api", "load": "api", "Recommender": "api", "UserState": "api", "Recommendations": "api"}
+_LAZY: dict = {}
 _SUBMODULES = ("data", "datasets", "api", "model", "evaluate", "baselines", "io")
 
 __all__ = ["__version__", "backends", "ops", "reference", "data", "datasets", "train", "load",

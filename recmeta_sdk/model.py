@@ -50,7 +50,7 @@ class Config:
     prefixes of 1..``max_prefix`` items predicting the rest, for cold users),
     ``user_feature_dropout``.
 
-    RL: ``rl_weight`` (weight of the off-policy corrected REINFORCE loss beside the
+    RL: ``ce_weight`` (weight of the supervised cross-entropy), ``rl_weight`` (weight of the off-policy corrected REINFORCE loss beside the
     supervised multi-target cross-entropy), ``is_cap`` (cap of pi/beta), ``topk_k`` (K of
     the top-K correction ``K (1 - pi)^(K-1)``), ``entropy`` (entropy bonus),
     ``full_softmax_max`` (above this catalogue size the losses use a sampled softmax with
@@ -80,6 +80,7 @@ class Config:
     prefix_prob: float = 0.5
     max_prefix: int = 20
     user_feature_dropout: float = 0.3
+    ce_weight: float = 1.0
     rl_weight: float = 0.1
     is_cap: float = 10.0
     topk_k: int = 10
@@ -111,7 +112,7 @@ class Config:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"config.{name} must be a finite number > 0, got {v!r}")
-        for name in ("weight_decay", "l2", "rl_weight", "entropy"):
+        for name in ("weight_decay", "l2", "ce_weight", "rl_weight", "entropy"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"config.{name} must be a finite number >= 0, got {v!r}")
@@ -176,6 +177,13 @@ class RecMetaNet(nn.Module):
 
     def __init__(self, cfg: Config, item_features: ItemFeatures, n_user_feature_rows: int = 0):
         super().__init__()
+        # every initialisation draws from a generator seeded by cfg.seed, never from the
+        # caller's global RNG (whose state is restored afterwards)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self._build(cfg, item_features, n_user_feature_rows)
+
+    def _build(self, cfg: Config, item_features: ItemFeatures, n_user_feature_rows: int) -> None:
         self.cfg = cfg
         d = cfg.dim
         self.n_items = item_features.n_items
@@ -194,16 +202,12 @@ class RecMetaNet(nn.Module):
         # sequence encoder
         self.pos = nn.Parameter(torch.randn(cfg.seq_len, d, generator=g) * 0.02)
         if cfg.encoder == "transformer":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                self.seq = nn.TransformerEncoder(
-                    nn.TransformerEncoderLayer(d, cfg.heads, dim_feedforward=2 * d, dropout=cfg.dropout,
-                                               batch_first=True, norm_first=True),
-                    cfg.layers, enable_nested_tensor=False)
+            self.seq = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(d, cfg.heads, dim_feedforward=2 * d, dropout=cfg.dropout,
+                                           batch_first=True, norm_first=True),
+                cfg.layers, enable_nested_tensor=False)
         elif cfg.encoder == "gru":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                self.seq = nn.GRU(d, d, num_layers=cfg.layers, batch_first=True)
+            self.seq = nn.GRU(d, d, num_layers=cfg.layers, batch_first=True)
         else:
             self.seq = None
         n_parts = 3 if cfg.encoder != "none" else 2

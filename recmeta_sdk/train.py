@@ -15,7 +15,7 @@ from the user's time-ordered training history:
 
 Objective on the query set
 --------------------------
-``L = CE + rl_weight * L_RL - entropy * H(pi) + L_beta`` where, with ``pi`` the policy after
+``L = ce_weight * CE + rl_weight * L_RL - entropy * H(pi) + L_beta`` where, with ``pi`` the policy after
 adaptation and support items masked out of the softmax:
 
 * ``CE``: multi-target cross-entropy ``-mean_{a in query} log pi(a|s)`` (the supervised
@@ -392,7 +392,7 @@ def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[t
         blogp = torch.log_softmax(bl, 1)[batch.q_rows, qpos]
         ent = -(logp_all.exp() * logp_all).sum(1).mean() if cfg.entropy > 0 else torch.zeros(())
     ce = _segment_mean(-logp, batch.q_rows, B).mean()
-    loss = ce
+    loss = cfg.ce_weight * ce
     if cfg.rl_weight > 0:
         beta = batch.q_prop if batch.q_prop is not None else torch.exp(blogp.detach())
         rl = _segment_mean(reinforce_loss(logp, batch.q_reward, beta, cfg.is_cap, cfg.topk_k),
@@ -451,7 +451,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 5.0)
                 opt.step()
-                tot += float(loss)
+                tot += float(loss.detach())
                 if bar is not None:
                     bar.update(1)
             hist["loss"].append(tot / steps_per_epoch)
