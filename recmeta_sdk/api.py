@@ -268,6 +268,31 @@ class Recommender:
         return UserState(hp[0].numpy().copy(), h[0].numpy().copy(), idx, tuple(x.item() if hasattr(x, "item") else x for x in ext),
                          rew, None, dropped, steps, dict(features) if isinstance(features, dict) else None)
 
+    def _topk_many(self, histories, rewards, features, steps, k: int, exclude, batch_size: int = 256) -> np.ndarray:
+        """(U, k) internal indices for many new users at once (evaluation helper).
+
+        ``histories``: external item ids per user; ``rewards``: per user (or None);
+        ``features``: per user dict (or None); ``exclude``: internal indices per user.
+        """
+        steps = self._check_steps(steps)
+        out = []
+        for s in range(0, len(histories), batch_size):
+            hs, rs, ufs = [], [], []
+            for j in range(s, min(s + batch_size, len(histories))):
+                idx, _, rew, _ = self._encode_history(
+                    {"item": np.asarray(histories[j]), "reward": None if rewards is None else rewards[j]}, "error")
+                hs.append(idx)
+                rs.append(rew)
+                ufs.append(self._encode_user_features(features[j] if features is not None else None))
+            _, hp = self._states(hs, rs, ufs, steps)
+            ex = [np.unique(np.asarray(exclude[j], np.int64)) for j in range(s, s + len(hs))]
+            off = torch.from_numpy(np.concatenate([[0], np.cumsum([len(e) for e in ex])]).astype(np.int64))
+            ids, _, _ = ops.policy_topk(hp, self._V, int(k), bias=self._bias,
+                                        exclude=(off, torch.from_numpy(np.concatenate(ex).astype(np.int64))),
+                                        temperature=float(self.config.temperature))
+            out.append(ids.numpy())
+        return np.concatenate(out)
+
     def _known(self, user) -> int:
         if not _is_scalar_id(user):
             raise TypeError(f"user id must be an int or str, got {user!r}")
