@@ -552,6 +552,17 @@ class Recommender:
         out.update(beyond_accuracy(top, self.n_items, self._item_count, len(self.user_ids), self._V.numpy()))
         return out
 
+    def feedback(self, events):
+        """Online feedback: ``(user, item, reward, propensity, timestamp, position)`` rows (a
+        DataFrame or a list of dicts / tuples). Each event updates that user's online state at
+        once (one adaptation step; see :mod:`recmeta_sdk.online`) and is appended to the
+        feedback log that ``train(..., resume=model)`` learns from. Returns ``{user:
+        OnlineUser}``; ``recmeta_sdk.online.current(model, user).state`` is the user's latest
+        state. Thread-safe; the model's weights are not changed."""
+        from . import online
+
+        return online.feedback(self, events)
+
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
         """Write the model to ``path`` atomically (safetensors + JSON; see :mod:`recmeta_sdk.io`)."""
@@ -665,7 +676,7 @@ def load(path) -> Recommender:
 
 def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
           items: Optional[pd.DataFrame] = None, config=None, tasks: str = "user",
-          progress: Optional[bool] = None) -> Recommender:
+          progress: Optional[bool] = None, resume: Optional[Recommender] = None) -> Recommender:
     """Meta-train a recommender on an interaction log.
 
     Parameters
@@ -678,7 +689,14 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
     config : dict or :class:`~recmeta_sdk.model.Config` (see its docstring), optional
     tasks : ``"user"`` (one meta-learning task per user; the only kind supported here)
     progress : show a progress bar (default: when stderr is a terminal)
+    resume : a Recommender to update incrementally (off-policy, logged propensities as beta)
+        from ``interactions`` (feedback events; None: its feedback log); see
+        :func:`recmeta_sdk.online.resume_train`
     """
+    if resume is not None:
+        from .online import resume_train
+
+        return resume_train(resume, interactions, config=config, progress=progress)
     cfg = Config.from_dict(config)
     if tasks != "user":
         raise ValueError(f"tasks={tasks!r} is not supported; only 'user' (one task per user) is")

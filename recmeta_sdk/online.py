@@ -1,0 +1,584 @@
+"""The online loop of a :class:`~recmeta_sdk.api.Recommender`: feedback, per-user online
+states, auditable exploration helpers and the incremental off-policy update.
+
+::
+
+    model.feedback([{"user": "u7", "item": 50, "reward": 1.0, "propensity": 0.12}])
+    st = online.current(model, "u7")          # OnlineUser: .state (a UserState), .version
+    model.recommend(st.state, k=10)            # reflects the click at once
+    new = rm.train(None, resume=model)         # off-policy update from the feedback log
+
+Feedback
+--------
+Each event ``(user, item, reward, propensity, timestamp, position)`` updates that user's
+state at once: the user's encoder history gains the item (with ``encode="positive"``, the
+default, only items with a positive reward are read by the encoder — the model is trained
+on positive interactions, and reading the misses as interactions hurts it; every fed-back
+item is still excluded by ``exclude_seen``), the state ``h`` is recomputed, and the user's
+own fast parameters ``phi = (gamma, delta)`` take **one** gradient step of the model's
+support loss (the reward-weighted likelihood of the positive items, the closed-form
+gradient of :meth:`RecMetaNet.support_grad`, with the model's — meta-learned — step
+sizes) from their current value. A user's first event starts from the model's prior:
+a known (training) user from its training state (``Recommender.user_state``), a new user
+from ``Recommender.adapt`` of that first event (``config.inner_steps`` steps). With
+``update="readapt"`` every event instead recomputes ``adapt`` of the whole history from
+the initial ``phi`` (what meta-training optimises; a few ms more).
+
+Concurrency
+-----------
+A user's state is an immutable :class:`OnlineUser`; a writer computes the next version
+and publishes it with one dict item assignment (atomic under the GIL), so a reader
+(``current``, ``recommend``) takes no lock and sees a whole version, old or new, never a
+mix. Writers of the same user serialise on a per-user lock (so no update is lost and the
+per-user order of the feedback log is the order of application); writers of different
+users run in parallel. The model itself (weights, item vectors) is never changed:
+``train(..., resume=model)`` builds a new model, the host swaps its reference.
+
+Exploration
+-----------
+``Recommender.recommend(..., explore="sample", seed=s)`` draws a Plackett-Luce slate by
+Gumbel-top-k and reports each item's ``pi(a|s)``; :func:`slate_propensity` turns those
+into the probability of the whole ranked slate. :func:`epsilon_slate` draws an
+epsilon-greedy slate and reports the probability of each pick given the picks above it
+(and of the slate).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+logger = logging.getLogger("recmeta")
+
+__all__ = [
+    "EVENT_COLUMNS",
+    "OnlineUser",
+    "OnlineStore",
+    "store",
+    "feedback",
+    "current",
+    "recommend",
+    "feedback_log",
+    "parse_events",
+    "slate_propensity",
+    "epsilon_slate",
+    "resume_train",
+]
+
+EVENT_COLUMNS = ("user", "item", "reward", "propensity", "timestamp", "position")
+
+
+# ============================================================================ events
+
+def _scalar_id(x) -> bool:
+    return isinstance(x, (int, np.integer, str)) and not isinstance(x, bool)
+
+
+def parse_events(model, events) -> pd.DataFrame:
+    """Validate feedback events into a DataFrame with :data:`EVENT_COLUMNS`.
+
+    ``events``: a DataFrame, or a list of dicts or of tuples in the order of
+    :data:`EVENT_COLUMNS` (``user``, ``item``, ``reward`` required; ``propensity``,
+    ``timestamp``, ``position`` optional: NaN, NaN, 0). Raises ValueError naming an item
+    unknown to the model, a propensity outside (0, 1] or a non-finite reward, TypeError for
+    a malformed container.
+    """
+    if isinstance(events, pd.DataFrame):
+        df = events
+    elif isinstance(events, dict):
+        raise TypeError("events must be a DataFrame or a list of dicts / tuples, got a dict "
+                        "(wrap a single event in a list)")
+    else:
+        try:
+            rows = list(events)
+        except TypeError:
+            raise TypeError(f"events must be a DataFrame or a list of dicts / tuples, "
+                            f"got {type(events).__name__}") from None
+        if rows and all(isinstance(r, dict) for r in rows):
+            bad = sorted({k for r in rows for k in r} - set(EVENT_COLUMNS))
+            if bad:
+                raise ValueError(f"unknown event field(s) {bad}; known: {list(EVENT_COLUMNS)}")
+            df = pd.DataFrame(rows)
+        elif all(isinstance(r, (tuple, list)) for r in rows):
+            for r in rows:
+                if not 3 <= len(r) <= len(EVENT_COLUMNS):
+                    raise ValueError(f"an event tuple has {len(r)} fields; expected 3..6 in the order "
+                                     f"{list(EVENT_COLUMNS)}: {r!r}")
+            df = pd.DataFrame([tuple(r) + (None,) * (len(EVENT_COLUMNS) - len(r)) for r in rows],
+                              columns=list(EVENT_COLUMNS))
+        else:
+            raise TypeError("events must be a DataFrame or a list of dicts or of tuples (not mixed)")
+    for col in ("user", "item", "reward"):
+        if col not in df.columns:
+            raise ValueError(f"events need a {col!r} column; they have {list(df.columns)}")
+    n = len(df)
+    users = df["user"].to_numpy(dtype=object)
+    for u in users:
+        if not _scalar_id(u):
+            raise ValueError(f"event user ids must be int or str, got {u!r}")
+    items = df["item"].to_numpy()
+    idx = model._item_index.get_indexer(items) if n else np.zeros(0, np.int64)
+    if (idx < 0).any():
+        bad = [x.item() if hasattr(x, "item") else x for x in items[idx < 0][:10]]
+        raise ValueError(f"feedback has item(s) unknown to the model: {bad}")
+    try:
+        reward = pd.to_numeric(df["reward"], errors="raise").to_numpy(dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"event rewards must be numbers, got {df['reward'].tolist()[:5]}") from None
+    if not np.isfinite(reward).all():
+        i = int(np.flatnonzero(~np.isfinite(reward))[0])
+        raise ValueError(f"event reward must be finite; row {i} has {reward[i]}")
+    prop = (pd.to_numeric(df["propensity"], errors="coerce").to_numpy(dtype=np.float64)
+            if "propensity" in df.columns else np.full(n, np.nan))
+    if "propensity" in df.columns:
+        given = df["propensity"].notna().to_numpy()
+        bad = given & ~((prop > 0) & (prop <= 1))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"event propensity must be in (0, 1]; row {i} has {df['propensity'].iloc[i]!r}")
+    ts = (pd.to_numeric(df["timestamp"], errors="coerce").to_numpy(dtype=np.float64)
+          if "timestamp" in df.columns else np.full(n, np.nan))
+    pos = df["position"].fillna(0).to_numpy() if "position" in df.columns else np.zeros(n)
+    try:
+        pos = pos.astype(np.int64)
+    except (TypeError, ValueError):
+        raise ValueError(f"event positions must be integers, got {list(pos[:5])}") from None
+    if (pos < 0).any():
+        raise ValueError(f"event positions must be >= 0, got {int(pos.min())}")
+    return pd.DataFrame({"user": users, "item": items, "reward": reward, "propensity": prop,
+                         "timestamp": ts, "position": pos, "_idx": idx.astype(np.int64)})
+
+
+# ============================================================================ states
+
+@dataclass(frozen=True)
+class OnlineUser:
+    """One published version of a user's online state (never mutated).
+
+    Attributes
+    ----------
+    user : the user's id
+    version : number of feedback events applied
+    state : :class:`~recmeta_sdk.api.UserState` to pass to ``recommend``; its
+        ``history`` holds every item the user interacted with (training history and all
+        fed-back items, so ``exclude_seen`` removes them)
+    enc_items, enc_rewards : the encoder history (internal indices, rewards)
+    gamma, delta : (d,) float32, the user's fast parameters
+    known : whether the user is a training user of the model
+    """
+
+    user: Any
+    version: int
+    state: Any
+    enc_items: np.ndarray
+    enc_rewards: np.ndarray
+    gamma: np.ndarray
+    delta: np.ndarray
+    known: bool
+
+
+def _ext(model, idx: np.ndarray) -> tuple:
+    return tuple(x.item() if hasattr(x, "item") else x for x in model.item_ids[idx])
+
+
+class OnlineStore:
+    """Per-user online states and the feedback log of one model (see the module doc).
+
+    Parameters
+    ----------
+    model : Recommender
+    encode : ``"positive"`` (default) or ``"all"``: which fed-back items the encoder reads
+    update : ``"step"`` (default: one step of the fast parameters per event) or
+        ``"readapt"`` (re-run ``adapt`` on the whole history per event)
+    log : a feedback log (DataFrame) to start from, its users' states rebuilt on first use
+    """
+
+    def __init__(self, model, *, encode: str = "positive", update: str = "step",
+                 log: Optional[pd.DataFrame] = None):
+        if encode not in ("positive", "all"):
+            raise ValueError(f"encode must be 'positive' or 'all', got {encode!r}")
+        if update not in ("step", "readapt"):
+            raise ValueError(f"update must be 'step' or 'readapt', got {update!r}")
+        self.model = model
+        self.encode = encode
+        self.update = update
+        self._states: Dict[Any, OnlineUser] = {}
+        self._locks: Dict[Any, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._log: List[tuple] = []
+        self._pending: Dict[Any, pd.DataFrame] = {}
+        if log is not None and len(log):
+            ev = parse_events(model, log)
+            for u, grp in ev.groupby("user", sort=False):
+                self._pending[u] = grp
+            self._log.extend(ev[list(EVENT_COLUMNS)].itertuples(index=False, name=None))
+        cfg = model.config
+        net = model._net
+        with torch.no_grad():
+            if cfg.meta == "fomaml":
+                self._lr = (torch.exp(net.log_lr[0]).clone(), torch.exp(net.log_lr[1]).clone())
+            else:
+                lr = torch.tensor(float(cfg.inner_lr))
+                self._lr = (lr, lr)
+
+    # ---------------------------------------------------------------- low level
+    def _lock(self, user) -> threading.Lock:
+        lk = self._locks.get(user)
+        if lk is None:
+            with self._locks_guard:
+                lk = self._locks.setdefault(user, threading.Lock())
+        return lk
+
+    def _encode(self, enc_items: np.ndarray, ufeat: np.ndarray) -> torch.Tensor:
+        from .train import history_tensors
+
+        m = self.model
+        bi, bo, bw, sq, sl = history_tensors([enc_items], m.config.seq_len, m.n_items)
+        uo = torch.tensor([0, len(ufeat)], dtype=torch.int64)
+        with torch.no_grad():
+            return m._net.user_state(m._X, bi, bo, bw, sq, sl, torch.from_numpy(ufeat.astype(np.int64)), uo)
+
+    def _support(self, enc_items, enc_rewards):
+        rows = torch.zeros(len(enc_items), dtype=torch.int64)
+        w = torch.from_numpy(np.maximum(enc_rewards, 0.0).astype(np.float32)) / self.model._reward_scale
+        return rows, torch.from_numpy(enc_items.astype(np.int64)), w
+
+    def _adapt(self, h, enc_items, enc_rewards, steps):
+        m = self.model
+        rows, it, w = self._support(enc_items, enc_rewards)
+        lr = None if m.config.meta == "fomaml" else m.config.inner_lr
+        with torch.no_grad():
+            return m._net.adapt_phi(h, m._V, rows, it, w, steps, lr=lr)
+
+    def _ufeat(self, user, known) -> np.ndarray:
+        m = self.model
+        if not known or len(m._uf_off) <= 1:
+            return np.zeros(0, np.int64)
+        u = m._user_index.get_indexer([user])[0]
+        return m._uf_idx[m._uf_off[u]:m._uf_off[u + 1]]
+
+    def _publish(self, user, version, h, gamma, delta, seen, seen_r, enc_items, enc_rewards, known, steps):
+        from .api import UserState
+
+        m = self.model
+        with torch.no_grad():
+            hp = m._net.apply_phi(h, gamma, delta)
+        st = UserState(hp[0].numpy().copy(), h[0].numpy().copy(), seen, _ext(m, seen), seen_r,
+                       user if known else None, (), int(steps), None)
+        return OnlineUser(user, int(version), st, enc_items, enc_rewards,
+                          gamma[0].detach().numpy().copy(), delta[0].detach().numpy().copy(), known)
+
+    def _prior(self, user) -> Optional[OnlineUser]:
+        """Version 0 of a known user (its training state), or None for a new user."""
+        m = self.model
+        u = m._user_index.get_indexer([user])[0] if _scalar_id(user) else -1
+        if u < 0:
+            return None
+        lo, hi = m._hist_offsets[u], m._hist_offsets[u + 1]
+        items = m._hist_items[lo:hi].astype(np.int64)
+        rews = m._hist_rewards[lo:hi].astype(np.float32)
+        uf = self._ufeat(user, True)
+        h = self._encode(items, uf)
+        steps = m.config.inner_steps
+        g, d = self._adapt(h, items, rews, steps)
+        return self._publish(user, 0, h, g, d, items, rews, items, rews, True, steps)
+
+    def _apply(self, cur: Optional[OnlineUser], user, idx: int, reward: float) -> OnlineUser:
+        """The next version of ``user`` after one event (pure function of cur and the event)."""
+        m = self.model
+        if cur is None:
+            cur = self._prior(user)
+        new_user = cur is None
+        if new_user:
+            seen = np.zeros(0, np.int64)
+            seen_r = np.zeros(0, np.float32)
+            enc_i, enc_r = np.zeros(0, np.int64), np.zeros(0, np.float32)
+            known, version, steps0 = False, 0, 0
+        else:
+            seen, seen_r = cur.state.history, cur.state.rewards
+            enc_i, enc_r = cur.enc_items, cur.enc_rewards
+            known, version, steps0 = cur.known, cur.version, cur.state.steps
+        seen = np.append(seen, np.int64(idx))
+        seen_r = np.append(seen_r, np.float32(reward)).astype(np.float32)
+        if self.encode == "all" or reward > 0:
+            enc_i = np.append(enc_i, np.int64(idx))
+            enc_r = np.append(enc_r, np.float32(reward)).astype(np.float32)
+        uf = self._ufeat(user, known)
+        h = self._encode(enc_i, uf)
+        if new_user or self.update == "readapt":
+            steps = m.config.inner_steps
+            g, d = self._adapt(h, enc_i, enc_r, steps)
+            total = steps
+        else:
+            rows, it, w = self._support(enc_i, enc_r)
+            g0 = torch.from_numpy(cur.gamma)[None]
+            d0 = torch.from_numpy(cur.delta)[None]
+            with torch.no_grad():
+                gg, gd = m._net.support_grad(h, g0, d0, m._V, rows, it, w, 1)
+                g = g0 - self._lr[0] * gg
+                d = d0 - self._lr[1] * gd
+            total = steps0 + 1
+        return self._publish(user, version + 1, h, g, d, seen, seen_r, enc_i, enc_r, known, total)
+
+    def _materialise(self, user) -> Optional[OnlineUser]:
+        """Rebuild a user's state from a carried-over log (first use after ``resume``)."""
+        grp = self._pending.get(user)
+        if grp is None:
+            return None
+        with self._lock(user):
+            cur = self._states.get(user)
+            if cur is not None or user not in self._pending:
+                return cur
+            for idx, r in zip(grp["_idx"].to_numpy(), grp["reward"].to_numpy()):
+                cur = self._apply(cur, user, int(idx), float(r))
+            self._states[user] = cur
+            del self._pending[user]
+            return cur
+
+    # ---------------------------------------------------------------- public
+    def current(self, user) -> Optional[OnlineUser]:
+        """The latest published version of ``user`` (None if it has no feedback yet)."""
+        st = self._states.get(user)
+        if st is None and self._pending:
+            st = self._materialise(user)
+        return st
+
+    def feedback(self, events) -> Dict[Any, OnlineUser]:
+        """Apply events in their order (per user); returns each touched user's new version."""
+        ev = parse_events(self.model, events)
+        out: Dict[Any, OnlineUser] = {}
+        for user, grp in ev.groupby("user", sort=False):
+            if user in self._pending:
+                self._materialise(user)
+            cols = [grp[c].to_numpy() for c in ("_idx", "item", "reward", "propensity", "timestamp", "position")]
+            with self._lock(user):
+                cur = self._states.get(user)
+                for idx, item, r, p, t, pos in zip(*cols):
+                    cur = self._apply(cur, user, int(idx), float(r))
+                    self._log.append((user, item.item() if hasattr(item, "item") else item,
+                                      float(r), float(p), float(t), int(pos)))
+                    self._states[user] = cur  # atomic publish of the whole new version
+            out[user] = cur
+        return out
+
+    def log(self) -> pd.DataFrame:
+        """The feedback log so far (a copy), columns :data:`EVENT_COLUMNS`."""
+        rows = list(self._log)
+        return pd.DataFrame(rows, columns=list(EVENT_COLUMNS))
+
+
+_STORE_GUARD = threading.Lock()
+
+
+def store(model, **options) -> OnlineStore:
+    """The model's default :class:`OnlineStore` (created on first use).
+
+    ``options`` (``encode``, ``update``; see :class:`OnlineStore`) configure it; they can
+    only be given before the first feedback (ValueError otherwise, if they differ).
+    """
+    st = getattr(model, "_online_store", None)
+    if st is None or options:
+        with _STORE_GUARD:
+            st = getattr(model, "_online_store", None)
+            if st is None:
+                st = OnlineStore(model, **options)
+                model._online_store = st
+            elif options:
+                same = all(getattr(st, k, None) == v for k, v in options.items())
+                if not same:
+                    if st._log or st._pending:
+                        raise ValueError(f"the model already has feedback under {st.encode=}, {st.update=}; "
+                                         f"cannot reconfigure to {options}")
+                    st = OnlineStore(model, **options)
+                    model._online_store = st
+    return st
+
+
+def feedback(model, events) -> Dict[Any, OnlineUser]:
+    """``Recommender.feedback``: apply feedback events to the model's default store."""
+    return store(model).feedback(events)
+
+
+def current(model, user) -> Optional[OnlineUser]:
+    """The latest online version of ``user`` in the model's default store (None if none)."""
+    return store(model).current(user)
+
+
+def recommend(model, user, k: int = 10, **kwargs):
+    """``model.recommend`` from the user's latest online state; a user without feedback is
+    served as the model would (``user_state`` for a known user; ``adapt([])`` for a new one).
+
+    Returns ``(Recommendations, version)`` with the version of the state used (0: none).
+    """
+    st = store(model).current(user)
+    if st is not None:
+        return model.recommend(st.state, k, **kwargs), st.version
+    if _scalar_id(user) and model._user_index.get_indexer([user])[0] >= 0:
+        return model.recommend(user, k, **kwargs), 0
+    return model.recommend(model.adapt([]), k, **kwargs), 0
+
+
+def feedback_log(model) -> pd.DataFrame:
+    """The model's feedback log (DataFrame with :data:`EVENT_COLUMNS`)."""
+    return store(model).log()
+
+
+# ============================================================================ exploration
+
+def slate_propensity(propensities, explore: str = "sample") -> np.ndarray:
+    """Probability of the whole ranked slate from the per-item propensities.
+
+    ``explore="sample"``: the items' ``pi(a|s)`` from ``recommend(..., explore="sample")``
+    (Plackett-Luce: ``prod_j p_j / (1 - sum_{i<j} p_i)``); ``"epsilon"``: the conditional
+    per-position probabilities of :func:`epsilon_slate` (their product). Zero entries
+    (padding) are skipped. Works on (k,) or (B, k); float64.
+    """
+    p = np.asarray(propensities, dtype=np.float64)
+    if p.ndim not in (1, 2):
+        raise ValueError(f"propensities must be (k,) or (B, k), got shape {p.shape}")
+    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+        raise ValueError("propensities must lie in [0, 1]")
+    if explore not in ("sample", "epsilon"):
+        raise ValueError(f"explore must be 'sample' or 'epsilon', got {explore!r}")
+    q = np.atleast_2d(p)
+    valid = q > 0
+    if explore == "sample":
+        before = np.cumsum(q, axis=1) - q
+        cond = np.where(valid, q / np.maximum(1.0 - before, 1e-300), 1.0)
+    else:
+        cond = np.where(valid, q, 1.0)
+    out = cond.prod(axis=1)
+    return out if p.ndim == 2 else out[0]
+
+
+def epsilon_slate(model, state, k: int, *, epsilon: float, seed: int, **kwargs):
+    """An epsilon-greedy slate for one user, with the probability of each pick.
+
+    Position by position: with probability ``1 - epsilon`` the best remaining item of the
+    greedy ranking (``model.recommend(state, n_items, **kwargs)``: the same exclusions and
+    candidates), else a uniformly random remaining eligible item. ``propensities[j]`` is the
+    probability of the item at position ``j`` given the items above it:
+    ``(1 - epsilon) [best remaining] + epsilon / n_remaining``; the slate's probability is
+    their product (:func:`slate_propensity` with ``explore="epsilon"``). Randomness comes
+    only from ``numpy.random.default_rng(seed)``: same seed and inputs, same slate.
+
+    Returns :class:`~recmeta_sdk.api.Recommendations` with ``propensities``.
+    """
+    from .api import Recommendations, UserState
+
+    if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"epsilon_slate needs an int seed, got {seed!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if not (isinstance(state, UserState) or _scalar_id(state)):
+        raise TypeError(f"epsilon_slate serves one user (a UserState or a user id), got {type(state).__name__}")
+    for bad in ("explore", "diversity", "explain"):
+        if kwargs.get(bad):
+            raise ValueError(f"epsilon_slate cannot be combined with {bad}=")
+    full = model.recommend(state, model.n_items, **kwargs)
+    ranked = np.flatnonzero(full.valid)
+    ids_all, sc_all = full.ids[ranked], full.scores[ranked]
+    rng = np.random.default_rng(int(seed))
+    avail = list(range(len(ranked)))  # positions in the greedy ranking still available
+    pick_pos, props = [], []
+    eps = float(epsilon)
+    for _ in range(min(int(k), len(ranked))):
+        n = len(avail)
+        if rng.random() < eps:
+            j = int(rng.integers(n))
+        else:
+            j = 0  # the best remaining
+        props.append((1.0 - eps) * (j == 0) + eps / n)
+        pick_pos.append(avail.pop(j))
+    m = len(pick_pos)
+    ids = np.empty(int(k), dtype=full.ids.dtype)
+    if np.issubdtype(ids.dtype, np.integer):
+        ids[:] = -1
+    else:
+        ids[:] = None
+    scores = np.full(int(k), -np.inf, np.float32)
+    prop = np.zeros(int(k), np.float32)
+    valid = np.zeros(int(k), bool)
+    ids[:m] = ids_all[pick_pos]
+    scores[:m] = sc_all[pick_pos]
+    prop[:m] = np.asarray(props, np.float32)
+    valid[:m] = True
+    return Recommendations(ids, scores, valid, prop, None)
+
+
+# ============================================================================ resume
+
+def resume_train(model, interactions=None, *, config=None, progress=None):
+    """An incremental off-policy update of the shared weights (``train(..., resume=model)``).
+
+    The training rows are ``interactions`` (a DataFrame with :data:`EVENT_COLUMNS`;
+    default: the model's feedback log). The rows with a positive reward form each user's
+    time-ordered history (support and query sets are cut from it as in
+    :mod:`recmeta_sdk.train`); the REINFORCE term of the objective uses the logged
+    ``propensity`` as the behaviour probability beta (rows with a zero reward carry no
+    REINFORCE gradient, so dropping them changes nothing but the encoder input, which reads
+    positive interactions only, as in serving with ``encode="positive"``). Training starts
+    from a copy of the model's weights; ``config`` overrides the model's config for this
+    update (default: ``epochs=5`` and a quarter of the model's learning rate). Users need
+    at least two positive rows to be trained on.
+
+    Returns a new Recommender (the old one is unchanged: swap the reference), carrying the
+    old feedback log; its users' online states are rebuilt on first use.
+    """
+    from .api import Recommender
+    from .model import Config
+    from .train import fit, prepare
+
+    log = feedback_log(model) if interactions is None else interactions
+    if not isinstance(log, pd.DataFrame):
+        raise TypeError(f"interactions must be a DataFrame of feedback events, got {type(log).__name__}")
+    ev = parse_events(model, log)
+    if ev["propensity"].isna().any():
+        i = int(np.flatnonzero(ev["propensity"].isna().to_numpy())[0])
+        raise ValueError(f"resume needs a logged propensity on every row; row {i} has none")
+    pos = ev[ev["reward"] > 0]
+    counts = pos.groupby("user").size() if len(pos) else pd.Series(dtype=int)
+    if not len(counts) or counts.max() < 2:
+        raise ValueError("resume: no user has 2 or more positively rewarded rows; nothing to train on")
+    base = model.config.to_dict()
+    over = {"epochs": 5, "lr": model.config.lr * 0.25}
+    if config is not None:
+        if isinstance(config, Config):
+            config = config.to_dict()
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict or Config, got {type(config).__name__}")
+        over.update(config)
+    cfg = Config.from_dict({**base, **over})
+    for name in ("dim", "hidden", "encoder", "layers", "heads", "seq_len"):
+        if getattr(cfg, name) != getattr(model.config, name):
+            raise ValueError(f"resume cannot change config.{name} ({getattr(model.config, name)!r} -> "
+                             f"{getattr(cfg, name)!r})")
+    ts = pos["timestamp"].to_numpy(dtype=np.float64)
+    frame = pd.DataFrame({"user": pos["user"].to_numpy(),
+                          "item": pos["item"].to_numpy(), "reward": pos["reward"].to_numpy(np.float32),
+                          "propensity": pos["propensity"].to_numpy(np.float32),
+                          "timestamp": np.where(np.isfinite(ts), ts, 0.0)})
+    prep = prepare(frame, model.item_ids)
+    prep.rewards = prep.rewards / model._reward_scale
+    net = copy.deepcopy(model._net)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    hist = fit(net, prep, cfg, None, progress=progress)
+    logger.info("resume: %d rows, %d users, %.1fs", len(frame), len(prep.user_ids), hist["seconds"])
+    new = Recommender(net, cfg, model.item_ids, model.user_ids, model._hist_offsets, model._hist_items,
+                      model._hist_rewards, model._item_count, model._item_schema, model._user_schema,
+                      model._uf_off, model._uf_idx, model._reward_scale)
+    old = store(model)
+    carried = old.log()
+    new._online_store = OnlineStore(new, encode=old.encode, update=old.update,
+                                    log=carried if len(carried) else None)
+    return new
