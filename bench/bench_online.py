@@ -85,21 +85,35 @@ def ml_factories(env: sim.MovieLensReplay, ratings, T: int, seed: int, tune: boo
     }
 
 
-def recmeta_factories(env, ratings, items, epochs: int, seed: int) -> dict:
-    """The SDK's policy, trained on the existing users only, re-adapted every round."""
+def recmeta_factories(env, ratings, items, epochs: int, seed: int, cache: str = "", updates=("step",)) -> dict:
+    """The SDK's policy, trained on the existing users only, learning online through
+    ``Recommender.feedback`` (one adaptation step per event, or a re-adaptation), beside the
+    same network trained without meta-learning (``meta="none"``)."""
+    import os
+
     from recmeta_sdk import api
 
     existing = ratings[ratings["user"].isin(env.user_ids[env.train_users])]
     out = {}
-    for label, meta in (("recmeta meta-RL, online adapt", "fomaml"), ("recmeta no meta-training", "none")):
+    for label, meta in (("recmeta meta-RL", "fomaml"), ("recmeta no meta-training", "none")):
+        path = os.path.join(cache, f"ml100k_existing_{meta}_e{epochs}_s{seed}.recmeta") if cache else ""
         t0 = time.perf_counter()
-        model = api.train(existing, items=items[[]], config={"epochs": epochs, "meta": meta, "seed": seed},
-                          progress=False)
-        print(f"  trained {label} ({epochs} epochs) in {time.perf_counter() - t0:.0f} s")
-        # fold in the liked items only, as EASE does: adapt() reads every history item as an
-        # interaction, and the misses (reward 0) hurt it (t=50: 11.2 with them vs 16.6 without,
-        # 60 new users, 15 epochs)
-        out[label] = lambda e, m=model: bandits.RecommenderPolicy(m, item_ids=e.item_ids, positives_only=True)
+        if path and os.path.exists(path):
+            model = api.load(path)
+            print(f"  loaded {label} from {path}")
+        else:
+            model = api.train(existing, items=items[[]], config={"epochs": epochs, "meta": meta, "seed": seed},
+                              progress=False)
+            print(f"  trained {label} ({epochs} epochs) in {time.perf_counter() - t0:.0f} s")
+            if path:
+                os.makedirs(cache, exist_ok=True)
+                model.save(path)
+        # the encoder reads the liked items only (misses are still excluded), as EASE folds in
+        # only the liked items: adapt() reads every history item as an interaction, and the
+        # misses hurt it (t=50: 11.2 with them vs 16.6 without, 60 new users, 15 epochs)
+        for upd in updates:
+            name = f"{label}, online feedback ({upd})"
+            out[name] = lambda e, m=model, u=upd: bandits.RecommenderPolicy(m, item_ids=e.item_ids, update=u)
     return out
 
 
@@ -140,6 +154,11 @@ def main(argv=None) -> None:
     ap.add_argument("--recmeta-epochs", type=int, default=0,
                     help="ML: also train recmeta_sdk.train on the existing users for this many epochs, "
                          "meta-trained (fomaml) and not (meta='none'), and serve it with online adaptation")
+    ap.add_argument("--recmeta-cache", default="", help="folder to save / reuse the trained SDK models")
+    ap.add_argument("--recmeta-updates", default="step",
+                    help="comma-separated online updates of the SDK policy: step (one adaptation step "
+                         "per feedback event) and/or readapt (re-adapt from the whole history)")
+    ap.add_argument("--only", default="", help="comma-separated substrings: run only the matching policies")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     envs = ("ml100k", "sim") if args.env == "both" else (args.env,)
@@ -155,7 +174,8 @@ def main(argv=None) -> None:
             facs = ml_factories(env, ratings, args.T, args.seed, not args.no_tune)
             if args.recmeta_epochs > 0:
                 facs.update(recmeta_factories(env, ratings, datasets.load("ml-100k").items,
-                                              args.recmeta_epochs, args.seed))
+                                              args.recmeta_epochs, args.seed, args.recmeta_cache,
+                                              tuple(args.recmeta_updates.split(","))))
             bars = ML_BARS
         else:
             env = sim.UserSimulator(SIM_CONFIG)
@@ -163,6 +183,9 @@ def main(argv=None) -> None:
                   f"{env.n_items} items, slates of {env.slate_size}, T={args.T}")
             facs = sim_factories(env, args.seed)
             bars = None
+        if args.only:
+            keys = [x for x in args.only.split(",") if x]
+            facs = {n: f for n, f in facs.items() if any(x in n for x in keys)}
         res = sim.run_benchmark(env, facs, args.T, seed=args.seed)
         print(sim.format_table(res, bars))
         png = args.png.format(env=name)

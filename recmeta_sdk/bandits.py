@@ -14,7 +14,7 @@ Every policy implements the protocol of :class:`recmeta_sdk.sim.OnlinePolicy`:
 :class:`EASEOnline`         EASE (Steck 2019) trained on the existing users; a new user's
                             liked items so far are folded in each round
 :class:`OraclePolicy`       the environment's optimal slate (needs ``env.optimal_slate``)
-:class:`RecommenderPolicy`  serves with a trained ``Recommender`` (adapt / recommend)
+:class:`RecommenderPolicy`  serves with a trained ``Recommender``, updated online by its feedback
 ==========================  ================================================================
 
 Helpers: :func:`fit_ease` (the EASE item-item matrix), :func:`svd_item_embeddings` (item
@@ -308,35 +308,59 @@ class OraclePolicy:
 
 
 class RecommenderPolicy:
-    """Serve with a :class:`recmeta_sdk.Recommender` (online adaptation from the user's feedback).
+    """Serve with a :class:`recmeta_sdk.Recommender`, learning online from the feedback.
 
-    Each round the user's state is adapted from everything the user was served so far and
-    the rewards (``recommender.adapt({"item": ids, "reward": rewards}, steps=adapt_steps)``;
-    only the positively rewarded items when ``positives_only``), then
-    ``recommender.recommend(state, k=k, exclude=..., exclude_seen=exclude_seen)`` gives the
-    slate. Environment item indices ``0..n_items-1`` map to the recommender's item ids
-    through ``item_ids`` (``MovieLensReplay.item_ids``; default: the same integers).
+    With a ``recmeta_sdk.Recommender`` (``mode="feedback"``, the default for one), every
+    observed reward goes through the online loop of :mod:`recmeta_sdk.online`: the user's
+    state takes one adaptation step per event (``update="step"``) or is re-adapted from the
+    whole history (``update="readapt"``), and each round's slate is
+    ``recommender.recommend(state, k=k, exclude=..., exclude_seen=exclude_seen)`` from the
+    user's latest state (a user without feedback yet gets ``adapt([])``, the cold state).
+    The policy keeps its own :class:`~recmeta_sdk.online.OnlineStore`, so two policies (or
+    two benchmark runs) over one model do not share users. Served items are logged with
+    propensity 1 (greedy serving).
+
+    Any other object with ``adapt(history, steps=...)`` and ``recommend(state, k=...,
+    exclude=..., exclude_seen=...)`` is served by re-adapting from everything the user was
+    served so far each round (``mode="readapt"``:
+    ``recommender.adapt({"item": ids, "reward": rewards}, steps=adapt_steps)``).
+
+    Environment item indices ``0..n_items-1`` map to the recommender's item ids through
+    ``item_ids`` (``MovieLensReplay.item_ids``; default: the same integers).
 
     Parameters
     ----------
-    recommender : object with ``adapt(history, steps=...)`` and
-        ``recommend(state, k=..., exclude=..., exclude_seen=...)`` returning an object with
-        ``ids`` (k,) (or a tuple whose first element is the ids)
+    recommender : a ``recmeta_sdk.Recommender`` or an object with ``adapt`` / ``recommend``
     item_ids : (n_items,) array, optional
-    adapt_steps : int, optional
-        Adaptation steps (None: the recommender's default; 0: encoder only, no adaptation —
-        "the same without online adaptation").
-    positives_only : bool, default False
+    mode : ``"feedback"`` or ``"readapt"``; default: ``"feedback"`` for a Recommender
+    update : ``"step"`` (default) or ``"readapt"``: the online update of ``mode="feedback"``
+    adapt_steps : int, optional (``mode="readapt"`` only; None: the recommender's default)
+    positives_only : bool, optional
+        The encoder reads only the positively rewarded items (default: True with
+        ``mode="feedback"``, False with ``mode="readapt"``).
     exclude_seen : bool, default True
         Also exclude the items served before (the environment's ``exclude`` is always passed).
     """
 
-    def __init__(self, recommender, *, item_ids=None, adapt_steps: Optional[int] = None,
-                 positives_only: bool = False, exclude_seen: bool = True):
+    def __init__(self, recommender, *, item_ids=None, mode: Optional[str] = None, update: str = "step",
+                 adapt_steps: Optional[int] = None, positives_only: Optional[bool] = None,
+                 exclude_seen: bool = True):
         for attr in ("adapt", "recommend"):
             if not callable(getattr(recommender, attr, None)):
                 raise TypeError(f"recommender has no {attr}() method: {type(recommender).__name__}")
+        from .api import Recommender
+
+        is_rec = isinstance(recommender, Recommender)
+        if mode is None:
+            mode = "feedback" if is_rec else "readapt"
+        if mode not in ("feedback", "readapt"):
+            raise ValueError(f"mode must be 'feedback' or 'readapt', got {mode!r}")
+        if mode == "feedback" and not is_rec:
+            raise TypeError(f"mode='feedback' needs a recmeta_sdk.Recommender, got {type(recommender).__name__}")
+        if mode == "feedback" and adapt_steps is not None:
+            raise ValueError("adapt_steps applies to mode='readapt' only")
         self.rec = recommender
+        self.mode = mode
         self.item_ids = None if item_ids is None else np.asarray(item_ids)
         self._index = None
         if self.item_ids is not None:
@@ -346,16 +370,27 @@ class RecommenderPolicy:
             if not self._index.is_unique:
                 raise ValueError("item_ids must be unique")
         self.adapt_steps = adapt_steps
-        self.positives_only = bool(positives_only)
+        self.positives_only = (mode == "feedback") if positives_only is None else bool(positives_only)
         self.exclude_seen = bool(exclude_seen)
         self._hist: Dict[Hashable, list] = {}
         self._state: Dict[Hashable, object] = {}
+        self._store = None
+        self._cold = None
+        if mode == "feedback":
+            from .online import OnlineStore
+
+            self._store = OnlineStore(recommender, encode="positive" if self.positives_only else "all",
+                                      update=update)
+            self._cold = recommender.adapt([])
 
     def _ext(self, idx) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
         return idx if self.item_ids is None else self.item_ids[idx]
 
     def _state_of(self, user):
+        if self._store is not None:
+            cur = self._store.current(user)
+            return self._cold if cur is None else cur.state
         st = self._state.get(user)
         if st is None:
             hist = self._hist.get(user, [])
@@ -381,5 +416,9 @@ class RecommenderPolicy:
         return pos.astype(np.int64)
 
     def feedback(self, user: Hashable, item: int, reward: float) -> None:
+        if self._store is not None:
+            ext = self._ext([int(item)])[0]
+            self._store.feedback([(user, ext.item() if hasattr(ext, "item") else ext, float(reward), 1.0)])
+            return
         self._hist.setdefault(user, []).append((int(item), float(reward)))
         self._state.pop(user, None)  # re-adapt before the next recommendation

@@ -279,3 +279,30 @@ def test_concurrent_recommend_and_feedback_see_whole_versions(model):
     assert len(observed) == 4 * n_reads
     assert len({(u, v) for u, v, *_ in observed}) >= 10  # readers saw many versions while writers ran
     assert mismatches == 0
+
+
+def test_recommender_policy_learns_through_feedback(model):
+    from recmeta_sdk import bandits, sim
+
+    env = sim.UserSimulator(n_items=30, dim=4, n_segments=2, n_test_segments=1, users_per_segment=4,
+                            slate_size=2, drift=0.0, seed=1)
+    made = []
+
+    def factory(e):
+        made.append(bandits.RecommenderPolicy(model, update="step"))
+        return made[-1]
+
+    res = sim.run_online(env, factory, T=4, seed=0)
+    pol = made[0]
+    assert pol.mode == "feedback" and np.isfinite(res.cumulative).all()
+    log = pol._store.log()
+    assert len(log) == len(env.users) * 4 * 2 and (log["propensity"] == 1.0).all()
+    u = int(env.users[0])
+    cur = pol._store.current(u)
+    assert cur.version == 8 and len(set(cur.state.history_ids)) == 8
+    # the next slate is the model's greedy slate from the latest state
+    exp = model.recommend(cur.state, k=2).ids
+    np.testing.assert_array_equal(pol.recommend(sim.UserContext(u, 4), 2, np.zeros(0, np.int64)), exp)
+    assert online.store(model)._log == []  # the policy's own store, not the model's default one
+    with pytest.raises(ValueError, match="adapt_steps"):
+        bandits.RecommenderPolicy(model, adapt_steps=2)
