@@ -210,7 +210,7 @@ def gpu_embedding_bag(weight, indices, offsets, per_sample_weights=None, mode: s
         data, scale, rmin, kind = _cuda_table(tab)
         o = off[t * B:(t + 1) * B + 1]
         ext.embedding_bag_fwd(kind, data.data_ptr(), scale, rmin, int(data.shape[0]), dims[t],
-                              int(data.stride(0)), idx.data_ptr(), idx.dtype == torch.int64,
+                              int(data.stride(0)), idx.data_ptr(), idx.dtype == torch.int64, idx.numel(),
                               o.data_ptr(), o.dtype == torch.int64, B,
                               0 if psw is None else psw.data_ptr(), mode == "mean",
                               out[:, col:].data_ptr(), int(out.stride(0)), stream)
@@ -316,7 +316,7 @@ def _cuda_backward(w, idx, off, g, psw, mode, optimizer, lr, eps, st, determinis
         bag = C.bag_of_positions(off, nnz)
         ext.embedding_bag_bwd(w.data_ptr(), D, int(w.stride(0)), st_p, g.data_ptr(), int(g.stride(0)),
                               sorted_pos.data_ptr(), seg.data_ptr(), uniq.data_ptr(), uniq.numel(),
-                              bag.data_ptr(), off.data_ptr(), off.dtype == torch.int64, psw_p,
+                              bag.data_ptr(), off.data_ptr(), off.dtype == torch.int64, B, psw_p,
                               mode == "mean", adagrad, lr, eps, stream)
         return
     if not adagrad:
