@@ -104,7 +104,7 @@ def _policy_topk_fwd_kernel(
     n_cand, cand_steps,  # number of candidate keys, binary-search steps
     stride_ub, stride_ud,  # user_states strides (elements)
     stride_in, stride_id,  # item table strides (elements)
-    SPLITS: tl.constexpr,  # programs along the items
+    SPLITS,  # programs along the items (grid dim 1)
     IS_INT8: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_EXCL: tl.constexpr,
@@ -247,7 +247,7 @@ def policy_stage1(user_states, items, k: int, bias=None, exclude=None, candidate
         ex.numel() if has_ex else 0, _steps(ex.numel()) if has_ex else 1,
         ca.numel() if ca is not None else 0, _steps(ca.numel()) if ca is not None else 1,
         user_states.stride(0), user_states.stride(1), data.stride(0), data.stride(1),
-        SPLITS=cfg.splits, IS_INT8=is_int8, HAS_BIAS=bias is not None, HAS_EXCL=has_ex,
+        cfg.splits, IS_INT8=is_int8, HAS_BIAS=bias is not None, HAS_EXCL=has_ex,
         HAS_CAND=ca is not None and ca.numel() > 0, SAMPLE=seed is not None, USE_DOT=cfg.use_dot,
         BLOCK_B=cfg.BLOCK_B, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, KB=cfg.KB,
         num_warps=cfg.num_warps,

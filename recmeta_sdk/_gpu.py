@@ -193,7 +193,14 @@ def gpu_embedding_bag(weight, indices, offsets, per_sample_weights=None, mode: s
             raise TypeError(f"per_sample_weights: expected float32, got {psw.dtype}")
         check_float(psw, "per_sample_weights", (idx.numel(),))
         psw = psw.contiguous()
-    name = _resolve(backend)
+    return _embedding_bag_run(_resolve(backend), tabs, idx, off, psw, mode)
+
+
+def _embedding_bag_run(name, tabs, idx, off, psw, mode):
+    """The forward on validated inputs (also what bench/gpu_check.py times)."""
+    dev = idx.device
+    T = len(tabs)
+    B = (off.numel() - 1) // T
     if name == "torch":
         out = reference.embedding_bag_tbe([_tab_cpu(t) for t in tabs], idx.cpu(), off.cpu(),
                                           None if psw is None else psw.cpu(), mode)
@@ -209,7 +216,7 @@ def gpu_embedding_bag(weight, indices, offsets, per_sample_weights=None, mode: s
     for t, tab in enumerate(tabs):
         data, scale, rmin, kind = _cuda_table(tab)
         o = off[t * B:(t + 1) * B + 1]
-        ext.embedding_bag_fwd(kind, data.data_ptr(), scale, rmin, int(data.shape[0]), dims[t],
+        ext.embedding_bag_fwd(kind, data.data_ptr(), _ptr(scale), _ptr(rmin), int(data.shape[0]), dims[t],
                               int(data.stride(0)), idx.data_ptr(), idx.dtype == torch.int64, idx.numel(),
                               o.data_ptr(), o.dtype == torch.int64, B,
                               0 if psw is None else psw.data_ptr(), mode == "mean",
@@ -219,15 +226,19 @@ def gpu_embedding_bag(weight, indices, offsets, per_sample_weights=None, mode: s
 
 
 def _cuda_table(tab):
-    """(data with contiguous columns, scale ptr, min ptr, kind code) for the CUDA kernels."""
+    """(data with contiguous columns, row_scale, row_min, kind code) for the CUDA kernels;
+    the caller keeps the returned tensors alive while their pointers are in use."""
     if isinstance(tab, QuantizedTable):
         data = tab.data if tab.data.stride(1) == 1 else tab.data.contiguous()
         if tab.dtype == "int8":
-            return (data, tab.row_scale.contiguous().data_ptr(), tab.row_min.contiguous().data_ptr(),
-                    _KIND_CODE["int8"])
-        return data, 0, 0, _KIND_CODE["fp16"]
+            return data, tab.row_scale.contiguous(), tab.row_min.contiguous(), _KIND_CODE["int8"]
+        return data, None, None, _KIND_CODE["fp16"]
     data = tab if tab.stride(1) == 1 else tab.contiguous()
-    return data, 0, 0, _KIND_CODE["fp32"]
+    return data, None, None, _KIND_CODE["fp32"]
+
+
+def _ptr(t) -> int:
+    return 0 if t is None else int(t.data_ptr())
 
 
 def gpu_embedding_bag_backward(weight, indices, offsets, grad_output, per_sample_weights=None,
@@ -367,9 +378,13 @@ def _prepare_policy(user_states, items, k, bias, exclude, candidates, temperatur
 
 def _policy(user_states, items, k, seed, bias, exclude, candidates, temperature, backend):
     u, tab, b, exc, cand = _prepare_policy(user_states, items, k, bias, exclude, candidates, temperature)
+    return _policy_run(_resolve(backend), u, tab, k, seed, b, exc, cand, temperature)
+
+
+def _policy_run(name, u, tab, k, seed, b, exc, cand, temperature):
+    """Policy top-k / sampling on validated inputs (also what bench/gpu_check.py times)."""
     dev = u.device
     H = load_kernel_module("_heuristics")
-    name = _resolve(backend)
     if name != "torch" and max(2, H.next_pow2(k)) > H.MAX_TOPK:
         log.info("policy on %s: k=%d is above the fused kernels' limit %d; using the reference",
                  dev, k, H.MAX_TOPK)
@@ -414,7 +429,7 @@ def _cuda_policy(u, tab, k, seed, b, exc, cand, temperature):
     cand_empty = ca is not None and ca.numel() == 0
     if B and N and not cand_empty:
         ext.policy_topk_stage1(
-            u.data_ptr(), int(u.stride(0)), B, D, kind, data.data_ptr(), int(data.stride(0)), scale, rmin, N,
+            u.data_ptr(), int(u.stride(0)), B, D, kind, data.data_ptr(), int(data.stride(0)), _ptr(scale), _ptr(rmin), N,
             0 if b is None else b.data_ptr(),
             0 if ex is None else ex.data_ptr(), 0 if ex is None else ex.numel(),
             0 if ca is None else ca.data_ptr(), 0 if ca is None else ca.numel(),

@@ -291,7 +291,7 @@ compile_(EB._rowwise_adagrad_apply_kernel, base, dict(BLOCK_D=64), 80)
 ptypes = {"u_ptr": "*fp32", "item_ptr": "*fp16", "scale_ptr": "*fp32", "rmin_ptr": "*fp32", "bias_ptr": "*fp32",
           "excl_ptr": "*i64", "cand_ptr": "*i64", "keys_ptr": "*i64", "max_ptr": "*fp32", "sum_ptr": "*fp32",
           "temperature": "fp32"}
-common = dict(SPLITS=3, IS_INT8=False, HAS_BIAS=True, HAS_EXCL=True, HAS_CAND=True, SAMPLE=True,
+common = dict(IS_INT8=False, HAS_BIAS=True, HAS_EXCL=True, HAS_CAND=True, SAMPLE=True,
               BLOCK_N=32, BLOCK_D=32, KB=8)
 compile_(PT._policy_topk_fwd_kernel, ptypes, dict(common, USE_DOT=True, BLOCK_B=16), 90)
 compile_(PT._policy_topk_fwd_kernel, {**ptypes, "item_ptr": "*u8"}, dict(common, IS_INT8=True, USE_DOT=False,
