@@ -97,8 +97,8 @@ def policy_config(B: int, N: int, D: int, k: int, sms: int = 132,
         block_n = 128 if block_b <= 32 else 64
     block_n = max(block_n, kb)
     if block_d <= 0:
-        if block_b >= 16:
-            block_d = min(next_pow2(D), 64)
+        if block_b >= 16:  # tl.dot needs every block dim >= 16
+            block_d = max(16, min(next_pow2(D), 64))
         else:  # the (BLOCK_B, BLOCK_N, BLOCK_D) product lives in registers: ~8K elements
             block_d = max(8, min(next_pow2(D), 8192 // (block_b * block_n)))
     user_blocks = cdiv(max(B, 1), block_b)

@@ -418,7 +418,8 @@ def _cuda_policy(u, tab, k, seed, b, exc, cand, temperature):
     u = u if u.stride(1) == 1 else u.contiguous()
     data, scale, rmin, kind = _cuda_table(tab)
     kb = max(2, H.next_pow2(k))
-    splits = max(1, min(H.cdiv(N, 256), H.cdiv(4 * H.num_sms(dev), max(B, 1))))
+    user_blocks = H.cdiv(max(B, 1), 4)  # csrc/cuda/policy_topk.cu: kUsers users per block
+    splits = max(1, min(H.cdiv(N, 256), H.cdiv(4 * H.num_sms(dev), user_blocks), 65535))
     per = H.cdiv(N, splits) if N else 0
     splits = max(1, H.cdiv(N, per)) if N else 1
     keys = torch.full((B, splits, kb), C.KEY_SENTINEL, dtype=torch.int64, device=dev)

@@ -233,7 +233,7 @@ void embedding_bag_backward_sorted(float* weight, int64_t dim, int64_t row_strid
   RECMETA_CHECK(!adagrad || state != nullptr, "embedding_bag_backward_sorted: rowwise_adagrad needs state");
   RECMETA_CHECK(row_stride >= dim && grad_stride >= dim, "embedding_bag_backward_sorted: bad strides");
   RECMETA_CHECK(num_unique <= detail::kMaxGridX, "embedding_bag_backward_sorted: too many rows ", num_unique);
-  RECMETA_CHECK(dim <= 12 * 1024, "embedding_bag_backward_sorted: dim ", dim, " above 12288 (shared memory)");
+  RECMETA_CHECK(dim <= 8192, "embedding_bag_backward_sorted: dim ", dim, " above 8192 (shared memory)");
   if (num_unique == 0 || dim == 0) return;
   const size_t smem = static_cast<size_t>(dim + kReduceThreads) * sizeof(float);
   const dim3 grid(static_cast<unsigned>(num_unique));
