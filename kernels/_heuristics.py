@@ -101,6 +101,8 @@ def policy_config(B: int, N: int, D: int, k: int, sms: int = 132,
             block_d = max(16, min(next_pow2(D), 64))
         else:  # the (BLOCK_B, BLOCK_N, BLOCK_D) product lives in registers: ~8K elements
             block_d = max(8, min(next_pow2(D), 8192 // (block_b * block_n)))
+    if block_b >= 16:  # tl.dot: every block dim >= 16, also for explicit overrides
+        block_n, block_d = max(block_n, 16), max(block_d, 16)
     user_blocks = cdiv(max(B, 1), block_b)
     tiles = max(cdiv(N, block_n), 1)
     if splits <= 0:
