@@ -80,10 +80,57 @@ __device__ __forceinline__ float load_item(const TableView& t, int64_t row, int6
   }
 }
 
+/// Elements of one 16-byte load per table format.
+template <TableType TT>
+struct VecWidth;
+template <>
+struct VecWidth<TableType::F32> {
+  static constexpr int n = 4;
+};
+template <>
+struct VecWidth<TableType::F16> {
+  static constexpr int n = 8;
+};
+template <>
+struct VecWidth<TableType::I8Rowwise> {
+  static constexpr int n = 16;
+};
+
+/// Elements [col, col + VecWidth) of a row as float32, with one 16-byte load (the caller
+/// guarantees 16-byte alignment: data, row_stride and col multiples of the width).
+template <TableType TT>
+__device__ __forceinline__ void load_item_vec(const TableView& t, int64_t row, int64_t col,
+                                              float (&out)[VecWidth<TT>::n]) {
+  const int64_t i = row * t.row_stride + col;
+  if constexpr (TT == TableType::F32) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(t.data) + i));
+    out[0] = v.x;
+    out[1] = v.y;
+    out[2] = v.z;
+    out[3] = v.w;
+  } else if constexpr (TT == TableType::F16) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(static_cast<const __half*>(t.data) + i));
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = __half22float2(h[k]);
+      out[2 * k] = f.x;
+      out[2 * k + 1] = f.y;
+    }
+  } else {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(t.data) + i));
+    const uint8_t* q = reinterpret_cast<const uint8_t*>(&raw);
+    const float sc = __ldg(t.row_scale + row), mn = __ldg(t.row_min + row);
+#pragma unroll
+    for (int k = 0; k < 16; ++k) out[k] = static_cast<float>(q[k]) * sc + mn;
+  }
+}
+
 /// Grid (ceil(batch / kUsers), splits), kThreads threads. Shared memory (dynamic):
 /// kUsers * p int64 sort buffers, kUsers * dim float user vectors, 2 * kThreads floats.
 /// p: power of two >= kb + kThreads.
-template <TableType TT>
+/// VEC: rows read with 16-byte loads (see load_item_vec), else one element at a time.
+template <TableType TT, bool VEC>
 __global__ void __launch_bounds__(kThreads) policy_stage1_kernel(PolicyStage1Args a, int p) {
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* buf = reinterpret_cast<int64_t*>(smem);
@@ -135,10 +182,23 @@ __global__ void __launch_bounds__(kThreads) policy_stage1_kernel(PolicyStage1Arg
 #pragma unroll
     for (int j = 0; j < kUsers; ++j) s[j] = 0.f;
     if (in) {
-      for (int64_t c = 0; c < a.dim; ++c) {
-        const float x = load_item<TT>(a.items, n, c);
+      if constexpr (VEC) {
+        constexpr int V = VecWidth<TT>::n;
+        for (int64_t c = 0; c < a.dim; c += V) {
+          float x[V];
+          load_item_vec<TT>(a.items, n, c, x);
 #pragma unroll
-        for (int j = 0; j < kUsers; ++j) s[j] += u_sh[j * a.dim + c] * x;
+          for (int e = 0; e < V; ++e) {
+#pragma unroll
+            for (int j = 0; j < kUsers; ++j) s[j] += u_sh[j * a.dim + c + e] * x[e];
+          }
+        }
+      } else {
+        for (int64_t c = 0; c < a.dim; ++c) {
+          const float x = load_item<TT>(a.items, n, c);
+#pragma unroll
+          for (int j = 0; j < kUsers; ++j) s[j] += u_sh[j * a.dim + c] * x;
+        }
       }
     }
     int64_t key[kUsers];
@@ -251,15 +311,21 @@ void policy_topk_stage1(const PolicyStage1Args& a, void* stream) {
   const int64_t gx = detail::ceil_div(a.batch, kUsers);
   RECMETA_CHECK(gx <= detail::kMaxGridX, "policy_topk_stage1: batch too large: ", a.batch);
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(a.splits));
+  const int width = a.items.type == TableType::F32 ? 4 : (a.items.type == TableType::F16 ? 8 : 16);
+  const bool vec = a.dim % width == 0 && a.items.row_stride % width == 0 &&
+                   reinterpret_cast<std::uintptr_t>(a.items.data) % 16 == 0;
   switch (a.items.type) {
     case TableType::F32:
-      RECMETA_LAUNCH(policy_stage1_kernel<TableType::F32>, grid, kThreads, smem, stream, a, p);
+      if (vec) RECMETA_LAUNCH((policy_stage1_kernel<TableType::F32, true>), grid, kThreads, smem, stream, a, p);
+      else RECMETA_LAUNCH((policy_stage1_kernel<TableType::F32, false>), grid, kThreads, smem, stream, a, p);
       break;
     case TableType::F16:
-      RECMETA_LAUNCH(policy_stage1_kernel<TableType::F16>, grid, kThreads, smem, stream, a, p);
+      if (vec) RECMETA_LAUNCH((policy_stage1_kernel<TableType::F16, true>), grid, kThreads, smem, stream, a, p);
+      else RECMETA_LAUNCH((policy_stage1_kernel<TableType::F16, false>), grid, kThreads, smem, stream, a, p);
       break;
     case TableType::I8Rowwise:
-      RECMETA_LAUNCH(policy_stage1_kernel<TableType::I8Rowwise>, grid, kThreads, smem, stream, a, p);
+      if (vec) RECMETA_LAUNCH((policy_stage1_kernel<TableType::I8Rowwise, true>), grid, kThreads, smem, stream, a, p);
+      else RECMETA_LAUNCH((policy_stage1_kernel<TableType::I8Rowwise, false>), grid, kThreads, smem, stream, a, p);
       break;
   }
 }
