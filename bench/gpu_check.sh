@@ -25,11 +25,12 @@ step "build (RECMETA_ENABLE_CUDA=ON)"
 gen=""; command -v ninja >/dev/null && gen="-G Ninja"
 bdir=build/gpu-check
 cap="$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')"
+mkdir -p "$bdir"
 timeout 240 cmake -S . -B "$bdir" $gen -DCMAKE_BUILD_TYPE=Release -DRECMETA_ENABLE_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES="${cap}-real" \
-  -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >/dev/null \
-  && timeout 240 cmake --build "$bdir" -j "$(nproc)" >/dev/null \
-  && cp "$bdir"/_core*.so recmeta_sdk/ || { echo "gpu_check: build failed"; exit 1; }
+  -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >"$bdir/build.log" 2>&1 \
+  && timeout 240 cmake --build "$bdir" -j "$(nproc)" >>"$bdir/build.log" 2>&1 \
+  && cp "$bdir"/_core*.so recmeta_sdk/ || { tail -40 "$bdir/build.log"; echo "gpu_check: build failed"; exit 1; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -m recmeta_sdk env | sed -n '/backends/,$p'
 
