@@ -15,7 +15,9 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 JSON="${1:-}"
 status=0
-step() { echo; echo "== $*"; }
+start=$SECONDS
+step() { echo; echo "== $* (at $((SECONDS - start)) s)"; }
+left() { echo $(( 470 - (SECONDS - start) )); }  # seconds left of the 8-minute budget
 
 step "environment"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__); print(torch.cuda.get_device_name())" || { echo "gpu_check: needs PyTorch with CUDA and Triton"; exit 1; }
@@ -26,17 +28,18 @@ gen=""; command -v ninja >/dev/null && gen="-G Ninja"
 bdir=build/gpu-check
 cap="$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')"
 mkdir -p "$bdir"
-timeout 240 cmake -S . -B "$bdir" $gen -DCMAKE_BUILD_TYPE=Release -DRECMETA_ENABLE_CUDA=ON \
+timeout 60 cmake -S . -B "$bdir" $gen -DCMAKE_BUILD_TYPE=Release -DRECMETA_ENABLE_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES="${cap}-real" \
   -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >"$bdir/build.log" 2>&1 \
-  && timeout 240 cmake --build "$bdir" -j "$(nproc)" >>"$bdir/build.log" 2>&1 \
+  && timeout 150 cmake --build "$bdir" -j "$(nproc)" >>"$bdir/build.log" 2>&1 \
   && cp "$bdir"/_core*.so recmeta_sdk/ || { tail -40 "$bdir/build.log"; echo "gpu_check: build failed"; exit 1; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -m recmeta_sdk env | sed -n '/backends/,$p'
 
 step "GPU tests"
-timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py || status=1
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k "not compile" || status=1
+# (tests/test_triton_kernels.py also runs compiled on a GPU; its interpreter run in CI covers
+# it and its many tiny-block variants would spend this budget on Triton compiles.)
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py || status=1
 
 step "compute-sanitizer"
 if command -v compute-sanitizer >/dev/null; then
@@ -48,10 +51,12 @@ else
   echo "gpu_check: compute-sanitizer not found"; status=1
 fi
 if [ -n "$san" ]; then
-  timeout 150 "$san" --tool memcheck --error-exitcode 9 "$PY" bench/gpu_check.py --sanitize || status=1
-  timeout 120 "$san" --tool racecheck --error-exitcode 9 "$PY" bench/gpu_check.py --sanitize || status=1
+  timeout 70 "$san" --tool memcheck --error-exitcode 9 "$PY" bench/gpu_check.py --sanitize || status=1
+  timeout 60 "$san" --tool racecheck --error-exitcode 9 "$PY" bench/gpu_check.py --sanitize || status=1
 fi
 
 step "timings"
-RECMETA_BENCH_BUDGET_S="${RECMETA_BENCH_BUDGET_S:-200}" timeout 260 "$PY" bench/gpu_check.py --bench ${JSON:+--json "$JSON"} || status=1
+t=$(left); [ "$t" -lt 60 ] && t=60
+RECMETA_BENCH_BUDGET_S="${RECMETA_BENCH_BUDGET_S:-$((t - 50))}" timeout "$t" "$PY" bench/gpu_check.py --bench ${JSON:+--json "$JSON"} || status=1
+echo "gpu_check: $((SECONDS - start)) s, status $status"
 exit $status
