@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -110,6 +111,22 @@ def bench(out_json=None):
     g = torch.Generator(device="cuda").manual_seed(1)
     rows = []
     impls = gpu_backends()
+    try:
+        _bench_rows(rows, impls, bw, g, t0)
+    except _Stopped:
+        rows.append(dict(op="-", impl="stopped (SIGTERM)", N=0, d=0, B=0, fmt="-"))
+    _print_table(rows, bw, out_json)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _on_term(signum, frame):
+    raise _Stopped()
+
+
+def _bench_rows(rows, impls, bw, g, t0):
     k = 10
     for N in (1_000_000, 10_000_000):
         for d in (64, 128):
@@ -157,6 +174,9 @@ def bench(out_json=None):
                     print(f"  done N={N} d={d} {fmt} B={B} ({time.time() - t0:.0f} s)", flush=True)
                 del tab, half
                 torch.cuda.empty_cache()
+
+
+def _print_table(rows, bw, out_json):
     if out_json:
         with open(out_json, "w") as f:
             json.dump(dict(copy_bandwidth_GBps=bw / 1e9, rows=rows), f, indent=1)
@@ -189,6 +209,7 @@ def main():
     if a.sanitize:
         sanitize()
     if a.bench:
+        signal.signal(signal.SIGTERM, _on_term)  # `timeout` still gets the table printed
         bench(a.json)
 
 
