@@ -1,6 +1,215 @@
-// Binding of the embedding_bag op (owned by the embedding_bag core work).
+// Binding of the embedding_bag op: numpy (buffer-protocol) arrays in, views checked here,
+// the GIL released around the work. Torch CPU tensors arrive as numpy views (t.numpy()).
+#include <string>
+#include <vector>
+
 #include "bindings.h"
+#include "recmeta/embedding_bag.h"
+
+namespace py = pybind11;
 
 namespace recmeta_bindings {
-void bind_embedding_bag(pybind11::module_& m) { (void)m; }
+namespace {
+
+bool is_dtype(const py::array& a, char kind, py::ssize_t itemsize) {
+  return a.dtype().kind() == kind && a.itemsize() == itemsize;
+}
+
+std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+/// A 1-D contiguous int32/int64 array as an IndexView.
+recmeta::IndexView index_view(const py::array& a, const std::string& name) {
+  recmeta::IndexView v;
+  if (is_dtype(a, 'i', 4)) v.type = recmeta::IndexType::I32;
+  else if (is_dtype(a, 'i', 8)) v.type = recmeta::IndexType::I64;
+  else throw py::type_error(name + ": ids must be int32 or int64, got " + dtype_str(a));
+  if (a.ndim() != 1)
+    throw py::value_error(name + ": expected a 1-D array, got " + std::to_string(a.ndim()) + " dimensions");
+  if (a.shape(0) > 1 && a.strides(0) != a.itemsize())
+    throw py::value_error(name + ": must be contiguous");
+  v.data = a.data();
+  v.size = a.shape(0);
+  return v;
+}
+
+/// A 1-D contiguous float32 array of n entries (or None -> nullptr).
+const float* float_vector(const py::object& o, int64_t n, const std::string& name,
+                          std::vector<py::array>& keep) {
+  if (o.is_none()) return nullptr;
+  py::array a = py::array::ensure(o);
+  if (!a) throw py::type_error(name + ": expected a numpy array");
+  if (!is_dtype(a, 'f', 4)) throw py::type_error(name + ": expected float32, got " + dtype_str(a));
+  if (a.ndim() != 1 || a.shape(0) != n)
+    throw py::value_error(name + ": expected shape (" + std::to_string(n) + ",)");
+  if (n > 1 && a.strides(0) != 4) throw py::value_error(name + ": must be contiguous");
+  keep.push_back(a);
+  return static_cast<const float*>(a.data());
+}
+
+/// Rows-major 2-D array with unit element stride: returns the row stride in elements.
+int64_t row_stride_of(const py::array& a, const std::string& name) {
+  if (a.ndim() != 2)
+    throw py::value_error(name + ": expected a 2-D (N, d) array, got " + std::to_string(a.ndim()) + " dimensions");
+  const py::ssize_t it = a.itemsize();
+  if (a.shape(1) > 1 && a.strides(1) != it)
+    throw py::value_error(name + ": rows must be contiguous (element stride " + std::to_string(a.strides(1)) + ")");
+  if (a.shape(0) <= 1) return a.shape(1);
+  if (a.strides(0) % it != 0 || a.strides(0) / it < a.shape(1))
+    throw py::value_error(name + ": unsupported row stride " + std::to_string(a.strides(0)));
+  return a.strides(0) / it;
+}
+
+/// One table: a 2-D float32 / float16 array, or a (uint8 codes, row_scale, row_min) tuple.
+recmeta::TableView table_view(const py::handle& h, const std::string& name, std::vector<py::array>& keep) {
+  recmeta::TableView v;
+  if (py::isinstance<py::tuple>(h)) {
+    py::tuple tup = py::reinterpret_borrow<py::tuple>(h);
+    if (tup.size() != 3)
+      throw py::type_error(name + ": an int8 table is a (codes, row_scale, row_min) tuple, got " +
+                           std::to_string(tup.size()) + " items");
+    py::array q = py::array::ensure(tup[0]);
+    if (!q) throw py::type_error(name + ": codes must be a numpy array");
+    if (!is_dtype(q, 'u', 1)) throw py::type_error(name + ": int8 codes must be uint8, got " + dtype_str(q));
+    v.type = recmeta::TableType::I8Rowwise;
+    v.row_stride = row_stride_of(q, name);
+    v.rows = q.shape(0);
+    v.dim = q.shape(1);
+    v.data = q.data();
+    keep.push_back(q);
+    v.row_scale = float_vector(tup[1], v.rows, name + " row_scale", keep);
+    v.row_min = float_vector(tup[2], v.rows, name + " row_min", keep);
+    if (v.row_scale == nullptr || v.row_min == nullptr)
+      throw py::type_error(name + ": int8 tables need row_scale and row_min arrays");
+    return v;
+  }
+  py::array a = py::array::ensure(h);
+  if (!a) throw py::type_error(name + ": expected a numpy array or an int8 (codes, scale, min) tuple");
+  if (is_dtype(a, 'f', 4)) v.type = recmeta::TableType::F32;
+  else if (is_dtype(a, 'f', 2)) v.type = recmeta::TableType::F16;
+  else throw py::type_error(name + ": tables must be float32 or float16 (or an int8 tuple), got " + dtype_str(a));
+  v.row_stride = row_stride_of(a, name);
+  v.rows = a.shape(0);
+  v.dim = a.shape(1);
+  v.data = a.data();
+  keep.push_back(a);
+  return v;
+}
+
+recmeta::PoolingMode pooling_mode(const std::string& mode) {
+  if (mode == "sum") return recmeta::PoolingMode::Sum;
+  if (mode == "mean") return recmeta::PoolingMode::Mean;
+  throw py::value_error("mode: must be 'sum' or 'mean', got '" + mode + "'");
+}
+
+py::array_t<float> forward(const py::sequence& tables, const py::array& indices,
+                           const py::array& offsets, const py::object& per_sample_weights,
+                           const std::string& mode) {
+  const recmeta::PoolingMode pm = pooling_mode(mode);
+  std::vector<py::array> keep;
+  std::vector<recmeta::TableView> views;
+  const py::ssize_t T = py::len(tables);
+  if (T < 1) throw py::value_error("tables: the list of tables is empty");
+  for (py::ssize_t t = 0; t < T; ++t)
+    views.push_back(table_view(tables[t], "weight[" + std::to_string(t) + "]", keep));
+  const recmeta::IndexView idx = index_view(indices, "indices");
+  const recmeta::IndexView off = index_view(offsets, "offsets");
+  if (off.size < 1) throw py::value_error("offsets: expected T*B+1 >= 1 offsets, got 0");
+  if ((off.size - 1) % T != 0)
+    throw py::value_error("offsets: " + std::to_string(off.size - 1) + " bags is not a multiple of the " +
+                          std::to_string(T) + " tables");
+  const float* psw = float_vector(per_sample_weights, idx.size, "per_sample_weights", keep);
+  const int64_t B = (off.size - 1) / T;
+  int64_t D = 0;
+  for (const auto& v : views) D += v.dim;
+  py::array_t<float> out({static_cast<py::ssize_t>(B), static_cast<py::ssize_t>(D)});
+  float* po = out.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    recmeta::embedding_bag_forward(views.data(), T, idx, off, psw, pm, po, D);
+  }
+  return out;
+}
+
+void backward(py::array weight, const py::array& indices, const py::array& offsets,
+              const py::array& grad_output, const py::object& per_sample_weights,
+              const std::string& mode, const std::string& optimizer, double lr, double eps,
+              const py::object& state) {
+  const recmeta::PoolingMode pm = pooling_mode(mode);
+  recmeta::SparseOptimizer opt;
+  if (optimizer == "sgd") opt = recmeta::SparseOptimizer::Sgd;
+  else if (optimizer == "rowwise_adagrad") opt = recmeta::SparseOptimizer::RowwiseAdagrad;
+  else throw py::value_error("optimizer: must be 'sgd' or 'rowwise_adagrad', got '" + optimizer + "'");
+  if (!is_dtype(weight, 'f', 4)) throw py::type_error("weight: the fused update needs a float32 table, got " + dtype_str(weight));
+  if (!weight.writeable()) throw py::value_error("weight: the array is read-only");
+  const int64_t ws = row_stride_of(weight, "weight");
+  const int64_t N = weight.shape(0), d = weight.shape(1);
+  const recmeta::IndexView idx = index_view(indices, "indices");
+  const recmeta::IndexView off = index_view(offsets, "offsets");
+  if (off.size < 1) throw py::value_error("offsets: expected B+1 >= 1 offsets, got 0");
+  const int64_t B = off.size - 1;
+  if (!is_dtype(grad_output, 'f', 4)) throw py::type_error("grad_output: expected float32, got " + dtype_str(grad_output));
+  const int64_t gs = row_stride_of(grad_output, "grad_output");
+  if (grad_output.shape(0) != B || grad_output.shape(1) != d)
+    throw py::value_error("grad_output: expected shape (" + std::to_string(B) + ", " + std::to_string(d) +
+                          "), got (" + std::to_string(grad_output.shape(0)) + ", " +
+                          std::to_string(grad_output.shape(1)) + ")");
+  std::vector<py::array> keep;
+  const float* psw = float_vector(per_sample_weights, idx.size, "per_sample_weights", keep);
+  float* st = nullptr;
+  if (!state.is_none()) {
+    const float* s = float_vector(state, N, "state", keep);
+    if (!keep.back().writeable()) throw py::value_error("state: the array is read-only");
+    st = const_cast<float*>(s);
+  }
+  if (opt == recmeta::SparseOptimizer::RowwiseAdagrad && st == nullptr)
+    throw py::value_error("state: rowwise_adagrad needs a (N,) float32 state");
+  float* w = static_cast<float*>(weight.mutable_data());
+  const float* g = static_cast<const float*>(grad_output.data());
+  {
+    py::gil_scoped_release nogil;
+    recmeta::embedding_bag_backward(w, N, d, ws, idx, off, g, gs, psw, pm, opt, static_cast<float>(lr),
+                                    static_cast<float>(eps), st);
+  }
+}
+
+}  // namespace
+
+void bind_embedding_bag(py::module_& m) {
+  m.def("embedding_bag_forward", &forward, py::arg("tables"), py::arg("indices"), py::arg("offsets"),
+        py::arg("per_sample_weights") = py::none(), py::arg("mode") = "sum",
+        R"doc(Table-batched embedding-bag forward (T = 1: a plain embedding bag).
+
+Parameters
+----------
+tables : list of T tables; each a (N_t, d_t) float32 or float16 array, or an int8 tuple
+    (codes (N_t, d_t) uint8, row_scale (N_t,) float32, row_min (N_t,) float32)
+indices : (nnz,) int32 or int64, row ids local to their table
+offsets : (T*B+1,) int32 or int64 CSR offsets, table-major (bag t*B+b = sample b of table t)
+per_sample_weights : (nnz,) float32 or None
+mode : "sum" or "mean" (empty bags give zero rows)
+
+Returns
+-------
+(B, sum_t d_t) float32. Raises ValueError / TypeError on bad input before reading any row.)doc");
+  m.def("embedding_bag_backward", &backward, py::arg("weight"), py::arg("indices"), py::arg("offsets"),
+        py::arg("grad_output"), py::arg("per_sample_weights") = py::none(), py::arg("mode") = "sum",
+        py::arg("optimizer") = "sgd", py::arg("lr") = 0.01, py::arg("eps") = 1e-8,
+        py::arg("state") = py::none(),
+        R"doc(Embedding-bag backward fused with a sparse optimiser, in place (one table).
+
+Parameters
+----------
+weight : (N, d) float32, writable; only the rows present in ``indices`` change
+indices : (nnz,) int32 or int64 in [0, N)
+offsets : (B+1,) int32 or int64 CSR offsets
+grad_output : (B, d) float32
+per_sample_weights : (nnz,) float32 or None
+mode : "sum" or "mean"
+optimizer : "sgd" or "rowwise_adagrad"
+lr, eps : learning rate and Adagrad epsilon
+state : (N,) float32 writable Adagrad state (required for rowwise_adagrad)
+
+Deterministic: bit-identical results for any thread count.)doc");
+}
+
 }  // namespace recmeta_bindings

@@ -1,12 +1,32 @@
-"""The embedding-bag operation: validation, backend dispatch.
+"""The embedding-bag operation: validation, backend dispatch, torch custom ops with autograd.
 
-(Initial version: torch backend only; the C++ backend and the torch custom op with
-autograd are added by the compiled-core work.)
+Backends
+--------
+* ``"cpp"`` (the default on CPU): the compiled core, ``recmeta_sdk._core.embedding_bag_forward``
+  / ``embedding_bag_backward``. Arrays reach it as numpy views (torch CPU tensors through
+  ``Tensor.numpy()``, without copying). Dtypes and shapes are checked here and in the binding;
+  the value checks (every id in range, offsets well formed, weights finite) run in the core,
+  before any row is read, and raise the same ``ValueError`` messages as the torch backend's
+  checks, so that the checks cost one pass over the ids instead of a dozen torch calls.
+* ``"torch"``: :mod:`recmeta_sdk.reference`, after the checks of :mod:`._ops_common`.
+
+Torch custom ops (namespace ``recmeta``)
+----------------------------------------
+* ``recmeta::embedding_bag_forward(weights, row_scales, row_mins, indices, offsets,
+  per_sample_weights, mode) -> Tensor``: differentiable with respect to float32 tables (a dense
+  gradient, via ``recmeta::embedding_bag_grad``) and the per-sample weights. :func:`embedding_bag`
+  goes through it when autograd needs it or under ``torch.compile``; otherwise it calls the core
+  directly (less dispatch overhead).
+* ``recmeta::embedding_bag_backward(weight, indices, offsets, grad_output, per_sample_weights,
+  pooling, optimizer, lr, eps, state)``: the fused sparse-optimiser update (mutates the
+  table and the Adagrad state).
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from . import backends, reference
@@ -15,32 +35,237 @@ from .reference import QuantizedTable
 
 __all__ = ["embedding_bag", "embedding_bag_backward"]
 
+_MODES = ("sum", "mean")
+_OPTIMIZERS = ("sgd", "rowwise_adagrad")
 
-def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: str = "sum",
-                  backend: Optional[str] = None):
-    """Pooled lookup of bags of table rows (one table, or a list of tables: TBE).
 
-    Parameters
-    ----------
-    weight : (N, d) float32 array/tensor, QuantizedTable, or a list of T such tables
-    indices : (nnz,) int32 or int64
-    offsets : (B+1,) CSR offsets (``(T*B+1,)`` table-major for a list of tables)
-    per_sample_weights : (nnz,) float32, optional
-    mode : {"sum", "mean"}
-    backend : {"cpp", "torch"} or None
+def _core():
+    from . import _core
 
-    Returns
-    -------
-    (B, d) float32 (``(B, sum d_t)`` for a list), numpy if the indices were numpy.
-    """
-    if mode not in ("sum", "mean"):
-        raise ValueError(f"embedding_bag: mode must be 'sum' or 'mean', got {mode!r}")
-    idx, kind = as_tensor(indices, "indices")
-    off, _ = as_tensor(offsets, "offsets")
-    tables = weight if isinstance(weight, (list, tuple)) else [weight]
-    if not tables:
-        raise ValueError("embedding_bag: the list of tables is empty")
-    tabs = [as_table(w, f"weight[{t}]")[0] for t, w in enumerate(tables)]
+    return _core
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy views for the compiled core
+# ---------------------------------------------------------------------------------------------
+def _np(x, name: str):
+    """A numpy view of a CPU tensor / numpy array with unit stride in its last dimension."""
+    if isinstance(x, np.ndarray):
+        if x.ndim and x.strides[-1] != x.itemsize:
+            x = np.ascontiguousarray(x)
+        return x
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise ValueError(f"{name}: the cpp backend needs CPU data, got a tensor on {x.device}")
+        x = x.detach()
+        if x.dim() and x.shape[-1] > 1 and x.stride(-1) != 1:
+            x = x.contiguous()
+        try:
+            return x.numpy()
+        except TypeError as e:  # e.g. bfloat16
+            raise TypeError(f"{name}: unsupported dtype {x.dtype} ({e})") from None
+    raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+
+
+def _np_inplace(x, name: str):
+    """A numpy view sharing memory with x (for in-place updates): refuses what would copy."""
+    if isinstance(x, np.ndarray):
+        if not x.flags.writeable:
+            raise ValueError(f"{name}: the array is read-only; the update is in place")
+        if x.ndim and x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
+            raise ValueError(f"{name}: the last dimension must be contiguous for an in-place update")
+        return x
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise ValueError(f"{name}: the cpp backend needs CPU data, got a tensor on {x.device}")
+        if x.dim() and x.shape[-1] > 1 and x.stride(-1) != 1:
+            raise ValueError(f"{name}: the last dimension must be contiguous for an in-place update")
+        if x.dtype != torch.float32:
+            raise TypeError(f"{name}: expected float32, got {x.dtype}")
+        return x.detach().numpy()
+    raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+
+
+def _core_table(w, name: str):
+    """The binding's form of a table: a 2-D float32/float16 array or an int8 (codes, scale, min) tuple."""
+    if isinstance(w, QuantizedTable):
+        if w.dtype == "fp16":
+            return _np(w.data, name)
+        if w.dtype == "int8":
+            return (_np(w.data, name), _np(w.row_scale, f"{name} row_scale"), _np(w.row_min, f"{name} row_min"))
+        raise ValueError(f"{name}: unknown QuantizedTable dtype {w.dtype!r}")
+    if isinstance(w, torch.Tensor):
+        if w.dtype not in (torch.float32, torch.float16):
+            raise TypeError(f"{name}: tables must be float32 or float16 (or quantize() them), got {w.dtype}")
+        return _np(w, name)
+    if isinstance(w, np.ndarray):
+        if w.dtype not in (np.float32, np.float16):
+            raise TypeError(f"{name}: tables must be float32 or float16 (or quantize() them), got dtype {w.dtype}")
+        return _np(w, name)
+    raise TypeError(f"{name}: expected a numpy array, torch tensor or QuantizedTable, got {type(w).__name__}")
+
+
+def _table_parts(w, name: str):
+    """(data, row_scale, row_min) torch tensors of a table, for the custom op (empty scale/min
+    for float tables)."""
+    if isinstance(w, QuantizedTable):
+        data = w.data if isinstance(w.data, torch.Tensor) else torch.from_numpy(np.asarray(w.data))
+        if w.dtype == "int8":
+            sc = w.row_scale if isinstance(w.row_scale, torch.Tensor) else torch.from_numpy(np.asarray(w.row_scale))
+            mn = w.row_min if isinstance(w.row_min, torch.Tensor) else torch.from_numpy(np.asarray(w.row_min))
+            return data, sc, mn
+        return data, data.new_empty(0, dtype=torch.float32), data.new_empty(0, dtype=torch.float32)
+    t = w if isinstance(w, torch.Tensor) else torch.from_numpy(np.asarray(w))
+    if t.dtype not in (torch.float32, torch.float16):
+        raise TypeError(f"{name}: tables must be float32 or float16 (or quantize() them), got {t.dtype}")
+    e = t.new_empty(0, dtype=torch.float32)
+    return t, e, e
+
+
+def _parts_to_core(w: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor, name: str):
+    if w.dtype == torch.uint8:
+        return (_np(w, name), _np(sc, f"{name} row_scale"), _np(mn, f"{name} row_min"))
+    return _np(w, name)
+
+
+def _parts_to_table(w: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor):
+    if w.dtype == torch.uint8:
+        return QuantizedTable("int8", w, sc, mn)
+    if w.dtype == torch.float16:
+        return QuantizedTable("fp16", w)
+    return w
+
+
+# ---------------------------------------------------------------------------------------------
+# torch custom ops
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("recmeta::embedding_bag_forward", mutates_args=(), device_types="cpu")
+def _forward_op(weights: List[torch.Tensor], row_scales: List[torch.Tensor], row_mins: List[torch.Tensor],
+                indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
+                mode: str) -> torch.Tensor:
+    """Table-batched embedding bag on the compiled core; uint8 tables are row-wise int8 with
+    their row_scales / row_mins (empty tensors for float tables)."""
+    tabs = [_parts_to_core(w, s, m, f"weight[{t}]") for t, (w, s, m) in enumerate(zip(weights, row_scales, row_mins))]
+    psw = None if per_sample_weights is None else _np(per_sample_weights, "per_sample_weights")
+    out = _core().embedding_bag_forward(tabs, _np(indices, "indices"), _np(offsets, "offsets"), psw, mode)
+    return torch.from_numpy(out)
+
+
+@_forward_op.register_fake
+def _forward_fake(weights, row_scales, row_mins, indices, offsets, per_sample_weights, mode):
+    T = len(weights)
+    B = (offsets.shape[0] - 1) // T
+    D = sum(w.shape[1] for w in weights)
+    return indices.new_empty((B, D), dtype=torch.float32)
+
+
+@torch.library.custom_op("recmeta::embedding_bag_grad", mutates_args=(), device_types="cpu")
+def _grad_op(grad: torch.Tensor, weights: List[torch.Tensor], row_scales: List[torch.Tensor],
+             row_mins: List[torch.Tensor], indices: torch.Tensor, offsets: torch.Tensor,
+             per_sample_weights: Optional[torch.Tensor], mode: str, need_weight_grad: List[bool],
+             need_psw_grad: bool) -> List[torch.Tensor]:
+    """Gradients of ``recmeta::embedding_bag_forward``: a dense (N_t, d_t) gradient for each
+    table with ``need_weight_grad[t]`` (an empty tensor otherwise), then the (nnz,) gradient of
+    the per-sample weights (empty unless ``need_psw_grad``)."""
+    T = len(weights)
+    nnz = indices.numel()
+    B = (offsets.numel() - 1) // T
+    off = offsets.to(torch.int64)
+    idx = indices.to(torch.int64)
+    counts = off[1:] - off[:-1]
+    bag = torch.repeat_interleave(torch.arange(T * B), counts, output_size=nnz)
+    sample = bag % B if B > 0 else bag
+    scale = torch.ones(nnz, dtype=torch.float32)
+    if mode == "mean":
+        scale = 1.0 / counts.clamp(min=1).to(torch.float32)[bag]
+    coef = scale if per_sample_weights is None else per_sample_weights.to(torch.float32) * scale
+    g = grad.to(torch.float32)
+    outs: List[torch.Tensor] = []
+    psw_grad = torch.zeros(nnz if need_psw_grad else 0, dtype=torch.float32)
+    col = 0
+    for t in range(T):
+        w = weights[t]
+        d = int(w.shape[1])
+        lo, hi = int(off[t * B]), int(off[(t + 1) * B])
+        g_rows = g[sample[lo:hi], col:col + d]
+        if need_weight_grad[t]:
+            gw = torch.zeros(w.shape[0], d, dtype=torch.float32)
+            gw.index_add_(0, idx[lo:hi], g_rows * coef[lo:hi, None])
+            outs.append(gw)
+        else:
+            outs.append(torch.empty(0, dtype=torch.float32))
+        if need_psw_grad:
+            rows = reference.dequantize(_parts_to_table(w, row_scales[t], row_mins[t]), idx[lo:hi])
+            psw_grad[lo:hi] = (rows * g_rows).sum(dim=1) * scale[lo:hi]
+        col += d
+    outs.append(psw_grad)
+    return outs
+
+
+@_grad_op.register_fake
+def _grad_fake(grad, weights, row_scales, row_mins, indices, offsets, per_sample_weights, mode,
+               need_weight_grad, need_psw_grad):
+    outs = [grad.new_empty(tuple(w.shape) if need else (0,), dtype=torch.float32)
+            for w, need in zip(weights, need_weight_grad)]
+    outs.append(grad.new_empty((indices.shape[0],) if need_psw_grad else (0,), dtype=torch.float32))
+    return outs
+
+
+def _forward_setup(ctx, inputs, output):
+    weights, row_scales, row_mins, indices, offsets, psw, mode = inputs
+    ctx.need_w = [bool(w.requires_grad) and w.dtype == torch.float32 for w in weights]
+    ctx.need_psw = psw is not None and bool(psw.requires_grad)
+    ctx.mode = mode
+    ctx.T = len(weights)
+    ctx.has_psw = psw is not None
+    ctx.save_for_backward(indices, offsets, psw if psw is not None else indices.new_empty(0),
+                          *weights, *row_scales, *row_mins)
+
+
+def _forward_backward(ctx, grad):
+    T = ctx.T
+    saved = ctx.saved_tensors
+    indices, offsets, psw = saved[0], saved[1], saved[2]
+    weights = list(saved[3:3 + T])
+    scales = list(saved[3 + T:3 + 2 * T])
+    mins = list(saved[3 + 2 * T:3 + 3 * T])
+    grads = _grad_op(grad, weights, scales, mins, indices, offsets, psw if ctx.has_psw else None,
+                     ctx.mode, ctx.need_w, ctx.need_psw)
+    wgrads = [grads[t] if ctx.need_w[t] else None for t in range(T)]
+    return wgrads, [None] * T, [None] * T, None, None, (grads[T] if ctx.need_psw else None), None
+
+
+torch.library.register_autograd("recmeta::embedding_bag_forward", _forward_backward, setup_context=_forward_setup)
+
+
+@torch.library.custom_op("recmeta::embedding_bag_backward", mutates_args=("weight", "state"), device_types="cpu")
+def _backward_op(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, grad_output: torch.Tensor,
+                 per_sample_weights: Optional[torch.Tensor], pooling: str, optimizer: str, lr: float, eps: float,
+                 state: Optional[torch.Tensor]) -> None:
+    """Fused backward + sparse optimiser on the compiled core, updating weight (and state) in place.
+    (``pooling`` is the forward's mode; an argument named ``mode`` clashes with torch's
+    functionalisation of mutating ops.)"""
+    _core().embedding_bag_backward(
+        _np_inplace(weight, "weight"), _np(indices, "indices"), _np(offsets, "offsets"),
+        _np(grad_output, "grad_output"),
+        None if per_sample_weights is None else _np(per_sample_weights, "per_sample_weights"),
+        pooling, optimizer, lr, eps, None if state is None else _np_inplace(state, "state"))
+
+
+@_backward_op.register_fake
+def _backward_fake(weight, indices, offsets, grad_output, per_sample_weights, pooling, optimizer, lr, eps, state):
+    return None
+
+
+def _compiling() -> bool:
+    return bool(torch.compiler.is_compiling())
+
+
+# ---------------------------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------------------------
+def _check_torch_path(tabs, idx, off, psw):
+    """Full checks of :mod:`._ops_common` (the torch backend)."""
     T = len(tabs)
     off = check_offsets(off, "offsets", idx.numel())
     if (off.numel() - 1) % T != 0:
@@ -51,12 +276,65 @@ def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: st
     for t, tab in enumerate(tabs):
         lo, hi = int(off[t * B]), int(off[(t + 1) * B])
         check_ids(idx[lo:hi], "indices" if T == 1 else f"indices of table {t}", tab.shape[0])
+    if psw is not None:
+        check_float(psw, "per_sample_weights", (idx.numel(),))
+    return off
+
+
+def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: str = "sum",
+                  backend: Optional[str] = None):
+    """Pooled lookup of bags of table rows (one table, or a list of tables: TBE).
+
+    Parameters
+    ----------
+    weight : (N, d) float32 / float16 array or tensor, QuantizedTable, or a list of T such
+        tables (possibly of different N_t and d_t)
+    indices : (nnz,) int32 or int64, row ids (local to their table)
+    offsets : (B+1,) CSR offsets (``(T*B+1,)`` table-major for a list of tables: bag ``t*B+b``
+        is sample b of table t), like ``include_last_offset=True``
+    per_sample_weights : (nnz,) float32, optional
+    mode : {"sum", "mean"}; an empty bag gives a zero row
+    backend : {"cpp", "torch"} or None (``RECMETA_BACKEND`` or the default)
+
+    Returns
+    -------
+    (B, d) float32 (``(B, sum_t d_t)`` for a list), numpy if the indices were numpy, else a
+    torch tensor, differentiable with respect to float32 tables and the per-sample weights.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"embedding_bag: mode must be 'sum' or 'mean', got {mode!r}")
+    tables = list(weight) if isinstance(weight, (list, tuple)) else [weight]
+    if not tables:
+        raise ValueError("embedding_bag: the list of tables is empty")
+    is_torch = isinstance(indices, torch.Tensor)
+    device = indices.device.type if is_torch else "cpu"
+    be = backends.resolve(backend, "cpu" if device == "cpu" else "cuda")
+    if be == "cpp":
+        needs_graph = is_torch and (_compiling() or (torch.is_grad_enabled() and (
+            any(isinstance(w, torch.Tensor) and w.requires_grad for w in tables)
+            or (isinstance(per_sample_weights, torch.Tensor) and per_sample_weights.requires_grad))))
+        if needs_graph:
+            if not isinstance(offsets, torch.Tensor):
+                raise TypeError(f"offsets: expected a torch tensor like the indices, got {type(offsets).__name__}")
+            parts = [_table_parts(w, f"weight[{t}]") for t, w in enumerate(tables)]
+            psw = per_sample_weights
+            if psw is not None and not isinstance(psw, torch.Tensor):
+                raise TypeError(f"per_sample_weights: expected a torch tensor, got {type(psw).__name__}")
+            return _forward_op([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
+                               indices, offsets, psw, mode)
+        tabs = [_core_table(w, f"weight[{t}]") for t, w in enumerate(tables)]
+        psw = None if per_sample_weights is None else _np(per_sample_weights, "per_sample_weights")
+        out = _core().embedding_bag_forward(tabs, _np(indices, "indices"), _np(offsets, "offsets"), psw, mode)
+        return torch.from_numpy(out) if is_torch else out
+    # torch reference backend
+    idx, kind = as_tensor(indices, "indices")
+    off, _ = as_tensor(offsets, "offsets")
+    tabs = [as_table(w, f"weight[{t}]")[0] for t, w in enumerate(tables)]
     psw = None
     if per_sample_weights is not None:
         psw, _ = as_tensor(per_sample_weights, "per_sample_weights")
-        check_float(psw, "per_sample_weights", (idx.numel(),))
-    backends.resolve(backend, "cpu" if idx.device.type == "cpu" else "cuda")
-    if T == 1 and not isinstance(weight, (list, tuple)):
+    off = _check_torch_path(tabs, idx, off, psw)
+    if len(tabs) == 1 and not isinstance(weight, (list, tuple)):
         out = reference.embedding_bag(tabs[0], idx, off, psw, mode)
     else:
         out = reference.embedding_bag_tbe(tabs, idx, off, psw, mode)
@@ -66,15 +344,67 @@ def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: st
 def embedding_bag_backward(weight, indices, offsets, grad_output, *, per_sample_weights=None,
                            mode: str = "sum", optimizer: str = "sgd", lr: float = 0.01,
                            eps: float = 1e-8, state=None, backend: Optional[str] = None) -> None:
-    """Backward of :func:`embedding_bag` fused with a sparse SGD / row-wise Adagrad step, in place."""
-    w, _ = as_tensor(weight, "weight")
+    """Backward of :func:`embedding_bag` (one table) fused with a sparse optimiser step, in place.
+
+    Parameters
+    ----------
+    weight : (N, d) float32, numpy array or CPU tensor, updated in place (touched rows only)
+    indices : (nnz,) int32 or int64 in [0, N)
+    offsets : (B+1,) CSR offsets
+    grad_output : (B, d) float32, the gradient of the forward output
+    per_sample_weights : (nnz,) float32, optional
+    mode : {"sum", "mean"}, the forward's pooling
+    optimizer : {"sgd", "rowwise_adagrad"}
+    lr : learning rate; eps : Adagrad epsilon
+    state : (N,) float32 row-wise Adagrad state, updated in place (required for Adagrad)
+    backend : {"cpp", "torch"} or None
+
+    Repeated indices (inside and across bags) accumulate; the cpp backend's result is
+    bit-identical for any thread count. See :func:`recmeta_sdk.reference.embedding_bag_backward`.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"embedding_bag_backward: mode must be 'sum' or 'mean', got {mode!r}")
+    if optimizer not in _OPTIMIZERS:
+        raise ValueError(f"embedding_bag_backward: optimizer must be 'sgd' or 'rowwise_adagrad', got {optimizer!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+        raise ValueError(f"lr: must be a finite number, got {lr!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps: must be a finite number >= 0, got {eps!r}")
+    if optimizer == "rowwise_adagrad" and state is None:
+        raise ValueError("state: rowwise_adagrad needs a (N,) float32 state")
+    if isinstance(weight, np.ndarray):
+        bad_weight = weight.dtype != np.float32 or weight.ndim != 2
+    elif isinstance(weight, torch.Tensor):
+        bad_weight = weight.dtype != torch.float32 or weight.dim() != 2
+    else:
+        raise TypeError(f"weight: expected a numpy array or torch tensor, got {type(weight).__name__}")
+    if bad_weight:
+        raise TypeError(f"weight: the fused update needs a 2-D float32 table, got {weight.dtype} "
+                        f"{tuple(weight.shape)}")
+    device = weight.device.type if isinstance(weight, torch.Tensor) else "cpu"
+    be = backends.resolve(backend, "cpu" if device == "cpu" else "cuda")
+    if be == "cpp":
+        if isinstance(weight, torch.Tensor) and _compiling():
+            _backward_op(weight, indices, offsets, grad_output, per_sample_weights, mode, optimizer,
+                         float(lr), float(eps), state)
+            return None
+        _core().embedding_bag_backward(
+            _np_inplace(weight, "weight"), _np(indices, "indices"), _np(offsets, "offsets"),
+            _np(grad_output, "grad_output"),
+            None if per_sample_weights is None else _np(per_sample_weights, "per_sample_weights"),
+            mode, optimizer, float(lr), float(eps), None if state is None else _np_inplace(state, "state"))
+        return None
+    # torch reference backend: in-place on views of the caller's memory
+    w = torch.from_numpy(_np_inplace(weight, "weight")) if isinstance(weight, np.ndarray) else weight
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"weight: expected a numpy array or torch tensor, got {type(weight).__name__}")
     idx, _ = as_tensor(indices, "indices")
     off, _ = as_tensor(offsets, "offsets")
     g, _ = as_tensor(grad_output, "grad_output")
-    if w.dtype != torch.float32 or w.dim() != 2:
-        raise TypeError(f"weight: the fused update needs a 2-D float32 table, got {w.dtype} {tuple(w.shape)}")
     check_ids(idx, "indices", w.shape[0])
     off = check_offsets(off, "offsets", idx.numel())
+    if g.dtype != torch.float32:
+        raise TypeError(f"grad_output: expected float32, got {g.dtype}")
     check_float(g, "grad_output", (off.numel() - 1, w.shape[1]))
     psw = None
     if per_sample_weights is not None:
@@ -82,7 +412,9 @@ def embedding_bag_backward(weight, indices, offsets, grad_output, *, per_sample_
         check_float(psw, "per_sample_weights", (idx.numel(),))
     st = None
     if state is not None:
-        st, _ = as_tensor(state, "state")
+        st = torch.from_numpy(_np_inplace(state, "state")) if isinstance(state, np.ndarray) else state
+        if not isinstance(st, torch.Tensor) or st.dtype != torch.float32:
+            raise TypeError(f"state: expected a float32 array, got {getattr(st, 'dtype', type(st).__name__)}")
         check_float(st, "state", (w.shape[0],))
-    backends.resolve(backend, "cpu")
-    reference.embedding_bag_backward(w, idx, off, g, psw, mode, optimizer, lr, eps, st)
+    reference.embedding_bag_backward(w, idx, off, g, psw, mode, optimizer, float(lr), float(eps), st)
+    return None

@@ -1,18 +1,25 @@
 """The policy-scoring operations (top-k and Gumbel-top-k sampling): validation, dispatch.
 
-(Initial version: torch backend only; the C++ backend is added by the compiled-core work.)
+Backends: ``"cpp"`` (the fused streaming kernel of the compiled core, default for CPU data)
+and ``"torch"`` (:mod:`recmeta_sdk.reference`). The C++ path runs through the torch custom
+ops ``recmeta::policy_topk`` and ``recmeta::policy_sample`` (with fake implementations, so
+they trace under ``torch.compile``); they have no autograd formula (they serve ids and
+scores, they are not trained through).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from . import backends, reference
 from ._ops_common import as_table, as_tensor, check_csr, check_float, to_kind
+from .reference import QuantizedTable
 
 __all__ = ["policy_topk", "policy_sample"]
+
+_U64 = (1 << 64) - 1
 
 
 def _prepare(user_states, items, k, bias, exclude, candidates, temperature):
@@ -24,11 +31,14 @@ def _prepare(user_states, items, k, bias, exclude, candidates, temperature):
     check_float(u, "user_states", (None, d))
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"k must be a non-negative int, got {k!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    if isinstance(temperature, bool) or not (
+            isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     b = None
     if bias is not None:
         b, _ = as_tensor(bias, "bias")
+        if b.dtype != torch.float32:
+            raise TypeError(f"bias: expected float32, got {b.dtype}")
         check_float(b, "bias", (N,))
     B = u.shape[0]
     exc = check_csr(exclude, "exclude", B, N)
@@ -36,6 +46,101 @@ def _prepare(user_states, items, k, bias, exclude, candidates, temperature):
     return u, tab, b, exc, cand, kind
 
 
+# ---------------------------------------------------------------------------------------
+# torch custom ops over the compiled core
+# ---------------------------------------------------------------------------------------
+def _np(t: Optional[torch.Tensor]):
+    """Zero-copy numpy view of a CPU tensor (None stays None)."""
+    return None if t is None else t.detach().contiguous().numpy()
+
+
+def _core_kwargs(row_scale, row_min, bias, exclude_offsets, exclude_ids, candidate_offsets,
+                 candidate_ids, temperature):
+    return dict(row_scale=_np(row_scale), row_min=_np(row_min), bias=_np(bias),
+                exclude_offsets=_np(exclude_offsets), exclude_ids=_np(exclude_ids),
+                candidate_offsets=_np(candidate_offsets), candidate_ids=_np(candidate_ids),
+                temperature=float(temperature))
+
+
+@torch.library.custom_op("recmeta::policy_topk", mutates_args=())
+def _policy_topk_op(user_states: torch.Tensor, items: torch.Tensor, k: int,
+                    row_scale: Optional[torch.Tensor], row_min: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], exclude_offsets: Optional[torch.Tensor],
+                    exclude_ids: Optional[torch.Tensor], candidate_offsets: Optional[torch.Tensor],
+                    candidate_ids: Optional[torch.Tensor], temperature: float
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused top-k (compiled core); ``items`` holds float32, float16 or uint8 codes."""
+    from . import _core
+
+    ids, scores, lognorm = _core.policy_topk(
+        _np(user_states), _np(items), int(k),
+        **_core_kwargs(row_scale, row_min, bias, exclude_offsets, exclude_ids, candidate_offsets,
+                       candidate_ids, temperature))
+    return torch.from_numpy(ids), torch.from_numpy(scores), torch.from_numpy(lognorm)
+
+
+@_policy_topk_op.register_fake
+def _(user_states, items, k, row_scale, row_min, bias, exclude_offsets, exclude_ids,
+      candidate_offsets, candidate_ids, temperature):
+    B = user_states.shape[0]
+    return (user_states.new_empty((B, k), dtype=torch.int64),
+            user_states.new_empty((B, k), dtype=torch.float32),
+            user_states.new_empty((B,), dtype=torch.float32))
+
+
+@torch.library.custom_op("recmeta::policy_sample", mutates_args=())
+def _policy_sample_op(user_states: torch.Tensor, items: torch.Tensor, k: int, seed: int,
+                      row_scale: Optional[torch.Tensor], row_min: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor], exclude_offsets: Optional[torch.Tensor],
+                      exclude_ids: Optional[torch.Tensor], candidate_offsets: Optional[torch.Tensor],
+                      candidate_ids: Optional[torch.Tensor], temperature: float
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused Gumbel-top-k sample (compiled core); ``seed`` is the signed view of seed mod 2**64."""
+    from . import _core
+
+    ids, scores, lognorm = _core.policy_sample(
+        _np(user_states), _np(items), int(k), int(seed) & _U64,
+        **_core_kwargs(row_scale, row_min, bias, exclude_offsets, exclude_ids, candidate_offsets,
+                       candidate_ids, temperature))
+    ids_t, sc_t = torch.from_numpy(ids), torch.from_numpy(scores)
+    prop, slate = reference._slate_probabilities(sc_t, ids_t >= 0, torch.from_numpy(lognorm))
+    return ids_t, sc_t, prop, slate
+
+
+@_policy_sample_op.register_fake
+def _(user_states, items, k, seed, row_scale, row_min, bias, exclude_offsets, exclude_ids,
+      candidate_offsets, candidate_ids, temperature):
+    B = user_states.shape[0]
+    return (user_states.new_empty((B, k), dtype=torch.int64),
+            user_states.new_empty((B, k), dtype=torch.float32),
+            user_states.new_empty((B, k), dtype=torch.float32),
+            user_states.new_empty((B,), dtype=torch.float32))
+
+
+def _table_parts(tab):
+    if isinstance(tab, QuantizedTable):
+        data = torch.as_tensor(tab.data)
+        if tab.dtype == "int8":
+            return data, torch.as_tensor(tab.row_scale), torch.as_tensor(tab.row_min)
+        return data, None, None
+    return tab, None, None
+
+
+def _op_args(u, tab, b, exc, cand):
+    data, scale, rmin = _table_parts(tab)
+    eo, ei = exc if exc is not None else (None, None)
+    co, ci = cand if cand is not None else (None, None)
+    return data, scale, rmin, b, eo, ei, co, ci
+
+
+def _signed64(seed: int) -> int:
+    s = int(seed) & _U64
+    return s - (1 << 64) if s >= (1 << 63) else s
+
+
+# ---------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------
 def policy_topk(user_states, items, k, *, bias=None, exclude=None, candidates=None,
                 temperature: float = 1.0, backend: Optional[str] = None):
     """Top-k items of the softmax policy ``s = (U @ I.T + b) / temperature`` and its log-normaliser.
@@ -44,8 +149,12 @@ def policy_topk(user_states, items, k, *, bias=None, exclude=None, candidates=No
     See :func:`recmeta_sdk.reference.policy_topk` for the exact semantics.
     """
     u, tab, b, exc, cand, kind = _prepare(user_states, items, k, bias, exclude, candidates, temperature)
-    backends.resolve(backend, u.device.type)
-    out = reference.policy_topk(u, tab, k, b, exc, cand, float(temperature))
+    be = backends.resolve(backend, u.device.type)
+    if be == "cpp":
+        data, scale, rmin, b_, eo, ei, co, ci = _op_args(u, tab, b, exc, cand)
+        out = torch.ops.recmeta.policy_topk(u, data, k, scale, rmin, b_, eo, ei, co, ci, float(temperature))
+    else:
+        out = reference.policy_topk(u, tab, k, b, exc, cand, float(temperature))
     return to_kind(kind, *out)
 
 
@@ -59,6 +168,11 @@ def policy_sample(user_states, items, k, *, seed, bias=None, exclude=None, candi
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     u, tab, b, exc, cand, kind = _prepare(user_states, items, k, bias, exclude, candidates, temperature)
-    backends.resolve(backend, u.device.type)
-    out = reference.policy_sample(u, tab, k, seed, b, exc, cand, float(temperature))
+    be = backends.resolve(backend, u.device.type)
+    if be == "cpp":
+        data, scale, rmin, b_, eo, ei, co, ci = _op_args(u, tab, b, exc, cand)
+        out = torch.ops.recmeta.policy_sample(u, data, k, _signed64(seed), scale, rmin, b_, eo, ei, co,
+                                              ci, float(temperature))
+    else:
+        out = reference.policy_sample(u, tab, k, seed, b, exc, cand, float(temperature))
     return to_kind(kind, *out)

@@ -352,9 +352,11 @@ def hash_uniform(seed: int, rows: torch.Tensor, items: torch.Tensor) -> torch.Te
         h   = mix32(key ^ mix32(row + 0x85EBCA6B))
         h   = mix32(h ^ item_lo)
         h   = mix32(h ^ mix32(item_hi + 0xC2B2AE35))
-        u   = ((h >> 8) + 0.5) * 2**-24                      # exact in float32
+        u   = ((h >> 9) + 0.5) * 2**-23                      # exact in float32
 
-    where ``seed`` is taken modulo 2**64 and ``item`` is a non-negative int64.
+    where ``seed`` is taken modulo 2**64 and ``item`` is a non-negative int64. (23 bits:
+    with 24, ``(h >> 8) + 0.5`` needs 25 significant bits, so the top values round to
+    u = 1.0 in float32 and the Gumbel noise becomes +inf.) u lies in [2**-24, 1 - 2**-24].
     ``rows`` and ``items`` broadcast against each other; returns float32.
     """
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
@@ -365,7 +367,7 @@ def hash_uniform(seed: int, rows: torch.Tensor, items: torch.Tensor) -> torch.Te
     h = _mix32(key ^ _mix32(r + 0x85EBCA6B))
     h = _mix32(h ^ (it & _M32))
     h = _mix32(h ^ _mix32((it >> 32) + 0xC2B2AE35))
-    return (((h >> 8).to(torch.float64) + 0.5) * (2.0 ** -24)).to(torch.float32)
+    return (((h >> 9).to(torch.float64) + 0.5) * (2.0 ** -23)).to(torch.float32)
 
 
 def gumbel_noise(seed: int, rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

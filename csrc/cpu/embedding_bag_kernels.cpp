@@ -1,0 +1,435 @@
+// Per-ISA kernels of the fused embedding bag. Compiled once per variant (generic / avx2 /
+// avx512) inside namespace recmeta::cpu::RECMETA_ISA_NS; arguments arrive validated from
+// embedding_bag_cpu.cpp.
+//
+// Forward: one OpenMP work item per (table, bag) pair. The avx2 / avx512 variants keep the
+// bag's running sum in up to 8 vector registers (dims up to 64 / 128 floats in one pass over
+// the bag's rows, longer rows in chunks of that size), convert float16 with F16C and int8 codes
+// with a single FMA per element (sum_i w_i*(q*s_i + m_i) = sum_i (w_i s_i) q + sum_i w_i m_i),
+// and prefetch the rows a fixed distance ahead in the index stream, as FBGEMM does.
+// Backward: each thread owns whole rows (segments of the row-sorted occurrences) and sums
+// their contributions in position order, so results do not depend on the thread count.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "recmeta/embedding_bag.h"
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#ifdef RECMETA_HAVE_OPENMP
+#include <omp.h>
+#endif
+
+#ifndef RECMETA_ISA_NS
+#error "RECMETA_ISA_NS must name the ISA variant (generic, avx2, avx512)"
+#endif
+
+namespace recmeta {
+namespace cpu {
+namespace RECMETA_ISA_NS {
+
+namespace {
+
+constexpr int64_t kPrefetchDistance = 16;  ///< rows ahead in the index stream
+constexpr int64_t kParallelMinWork = int64_t{1} << 16;  ///< elements gathered before threads pay off
+
+/// Portable IEEE half -> float (handles subnormals, inf, NaN).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu;
+  uint32_t man = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do {
+        ++e;
+        man <<= 1;
+      } while ((man & 0x400u) == 0);
+      bits = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((man & 0x3FFu) << 13);
+    }
+  } else if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline int64_t elem_size(TableType t) {
+  return t == TableType::F32 ? 4 : (t == TableType::F16 ? 2 : 1);
+}
+
+inline void prefetch_row(const char* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+}
+
+// =========================================================================================
+// Vector traits: W float lanes, masked loads of W elements of each storage type.
+// =========================================================================================
+#if defined(__AVX512F__)
+#define RECMETA_EB_SIMD 1
+struct Vec {
+  static constexpr int W = 16;
+  using V = __m512;
+  using M = __mmask16;
+  static inline M mask(int64_t n) { return n >= 16 ? static_cast<M>(0xFFFF) : static_cast<M>((1u << n) - 1u); }
+  static inline V zero() { return _mm512_setzero_ps(); }
+  static inline V set1(float x) { return _mm512_set1_ps(x); }
+  static inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static inline V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static inline V load(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
+  static inline V load(const uint16_t* p, M m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+  static inline V load(const uint8_t* p, M m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)));
+  }
+  static inline void store(float* p, V v, M m) { _mm512_mask_storeu_ps(p, m, v); }
+  static inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
+};
+#elif defined(__AVX2__)
+#define RECMETA_EB_SIMD 1
+struct Vec {
+  static constexpr int W = 8;
+  using V = __m256;
+  using M = int;  ///< number of valid lanes (1..8)
+  static inline M mask(int64_t n) { return n >= 8 ? 8 : static_cast<int>(n); }
+  static inline __m256i lane_mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static inline V zero() { return _mm256_setzero_ps(); }
+  static inline V set1(float x) { return _mm256_set1_ps(x); }
+  static inline V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static inline V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static inline V load(const float* p, M m) {
+    return m == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lane_mask(m));
+  }
+  static inline V load(const uint16_t* p, M m) {
+    if (m == 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(tmp, p, static_cast<size_t>(m) * 2);
+    return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
+  }
+  static inline V load(const uint8_t* p, M m) {
+    __m128i q;
+    if (m == 8) {
+      q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    } else {
+      alignas(16) uint8_t tmp[16] = {0};
+      std::memcpy(tmp, p, static_cast<size_t>(m));
+      q = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+    }
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+  }
+  static inline void store(float* p, V v, M m) {
+    if (m == 8) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, lane_mask(m), v);
+  }
+  static inline float hsum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+#endif
+
+#ifdef RECMETA_EB_SIMD
+// =========================================================================================
+// Forward, SIMD variants.
+// =========================================================================================
+constexpr int kMaxVecs = 8;  ///< accumulators held in registers per pass
+
+/// Pool one bag over the columns [col0, col0 + NV*W) (last vector masked to `tail` lanes)
+/// of one table into out[col0 ...]. Storage type S (float, uint16_t half bits, uint8_t codes).
+template <int NV, typename S, bool Int8, typename IdxT>
+inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale,
+                       const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
+                       int64_t pf_end, int64_t pf_bytes, const float* psw, bool mean,
+                       int64_t col0, typename Vec::M last_mask, float* out) {
+  using V = typename Vec::V;
+  const typename Vec::M full = Vec::mask(Vec::W);
+  V acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = Vec::zero();
+  float bias = 0.f;
+  for (int64_t i = begin; i < end; ++i) {
+    if (pf_bytes > 0 && i + kPrefetchDistance < pf_end) {
+      const int64_t pr = static_cast<int64_t>(idx[i + kPrefetchDistance]);
+      prefetch_row(reinterpret_cast<const char*>(data + pr * row_stride + col0), pf_bytes);
+    }
+    const int64_t r = static_cast<int64_t>(idx[i]);
+    const S* row = data + r * row_stride + col0;
+    float w = psw != nullptr ? psw[i] : 1.f;
+    if (Int8) {
+      bias += w * row_min[r];
+      w *= row_scale[r];
+    }
+    const V vw = Vec::set1(w);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      acc[v] = Vec::fmadd(Vec::load(row + v * Vec::W, v == NV - 1 ? last_mask : full), vw, acc[v]);
+    }
+  }
+  const int64_t cnt = end - begin;
+  if (Int8) {
+    const V vb = Vec::set1(bias);
+    for (int v = 0; v < NV; ++v) acc[v] = Vec::add(acc[v], vb);
+  }
+  if (mean && cnt > 0) {
+    const V vc = Vec::set1(static_cast<float>(cnt));
+    for (int v = 0; v < NV; ++v) acc[v] = Vec::div(acc[v], vc);
+  }
+  for (int v = 0; v < NV; ++v) Vec::store(out + col0 + v * Vec::W, acc[v], v == NV - 1 ? last_mask : full);
+}
+
+template <typename S, bool Int8, typename IdxT>
+inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float* row_scale,
+                     const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
+                     int64_t pf_end, const float* psw, bool mean, float* out) {
+  const int64_t chunk = static_cast<int64_t>(kMaxVecs) * Vec::W;
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(S));
+  for (int64_t col0 = 0; col0 < dim; col0 += chunk) {
+    const int64_t n = std::min(chunk, dim - col0);
+    const int nv = static_cast<int>((n + Vec::W - 1) / Vec::W);
+    const typename Vec::M last = Vec::mask(n - static_cast<int64_t>(nv - 1) * Vec::W);
+    // Prefetch whole rows in the first pass only.
+    const int64_t pf = col0 == 0 ? row_bytes : 0;
+#define RECMETA_EB_CASE(K)                                                                     \
+  case K:                                                                                      \
+    pool_chunk<K, S, Int8, IdxT>(data, row_stride, row_scale, row_min, idx, begin, end, pf_end, \
+                                 pf, psw, mean, col0, last, out);                              \
+    break;
+    switch (nv) {
+      RECMETA_EB_CASE(1)
+      RECMETA_EB_CASE(2)
+      RECMETA_EB_CASE(3)
+      RECMETA_EB_CASE(4)
+      RECMETA_EB_CASE(5)
+      RECMETA_EB_CASE(6)
+      RECMETA_EB_CASE(7)
+      default:
+        RECMETA_EB_CASE(8)
+    }
+#undef RECMETA_EB_CASE
+  }
+}
+#else
+// =========================================================================================
+// Forward, generic variant: plain loops the compiler may vectorise.
+// =========================================================================================
+template <typename S>
+inline float to_float(S x);
+template <>
+inline float to_float<float>(float x) { return x; }
+template <>
+inline float to_float<uint16_t>(uint16_t x) { return half_to_float(x); }
+template <>
+inline float to_float<uint8_t>(uint8_t x) { return static_cast<float>(x); }
+
+template <typename S, bool Int8, typename IdxT>
+inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float* row_scale,
+                     const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
+                     int64_t pf_end, const float* psw, bool mean, float* out) {
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(S));
+  for (int64_t j = 0; j < dim; ++j) out[j] = 0.f;
+  float bias = 0.f;
+  for (int64_t i = begin; i < end; ++i) {
+    if (i + kPrefetchDistance < pf_end) {
+      const int64_t pr = static_cast<int64_t>(idx[i + kPrefetchDistance]);
+      prefetch_row(reinterpret_cast<const char*>(data + pr * row_stride), row_bytes);
+    }
+    const int64_t r = static_cast<int64_t>(idx[i]);
+    const S* row = data + r * row_stride;
+    float w = psw != nullptr ? psw[i] : 1.f;
+    if (Int8) {
+      bias += w * row_min[r];
+      w *= row_scale[r];
+    }
+    for (int64_t j = 0; j < dim; ++j) out[j] += w * to_float<S>(row[j]);
+  }
+  const int64_t cnt = end - begin;
+  if (Int8)
+    for (int64_t j = 0; j < dim; ++j) out[j] += bias;
+  if (mean && cnt > 0) {
+    const float c = static_cast<float>(cnt);
+    for (int64_t j = 0; j < dim; ++j) out[j] /= c;
+  }
+}
+#endif
+
+template <typename IdxT>
+void forward_impl(const EmbeddingBagForwardArgs& a) {
+  const IdxT* idx = static_cast<const IdxT*>(a.indices.data);
+  const int64_t B = a.batch;
+  const int64_t pairs = a.num_tables * B;
+  const bool mean = a.mode == PoolingMode::Mean;
+  if (pairs == 0) return;
+  int64_t max_dim = 0;
+  for (int64_t t = 0; t < a.num_tables; ++t) max_dim = std::max(max_dim, a.tables[t].dim);
+  // Threads only pay off past some work: small calls stay on the calling thread.
+  const bool parallel = (a.indices.size + pairs) * std::max<int64_t>(max_dim, 1) >= kParallelMinWork;
+  (void)parallel;
+#ifdef RECMETA_HAVE_OPENMP
+#pragma omp parallel for schedule(dynamic, 32) if (parallel)
+#endif
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t t = p / B;
+    const int64_t b = p - t * B;
+    const TableView& tab = a.tables[t];
+    const int64_t begin = a.offsets[p];
+    const int64_t end = a.offsets[p + 1];
+    const int64_t pf_end = a.offsets[(t + 1) * B];
+    float* out = a.out + b * a.out_stride + a.col_offsets[t];
+    switch (tab.type) {
+      case TableType::F32:
+        pool_bag<float, false, IdxT>(static_cast<const float*>(tab.data), tab.row_stride, tab.dim,
+                                     nullptr, nullptr, idx, begin, end, pf_end,
+                                     a.per_sample_weights, mean, out);
+        break;
+      case TableType::F16:
+        pool_bag<uint16_t, false, IdxT>(static_cast<const uint16_t*>(tab.data), tab.row_stride,
+                                        tab.dim, nullptr, nullptr, idx, begin, end, pf_end,
+                                        a.per_sample_weights, mean, out);
+        break;
+      case TableType::I8Rowwise:
+        pool_bag<uint8_t, true, IdxT>(static_cast<const uint8_t*>(tab.data), tab.row_stride,
+                                      tab.dim, tab.row_scale, tab.row_min, idx, begin, end, pf_end,
+                                      a.per_sample_weights, mean, out);
+        break;
+    }
+  }
+}
+
+// =========================================================================================
+// Backward: per-row gradient accumulation in position order, then the optimiser step.
+// =========================================================================================
+void backward_rows(const EmbeddingBagBackwardArgs& a, int64_t s, float* g) {
+  const int64_t d = a.dim;
+  const int64_t lo = a.segment_start[s];
+  const int64_t hi = a.segment_start[s + 1];
+  const int64_t r = a.segment_row[s];
+  float* w = a.weight + r * a.row_stride;
+#ifdef RECMETA_EB_SIMD
+  using V = typename Vec::V;
+  const int64_t W = Vec::W;
+  const int64_t dfull = d - d % W;
+  const typename Vec::M tail = Vec::mask(d - dfull);
+  const typename Vec::M full = Vec::mask(W);
+  // g = sum_i c_i * grad[bag_i], in position order.
+  for (int64_t j = 0; j < d; j += W) Vec::store(g + j, Vec::zero(), j < dfull ? full : tail);
+  for (int64_t i = lo; i < hi; ++i) {
+    if (i + 4 < hi) prefetch_row(reinterpret_cast<const char*>(a.grad_output + a.sorted_bag[i + 4] * a.grad_stride), d * 4);
+    const float* go = a.grad_output + a.sorted_bag[i] * a.grad_stride;
+    const V c = Vec::set1(a.sorted_coef[i]);
+    for (int64_t j = 0; j < d; j += W) {
+      const typename Vec::M m = j < dfull ? full : tail;
+      Vec::store(g + j, Vec::fmadd(Vec::load(go + j, m), c, Vec::load(g + j, m)), m);
+    }
+  }
+  if (a.optimizer == SparseOptimizer::Sgd) {
+    const V lr = Vec::set1(a.lr);
+    for (int64_t j = 0; j < d; j += W) {
+      const typename Vec::M m = j < dfull ? full : tail;
+      Vec::store(w + j, Vec::sub(Vec::load(w + j, m), Vec::mul(lr, Vec::load(g + j, m))), m);
+    }
+  } else {
+    V sq = Vec::zero();
+    for (int64_t j = 0; j < d; j += W) {
+      const typename Vec::M m = j < dfull ? full : tail;
+      const V x = Vec::load(g + j, m);
+      sq = Vec::fmadd(x, x, sq);
+    }
+    const float st = a.state[r] + Vec::hsum(sq) / static_cast<float>(d);
+    a.state[r] = st;
+    const V lr = Vec::set1(a.lr);
+    const V den = Vec::set1(std::sqrt(st) + a.eps);
+    for (int64_t j = 0; j < d; j += W) {
+      const typename Vec::M m = j < dfull ? full : tail;
+      Vec::store(w + j, Vec::sub(Vec::load(w + j, m), Vec::div(Vec::mul(lr, Vec::load(g + j, m)), den)), m);
+    }
+  }
+#else
+  for (int64_t j = 0; j < d; ++j) g[j] = 0.f;
+  for (int64_t i = lo; i < hi; ++i) {
+    const float* go = a.grad_output + a.sorted_bag[i] * a.grad_stride;
+    const float c = a.sorted_coef[i];
+    for (int64_t j = 0; j < d; ++j) g[j] += c * go[j];
+  }
+  if (a.optimizer == SparseOptimizer::Sgd) {
+    for (int64_t j = 0; j < d; ++j) w[j] -= a.lr * g[j];
+  } else {
+    float sq = 0.f;
+    for (int64_t j = 0; j < d; ++j) sq += g[j] * g[j];
+    const float st = a.state[r] + sq / static_cast<float>(d);
+    a.state[r] = st;
+    const float den = std::sqrt(st) + a.eps;
+    for (int64_t j = 0; j < d; ++j) w[j] -= (a.lr * g[j]) / den;
+  }
+#endif
+}
+
+}  // namespace
+
+void embedding_bag_forward_kernel(const EmbeddingBagForwardArgs& args) {
+  if (args.indices.type == IndexType::I32) forward_impl<int32_t>(args);
+  else forward_impl<int64_t>(args);
+}
+
+void embedding_bag_backward_kernel(const EmbeddingBagBackwardArgs& args) {
+  const int64_t S = args.num_segments;
+  if (S == 0 || args.dim == 0) return;
+  const bool parallel = (args.segment_start[S] + S) * args.dim >= kParallelMinWork;
+  (void)parallel;
+#ifdef RECMETA_HAVE_OPENMP
+#pragma omp parallel if (parallel)
+#endif
+  {
+    std::vector<float> gbuf(static_cast<size_t>(args.dim) + 16);
+    float* g = gbuf.data();
+#ifdef RECMETA_HAVE_OPENMP
+#pragma omp for schedule(dynamic, 64)
+#endif
+    for (int64_t s = 0; s < S; ++s) {
+      if (s + 2 < S) prefetch_row(reinterpret_cast<const char*>(args.weight + args.segment_row[s + 2] * args.row_stride), args.dim * 4);
+      backward_rows(args, s, g);
+    }
+  }
+}
+
+void index_min_max(IndexView ids, int64_t begin, int64_t end, int64_t* out) {
+  int64_t lo = INT64_MAX, hi = INT64_MIN;
+  if (ids.type == IndexType::I32) {
+    const int32_t* p = static_cast<const int32_t*>(ids.data);
+    int32_t l = INT32_MAX, h = INT32_MIN;
+    for (int64_t i = begin; i < end; ++i) {
+      l = std::min(l, p[i]);
+      h = std::max(h, p[i]);
+    }
+    lo = l;
+    hi = h;
+  } else {
+    const int64_t* p = static_cast<const int64_t*>(ids.data);
+    for (int64_t i = begin; i < end; ++i) {
+      lo = std::min(lo, p[i]);
+      hi = std::max(hi, p[i]);
+    }
+  }
+  out[0] = lo;
+  out[1] = hi;
+}
+
+}  // namespace RECMETA_ISA_NS
+}  // namespace cpu
+}  // namespace recmeta

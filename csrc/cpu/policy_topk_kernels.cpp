@@ -1,0 +1,677 @@
+// Fused policy scoring kernels (compiled once per ISA variant, see CMakeLists.txt).
+//
+// One streaming pass over the item table: the items are read in blocks of NB rows; each
+// block is dequantised and packed once into a transposed float32 panel (dim x SW items per
+// slice) that stays in L1/L2, then every user of a tile of up to 64 users is scored against
+// it with a register-blocked micro-kernel (MU users x SW items held in vector registers,
+// lanes over items). The scores of one tile x block (at most 64 x NB floats) are then
+// folded into a per-user online log-sum-exp and a running top-k (a bounded heap that only
+// admits scores at or above its current k-th best; whole blocks whose maximum is below it
+// are skipped). The B x N score matrix never exists.
+//
+// Determinism: the item range is cut into fixed chunks (a function of dim only); each
+// (user, chunk) yields a partial (max, sum, top-k) computed in the same order whatever
+// thread runs it, and partials are combined in chunk order. The top-k uses a total order
+// (score, then smaller id), so results do not depend on the thread count.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "recmeta/policy_topk.h"
+
+namespace recmeta {
+namespace cpu {
+namespace RECMETA_ISA_NS {
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int VW = 16;  // floats per vector register
+constexpr int MU = 6;   // users per micro-tile
+constexpr int NV = 4;   // vectors of items per micro-tile (6 x 4 = 24 accumulators)
+#elif defined(__AVX2__)
+constexpr int VW = 8;
+constexpr int MU = 4;
+constexpr int NV = 3;  // 12 accumulators of 16 ymm registers
+#else
+constexpr int VW = 4;
+constexpr int MU = 4;
+constexpr int NV = 2;
+#endif
+constexpr int SW = VW * NV;  // items per packed slice
+constexpr int64_t kMaxTileUsers = 64;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+inline vf splat(float x) { return vf{} + x; }
+inline vf loadu(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+/// exp(x) for x <= 0 (x may be -inf): Cody-Waite reduction and the Cephes polynomial
+/// (about 1 ulp). Terms with x < -87 (below 1.6e-38) are returned as exactly 0.
+inline vf vexp(vf x) {
+  const vi keep = x >= -87.0f;
+  x = keep ? x : splat(-87.0f);
+  vf n = x * 1.44269504088896341f;
+  n = (n + 12582912.0f) - 12582912.0f;  // round to nearest integer
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  vf out = p * scale;
+  return keep ? out : splat(0.0f);
+}
+
+inline float hsum_in_order(vf v) {
+  float s = 0.0f;
+  for (int l = 0; l < VW; ++l) s += v[l];
+  return s;
+}
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int l = 1; l < VW; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------
+// Aligned scratch
+// ---------------------------------------------------------------------------------------
+struct AlignedFloats {
+  float* p = nullptr;
+  explicit AlignedFloats(size_t n) {
+    size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
+    if (bytes == 0) bytes = 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (p == nullptr) throw std::bad_alloc();
+  }
+  ~AlignedFloats() { std::free(p); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+};
+
+// ---------------------------------------------------------------------------------------
+// Table access and packing
+// ---------------------------------------------------------------------------------------
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu;
+  uint32_t man = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal half -> normal float
+      int e = -1;
+      do {
+        ++e;
+        man <<= 1;
+      } while ((man & 0x400u) == 0);
+      bits = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((man & 0x3FFu) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
+inline float item_value(const TableView& t, int64_t r, int64_t c) {
+  switch (t.type) {
+    case TableType::F16:
+      return half_to_float(static_cast<const uint16_t*>(t.data)[r * t.row_stride + c]);
+    case TableType::I8Rowwise:
+      return std::fma(static_cast<float>(static_cast<const uint8_t*>(t.data)[r * t.row_stride + c]),
+                      t.row_scale[r], t.row_min[r]);
+    default:
+      return static_cast<const float*>(t.data)[r * t.row_stride + c];
+  }
+}
+
+#if defined(__AVX512F__)
+constexpr int TW = 16;  // transpose width of the vector pack path
+inline __m512 load_row16(const TableView& t, int64_t r, int64_t c) {
+  switch (t.type) {
+    case TableType::F16:
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+          static_cast<const uint16_t*>(t.data) + r * t.row_stride + c)));
+    case TableType::I8Rowwise: {
+      __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
+          static_cast<const uint8_t*>(t.data) + r * t.row_stride + c));
+      __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
+      return _mm512_fmadd_ps(v, _mm512_set1_ps(t.row_scale[r]), _mm512_set1_ps(t.row_min[r]));
+    }
+    default:
+      return _mm512_loadu_ps(static_cast<const float*>(t.data) + r * t.row_stride + c);
+  }
+}
+/// In-register transpose of 16 x 16 floats.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m512 u[16];
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  // u[4g + c] holds, in 128-bit lane L, column 4L + c of rows 4g..4g+3.
+  for (int c = 0; c < 4; ++c) {
+    __m512 x0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    __m512 x1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    __m512 y0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    __m512 y1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
+    r[4 + c] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
+  }
+}
+#elif defined(__AVX2__)
+constexpr int TW = 8;
+inline __m256 load_row8(const TableView& t, int64_t r, int64_t c) {
+  switch (t.type) {
+    case TableType::F16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+          static_cast<const uint16_t*>(t.data) + r * t.row_stride + c)));
+    case TableType::I8Rowwise: {
+      __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(
+          static_cast<const uint8_t*>(t.data) + r * t.row_stride + c));
+      __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+      return _mm256_fmadd_ps(v, _mm256_set1_ps(t.row_scale[r]), _mm256_set1_ps(t.row_min[r]));
+    }
+    default:
+      return _mm256_loadu_ps(static_cast<const float*>(t.data) + r * t.row_stride + c);
+  }
+}
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], s[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 2; ++g) {
+    s[4 * g + 0] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    s[4 * g + 1] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    s[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    s[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(s[c], s[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2f128_ps(s[c], s[4 + c], 0x31);
+  }
+}
+#else
+constexpr int TW = 0;
+#endif
+
+/// Pack n (<= NB) table rows into the transposed panel P: slice s (SW items) occupies
+/// dim * SW floats, element (item j, dim c) at P[(j / SW) * dim * SW + c * SW + j % SW].
+/// Rows are rows[j] when rows != nullptr, else row0 + j. Items n .. round_up(n, SW) are
+/// zero-filled. P holds NB * dim floats (NB a multiple of SW).
+void pack_block(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, float* P) {
+  const int64_t d = t.dim;
+  const int64_t n_pad = (n + SW - 1) / SW * SW;
+  auto row_of = [&](int64_t j) { return rows ? rows[j] : row0 + j; };
+  int64_t j = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const int64_t d_vec = d / TW * TW;
+  for (; j + TW <= n; j += TW) {
+    float* base = P + (j / SW) * d * SW + (j % SW);
+    int64_t r[TW];
+    for (int q = 0; q < TW; ++q) r[q] = row_of(j + q);
+    for (int64_t c = 0; c < d_vec; c += TW) {
+#if defined(__AVX512F__)
+      __m512 v[16];
+      for (int q = 0; q < 16; ++q) v[q] = load_row16(t, r[q], c);
+      transpose16(v);
+      for (int q = 0; q < 16; ++q) _mm512_storeu_ps(base + (c + q) * SW, v[q]);
+#else
+      __m256 v[8];
+      for (int q = 0; q < 8; ++q) v[q] = load_row8(t, r[q], c);
+      transpose8(v);
+      for (int q = 0; q < 8; ++q) _mm256_storeu_ps(base + (c + q) * SW, v[q]);
+#endif
+    }
+    for (int64_t c = d_vec; c < d; ++c)
+      for (int q = 0; q < TW; ++q) base[c * SW + q] = item_value(t, r[q], c);
+  }
+#endif
+  for (; j < n; ++j) {
+    float* base = P + (j / SW) * d * SW + (j % SW);
+    const int64_t r = row_of(j);
+    for (int64_t c = 0; c < d; ++c) base[c * SW] = item_value(t, r, c);
+  }
+  for (; j < n_pad; ++j) {
+    float* base = P + (j / SW) * d * SW + (j % SW);
+    for (int64_t c = 0; c < d; ++c) base[c * SW] = 0.0f;
+  }
+}
+
+/// Micro-kernel: S[m * lds + i] = sum_c U[m * ldu + c] * Pslice[c * SW + i] for m < M and
+/// i < SW; the sum runs over c in order (the same for every M, so a user's score does not
+/// depend on its place in a tile). Pslice is 64-byte aligned.
+template <int M>
+inline void micro_kernel(const float* U, int64_t ldu, const float* Pslice, int64_t d, float* S,
+                         int64_t lds) {
+  vf acc[M][NV];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = splat(0.0f);
+  for (int64_t c = 0; c < d; ++c) {
+    const float* p = Pslice + c * SW;
+    vf b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const vf*>(p + v * VW);
+    for (int m = 0; m < M; ++m) {
+      const vf a = splat(U[m * ldu + c]);
+      for (int v = 0; v < NV; ++v) acc[m][v] += a * b[v];
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < NV; ++v) storeu(S + m * lds + v * VW, acc[m][v]);
+}
+
+inline void micro_dispatch(int m, const float* U, int64_t ldu, const float* Pslice, int64_t d,
+                           float* S, int64_t lds) {
+  switch (m) {
+    case 1: micro_kernel<1>(U, ldu, Pslice, d, S, lds); break;
+    case 2: micro_kernel<2>(U, ldu, Pslice, d, S, lds); break;
+    case 3: micro_kernel<3>(U, ldu, Pslice, d, S, lds); break;
+    case 4: micro_kernel<4>(U, ldu, Pslice, d, S, lds); break;
+#if defined(__AVX512F__)
+    case 5: micro_kernel<5>(U, ldu, Pslice, d, S, lds); break;
+    case 6: micro_kernel<6>(U, ldu, Pslice, d, S, lds); break;
+#endif
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Gumbel noise (bit-identical uniforms to reference.hash_uniform)
+// ---------------------------------------------------------------------------------------
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+inline uint32_t seed_key(uint64_t seed) {
+  const uint32_t lo = static_cast<uint32_t>(seed), hi = static_cast<uint32_t>(seed >> 32);
+  return mix32(lo ^ mix32(hi + 0x9E3779B9u));
+}
+inline uint32_t row_key(uint32_t key, int64_t row) {
+  return mix32(key ^ mix32(static_cast<uint32_t>(row) + 0x85EBCA6Bu));
+}
+inline float gumbel(uint32_t rkey, int64_t item) {
+  uint32_t h = mix32(rkey ^ static_cast<uint32_t>(item));
+  h = mix32(h ^ mix32(static_cast<uint32_t>(static_cast<uint64_t>(item) >> 32) + 0xC2B2AE35u));
+  const float u = static_cast<float>((static_cast<double>(h >> 9) + 0.5) * (1.0 / 8388608.0));
+  return -std::log(-std::log(u));
+}
+
+// ---------------------------------------------------------------------------------------
+// Running top-k and log-sum-exp
+// ---------------------------------------------------------------------------------------
+struct Entry {
+  float key;    // the ranking value (s, or s + G when sampling)
+  float score;  // s
+  int64_t id;
+};
+inline bool better(const Entry& a, const Entry& b) {
+  return a.key > b.key || (a.key == b.key && a.id < b.id);
+}
+
+struct Heap {
+  Entry* e = nullptr;
+  int64_t size = 0;
+  int64_t cap = 0;
+  float thresh() const { return size < cap ? -kInf : e[0].key; }
+  bool full() const { return size == cap; }
+  // Heap ordered by `better`: e[0] is the worst kept entry.
+  void push(const Entry& x) {
+    if (size < cap) {
+      e[size++] = x;
+      std::push_heap(e, e + size, better);
+    } else if (better(x, e[0])) {
+      std::pop_heap(e, e + size, better);
+      e[size - 1] = x;
+      std::push_heap(e, e + size, better);
+    }
+  }
+};
+
+/// Fold (m, s) -- a max and a sum of exp(x - m) -- into the running (M, S).
+inline void lse_combine(float& M, double& S, float m, double s) {
+  if (m == -kInf) return;
+  if (m > M) {
+    S = (M == -kInf ? 0.0 : S * std::exp(static_cast<double>(M) - static_cast<double>(m))) + s;
+    M = m;
+  } else {
+    S += s * std::exp(static_cast<double>(m) - static_cast<double>(M));
+  }
+}
+
+struct Ctx {
+  const PolicyArgs* a;
+  const PolicyLists* ex;
+  float inv_t;
+  bool scale;
+  uint32_t key;
+  float gmax;  // an upper bound of the Gumbel noise
+  int64_t d, NB, CH, cap;
+};
+
+/// Fold one block of raw dot products x[0..n) of one user (batch row `row`) into its chunk
+/// partial (m, s) and its heap. Item j has id ids[j] (ids != nullptr) or i0 + j. ex_b..ex_e
+/// are the user's excluded ids inside [i0, i0 + n) (dense path only). x has room for
+/// round_up(n, VW) floats.
+void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* ids, int64_t i0,
+                const int64_t* ex_b, const int64_t* ex_e, float& m, double& s, Heap& h) {
+  const float* bias = c.a->bias;
+  for (const int64_t* p = ex_b; p < ex_e; ++p) x[*p - i0] = -kInf;
+  const int64_t nv = n / VW * VW;
+  vf vm = splat(-kInf);
+  if (ids == nullptr) {
+    for (int64_t j = 0; j < nv; j += VW) {
+      vf v = loadu(x + j);
+      if (bias) v += loadu(bias + i0 + j);
+      if (c.scale) v *= c.inv_t;
+      storeu(x + j, v);
+      vm = vmax(vm, v);
+    }
+    for (int64_t j = nv; j < n; ++j) {
+      float v = x[j];
+      if (bias) v += bias[i0 + j];
+      if (c.scale) v *= c.inv_t;
+      x[j] = v;
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      float v = x[j];
+      if (bias) v += bias[ids[j]];
+      if (c.scale) v *= c.inv_t;
+      x[j] = v;
+    }
+    for (int64_t j = 0; j < nv; j += VW) vm = vmax(vm, loadu(x + j));
+  }
+  const int64_t n_round = (n + VW - 1) / VW * VW;
+  for (int64_t j = nv; j < n_round; ++j) {
+    if (j >= n) x[j] = -kInf;
+  }
+  if (n_round > nv) vm = vmax(vm, loadu(x + nv));
+  const float bm = hmax(vm);
+  if (bm == -kInf) return;  // nothing eligible in this block
+  const float m2 = bm > m ? bm : m;
+  vf acc = splat(0.0f);
+  for (int64_t j = 0; j < n_round; j += VW) acc += vexp(loadu(x + j) - m2);
+  const double bs = static_cast<double>(hsum_in_order(acc));
+  s = (m == -kInf ? 0.0 : s * std::exp(static_cast<double>(m) - static_cast<double>(m2))) + bs;
+  m = m2;
+  if (h.cap == 0) return;
+  if (!c.a->sample) {
+    if (h.full() && bm < h.thresh()) return;
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = x[j];
+      if (v == -kInf || v < h.thresh()) continue;
+      h.push(Entry{v, v, ids ? ids[j] : i0 + j});
+    }
+  } else {
+    if (h.full() && bm + c.gmax < h.thresh()) return;
+    const uint32_t rk = row_key(c.key, row);
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = x[j];
+      if (v == -kInf || v + c.gmax < h.thresh()) continue;
+      const int64_t id = ids ? ids[j] : i0 + j;
+      const float key = v + gumbel(rk, id);
+      if (key < h.thresh()) continue;
+      h.push(Entry{key, v, id});
+    }
+  }
+}
+
+/// Per-thread scratch of the dense path.
+struct Scratch {
+  AlignedFloats P;  // NB * d packed items
+  AlignedFloats S;  // kMaxTileUsers * NB scores
+  Scratch(int64_t NB, int64_t d) : P(static_cast<size_t>(NB * (d > 0 ? d : 1))), S(static_cast<size_t>(kMaxTileUsers * NB)) {}
+};
+
+/// Scan items [c0, c1) (one chunk) for users [u0, u0 + nu): chunk partials (m[i], s[i]) are
+/// reset and computed; entries go into heaps[i].
+void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, int64_t c1,
+                float* m, double* s, Heap* heaps) {
+  const PolicyArgs& a = *c.a;
+  const int64_t d = c.d, NB = c.NB;
+  for (int64_t i = 0; i < nu; ++i) {
+    m[i] = -kInf;
+    s[i] = 0.0;
+  }
+  for (int64_t i0 = c0; i0 < c1; i0 += NB) {
+    const int64_t n = std::min(NB, c1 - i0);
+    pack_block(a.items, i0, nullptr, n, w.P.p);
+    const int64_t nslices = (n + SW - 1) / SW;
+    for (int64_t sl = 0; sl < nslices; ++sl) {
+      const float* Ps = w.P.p + sl * d * SW;
+      for (int64_t ug = 0; ug < nu; ug += MU) {
+        const int mm = static_cast<int>(std::min<int64_t>(MU, nu - ug));
+        micro_dispatch(mm, a.users + (u0 + ug) * d, d, Ps, d, w.S.p + ug * NB + sl * SW, NB);
+      }
+    }
+    for (int64_t i = 0; i < nu; ++i) {
+      const int64_t row = u0 + i;
+      const int64_t* eb = nullptr;
+      const int64_t* ee = nullptr;
+      if (c.ex->offsets) {
+        const int64_t* lo = c.ex->ids + c.ex->offsets[row];
+        const int64_t* hi = c.ex->ids + c.ex->offsets[row + 1];
+        eb = std::lower_bound(lo, hi, i0);
+        ee = std::lower_bound(eb, hi, i0 + n);
+      }
+      fold_block(c, row, w.S.p + i * NB, n, nullptr, i0, eb, ee, m[i], s[i], heaps[i]);
+    }
+  }
+}
+
+void write_user(const PolicyArgs& a, int64_t row, float M, double S, Heap& h) {
+  std::sort(h.e, h.e + h.size, better);
+  int64_t* oi = a.out_ids + row * a.k;
+  float* os = a.out_scores + row * a.k;
+  for (int64_t j = 0; j < a.k; ++j) {
+    if (j < h.size) {
+      oi[j] = h.e[j].id;
+      os[j] = h.e[j].score;
+    } else {
+      oi[j] = -1;
+      os[j] = -kInf;
+    }
+  }
+  a.out_lognorm[row] =
+      M == -kInf ? -kInf : static_cast<float>(static_cast<double>(M) + std::log(S));
+}
+
+int num_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+void run_dense(const Ctx& c) {
+  const PolicyArgs& a = *c.a;
+  const int64_t B = a.batch, N = a.items.rows;
+  const int64_t ntiles = (B + kMaxTileUsers - 1) / kMaxTileUsers;
+  const int64_t UT = ntiles > 0 ? (B + ntiles - 1) / ntiles : 0;
+  const int64_t nchunks = (N + c.CH - 1) / c.CH;
+  const int64_t cap = c.cap;
+  const int threads = num_threads();
+  // Chunk-parallel when there are too few user tiles to keep the threads busy.
+  const double partial_bytes =
+      static_cast<double>(nchunks) * static_cast<double>(B) * static_cast<double>(cap) * sizeof(Entry);
+  const bool chunk_parallel = threads > 1 && ntiles < 2 * threads && nchunks > 1 &&
+                              partial_bytes <= 256.0 * 1024 * 1024;
+  if (!chunk_parallel) {
+#pragma omp parallel
+    {
+      Scratch w(c.NB, c.d);
+      std::vector<Entry> ebuf(static_cast<size_t>(UT * cap));
+      std::vector<Heap> heaps(static_cast<size_t>(UT));
+      std::vector<float> M(UT), cm(UT);
+      std::vector<double> S(UT), cs(UT);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int64_t u0 = t * UT, nu = std::min(UT, B - u0);
+        for (int64_t i = 0; i < nu; ++i) {
+          heaps[i] = Heap{ebuf.data() + i * cap, 0, cap};
+          M[i] = -kInf;
+          S[i] = 0.0;
+        }
+        for (int64_t ch = 0; ch < nchunks; ++ch) {
+          const int64_t c0 = ch * c.CH, c1 = std::min(N, c0 + c.CH);
+          scan_chunk(c, w, u0, nu, c0, c1, cm.data(), cs.data(), heaps.data());
+          for (int64_t i = 0; i < nu; ++i) lse_combine(M[i], S[i], cm[i], cs[i]);
+        }
+        for (int64_t i = 0; i < nu; ++i) write_user(a, u0 + i, M[i], S[i], heaps[i]);
+      }
+    }
+    return;
+  }
+  // Partials per (chunk, user): max, sum, heap.
+  std::vector<float> pm(static_cast<size_t>(nchunks * B));
+  std::vector<double> ps(static_cast<size_t>(nchunks * B));
+  std::vector<Entry> pe(static_cast<size_t>(nchunks * B * cap));
+  std::vector<int64_t> psize(static_cast<size_t>(nchunks * B));
+  const int64_t ntasks = ntiles * nchunks;
+#pragma omp parallel
+  {
+    Scratch w(c.NB, c.d);
+    std::vector<Heap> heaps(static_cast<size_t>(UT));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < ntasks; ++task) {
+      const int64_t t = task / nchunks, ch = task % nchunks;
+      const int64_t u0 = t * UT, nu = std::min(UT, B - u0);
+      const int64_t c0 = ch * c.CH, c1 = std::min(N, c0 + c.CH);
+      const int64_t base = ch * B + u0;
+      for (int64_t i = 0; i < nu; ++i) heaps[i] = Heap{pe.data() + (base + i) * cap, 0, cap};
+      scan_chunk(c, w, u0, nu, c0, c1, pm.data() + base, ps.data() + base, heaps.data());
+      for (int64_t i = 0; i < nu; ++i) psize[base + i] = heaps[i].size;
+    }
+#pragma omp barrier
+    std::vector<Entry> ebuf(static_cast<size_t>(cap));
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < B; ++row) {
+      Heap h{ebuf.data(), 0, cap};
+      float M = -kInf;
+      double S = 0.0;
+      for (int64_t ch = 0; ch < nchunks; ++ch) {
+        const int64_t idx = ch * B + row;
+        lse_combine(M, S, pm[idx], ps[idx]);
+        const Entry* e = pe.data() + idx * cap;
+        for (int64_t q = 0; q < psize[idx]; ++q) h.push(e[q]);
+      }
+      write_user(a, row, M, S, h);
+    }
+  }
+}
+
+void run_candidates(const Ctx& c, const PolicyLists& cand) {
+  const PolicyArgs& a = *c.a;
+  const int64_t B = a.batch, d = c.d, NB = c.NB;
+#pragma omp parallel
+  {
+    Scratch w(NB, d);
+    std::vector<Entry> ebuf;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t row = 0; row < B; ++row) {
+      const int64_t* ids = cand.ids + cand.offsets[row];
+      const int64_t L = cand.offsets[row + 1] - cand.offsets[row];
+      const int64_t cap = std::min(a.k, L);
+      if (static_cast<int64_t>(ebuf.size()) < cap) ebuf.resize(static_cast<size_t>(cap));
+      Heap h{ebuf.data(), 0, cap};
+      float m = -kInf;
+      double s = 0.0;
+      for (int64_t j0 = 0; j0 < L; j0 += NB) {
+        const int64_t n = std::min(NB, L - j0);
+        pack_block(a.items, 0, ids + j0, n, w.P.p);
+        const int64_t nslices = (n + SW - 1) / SW;
+        for (int64_t sl = 0; sl < nslices; ++sl)
+          micro_kernel<1>(a.users + row * d, d, w.P.p + sl * d * SW, d, w.S.p + sl * SW, NB);
+        fold_block(c, row, w.S.p, n, ids + j0, 0, nullptr, nullptr, m, s, h);
+      }
+      float M = -kInf;
+      double S = 0.0;
+      lse_combine(M, S, m, s);
+      write_user(a, row, M, S, h);
+    }
+  }
+}
+
+}  // namespace
+
+void policy_run(const PolicyArgs& args, const PolicyLists& exclude, const PolicyLists& candidates) {
+  Ctx c;
+  c.a = &args;
+  c.ex = &exclude;
+  c.inv_t = 1.0f / args.temperature;
+  c.scale = args.temperature != 1.0f;
+  c.key = seed_key(args.seed);
+  {
+    // Largest uniform: (2^23 - 1 + 0.5) / 2^23; a margin covers the rounding of x + G.
+    const float umax = static_cast<float>((8388607.0 + 0.5) / 8388608.0);
+    c.gmax = -std::log(-std::log(umax)) + 1e-3f;
+  }
+  c.d = args.items.dim;
+  const int64_t target = 16384 / std::max<int64_t>(c.d, 1);
+  int64_t nb = std::min<int64_t>(512, std::max<int64_t>(64, target));
+  nb = std::max<int64_t>(SW, nb / SW * SW);
+  c.NB = nb;
+  c.CH = nb * ((16384 + nb - 1) / nb);
+  c.cap = std::min(args.k, args.items.rows);
+  if (candidates.offsets) {
+    run_candidates(c, candidates);
+  } else {
+    run_dense(c);
+  }
+}
+
+}  // namespace RECMETA_ISA_NS
+}  // namespace cpu
+}  // namespace recmeta

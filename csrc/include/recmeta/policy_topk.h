@@ -1,0 +1,74 @@
+#pragma once
+// Fused batched policy scoring: s = (U . I^T + b) / temperature over the eligible items of
+// each user, with a running top-k (or Gumbel-top-k sample) and an online log-sum-exp, in one
+// streaming pass over the item table. The B x N score matrix is never materialised.
+#include <cstdint>
+
+#include "recmeta/common.h"
+#include "recmeta/cpu_features.h"
+
+namespace recmeta {
+
+/// Arguments of policy_topk / policy_sample (all pointers are borrowed, read-only unless
+/// they are outputs).
+struct PolicyArgs {
+  /// (batch, dim) float32 user states, row-major with row stride `dim`.
+  const float* users = nullptr;
+  int64_t batch = 0;
+  /// (rows = N, dim) item table in any TableType.
+  TableView items;
+  /// (N,) float32 item bias, or nullptr.
+  const float* bias = nullptr;
+  /// Excluded ids per user (CSR): offsets has batch+1 entries, ids has offsets[batch]
+  /// entries in [0, N); both nullptr-data views when absent (has_exclude = false).
+  bool has_exclude = false;
+  IndexView exclude_offsets;
+  IndexView exclude_ids;
+  /// Candidate ids per user (CSR, duplicates count once), same layout; optional.
+  bool has_candidates = false;
+  IndexView candidate_offsets;
+  IndexView candidate_ids;
+  float temperature = 1.0f;
+  int64_t k = 0;
+  /// When true, the top-k is taken over s + Gumbel(seed, row, item) (policy_sample).
+  bool sample = false;
+  uint64_t seed = 0;
+  /// Outputs: out_ids (batch*k) int64, out_scores (batch*k) float32 (the unperturbed s),
+  /// out_lognorm (batch) float32.
+  int64_t* out_ids = nullptr;
+  float* out_scores = nullptr;
+  float* out_lognorm = nullptr;
+};
+
+/// Per-user lists prepared by the entry point (sorted, unique, int64).
+struct PolicyLists {
+  /// (batch+1) offsets into ids, or nullptr when the lists are absent.
+  const int64_t* offsets = nullptr;
+  /// ids, sorted ascending and unique inside each user's range.
+  const int64_t* ids = nullptr;
+};
+
+/// Top-k of s over the eligible items, best first (ties broken by the smaller id), padded
+/// with id -1 / score -inf, and log sum exp(s) over the eligible items (-inf if none).
+/// Validates every argument (throws InvalidArgument naming the bad value) before any work.
+/// The results do not depend on the number of threads.
+void policy_topk(const PolicyArgs& args);
+
+/// Gumbel-top-k sample: the top-k of s + G with G = -log(-log(u)), u = hash_uniform(seed,
+/// row, item) (see gumbel_uniform); returns ids, the unperturbed scores s and the
+/// log-normaliser like policy_topk. `args.sample` is forced to true.
+void policy_sample(const PolicyArgs& args);
+
+/// The counter-based uniform in (0, 1) of (seed, row, item), bit-identical to
+/// recmeta_sdk.reference.hash_uniform.
+float gumbel_uniform(uint64_t seed, int64_t row, int64_t item);
+
+namespace cpu {
+/// Kernel entry per ISA: `args` validated; `exclude` holds sorted unique excluded ids per
+/// user (offsets nullptr when none); `candidates` the sorted unique candidate ids per user
+/// with the excluded ones already removed (offsets nullptr when no candidate lists).
+RECMETA_DECLARE_FOR_ISAS(void policy_run(const PolicyArgs& args, const PolicyLists& exclude,
+                                         const PolicyLists& candidates))
+}  // namespace cpu
+
+}  // namespace recmeta

@@ -1,0 +1,693 @@
+"""The public API: :func:`train`, :class:`Recommender`, :class:`UserState`, :class:`Recommendations`.
+
+::
+
+    import recmeta_sdk as rm
+    ds = rm.datasets.load("ml-100k")
+    model = rm.train(ds.interactions, users=ds.users, items=ds.items)
+    state = model.adapt([50, 172, 181])              # a new user's first items, in ms
+    recs = model.recommend(state, k=10, explain=True)
+    recs.ids, recs.scores, recs.explanations[0]
+    model.recommend([1, 2, 3], k=10)                 # known users, batched: ids (3, 10)
+    model.evaluate(test, k=10)                       # Recall/NDCG/MRR/Hit/Precision@10 ...
+    model.save("model.recmeta"); same = rm.load("model.recmeta")
+
+Thread safety: after construction a :class:`Recommender` is never mutated; ``adapt``,
+``user_state``, ``recommend`` and ``evaluate`` only read it, so concurrent calls from
+several threads are safe.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import ops
+from .evaluate import beyond_accuracy, ranking_metrics
+from .io import FORMAT_VERSION, ModelFileError, read_model_file, write_model_file
+from .model import Config, ItemFeatures, RecMetaNet
+from .train import (
+    build_schema, encode_features, fit, history_tensors, item_features, prepare, schema_names,
+)
+
+logger = logging.getLogger("recmeta")
+
+__all__ = ["train", "load", "Recommender", "UserState", "Recommendations", "ModelFileError"]
+
+
+@dataclass(frozen=True)
+class UserState:
+    """A user's policy state (from :meth:`Recommender.adapt` or :meth:`Recommender.user_state`).
+
+    Attributes
+    ----------
+    vector : (d,) float32
+        The adapted state h'(s) that scores items.
+    base : (d,) float32
+        The state before adaptation (the encoder's output with the initial parameters).
+    history : (n,) int64
+        Internal indices of the history items (time order), excluded by ``exclude_seen``.
+    history_ids : tuple
+        The same items as external ids.
+    rewards : (n,) float32
+    user : external id or None
+        The known user this state belongs to (None for an adapted new user).
+    dropped : tuple
+        History items that were unknown to the model and dropped (``unknown="drop"``).
+    steps : int
+        Adaptation steps taken.
+    """
+
+    vector: np.ndarray
+    base: np.ndarray
+    history: np.ndarray
+    history_ids: tuple
+    rewards: np.ndarray
+    user: Any = None
+    dropped: tuple = ()
+    steps: int = 0
+    features: Optional[dict] = None
+
+
+@dataclass(frozen=True)
+class Recommendations:
+    """Recommended items for one user (arrays of shape (k,)) or a batch ((B, k)).
+
+    Attributes
+    ----------
+    ids : external item ids, best first; where ``valid`` is False the slot is padding
+        (-1 for integer ids, None for other ids).
+    scores : float32 policy scores ``(<h', v_a> + b_a) / tau`` (-inf in padding).
+    valid : bool, False where fewer than k items were eligible.
+    propensities : float32 ``pi(a|s)`` of each item under the (exploring) policy, with
+        ``explore="sample"``; else None.
+    explanations : with ``explain=True``, per user a list (per item) of dicts
+        ``{"item", "history": [(history item id, contribution)...],
+        "features": [(feature name, contribution)...], "bias": item bias}``; else None.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    valid: np.ndarray
+    propensities: Optional[np.ndarray] = None
+    explanations: Optional[list] = None
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def _is_scalar_id(x) -> bool:
+    return isinstance(x, (int, np.integer, str)) and not isinstance(x, bool)
+
+
+class Recommender:
+    """A trained model: adapt to new users, recommend, evaluate, save (see the module docstring).
+
+    Build one with :func:`train` or :func:`load`; the constructor is internal.
+    """
+
+    def __init__(self, net: RecMetaNet, cfg: Config, item_ids: np.ndarray, user_ids: np.ndarray,
+                 hist_offsets: np.ndarray, hist_items: np.ndarray, hist_rewards: np.ndarray,
+                 item_count: np.ndarray, item_schema: list, user_schema: list,
+                 user_feat_offsets: np.ndarray, user_feat_indices: np.ndarray,
+                 reward_scale: float = 1.0):
+        self._net = net.eval()
+        for p in self._net.parameters():
+            p.requires_grad_(False)
+        self.config = cfg
+        self.item_ids = np.asarray(item_ids)
+        self.user_ids = np.asarray(user_ids)
+        self._item_index = pd.Index(self.item_ids)
+        self._user_index = pd.Index(self.user_ids)
+        self._hist_offsets = np.asarray(hist_offsets, np.int64)
+        self._hist_items = np.asarray(hist_items, np.int64)
+        self._hist_rewards = np.asarray(hist_rewards, np.float32)
+        self._item_count = np.asarray(item_count, np.int64)
+        self._item_schema = item_schema
+        self._user_schema = user_schema
+        self._uf_off = np.asarray(user_feat_offsets, np.int64)
+        self._uf_idx = np.asarray(user_feat_indices, np.int64)
+        self._reward_scale = float(reward_scale)
+        with torch.no_grad():
+            X, V = net.item_vectors()
+        self._X = X.contiguous()
+        self._V = V.contiguous()
+        self._bias = net.item_bias.detach().clone()
+        self._feature_names = schema_names(item_schema)
+        self._int_ids = np.issubdtype(self.item_ids.dtype, np.integer)
+        self._log_pop = torch.log1p(torch.as_tensor(self._item_count, dtype=torch.float32))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    def __repr__(self) -> str:
+        return (f"Recommender(items={self.n_items}, users={len(self.user_ids)}, dim={self.config.dim}, "
+                f"encoder={self.config.encoder!r}, meta={self.config.meta!r})")
+
+    # ------------------------------------------------------------------ histories
+    def _encode_history(self, history, unknown: str):
+        if unknown not in ("error", "drop"):
+            raise ValueError(f"unknown must be 'error' or 'drop', got {unknown!r}")
+        rewards = None
+        ts = None
+        if isinstance(history, pd.DataFrame):
+            if "item" not in history.columns:
+                raise ValueError(f"history DataFrame needs an 'item' column; it has {list(history.columns)}")
+            items = history["item"].to_numpy()
+            if "reward" in history.columns:
+                rewards = history["reward"].to_numpy(dtype=np.float64)
+            if "timestamp" in history.columns:
+                ts = history["timestamp"].to_numpy()
+        elif isinstance(history, dict):
+            if "item" not in history:
+                raise ValueError(f"history dict needs an 'item' key; it has {sorted(history)}")
+            items = np.asarray(history["item"])
+            if history.get("reward") is not None:
+                rewards = np.asarray(history["reward"], dtype=np.float64)
+            if history.get("timestamp") is not None:
+                ts = np.asarray(history["timestamp"])
+        elif isinstance(history, (str, bytes)) or _is_scalar_id(history):
+            raise TypeError(f"history must be a sequence of item ids, a dict or a DataFrame, got {history!r}")
+        else:
+            try:
+                items = np.asarray(list(history))
+            except TypeError:
+                raise TypeError(f"history must be a sequence of item ids, a dict or a DataFrame, "
+                                f"got {type(history).__name__}") from None
+        if items.ndim != 1:
+            raise ValueError(f"history items must be 1-D, got shape {items.shape}")
+        if rewards is not None:
+            if rewards.shape != items.shape or not np.isfinite(rewards).all():
+                raise ValueError("history rewards must be finite and one per item")
+        if ts is not None:
+            if len(ts) != len(items):
+                raise ValueError("history timestamps must be one per item")
+            order = np.argsort(ts, kind="stable")
+            items = items[order]
+            rewards = rewards[order] if rewards is not None else None
+        idx = self._item_index.get_indexer(items) if len(items) else np.zeros(0, np.int64)
+        bad = idx < 0
+        dropped = ()
+        if bad.any():
+            names = [x.item() if hasattr(x, "item") else x for x in items[bad]]
+            if unknown == "error":
+                raise ValueError(f"history has {int(bad.sum())} item(s) unknown to the model: {names[:10]}"
+                                 f" (pass unknown='drop' to ignore them)")
+            dropped = tuple(names)
+            idx, items = idx[~bad], items[~bad]
+            rewards = rewards[~bad] if rewards is not None else None
+        if rewards is None:
+            rewards = np.full(len(idx), self._reward_scale, np.float64)
+        return idx.astype(np.int64), items, rewards.astype(np.float32), dropped
+
+    def _encode_user_features(self, features) -> np.ndarray:
+        if features is None or not self._user_schema:
+            return np.zeros(0, np.int64)
+        if isinstance(features, pd.Series):
+            features = features.to_dict()
+        if not isinstance(features, dict):
+            raise TypeError(f"features must be a dict of user side features, got {type(features).__name__}")
+        rows, _ = encode_features(self._user_schema, features)
+        return np.asarray(rows, np.int64)
+
+    def _states(self, hists: List[np.ndarray], rewards: List[np.ndarray], ufeats: List[np.ndarray],
+                steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(base states, adapted states), each (B, d), for a batch of histories."""
+        net = self._net
+        N = self.n_items
+        bi, bo, bw, sq, sl = history_tensors(hists, self.config.seq_len, N)
+        uo = np.concatenate([[0], np.cumsum([len(u) for u in ufeats])]).astype(np.int64)
+        ui = np.concatenate(ufeats).astype(np.int64) if uo[-1] else np.zeros(0, np.int64)
+        with torch.no_grad():
+            h = net.user_state(self._X, bi, bo, bw, sq, sl, torch.from_numpy(ui), torch.from_numpy(uo))
+            B = h.shape[0]
+            rows = torch.from_numpy(np.repeat(np.arange(B), [len(x) for x in hists]))
+            w = (torch.from_numpy(np.maximum(np.concatenate(rewards), 0.0).astype(np.float32)) / self._reward_scale
+                 if B else torch.zeros(0))
+            lr = None if self.config.meta == "fomaml" else self.config.inner_lr
+            gamma, delta = net.adapt_phi(h, self._V, rows, bi, w, steps, lr=lr)
+            hp = net.apply_phi(h, gamma, delta)
+        return h, hp
+
+    def _check_steps(self, steps):
+        if steps is None:
+            return self.config.inner_steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        return int(steps)
+
+    # ------------------------------------------------------------------ public
+    def adapt(self, history, *, steps: Optional[int] = None, features: Optional[dict] = None,
+              unknown: str = "error") -> UserState:
+        """The state of a new user from a few interactions (pure: the model is not changed).
+
+        Parameters
+        ----------
+        history : sequence of item ids (time order), or a dict / DataFrame with ``item`` and
+            optional ``reward`` and ``timestamp`` (sorted by it)
+        steps : adaptation steps on the history (default ``config.inner_steps``; 0 = none)
+        features : the user's side features (dict), optional
+        unknown : ``"error"`` (default: ValueError naming unknown items) or ``"drop"``
+            (ignore them; they are listed in ``UserState.dropped``)
+        """
+        steps = self._check_steps(steps)
+        idx, ext, rew, dropped = self._encode_history(history, unknown)
+        uf = self._encode_user_features(features)
+        h, hp = self._states([idx], [rew], [uf], steps)
+        return UserState(hp[0].numpy().copy(), h[0].numpy().copy(), idx, tuple(x.item() if hasattr(x, "item") else x for x in ext),
+                         rew, None, dropped, steps, dict(features) if isinstance(features, dict) else None)
+
+    def _known(self, user) -> int:
+        if not _is_scalar_id(user):
+            raise TypeError(f"user id must be an int or str, got {user!r}")
+        u = self._user_index.get_indexer([user])[0]
+        if u < 0:
+            raise ValueError(f"unknown user {user!r}: not in the training data (use adapt(history) for new users)")
+        return int(u)
+
+    def user_state(self, user_id, *, steps: Optional[int] = None) -> UserState:
+        """The state of a known (training) user from their training history."""
+        return self._user_states([user_id], steps)[0]
+
+    def _user_states(self, users, steps) -> List[UserState]:
+        steps = self._check_steps(steps)
+        us = [self._known(u) for u in users]
+        hists = [self._hist_items[self._hist_offsets[u]:self._hist_offsets[u + 1]] for u in us]
+        rews = [self._hist_rewards[self._hist_offsets[u]:self._hist_offsets[u + 1]] for u in us]
+        ufs = [self._uf_idx[self._uf_off[u]:self._uf_off[u + 1]] if len(self._uf_off) > u + 1 else np.zeros(0, np.int64)
+               for u in us]
+        h, hp = self._states(hists, rews, ufs, steps)
+        out = []
+        for b, u in enumerate(us):
+            out.append(UserState(hp[b].numpy().copy(), h[b].numpy().copy(), hists[b],
+                                 tuple(self.item_ids[hists[b]].tolist()), rews[b], users[b], (), steps))
+        return out
+
+    def _id_list(self, ids, name) -> np.ndarray:
+        if ids is None:
+            return np.zeros(0, np.int64)
+        arr = np.asarray(list(ids)) if not isinstance(ids, np.ndarray) else ids
+        if arr.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D list of item ids, got shape {arr.shape}")
+        idx = self._item_index.get_indexer(arr) if len(arr) else np.zeros(0, np.int64)
+        if (idx < 0).any():
+            raise ValueError(f"{name} has item ids unknown to the model: {arr[idx < 0][:10].tolist()}")
+        return idx.astype(np.int64)
+
+    def recommend(self, users_or_states, k: int = 10, *, exclude_seen: bool = True, exclude=None,
+                  candidates=None, explore: Optional[str] = None, temperature: Optional[float] = None,
+                  diversity: float = 0.0, popularity_penalty: float = 0.0, seed: Optional[int] = None,
+                  explain: bool = False) -> Recommendations:
+        """Top-k items for one user or a batch.
+
+        Parameters
+        ----------
+        users_or_states : a known user id, a :class:`UserState`, or a list of either
+            (a list gives arrays of shape (B, k))
+        k : int >= 1
+        exclude_seen : remove the user's history items
+        exclude, candidates : item ids to remove / to choose from (applied to every user)
+        explore : None (greedy top-k) or ``"sample"`` (Gumbel-top-k from the policy,
+            needs ``seed``; returns propensities)
+        temperature : softmax temperature of the policy (default ``config.temperature``)
+        diversity : in [0, 1): MMR re-ranking weight (0 = pure relevance)
+        popularity_penalty : >= 0, subtracts ``penalty * log(1 + training count)`` from the
+            scores (long-tail control)
+        seed : int, for ``explore="sample"``
+        explain : attach per-item explanations (history items by leave-one-out
+            contribution, item features by their exact share of the score)
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        k = int(k)
+        if explore not in (None, "sample"):
+            raise ValueError(f"explore must be None or 'sample', got {explore!r}")
+        if explore == "sample" and (seed is None or isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise ValueError(f"explore='sample' needs an int seed=, got {seed!r}")
+        tau = self.config.temperature if temperature is None else temperature
+        if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if not isinstance(diversity, (int, float)) or not 0.0 <= diversity < 1.0:
+            raise ValueError(f"diversity must be in [0, 1), got {diversity!r}")
+        if not isinstance(popularity_penalty, (int, float)) or not math.isfinite(popularity_penalty) or popularity_penalty < 0:
+            raise ValueError(f"popularity_penalty must be a finite number >= 0, got {popularity_penalty!r}")
+        if diversity > 0 and explore is not None:
+            raise ValueError("diversity re-ranking and explore='sample' cannot be combined")
+        single = isinstance(users_or_states, UserState) or _is_scalar_id(users_or_states)
+        batch = [users_or_states] if single else list(users_or_states)
+        if not batch:
+            raise ValueError("recommend: empty list of users")
+        states: List[Optional[UserState]] = [s if isinstance(s, UserState) else None for s in batch]
+        known = [b for b, s in enumerate(batch) if not isinstance(s, UserState)]
+        if known:
+            for b, st in zip(known, self._user_states([batch[b] for b in known], None)):
+                states[b] = st
+        for s in states:
+            if s.vector.shape != (self.dim,):
+                raise ValueError(f"UserState vector has shape {s.vector.shape}, this model needs ({self.dim},)")
+        B = len(states)
+        U = torch.from_numpy(np.stack([s.vector for s in states]).astype(np.float32))
+        ex_extra = self._id_list(exclude, "exclude")
+        exc_lists = [np.unique(np.concatenate([s.history if exclude_seen else np.zeros(0, np.int64), ex_extra]))
+                     for s in states]
+        exc = None
+        if any(len(e) for e in exc_lists):
+            off = torch.from_numpy(np.concatenate([[0], np.cumsum([len(e) for e in exc_lists])]).astype(np.int64))
+            exc = (off, torch.from_numpy(np.concatenate(exc_lists).astype(np.int64)))
+        cand = None
+        if candidates is not None:
+            cidx = self._id_list(candidates, "candidates")
+            cand = (torch.arange(B + 1, dtype=torch.int64) * len(cidx), torch.from_numpy(np.tile(cidx, B)))
+        bias = self._bias
+        if popularity_penalty > 0:
+            bias = bias - float(popularity_penalty) * self._log_pop
+        # the policy's temperature applies to both terms: (<h,v> + b) / tau
+        props = None
+        if explore == "sample":
+            ids, scores, props, _ = ops.policy_sample(U, self._V, k, seed=int(seed), bias=bias, exclude=exc,
+                                                      candidates=cand, temperature=float(tau))
+        elif diversity > 0:
+            pool = min(self.n_items, max(5 * k, 50))
+            pids, pscores, _ = ops.policy_topk(U, self._V, pool, bias=bias, exclude=exc, candidates=cand,
+                                               temperature=float(tau))
+            ids, scores = self._mmr(pids, pscores, k, float(diversity))
+        else:
+            ids, scores, _ = ops.policy_topk(U, self._V, k, bias=bias, exclude=exc, candidates=cand,
+                                             temperature=float(tau))
+        ids_np = ids.numpy()
+        valid = ids_np >= 0
+        if self._int_ids:
+            ext = np.where(valid, self.item_ids[np.maximum(ids_np, 0)], -1).astype(self.item_ids.dtype)
+        else:
+            ext = np.empty(ids_np.shape, dtype=object)
+            ext[:] = None
+            ext[valid] = self.item_ids[ids_np[valid]]
+        expl = self._explain(states, ids_np, float(tau)) if explain else None
+        sc = scores.numpy().astype(np.float32)
+        pr = props.numpy().astype(np.float32) if props is not None else None
+        if single:
+            return Recommendations(ext[0], sc[0], valid[0], None if pr is None else pr[0],
+                                   None if expl is None else expl[0])
+        return Recommendations(ext, sc, valid, pr, expl)
+
+    def _mmr(self, pids: torch.Tensor, pscores: torch.Tensor, k: int, lam: float):
+        """Maximal marginal relevance over the pool: argmax (1-lam) rel - lam max cos(selected)."""
+        B, P = pids.shape
+        Vn = torch.nn.functional.normalize(self._V, dim=1)
+        out_ids = torch.full((B, k), -1, dtype=torch.int64)
+        out_sc = torch.full((B, k), float("-inf"))
+        for b in range(B):
+            m = pids[b] >= 0
+            ids = pids[b][m]
+            sc = pscores[b][m]
+            if ids.numel() == 0:
+                continue
+            rel = (sc - sc.min()) / (sc.max() - sc.min()).clamp(min=1e-12)
+            sim = Vn[ids] @ Vn[ids].T
+            chosen = []
+            maxsim = torch.full((ids.numel(),), float("-inf"))
+            avail = torch.ones(ids.numel(), dtype=torch.bool)
+            for j in range(min(k, ids.numel())):
+                pen = torch.where(torch.isinf(maxsim), torch.zeros_like(maxsim), maxsim)
+                obj = (1 - lam) * rel - lam * pen
+                obj = obj.masked_fill(~avail, float("-inf"))
+                c = int(torch.argmax(obj))
+                chosen.append(c)
+                avail[c] = False
+                maxsim = torch.maximum(maxsim, sim[c])
+            out_ids[b, :len(chosen)] = ids[chosen]
+            out_sc[b, :len(chosen)] = sc[chosen]
+        return out_ids, out_sc
+
+    def _explain(self, states: List[UserState], ids: np.ndarray, tau: float) -> list:
+        net = self._net
+        off = net.feat_offsets.numpy()
+        fidx = net.feat_indices.numpy()
+        fw = net.feat_weights.numpy()
+        out = []
+        for b, s in enumerate(states):
+            items = [int(i) for i in ids[b] if i >= 0]
+            hv = torch.from_numpy(s.vector)
+            n = len(s.history)
+            hist_contrib = None
+            if n and items:
+                # leave-one-out: score with the full history minus score without item j
+                H = s.history[-200:]
+                R = s.rewards[-200:]
+                m = len(H)
+                hists = [np.delete(H, j) for j in range(m)]
+                rews = [np.delete(R, j) for j in range(m)]
+                uf = self._encode_user_features(s.features) if s.features else np.zeros(0, np.int64)
+                _, hp = self._states(hists, rews, [uf] * m, s.steps)
+                _, full = self._states([H], [R], [uf], s.steps)
+                Vi = self._V[items]
+                base = (full @ Vi.T)[0]
+                loo = hp @ Vi.T  # (m, len(items))
+                hist_contrib = ((base[None, :] - loo) / tau).numpy()
+            recs = []
+            for j, a in enumerate(items):
+                rows = fidx[off[a]:off[a + 1]]
+                ws = fw[off[a]:off[a + 1]]
+                contrib = []
+                for r, w in zip(rows, ws):
+                    if r >= self.n_items:
+                        name = self._feature_names[r - self.n_items]
+                        val = float(w * torch.dot(hv, net.emb_out[int(r)]) / tau)
+                        contrib.append((name, val))
+                contrib.sort(key=lambda t: -t[1])
+                hist = []
+                if hist_contrib is not None:
+                    H = s.history[-200:]
+                    order = np.argsort(-hist_contrib[:, j], kind="stable")[:3]
+                    hist = [(self.item_ids[H[o]].item() if hasattr(self.item_ids[H[o]], "item") else self.item_ids[H[o]],
+                             float(hist_contrib[o, j])) for o in order]
+                recs.append({"item": self.item_ids[a].item() if hasattr(self.item_ids[a], "item") else self.item_ids[a],
+                             "history": hist, "features": contrib[:3],
+                             "bias": float(self._bias[a]) / tau})
+            out.append(recs)
+        return out
+
+    def evaluate(self, test: pd.DataFrame, k: int = 10, *, exclude: Optional[pd.DataFrame] = None,
+                 batch_size: int = 512) -> Dict[str, float]:
+        """Ranking metrics @k on ``test`` (known users), full ranking, training items excluded.
+
+        Recall, NDCG, MRR, Hit, Precision @k with RecBole's definitions (see
+        :mod:`recmeta_sdk.evaluate`), plus coverage, intra-list diversity (over the output
+        item vectors) and novelty. ``exclude`` adds more (user, item) pairs to remove from
+        ranking (e.g. the validation part under RecBole's protocol). Test users unknown
+        to the model raise ValueError.
+        """
+        if not isinstance(test, pd.DataFrame) or not {"user", "item"} <= set(test.columns):
+            raise ValueError("test must be a DataFrame with 'user' and 'item' columns")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        uc = self._user_index.get_indexer(test["user"].to_numpy())
+        if (uc < 0).any():
+            bad = test["user"].to_numpy()[uc < 0][:5].tolist()
+            raise ValueError(f"test has users unknown to the model: {bad}")
+        ic = self._item_index.get_indexer(test["item"].to_numpy())
+        users = np.unique(uc)
+        pos = {u: p for p, u in enumerate(users)}
+        truth = [set() for _ in users]
+        for u, i in zip(uc, ic):
+            if i >= 0:
+                truth[pos[u]].add(int(i))
+        extra = [[] for _ in users]
+        if exclude is not None:
+            eu = self._user_index.get_indexer(exclude["user"].to_numpy())
+            ei = self._item_index.get_indexer(exclude["item"].to_numpy())
+            for u, i in zip(eu, ei):
+                if u in pos and i >= 0:
+                    extra[pos[u]].append(int(i))
+        tops = []
+        for s in range(0, len(users), batch_size):
+            chunk = users[s:s + batch_size]
+            sts = self._user_states([self.user_ids[u] for u in chunk], None)
+            U = torch.from_numpy(np.stack([st.vector for st in sts]))
+            exl = [np.unique(np.concatenate([st.history, np.asarray(extra[pos[u]], np.int64)]))
+                   for st, u in zip(sts, chunk)]
+            off = torch.from_numpy(np.concatenate([[0], np.cumsum([len(e) for e in exl])]).astype(np.int64))
+            ids, _, _ = ops.policy_topk(U, self._V, int(k), bias=self._bias,
+                                        exclude=(off, torch.from_numpy(np.concatenate(exl).astype(np.int64))),
+                                        temperature=float(self.config.temperature))
+            tops.append(ids.numpy())
+        top = np.concatenate(tops)
+        out = ranking_metrics(top, truth, int(k))
+        out.update(beyond_accuracy(top, self.n_items, self._item_count, len(self.user_ids), self._V.numpy()))
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> None:
+        """Write the model to ``path`` atomically (safetensors + JSON; see :mod:`recmeta_sdk.io`)."""
+        tensors = {f"net.{k}": v for k, v in self._net.state_dict().items()}
+        tensors.update({
+            "hist_offsets": torch.from_numpy(self._hist_offsets), "hist_items": torch.from_numpy(self._hist_items),
+            "hist_rewards": torch.from_numpy(self._hist_rewards), "item_count": torch.from_numpy(self._item_count),
+            "user_feat_offsets": torch.from_numpy(self._uf_off), "user_feat_indices": torch.from_numpy(self._uf_idx),
+        })
+        meta = {
+            "config": self.config.to_dict(),
+            "item_ids": _ids_to_json(self.item_ids), "user_ids": _ids_to_json(self.user_ids),
+            "item_schema": self._item_schema, "user_schema": self._user_schema,
+            "feature_names": self._feature_names, "n_user_feature_rows": self._net.n_user_rows,
+            "reward_scale": self._reward_scale,
+        }
+        write_model_file(path, tensors, meta)
+
+
+def _ids_to_json(ids: np.ndarray) -> dict:
+    if np.issubdtype(ids.dtype, np.integer):
+        return {"kind": "int", "values": [int(x) for x in ids]}
+    return {"kind": "str", "values": [str(x) for x in ids]}
+
+
+def _ids_from_json(d, path) -> np.ndarray:
+    if not isinstance(d, dict) or d.get("kind") not in ("int", "str") or not isinstance(d.get("values"), list):
+        raise ModelFileError(f"{path}: malformed id map")
+    vals = d["values"]
+    if d["kind"] == "int":
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+            raise ModelFileError(f"{path}: id map of kind int holds non-integers")
+        arr = np.asarray(vals, dtype=np.int64)
+    else:
+        if not all(isinstance(v, str) for v in vals):
+            raise ModelFileError(f"{path}: id map of kind str holds non-strings")
+        arr = np.asarray(vals, dtype=object)
+    if len(set(vals)) != len(vals):
+        raise ModelFileError(f"{path}: id map has duplicate ids")
+    return arr
+
+
+def load(path) -> Recommender:
+    """Load a model written by :meth:`Recommender.save`.
+
+    Raises
+    ------
+    FileNotFoundError
+        if there is no file at ``path``.
+    ModelFileError
+        (a ``ValueError``) if the file is truncated, tampered with, inconsistent or of an
+        unknown format version. Never unpickles anything.
+    """
+    tensors, meta = read_model_file(path)
+    try:
+        cfg = Config.from_dict(meta.get("config"))
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"{path}: invalid config ({e})") from None
+    item_ids = _ids_from_json(meta.get("item_ids"), path)
+    user_ids = _ids_from_json(meta.get("user_ids"), path)
+    N = len(item_ids)
+    need = ("hist_offsets", "hist_items", "hist_rewards", "item_count", "user_feat_offsets", "user_feat_indices")
+    for name in need:
+        if name not in tensors:
+            raise ModelFileError(f"{path}: tensor {name!r} is missing")
+    names = meta.get("feature_names")
+    if not isinstance(names, list):
+        raise ModelFileError(f"{path}: feature_names missing")
+    fo = tensors["net.feat_offsets"] if "net.feat_offsets" in tensors else None
+    fi = tensors.get("net.feat_indices")
+    fw = tensors.get("net.feat_weights")
+    if fo is None or fi is None or fw is None or fo.numel() != N + 1:
+        raise ModelFileError(f"{path}: item feature bags missing or of the wrong size")
+    fo_np, fi_np = fo.numpy(), fi.numpy()
+    if (fo_np[0] != 0 or (np.diff(fo_np) < 0).any() or fo_np[-1] != fi.numel() or fw.numel() != fi.numel()
+            or (fi.numel() and (fi_np.min() < 0 or fi_np.max() >= N + len(names)))):
+        raise ModelFileError(f"{path}: item feature bags are inconsistent")
+    feats = ItemFeatures(N, list(names), fo_np, fi_np, fw.numpy())
+    n_uf = meta.get("n_user_feature_rows")
+    if not isinstance(n_uf, int) or n_uf < 0:
+        raise ModelFileError(f"{path}: n_user_feature_rows invalid")
+    net = RecMetaNet(cfg, feats, n_uf)
+    sd = net.state_dict()
+    got = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+    if set(got) != set(sd):
+        raise ModelFileError(f"{path}: network tensors do not match the config "
+                             f"(missing {sorted(set(sd) - set(got))[:5]}, extra {sorted(set(got) - set(sd))[:5]})")
+    for k, v in sd.items():
+        if got[k].shape != v.shape or got[k].dtype != v.dtype:
+            raise ModelFileError(f"{path}: tensor net.{k} has shape {tuple(got[k].shape)} {got[k].dtype}, "
+                                 f"expected {tuple(v.shape)} {v.dtype}")
+    net.load_state_dict(got)
+    ho = tensors["hist_offsets"].numpy()
+    hi = tensors["hist_items"].numpy()
+    if (len(ho) != len(user_ids) + 1 or ho[0] != 0 or (np.diff(ho) < 0).any() or ho[-1] != len(hi)
+            or tensors["hist_rewards"].numel() != len(hi) or (len(hi) and (hi.min() < 0 or hi.max() >= N))
+            or tensors["item_count"].numel() != N):
+        raise ModelFileError(f"{path}: user histories are inconsistent with the id maps")
+    uo = tensors["user_feat_offsets"].numpy()
+    ui = tensors["user_feat_indices"].numpy()
+    if len(uo) and (uo[0] != 0 or (np.diff(uo) < 0).any() or uo[-1] != len(ui)
+                    or (len(ui) and (ui.min() < 0 or ui.max() >= max(n_uf, 1)))):
+        raise ModelFileError(f"{path}: user feature bags are inconsistent")
+    rs = meta.get("reward_scale", 1.0)
+    if not isinstance(rs, (int, float)) or not math.isfinite(rs) or rs <= 0:
+        raise ModelFileError(f"{path}: reward_scale invalid")
+    return Recommender(net, cfg, item_ids, user_ids, ho, hi, tensors["hist_rewards"].numpy(),
+                       tensors["item_count"].numpy(), meta.get("item_schema") or [], meta.get("user_schema") or [],
+                       uo, ui, float(rs))
+
+
+def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
+          items: Optional[pd.DataFrame] = None, config=None, tasks: str = "user",
+          progress: Optional[bool] = None) -> Recommender:
+    """Meta-train a recommender on an interaction log.
+
+    Parameters
+    ----------
+    interactions : DataFrame with ``user``, ``item`` and optional ``timestamp``, ``reward``,
+        ``propensity`` (as returned by :func:`recmeta_sdk.datasets.load`)
+    users, items : side features indexed by external user / item id, optional; every item
+        in ``items`` joins the catalogue (items without interactions can be recommended
+        through their features)
+    config : dict or :class:`~recmeta_sdk.model.Config` (see its docstring), optional
+    tasks : ``"user"`` (one meta-learning task per user; the only kind supported here)
+    progress : show a progress bar (default: when stderr is a terminal)
+    """
+    cfg = Config.from_dict(config)
+    if tasks != "user":
+        raise ValueError(f"tasks={tasks!r} is not supported; only 'user' (one task per user) is")
+    if items is not None and not isinstance(items, pd.DataFrame):
+        raise TypeError(f"items must be a DataFrame indexed by item id, got {type(items).__name__}")
+    if users is not None and not isinstance(users, pd.DataFrame):
+        raise TypeError(f"users must be a DataFrame indexed by user id, got {type(users).__name__}")
+    if not isinstance(interactions, pd.DataFrame):
+        raise TypeError(f"interactions must be a pandas DataFrame, got {type(interactions).__name__}")
+    item_ids = pd.unique(interactions["item"].to_numpy()) if "item" in interactions.columns else None
+    if item_ids is not None and items is not None:
+        item_ids = np.union1d(item_ids, items.index.to_numpy())
+    elif item_ids is not None:
+        item_ids = np.sort(item_ids)
+    prep = prepare(interactions, item_ids)
+    pos_r = prep.rewards[prep.rewards > 0]
+    reward_scale = float(pos_r.mean()) if len(pos_r) else 1.0
+    prep.rewards = prep.rewards / reward_scale
+    item_schema = build_schema(items, cfg.year_bucket)
+    feats = item_features(item_schema, items, prep.item_ids)
+    user_schema = build_schema(users, cfg.year_bucket)
+    n_uf = len(schema_names(user_schema))
+    uf_off = np.zeros(len(prep.user_ids) + 1, np.int64)
+    uf_idx = np.zeros(0, np.int64)
+    if users is not None and user_schema:
+        recs = users.reindex(pd.Index(prep.user_ids)).to_dict("records")
+        rows = [np.asarray(encode_features(user_schema, r)[0], np.int64) for r in recs]
+        uf_off = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        uf_idx = np.concatenate(rows).astype(np.int64) if uf_off[-1] else np.zeros(0, np.int64)
+    net = RecMetaNet(cfg, feats, n_uf)
+    with torch.no_grad():  # start the item bias at log-popularity
+        lp = torch.log(torch.as_tensor(prep.item_count, dtype=torch.float32) + 1.0)
+        net.item_bias.copy_(lp - lp.mean())
+    fit(net, prep, cfg, (uf_off, uf_idx) if n_uf else None, progress=progress)
+    return Recommender(net, cfg, prep.item_ids, prep.user_ids, prep.offsets, prep.items,
+                       prep.rewards * reward_scale, prep.item_count, item_schema, user_schema,
+                       uf_off, uf_idx, reward_scale)

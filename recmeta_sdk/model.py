@@ -1,0 +1,321 @@
+"""The recmeta network: item tower, user tower, softmax policy and adaptation parameters.
+
+* **Item tower.** Every item is a bag of rows of one table: its id row, its genre rows
+  (weight ``1/n_genres``) and its year-bucket row (see :class:`ItemFeatures`). Two such
+  tables (an *input* table used to read histories and an *output* table used to score) are
+  pooled in one fused table-batched :func:`recmeta_sdk.ops.embedding_bag` call, giving the
+  (N, d) input item vectors ``X`` and output item vectors ``V``.
+* **User tower.** The history is pooled by a second :func:`~recmeta_sdk.ops.embedding_bag`
+  over ``X`` (weights ``1/sqrt(n)``), the most recent ``seq_len`` items go through a small
+  causal transformer (or a GRU, ``encoder="gru"``; ``"none"`` disables it), the user's
+  side features (if any) through a third bag; the three are concatenated and fused by a
+  two-layer MLP into the user state ``h``.
+* **Adaptation parameters.** ``phi = (gamma, delta)`` in R^d act on the state as
+  ``h' = h * (1 + gamma) + delta`` (a FiLM layer). Only :meth:`RecMetaNet.adapt_state`
+  (and so ``Recommender.adapt``) changes them per user, by a few gradient steps on the
+  support set with per-coordinate step sizes ``exp(log_lr)``; meta-training learns their
+  initial value and the step sizes (see :mod:`recmeta_sdk.train`).
+* **Policy.** ``pi(a|s) = softmax_a((<h'(s), V_a> + b_a) / tau)`` over the catalogue,
+  served by :func:`recmeta_sdk.ops.policy_topk` / :func:`~recmeta_sdk.ops.policy_sample`.
+* **Behaviour head.** ``beta(a|s) = softmax_a(<W_beta h(s), V_a> + c_a)`` on a
+  gradient-blocked copy of the state, estimating the logging policy when the logs carry no
+  propensities (Chen et al. 2019).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import ops
+
+__all__ = ["Config", "ItemFeatures", "RecMetaNet"]
+
+
+@dataclass
+class Config:
+    """Every setting of the model and its training (all have defaults).
+
+    Model: ``dim`` (width of items and states), ``hidden`` (fusion MLP width), ``encoder``
+    (``"transformer"``, ``"gru"`` or ``"none"``), ``layers``, ``heads``, ``seq_len`` (L,
+    the recent items read by the sequence encoder), ``dropout``, ``temperature`` (tau).
+
+    Training: ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``input_dropout``
+    (fraction of a history hidden from the encoder and used as targets in the
+    denoising samples), ``prefix_prob`` (fraction of samples that are time-ordered
+    prefixes of 1..``max_prefix`` items predicting the rest, for cold users),
+    ``user_feature_dropout``.
+
+    RL: ``ce_weight`` (weight of the supervised cross-entropy), ``rl_weight`` (weight of the off-policy corrected REINFORCE loss beside the
+    supervised multi-target cross-entropy), ``is_cap`` (cap of pi/beta), ``topk_k`` (K of
+    the top-K correction ``K (1 - pi)^(K-1)``), ``entropy`` (entropy bonus),
+    ``full_softmax_max`` (above this catalogue size the losses use a sampled softmax with
+    ``n_negatives`` popularity-sampled negatives and log-Q correction).
+
+    Meta-learning: ``meta`` (``"fomaml"``: first-order MAML of the adaptation parameters
+    with learned step sizes; ``"none"``: plain training), ``inner_steps``, ``inner_lr``
+    (initial step size; learned with ``"fomaml"``, fixed otherwise).
+
+    ``seed`` makes training reproducible.
+    """
+
+    dim: int = 128
+    hidden: int = 256
+    encoder: str = "transformer"
+    layers: int = 1
+    heads: int = 2
+    seq_len: int = 20
+    dropout: float = 0.1
+    temperature: float = 1.0
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    l2: float = 1e-6
+    input_dropout: float = 0.5
+    prefix_prob: float = 0.5
+    max_prefix: int = 20
+    user_feature_dropout: float = 0.3
+    ce_weight: float = 1.0
+    rl_weight: float = 0.1
+    is_cap: float = 10.0
+    topk_k: int = 10
+    entropy: float = 0.0
+    full_softmax_max: int = 50000
+    n_negatives: int = 1024
+    meta: str = "fomaml"
+    inner_steps: int = 2
+    inner_lr: float = 0.5
+    year_bucket: int = 5
+    seed: int = 0
+
+    def validate(self) -> "Config":
+        pos_int = ("dim", "hidden", "layers", "heads", "seq_len", "epochs", "batch_size",
+                   "max_prefix", "topk_k", "full_softmax_max", "n_negatives", "year_bucket")
+        for name in pos_int:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"config.{name} must be a positive int, got {v!r}")
+        if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) or self.inner_steps < 0:
+            raise ValueError(f"config.inner_steps must be an int >= 0, got {self.inner_steps!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"config.seed must be an int, got {self.seed!r}")
+        for name in ("dropout", "input_dropout", "prefix_prob", "user_feature_dropout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0 + (name == "prefix_prob"):
+                raise ValueError(f"config.{name} must be in [0, 1), got {v!r}")
+        for name in ("lr", "temperature", "is_cap", "inner_lr"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"config.{name} must be a finite number > 0, got {v!r}")
+        for name in ("weight_decay", "l2", "ce_weight", "rl_weight", "entropy"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"config.{name} must be a finite number >= 0, got {v!r}")
+        if self.encoder not in ("transformer", "gru", "none"):
+            raise ValueError(f"config.encoder must be 'transformer', 'gru' or 'none', got {self.encoder!r}")
+        if self.meta not in ("fomaml", "none"):
+            raise ValueError(f"config.meta must be 'fomaml' or 'none', got {self.meta!r}")
+        if self.encoder == "transformer" and self.dim % self.heads:
+            raise ValueError(f"config.dim={self.dim} must be a multiple of config.heads={self.heads}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "Config":
+        if d is None:
+            return cls().validate()
+        if isinstance(d, Config):
+            return Config(**asdict(d)).validate()
+        if not isinstance(d, dict):
+            raise TypeError(f"config must be a dict or Config, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known: {sorted(names)}")
+        return cls(**d).validate()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ItemFeatures:
+    """Each item's bag over the feature table: CSR ``offsets`` (N+1), ``indices``, ``weights``.
+
+    Row ``i`` (< N) of the table is item i's own id row; rows N.. are feature values
+    (``names[j]`` is the name of row ``N + j``, e.g. ``"genre=Comedy"``, ``"year=1990"``).
+    """
+
+    n_items: int
+    names: list
+    offsets: np.ndarray
+    indices: np.ndarray
+    weights: np.ndarray
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_items + len(self.names)
+
+    @staticmethod
+    def identity(n_items: int) -> "ItemFeatures":
+        return ItemFeatures(n_items, [], np.arange(n_items + 1, dtype=np.int64),
+                            np.arange(n_items, dtype=np.int64), np.ones(n_items, dtype=np.float32))
+
+
+def _csr_tensors(offsets, indices, weights):
+    return (torch.as_tensor(np.asarray(offsets, dtype=np.int64)),
+            torch.as_tensor(np.asarray(indices, dtype=np.int64)),
+            torch.as_tensor(np.asarray(weights, dtype=np.float32)))
+
+
+class RecMetaNet(nn.Module):
+    """The network (see the module docstring). All state lives in parameters and buffers."""
+
+    def __init__(self, cfg: Config, item_features: ItemFeatures, n_user_feature_rows: int = 0):
+        super().__init__()
+        # every initialisation draws from a generator seeded by cfg.seed, never from the
+        # caller's global RNG (whose state is restored afterwards)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self._build(cfg, item_features, n_user_feature_rows)
+
+    def _build(self, cfg: Config, item_features: ItemFeatures, n_user_feature_rows: int) -> None:
+        self.cfg = cfg
+        d = cfg.dim
+        self.n_items = item_features.n_items
+        N = self.n_items
+        R = item_features.n_rows
+        g = torch.Generator().manual_seed(cfg.seed)
+        self.emb_in = nn.Parameter(torch.randn(R, d, generator=g) * 0.05)
+        self.emb_out = nn.Parameter(torch.randn(R, d, generator=g) * 0.05)
+        self.item_bias = nn.Parameter(torch.zeros(N))
+        off, idx, w = _csr_tensors(item_features.offsets, item_features.indices, item_features.weights)
+        self.register_buffer("feat_offsets", off)
+        self.register_buffer("feat_indices", idx)
+        self.register_buffer("feat_weights", w)
+        self.n_user_rows = int(n_user_feature_rows)
+        self.emb_user = nn.Parameter(torch.randn(max(self.n_user_rows, 1), d, generator=g) * 0.05)
+        # sequence encoder
+        self.pos = nn.Parameter(torch.randn(cfg.seq_len, d, generator=g) * 0.02)
+        if cfg.encoder == "transformer":
+            self.seq = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(d, cfg.heads, dim_feedforward=2 * d, dropout=cfg.dropout,
+                                           batch_first=True, norm_first=True),
+                cfg.layers, enable_nested_tensor=False)
+        elif cfg.encoder == "gru":
+            self.seq = nn.GRU(d, d, num_layers=cfg.layers, batch_first=True)
+        else:
+            self.seq = None
+        n_parts = 3 if cfg.encoder != "none" else 2
+        self.fuse1 = nn.Linear(n_parts * d, cfg.hidden)
+        self.fuse2 = nn.Linear(cfg.hidden, d)
+        self.skip = nn.Linear(n_parts * d, d, bias=False)
+        for lin in (self.fuse1, self.fuse2, self.skip):
+            bound = 1.0 / math.sqrt(lin.in_features)
+            with torch.no_grad():
+                lin.weight.copy_((torch.rand(lin.weight.shape, generator=g) * 2 - 1) * bound)
+                if lin.bias is not None:
+                    lin.bias.zero_()
+        self.drop = nn.Dropout(cfg.dropout)
+        # adaptation parameters (initial values) and their log step sizes
+        self.phi_gamma = nn.Parameter(torch.zeros(d))
+        self.phi_delta = nn.Parameter(torch.zeros(d))
+        self.log_lr = nn.Parameter(torch.full((2, d), math.log(cfg.inner_lr)))
+        # behaviour head (blocked gradient)
+        self.beta_map = nn.Linear(d, d)
+        self.beta_bias = nn.Parameter(torch.zeros(N))
+
+    # ------------------------------------------------------------------ towers
+    def item_vectors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(X, V): input and output item vectors, (N, d) each, by one fused TBE bag."""
+        N = self.n_items
+        off = self.feat_offsets
+        nnz = int(off[-1])
+        offsets = torch.cat([off, off[1:] + nnz])
+        idx = torch.cat([self.feat_indices, self.feat_indices])
+        w = torch.cat([self.feat_weights, self.feat_weights])
+        both = ops.embedding_bag([self.emb_in, self.emb_out], idx, offsets, per_sample_weights=w)
+        d = self.cfg.dim
+        return both[:, :d], both[:, d:]
+
+    def user_state(self, X: torch.Tensor, bag_idx: torch.Tensor, bag_off: torch.Tensor,
+                   bag_w: torch.Tensor, seq: torch.Tensor, seq_len: torch.Tensor,
+                   uf_idx: torch.Tensor, uf_off: torch.Tensor) -> torch.Tensor:
+        """User states h (B, d) from the history bag (CSR over item indices, weights),
+        the recent sequences (B, L) right-padded with lengths (B,), and user-feature bags."""
+        bag = ops.embedding_bag(X, bag_idx, bag_off, per_sample_weights=bag_w)
+        parts = [bag]
+        B = bag.shape[0]
+        if uf_idx.numel() and self.n_user_rows:
+            uf = ops.embedding_bag(self.emb_user, uf_idx, uf_off)
+        else:
+            uf = torch.zeros(B, self.cfg.dim)
+        parts.append(uf)
+        if self.seq is not None:
+            L = seq.shape[1]
+            Xp = torch.cat([X, torch.zeros(1, X.shape[1])], 0)  # row N: padding
+            e = Xp[seq] + self.pos[:L][None]
+            if self.cfg.encoder == "transformer":
+                mask = torch.triu(torch.full((L, L), float("-inf")), diagonal=1)
+                out = self.seq(e, mask=mask, is_causal=True)
+            else:
+                out, _ = self.seq(e)
+            last = (seq_len.clamp(min=1) - 1)
+            s = out[torch.arange(B), last]
+            s = torch.where((seq_len > 0)[:, None], s, torch.zeros_like(s))
+            parts.append(s)
+        z = torch.cat(parts, 1)
+        return self.fuse2(self.drop(torch.tanh(self.fuse1(z)))) + self.skip(z)
+
+    # ------------------------------------------------------------------ policy
+    def logits(self, h: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        return (h @ V.T + self.item_bias) / self.cfg.temperature
+
+    def apply_phi(self, h, gamma, delta):
+        return h * (1.0 + gamma) + delta
+
+    def support_grad(self, h, gamma, delta, V, sup_rows, sup_items, sup_w, B):
+        """Closed-form gradient of the support loss with respect to (gamma, delta), per user.
+
+        The support loss of user b is ``-sum_i w_i log pi(a_i | h'_b) / sum_i w_i`` over
+        its support items a_i with weights w_i (rewards). With ``g = dL/dh'``:
+        ``dL/dgamma = g * h``, ``dL/ddelta = g``. No autograd graph is built.
+        """
+        with torch.no_grad():
+            hp = self.apply_phi(h, gamma, delta)
+            p = torch.softmax(self.logits(hp, V), dim=1)  # (B, N)
+            tot = torch.zeros(B).index_add_(0, sup_rows, sup_w).clamp(min=1e-12)
+            target = torch.zeros_like(p)
+            target.index_put_((sup_rows, sup_items), sup_w, accumulate=True)
+            dl_ds = (p - target / tot[:, None]) / self.cfg.temperature
+            g = dl_ds @ V  # (B, d)
+            return g * h, g
+
+    def adapt_phi(self, h, V, sup_rows, sup_items, sup_w, steps: int, lr=None):
+        """Per-user adaptation parameters after ``steps`` gradient steps on the support set.
+
+        Returns (gamma, delta), each (B, d). With ``lr=None`` the learned step sizes are
+        used; the returned tensors keep autograd paths to ``phi_*`` and ``log_lr`` (the
+        support gradients themselves are constants: first-order MAML).
+        """
+        B = h.shape[0]
+        gamma = self.phi_gamma.expand(B, -1)
+        delta = self.phi_delta.expand(B, -1)
+        if lr is None:
+            lr_g, lr_d = torch.exp(self.log_lr[0]), torch.exp(self.log_lr[1])
+        else:
+            lr_g = lr_d = torch.tensor(float(lr))
+        hd = h.detach()
+        for _ in range(steps):
+            gg, gd = self.support_grad(hd, gamma.detach(), delta.detach(), V.detach(),
+                                       sup_rows, sup_items, sup_w, B)
+            gamma = gamma - lr_g * gg
+            delta = delta - lr_d * gd
+        return gamma, delta
+
+    def behaviour_logits(self, h: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        return self.beta_map(h.detach()) @ V.detach().T + self.beta_bias

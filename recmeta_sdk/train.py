@@ -1,0 +1,465 @@
+"""Training: supervised warm start + off-policy REINFORCE, meta-learned adaptation.
+
+Samples
+-------
+Each step draws a batch of users (the tasks; ``tasks="user"``). For each user one
+*support* set (what the model is shown) and one *query* set (what it must rank) are cut
+from the user's time-ordered training history:
+
+* with probability ``prefix_prob`` a time-ordered **prefix** of 1..``max_prefix`` items
+  (support) and the rest of the history (query) — this is exactly the situation of a new
+  user with a few interactions, so the model is good for cold users;
+* otherwise a **denoising** cut (Mult-DAE): each item is hidden with probability
+  ``input_dropout``; the kept items are the support, the hidden ones the query — this is
+  the situation of a warm user whose next items we rank.
+
+Objective on the query set
+--------------------------
+``L = ce_weight * CE + rl_weight * L_RL - entropy * H(pi) + L_beta`` where, with ``pi`` the policy after
+adaptation and support items masked out of the softmax:
+
+* ``CE``: multi-target cross-entropy ``-mean_{a in query} log pi(a|s)`` (the supervised
+  warm start; YouTube-DNN / Mult-DAE style over the full catalogue);
+* ``L_RL``: REINFORCE with the top-K off-policy correction of Chen et al. 2019,
+  ``-mean_a r_a * min(pi(a|s)/beta(a|s), is_cap) * K (1 - pi(a|s))^(K-1) * log pi(a|s)``,
+  the weights held constant; ``beta`` is the logged ``propensity`` when the logs carry
+  one, else the behaviour head's estimate (trained by cross-entropy on the logged actions
+  with the state gradient blocked);
+* catalogues larger than ``full_softmax_max`` use a sampled softmax over the batch's
+  query items plus ``n_negatives`` items drawn from the popularity distribution Q, with
+  the logits corrected by ``- log(expected count under Q)`` (log-Q correction).
+
+Meta-learning (``meta="fomaml"``)
+---------------------------------
+We use **first-order MAML restricted to the head** (ANIL-style): the inner loop changes
+only the adaptation parameters ``phi = (gamma, delta)`` (a FiLM layer on the user state)
+by ``inner_steps`` gradient steps of the support loss (the reward-weighted likelihood of
+the support items under the policy), with per-coordinate step sizes that are themselves
+learned (Meta-SGD). The outer loss is the query objective above at the adapted ``phi``;
+its gradient flows to the shared weights, to the initial ``phi`` and to the step sizes,
+with the support gradients treated as constants (first order). Why this variant: the
+shared encoder already reads the support set, so what a few steps should add is a
+cheap, per-user correction of the state toward what the user actually chose; adapting
+only ``2d`` numbers keeps ``adapt`` a few milliseconds with a closed-form gradient (no
+autograd at serving time), head-only adaptation is as good as full MAML in practice
+(Raghu et al. 2020, ANIL), and first-order updates cost one extra catalogue-wide
+softmax per step instead of second derivatives through the encoder. Learned step sizes
+let meta-training shrink an unhelpful step to nothing, so adaptation never has to hurt.
+``meta="none"`` trains the same network without the inner loop (the non-meta baseline).
+
+Reproducibility: all randomness comes from ``numpy.random.default_rng(seed)`` and a local
+``torch.Generator``; dropout draws happen inside ``torch.random.fork_rng`` seeded from it,
+so the global RNG state is left as it was.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .model import Config, ItemFeatures, RecMetaNet
+
+logger = logging.getLogger("recmeta")
+
+__all__ = ["Prepared", "prepare", "fit", "make_batch", "batch_loss", "reinforce_weights"]
+
+
+# ---------------------------------------------------------------------------- features
+
+def _is_listlike(v) -> bool:
+    return isinstance(v, (list, tuple, np.ndarray, set, frozenset))
+
+
+def build_schema(df: Optional[pd.DataFrame], year_bucket: int) -> list:
+    """A JSON-able feature schema from a side-feature DataFrame (indexed by external id).
+
+    Each column becomes ``{"column", "kind", ...}``: ``"multi"`` (list values or
+    ``|``-separated strings: one row per distinct value), ``"cat"`` (one row per value),
+    ``"num"`` (buckets: ``year_bucket``-wide for a column named like ``year``, else
+    deciles, stored as edges).
+    """
+    schema = []
+    if df is None:
+        return schema
+    for col in df.columns:
+        s = df[col]
+        nonnull = s.dropna()
+        if len(nonnull) == 0:
+            continue
+        first = nonnull.iloc[0]
+        if _is_listlike(first) or (isinstance(first, str) and nonnull.astype(str).str.contains(r"\|").any()):
+            vals = set()
+            for v in nonnull:
+                vals.update(_multi_values(v))
+            schema.append({"column": str(col), "kind": "multi", "values": sorted(map(str, vals))})
+        elif pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+            x = nonnull.to_numpy(dtype=np.float64)
+            if "year" in str(col).lower():
+                lo = math.floor(x.min() / year_bucket) * year_bucket
+                hi = math.floor(x.max() / year_bucket) * year_bucket + year_bucket
+                edges = list(np.arange(lo + year_bucket, hi, year_bucket, dtype=np.float64))
+            else:
+                edges = sorted(set(np.quantile(x, np.linspace(0.1, 0.9, 9)).tolist()))
+            schema.append({"column": str(col), "kind": "num", "edges": [float(e) for e in edges]})
+        else:
+            vals = sorted(set(map(str, nonnull)))
+            if len(vals) > max(50, len(nonnull) // 10):
+                continue  # identifier-like (titles, zip codes): no generalisation, skip
+            schema.append({"column": str(col), "kind": "cat", "values": vals})
+    return schema
+
+
+def _multi_values(v):
+    if _is_listlike(v):
+        return [str(x) for x in v]
+    if isinstance(v, str):
+        return [x for x in v.split("|") if x]
+    return [str(v)]
+
+
+def schema_names(schema: list) -> list:
+    names = []
+    for f in schema:
+        if f["kind"] in ("multi", "cat"):
+            names += [f"{f['column']}={v}" for v in f["values"]]
+        else:
+            e = [f"{x:g}" for x in f["edges"]]
+            if not e:
+                names.append(f"{f['column']}=any")
+                continue
+            names.append(f"{f['column']}<{e[0]}")
+            names += [f"{f['column']} in [{a}, {b})" for a, b in zip(e[:-1], e[1:])]
+            names.append(f"{f['column']}>={e[-1]}")
+    return names
+
+
+def encode_features(schema: list, record) -> tuple:
+    """Feature rows (local to the feature block) and weights of one record (a mapping)."""
+    rows, weights = [], []
+    base = 0
+    for f in schema:
+        v = record.get(f["column"]) if hasattr(record, "get") else None
+        if f["kind"] in ("multi", "cat"):
+            lookup = {val: j for j, val in enumerate(f["values"])}
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                vals = _multi_values(v) if f["kind"] == "multi" else [str(v)]
+                hits = [lookup[x] for x in vals if x in lookup]
+                for j in hits:
+                    rows.append(base + j)
+                    weights.append(1.0 / len(hits))
+            base += len(f["values"])
+        else:
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                try:
+                    x = float(v)
+                except (TypeError, ValueError):
+                    x = float("nan")
+                if math.isfinite(x):
+                    rows.append(base + int(np.searchsorted(f["edges"], x, side="right")))
+                    weights.append(1.0)
+            base += len(f["edges"]) + 1
+    return rows, weights
+
+
+def item_features(schema: list, items: Optional[pd.DataFrame], item_ids: np.ndarray) -> ItemFeatures:
+    N = len(item_ids)
+    names = schema_names(schema)
+    offsets = [0]
+    indices, weights = [], []
+    recs = None
+    if items is not None and schema:
+        recs = items.reindex(pd.Index(item_ids))
+        recs = recs.to_dict("records")
+    for i in range(N):
+        indices.append(i)
+        weights.append(1.0)
+        if recs is not None:
+            r, w = encode_features(schema, recs[i])
+            indices += [N + x for x in r]
+            weights += w
+        offsets.append(len(indices))
+    return ItemFeatures(N, names, np.asarray(offsets, np.int64), np.asarray(indices, np.int64),
+                        np.asarray(weights, np.float32))
+
+
+# ---------------------------------------------------------------------------- prepared data
+
+@dataclass
+class Prepared:
+    """Interactions encoded for training: per-user time-ordered item indices (CSR)."""
+
+    user_ids: np.ndarray       # (U,) external ids
+    item_ids: np.ndarray       # (N,) external ids
+    offsets: np.ndarray        # (U+1,)
+    items: np.ndarray          # (nnz,) internal item index, time-ordered per user
+    rewards: np.ndarray        # (nnz,) float32
+    propensity: Optional[np.ndarray]  # (nnz,) float32 or None
+    item_count: np.ndarray     # (N,) training popularity
+
+
+def prepare(interactions: pd.DataFrame, item_ids: Optional[np.ndarray] = None) -> Prepared:
+    if not isinstance(interactions, pd.DataFrame):
+        raise TypeError(f"interactions must be a pandas DataFrame, got {type(interactions).__name__}")
+    for col in ("user", "item"):
+        if col not in interactions.columns:
+            raise ValueError(f"interactions needs a {col!r} column; it has {list(interactions.columns)}")
+    if len(interactions) == 0:
+        raise ValueError("interactions is empty")
+    df = interactions
+    if df["user"].isna().any() or df["item"].isna().any():
+        raise ValueError("interactions has missing user or item ids")
+    if item_ids is None:
+        item_ids = np.sort(pd.unique(df["item"].to_numpy()))
+    item_index = pd.Index(item_ids)
+    it = item_index.get_indexer(df["item"].to_numpy())
+    if (it < 0).any():
+        raise ValueError("interactions has items outside the catalogue")
+    user_ids = np.sort(pd.unique(df["user"].to_numpy()))
+    uc = pd.Index(user_ids).get_indexer(df["user"].to_numpy())
+    ts = df["timestamp"].to_numpy() if "timestamp" in df.columns else np.zeros(len(df))
+    if "timestamp" in df.columns and not np.issubdtype(np.asarray(ts).dtype, np.number):
+        ts = pd.to_datetime(df["timestamp"]).astype("int64").to_numpy()
+    order = np.lexsort((np.arange(len(df)), ts, uc))
+    rewards = (df["reward"].to_numpy(dtype=np.float32) if "reward" in df.columns
+               else np.ones(len(df), np.float32))
+    if not np.isfinite(rewards).all():
+        raise ValueError("interactions.reward has non-finite values")
+    prop = None
+    if "propensity" in df.columns:
+        prop = df["propensity"].to_numpy(dtype=np.float32)
+        if not ((prop > 0) & (prop <= 1)).all():
+            raise ValueError("interactions.propensity must be in (0, 1]")
+        prop = prop[order]
+    counts = np.bincount(uc, minlength=len(user_ids))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return Prepared(user_ids, np.asarray(item_ids), offsets, it[order].astype(np.int64),
+                    rewards[order], prop, np.bincount(it, minlength=len(item_ids)).astype(np.int64))
+
+
+# ---------------------------------------------------------------------------- batches
+
+@dataclass
+class Batch:
+    bag_idx: torch.Tensor
+    bag_off: torch.Tensor
+    bag_w: torch.Tensor
+    seq: torch.Tensor
+    seq_len: torch.Tensor
+    uf_idx: torch.Tensor
+    uf_off: torch.Tensor
+    sup_rows: torch.Tensor
+    sup_items: torch.Tensor
+    sup_w: torch.Tensor
+    q_rows: torch.Tensor
+    q_items: torch.Tensor
+    q_reward: torch.Tensor
+    q_prop: Optional[torch.Tensor]
+    B: int
+
+
+def history_tensors(hists, L: int, n_items: int):
+    """Bag CSR (weights 1/sqrt(n)) and right-padded recent sequences for item lists."""
+    B = len(hists)
+    lens = np.array([len(h) for h in hists], np.int64)
+    off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    idx = np.concatenate(hists).astype(np.int64) if B and off[-1] else np.zeros(0, np.int64)
+    w = np.repeat(1.0 / np.sqrt(np.maximum(lens, 1)), lens).astype(np.float32)
+    seq = np.full((B, L), n_items, np.int64)
+    sl = np.minimum(lens, L)
+    for b, h in enumerate(hists):
+        if sl[b]:
+            seq[b, :sl[b]] = h[-sl[b]:]
+    return (torch.from_numpy(idx), torch.from_numpy(off), torch.from_numpy(w),
+            torch.from_numpy(seq), torch.from_numpy(sl))
+
+
+def make_batch(prep: Prepared, users: np.ndarray, cfg: Config, rng: np.random.Generator,
+               user_feats=None) -> Batch:
+    """Cut one support / query sample per user (see the module docstring)."""
+    N = len(prep.item_ids)
+    sup, sup_r, q, q_r, q_p = [], [], [], [], []
+    for u in users:
+        lo, hi = prep.offsets[u], prep.offsets[u + 1]
+        seq, rew = prep.items[lo:hi], prep.rewards[lo:hi]
+        prop = prep.propensity[lo:hi] if prep.propensity is not None else None
+        n = hi - lo
+        if rng.random() < cfg.prefix_prob:
+            m = int(rng.integers(1, min(cfg.max_prefix, n - 1) + 1))
+            keep = np.zeros(n, bool)
+            keep[:m] = True
+        else:
+            keep = rng.random(n) >= cfg.input_dropout
+            if keep.all():
+                keep[rng.integers(n)] = False
+            if not keep.any():
+                keep[rng.integers(n)] = True
+        sup.append(seq[keep]); sup_r.append(rew[keep])
+        q.append(seq[~keep]); q_r.append(rew[~keep])
+        if prop is not None:
+            q_p.append(prop[~keep])
+    bag_idx, bag_off, bag_w, sq, sl = history_tensors(sup, cfg.seq_len, N)
+    B = len(users)
+    sup_rows = torch.from_numpy(np.repeat(np.arange(B), [len(s) for s in sup]))
+    q_rows = torch.from_numpy(np.repeat(np.arange(B), [len(s) for s in q]))
+    if user_feats is not None:
+        uf_off_np, uf_idx_np = user_feats
+        keepu = rng.random(B) >= cfg.user_feature_dropout
+        rows = [uf_idx_np[uf_off_np[u]:uf_off_np[u + 1]] if keepu[b] else np.zeros(0, np.int64)
+                for b, u in enumerate(users)]
+        uo = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        ui = np.concatenate(rows).astype(np.int64) if uo[-1] else np.zeros(0, np.int64)
+    else:
+        uo, ui = np.zeros(B + 1, np.int64), np.zeros(0, np.int64)
+    sup_w = np.concatenate(sup_r).astype(np.float32)
+    return Batch(bag_idx, bag_off, bag_w, sq, sl, torch.from_numpy(ui), torch.from_numpy(uo),
+                 sup_rows, bag_idx.clone(), torch.from_numpy(np.maximum(sup_w, 0.0)),
+                 q_rows, torch.from_numpy(np.concatenate(q).astype(np.int64)),
+                 torch.from_numpy(np.concatenate(q_r).astype(np.float32)),
+                 torch.from_numpy(np.concatenate(q_p).astype(np.float32)) if q_p else None, B)
+
+
+# ---------------------------------------------------------------------------- losses
+
+def reinforce_weights(pi: torch.Tensor, beta: torch.Tensor, cap: float, K: int) -> torch.Tensor:
+    """Chen et al. 2019 off-policy top-K weights ``min(pi/beta, cap) * K (1 - pi)^(K-1)``."""
+    ratio = torch.clamp(pi / beta.clamp(min=1e-12), max=cap)
+    lam = K * torch.pow((1.0 - pi).clamp(min=0.0), K - 1)
+    return ratio * lam
+
+
+def reinforce_loss(logp_a: torch.Tensor, reward: torch.Tensor, beta: torch.Tensor,
+                   cap: float, K: int) -> torch.Tensor:
+    """Per-action corrected REINFORCE loss ``-r * w(pi, beta) * log pi`` (w held constant).
+
+    Its gradient with respect to the logits s of the state is
+    ``-r * w * (e_a - softmax(s))`` (tested in closed form).
+    """
+    w = reinforce_weights(torch.exp(logp_a.detach()), beta, cap, K)
+    return -(reward * w * logp_a)
+
+
+def _segment_mean(values, rows, B):
+    tot = torch.zeros(B).index_add(0, rows, values)
+    cnt = torch.zeros(B).index_add(0, rows, torch.ones_like(values)).clamp(min=1)
+    return tot / cnt
+
+
+def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[torch.Tensor] = None,
+               gen: Optional[torch.Generator] = None, meta: Optional[bool] = None):
+    """The training objective on one batch (see the module docstring). Returns (loss, stats)."""
+    meta = (cfg.meta == "fomaml") if meta is None else meta
+    X, V = net.item_vectors()
+    h = net.user_state(X, batch.bag_idx, batch.bag_off, batch.bag_w, batch.seq, batch.seq_len,
+                       batch.uf_idx, batch.uf_off)
+    B = batch.B
+    if meta and cfg.inner_steps > 0:
+        gamma, delta = net.adapt_phi(h, V, batch.sup_rows, batch.sup_items, batch.sup_w, cfg.inner_steps)
+    else:
+        gamma, delta = net.phi_gamma.expand(B, -1), net.phi_delta.expand(B, -1)
+    hp = net.apply_phi(h, gamma, delta)
+    N = net.n_items
+    sampled = N > cfg.full_softmax_max
+    if not sampled:
+        logits = net.logits(hp, V)
+        logits = logits.index_put((batch.sup_rows, batch.sup_items), torch.tensor(-1e9))
+        logp_all = torch.log_softmax(logits, 1)
+        logp = logp_all[batch.q_rows, batch.q_items]
+        blog = torch.log_softmax(net.behaviour_logits(h, V), 1)
+        blogp = blog[batch.q_rows, batch.q_items]
+        ent = -(logp_all.exp() * logp_all).sum(1).mean() if cfg.entropy > 0 else torch.zeros(())
+    else:
+        # sampled softmax with log-Q correction over in-batch query items + negatives
+        q = torch.exp(item_logq)
+        neg = torch.multinomial(q, cfg.n_negatives, replacement=True, generator=gen)
+        cand, inv = torch.unique(torch.cat([batch.q_items, neg]), return_inverse=True)
+        corr = torch.log((cfg.n_negatives * q[cand]).clamp(min=1e-12))
+        Vc = V[cand]
+        logits = (hp @ Vc.T + net.item_bias[cand]) / cfg.temperature - corr
+        pos = torch.searchsorted(cand, batch.sup_items)
+        hit = (pos < cand.numel()) & (cand[pos.clamp(max=cand.numel() - 1)] == batch.sup_items)
+        logits = logits.index_put((batch.sup_rows[hit], pos[hit]), torch.tensor(-1e9))
+        logp_all = torch.log_softmax(logits, 1)
+        qpos = inv[: batch.q_items.numel()]
+        logp = logp_all[batch.q_rows, qpos]
+        bl = net.beta_map(h.detach()) @ Vc.detach().T + net.beta_bias[cand] - corr
+        blogp = torch.log_softmax(bl, 1)[batch.q_rows, qpos]
+        ent = -(logp_all.exp() * logp_all).sum(1).mean() if cfg.entropy > 0 else torch.zeros(())
+    ce = _segment_mean(-logp, batch.q_rows, B).mean()
+    loss = cfg.ce_weight * ce
+    if cfg.rl_weight > 0:
+        beta = batch.q_prop if batch.q_prop is not None else torch.exp(blogp.detach())
+        rl = _segment_mean(reinforce_loss(logp, batch.q_reward, beta, cfg.is_cap, cfg.topk_k),
+                           batch.q_rows, B).mean()
+        loss = loss + cfg.rl_weight * rl
+    if batch.q_prop is None:
+        loss = loss + _segment_mean(-blogp, batch.q_rows, B).mean()
+    if cfg.entropy > 0:
+        loss = loss - cfg.entropy * ent
+    if cfg.l2 > 0:
+        loss = loss + cfg.l2 * (hp.pow(2).sum(1).mean())
+    return loss, {"ce": float(ce.detach())}
+
+
+# ---------------------------------------------------------------------------- loop
+
+def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress: Optional[bool] = None) -> dict:
+    """Train ``net`` in place. Returns a small history dict (loss per epoch, seconds)."""
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    n_per_user = np.diff(prep.offsets)
+    eligible = np.flatnonzero(n_per_user >= 2)
+    if len(eligible) == 0:
+        raise ValueError("no user has 2 or more interactions: nothing to train on")
+    params = [p for n, p in net.named_parameters() if cfg.meta == "fomaml" or n != "log_lr"]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    logq = torch.log(torch.as_tensor(prep.item_count + 1.0, dtype=torch.float32))
+    logq = logq - torch.logsumexp(logq, 0)
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = None
+    steps_per_epoch = int(math.ceil(len(eligible) / cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    if show:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc="recmeta train", file=sys.stderr)
+        except ImportError:
+            bar = None
+    hist = {"loss": []}
+    t0 = time.perf_counter()
+    net.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(rng.integers(2**31)))
+        for epoch in range(cfg.epochs):
+            perm = rng.permutation(eligible)
+            tot = 0.0
+            # cosine decay of the learning rate
+            for g_ in opt.param_groups:
+                g_["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+            for s in range(steps_per_epoch):
+                users = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                batch = make_batch(prep, users, cfg, rng, user_feats)
+                loss, _ = batch_loss(net, batch, cfg, logq, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 5.0)
+                opt.step()
+                tot += float(loss.detach())
+                if bar is not None:
+                    bar.update(1)
+            hist["loss"].append(tot / steps_per_epoch)
+            if epoch % 10 == 0 or epoch == cfg.epochs - 1:
+                logger.info("epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.epochs,
+                            hist["loss"][-1], time.perf_counter() - t0)
+    if bar is not None:
+        bar.close()
+    net.eval()
+    hist["seconds"] = time.perf_counter() - t0
+    return hist

@@ -1,0 +1,595 @@
+"""Tests of the fused embedding bag (forward, TBE, fused backward, autograd, custom ops).
+
+Every result is compared against :mod:`recmeta_sdk.reference` (the specification) and, where it
+has the same meaning, ``torch.nn.functional.embedding_bag``, on seeded random data with odd
+(prime) sizes, empty bags, int32 and int64 ids, over the "cpp" and "torch" backends.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recmeta_sdk import backends, ops, reference
+
+HAS_CPP = backends.available("cpp")
+BACKENDS = [pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="no compiled core")), "torch"]
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="the compiled core is not built")
+
+ATOL = 2e-5
+RTOL = 1e-5
+
+
+def make_offsets(rng, num_bags, max_len=7, p_empty=0.2):
+    """(num_bags+1,) int64 CSR offsets with some empty bags."""
+    lens = rng.integers(1, max_len + 1, size=num_bags)
+    lens[rng.random(num_bags) < p_empty] = 0
+    return np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+
+
+def make_table(rng, n, d, dtype):
+    """(table passed to ops, the same table as the reference sees it)."""
+    w = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
+    if dtype == "fp32":
+        return w, w
+    q = reference.quantize(w, dtype)
+    return q, q
+
+
+def ref_forward(tables, idx, off, psw, mode):
+    t = lambda x: None if x is None else torch.from_numpy(np.asarray(x))  # noqa: E731
+    if isinstance(tables, list):
+        return reference.embedding_bag_tbe(tables, t(idx), t(off), t(psw), mode).numpy()
+    return reference.embedding_bag(tables, t(idx), t(off), t(psw), mode).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
+def test_forward_matches_reference(backend, dtype, mode, weighted, id_dtype):
+    rng = np.random.default_rng(zlib.crc32(f"{dtype}/{mode}/{weighted}/{id_dtype.__name__}".encode()))
+    N, d, B = 97, 37, 31
+    tab, ref_tab = make_table(rng, N, d, dtype)
+    off = make_offsets(rng, B).astype(id_dtype)
+    idx = rng.integers(0, N, size=int(off[-1])).astype(id_dtype)
+    psw = rng.standard_normal(idx.size).astype(np.float32) if weighted else None
+    out = ops.embedding_bag(tab, idx, off, per_sample_weights=psw, mode=mode, backend=backend)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (B, d)
+    np.testing.assert_allclose(out, ref_forward(ref_tab, idx, off, psw, mode), rtol=RTOL, atol=ATOL)
+    empty = np.diff(off) == 0
+    assert empty.any() and np.all(out[empty] == 0)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("d", [1, 3, 16, 67, 131, 257])
+def test_forward_odd_dims(dtype, d):
+    """Dims around and past the vector widths (16) and the register-block size (128)."""
+    rng = np.random.default_rng(1000 + d)
+    N, B = 53, 23
+    tab, ref_tab = make_table(rng, N, d, dtype)
+    off = make_offsets(rng, B, max_len=11)
+    idx = rng.integers(0, N, size=int(off[-1]))
+    psw = rng.random(idx.size).astype(np.float32)
+    for mode in ("sum", "mean"):
+        out = ops.embedding_bag(tab, idx, off, per_sample_weights=psw, mode=mode, backend="cpp")
+        np.testing.assert_allclose(out, ref_forward(ref_tab, idx, off, psw, mode), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_forward_matches_torch_embedding_bag(backend, mode):
+    rng = np.random.default_rng(7)
+    N, d, B = 1009, 61, 113
+    w = torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32))
+    off = torch.from_numpy(make_offsets(rng, B, max_len=23))
+    idx = torch.from_numpy(rng.integers(0, N, size=int(off[-1])))
+    psw = torch.from_numpy(rng.random(idx.numel()).astype(np.float32)) if mode == "sum" else None
+    out = ops.embedding_bag(w, idx, off, per_sample_weights=psw, mode=mode, backend=backend)
+    assert isinstance(out, torch.Tensor)
+    want = F.embedding_bag(idx, w, off, mode=mode, per_sample_weights=psw, include_last_offset=True)
+    torch.testing.assert_close(out, want, rtol=RTOL, atol=ATOL)
+    # float16 tables: torch pools the float16 rows converted to float32
+    h = w.half()
+    out16 = ops.embedding_bag(h, idx, off, per_sample_weights=psw, mode=mode, backend=backend)
+    want16 = F.embedding_bag(idx, h.float(), off, mode=mode, per_sample_weights=psw, include_last_offset=True)
+    torch.testing.assert_close(out16, want16, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_bags_and_empty_batch(backend):
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((13, 7)).astype(np.float32)
+    off = np.array([0, 0, 0, 3, 3, 5, 5], dtype=np.int64)
+    idx = rng.integers(0, 13, size=5)
+    for mode in ("sum", "mean"):
+        out = ops.embedding_bag(w, idx, off, mode=mode, backend=backend)
+        np.testing.assert_allclose(out, ref_forward(torch.from_numpy(w), idx, off, None, mode), rtol=RTOL, atol=ATOL)
+        assert np.all(out[[0, 1, 3, 5]] == 0)
+    # every bag empty, and no bag at all
+    out = ops.embedding_bag(w, np.zeros(0, np.int64), np.zeros(4, np.int64), backend=backend)
+    assert out.shape == (3, 7) and np.all(out == 0)
+    out = ops.embedding_bag(w, np.zeros(0, np.int64), np.zeros(1, np.int64), backend=backend)
+    assert out.shape == (0, 7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_tbe_different_dims_and_dtypes(backend, mode, id_dtype):
+    rng = np.random.default_rng(23)
+    specs = [(101, 5, "fp32"), (37, 16, "fp16"), (211, 33, "int8"), (7, 67, "fp32")]
+    T, B = len(specs), 19
+    tabs = [make_table(rng, n, d, dt)[0] for n, d, dt in specs]
+    off = make_offsets(rng, T * B, max_len=9)
+    idx = np.concatenate([rng.integers(0, specs[t][0], size=int(off[(t + 1) * B] - off[t * B])) for t in range(T)])
+    psw = rng.standard_normal(idx.size).astype(np.float32)
+    off_t, idx_t = torch.from_numpy(off).to(id_dtype), torch.from_numpy(idx).to(id_dtype)
+    out = ops.embedding_bag(tabs, idx_t, off_t, per_sample_weights=torch.from_numpy(psw), mode=mode, backend=backend)
+    assert isinstance(out, torch.Tensor) and out.shape == (B, sum(s[1] for s in specs))
+    torch.testing.assert_close(out, torch.from_numpy(ref_forward(tabs, idx, off, psw, mode)), rtol=RTOL, atol=ATOL)
+    # the same as T separate single-table calls
+    col = 0
+    for t, (n, d, _) in enumerate(specs):
+        lo, hi = off[t * B], off[(t + 1) * B]
+        one = ops.embedding_bag(tabs[t], idx[lo:hi], off[t * B:(t + 1) * B + 1] - lo,
+                                per_sample_weights=psw[lo:hi], mode=mode, backend=backend)
+        np.testing.assert_allclose(out[:, col:col + d].numpy(), one, rtol=RTOL, atol=ATOL)
+        col += d
+
+
+@needs_cpp
+def test_forward_threads_and_concurrency():
+    """Same result for 1 and 2 core threads, and from 4 Python threads at once (GIL released)."""
+    from recmeta_sdk import _core
+
+    rng = np.random.default_rng(31)
+    w = rng.standard_normal((4099, 67)).astype(np.float32)
+    off = make_offsets(rng, 1499, max_len=29)
+    idx = rng.integers(0, 4099, size=int(off[-1])).astype(np.int32)
+    psw = rng.random(idx.size).astype(np.float32)
+    old = _core.get_num_threads()
+    try:
+        _core.set_num_threads(1)
+        one = ops.embedding_bag(w, idx, off, per_sample_weights=psw, mode="mean", backend="cpp")
+        _core.set_num_threads(2)
+        two = ops.embedding_bag(w, idx, off, per_sample_weights=psw, mode="mean", backend="cpp")
+    finally:
+        _core.set_num_threads(old)
+    assert np.array_equal(one, two)
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(5):
+                results.append(ops.embedding_bag(w, idx, off, per_sample_weights=psw, mode="mean", backend="cpp"))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and len(results) == 20
+    assert all(np.array_equal(r, one) for r in results)
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_lower_isa_variants_match_reference(isa):
+    """The generic and AVX2 kernels (chosen at start-up by RECMETA_CPU_ISA) agree with the reference."""
+    code = r"""
+import numpy as np, torch
+from recmeta_sdk import ops, reference, _core
+import sys
+assert _core.cpu_isa() == sys.argv[1] or _core.cpu_best_isa() == "generic", _core.cpu_isa()
+rng = np.random.default_rng(5)
+for d in (1, 7, 16, 37, 131):
+    for dt in ("fp32", "fp16", "int8"):
+        w = torch.from_numpy(rng.standard_normal((59, d)).astype(np.float32))
+        tab = w if dt == "fp32" else reference.quantize(w, dt)
+        lens = rng.integers(0, 9, 17); off = np.concatenate([[0], np.cumsum(lens)])
+        idx = rng.integers(0, 59, int(off[-1])); psw = rng.random(idx.size).astype(np.float32)
+        for mode in ("sum", "mean"):
+            out = ops.embedding_bag(tab, idx, off, per_sample_weights=psw, mode=mode, backend="cpp")
+            ref = reference.embedding_bag(tab, torch.from_numpy(idx), torch.from_numpy(off), torch.from_numpy(psw), mode)
+            np.testing.assert_allclose(out, ref.numpy(), rtol=1e-5, atol=2e-5)
+w = rng.standard_normal((41, 19)).astype(np.float32); st = rng.random(41).astype(np.float32)
+off = np.concatenate([[0], np.cumsum(rng.integers(0, 9, 13))]); idx = rng.integers(0, 41, int(off[-1]))
+g = rng.standard_normal((13, 19)).astype(np.float32)
+wt, stt = torch.from_numpy(w.copy()), torch.from_numpy(st.copy())
+ops.embedding_bag_backward(w, idx, off, g, optimizer="rowwise_adagrad", lr=0.1, state=st, backend="cpp")
+reference.embedding_bag_backward(wt, torch.from_numpy(idx), torch.from_numpy(off), torch.from_numpy(g), None, "sum", "rowwise_adagrad", 0.1, 1e-8, stt)
+np.testing.assert_allclose(w, wt.numpy(), rtol=1e-5, atol=2e-5); np.testing.assert_allclose(st, stt.numpy(), rtol=1e-5, atol=1e-5)
+print("ok", _core.cpu_isa())
+"""
+    env = dict(os.environ, RECMETA_CPU_ISA=isa)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code, isa], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("ok")
+
+
+# ---------------------------------------------------------------------------------------------
+# fused backward
+# ---------------------------------------------------------------------------------------------
+def _backward_case(rng, N=61, d=37, B=29, max_len=9):
+    w = rng.standard_normal((N, d)).astype(np.float32)
+    off = make_offsets(rng, B, max_len=max_len)
+    # few distinct ids: repeats inside and across bags
+    idx = rng.integers(0, max(N // 4, 1), size=int(off[-1]))
+    g = rng.standard_normal((B, d)).astype(np.float32)
+    psw = rng.standard_normal(idx.size).astype(np.float32)
+    st = rng.random(N).astype(np.float32)
+    return w, off, idx, g, psw, st
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
+def test_backward_matches_reference(backend, optimizer, mode, weighted, id_dtype):
+    rng = np.random.default_rng(zlib.crc32(f"{optimizer}/{mode}/{weighted}/{id_dtype.__name__}".encode()))
+    w, off, idx, g, psw, st = _backward_case(rng)
+    idx, off = idx.astype(id_dtype), off.astype(id_dtype)
+    psw = psw if weighted else None
+    w_ref, st_ref = torch.from_numpy(w.copy()), torch.from_numpy(st.copy())
+    reference.embedding_bag_backward(w_ref, torch.from_numpy(idx), torch.from_numpy(off), torch.from_numpy(g),
+                                     None if psw is None else torch.from_numpy(psw), mode, optimizer, 0.05, 1e-8,
+                                     st_ref if optimizer == "rowwise_adagrad" else None)
+    w0 = w.copy()
+    state = st if optimizer == "rowwise_adagrad" else None
+    ops.embedding_bag_backward(w, idx, off, g, per_sample_weights=psw, mode=mode, optimizer=optimizer, lr=0.05,
+                               state=state, backend=backend)
+    np.testing.assert_allclose(w, w_ref.numpy(), rtol=RTOL, atol=ATOL)
+    if state is not None:
+        np.testing.assert_allclose(st, st_ref.numpy(), rtol=RTOL, atol=ATOL)
+    untouched = np.setdiff1d(np.arange(w.shape[0]), idx)
+    assert untouched.size > 0 and np.array_equal(w[untouched], w0[untouched])
+
+
+@needs_cpp
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_backward_torch_tensors_in_place(optimizer):
+    rng = np.random.default_rng(3)
+    w, off, idx, g, psw, st = _backward_case(rng)
+    wt, stt = torch.from_numpy(w.copy()).requires_grad_(), torch.from_numpy(st.copy())
+    w_ref, st_ref = torch.from_numpy(w.copy()), torch.from_numpy(st.copy())
+    args = (torch.from_numpy(idx), torch.from_numpy(off), torch.from_numpy(g))
+    ops.embedding_bag_backward(wt, *args, per_sample_weights=torch.from_numpy(psw), optimizer=optimizer,
+                               lr=0.1, state=stt, backend="cpp")
+    ops.embedding_bag_backward(w_ref, *args, per_sample_weights=torch.from_numpy(psw), optimizer=optimizer,
+                               lr=0.1, state=st_ref, backend="torch")
+    torch.testing.assert_close(wt.detach(), w_ref, rtol=RTOL, atol=ATOL)
+    if optimizer == "rowwise_adagrad":
+        torch.testing.assert_close(stt, st_ref, rtol=RTOL, atol=ATOL)
+
+
+@needs_cpp
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_backward_bit_identical_across_thread_counts(optimizer, mode):
+    from recmeta_sdk import _core
+
+    rng = np.random.default_rng(41)
+    w, off, idx, g, psw, st = _backward_case(rng, N=2003, d=67, B=1013, max_len=41)
+    assert idx.size * w.shape[1] > 1 << 17  # large enough for the threaded path
+    results = []
+    old = _core.get_num_threads()
+    try:
+        for n in (1, 2, 1, 2):
+            _core.set_num_threads(n)
+            wc, sc = w.copy(), st.copy()
+            ops.embedding_bag_backward(wc, idx, off, g, per_sample_weights=psw, mode=mode, optimizer=optimizer,
+                                       lr=0.01, state=sc, backend="cpp")
+            results.append((wc, sc))
+    finally:
+        _core.set_num_threads(old)
+    for wc, sc in results[1:]:
+        assert np.array_equal(wc, results[0][0])
+        assert np.array_equal(sc, results[0][1])
+    assert not np.array_equal(results[0][0], w)
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd and custom ops
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_autograd_matches_torch(backend, mode):
+    rng = np.random.default_rng(53)
+    N, d, B = 83, 29, 41
+    w0 = torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32))
+    off = torch.from_numpy(make_offsets(rng, B))
+    idx = torch.from_numpy(rng.integers(0, N // 3, size=int(off[-1])))
+    go = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    p0 = torch.from_numpy(rng.random(idx.numel()).astype(np.float32))
+    w1, w2 = w0.clone().requires_grad_(), w0.clone().requires_grad_()
+    p1 = p0.clone().requires_grad_() if mode == "sum" else None
+    p2 = p0.clone().requires_grad_() if mode == "sum" else None
+    out = ops.embedding_bag(w1, idx, off, per_sample_weights=p1, mode=mode, backend=backend)
+    (out * go).sum().backward()
+    want = F.embedding_bag(idx, w2, off, mode=mode, per_sample_weights=p2, include_last_offset=True)
+    (want * go).sum().backward()
+    torch.testing.assert_close(out.detach(), want.detach(), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=RTOL, atol=ATOL)
+    if mode == "sum":
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-4)
+
+
+@needs_cpp
+def test_autograd_tbe_mixed_tables():
+    """Gradients reach the float32 tables of a TBE call; quantised tables need none."""
+    rng = np.random.default_rng(59)
+    specs = [(31, 7), (53, 16), (17, 3)]
+    B = 13
+    ws = [torch.from_numpy(rng.standard_normal(s).astype(np.float32)).requires_grad_() for s in specs]
+    q = reference.quantize(ws[1].detach(), "int8")
+    off = torch.from_numpy(make_offsets(rng, 3 * B))
+    idx = torch.from_numpy(np.concatenate([rng.integers(0, specs[t][0], size=int(off[(t + 1) * B] - off[t * B]))
+                                           for t in range(3)]))
+    go = torch.from_numpy(rng.standard_normal((B, 26)).astype(np.float32))
+    out = ops.embedding_bag([ws[0], q, ws[2]], idx, off, mode="mean", backend="cpp")
+    (out * go).sum().backward()
+    refs = [w.detach().clone().requires_grad_() for w in ws]
+    want = reference.embedding_bag_tbe([refs[0], q, refs[2]], idx, off, None, "mean")
+    (want * go).sum().backward()
+    torch.testing.assert_close(out.detach(), want.detach(), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(ws[0].grad, refs[0].grad, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(ws[2].grad, refs[2].grad, rtol=RTOL, atol=ATOL)
+    assert ws[1].grad is None
+
+
+@needs_cpp
+def test_training_through_the_op_matches_torch():
+    """A few SGD steps of a model built on ops.embedding_bag follow the same path as on F.embedding_bag."""
+    rng = np.random.default_rng(61)
+    N, d, B = 97, 11, 23
+    w0 = torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32))
+    off = torch.from_numpy(make_offsets(rng, B))
+    idx = torch.from_numpy(rng.integers(0, N, size=int(off[-1])))
+    target = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    losses = {}
+    for name in ("ours", "torch"):
+        emb = torch.nn.Parameter(w0.clone())
+        opt = torch.optim.SGD([emb], lr=0.1)
+        hist = []
+        for _ in range(5):
+            opt.zero_grad()
+            if name == "ours":
+                out = ops.embedding_bag(emb, idx, off, mode="mean")
+            else:
+                out = F.embedding_bag(idx, emb, off, mode="mean", include_last_offset=True)
+            loss = ((out - target) ** 2).mean()
+            loss.backward()
+            opt.step()
+            hist.append(float(loss.detach()))
+        losses[name] = hist
+    np.testing.assert_allclose(losses["ours"], losses["torch"], rtol=1e-5)
+    assert losses["ours"][-1] < losses["ours"][0]
+
+
+@needs_cpp
+def test_opcheck_custom_ops():
+    rng = np.random.default_rng(67)
+    w = torch.from_numpy(rng.standard_normal((43, 13)).astype(np.float32)).requires_grad_()
+    w2 = torch.from_numpy(rng.standard_normal((29, 5)).astype(np.float32)).requires_grad_()
+    q = reference.quantize(torch.from_numpy(rng.standard_normal((19, 8)).astype(np.float32)), "int8")
+    B = 7
+    off = torch.from_numpy(make_offsets(rng, 3 * B))
+    idx = torch.from_numpy(np.concatenate([rng.integers(0, n, size=int(off[(t + 1) * B] - off[t * B]))
+                                           for t, n in enumerate((43, 29, 19))]))
+    psw = torch.from_numpy(rng.random(idx.numel()).astype(np.float32)).requires_grad_()
+    e = torch.empty(0)
+    fwd = torch.ops.recmeta.embedding_bag_forward.default
+    torch.library.opcheck(fwd, ([w], [e], [e], idx[: int(off[B])], off[: B + 1], None, "sum"))
+    torch.library.opcheck(fwd, ([w, w2, q.data], [e, e, q.row_scale], [e, e, q.row_min], idx, off, psw, "mean"))
+    wb = torch.from_numpy(rng.standard_normal((43, 13)).astype(np.float32))
+    st = torch.from_numpy(rng.random(43).astype(np.float32))
+    g = torch.from_numpy(rng.standard_normal((B, 13)).astype(np.float32))
+    torch.library.opcheck(torch.ops.recmeta.embedding_bag_backward.default,
+                          (wb, idx[: int(off[B])], off[: B + 1], g, None, "sum", "rowwise_adagrad", 0.1, 1e-8, st))
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+def _valid(rng):
+    w = rng.standard_normal((11, 5)).astype(np.float32)
+    off = np.array([0, 2, 2, 5], dtype=np.int64)
+    idx = np.array([1, 3, 10, 0, 4], dtype=np.int64)
+    return w, idx, off
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case, exc, match", [
+    ("id_too_large", ValueError, r"id 11 at position 2 is out of range \[0, 11\)"),
+    ("id_negative", ValueError, r"id -1 at position 4 is out of range"),
+    ("offsets_decrease", ValueError, r"offsets decrease at position 2 \(2 -> 1\)"),
+    ("offsets_past_end", ValueError, r"offsets\[-1\] must equal the number of indices 5, got 6"),
+    ("offsets_first", ValueError, r"offsets\[0\] must be 0, got 1"),
+    ("float_ids", TypeError, r"indices.*int32 or int64.*float"),
+    ("float_offsets", TypeError, r"offsets.*int32 or int64.*float"),
+    ("float64_table", TypeError, r"float64"),
+    ("int_table", TypeError, r"int64"),
+    ("table_1d", ValueError, r"2-D"),
+    ("ids_2d", ValueError, r"indices.*1-D"),
+    ("psw_nan", ValueError, r"per_sample_weights: non-finite value nan at flat position 3"),
+    ("psw_shape", ValueError, r"per_sample_weights"),
+    ("psw_dtype", TypeError, r"per_sample_weights"),
+    ("bad_mode", ValueError, r"mode must be 'sum' or 'mean', got 'max'"),
+    ("tbe_not_multiple", ValueError, r"3 bags is not a multiple of the 2 tables"),
+    ("tbe_id_range", ValueError, r"indices of table 1: id 10 at position"),
+])
+def test_forward_rejects_bad_input(backend, case, exc, match):
+    rng = np.random.default_rng(71)
+    w, idx, off = _valid(rng)
+    kw = {}
+    mode = "sum"
+    if case == "id_too_large":
+        idx[2] = 11
+    elif case == "id_negative":
+        idx[4] = -1
+    elif case == "offsets_decrease":
+        off = np.array([0, 2, 1, 5])
+    elif case == "offsets_past_end":
+        off = np.array([0, 2, 2, 6])
+    elif case == "offsets_first":
+        off = np.array([1, 2, 2, 5])
+    elif case == "float_ids":
+        idx = idx.astype(np.float32)
+    elif case == "float_offsets":
+        off = off.astype(np.float32)
+    elif case == "float64_table":
+        w = w.astype(np.float64)
+    elif case == "int_table":
+        w = w.astype(np.int64)
+    elif case == "table_1d":
+        w = w[:, 0].copy()
+    elif case == "ids_2d":
+        idx = idx.reshape(5, 1)
+    elif case == "psw_nan":
+        kw["per_sample_weights"] = np.array([1, 2, 3, np.nan, 5], dtype=np.float32)
+    elif case == "psw_shape":
+        kw["per_sample_weights"] = np.ones(4, dtype=np.float32)
+    elif case == "psw_dtype":
+        kw["per_sample_weights"] = np.ones(5, dtype=np.int32)
+    elif case == "bad_mode":
+        mode = "max"
+    elif case == "tbe_not_multiple":
+        w = [w, w]
+    elif case == "tbe_id_range":
+        w = [w, w[:10]]
+        off = np.array([0, 2, 5])
+    with pytest.raises(exc, match=match):
+        ops.embedding_bag(w, idx, off, mode=mode, backend=backend, **kw)
+    # the process stays usable
+    w, idx, off = _valid(rng)
+    out = ops.embedding_bag(w, idx, off, backend=backend)
+    np.testing.assert_allclose(out, ref_forward(torch.from_numpy(w), idx, off, None, "sum"), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case, exc, match", [
+    ("id_too_large", ValueError, r"id 11 at position 2 is out of range \[0, 11\)"),
+    ("offsets_decrease", ValueError, r"offsets decrease at position 2"),
+    ("grad_shape", ValueError, r"grad_output.*\(3, 5\)"),
+    ("grad_nan", ValueError, r"grad_output: non-finite value nan at flat position 8"),
+    ("grad_dtype", TypeError, r"grad_output"),
+    ("weight_dtype", TypeError, r"weight.*float32"),
+    ("weight_readonly", ValueError, r"weight.*read-only"),
+    ("no_state", ValueError, r"rowwise_adagrad needs a \(N,\) float32 state"),
+    ("state_shape", ValueError, r"state"),
+    ("bad_optimizer", ValueError, r"optimizer must be 'sgd' or 'rowwise_adagrad', got 'adam'"),
+    ("lr_nan", ValueError, r"lr: must be a finite number, got nan"),
+])
+def test_backward_rejects_bad_input(backend, case, exc, match):
+    rng = np.random.default_rng(73)
+    w, idx, off = _valid(rng)
+    g = rng.standard_normal((3, 5)).astype(np.float32)
+    st = np.ones(11, dtype=np.float32)
+    kw = dict(optimizer="rowwise_adagrad", state=st, lr=0.1)
+    if case == "id_too_large":
+        idx[2] = 11
+    elif case == "offsets_decrease":
+        off = np.array([0, 2, 1, 5])
+    elif case == "grad_shape":
+        g = g[:2]
+    elif case == "grad_nan":
+        g[1, 3] = np.nan
+    elif case == "grad_dtype":
+        g = g.astype(np.float16)
+    elif case == "weight_dtype":
+        w = w.astype(np.float16)
+    elif case == "weight_readonly":
+        w.flags.writeable = False
+    elif case == "no_state":
+        kw["state"] = None
+    elif case == "state_shape":
+        kw["state"] = np.ones(10, dtype=np.float32)
+    elif case == "bad_optimizer":
+        kw["optimizer"] = "adam"
+    elif case == "lr_nan":
+        kw["lr"] = float("nan")
+    w_before = w.copy()
+    st_before = st.copy()
+    with pytest.raises(exc, match=match):
+        ops.embedding_bag_backward(w, idx, off, g, backend=backend, **kw)
+    assert np.array_equal(w, w_before) and np.array_equal(st, st_before)  # nothing written
+
+
+# ---------------------------------------------------------------------------------------------
+# property test over shapes and hostile inputs
+# ---------------------------------------------------------------------------------------------
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, strategies as st  # noqa: E402
+
+HOSTILE = ["none", "id_oob", "id_negative", "offsets_decrease", "offsets_past_end", "psw_nan",
+           "ids_float", "table_float64", "offsets_short"]
+
+
+@given(
+    n=st.integers(1, 40), d=st.integers(1, 40), b=st.integers(0, 12), t=st.integers(1, 3),
+    max_len=st.integers(0, 6), dtype=st.sampled_from(["fp32", "fp16", "int8"]),
+    mode=st.sampled_from(["sum", "mean"]), weighted=st.booleans(), id64=st.booleans(),
+    hostile=st.sampled_from(HOSTILE), seed=st.integers(0, 2**31 - 1),
+    backend=st.sampled_from(["cpp", "torch"] if HAS_CPP else ["torch"]),
+)
+def test_property_shapes_and_hostile_inputs(n, d, b, t, max_len, dtype, mode, weighted, id64, hostile, seed, backend):
+    rng = np.random.default_rng(seed)
+    tabs = [make_table(rng, n, d + k, dtype)[0] for k in range(t)]
+    lens = rng.integers(0, max_len + 1, size=t * b)
+    off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64 if id64 else np.int32)
+    idx = rng.integers(0, n, size=int(off[-1])).astype(off.dtype)
+    psw = rng.standard_normal(idx.size).astype(np.float32) if weighted else None
+    weight = tabs if t > 1 else tabs[0]
+    expect = None
+    if hostile == "id_oob" and idx.size:
+        idx[rng.integers(idx.size)] = n + int(rng.integers(0, 1000))
+        expect = ValueError
+    elif hostile == "id_negative" and idx.size:
+        idx[rng.integers(idx.size)] = -1 - int(rng.integers(0, 1000))
+        expect = ValueError
+    elif hostile == "offsets_decrease" and off.size > 2 and off[-2] > 0:
+        off[-2] = off[-1] + 1
+        expect = ValueError
+    elif hostile == "offsets_past_end":
+        off[-1] += 1 + int(rng.integers(0, 5))
+        expect = ValueError
+    elif hostile == "psw_nan" and idx.size:
+        psw = np.ones(idx.size, dtype=np.float32) if psw is None else psw
+        psw[rng.integers(idx.size)] = np.nan
+        expect = ValueError
+    elif hostile == "ids_float":
+        idx = idx.astype(np.float32)
+        expect = TypeError
+    elif hostile == "table_float64" and dtype == "fp32":
+        weight = [w.double().numpy() for w in tabs] if t > 1 else tabs[0].double().numpy()
+        expect = TypeError
+    elif hostile == "offsets_short" and t > 1 and b > 0:
+        off = off[:-1].copy()
+        off[-1] = idx.size
+        expect = ValueError
+    if expect is not None:
+        with pytest.raises(expect):
+            ops.embedding_bag(weight, idx, off, per_sample_weights=psw, mode=mode, backend=backend)
+        return
+    out = ops.embedding_bag(weight, idx, off, per_sample_weights=psw, mode=mode, backend=backend)
+    want = ref_forward(tabs if t > 1 else tabs[0], idx, off, psw, mode)
+    assert out.shape == (b, sum(d + k for k in range(t)))
+    np.testing.assert_allclose(out, want, rtol=RTOL, atol=ATOL)

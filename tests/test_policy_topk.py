@@ -1,0 +1,493 @@
+"""policy_topk / policy_sample: the compiled core against recmeta_sdk.reference.
+
+Top-k checks are tie-aware: the returned scores must match the reference's sorted top-k
+scores within tolerance, every returned id must be eligible, unique, and carry (under the
+reference) the score reported for it, so ids can differ from the reference's only where
+scores tie.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from recmeta_sdk import ops, reference as R
+from recmeta_sdk.reference import QuantizedTable
+
+_core = pytest.importorskip("recmeta_sdk._core")
+
+RTOL, ATOL = 2e-5, 2e-4
+DTYPES = ["fp32", "fp16", "int8"]
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+def make_table(rng, N, d, dtype):
+    w = torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32))
+    return w if dtype == "fp32" else ops.quantize(w, dtype)
+
+
+def make_csr(rng, B, N, per_user, dtype=np.int64, dup=False):
+    counts = rng.integers(0, per_user + 1, size=B)
+    off = np.zeros(B + 1, dtype=dtype)
+    off[1:] = np.cumsum(counts)
+    ids = rng.integers(0, N, size=int(off[-1])).astype(dtype)
+    if dup and ids.size > 3:
+        ids[1::3] = ids[0:-1:3][: ids[1::3].size]  # repeat ids inside lists
+    return torch.from_numpy(off), torch.from_numpy(ids)
+
+
+def ref_matrix(u, tab, bias, exc, cand, tau):
+    """Reference scores (B, N) and the eligibility mask."""
+    s = R._scores(u, tab, bias, tau)
+    mask = R.eligible_mask(u.shape[0], tab.shape[0], exc, cand)
+    return s, mask
+
+
+def check_topk(ids, scores, keys_full, mask, k, ref_sorted_keys, key_of_ids=None):
+    """Tie-aware check of a top-k (by `keys_full`) result.
+
+    ids, scores: ours (B, k). keys_full (B, N): the reference ranking values. mask (B, N).
+    ref_sorted_keys (B, k): the reference's top-k ranking values (-inf padded).
+    key_of_ids: our ranking values for our ids (defaults to `scores`).
+    """
+    ids = np.asarray(ids)
+    scores = np.asarray(scores)
+    keys_full = keys_full.numpy().astype(np.float64)
+    mask = mask.numpy()
+    B = ids.shape[0]
+    assert ids.shape == (B, k) and scores.shape == (B, k)
+    assert ids.dtype == np.int64 and scores.dtype == np.float32
+    ours_key = scores if key_of_ids is None else np.asarray(key_of_ids)
+    for b in range(B):
+        n_valid = min(k, int(mask[b].sum()))
+        row = ids[b]
+        assert (row[:n_valid] >= 0).all(), (b, row)
+        assert (row[n_valid:] == -1).all(), (b, row)
+        assert np.isneginf(scores[b, n_valid:]).all()
+        got = row[:n_valid]
+        assert len(set(got.tolist())) == n_valid, f"duplicate ids in row {b}: {got}"
+        assert mask[b, got].all(), f"ineligible (excluded / not a candidate) id returned in row {b}"
+        # each returned id carries its reference ranking value
+        np.testing.assert_allclose(ours_key[b, :n_valid], keys_full[b, got], rtol=RTOL, atol=ATOL)
+        # the sorted values equal the reference's top-k values
+        np.testing.assert_allclose(ours_key[b, :n_valid], np.asarray(ref_sorted_keys)[b, :n_valid],
+                                   rtol=RTOL, atol=ATOL)
+        assert (np.diff(ours_key[b, :n_valid]) <= 1e-6).all(), "not sorted best first"
+
+
+def run_case(rng, B, N, d, k, dtype="fp32", bias=True, exclude=0, cand=0, tau=1.0,
+             idx_dtype=np.int64, dup=False):
+    u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    tab = make_table(rng, N, d, dtype)
+    b = torch.from_numpy(rng.standard_normal(N).astype(np.float32)) if bias else None
+    exc = make_csr(rng, B, N, exclude, idx_dtype, dup) if exclude else None
+    cnd = make_csr(rng, B, N, cand, idx_dtype, dup) if cand else None
+    ids, sc, ln = ops.policy_topk(u, tab, k, bias=b, exclude=exc, candidates=cnd, temperature=tau,
+                                  backend="cpp")
+    rids, rsc, rln = R.policy_topk(u, tab, k, b, exc, cnd, tau)
+    s, mask = ref_matrix(u, tab, b, exc, cnd, tau)
+    check_topk(ids, sc, s, mask, k, rsc)
+    np.testing.assert_allclose(ln.numpy(), rln.numpy(), rtol=1e-5, atol=1e-5)
+    return u, tab, b, exc, cnd
+
+
+# ---------------------------------------------------------------------------------------
+# top-k against the reference
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("exclude", [0, 40])
+def test_topk_matches_reference(rng, dtype, bias, exclude):
+    run_case(rng, B=13, N=20011, d=17, k=11, dtype=dtype, bias=bias, exclude=exclude, tau=0.7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+def test_topk_candidates_with_duplicates_and_exclusions(rng, dtype, idx_dtype):
+    # candidates (with duplicates) intersected with exclusions drawn from a small id range
+    B, N, d = 11, 211, 33
+    u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    tab = make_table(rng, N, d, dtype)
+    b = torch.from_numpy(rng.standard_normal(N).astype(np.float32))
+    cnd = make_csr(rng, B, N, 300, idx_dtype, dup=True)
+    exc = make_csr(rng, B, N, 120, idx_dtype, dup=True)
+    for k in (0, 5, 400):
+        ids, sc, ln = ops.policy_topk(u, tab, k, bias=b, exclude=exc, candidates=cnd, temperature=1.3)
+        _, rsc, rln = R.policy_topk(u, tab, k, b, exc, cnd, 1.3)
+        s, mask = ref_matrix(u, tab, b, exc, cnd, 1.3)
+        check_topk(ids, sc, s, mask, k, rsc)
+        np.testing.assert_allclose(ln.numpy(), rln.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "B,N,d,k",
+    [(1, 1, 1, 1), (3, 2, 5, 7), (7, 131, 1, 3), (5, 997, 129, 1000), (2, 50021, 64, 100),
+     (67, 4099, 23, 13), (131, 3001, 8, 5), (0, 100, 8, 4), (4, 100, 8, 0)],
+)
+def test_topk_odd_sizes(rng, B, N, d, k):
+    run_case(rng, B, N, d, k, bias=True, exclude=3 if N > 3 else 0, tau=1.0)
+
+
+def test_topk_all_excluded_gives_padding_and_neg_inf_lognorm(rng):
+    B, N, d = 3, 7, 5
+    u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    w = torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32))
+    off = torch.tensor([0, 7, 7, 10])
+    ids_ = torch.tensor([0, 1, 2, 3, 4, 5, 6, 2, 2, 3])
+    ids, sc, ln = ops.policy_topk(u, w, 4, exclude=(off, ids_))
+    assert (ids[0] == -1).all() and torch.isneginf(sc[0]).all() and torch.isneginf(ln[0])
+    assert torch.isfinite(ln[1:]).all()
+    assert set(ids[2].tolist()) == {0, 1, 4, 5}
+    # an empty candidate list is the same
+    cand = (torch.tensor([0, 0, 2, 3]), torch.tensor([1, 1, 6]))
+    ids, sc, ln = ops.policy_topk(u, w, 2, candidates=cand)
+    assert (ids[0] == -1).all() and torch.isneginf(ln[0])
+    assert ids[1].tolist() == [1, -1] and ids[2].tolist() == [6, -1]
+
+
+def test_topk_ties(rng):
+    B, N, d, k = 5, 1009, 16, 20
+    base = rng.standard_normal((40, d)).astype(np.float32)
+    w = torch.from_numpy(base[rng.integers(0, 40, size=N)])  # many identical rows
+    u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    ids, sc, ln = ops.policy_topk(u, w, k)
+    _, rsc, rln = R.policy_topk(u, w, k)
+    s, mask = ref_matrix(u, w, None, None, None, 1.0)
+    check_topk(ids, sc, s, mask, k, rsc)
+    # ties are broken by the smaller id
+    for b in range(B):
+        for j in range(k - 1):
+            if sc[b, j] == sc[b, j + 1]:
+                assert ids[b, j] < ids[b, j + 1]
+    np.testing.assert_allclose(ln.numpy(), rln.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_numpy_in_numpy_out_and_backend_choice(rng):
+    B, N, d = 4, 300, 12
+    u = rng.standard_normal((B, d)).astype(np.float32)
+    w = rng.standard_normal((N, d)).astype(np.float32)
+    eo, ei = np.array([0, 2, 2, 3, 5], np.int32), np.array([1, 2, 3, 4, 5], np.int32)
+    out = ops.policy_topk(u, w, 6, exclude=(eo, ei))
+    assert all(isinstance(o, np.ndarray) for o in out)
+    ref = ops.policy_topk(u, w, 6, exclude=(eo, ei), backend="torch")
+    assert all(isinstance(o, np.ndarray) for o in ref)
+    np.testing.assert_allclose(out[1], ref[1], rtol=RTOL, atol=ATOL)
+    out = ops.policy_sample(torch.from_numpy(u), w, 6, seed=3)
+    assert all(isinstance(o, torch.Tensor) for o in out)
+
+
+def test_fp16_table_given_directly(rng):
+    u = torch.from_numpy(rng.standard_normal((3, 9)).astype(np.float32))
+    w = torch.from_numpy(rng.standard_normal((101, 9)).astype(np.float16))
+    ids, sc, ln = ops.policy_topk(u, w, 5)
+    _, rsc, rln = R.policy_topk(u, QuantizedTable("fp16", w), 5)
+    np.testing.assert_allclose(sc.numpy(), rsc.numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(ln.numpy(), rln.numpy(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# determinism across thread counts
+# ---------------------------------------------------------------------------------------
+@pytest.fixture
+def threads():
+    old = _core.get_num_threads()
+    yield
+    _core.set_num_threads(old)
+
+
+@pytest.mark.parametrize("B", [1, 3, 130])
+def test_same_result_for_any_thread_count(rng, threads, B):
+    N, d = 70001, 24
+    u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    w = torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32))
+    b = torch.from_numpy(rng.standard_normal(N).astype(np.float32))
+    exc = make_csr(rng, B, N, 50)
+    outs = []
+    for t in (1, 2, 3):
+        _core.set_num_threads(t)
+        outs.append(ops.policy_topk(u, w, 17, bias=b, exclude=exc, temperature=0.9)
+                    + ops.policy_sample(u, w, 9, seed=11, bias=b, exclude=exc))
+    for o in outs[1:]:
+        for x, y in zip(outs[0], o):
+            assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------
+# the sampler
+# ---------------------------------------------------------------------------------------
+def test_gumbel_uniform_bits_match_reference():
+    rows = torch.tensor([0, 1, 7, 12345, 2**31 - 1])
+    items = torch.tensor([0, 1, 99, 2**32 + 5, 2**40 + 3])
+    for seed in (0, 1, 2**33 + 17, 2**64 - 1):
+        ref = R.hash_uniform(seed, rows[:, None], items[None, :])
+        for i, r in enumerate(rows.tolist()):
+            for j, it in enumerate(items.tolist()):
+                assert _core.gumbel_uniform(seed, r, it) == ref[i, j].item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sample_matches_reference(rng, dtype):
+    B, N, d, k = 9, 30011, 19, 8
+    u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    tab = make_table(rng, N, d, dtype)
+    b = torch.from_numpy(rng.standard_normal(N).astype(np.float32))
+    exc = make_csr(rng, B, N, 30)
+    for seed in (0, 123456789012):
+        ids, sc, prop, slp = ops.policy_sample(u, tab, k, seed=seed, bias=b, exclude=exc, temperature=1.7)
+        rids, rsc, rprop, rslp = R.policy_sample(u, tab, k, seed, b, exc, None, 1.7)
+        s, mask = ref_matrix(u, tab, b, exc, None, 1.7)
+        pert = s + R.gumbel_noise(seed, torch.arange(B)[:, None], torch.arange(N)[None, :])
+        ref_keys = torch.gather(pert, 1, rids.clamp(min=0)).masked_fill(rids < 0, float("-inf"))
+        our_keys = torch.gather(pert, 1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf"))
+        check_topk(ids, our_keys.numpy().astype(np.float32), pert, mask, k, ref_keys)
+        np.testing.assert_allclose(sc.numpy(), torch.gather(s, 1, ids.clamp(min=0)).numpy(), rtol=RTOL, atol=ATOL)
+        # random data has no near-ties in s + G: the slates are the reference's
+        assert torch.equal(ids, rids)
+        np.testing.assert_allclose(prop.numpy(), rprop.numpy(), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(slp.numpy(), rslp.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_sample_candidates_and_padding(rng):
+    B, N, d = 6, 157, 10
+    u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    w = torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32))
+    cnd = make_csr(rng, B, N, 12, np.int32, dup=True)
+    exc = make_csr(rng, B, N, 60, np.int32)
+    ids, sc, prop, slp = ops.policy_sample(u, w, 15, seed=5, exclude=exc, candidates=cnd)
+    rids, rsc, rprop, rslp = R.policy_sample(u, w, 15, 5, None, exc, cnd)
+    assert torch.equal(ids, rids)
+    np.testing.assert_allclose(sc.numpy(), rsc.numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(prop.numpy(), rprop.numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(slp.numpy(), rslp.numpy(), rtol=1e-4, atol=1e-4)
+    assert ((prop == 0) == (ids < 0)).all()
+
+
+def test_sample_reproducible_and_seed_dependent(rng, threads):
+    B, N, d = 4, 5003, 16
+    u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    w = torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32)) * 0.1
+    a = ops.policy_sample(u, w, 10, seed=42)
+    _core.set_num_threads(1)
+    b = ops.policy_sample(u, w, 10, seed=42)
+    c = ops.policy_sample(u, w, 10, seed=43)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert not torch.equal(a[0], c[0])
+    # seeds are taken modulo 2**64
+    d_ = ops.policy_sample(u, w, 10, seed=42 + 2**64)
+    assert torch.equal(a[0], d_[0])
+
+
+def test_sampler_first_two_positions_follow_softmax():
+    """Chi-square: the (first, second) pair frequencies over many rows match Plackett-Luce."""
+    from scipy.stats import chisquare
+
+    rng = np.random.default_rng(7)
+    N, d, rows = 6, 4, 60000
+    w = rng.standard_normal((N, d)).astype(np.float32)
+    u1 = rng.standard_normal(d).astype(np.float32) * 0.6
+    u = np.repeat(u1[None, :], rows, axis=0)
+    b = rng.standard_normal(N).astype(np.float32) * 0.3
+    ids, sc, prop, _ = ops.policy_sample(u, w, 2, seed=2026, bias=b)
+    s = (w.astype(np.float64) @ u1.astype(np.float64) + b)
+    p = np.exp(s - s.max())
+    p /= p.sum()
+    first = np.bincount(ids[:, 0], minlength=N)
+    assert chisquare(first, p * rows).pvalue > 1e-3
+    pair_obs = np.zeros((N, N))
+    np.add.at(pair_obs, (ids[:, 0], ids[:, 1]), 1)
+    pair_exp = p[:, None] * p[None, :] / (1 - p[:, None])
+    np.fill_diagonal(pair_exp, 0)
+    off = ~np.eye(N, dtype=bool)
+    assert pair_obs[~off].sum() == 0
+    assert chisquare(pair_obs[off], pair_exp[off] * rows).pvalue > 1e-3
+    np.testing.assert_allclose(prop[0], p[ids[0]], rtol=1e-4)
+    # the test can fail: uniform noise would not follow the softmax
+    assert chisquare(first, np.full(N, rows / N)).pvalue < 1e-6
+
+
+# ---------------------------------------------------------------------------------------
+# torch custom ops
+# ---------------------------------------------------------------------------------------
+def test_opcheck(rng):
+    B, N, d = 5, 97, 11
+    u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    w = torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32))
+    q = ops.quantize(w, "int8")
+    b = torch.from_numpy(rng.standard_normal(N).astype(np.float32))
+    eo, ei = make_csr(rng, B, N, 4)
+    torch.library.opcheck(torch.ops.recmeta.policy_topk.default,
+                          (u, w, 7, None, None, b, eo, ei, None, None, 0.5))
+    torch.library.opcheck(torch.ops.recmeta.policy_topk.default,
+                          (u, q.data, 3, q.row_scale, q.row_min, None, None, None, eo, ei, 1.0))
+    torch.library.opcheck(torch.ops.recmeta.policy_sample.default,
+                          (u, w, 4, -5, None, None, b, eo, ei, None, None, 2.0))
+
+
+def test_custom_op_under_compile(rng):
+    u = torch.from_numpy(rng.standard_normal((3, 8)).astype(np.float32))
+    w = torch.from_numpy(rng.standard_normal((50, 8)).astype(np.float32))
+
+    def f(u, w):
+        return torch.ops.recmeta.policy_topk(u, w, 4, None, None, None, None, None, None, None, 1.0)
+
+    got = torch.compile(f, backend="eager", fullgraph=True)(u, w)
+    want = f(u, w)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------
+def _small(rng, B=3, N=20, d=4):
+    u = rng.standard_normal((B, d)).astype(np.float32)
+    w = rng.standard_normal((N, d)).astype(np.float32)
+    return u, w
+
+
+@pytest.mark.parametrize("which", ["exclude", "candidates"])
+@pytest.mark.parametrize("bad", [20, -1, 2**40])
+def test_bad_ids_rejected(rng, which, bad):
+    u, w = _small(rng)
+    pair = (np.array([0, 1, 2, 3]), np.array([1, bad, 2]))
+    with pytest.raises(ValueError, match=str(bad)):
+        ops.policy_topk(u, w, 2, **{which: pair})
+    with pytest.raises(ValueError, match=str(bad)):
+        ops.policy_sample(u, w, 2, seed=0, **{which: pair})
+    # the core checks too (no input can make it read outside its buffers)
+    kw = {f"{'exclude' if which == 'exclude' else 'candidate'}_offsets": pair[0],
+          f"{'exclude' if which == 'exclude' else 'candidate'}_ids": pair[1]}
+    with pytest.raises(ValueError, match=str(bad)):
+        _core.policy_topk(u, w, 2, **kw)
+
+
+@pytest.mark.parametrize("off,msg", [
+    ([0, 2, 1, 3], "decrease"), ([1, 1, 2, 3], "offsets\\[0\\]"), ([0, 1, 2, 4], "3"),
+    ([0, 1, 3], "4 offsets"),
+])
+def test_bad_offsets_rejected(rng, off, msg):
+    u, w = _small(rng)
+    pair = (np.array(off), np.array([1, 2, 3]))
+    with pytest.raises(ValueError, match=msg):
+        ops.policy_topk(u, w, 2, exclude=pair)
+    with pytest.raises(ValueError):
+        _core.policy_topk(u, w, 2, exclude_offsets=pair[0], exclude_ids=pair[1])
+
+
+def test_bad_values_rejected(rng):
+    u, w = _small(rng)
+    bad_u = u.copy()
+    bad_u[1, 2] = np.nan
+    with pytest.raises(ValueError, match="nan"):
+        ops.policy_topk(bad_u, w, 2)
+    with pytest.raises(ValueError, match="nan"):
+        _core.policy_topk(bad_u, w, 2)
+    b = np.ones(20, np.float32)
+    b[7] = np.inf
+    with pytest.raises(ValueError, match="inf"):
+        ops.policy_sample(u, w, 2, seed=1, bias=b)
+    with pytest.raises(ValueError, match="inf"):
+        _core.policy_topk(u, w, 2, bias=b)
+    for t in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            ops.policy_topk(u, w, 2, temperature=t)
+        with pytest.raises(ValueError, match="temperature"):
+            _core.policy_topk(u, w, 2, temperature=t)
+    for k in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="k must"):
+            ops.policy_topk(u, w, k)
+    with pytest.raises(ValueError, match="-3"):
+        _core.policy_topk(u, w, -3)
+
+
+def test_bad_types_and_shapes_rejected(rng):
+    u, w = _small(rng)
+    with pytest.raises(TypeError, match="float64"):
+        ops.policy_topk(u.astype(np.float64), w, 2)
+    with pytest.raises(TypeError, match="int"):
+        ops.policy_topk(u.astype(np.int32), w, 2)
+    with pytest.raises(TypeError):
+        ops.policy_topk(u, w.astype(np.int64), 2)
+    with pytest.raises(ValueError, match="shape"):
+        ops.policy_topk(u[:, :3], w, 2)
+    with pytest.raises(ValueError, match="shape"):
+        ops.policy_topk(u, w, 2, bias=np.ones(19, np.float32))
+    with pytest.raises(TypeError, match="float64"):
+        ops.policy_topk(u, w, 2, bias=np.ones(20, np.float64))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        ops.policy_topk(u, w, 2, exclude=(np.array([0, 0, 0, 1]), np.array([1.0], np.float32)))
+    with pytest.raises(TypeError, match="seed"):
+        ops.policy_sample(u, w, 2, seed=1.5)
+    with pytest.raises(TypeError, match="float64"):
+        _core.policy_topk(u.astype(np.float64), w, 2)
+    with pytest.raises(ValueError, match="shape"):
+        _core.policy_topk(u[:, :3], w, 2)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        _core.policy_topk(u, w, 2, exclude_offsets=np.array([0, 0, 0, 1.0]), exclude_ids=np.array([1]))
+    q = ops.quantize(w, "int8")
+    with pytest.raises(ValueError, match="row_scale"):
+        _core.policy_topk(u, q.data.numpy(), 2)
+    with pytest.raises(ValueError, match="row_min"):
+        _core.policy_topk(u, q.data.numpy(), 2, row_scale=q.row_scale.numpy(), row_min=q.row_min.numpy()[:5])
+
+
+# ---------------------------------------------------------------------------------------
+# property tests
+# ---------------------------------------------------------------------------------------
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(B=st.integers(0, 9), N=st.integers(1, 400), d=st.integers(1, 40), k=st.integers(0, 30),
+       dtype=st.sampled_from(DTYPES), bias=st.booleans(), exclude=st.integers(0, 30),
+       cand=st.sampled_from([0, 0, 50]), tau=st.sampled_from([0.3, 1.0, 2.5]),
+       seed=st.integers(0, 2**32))
+def test_property_matches_reference(B, N, d, k, dtype, bias, exclude, cand, tau, seed):
+    rng = np.random.default_rng(seed)
+    u, tab, b, exc, cnd = run_case(rng, B, N, d, k, dtype, bias, exclude, cand, tau)
+    ids, sc, prop, slp = ops.policy_sample(u, tab, k, seed=seed, bias=b, exclude=exc, candidates=cnd,
+                                           temperature=tau)
+    s, mask = ref_matrix(u, tab, b, exc, cnd, tau)
+    pert = s + R.gumbel_noise(seed, torch.arange(B)[:, None], torch.arange(N)[None, :])
+    rids = R.policy_sample(u, tab, k, seed, b, exc, cnd, tau)[0]
+    ref_keys = torch.gather(pert, 1, rids.clamp(min=0)).masked_fill(rids < 0, float("-inf"))
+    our_keys = torch.gather(pert, 1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf"))
+    check_topk(ids, our_keys.numpy().astype(np.float32), pert, mask, k, ref_keys)
+
+
+@given(bad=st.one_of(st.integers(-2**62, -1), st.integers(37, 2**62)), pos=st.integers(0, 4),
+       which=st.sampled_from(["exclude", "candidates"]), idx32=st.booleans())
+def test_property_hostile_ids(bad, pos, which, idx32):
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal((2, 3)).astype(np.float32)
+    w = rng.standard_normal((37, 3)).astype(np.float32)
+    dt = np.int64
+    if idx32:
+        if not (-2**31 <= bad < 2**31):
+            bad = -7 if bad < 0 else 2**31 - 1
+        dt = np.int32
+    ids = np.array([1, 2, 3, 4, 5], dt)
+    ids[pos] = bad
+    pair = (np.array([0, 2, 5], dt), ids)
+    with pytest.raises(ValueError, match=str(bad)):
+        ops.policy_topk(u, w, 3, **{which: pair})
+
+
+@given(offs=st.lists(st.integers(-3, 8), min_size=1, max_size=5))
+def test_property_hostile_offsets(offs):
+    rng = np.random.default_rng(1)
+    u = rng.standard_normal((3, 3)).astype(np.float32)
+    w = rng.standard_normal((10, 3)).astype(np.float32)
+    ids = np.array([0, 1, 2, 3, 4])
+    o = np.array(offs)
+    ok = (len(offs) == 4 and offs[0] == 0 and all(b >= a for a, b in zip(offs, offs[1:])) and offs[-1] == 5)
+    if ok:
+        ops.policy_topk(u, w, 2, exclude=(o, ids))
+    else:
+        with pytest.raises(ValueError):
+            ops.policy_topk(u, w, 2, exclude=(o, ids))
+        with pytest.raises(ValueError):
+            _core.policy_topk(u, w, 2, exclude_offsets=o, exclude_ids=ids)
