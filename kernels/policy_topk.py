@@ -29,7 +29,7 @@ from ._common import (KEY_SENTINEL, check_item_count, gather_scores, item_hi_mix
                       merge_topk, seed_key, sorted_pair_keys)
 from ._heuristics import cdiv, next_pow2, num_sms, policy_config
 
-__all__ = ["policy_topk", "policy_sample", "policy_stage1"]
+__all__ = ["policy_topk", "policy_sample", "policy_stage1", "hash_uniform"]
 
 
 @triton.jit
@@ -44,14 +44,46 @@ def _mix32(x):
 
 
 @triton.jit
-def _gumbel(seed_key, hi_mix, rows, cols):
-    """Gumbel noise -log(-log(u)) with u = hash_uniform(seed, row, item) (float32)."""
+def _hash_uniform(seed_key, hi_mix, rows, cols):
+    """(BLOCK_B, BLOCK_N) float32 uniforms: reference.hash_uniform(seed, rows, cols) bit for bit."""
     r = rows.to(tl.uint32) + tl.full(rows.shape, 0x85EBCA6B, tl.uint32)
     h = _mix32(seed_key ^ _mix32(r))  # (BLOCK_B,)
     h = _mix32(h[:, None] ^ cols.to(tl.uint32)[None, :])  # item_lo
     h = _mix32(h ^ hi_mix)  # item_hi == 0 for ids < 2**32: mix32(0 + 0xC2B2AE35)
-    u = ((h >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    return ((h >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23: exact, u < 1
+
+
+@triton.jit
+def _gumbel(seed_key, hi_mix, rows, cols):
+    """Gumbel noise -log(-log(u)) with u = hash_uniform(seed, row, item) (float32)."""
+    u = _hash_uniform(seed_key, hi_mix, rows, cols)
     return -tl.log(-tl.log(u))
+
+
+@triton.jit(do_not_specialize=["seed_key", "hi_mix"])
+def _hash_uniform_fwd_kernel(
+    out_ptr,  # (B, N) float32 out: hash_uniform(seed, row, item)
+    B, N,  # rows, items
+    seed_key,  # uint32 key of the seed
+    hi_mix,  # uint32 mix32(0xC2B2AE35)
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    u = _hash_uniform(seed_key.to(tl.uint32), hi_mix.to(tl.uint32), rows, cols)
+    m = (rows < B)[:, None] & (cols < N)[None, :]
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], u, mask=m)
+
+
+def hash_uniform(seed: int, B: int, N: int, device="cpu") -> torch.Tensor:
+    """(B, N) float32 uniforms of rows 0..B-1 and items 0..N-1 from the kernels' hash (the
+    function the policy kernel perturbs with; tests compare it bit for bit to the reference)."""
+    out = torch.empty(B, N, dtype=torch.float32, device=device)
+    if B and N:
+        _hash_uniform_fwd_kernel[(cdiv(B, 4), cdiv(N, 32))](out, B, N, seed_key(seed), item_hi_mix(),
+                                                          BLOCK_B=4, BLOCK_N=32)
+    return out
 
 
 @triton.jit

@@ -83,7 +83,7 @@ def test_seed_key_matches_reference_hash():
                 x = C.mix32(key ^ C.mix32(int(rows[i, 0]) + 0x85EBCA6B))
                 x = C.mix32(x ^ int(items[0, j]))
                 h[i, j] = C.mix32(x ^ hm)
-        u = (((h >> 8).to(torch.float64) + 0.5) * 2.0 ** -24).to(torch.float32)
+        u = (((h >> 9).to(torch.float64) + 0.5) * 2.0 ** -23).to(torch.float32)
         assert torch.equal(u, R.hash_uniform(seed, rows, items))
 
 
@@ -119,6 +119,8 @@ def test_cuda_extension_checks_scalar_arguments_before_launching():
     with pytest.raises(ValueError, match="stride"):
         # row_stride 2 < dim 4
         ext.embedding_bag_fwd(0, 8, 0, 0, 10, 4, 2, 8, True, 3, 8, True, 3, 0, False, 8, 4, 0)
+    with pytest.raises(ValueError, match="hash_uniform: bad shape"):
+        ext.hash_uniform(0, -1, 5, 0, 0, 0)
     with pytest.raises(ValueError, match="table kind"):
         ext.embedding_bag_fwd(5, 8, 0, 0, 10, 4, 4, 8, True, 3, 8, True, 3, 0, False, 8, 4, 0)
 
@@ -282,6 +284,25 @@ def test_gpu_policy_sample_draws_the_cpu_slates(backend, fmt):
             torch.testing.assert_close(a_, b_, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[2].cpu().sort(dim=1).values, cpu[2].sort(dim=1).values,
                                    rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_gpu_hash_uniform_is_bit_identical_to_reference(backend):
+    _need(backend)
+    C = _gpu.load_kernel_module("_common")
+    B, N = 37, 1031
+    for seed in (0, 99, 2**64 - 1):
+        out = torch.empty(B, N, device="cuda")
+        if backend == "cuda":
+            from recmeta_sdk import _core_cuda
+
+            _core_cuda.hash_uniform(out.data_ptr(), B, N, C.seed_key(seed), C.item_hi_mix(),
+                                    int(torch.cuda.current_stream().cuda_stream))
+        else:
+            out = _gpu.load_kernel_module("policy_topk").hash_uniform(seed, B, N, "cuda")
+        ref = R.hash_uniform(seed, torch.arange(B)[:, None], torch.arange(N)[None, :])
+        assert torch.equal(out.cpu(), ref), seed
 
 
 @pytest.mark.gpu

@@ -125,6 +125,15 @@ PYBIND11_MODULE(_core_cuda, m) {
       "Row-wise Adagrad step from summed row gradients.");
 
   m.def(
+      "hash_uniform",
+      [](std::uintptr_t out, int64_t rows, int64_t num_items, std::uint32_t seed_key, std::uint32_t hi_mix,
+         std::uintptr_t stream) {
+        recmeta::cuda::hash_uniform(ptr<float>(out), rows, num_items, seed_key, hi_mix, stream_of(stream));
+      },
+      py::arg("out"), py::arg("rows"), py::arg("num_items"), py::arg("seed_key"), py::arg("hi_mix"),
+      py::arg("stream"), "The Gumbel uniforms hash_uniform(seed, r, i) for r < rows, i < num_items (float32).");
+
+  m.def(
       "policy_topk_stage1",
       [](std::uintptr_t users, int64_t user_stride, int64_t batch, int64_t dim, int kind, std::uintptr_t items,
          int64_t item_stride, std::uintptr_t scale, std::uintptr_t rmin, int64_t num_items, std::uintptr_t bias,

@@ -36,13 +36,29 @@ __device__ __forceinline__ uint32_t mix32(uint32_t x) {
   return x;
 }
 
-/// Gumbel noise -log(-log(u)), u = hash_uniform(seed, row, item) exactly as the reference.
-__device__ __forceinline__ float gumbel(uint32_t seed_key, uint32_t hi_mix, int64_t row, int64_t item) {
+/// u = hash_uniform(seed, row, item) of the reference, bit for bit (integer hashing and an
+/// exact conversion: 23 bits + 0.5, times 2^-23, so 0 < u < 1).
+__device__ __forceinline__ float hash_uniform(uint32_t seed_key, uint32_t hi_mix, int64_t row, int64_t item) {
   uint32_t h = mix32(seed_key ^ mix32(static_cast<uint32_t>(row) + 0x85EBCA6Bu));
   h = mix32(h ^ static_cast<uint32_t>(item));
   h = mix32(h ^ hi_mix);
-  const float u = (static_cast<float>(h >> 8) + 0.5f) * 5.9604644775390625e-08f;
+  return (static_cast<float>(h >> 9) + 0.5f) * 1.1920928955078125e-07f;
+}
+
+/// Gumbel noise -log(-log(u)) with u from hash_uniform.
+__device__ __forceinline__ float gumbel(uint32_t seed_key, uint32_t hi_mix, int64_t row, int64_t item) {
+  const float u = hash_uniform(seed_key, hi_mix, row, item);
   return -logf(-logf(u));
+}
+
+/// out[r * num_items + i] = hash_uniform(seed, r, i) for r < rows, i < num_items.
+__global__ void hash_uniform_kernel(float* __restrict__ out, int64_t rows, int64_t num_items, uint32_t seed_key,
+                                    uint32_t hi_mix) {
+  const int64_t total = rows * num_items;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[t] = hash_uniform(seed_key, hi_mix, t / num_items, t % num_items);
+  }
 }
 
 /// ordered(float bits) * 2^32 + (2^32 - 1 - item): larger key = larger value, then smaller id.
@@ -285,6 +301,16 @@ __global__ void __launch_bounds__(kThreads) policy_stage1_kernel(PolicyStage1Arg
 }
 
 }  // namespace
+
+void hash_uniform(float* out, int64_t rows, int64_t num_items, uint32_t seed_key, uint32_t hi_mix, void* stream) {
+  RECMETA_CHECK(rows >= 0 && num_items >= 0 && num_items < (int64_t{1} << 32), "hash_uniform: bad shape (", rows,
+                ", ", num_items, ")");
+  if (rows == 0 || num_items == 0) return;
+  int64_t blocks = detail::ceil_div(rows * num_items, 256);
+  if (blocks > 65535) blocks = 65535;
+  RECMETA_LAUNCH(hash_uniform_kernel, dim3(static_cast<unsigned>(blocks)), 256, 0, stream, out, rows, num_items,
+                 seed_key, hi_mix);
+}
 
 void policy_topk_stage1(const PolicyStage1Args& a, void* stream) {
   RECMETA_CHECK(a.kb >= 2 && a.kb <= 256 && (a.kb & (a.kb - 1)) == 0,

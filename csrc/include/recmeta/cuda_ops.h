@@ -98,6 +98,11 @@ struct PolicyStage1Args {
   int32_t kb = 2;  ///< power of two in [2, 256], >= k
 };
 
+/// The uniforms of the Gumbel noise: out[r * num_items + i] = hash_uniform(seed, r, i) of
+/// recmeta_sdk/reference.py, bit for bit (for tests: the policy kernel uses the same function).
+/// @param out  device float32, rows * num_items values
+void hash_uniform(float* out, int64_t rows, int64_t num_items, uint32_t seed_key, uint32_t hi_mix, void* stream);
+
 /// Stage 1 of policy top-k / Gumbel-top-k: per (user group, item split) an online
 /// log-sum-exp and the top kb packed keys (never the batch x N score matrix).
 void policy_topk_stage1(const PolicyStage1Args& args, void* stream);
