@@ -172,7 +172,7 @@ def _bench_rows(rows, impls, bw, g, t0):
                                          bw=eb / (ms * 1e-3) / bw,
                                          speedup=None if tms is None else tms / ms))
                     print(f"  done N={N} d={d} {fmt} B={B} ({time.time() - t0:.0f} s)", flush=True)
-                del tab, half
+                tab = half = None  # free the table before the next one
                 torch.cuda.empty_cache()
 
 

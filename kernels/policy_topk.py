@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ._common import (KEY_SENTINEL, check_item_count, gather_scores, item_hi_mix, merge_lse,
                       merge_topk, seed_key, sorted_pair_keys)
-from ._heuristics import cdiv, next_pow2, num_sms, policy_config
+from ._heuristics import cdiv, num_sms, policy_config
 
 __all__ = ["policy_topk", "policy_sample", "policy_stage1", "hash_uniform"]
 
