@@ -1,0 +1,462 @@
+"""GPU dispatch: CUDA tensors to the Triton kernels (``recmeta_sdk.kernels``) or the CUDA
+kernels (``recmeta_sdk._core_cuda``).
+
+Every entry point validates its inputs on the host with the same checks as the CPU path
+(:mod:`recmeta_sdk._ops_common`) before any kernel runs, so an out-of-range id or a bad
+offset raises ``ValueError`` here, never a device-side assert or an illegal memory
+access. Nothing here imports Triton or the CUDA extension at import time: this module
+imports fine on a machine without either.
+
+Entry points (all take torch tensors on one CUDA device; see :mod:`recmeta_sdk.ops` for
+the arguments):
+
+* :func:`gpu_embedding_bag`, :func:`gpu_embedding_bag_backward`
+* :func:`gpu_policy_topk`, :func:`gpu_policy_sample`
+* :func:`is_cuda_input`: whether an op's argument lives on a CUDA device (the dispatch test)
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import math
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from . import backends, reference
+from ._ops_common import as_table, as_tensor, check_csr, check_float, check_ids, check_offsets
+from .reference import QuantizedTable
+
+__all__ = [
+    "is_cuda_input",
+    "load_kernel_module",
+    "gpu_embedding_bag",
+    "gpu_embedding_bag_backward",
+    "gpu_policy_topk",
+    "gpu_policy_sample",
+]
+
+log = logging.getLogger("recmeta")
+_KIND_CODE = {"fp32": 0, "fp16": 1, "int8": 2}
+
+
+# ---------------------------------------------------------------------------------------
+# Loading the kernels
+# ---------------------------------------------------------------------------------------
+def _ensure_kernels_package() -> None:
+    """Make ``recmeta_sdk.kernels`` importable.
+
+    Installed, it ships inside the package (pyproject's wheel.packages maps kernels/ to
+    recmeta_sdk/kernels). In the source tree the folder is ``<root>/kernels``: it is then
+    loaded *as* ``recmeta_sdk.kernels`` (never as a top-level package named ``kernels``).
+    """
+    if "recmeta_sdk.kernels" in sys.modules:
+        return
+    try:
+        importlib.import_module("recmeta_sdk.kernels")
+        return
+    except ModuleNotFoundError as e:
+        if e.name != "recmeta_sdk.kernels":
+            raise
+    here = os.path.dirname(os.path.abspath(__file__))
+    src = os.path.join(os.path.dirname(here), "kernels")
+    init = os.path.join(src, "__init__.py")
+    if not os.path.isfile(init):
+        raise ModuleNotFoundError("recmeta_sdk.kernels is not installed and this is not a source tree",
+                                  name="recmeta_sdk.kernels")
+    spec = importlib.util.spec_from_file_location("recmeta_sdk.kernels", init,
+                                                  submodule_search_locations=[src])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["recmeta_sdk.kernels"] = mod
+    spec.loader.exec_module(mod)
+    setattr(sys.modules["recmeta_sdk"], "kernels", mod)
+
+
+def load_kernel_module(name: str):
+    """``recmeta_sdk.kernels.<name>`` (``"embedding_bag"``, ``"policy_topk"``, ``"_common"``,
+    ``"_heuristics"``); the Triton ones import Triton."""
+    _ensure_kernels_package()
+    return importlib.import_module(f"recmeta_sdk.kernels.{name}")
+
+
+def _cuda_ext():
+    from . import _core_cuda  # noqa: WPS433 - built only with RECMETA_ENABLE_CUDA
+
+    return _core_cuda
+
+
+# ---------------------------------------------------------------------------------------
+# Validation shared by the entry points
+# ---------------------------------------------------------------------------------------
+def is_cuda_input(x) -> bool:
+    """True when ``x`` (a tensor, a QuantizedTable, or a list of tables) lives on CUDA."""
+    if isinstance(x, (list, tuple)):
+        return any(is_cuda_input(t) for t in x)
+    if isinstance(x, QuantizedTable):
+        return isinstance(x.data, torch.Tensor) and x.data.is_cuda
+    return isinstance(x, torch.Tensor) and x.is_cuda
+
+
+def _table_tensors(tab):
+    if isinstance(tab, QuantizedTable):
+        return [t for t in (tab.data, tab.row_scale, tab.row_min) if t is not None]
+    return [tab]
+
+
+def _check_device(device: torch.device, named) -> None:
+    for name, t in named:
+        if t is None:
+            continue
+        for x in (_table_tensors(t) if isinstance(t, QuantizedTable) else [t]):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch tensor on {device}, got {type(x).__name__}")
+            if x.device != device:
+                raise ValueError(f"{name}: on {x.device}, but the inputs are on {device}")
+
+
+def _check_quantized(tab, name: str) -> None:
+    if isinstance(tab, QuantizedTable):
+        n, d = tab.shape
+        if tab.dtype == "int8":
+            if tab.data.dtype != torch.uint8:
+                raise TypeError(f"{name}: int8 table codes must be uint8, got {tab.data.dtype}")
+            check_float(tab.row_scale, f"{name} row_scale", (n,))
+            check_float(tab.row_min, f"{name} row_min", (n,))
+        elif tab.dtype == "fp16":
+            if tab.data.dtype != torch.float16:
+                raise TypeError(f"{name}: fp16 table data must be float16, got {tab.data.dtype}")
+        else:
+            raise ValueError(f"{name}: unknown table dtype {tab.dtype!r}")
+
+
+def _resolve(backend: Optional[str]) -> str:
+    name = backends.resolve(backend, "cuda")
+    if name not in ("triton", "cuda", "torch"):
+        raise ValueError(f"backend {name!r} cannot run CUDA tensors")
+    return name
+
+
+def _stream(device) -> int:
+    return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+def _tab_cpu(tab):
+    if isinstance(tab, QuantizedTable):
+        return QuantizedTable(tab.dtype, *(None if t is None else t.cpu()
+                                           for t in (tab.data, tab.row_scale, tab.row_min)))
+    return tab.cpu()
+
+
+# ---------------------------------------------------------------------------------------
+# Embedding bag
+# ---------------------------------------------------------------------------------------
+def gpu_embedding_bag(weight, indices, offsets, per_sample_weights=None, mode: str = "sum",
+                      backend: Optional[str] = None) -> torch.Tensor:
+    """Pooled lookup (one table or a TBE list of tables) of CUDA tensors → (B, sum d) float32."""
+    if mode not in ("sum", "mean"):
+        raise ValueError(f"embedding_bag: mode must be 'sum' or 'mean', got {mode!r}")
+    idx, _ = as_tensor(indices, "indices")
+    off, _ = as_tensor(offsets, "offsets")
+    tables = list(weight) if isinstance(weight, (list, tuple)) else [weight]
+    if not tables:
+        raise ValueError("embedding_bag: the list of tables is empty")
+    tabs = [as_table(w, f"weight[{t}]")[0] for t, w in enumerate(tables)]
+    for t, tab in enumerate(tabs):
+        _check_quantized(tab, f"weight[{t}]")
+    dev = idx.device
+    if dev.type != "cuda":
+        raise ValueError(f"gpu_embedding_bag: indices must be a CUDA tensor, got device {dev}")
+    psw = None
+    if per_sample_weights is not None:
+        psw, _ = as_tensor(per_sample_weights, "per_sample_weights")
+    _check_device(dev, [("offsets", off), ("per_sample_weights", psw)]
+                  + [(f"weight[{t}]", tab) for t, tab in enumerate(tabs)])
+    T = len(tabs)
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices: ids must be int32 or int64, got {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"indices: expected a 1-D array, got shape {tuple(idx.shape)}")
+    off = check_offsets(off, "offsets", idx.numel())
+    if (off.numel() - 1) % T != 0:
+        raise ValueError(f"offsets: {off.numel() - 1} bags is not a multiple of the {T} tables")
+    B = (off.numel() - 1) // T
+    bounds = off[torch.arange(T + 1, device=dev) * B].tolist()
+    for t, tab in enumerate(tabs):
+        check_ids(idx[bounds[t]:bounds[t + 1]], "indices" if T == 1 else f"indices of table {t}",
+                  tab.shape[0])
+    idx = idx.contiguous()
+    if psw is not None:
+        if psw.dtype != torch.float32:
+            raise TypeError(f"per_sample_weights: expected float32, got {psw.dtype}")
+        check_float(psw, "per_sample_weights", (idx.numel(),))
+        psw = psw.contiguous()
+    return _embedding_bag_run(_resolve(backend), tabs, idx, off, psw, mode)
+
+
+def _embedding_bag_run(name, tabs, idx, off, psw, mode):
+    """The forward on validated inputs (also what bench/gpu_check.py times)."""
+    dev = idx.device
+    T = len(tabs)
+    B = (off.numel() - 1) // T
+    if name == "torch":
+        out = reference.embedding_bag_tbe([_tab_cpu(t) for t in tabs], idx.cpu(), off.cpu(),
+                                          None if psw is None else psw.cpu(), mode)
+        return out.to(dev)
+    if name == "triton":
+        EB = load_kernel_module("embedding_bag")
+        return EB.embedding_bag_tbe_fwd(tabs, idx, off, psw, mode)
+    ext = _cuda_ext()
+    dims = [int(t.shape[1]) for t in tabs]
+    out = torch.empty(B, sum(dims), dtype=torch.float32, device=dev)
+    col = 0
+    stream = _stream(dev)
+    for t, tab in enumerate(tabs):
+        data, scale, rmin, kind = _cuda_table(tab)
+        o = off[t * B:(t + 1) * B + 1]
+        ext.embedding_bag_fwd(kind, data.data_ptr(), _ptr(scale), _ptr(rmin), int(data.shape[0]), dims[t],
+                              int(data.stride(0)), idx.data_ptr(), idx.dtype == torch.int64, idx.numel(),
+                              o.data_ptr(), o.dtype == torch.int64, B,
+                              0 if psw is None else psw.data_ptr(), mode == "mean",
+                              out[:, col:].data_ptr(), int(out.stride(0)), stream)
+        col += dims[t]
+    return out
+
+
+def _cuda_table(tab):
+    """(data with contiguous columns, row_scale, row_min, kind code) for the CUDA kernels;
+    the caller keeps the returned tensors alive while their pointers are in use."""
+    if isinstance(tab, QuantizedTable):
+        data = tab.data if tab.data.stride(1) == 1 else tab.data.contiguous()
+        if tab.dtype == "int8":
+            return data, tab.row_scale.contiguous(), tab.row_min.contiguous(), _KIND_CODE["int8"]
+        return data, None, None, _KIND_CODE["fp16"]
+    data = tab if tab.stride(1) == 1 else tab.contiguous()
+    return data, None, None, _KIND_CODE["fp32"]
+
+
+def _ptr(t) -> int:
+    return 0 if t is None else int(t.data_ptr())
+
+
+def gpu_embedding_bag_backward(weight, indices, offsets, grad_output, per_sample_weights=None,
+                               mode: str = "sum", optimizer: str = "sgd", lr: float = 0.01,
+                               eps: float = 1e-8, state=None, backend: Optional[str] = None,
+                               deterministic: bool = True) -> None:
+    """Backward fused with SGD / row-wise Adagrad on CUDA tensors, in place.
+
+    ``deterministic=True`` (default): no float atomics, bit-identical run to run.
+    """
+    if mode not in ("sum", "mean"):
+        raise ValueError(f"embedding_bag_backward: mode must be 'sum' or 'mean', got {mode!r}")
+    if optimizer not in ("sgd", "rowwise_adagrad"):
+        raise ValueError(f"embedding_bag_backward: optimizer must be 'sgd' or 'rowwise_adagrad', "
+                         f"got {optimizer!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr)):
+        raise ValueError(f"lr must be a finite number, got {lr!r}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    w, _ = as_tensor(weight, "weight")
+    idx, _ = as_tensor(indices, "indices")
+    off, _ = as_tensor(offsets, "offsets")
+    g, _ = as_tensor(grad_output, "grad_output")
+    if w.dtype != torch.float32 or w.dim() != 2:
+        raise TypeError(f"weight: the fused update needs a 2-D float32 table, got {w.dtype} {tuple(w.shape)}")
+    if w.device.type != "cuda":
+        raise ValueError(f"gpu_embedding_bag_backward: weight must be a CUDA tensor, got device {w.device}")
+    if w.stride(1) != 1:
+        raise ValueError("weight: the fused update writes in place and needs contiguous columns "
+                         f"(stride {tuple(w.stride())})")
+    psw = st = None
+    if per_sample_weights is not None:
+        psw, _ = as_tensor(per_sample_weights, "per_sample_weights")
+    if state is not None:
+        st, _ = as_tensor(state, "state")
+    _check_device(w.device, [("indices", idx), ("offsets", off), ("grad_output", g),
+                             ("per_sample_weights", psw), ("state", st)])
+    idx = check_ids(idx, "indices", w.shape[0])
+    off = check_offsets(off, "offsets", idx.numel())
+    if g.dtype != torch.float32:
+        raise TypeError(f"grad_output: expected float32, got {g.dtype}")
+    check_float(g, "grad_output", (off.numel() - 1, w.shape[1]))
+    if psw is not None:
+        if psw.dtype != torch.float32:
+            raise TypeError(f"per_sample_weights: expected float32, got {psw.dtype}")
+        check_float(psw, "per_sample_weights", (idx.numel(),))
+        psw = psw.contiguous()
+    if optimizer == "rowwise_adagrad":
+        if st is None:
+            raise ValueError("embedding_bag_backward: rowwise_adagrad needs state")
+        if st.dtype != torch.float32:
+            raise TypeError(f"state: expected float32, got {st.dtype}")
+        check_float(st, "state", (w.shape[0],))
+        if not st.is_contiguous():
+            raise ValueError("state: must be contiguous (it is updated in place)")
+    name = _resolve(backend)
+    if name == "torch":
+        wc, sc = w.cpu(), None if st is None else st.cpu()
+        reference.embedding_bag_backward(wc, idx.cpu(), off.cpu(), g.cpu(),
+                                         None if psw is None else psw.cpu(), mode, optimizer, lr, eps, sc)
+        w.copy_(wc)
+        if st is not None:
+            st.copy_(sc)
+        return
+    if name == "triton":
+        EB = load_kernel_module("embedding_bag")
+        EB.embedding_bag_bwd(w, idx, off, g, psw, mode, optimizer, lr, eps, st, deterministic)
+        return
+    _cuda_backward(w, idx, off, g.contiguous(), psw, mode, optimizer, float(lr), float(eps), st,
+                   deterministic)
+
+
+def _cuda_backward(w, idx, off, g, psw, mode, optimizer, lr, eps, st, deterministic):
+    C = load_kernel_module("_common")
+    ext = _cuda_ext()
+    stream = _stream(w.device)
+    nnz, D = idx.numel(), w.shape[1]
+    if nnz == 0 or D == 0:
+        return
+    adagrad = optimizer == "rowwise_adagrad"
+    psw_p = 0 if psw is None else psw.data_ptr()
+    st_p = 0 if st is None else st.data_ptr()
+    B = off.numel() - 1
+    if deterministic:
+        sorted_pos, uniq, seg = C.backward_segments(idx)
+        bag = C.bag_of_positions(off, nnz)
+        ext.embedding_bag_bwd(w.data_ptr(), D, int(w.stride(0)), st_p, g.data_ptr(), int(g.stride(0)),
+                              sorted_pos.data_ptr(), seg.data_ptr(), uniq.data_ptr(), uniq.numel(),
+                              bag.data_ptr(), off.data_ptr(), off.dtype == torch.int64, B, psw_p,
+                              mode == "mean", adagrad, lr, eps, stream)
+        return
+    if not adagrad:
+        ext.embedding_bag_bwd_atomic(w.data_ptr(), int(w.stride(0)), D, g.data_ptr(), int(g.stride(0)),
+                                     idx.data_ptr(), idx.dtype == torch.int64, off.data_ptr(),
+                                     off.dtype == torch.int64, B, psw_p, mode == "mean", -lr, stream)
+        return
+    uniq, inverse = torch.unique(idx.to(torch.int64), return_inverse=True)
+    inverse = inverse.contiguous()
+    gbuf = torch.zeros(uniq.numel(), D, dtype=torch.float32, device=w.device)
+    ext.embedding_bag_bwd_atomic(gbuf.data_ptr(), D, D, g.data_ptr(), int(g.stride(0)),
+                                 inverse.data_ptr(), True, off.data_ptr(), off.dtype == torch.int64, B,
+                                 psw_p, mode == "mean", 1.0, stream)
+    ext.rowwise_adagrad_apply(w.data_ptr(), int(w.stride(0)), st_p, gbuf.data_ptr(), uniq.data_ptr(),
+                              uniq.numel(), D, lr, eps, stream)
+
+
+# ---------------------------------------------------------------------------------------
+# Policy scoring
+# ---------------------------------------------------------------------------------------
+def _prepare_policy(user_states, items, k, bias, exclude, candidates, temperature):
+    u, _ = as_tensor(user_states, "user_states")
+    tab, _ = as_table(items, "items")
+    _check_quantized(tab, "items")
+    N, d = tab.shape
+    if u.dtype != torch.float32:
+        raise TypeError(f"user_states: expected float32, got {u.dtype}")
+    if u.device.type != "cuda":
+        raise ValueError(f"user_states: expected a CUDA tensor, got device {u.device}")
+    check_float(u, "user_states", (None, d))
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be a non-negative int, got {k!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    b = None
+    if bias is not None:
+        b, _ = as_tensor(bias, "bias")
+        if b.dtype != torch.float32:
+            raise TypeError(f"bias: expected float32, got {b.dtype}")
+        check_float(b, "bias", (N,))
+        b = b.contiguous()
+    B = u.shape[0]
+    exc = check_csr(exclude, "exclude", B, N)
+    cand = check_csr(candidates, "candidates", B, N)
+    _check_device(u.device, [("items", tab), ("bias", b)])
+    return u, tab, b, exc, cand
+
+
+def _policy(user_states, items, k, seed, bias, exclude, candidates, temperature, backend):
+    u, tab, b, exc, cand = _prepare_policy(user_states, items, k, bias, exclude, candidates, temperature)
+    return _policy_run(_resolve(backend), u, tab, k, seed, b, exc, cand, temperature)
+
+
+def _policy_run(name, u, tab, k, seed, b, exc, cand, temperature):
+    """Policy top-k / sampling on validated inputs (also what bench/gpu_check.py times)."""
+    dev = u.device
+    H = load_kernel_module("_heuristics")
+    if name != "torch" and max(2, H.next_pow2(k)) > H.MAX_TOPK:
+        log.info("policy on %s: k=%d is above the fused kernels' limit %d; using the reference",
+                 dev, k, H.MAX_TOPK)
+        name = "torch"
+    if name == "torch":
+        mv = lambda p: None if p is None else (p[0].cpu(), p[1].cpu())  # noqa: E731
+        args = (u.cpu(), _tab_cpu(tab), k)
+        if seed is None:
+            out = reference.policy_topk(*args, None if b is None else b.cpu(), mv(exc), mv(cand),
+                                        float(temperature))
+        else:
+            out = reference.policy_sample(*args, seed, None if b is None else b.cpu(), mv(exc), mv(cand),
+                                          float(temperature))
+        return tuple(t.to(dev) for t in out)
+    if name == "triton":
+        PT = load_kernel_module("policy_topk")
+        if seed is None:
+            return PT.policy_topk(u, tab, k, b, exc, cand, float(temperature))
+        return PT.policy_sample(u, tab, k, seed, b, exc, cand, float(temperature))
+    return _cuda_policy(u, tab, k, seed, b, exc, cand, float(temperature))
+
+
+def _cuda_policy(u, tab, k, seed, b, exc, cand, temperature):
+    C = load_kernel_module("_common")
+    H = load_kernel_module("_heuristics")
+    ext = _cuda_ext()
+    dev = u.device
+    B, D = u.shape
+    N = tab.shape[0]
+    C.check_item_count(N)
+    u = u if u.stride(1) == 1 else u.contiguous()
+    data, scale, rmin, kind = _cuda_table(tab)
+    kb = max(2, H.next_pow2(k))
+    user_blocks = H.cdiv(max(B, 1), 4)  # csrc/cuda/policy_topk.cu: kUsers users per block
+    splits = max(1, min(H.cdiv(N, 256), H.cdiv(4 * H.num_sms(dev), user_blocks), 65535))
+    per = H.cdiv(N, splits) if N else 0
+    splits = max(1, H.cdiv(N, per)) if N else 1
+    keys = torch.full((B, splits, kb), C.KEY_SENTINEL, dtype=torch.int64, device=dev)
+    mx = torch.full((B, splits), float("-inf"), dtype=torch.float32, device=dev)
+    sm = torch.zeros(B, splits, dtype=torch.float32, device=dev)
+    ex = C.sorted_pair_keys(exc, N, dev)
+    ca = C.sorted_pair_keys(cand, N, dev)
+    cand_empty = ca is not None and ca.numel() == 0
+    if B and N and not cand_empty:
+        ext.policy_topk_stage1(
+            u.data_ptr(), int(u.stride(0)), B, D, kind, data.data_ptr(), int(data.stride(0)), _ptr(scale), _ptr(rmin), N,
+            0 if b is None else b.data_ptr(),
+            0 if ex is None else ex.data_ptr(), 0 if ex is None else ex.numel(),
+            0 if ca is None else ca.data_ptr(), 0 if ca is None else ca.numel(),
+            temperature, seed is not None, C.seed_key(seed) if seed is not None else 0, C.item_hi_mix(),
+            keys.data_ptr(), mx.data_ptr(), sm.data_ptr(), splits, per, kb, _stream(dev))
+    ids, vals = C.merge_topk(keys, k)
+    lognorm = C.merge_lse(mx, sm)
+    if seed is None:
+        return ids, vals, lognorm
+    sc = C.gather_scores(u, tab, ids, b, temperature)
+    return (ids, sc) + reference._slate_probabilities(sc, ids >= 0, lognorm)
+
+
+def gpu_policy_topk(user_states, items, k, bias=None, exclude=None, candidates=None,
+                    temperature: float = 1.0, backend: Optional[str] = None):
+    """Fused policy top-k on CUDA tensors → (ids, scores, log_normalizer), on the device.
+
+    ``exclude`` / ``candidates`` CSR pairs may be on the CPU or the device.
+    """
+    return _policy(user_states, items, k, None, bias, exclude, candidates, temperature, backend)
+
+
+def gpu_policy_sample(user_states, items, k, seed, bias=None, exclude=None, candidates=None,
+                      temperature: float = 1.0, backend: Optional[str] = None):
+    """Gumbel-top-k sampling on CUDA tensors → (ids, scores, propensities, slate_log_prob);
+    the same slates as the CPU backends for the same seed (same counter-based hash)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    return _policy(user_states, items, k, int(seed), bias, exclude, candidates, temperature, backend)
