@@ -45,7 +45,9 @@ def _probe_triton() -> Tuple[bool, str]:
     except ImportError:
         return False, "the triton package is not installed (pip install 'recmeta[triton]')"
     try:
-        from . import kernels  # noqa: F401
+        from ._gpu import load_kernel_module
+
+        load_kernel_module("_heuristics")
     except ImportError as e:
         return False, f"recmeta_sdk.kernels did not import ({e})"
     return True, f"Triton {triton.__version__} on {torch.cuda.get_device_name()}"
