@@ -405,7 +405,12 @@ class RecommenderPolicy:
 
     def recommend(self, user_ctx: UserContext, k: int, exclude: np.ndarray) -> np.ndarray:
         st = self._state_of(user_ctx.user)
-        out = self.rec.recommend(st, k=k, exclude=list(self._ext(exclude)), exclude_seen=self.exclude_seen)
+        ex = list(self._ext(exclude))
+        if self._store is not None and self.exclude_seen:
+            cur = self._store.current(user_ctx.user)
+            if cur is not None:
+                ex += cur.exclude_ids()  # the misses (the state's history holds the hits)
+        out = self.rec.recommend(st, k=k, exclude=ex, exclude_seen=self.exclude_seen)
         ids = out[0] if isinstance(out, tuple) else getattr(out, "ids", out)
         ids = np.asarray(ids).reshape(-1)
         if self._index is None:

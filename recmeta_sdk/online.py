@@ -5,20 +5,22 @@ states, auditable exploration helpers and the incremental off-policy update.
 
     model.feedback([{"user": "u7", "item": 50, "reward": 1.0, "propensity": 0.12}])
     st = online.current(model, "u7")          # OnlineUser: .state (a UserState), .version
-    model.recommend(st.state, k=10)            # reflects the click at once
+    online.recommend(model, "u7", k=10)       # reflects the click at once (and its version)
     new = rm.train(None, resume=model)         # off-policy update from the feedback log
 
 Feedback
 --------
 Each event ``(user, item, reward, propensity, timestamp, position)`` updates that user's
 state at once: the user's encoder history gains the item (with ``encode="positive"``, the
-default, only items with a positive reward are read by the encoder — the model is trained
-on positive interactions, and reading the misses as interactions hurts it; every fed-back
-item is still excluded by ``exclude_seen``), the state ``h`` is recomputed, and the user's
+default, only items with a positive reward are read by the model — it is trained on
+positive interactions, and reading the misses as interactions hurts it; the misses are
+kept in :attr:`OnlineUser.seen` and excluded by :func:`recommend`), the state ``h`` is
+recomputed, and the user's
 own fast parameters ``phi = (gamma, delta)`` take **one** gradient step of the model's
 support loss (the reward-weighted likelihood of the positive items, the closed-form
 gradient of :meth:`RecMetaNet.support_grad`, with the model's — meta-learned — step
-sizes) from their current value. A user's first event starts from the model's prior:
+sizes) from their current value (a miss, whose support gradient is zero, takes no step).
+A user's first event starts from the model's prior:
 a known (training) user from its training state (``Recommender.user_state``), a new user
 from ``Recommender.adapt`` of that first event (``config.inner_steps`` steps). With
 ``update="readapt"`` every event instead recomputes ``adapt`` of the whole history from
@@ -166,10 +168,13 @@ class OnlineUser:
     ----------
     user : the user's id
     version : number of feedback events applied
-    state : :class:`~recmeta_sdk.api.UserState` to pass to ``recommend``; its
-        ``history`` holds every item the user interacted with (training history and all
-        fed-back items, so ``exclude_seen`` removes them)
+    state : :class:`~recmeta_sdk.api.UserState` to pass to ``recommend``; its ``history``
+        is the history the model reads (with ``encode="positive"``: the training history
+        and the positively rewarded feedback), so ``exclude_seen`` removes those items;
+        the misses are in ``seen`` (pass :meth:`exclude_ids` as ``exclude``, as
+        :func:`recommend` does)
     enc_items, enc_rewards : the encoder history (internal indices, rewards)
+    seen, seen_rewards : every item interacted with (training history and all feedback)
     gamma, delta : (d,) float32, the user's fast parameters
     known : whether the user is a training user of the model
     """
@@ -182,6 +187,24 @@ class OnlineUser:
     gamma: np.ndarray
     delta: np.ndarray
     known: bool
+    seen: np.ndarray
+    seen_rewards: np.ndarray
+
+    @property
+    def seen_ids(self) -> tuple:
+        """External ids of every item the user interacted with (training and feedback)."""
+        return self._seen_ids
+
+    def _with_ids(self, model) -> "OnlineUser":
+        ids = _ext(model, self.seen)
+        object.__setattr__(self, "_seen_ids", ids)
+        object.__setattr__(self, "_ids_of", dict(zip(self.seen.tolist(), ids)))
+        return self
+
+    def exclude_ids(self) -> list:
+        """The seen items that ``state.history`` does not already exclude (the misses)."""
+        extra = np.setdiff1d(self.seen, self.state.history)
+        return [self._ids_of[i] for i in extra] if len(extra) else []
 
 
 def _ext(model, idx: np.ndarray) -> tuple:
@@ -255,7 +278,7 @@ class OnlineStore:
         rows, it, w = self._support(enc_items, enc_rewards)
         lr = None if m.config.meta == "fomaml" else m.config.inner_lr
         with torch.no_grad():
-            return m._net.adapt_phi(h, m._V, rows, it, w, steps, lr=lr)
+            return m._net.adapt_phi(h, m._V, rows, it, w, steps, lr=lr, **self._offset_kw(rows, it))
 
     def _ufeat(self, user, known) -> np.ndarray:
         m = self.model
@@ -270,10 +293,17 @@ class OnlineStore:
         m = self.model
         with torch.no_grad():
             hp = m._net.apply_phi(h, gamma, delta)
-        st = UserState(hp[0].numpy().copy(), h[0].numpy().copy(), seen, _ext(m, seen), seen_r,
+        st = UserState(hp[0].numpy().copy(), h[0].numpy().copy(), enc_items, _ext(m, enc_items), enc_rewards,
                        user if known else None, (), int(steps), None)
-        return OnlineUser(user, int(version), st, enc_items, enc_rewards,
-                          gamma[0].detach().numpy().copy(), delta[0].detach().numpy().copy(), known)
+        ou = OnlineUser(user, int(version), st, enc_items, enc_rewards,
+                        gamma[0].detach().numpy().copy(), delta[0].detach().numpy().copy(), known, seen, seen_r)
+        return ou._with_ids(m)
+
+    def _offset_kw(self, rows, items) -> dict:
+        """The wide (item-to-item) part of the logits, for models that have one."""
+        f = getattr(self.model._net, "wide_offset", None)
+        off = f(rows, items, 1) if f is not None else None
+        return {} if off is None else {"offset": off}
 
     def _prior(self, user) -> Optional[OnlineUser]:
         """Version 0 of a known user (its training state), or None for a new user."""
@@ -302,7 +332,7 @@ class OnlineStore:
             enc_i, enc_r = np.zeros(0, np.int64), np.zeros(0, np.float32)
             known, version, steps0 = False, 0, 0
         else:
-            seen, seen_r = cur.state.history, cur.state.rewards
+            seen, seen_r = cur.seen, cur.seen_rewards
             enc_i, enc_r = cur.enc_items, cur.enc_rewards
             known, version, steps0 = cur.known, cur.version, cur.state.steps
         seen = np.append(seen, np.int64(idx))
@@ -310,6 +340,9 @@ class OnlineStore:
         if self.encode == "all" or reward > 0:
             enc_i = np.append(enc_i, np.int64(idx))
             enc_r = np.append(enc_r, np.float32(reward)).astype(np.float32)
+        if not new_user and self.encode == "positive" and not reward > 0:
+            # a miss: not read by the model, and its support gradient is zero; only seen grows
+            return replace(cur, version=version + 1, seen=seen, seen_rewards=seen_r)._with_ids(m)
         uf = self._ufeat(user, known)
         h = self._encode(enc_i, uf)
         if new_user or self.update == "readapt":
@@ -321,7 +354,7 @@ class OnlineStore:
             g0 = torch.from_numpy(cur.gamma)[None]
             d0 = torch.from_numpy(cur.delta)[None]
             with torch.no_grad():
-                gg, gd = m._net.support_grad(h, g0, d0, m._V, rows, it, w, 1)
+                gg, gd = m._net.support_grad(h, g0, d0, m._V, rows, it, w, 1, **self._offset_kw(rows, it))
                 g = g0 - self._lr[0] * gg
                 d = d0 - self._lr[1] * gd
             total = steps0 + 1
@@ -412,13 +445,18 @@ def current(model, user) -> Optional[OnlineUser]:
 
 
 def recommend(model, user, k: int = 10, **kwargs):
-    """``model.recommend`` from the user's latest online state; a user without feedback is
-    served as the model would (``user_state`` for a known user; ``adapt([])`` for a new one).
+    """``model.recommend`` from the user's latest online state (with ``exclude_seen``, the
+    default, its misses are excluded too); a user without feedback is served as the model
+    would (``user_state`` for a known user; ``adapt([])`` for a new one).
 
     Returns ``(Recommendations, version)`` with the version of the state used (0: none).
     """
     st = store(model).current(user)
     if st is not None:
+        if kwargs.get("exclude_seen", True):
+            extra = st.exclude_ids()
+            if extra:
+                kwargs["exclude"] = list(kwargs.get("exclude") or []) + extra
         return model.recommend(st.state, k, **kwargs), st.version
     if _scalar_id(user) and model._user_index.get_indexer([user])[0] >= 0:
         return model.recommend(user, k, **kwargs), 0

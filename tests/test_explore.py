@@ -59,7 +59,7 @@ def _chi2(counts: Counter, probs: dict, n: int) -> float:
     return float(stats.chisquare(obs, exp).pvalue)
 
 
-def _temper(model, state, tau=3.0):
+def _temper(model, state, tau=1.0):
     return dict(candidates=CANDS, exclude_seen=False, temperature=tau)
 
 

@@ -91,7 +91,8 @@ def test_new_user_first_event_is_adapt_and_readapt_mode_is_adapt(model):
     cur = ra.current("n")
     np.testing.assert_array_equal(cur.state.vector, ref.vector)
     assert cur.version == 3
-    assert list(cur.state.history_ids) == [12, 4, 17]  # the miss is excluded from serving too
+    assert list(cur.state.history_ids) == [12, 17] and list(cur.seen_ids) == [12, 4, 17]
+    assert cur.exclude_ids() == [4]  # the miss is excluded from serving too
     # encode="all" reads the miss as well
     al = online.OnlineStore(model, update="readapt", encode="all")
     al.feedback([("n", 12, 1.0, 0.1), ("n", 4, 0.0, 0.1)])
@@ -120,7 +121,9 @@ def test_step_update_takes_one_gradient_step_per_event(model):
     # a miss moves nothing but the exclusion list (encode="positive")
     st.feedback([("n", 3, 0.0, 0.1)])
     v3 = st.current("n")
-    assert v3.version == 3 and 3 in v3.state.history_ids and 3 not in v3.enc_items
+    assert v3.version == 3 and 3 in v3.seen_ids and 3 not in v3.state.history_ids
+    np.testing.assert_array_equal(v3.state.vector, v2.state.vector)  # zero reward, zero gradient: no step
+    assert v3.state.steps == v2.state.steps
 
 
 def test_feedback_is_visible_in_the_next_recommendation(model):
@@ -146,6 +149,9 @@ def test_known_user_starts_from_its_training_state(model):
     cur = st.current("u4")
     assert cur.known and cur.state.user == "u4" and cur.version == 1
     assert len(cur.state.history) == len(prior.state.history) + 1 and cur.state.history_ids[-1] == 25
+    st.feedback([("u4", 26, 0.0, 0.3)])  # a miss: seen, not read
+    cur = st.current("u4")
+    assert cur.seen_ids[-1] == 26 and cur.state.history_ids[-1] == 25 and cur.exclude_ids() == [26]
 
 
 def test_model_feedback_method_and_log(model):
@@ -159,6 +165,9 @@ def test_model_feedback_method_and_log(model):
     assert log[log["user"] == "a"]["item"].tolist() == [3, 5]  # per-user order kept
     recs, version = online.recommend(m, "a", 4)
     assert version == 2 and not {3, 5} & set(recs.ids.tolist())
+    m.feedback([("a", int(recs.ids[0]), 0.0, 0.5)])  # a miss is excluded from the next slate
+    recs2, version = online.recommend(m, "a", 4)
+    assert version == 3 and recs.ids[0] not in recs2.ids
 
 
 def test_resume_is_an_off_policy_update_from_the_log(model):
@@ -299,9 +308,9 @@ def test_recommender_policy_learns_through_feedback(model):
     assert len(log) == len(env.users) * 4 * 2 and (log["propensity"] == 1.0).all()
     u = int(env.users[0])
     cur = pol._store.current(u)
-    assert cur.version == 8 and len(set(cur.state.history_ids)) == 8
+    assert cur.version == 8 and len(set(cur.seen_ids)) == 8
     # the next slate is the model's greedy slate from the latest state
-    exp = model.recommend(cur.state, k=2).ids
+    exp = model.recommend(cur.state, k=2, exclude=cur.exclude_ids()).ids
     np.testing.assert_array_equal(pol.recommend(sim.UserContext(u, 4), 2, np.zeros(0, np.int64)), exp)
     assert online.store(model)._log == []  # the policy's own store, not the model's default one
     with pytest.raises(ValueError, match="adapt_steps"):
