@@ -138,6 +138,8 @@ class Recommender:
         self._X = X.contiguous()
         self._V = V.contiguous()
         self._bias = net.item_bias.detach().clone()
+        # the policy's item vectors: [v_a, W[:, a]] with the wide item-to-item part
+        self._Vcat = torch.cat([V, net.wide.T], 1).contiguous() if net.has_wide else self._V
         self._feature_names = schema_names(item_schema)
         self._int_ids = np.issubdtype(self.item_ids.dtype, np.integer)
         self._log_pop = torch.log1p(torch.as_tensor(self._item_count, dtype=torch.float32))
@@ -236,9 +238,20 @@ class Recommender:
             w = (torch.from_numpy(np.maximum(np.concatenate(rewards), 0.0).astype(np.float32)) / self._reward_scale
                  if B else torch.zeros(0))
             lr = None if self.config.meta == "fomaml" else self.config.inner_lr
-            gamma, delta = net.adapt_phi(h, self._V, rows, bi, w, steps, lr=lr)
+            offset = net.wide_offset(rows, bi, B)
+            gamma, delta = net.adapt_phi(h, self._V, rows, bi, w, steps, lr=lr, offset=offset)
             hp = net.apply_phi(h, gamma, delta)
         return h, hp
+
+    def _policy_states(self, vectors: torch.Tensor, hists: List[np.ndarray]) -> torch.Tensor:
+        """The policy's user rows: [h', alpha(n) x_history] with the wide part, else h'."""
+        if not self._net.has_wide:
+            return vectors.contiguous()
+        rows = torch.from_numpy(np.repeat(np.arange(len(hists)), [len(x) for x in hists]))
+        items = torch.from_numpy(np.concatenate(hists).astype(np.int64)) if len(hists) else torch.zeros(0, dtype=torch.int64)
+        with torch.no_grad():
+            wide = self._net.wide_input(rows, items, len(hists))
+        return torch.cat([vectors, wide], 1).contiguous()
 
     def _check_steps(self, steps):
         if steps is None:
@@ -287,7 +300,7 @@ class Recommender:
             _, hp = self._states(hs, rs, ufs, steps)
             ex = [np.unique(np.asarray(exclude[j], np.int64)) for j in range(s, s + len(hs))]
             off = torch.from_numpy(np.concatenate([[0], np.cumsum([len(e) for e in ex])]).astype(np.int64))
-            ids, _, _ = ops.policy_topk(hp, self._V, int(k), bias=self._bias,
+            ids, _, _ = ops.policy_topk(self._policy_states(hp, hs), self._Vcat, int(k), bias=self._bias,
                                         exclude=(off, torch.from_numpy(np.concatenate(ex).astype(np.int64))),
                                         temperature=float(self.config.temperature))
             out.append(ids.numpy())
@@ -382,7 +395,8 @@ class Recommender:
             if s.vector.shape != (self.dim,):
                 raise ValueError(f"UserState vector has shape {s.vector.shape}, this model needs ({self.dim},)")
         B = len(states)
-        U = torch.from_numpy(np.stack([s.vector for s in states]).astype(np.float32))
+        U = self._policy_states(torch.from_numpy(np.stack([s.vector for s in states]).astype(np.float32)),
+                                [np.asarray(s.history, np.int64) for s in states])
         ex_extra = self._id_list(exclude, "exclude")
         exc_lists = [np.unique(np.concatenate([s.history if exclude_seen else np.zeros(0, np.int64), ex_extra]))
                      for s in states]
@@ -400,15 +414,15 @@ class Recommender:
         # the policy's temperature applies to both terms: (<h,v> + b) / tau
         props = None
         if explore == "sample":
-            ids, scores, props, _ = ops.policy_sample(U, self._V, k, seed=int(seed), bias=bias, exclude=exc,
+            ids, scores, props, _ = ops.policy_sample(U, self._Vcat, k, seed=int(seed), bias=bias, exclude=exc,
                                                       candidates=cand, temperature=float(tau))
         elif diversity > 0:
             pool = min(self.n_items, max(5 * k, 50))
-            pids, pscores, _ = ops.policy_topk(U, self._V, pool, bias=bias, exclude=exc, candidates=cand,
+            pids, pscores, _ = ops.policy_topk(U, self._Vcat, pool, bias=bias, exclude=exc, candidates=cand,
                                                temperature=float(tau))
             ids, scores = self._mmr(pids, pscores, k, float(diversity))
         else:
-            ids, scores, _ = ops.policy_topk(U, self._V, k, bias=bias, exclude=exc, candidates=cand,
+            ids, scores, _ = ops.policy_topk(U, self._Vcat, k, bias=bias, exclude=exc, candidates=cand,
                                              temperature=float(tau))
         ids_np = ids.numpy()
         valid = ids_np >= 0
@@ -475,8 +489,10 @@ class Recommender:
                 rews = [np.delete(R, j) for j in range(m)]
                 uf = self._encode_user_features(s.features) if s.features else np.zeros(0, np.int64)
                 _, hp = self._states(hists, rews, [uf] * m, s.steps)
+                hp = self._policy_states(hp, hists)
                 _, full = self._states([H], [R], [uf], s.steps)
-                Vi = self._V[items]
+                full = self._policy_states(full, [H])
+                Vi = self._Vcat[items]
                 base = (full @ Vi.T)[0]
                 loo = hp @ Vi.T  # (m, len(items))
                 hist_contrib = ((base[None, :] - loo) / tau).numpy()
@@ -539,11 +555,11 @@ class Recommender:
         for s in range(0, len(users), batch_size):
             chunk = users[s:s + batch_size]
             sts = self._user_states([self.user_ids[u] for u in chunk], None)
-            U = torch.from_numpy(np.stack([st.vector for st in sts]))
+            U = self._policy_states(torch.from_numpy(np.stack([st.vector for st in sts])), [st.history for st in sts])
             exl = [np.unique(np.concatenate([st.history, np.asarray(extra[pos[u]], np.int64)]))
                    for st, u in zip(sts, chunk)]
             off = torch.from_numpy(np.concatenate([[0], np.cumsum([len(e) for e in exl])]).astype(np.int64))
-            ids, _, _ = ops.policy_topk(U, self._V, int(k), bias=self._bias,
+            ids, _, _ = ops.policy_topk(U, self._Vcat, int(k), bias=self._bias,
                                         exclude=(off, torch.from_numpy(np.concatenate(exl).astype(np.int64))),
                                         temperature=float(self.config.temperature))
             tops.append(ids.numpy())

@@ -60,6 +60,19 @@ class Config:
     with learned step sizes; ``"none"``: plain training), ``inner_steps``, ``inner_lr``
     (initial step size; learned with ``"fomaml"``, fixed otherwise).
 
+    Wide part: ``wide="ease"`` adds a full-rank item-to-item component to the policy,
+    ``alpha(n) * (x W)_a`` with ``x`` the multi-hot history, ``W`` the closed-form EASE
+    weights of the training log (ridge ``wide_reg``, zero diagonal; Steck 2019) and
+    ``alpha(n) = softplus(c0 + c1 log(1 + n))`` learned (initial ``c0 = wide_init``,
+    ``c1 = wide_slope``: small for short histories, where item-to-item evidence is thin, and
+    growing with the history), so the deep towers learn what the
+    linear item-item model misses (wide & deep). It is the same inner-product policy with the
+    state ``[h', alpha(n) x]`` and item vectors ``[v_a, W[:, a]]``. Catalogues larger than
+    ``wide_max_items`` skip it (it needs an N x N matrix).
+
+    ``scalar_lr`` is the learning rate of ``alpha``'s two coefficients, which the main ``lr``
+    would barely move.
+
     ``seed`` makes training reproducible.
     """
 
@@ -71,7 +84,7 @@ class Config:
     seq_len: int = 20
     dropout: float = 0.1
     temperature: float = 1.0
-    epochs: int = 60
+    epochs: int = 30
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -88,9 +101,15 @@ class Config:
     full_softmax_max: int = 50000
     n_negatives: int = 1024
     meta: str = "fomaml"
-    inner_steps: int = 2
+    inner_steps: int = 1
     inner_lr: float = 0.5
     year_bucket: int = 5
+    wide: str = "ease"
+    wide_reg: float = 250.0
+    wide_max_items: int = 20000
+    wide_init: float = -8.0
+    wide_slope: float = 4.0
+    scalar_lr: float = 0.05
     seed: int = 0
 
     def validate(self) -> "Config":
@@ -108,7 +127,7 @@ class Config:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0 + (name == "prefix_prob"):
                 raise ValueError(f"config.{name} must be in [0, 1), got {v!r}")
-        for name in ("lr", "temperature", "is_cap", "inner_lr"):
+        for name in ("lr", "temperature", "is_cap", "inner_lr", "scalar_lr"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"config.{name} must be a finite number > 0, got {v!r}")
@@ -118,6 +137,12 @@ class Config:
                 raise ValueError(f"config.{name} must be a finite number >= 0, got {v!r}")
         if self.encoder not in ("transformer", "gru", "none"):
             raise ValueError(f"config.encoder must be 'transformer', 'gru' or 'none', got {self.encoder!r}")
+        if self.wide not in ("ease", "none"):
+            raise ValueError(f"config.wide must be 'ease' or 'none', got {self.wide!r}")
+        if not isinstance(self.wide_reg, (int, float)) or not self.wide_reg > 0:
+            raise ValueError(f"config.wide_reg must be > 0, got {self.wide_reg!r}")
+        if isinstance(self.wide_max_items, bool) or not isinstance(self.wide_max_items, int) or self.wide_max_items < 0:
+            raise ValueError(f"config.wide_max_items must be an int >= 0, got {self.wide_max_items!r}")
         if self.meta not in ("fomaml", "none"):
             raise ValueError(f"config.meta must be 'fomaml' or 'none', got {self.meta!r}")
         if self.encoder == "transformer" and self.dim % self.heads:
@@ -225,9 +250,38 @@ class RecMetaNet(nn.Module):
         self.phi_gamma = nn.Parameter(torch.zeros(d))
         self.phi_delta = nn.Parameter(torch.zeros(d))
         self.log_lr = nn.Parameter(torch.full((2, d), math.log(cfg.inner_lr)))
+        # wide item-to-item part (filled by training when enabled)
+        nw = N if self.wide_enabled(cfg, N) else 0
+        self.register_buffer("wide", torch.zeros(nw, nw))
+        self.wide_coef = nn.Parameter(torch.tensor([float(cfg.wide_init), float(cfg.wide_slope)]))
         # behaviour head (blocked gradient)
         self.beta_map = nn.Linear(d, d)
         self.beta_bias = nn.Parameter(torch.zeros(N))
+
+    @staticmethod
+    def wide_enabled(cfg: Config, n_items: int) -> bool:
+        return cfg.wide == "ease" and n_items <= cfg.wide_max_items
+
+    @property
+    def has_wide(self) -> bool:
+        return self.wide.numel() > 0
+
+    def wide_alpha(self, n: torch.Tensor) -> torch.Tensor:
+        """alpha(n) (B,) for history lengths n (B,)."""
+        return torch.nn.functional.softplus(self.wide_coef[0] + self.wide_coef[1] * torch.log1p(n.to(torch.float32)))
+
+    def wide_input(self, rows: torch.Tensor, items: torch.Tensor, B: int) -> torch.Tensor:
+        """alpha(n) * multi-hot history, (B, N), from a CSR-like (rows, items) listing."""
+        x = torch.zeros(B, self.n_items)
+        x[rows, items] = 1.0
+        n = x.sum(1)
+        return x * self.wide_alpha(n)[:, None]
+
+    def wide_offset(self, rows: torch.Tensor, items: torch.Tensor, B: int) -> Optional[torch.Tensor]:
+        """The wide part of the logits (B, N), or None when disabled."""
+        if not self.has_wide:
+            return None
+        return self.wide_input(rows, items, B) @ self.wide
 
     # ------------------------------------------------------------------ towers
     def item_vectors(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -272,13 +326,16 @@ class RecMetaNet(nn.Module):
         return self.fuse2(self.drop(torch.tanh(self.fuse1(z)))) + self.skip(z)
 
     # ------------------------------------------------------------------ policy
-    def logits(self, h: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        return (h @ V.T + self.item_bias) / self.cfg.temperature
+    def logits(self, h: torch.Tensor, V: torch.Tensor, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+        s = h @ V.T + self.item_bias
+        if offset is not None:
+            s = s + offset
+        return s / self.cfg.temperature
 
     def apply_phi(self, h, gamma, delta):
         return h * (1.0 + gamma) + delta
 
-    def support_grad(self, h, gamma, delta, V, sup_rows, sup_items, sup_w, B):
+    def support_grad(self, h, gamma, delta, V, sup_rows, sup_items, sup_w, B, offset=None):
         """Closed-form gradient of the support loss with respect to (gamma, delta), per user.
 
         The support loss of user b is ``-sum_i w_i log pi(a_i | h'_b) / sum_i w_i`` over
@@ -287,7 +344,7 @@ class RecMetaNet(nn.Module):
         """
         with torch.no_grad():
             hp = self.apply_phi(h, gamma, delta)
-            p = torch.softmax(self.logits(hp, V), dim=1)  # (B, N)
+            p = torch.softmax(self.logits(hp, V, offset), dim=1)  # (B, N)
             tot = torch.zeros(B).index_add_(0, sup_rows, sup_w).clamp(min=1e-12)
             target = torch.zeros_like(p)
             target.index_put_((sup_rows, sup_items), sup_w, accumulate=True)
@@ -295,7 +352,7 @@ class RecMetaNet(nn.Module):
             g = dl_ds @ V  # (B, d)
             return g * h, g
 
-    def adapt_phi(self, h, V, sup_rows, sup_items, sup_w, steps: int, lr=None):
+    def adapt_phi(self, h, V, sup_rows, sup_items, sup_w, steps: int, lr=None, offset=None):
         """Per-user adaptation parameters after ``steps`` gradient steps on the support set.
 
         Returns (gamma, delta), each (B, d). With ``lr=None`` the learned step sizes are
@@ -312,7 +369,8 @@ class RecMetaNet(nn.Module):
         hd = h.detach()
         for _ in range(steps):
             gg, gd = self.support_grad(hd, gamma.detach(), delta.detach(), V.detach(),
-                                       sup_rows, sup_items, sup_w, B)
+                                       sup_rows, sup_items, sup_w, B,
+                                       None if offset is None else offset.detach())
             gamma = gamma - lr_g * gg
             delta = delta - lr_d * gd
         return gamma, delta

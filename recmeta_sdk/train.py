@@ -262,6 +262,7 @@ class Batch:
     q_reward: torch.Tensor
     q_prop: Optional[torch.Tensor]
     B: int
+    users: Optional[torch.Tensor] = None
 
 
 def history_tensors(hists, L: int, n_items: int):
@@ -322,7 +323,8 @@ def make_batch(prep: Prepared, users: np.ndarray, cfg: Config, rng: np.random.Ge
                  sup_rows, bag_idx.clone(), torch.from_numpy(np.maximum(sup_w, 0.0)),
                  q_rows, torch.from_numpy(np.concatenate(q).astype(np.int64)),
                  torch.from_numpy(np.concatenate(q_r).astype(np.float32)),
-                 torch.from_numpy(np.concatenate(q_p).astype(np.float32)) if q_p else None, B)
+                 torch.from_numpy(np.concatenate(q_p).astype(np.float32)) if q_p else None, B,
+                 torch.from_numpy(np.asarray(users, dtype=np.int64)))
 
 
 # ---------------------------------------------------------------------------- losses
@@ -352,22 +354,35 @@ def _segment_mean(values, rows, B):
 
 
 def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[torch.Tensor] = None,
-               gen: Optional[torch.Generator] = None, meta: Optional[bool] = None):
+               gen: Optional[torch.Generator] = None, meta: Optional[bool] = None, cross=None):
     """The training objective on one batch (see the module docstring). Returns (loss, stats)."""
     meta = (cfg.meta == "fomaml") if meta is None else meta
     X, V = net.item_vectors()
     h = net.user_state(X, batch.bag_idx, batch.bag_off, batch.bag_w, batch.seq, batch.seq_len,
                        batch.uf_idx, batch.uf_off)
     B = batch.B
+    N_items = net.n_items
+    if cross is not None and net.has_wide:
+        # cross-fitted wide part: users of fold f use the weights fitted without fold f
+        fold_of_row = cross[0][batch.users]
+        x = net.wide_input(batch.sup_rows, batch.sup_items, B)
+        offset = torch.zeros(B, N_items)
+        for f, W_other in enumerate(cross[1]):
+            m = fold_of_row == f
+            if m.any():
+                offset[m] = x[m] @ W_other
+    else:
+        offset = net.wide_offset(batch.sup_rows, batch.sup_items, B)
     if meta and cfg.inner_steps > 0:
-        gamma, delta = net.adapt_phi(h, V, batch.sup_rows, batch.sup_items, batch.sup_w, cfg.inner_steps)
+        gamma, delta = net.adapt_phi(h, V, batch.sup_rows, batch.sup_items, batch.sup_w, cfg.inner_steps,
+                                     offset=offset)
     else:
         gamma, delta = net.phi_gamma.expand(B, -1), net.phi_delta.expand(B, -1)
     hp = net.apply_phi(h, gamma, delta)
     N = net.n_items
     sampled = N > cfg.full_softmax_max
     if not sampled:
-        logits = net.logits(hp, V)
+        logits = net.logits(hp, V, offset)
         logits = logits.index_put((batch.sup_rows, batch.sup_items), torch.tensor(-1e9))
         logp_all = torch.log_softmax(logits, 1)
         logp = logp_all[batch.q_rows, batch.q_items]
@@ -381,7 +396,10 @@ def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[t
         cand, inv = torch.unique(torch.cat([batch.q_items, neg]), return_inverse=True)
         corr = torch.log((cfg.n_negatives * q[cand]).clamp(min=1e-12))
         Vc = V[cand]
-        logits = (hp @ Vc.T + net.item_bias[cand]) / cfg.temperature - corr
+        sc = hp @ Vc.T + net.item_bias[cand]
+        if offset is not None:
+            sc = sc + offset[:, cand]
+        logits = sc / cfg.temperature - corr
         pos = torch.searchsorted(cand, batch.sup_items)
         hit = (pos < cand.numel()) & (cand[pos.clamp(max=cand.numel() - 1)] == batch.sup_items)
         logits = logits.index_put((batch.sup_rows[hit], pos[hit]), torch.tensor(-1e9))
@@ -407,18 +425,57 @@ def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[t
     return loss, {"ce": float(ce.detach())}
 
 
+# ---------------------------------------------------------------------------- wide part
+
+def ease_weights(X: torch.Tensor, reg: float) -> torch.Tensor:
+    """Closed-form EASE weights (N, N), zero diagonal, of a (U, N) float64 interaction matrix."""
+    G = X.T @ X
+    G += reg * torch.eye(X.shape[1], dtype=torch.float64)
+    P = torch.linalg.inv(G)
+    W = -P / torch.diag(P)[None, :]
+    W.fill_diagonal_(0.0)
+    return W.to(torch.float32)
+
+
+def fit_wide(net: RecMetaNet, prep: Prepared, cfg: Config, rng: np.random.Generator):
+    """Fill ``net.wide`` with the EASE weights of the whole training log (used at serving time)
+    and return cross-fitted weights for training: users are cut into 5 folds and the
+    samples of one fold see the weights fitted on the other four, so that the wide part never
+    scores a query item it memorised from that very user (which would teach the deep part
+    to trust it more than it deserves on new data). Returns (fold of each user, [W_-f])
+    or None when the wide part is disabled."""
+    if not net.has_wide:
+        return None
+    N = len(prep.item_ids)
+    U = len(prep.user_ids)
+    users = np.repeat(np.arange(U), np.diff(prep.offsets))
+    X = torch.zeros(U, N, dtype=torch.float64)
+    X[torch.from_numpy(users), torch.from_numpy(prep.items)] = 1.0
+    with torch.no_grad():
+        net.wide.copy_(ease_weights(X, cfg.wide_reg))
+    K = 5 if U >= 10 else 2
+    fold = torch.from_numpy(rng.permutation(U) % K)
+    others = [ease_weights(X[fold != f], cfg.wide_reg) for f in range(K)]
+    return fold, others
+
+
 # ---------------------------------------------------------------------------- loop
 
 def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress: Optional[bool] = None) -> dict:
     """Train ``net`` in place. Returns a small history dict (loss per epoch, seconds)."""
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
+    cross = fit_wide(net, prep, cfg, rng)
     n_per_user = np.diff(prep.offsets)
     eligible = np.flatnonzero(n_per_user >= 2)
     if len(eligible) == 0:
         raise ValueError("no user has 2 or more interactions: nothing to train on")
-    params = [p for n, p in net.named_parameters() if cfg.meta == "fomaml" or n != "log_lr"]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scalar_names = ("wide_coef",)
+    named = [(n, p) for n, p in net.named_parameters() if cfg.meta == "fomaml" or n != "log_lr"]
+    params = [p for _, p in named]
+    groups = [{"params": [p for n, p in named if n not in scalar_names], "base_lr": cfg.lr},
+              {"params": [p for n, p in named if n in scalar_names], "base_lr": cfg.scalar_lr, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
     logq = torch.log(torch.as_tensor(prep.item_count + 1.0, dtype=torch.float32))
     logq = logq - torch.logsumexp(logq, 0)
     show = sys.stderr.isatty() if progress is None else progress
@@ -442,11 +499,11 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             tot = 0.0
             # cosine decay of the learning rate
             for g_ in opt.param_groups:
-                g_["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+                g_["lr"] = g_["base_lr"] * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
             for s in range(steps_per_epoch):
                 users = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
                 batch = make_batch(prep, users, cfg, rng, user_feats)
-                loss, _ = batch_loss(net, batch, cfg, logq, gen)
+                loss, _ = batch_loss(net, batch, cfg, logq, gen, cross=cross)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 5.0)

@@ -217,3 +217,25 @@ def test_gru_and_no_encoder_configs():
         m = rm.train(log, config=dict(TINY, epochs=1, encoder=enc))
         r = m.recommend(m.adapt(["i1", "i2"]), k=3)
         assert r.valid.all() and not {"i1", "i2"} & set(r.ids.tolist())
+
+
+def test_wide_part_is_closed_form_ease_and_part_of_the_policy():
+    from recmeta_sdk.baselines import EASE
+
+    log = _synthetic(n_users=50, n_items=23)
+    m = rm.train(log, config=dict(TINY, epochs=1, wide_reg=7.0))
+    u = m._user_index.get_indexer(log["user"])
+    i = m._item_index.get_indexer(log["item"])
+    ref = EASE(m.n_items, reg=7.0).fit(u, i, len(m.user_ids)).B
+    np.testing.assert_allclose(m._net.wide.numpy(), ref, rtol=1e-4, atol=1e-6)
+    # the recommended scores are <h', v_a> + b_a + alpha(n) (x W)_a
+    st = m.adapt(["i1", "i4", "i9"])
+    rec = m.recommend(st, k=5)
+    a = m._item_index.get_indexer(rec.ids)
+    x = np.zeros(m.n_items, np.float32)
+    x[m._item_index.get_indexer(["i1", "i4", "i9"])] = 1
+    alpha = float(m._net.wide_alpha(torch.tensor([3.0]))[0])
+    expect = (st.vector @ m._V.numpy().T + m._bias.numpy() + alpha * x @ ref.astype(np.float32))[a]
+    np.testing.assert_allclose(rec.scores, expect / m.config.temperature, rtol=1e-4, atol=1e-4)
+    none = rm.train(log, config=dict(TINY, epochs=1, wide="none"))
+    assert none._net.wide.numel() == 0

@@ -1,0 +1,108 @@
+"""Serving and training speed of the SDK on MovieLens-100K, beside `implicit`.
+
+Measures (p50 / p90 over repeated calls, one thread by default):
+
+* meta-training time with the default config (full ml-100k);
+* ``adapt`` for a new user with 20 support items (default adaptation steps);
+* ``recommend`` for one user end to end from a history (``adapt`` + top-10);
+* ``recommend`` for one user from a precomputed ``UserState``;
+* ``ops.policy_topk`` alone on the deep item table (catalogue x dim of the model);
+* ``implicit``'s ``AlternatingLeastSquares.recommend`` for one user (N=10, filtering the
+  user's items) on the same catalogue with ``factors`` = the model's dim, if installed.
+
+Usage::
+
+    taskset -c 0 .venv/bin/python bench/bench_recommend.py [--epochs N] [--model FILE] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import recmeta_sdk as rm  # noqa: E402
+from recmeta_sdk import ops  # noqa: E402
+
+
+def _timeit(fn, n=200, warm=20):
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts = np.array(ts) * 1e3
+    return float(np.percentile(ts, 50)), float(np.percentile(ts, 90))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, help="override the default epochs (the training time is then not the default's)")
+    ap.add_argument("--model", help="load this model file instead of training")
+    ap.add_argument("--save", help="save the trained model here")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=200)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ds = rm.datasets.load("ml-100k")
+    print(f"ml-100k: {len(ds.interactions):,} interactions; torch threads {torch.get_num_threads()}; "
+          f"backend {rm.backends.resolve(None, 'cpu')}")
+    if args.model:
+        model = rm.load(args.model)
+    else:
+        cfg = {} if args.epochs is None else {"epochs": args.epochs}
+        t0 = time.perf_counter()
+        model = rm.train(ds.interactions, users=ds.users, items=ds.items, config=cfg)
+        secs = time.perf_counter() - t0
+        label = "defaults" if args.epochs is None else f"defaults but epochs={args.epochs}"
+        print(f"meta-training ({label}): {secs:.1f} s  [target < 300 s with the defaults]")
+        if args.save:
+            model.save(args.save)
+    print(repr(model))
+    rng = np.random.default_rng(0)
+    support = list(rng.choice(model.item_ids, 20, replace=False))
+    p50, p90 = _timeit(lambda: model.adapt(support), args.repeats)
+    print(f"adapt, 20 support items, {model.config.inner_steps} steps: p50 {p50:.2f} ms, p90 {p90:.2f} ms  [target < 20 ms]")
+    p50, p90 = _timeit(lambda: model.recommend(model.adapt(support), k=10), args.repeats)
+    print(f"recommend one new user from its history (adapt + top-10): p50 {p50:.2f} ms, p90 {p90:.2f} ms  [target < 2 ms]")
+    p50, p90 = _timeit(lambda: model.recommend(int(model.user_ids[0]), k=10), args.repeats)
+    print(f"recommend one known user by id (state from its history + top-10): p50 {p50:.2f} ms, p90 {p90:.2f} ms")
+    state = model.adapt(support)
+    p50s, p90s = _timeit(lambda: model.recommend(state, k=10), args.repeats)
+    print(f"recommend from a precomputed UserState (top-10, seen excluded): p50 {p50s:.3f} ms, p90 {p90s:.3f} ms")
+    V = model._V
+    U = torch.from_numpy(state.vector[None, :].copy())
+    p50o, _ = _timeit(lambda: ops.policy_topk(U, V, 10, bias=model._bias), args.repeats)
+    print(f"ops.policy_topk alone, {V.shape[0]} items x {V.shape[1]} dims: p50 {p50o:.3f} ms")
+    try:
+        import implicit
+        import scipy.sparse as sp
+        from threadpoolctl import threadpool_limits
+    except ImportError as e:
+        print(f"implicit: not installed ({e}); skipped")
+        return 0
+    idx_u = model._user_index.get_indexer(ds.interactions["user"].to_numpy())
+    idx_i = model._item_index.get_indexer(ds.interactions["item"].to_numpy())
+    X = sp.csr_matrix((np.ones(len(idx_u), np.float32), (idx_u, idx_i)), shape=(len(model.user_ids), model.n_items))
+    with threadpool_limits(args.threads):
+        als = implicit.cpu.als.AlternatingLeastSquares(factors=model.config.dim, iterations=2, random_state=0,
+                                                       num_threads=args.threads)
+        als.fit(X, show_progress=False)
+        row = X[0]
+        p50i, p90i = _timeit(lambda: als.recommend(0, row, N=10, filter_already_liked_items=True), args.repeats)
+    print(f"implicit {implicit.__version__} ALS recommend one user ({model.n_items} items x {model.config.dim} factors, "
+          f"seen filtered): p50 {p50i:.3f} ms, p90 {p90i:.3f} ms")
+    print(f"ratio ours(UserState) / implicit: {p50s / p50i:.2f}  (ours scores a {state.vector.shape[0]}-dim deep state"
+          f"{' plus the wide item-to-item part' if model._net.has_wide else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
