@@ -39,31 +39,37 @@ _MODES = ("sum", "mean")
 _OPTIMIZERS = ("sgd", "rowwise_adagrad")
 
 
-def _core():
-    from . import _core
+_CORE = None
 
-    return _core
+
+def _core():
+    global _CORE
+    if _CORE is None:
+        from . import _core as core
+
+        _CORE = core
+    return _CORE
 
 
 # ---------------------------------------------------------------------------------------------
 # numpy views for the compiled core
 # ---------------------------------------------------------------------------------------------
 def _np(x, name: str):
-    """A numpy view of a CPU tensor / numpy array with unit stride in its last dimension."""
+    """A numpy view (no copy) of a contiguous CPU tensor or numpy array; a contiguous copy of a
+    strided one."""
+    if isinstance(x, torch.Tensor):
+        if x.requires_grad:
+            x = x.detach()
+        if not x.is_contiguous():
+            x = x.contiguous()
+        try:
+            return x.numpy()
+        except (TypeError, RuntimeError) as e:  # a CUDA tensor, bfloat16, ...
+            raise TypeError(f"{name}: cannot be viewed as a CPU numpy array ({e})") from None
     if isinstance(x, np.ndarray):
         if x.ndim and x.strides[-1] != x.itemsize:
             x = np.ascontiguousarray(x)
         return x
-    if isinstance(x, torch.Tensor):
-        if x.device.type != "cpu":
-            raise ValueError(f"{name}: the cpp backend needs CPU data, got a tensor on {x.device}")
-        x = x.detach()
-        if x.dim() and x.shape[-1] > 1 and x.stride(-1) != 1:
-            x = x.contiguous()
-        try:
-            return x.numpy()
-        except TypeError as e:  # e.g. bfloat16
-            raise TypeError(f"{name}: unsupported dtype {x.dtype} ({e})") from None
     raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
 
 
@@ -307,8 +313,7 @@ def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: st
     if not tables:
         raise ValueError("embedding_bag: the list of tables is empty")
     is_torch = isinstance(indices, torch.Tensor)
-    device = indices.device.type if is_torch else "cpu"
-    be = backends.resolve(backend, "cpu" if device == "cpu" else "cuda")
+    be = backends.resolve(backend, "cuda" if is_torch and indices.is_cuda else "cpu")
     if be == "cpp":
         needs_graph = is_torch and (_compiling() or (torch.is_grad_enabled() and (
             any(isinstance(w, torch.Tensor) and w.requires_grad for w in tables)

@@ -34,6 +34,7 @@ namespace RECMETA_ISA_NS {
 namespace {
 
 constexpr int64_t kPrefetchDistance = 16;  ///< rows ahead in the index stream
+constexpr int kMaxVecs = 8;  ///< accumulators held in registers per pass (SIMD variants)
 constexpr int64_t kParallelMinWork = int64_t{1} << 16;  ///< elements gathered before threads pay off
 
 /// Portable IEEE half -> float (handles subnormals, inf, NaN).
@@ -150,7 +151,6 @@ struct Vec {
 // =========================================================================================
 // Forward, SIMD variants.
 // =========================================================================================
-constexpr int kMaxVecs = 8;  ///< accumulators held in registers per pass
 
 /// Pool one bag over the columns [col0, col0 + NV*W) (last vector masked to `tail` lanes)
 /// of one table into out[col0 ...]. Storage type S (float, uint16_t half bits, uint8_t codes).
@@ -315,56 +315,78 @@ void forward_impl(const EmbeddingBagForwardArgs& a) {
 // =========================================================================================
 // Backward: per-row gradient accumulation in position order, then the optimiser step.
 // =========================================================================================
-void backward_rows(const EmbeddingBagBackwardArgs& a, int64_t s, float* g) {
+constexpr int64_t kGradPrefetch = 8;    ///< occurrences ahead (gradient rows)
+constexpr int64_t kWeightPrefetch = 4;  ///< segments ahead (weight rows, for writing)
+
+inline float payload_coef(uint64_t p) {
+  const uint32_t bits = static_cast<uint32_t>(p & 0xFFFFFFFFu);
+  float c;
+  std::memcpy(&c, &bits, sizeof(c));
+  return c;
+}
+inline int64_t payload_bag(uint64_t p) { return static_cast<int64_t>(p >> 32); }
+
+inline void prefetch_grad(const EmbeddingBagBackwardArgs& a, int64_t i, int64_t nnz) {
+  if (i < nnz)
+    prefetch_row(reinterpret_cast<const char*>(a.grad_output + payload_bag(a.sorted_payload[i]) * a.grad_stride),
+                 a.dim * 4);
+}
+
+#ifdef RECMETA_EB_SIMD
+/// One segment (row) with its gradient held in NV registers (dim <= NV * W).
+template <int NV>
+inline void backward_segment_reg(const EmbeddingBagBackwardArgs& a, int64_t s, int64_t nnz,
+                                 typename Vec::M last) {
+  using V = typename Vec::V;
+  const typename Vec::M full = Vec::mask(Vec::W);
+  const int64_t lo = a.segment_start[s];
+  const int64_t hi = a.segment_start[s + 1];
+  const int64_t r = a.segment_row[s];
+  V acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = Vec::zero();
+  for (int64_t i = lo; i < hi; ++i) {
+    prefetch_grad(a, i + kGradPrefetch, nnz);
+    const uint64_t p = a.sorted_payload[i];
+    const float* go = a.grad_output + payload_bag(p) * a.grad_stride;
+    const V c = Vec::set1(payload_coef(p));
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      acc[v] = Vec::fmadd(Vec::load(go + v * Vec::W, v == NV - 1 ? last : full), c, acc[v]);
+  }
+  float* w = a.weight + r * a.row_stride;
+  const V lr = Vec::set1(a.lr);
+  if (a.optimizer == SparseOptimizer::Sgd) {
+    for (int v = 0; v < NV; ++v) {
+      const typename Vec::M m = v == NV - 1 ? last : full;
+      Vec::store(w + v * Vec::W, Vec::sub(Vec::load(w + v * Vec::W, m), Vec::mul(lr, acc[v])), m);
+    }
+  } else {
+    V sq = Vec::zero();
+    for (int v = 0; v < NV; ++v) sq = Vec::fmadd(acc[v], acc[v], sq);
+    const float st = a.state[r] + Vec::hsum(sq) / static_cast<float>(a.dim);
+    a.state[r] = st;
+    const V den = Vec::set1(std::sqrt(st) + a.eps);
+    for (int v = 0; v < NV; ++v) {
+      const typename Vec::M m = v == NV - 1 ? last : full;
+      Vec::store(w + v * Vec::W, Vec::sub(Vec::load(w + v * Vec::W, m), Vec::div(Vec::mul(lr, acc[v]), den)), m);
+    }
+  }
+}
+#endif
+
+/// One segment (row) with its gradient in the buffer g (dim floats): any dim.
+inline void backward_segment_buf(const EmbeddingBagBackwardArgs& a, int64_t s, int64_t nnz, float* g) {
   const int64_t d = a.dim;
   const int64_t lo = a.segment_start[s];
   const int64_t hi = a.segment_start[s + 1];
   const int64_t r = a.segment_row[s];
   float* w = a.weight + r * a.row_stride;
-#ifdef RECMETA_EB_SIMD
-  using V = typename Vec::V;
-  const int64_t W = Vec::W;
-  const int64_t dfull = d - d % W;
-  const typename Vec::M tail = Vec::mask(d - dfull);
-  const typename Vec::M full = Vec::mask(W);
-  // g = sum_i c_i * grad[bag_i], in position order.
-  for (int64_t j = 0; j < d; j += W) Vec::store(g + j, Vec::zero(), j < dfull ? full : tail);
-  for (int64_t i = lo; i < hi; ++i) {
-    if (i + 4 < hi) prefetch_row(reinterpret_cast<const char*>(a.grad_output + a.sorted_bag[i + 4] * a.grad_stride), d * 4);
-    const float* go = a.grad_output + a.sorted_bag[i] * a.grad_stride;
-    const V c = Vec::set1(a.sorted_coef[i]);
-    for (int64_t j = 0; j < d; j += W) {
-      const typename Vec::M m = j < dfull ? full : tail;
-      Vec::store(g + j, Vec::fmadd(Vec::load(go + j, m), c, Vec::load(g + j, m)), m);
-    }
-  }
-  if (a.optimizer == SparseOptimizer::Sgd) {
-    const V lr = Vec::set1(a.lr);
-    for (int64_t j = 0; j < d; j += W) {
-      const typename Vec::M m = j < dfull ? full : tail;
-      Vec::store(w + j, Vec::sub(Vec::load(w + j, m), Vec::mul(lr, Vec::load(g + j, m))), m);
-    }
-  } else {
-    V sq = Vec::zero();
-    for (int64_t j = 0; j < d; j += W) {
-      const typename Vec::M m = j < dfull ? full : tail;
-      const V x = Vec::load(g + j, m);
-      sq = Vec::fmadd(x, x, sq);
-    }
-    const float st = a.state[r] + Vec::hsum(sq) / static_cast<float>(d);
-    a.state[r] = st;
-    const V lr = Vec::set1(a.lr);
-    const V den = Vec::set1(std::sqrt(st) + a.eps);
-    for (int64_t j = 0; j < d; j += W) {
-      const typename Vec::M m = j < dfull ? full : tail;
-      Vec::store(w + j, Vec::sub(Vec::load(w + j, m), Vec::div(Vec::mul(lr, Vec::load(g + j, m)), den)), m);
-    }
-  }
-#else
   for (int64_t j = 0; j < d; ++j) g[j] = 0.f;
   for (int64_t i = lo; i < hi; ++i) {
-    const float* go = a.grad_output + a.sorted_bag[i] * a.grad_stride;
-    const float c = a.sorted_coef[i];
+    prefetch_grad(a, i + kGradPrefetch, nnz);
+    const uint64_t p = a.sorted_payload[i];
+    const float* go = a.grad_output + payload_bag(p) * a.grad_stride;
+    const float c = payload_coef(p);
     for (int64_t j = 0; j < d; ++j) g[j] += c * go[j];
   }
   if (a.optimizer == SparseOptimizer::Sgd) {
@@ -377,7 +399,6 @@ void backward_rows(const EmbeddingBagBackwardArgs& a, int64_t s, float* g) {
     const float den = std::sqrt(st) + a.eps;
     for (int64_t j = 0; j < d; ++j) w[j] -= (a.lr * g[j]) / den;
   }
-#endif
 }
 
 }  // namespace
@@ -390,20 +411,49 @@ void embedding_bag_forward_kernel(const EmbeddingBagForwardArgs& args) {
 void embedding_bag_backward_kernel(const EmbeddingBagBackwardArgs& args) {
   const int64_t S = args.num_segments;
   if (S == 0 || args.dim == 0) return;
-  const bool parallel = (args.segment_start[S] + S) * args.dim >= kParallelMinWork;
+  const int64_t nnz = args.segment_start[S];
+  const bool parallel = (nnz + S) * args.dim >= kParallelMinWork;
   (void)parallel;
+#ifdef RECMETA_EB_SIMD
+  const int64_t nv = (args.dim + Vec::W - 1) / Vec::W;
+  const bool in_registers = nv <= kMaxVecs;
+  const typename Vec::M last = Vec::mask(args.dim - (nv - 1) * Vec::W);
+#else
+  const bool in_registers = false;
+#endif
 #ifdef RECMETA_HAVE_OPENMP
 #pragma omp parallel if (parallel)
 #endif
   {
-    std::vector<float> gbuf(static_cast<size_t>(args.dim) + 16);
-    float* g = gbuf.data();
+    std::vector<float> gbuf(in_registers ? 0 : static_cast<size_t>(args.dim));
 #ifdef RECMETA_HAVE_OPENMP
-#pragma omp for schedule(dynamic, 64)
+#pragma omp for schedule(static)
 #endif
     for (int64_t s = 0; s < S; ++s) {
-      if (s + 2 < S) prefetch_row(reinterpret_cast<const char*>(args.weight + args.segment_row[s + 2] * args.row_stride), args.dim * 4);
-      backward_rows(args, s, g);
+      if (s + kWeightPrefetch < S) {
+        const char* wp = reinterpret_cast<const char*>(args.weight + args.segment_row[s + kWeightPrefetch] * args.row_stride);
+        for (int64_t o = 0; o < args.dim * 4; o += 64) __builtin_prefetch(wp + o, 1, 3);
+      }
+#ifdef RECMETA_EB_SIMD
+      if (in_registers) {
+        switch (nv) {
+#define RECMETA_EB_BCASE(K) \
+  case K: backward_segment_reg<K>(args, s, nnz, last); break;
+          RECMETA_EB_BCASE(1)
+          RECMETA_EB_BCASE(2)
+          RECMETA_EB_BCASE(3)
+          RECMETA_EB_BCASE(4)
+          RECMETA_EB_BCASE(5)
+          RECMETA_EB_BCASE(6)
+          RECMETA_EB_BCASE(7)
+          default:
+          RECMETA_EB_BCASE(8)
+#undef RECMETA_EB_BCASE
+        }
+        continue;
+      }
+#endif
+      backward_segment_buf(args, s, nnz, gbuf.data());
     }
   }
 }
