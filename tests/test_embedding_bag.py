@@ -292,8 +292,8 @@ def test_backward_bit_identical_across_thread_counts(optimizer, mode):
     from recmeta_sdk import _core
 
     rng = np.random.default_rng(41)
-    w, off, idx, g, psw, st = _backward_case(rng, N=2003, d=67, B=1013, max_len=41)
-    assert idx.size * w.shape[1] > 1 << 17  # large enough for the threaded path
+    w, off, idx, g, psw, st = _backward_case(rng, N=20011, d=67, B=4999, max_len=41)
+    assert idx.size > 1 << 16  # large enough for the threaded sort and update
     results = []
     old = _core.get_num_threads()
     try:

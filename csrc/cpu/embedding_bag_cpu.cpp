@@ -73,9 +73,11 @@ std::unique_ptr<T[]> uninit(int64_t n) {
   return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
 }
 
-/// Stable LSD radix sort of (key, payload) pairs by key, keys < 2^bits, all digit histograms
-/// counted in one read pass. The output is the unique stable order (so the same for any
-/// thread count); `keys` / `vals` receive the sorted arrays, `ktmp` / `vtmp` are scratch.
+/// Stable LSD radix sort of (key, payload) pairs by key, keys < 2^bits. Large inputs are split
+/// into one contiguous chunk per thread: each pass counts digits per chunk, then scatters each
+/// chunk behind the same digits of the chunks before it, which keeps the sort stable. A stable
+/// sort has a unique result, so the output is the same for any thread count. `keys` / `vals`
+/// receive the sorted arrays; `ktmp` / `vtmp` are scratch of n entries.
 template <typename K>
 void radix_sort_pairs(std::unique_ptr<K[]>& keys, std::unique_ptr<uint64_t[]>& vals,
                       std::unique_ptr<K[]>& ktmp, std::unique_ptr<uint64_t[]>& vtmp, int64_t n, int bits) {
@@ -84,28 +86,46 @@ void radix_sort_pairs(std::unique_ptr<K[]>& keys, std::unique_ptr<uint64_t[]>& v
   const int dbits = (bits + passes - 1) / passes;
   const int64_t nb = int64_t{1} << dbits;
   const K mask = static_cast<K>(nb - 1);
-  std::vector<int64_t> count(static_cast<size_t>(passes * nb), 0);
-  for (int64_t i = 0; i < n; ++i) {
-    const K k = keys[i];
-    for (int p = 0; p < passes; ++p) ++count[p * nb + ((k >> (p * dbits)) & mask)];
-  }
+  int64_t nt = 1;
+#ifdef RECMETA_HAVE_OPENMP
+  if (n >= (int64_t{1} << 16)) nt = std::max(1, omp_get_max_threads());
+#endif
+  std::vector<int64_t> count(static_cast<size_t>(nt * nb));
   for (int p = 0; p < passes; ++p) {
-    int64_t* c = count.data() + p * nb;
-    int64_t sum = 0;
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t x = c[b];
-      c[b] = sum;
-      sum += x;
-    }
     const int shift = p * dbits;
     const K* ks = keys.get();
     const uint64_t* vs = vals.get();
     K* kd = ktmp.get();
     uint64_t* vd = vtmp.get();
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t dst = c[(ks[i] >> shift) & mask]++;
-      kd[dst] = ks[i];
-      vd[dst] = vs[i];
+    int64_t* cnt = count.data();
+#ifdef RECMETA_HAVE_OPENMP
+#pragma omp parallel for schedule(static, 1) num_threads(static_cast<int>(nt)) if (nt > 1)
+#endif
+    for (int64_t c = 0; c < nt; ++c) {
+      int64_t* h = cnt + c * nb;
+      std::fill(h, h + nb, 0);
+      const int64_t lo = n * c / nt, hi = n * (c + 1) / nt;
+      for (int64_t i = lo; i < hi; ++i) ++h[(ks[i] >> shift) & mask];
+    }
+    int64_t sum = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      for (int64_t c = 0; c < nt; ++c) {
+        const int64_t x = cnt[c * nb + b];
+        cnt[c * nb + b] = sum;
+        sum += x;
+      }
+    }
+#ifdef RECMETA_HAVE_OPENMP
+#pragma omp parallel for schedule(static, 1) num_threads(static_cast<int>(nt)) if (nt > 1)
+#endif
+    for (int64_t c = 0; c < nt; ++c) {
+      int64_t* h = cnt + c * nb;
+      const int64_t lo = n * c / nt, hi = n * (c + 1) / nt;
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t dst = h[(ks[i] >> shift) & mask]++;
+        kd[dst] = ks[i];
+        vd[dst] = vs[i];
+      }
     }
     keys.swap(ktmp);
     vals.swap(vtmp);
