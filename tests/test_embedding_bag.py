@@ -109,6 +109,16 @@ def test_forward_matches_torch_embedding_bag(backend, mode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_special_values(backend):
+    """Subnormal, zero and extreme float16 values convert exactly."""
+    bits = np.array([0x0001, 0x03FF, 0x8001, 0x0200, 0x0000, 0x8000, 0x7BFF, 0xFBFF, 0x0400, 0x3C00, 0x83FF],
+                    dtype=np.uint16)
+    h = np.resize(bits, (7, 11)).view(np.float16).copy()
+    out = ops.embedding_bag(h, np.arange(7), np.arange(8), backend=backend)
+    assert np.array_equal(out, h.astype(np.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_bags_and_empty_batch(backend):
     rng = np.random.default_rng(11)
     w = rng.standard_normal((13, 7)).astype(np.float32)
@@ -207,6 +217,11 @@ for d in (1, 7, 16, 37, 131):
             out = ops.embedding_bag(tab, idx, off, per_sample_weights=psw, mode=mode, backend="cpp")
             ref = reference.embedding_bag(tab, torch.from_numpy(idx), torch.from_numpy(off), torch.from_numpy(psw), mode)
             np.testing.assert_allclose(out, ref.numpy(), rtol=1e-5, atol=2e-5)
+# float16 specials: subnormals, signed zeros, the largest finite value
+bits = np.array([0x0001, 0x03FF, 0x8001, 0x0200, 0x0000, 0x8000, 0x7BFF, 0xFBFF, 0x0400, 0x3C00, 0x83FF], np.uint16)
+h = np.resize(bits, (7, 11)).view(np.float16).copy()
+out = ops.embedding_bag(h, np.arange(7), np.arange(8), backend="cpp")
+assert np.array_equal(out, h.astype(np.float32)), (out, h.astype(np.float32))
 w = rng.standard_normal((41, 19)).astype(np.float32); st = rng.random(41).astype(np.float32)
 off = np.concatenate([[0], np.cumsum(rng.integers(0, 9, 13))]); idx = rng.integers(0, 41, int(off[-1]))
 g = rng.standard_normal((13, 19)).astype(np.float32)
