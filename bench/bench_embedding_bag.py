@@ -42,10 +42,16 @@ from recmeta_sdk import _core, ops, reference  # noqa: E402
 SEED = 20261129
 
 
-def best_times(fns, reps):
-    """Interleaved timing: the best of `reps` runs of each callable, in ms."""
+def best_times(fns, reps, budget_s=0.4, max_reps=300):
+    """Interleaved timing: the best of at least `reps` runs of each callable, in ms. Fast cases
+    get more runs (up to `max_reps`, within about `budget_s` per callable): on a shared machine
+    the best of many is the least disturbed run."""
+    first = []
     for f in fns:
+        t = time.perf_counter()
         f()
+        first.append(time.perf_counter() - t)
+    reps = max(reps, min(max_reps, int(budget_s / max(max(first), 1e-6))))
     best = [float("inf")] * len(fns)
     for _ in range(reps):
         for i, f in enumerate(fns):

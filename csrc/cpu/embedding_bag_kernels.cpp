@@ -168,6 +168,10 @@ inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale
     if (pf_bytes > 0 && i + kPrefetchDistance < pf_end) {
       const int64_t pr = static_cast<int64_t>(idx[i + kPrefetchDistance]);
       prefetch_row(reinterpret_cast<const char*>(data + pr * row_stride + col0), pf_bytes);
+      if (Int8) {
+        __builtin_prefetch(row_scale + pr, 0, 3);
+        __builtin_prefetch(row_min + pr, 0, 3);
+      }
     }
     const int64_t r = static_cast<int64_t>(idx[i]);
     const S* row = data + r * row_stride + col0;
@@ -249,6 +253,10 @@ inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float
     if (i + kPrefetchDistance < pf_end) {
       const int64_t pr = static_cast<int64_t>(idx[i + kPrefetchDistance]);
       prefetch_row(reinterpret_cast<const char*>(data + pr * row_stride), row_bytes);
+      if (Int8) {
+        __builtin_prefetch(row_scale + pr, 0, 3);
+        __builtin_prefetch(row_min + pr, 0, 3);
+      }
     }
     const int64_t r = static_cast<int64_t>(idx[i]);
     const S* row = data + r * row_stride;
