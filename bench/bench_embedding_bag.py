@@ -171,7 +171,7 @@ def bench_tbe(args, threads, bw, fbgemm):
     T = 8
     N = 50_000 if args.quick else 250_000
     d = 64
-    tables = [torch.from_numpy(rng.random((N, d), dtype=np.float32)) for _ in range(T)]
+    tables = [torch.from_numpy(rng.random((N, d), dtype=np.float32)).clone() for _ in range(T)]
     fb = fbgemm(tables) if fbgemm is not None else None
     for B in ((1024, 8192) if not args.quick else (8192,)):
         parts = [make_bags(rng, N, B) for _ in range(T)]
@@ -207,7 +207,7 @@ def bench_backward(args, threads, bw, fbgemm):
     rng = np.random.default_rng(SEED + 4)
     N = 100_000 if args.quick else 1_000_000
     d, B = 64, 8192
-    w0 = torch.from_numpy(rng.random((N, d), dtype=np.float32))
+    w0 = torch.from_numpy(rng.random((N, d), dtype=np.float32)).clone()
     idx, off = make_bags(rng, N, B)
     g = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
     lr = 0.01
@@ -282,7 +282,10 @@ def main():
     if sections & {"forward", "quantized"}:
         for N in ([100_000] if args.quick else [100_000, 1_000_000]):
             base = rng.random((N, 128), dtype=np.float32)
-            tables_by_n[N] = {d: torch.from_numpy(np.ascontiguousarray(base[:, :d])) for d in (32, 64, 128)}
+            # torch-allocated (64-byte aligned, like an nn.Embedding weight); numpy's own
+            # allocations are only 16-byte aligned, which splits every 64-byte row load
+            tables_by_n[N] = {d: torch.from_numpy(base[:, :d]).clone(memory_format=torch.contiguous_format)
+                              for d in (32, 64, 128)}
             del base
     for threads in [int(x) for x in args.threads.split(",")]:
         pin(threads)
