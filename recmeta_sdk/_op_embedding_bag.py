@@ -92,8 +92,11 @@ def _np_inplace(x, name: str):
     raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
 
 
-def _core_table(w, name: str):
-    """The binding's form of a table: a 2-D float32/float16 array or an int8 (codes, scale, min) tuple."""
+def _core_table(w, t: int):
+    """The binding's form of table t: a 2-D float32/float16 array or an int8 (codes, scale, min) tuple."""
+    if isinstance(w, torch.Tensor) and (w.dtype is torch.float32 or w.dtype is torch.float16):
+        return _np(w, "weight")  # the common case first; shapes are checked in the binding
+    name = f"weight[{t}]"
     if isinstance(w, QuantizedTable):
         if w.dtype == "fp16":
             return _np(w.data, name)
@@ -101,11 +104,9 @@ def _core_table(w, name: str):
             return (_np(w.data, name), _np(w.row_scale, f"{name} row_scale"), _np(w.row_min, f"{name} row_min"))
         raise ValueError(f"{name}: unknown QuantizedTable dtype {w.dtype!r}")
     if isinstance(w, torch.Tensor):
-        if w.dtype not in (torch.float32, torch.float16):
-            raise TypeError(f"{name}: tables must be float32 or float16 (or quantize() them), got {w.dtype}")
-        return _np(w, name)
+        raise TypeError(f"{name}: tables must be float32 or float16 (or quantize() them), got {w.dtype}")
     if isinstance(w, np.ndarray):
-        if w.dtype not in (np.float32, np.float16):
+        if w.dtype != np.float32 and w.dtype != np.float16:
             raise TypeError(f"{name}: tables must be float32 or float16 (or quantize() them), got dtype {w.dtype}")
         return _np(w, name)
     raise TypeError(f"{name}: expected a numpy array, torch tensor or QuantizedTable, got {type(w).__name__}")
@@ -309,15 +310,18 @@ def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: st
     """
     if mode not in _MODES:
         raise ValueError(f"embedding_bag: mode must be 'sum' or 'mean', got {mode!r}")
-    tables = list(weight) if isinstance(weight, (list, tuple)) else [weight]
+    tables = weight if isinstance(weight, (list, tuple)) else (weight,)
     if not tables:
         raise ValueError("embedding_bag: the list of tables is empty")
     is_torch = isinstance(indices, torch.Tensor)
     be = backends.resolve(backend, "cuda" if is_torch and indices.is_cuda else "cpu")
     if be == "cpp":
-        needs_graph = is_torch and (_compiling() or (torch.is_grad_enabled() and (
-            any(isinstance(w, torch.Tensor) and w.requires_grad for w in tables)
-            or (isinstance(per_sample_weights, torch.Tensor) and per_sample_weights.requires_grad))))
+        if is_torch and (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            needs_graph = torch.compiler.is_compiling() or any(
+                isinstance(w, torch.Tensor) and w.requires_grad for w in tables) or (
+                isinstance(per_sample_weights, torch.Tensor) and per_sample_weights.requires_grad)
+        else:
+            needs_graph = False
         if needs_graph:
             if not isinstance(offsets, torch.Tensor):
                 raise TypeError(f"offsets: expected a torch tensor like the indices, got {type(offsets).__name__}")
@@ -327,7 +331,7 @@ def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: st
                 raise TypeError(f"per_sample_weights: expected a torch tensor, got {type(psw).__name__}")
             return _forward_op([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
                                indices, offsets, psw, mode)
-        tabs = [_core_table(w, f"weight[{t}]") for t, w in enumerate(tables)]
+        tabs = [_core_table(w, t) for t, w in enumerate(tables)]
         psw = None if per_sample_weights is None else _np(per_sample_weights, "per_sample_weights")
         out = _core().embedding_bag_forward(tabs, _np(indices, "indices"), _np(offsets, "offsets"), psw, mode)
         return torch.from_numpy(out) if is_torch else out
