@@ -112,6 +112,49 @@ def _core_table(w, t: int):
     raise TypeError(f"{name}: expected a numpy array, torch tensor or QuantizedTable, got {type(w).__name__}")
 
 
+# Descriptors (see the binding's docstring): (address, type code, sizes...) of torch CPU
+# tensors, which skip Tensor.numpy() (a few microseconds each, which matters for small
+# batches). Only plain contiguous CPU tensors are described; anything else takes the numpy path,
+# whose checks name the bad argument. The tensors stay referenced by the caller for the call.
+def _plain(x: torch.Tensor) -> bool:
+    return x.is_cpu and x.layout is torch.strided and x.is_contiguous()
+
+
+def _ids_arg(x, name: str):
+    if isinstance(x, torch.Tensor) and _plain(x) and x.dim() == 1:
+        if x.dtype is torch.int64:
+            return (x.data_ptr(), 1, x.numel())
+        if x.dtype is torch.int32:
+            return (x.data_ptr(), 0, x.numel())
+    return _np(x, name)
+
+
+def _table_arg(w, t: int):
+    if isinstance(w, torch.Tensor) and _plain(w) and w.dim() == 2:
+        code = 0 if w.dtype is torch.float32 else 1 if w.dtype is torch.float16 else -1
+        if code >= 0:
+            n, d = w.shape
+            return (w.data_ptr(), code, n, d, d, 0, 0)
+    elif isinstance(w, QuantizedTable) and isinstance(w.data, torch.Tensor) and _plain(w.data) and w.data.dim() == 2:
+        n, d = w.data.shape
+        if w.dtype == "fp16" and w.data.dtype is torch.float16:
+            return (w.data.data_ptr(), 1, n, d, d, 0, 0)
+        sc, mn = w.row_scale, w.row_min
+        if (w.dtype == "int8" and w.data.dtype is torch.uint8 and all(
+                isinstance(v, torch.Tensor) and _plain(v) and v.dtype is torch.float32 and v.dim() == 1
+                and v.numel() == n for v in (sc, mn))):
+            return (w.data.data_ptr(), 2, n, d, d, sc.data_ptr(), mn.data_ptr())
+    return _core_table(w, t)
+
+
+def _weights_arg(x, name: str):
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor) and _plain(x) and x.dim() == 1 and x.dtype is torch.float32:
+        return (x.data_ptr(), x.numel())
+    return _np(x, name)
+
+
 def _table_parts(w, name: str):
     """(data, row_scale, row_min) torch tensors of a table, for the custom op (empty scale/min
     for float tables)."""
@@ -331,10 +374,14 @@ def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: st
                 raise TypeError(f"per_sample_weights: expected a torch tensor, got {type(psw).__name__}")
             return _forward_op([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
                                indices, offsets, psw, mode)
+        if is_torch:
+            out = _core().embedding_bag_forward(
+                [_table_arg(w, t) for t, w in enumerate(tables)], _ids_arg(indices, "indices"),
+                _ids_arg(offsets, "offsets"), _weights_arg(per_sample_weights, "per_sample_weights"), mode)
+            return torch.from_numpy(out)
         tabs = [_core_table(w, t) for t, w in enumerate(tables)]
         psw = None if per_sample_weights is None else _np(per_sample_weights, "per_sample_weights")
-        out = _core().embedding_bag_forward(tabs, _np(indices, "indices"), _np(offsets, "offsets"), psw, mode)
-        return torch.from_numpy(out) if is_torch else out
+        return _core().embedding_bag_forward(tabs, _np(indices, "indices"), _np(offsets, "offsets"), psw, mode)
     # torch reference backend
     idx, kind = as_tensor(indices, "indices")
     off, _ = as_tensor(offsets, "offsets")

@@ -161,6 +161,49 @@ def test_tbe_different_dims_and_dtypes(backend, mode, id_dtype):
 
 
 @needs_cpp
+def test_torch_inputs_strided_and_malformed():
+    """Torch tensors reach the core without copies when plain; strided ones are copied, and a
+    malformed quantised table is refused, not read past its end."""
+    rng = np.random.default_rng(29)
+    big = torch.from_numpy(rng.standard_normal((41, 30)).astype(np.float32))
+    w = big[:, 3:20]  # row-strided view
+    off = torch.from_numpy(make_offsets(rng, 11))
+    idx = torch.from_numpy(rng.integers(0, 41, size=int(off[-1])).astype(np.int32))
+    psw = torch.from_numpy(rng.random(2 * idx.numel()).astype(np.float32))[::2]  # strided
+    out = ops.embedding_bag(w, idx, off, per_sample_weights=psw, backend="cpp")
+    want = reference.embedding_bag(w.contiguous(), idx, off, psw.contiguous(), "sum")
+    torch.testing.assert_close(out, want, rtol=RTOL, atol=ATOL)
+    q = reference.quantize(w.contiguous(), "int8")
+    bad = reference.QuantizedTable("int8", q.data, q.row_scale[:-1], q.row_min)
+    with pytest.raises(ValueError, match="row_scale"):
+        ops.embedding_bag(bad, idx, off, backend="cpp")
+    bad = reference.QuantizedTable("int8", q.data, q.row_scale, q.row_min.double())
+    with pytest.raises(TypeError, match="row_min"):
+        ops.embedding_bag(bad, idx, off, backend="cpp")
+
+
+@needs_cpp
+def test_binding_rejects_bad_descriptors():
+    from recmeta_sdk import _core
+
+    w = np.ones((5, 3), np.float32)
+    off = np.array([0, 2], np.int64)
+    idx = np.array([1, 4], np.int64)
+    with pytest.raises(TypeError, match="indices.*descriptor has 3 integers"):
+        _core.embedding_bag_forward([w], (idx.ctypes.data, 1), off)
+    with pytest.raises(TypeError, match="indices.*int32 or int64"):
+        _core.embedding_bag_forward([w], (idx.ctypes.data, 7, 2), off)
+    with pytest.raises(TypeError, match="bad table type code"):
+        _core.embedding_bag_forward([(w.ctypes.data, 9, 5, 3, 3, 0, 0)], idx, off)
+    with pytest.raises(ValueError, match="bad table descriptor"):
+        _core.embedding_bag_forward([(w.ctypes.data, 0, 5, 3, 2, 0, 0)], idx, off)
+    with pytest.raises(ValueError, match=r"id 4 at position 1 is out of range \[0, 4\)"):
+        _core.embedding_bag_forward([(w.ctypes.data, 0, 4, 3, 3, 0, 0)], idx, off)
+    out = _core.embedding_bag_forward([(w.ctypes.data, 0, 5, 3, 3, 0, 0)], (idx.ctypes.data, 1, 2), off)
+    assert np.array_equal(out, np.full((1, 3), 2, np.float32))
+
+
+@needs_cpp
 def test_forward_threads_and_concurrency():
     """Same result for 1 and 2 core threads, and from 4 Python threads at once (GIL released)."""
     from recmeta_sdk import _core
