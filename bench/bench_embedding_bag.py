@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recmeta_sdk import _core, ops, reference  # noqa: E402
+from recmeta_sdk import _core, ops  # noqa: E402
 
 SEED = 20261129
 
@@ -94,7 +94,10 @@ def load_fbgemm():
         from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
         from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-            ComputeDevice, EmbeddingLocation, SplitTableBatchedEmbeddingBagsCodegen)
+            ComputeDevice,
+            EmbeddingLocation,
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
     except Exception as e:  # noqa: BLE001 - any failure to load means: no peer
         print(f"note: fbgemm-gpu-cpu did not load beside torch {torch.__version__} ({type(e).__name__}: {e}); "
               "skipping the FBGEMM TBE peer")

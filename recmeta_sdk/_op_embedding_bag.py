@@ -3,8 +3,10 @@
 Backends
 --------
 * ``"cpp"`` (the default on CPU): the compiled core, ``recmeta_sdk._core.embedding_bag_forward``
-  / ``embedding_bag_backward``. Arrays reach it as numpy views (torch CPU tensors through
-  ``Tensor.numpy()``, without copying). Dtypes and shapes are checked here and in the binding;
+  / ``embedding_bag_backward``. Nothing is copied: numpy arrays go as they are, torch CPU
+  tensors as numpy views (``Tensor.numpy()``) or, on the forward's hot path, as
+  (address, type, sizes) descriptors of plain contiguous tensors, which cost less per call.
+  Strided inputs are made contiguous first. Dtypes and shapes are checked here and in the binding;
   the value checks (every id in range, offsets well formed, weights finite) run in the core,
   before any row is read, and raise the same ``ValueError`` messages as the torch backend's
   checks, so that the checks cost one pass over the ids instead of a dozen torch calls.
@@ -24,13 +26,20 @@ Torch custom ops (namespace ``recmeta``)
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 import torch
 
 from . import backends, reference
-from ._ops_common import as_table, as_tensor, check_float, check_ids, check_offsets, to_kind
+from ._ops_common import (
+    as_table,
+    as_tensor,
+    check_float,
+    check_ids,
+    check_offsets,
+    to_kind,
+)
 from .reference import QuantizedTable
 
 __all__ = ["embedding_bag", "embedding_bag_backward"]

@@ -600,7 +600,8 @@ def test_backward_rejects_bad_input(backend, case, exc, match):
 # property test over shapes and hostile inputs
 # ---------------------------------------------------------------------------------------------
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, strategies as st  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 HOSTILE = ["none", "id_oob", "id_negative", "offsets_decrease", "offsets_past_end", "psw_nan",
            "ids_float", "table_float64", "offsets_short"]

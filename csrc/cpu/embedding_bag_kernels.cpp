@@ -152,7 +152,7 @@ struct Vec {
 // Forward, SIMD variants.
 // =========================================================================================
 
-/// Pool one bag over the columns [col0, col0 + NV*W) (last vector masked to `tail` lanes)
+/// Pool one bag over the columns [col0, col0 + NV*W) (the last vector masked by `last_mask`)
 /// of one table into out[col0 ...]. Storage type S (float, uint16_t half bits, uint8_t codes).
 template <int NV, typename S, bool Int8, typename IdxT>
 inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale,
