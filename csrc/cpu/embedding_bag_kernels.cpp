@@ -35,6 +35,7 @@ namespace {
 
 constexpr int64_t kPrefetchDistance = 16;  ///< rows ahead in the index stream
 constexpr int kMaxVecs = 8;  ///< accumulators held in registers per pass (SIMD variants)
+constexpr int64_t kBagsPerItem = 64;  ///< bags of one table per forward work item
 constexpr int64_t kParallelMinWork = int64_t{1} << 16;  ///< elements gathered before threads pay off
 
 /// Portable IEEE half -> float (handles subnormals, inf, NaN).
@@ -229,6 +230,46 @@ inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float
 #undef RECMETA_EB_CASE
   }
 }
+
+/// Pool the bags [p0, p1) of one table (consecutive pairs of the same table t; bag p writes
+/// output row p - first_pair). Dims up to kMaxVecs * W dispatch on the register count once per
+/// range instead of once per bag.
+template <typename S, bool Int8, typename IdxT>
+inline void pool_range(const TableView& tab, const IdxT* idx, IndexView offsets, int64_t p0, int64_t p1,
+                       int64_t first_pair, int64_t pf_end, const float* psw, bool mean, float* out,
+                       int64_t out_stride) {
+  const S* data = static_cast<const S*>(tab.data);
+  const int64_t dim = tab.dim;
+  if (dim == 0) return;
+  const int64_t nv = (dim + Vec::W - 1) / Vec::W;
+  if (nv > kMaxVecs) {
+    for (int64_t p = p0; p < p1; ++p)
+      pool_bag<S, Int8, IdxT>(data, tab.row_stride, dim, tab.row_scale, tab.row_min, idx, offsets[p],
+                              offsets[p + 1], pf_end, psw, mean, out + (p - first_pair) * out_stride);
+    return;
+  }
+  const typename Vec::M last = Vec::mask(dim - (nv - 1) * Vec::W);
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(S));
+#define RECMETA_EB_RANGE(K)                                                                        \
+  case K:                                                                                          \
+    for (int64_t p = p0; p < p1; ++p)                                                              \
+      pool_chunk<K, S, Int8, IdxT>(data, tab.row_stride, tab.row_scale, tab.row_min, idx, offsets[p], \
+                                   offsets[p + 1], pf_end, row_bytes, psw, mean, 0, last,          \
+                                   out + (p - first_pair) * out_stride);                           \
+    break;
+  switch (nv) {
+    RECMETA_EB_RANGE(1)
+    RECMETA_EB_RANGE(2)
+    RECMETA_EB_RANGE(3)
+    RECMETA_EB_RANGE(4)
+    RECMETA_EB_RANGE(5)
+    RECMETA_EB_RANGE(6)
+    RECMETA_EB_RANGE(7)
+    default:
+      RECMETA_EB_RANGE(8)
+  }
+#undef RECMETA_EB_RANGE
+}
 #else
 // =========================================================================================
 // Forward, generic variant: plain loops the compiler may vectorise.
@@ -275,49 +316,66 @@ inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float
     for (int64_t j = 0; j < dim; ++j) out[j] /= c;
   }
 }
+
+template <typename S, bool Int8, typename IdxT>
+inline void pool_range(const TableView& tab, const IdxT* idx, IndexView offsets, int64_t p0, int64_t p1,
+                       int64_t first_pair, int64_t pf_end, const float* psw, bool mean, float* out,
+                       int64_t out_stride) {
+  for (int64_t p = p0; p < p1; ++p)
+    pool_bag<S, Int8, IdxT>(static_cast<const S*>(tab.data), tab.row_stride, tab.dim, tab.row_scale,
+                            tab.row_min, idx, offsets[p], offsets[p + 1], pf_end, psw, mean,
+                            out + (p - first_pair) * out_stride);
+}
 #endif
 
 template <typename IdxT>
 void forward_impl(const EmbeddingBagForwardArgs& a) {
   const IdxT* idx = static_cast<const IdxT*>(a.indices.data);
   const int64_t B = a.batch;
-  const int64_t pairs = a.num_tables * B;
+  const int64_t T = a.num_tables;
   const bool mean = a.mode == PoolingMode::Mean;
-  if (pairs == 0) return;
-  int64_t max_dim = 0;
-  for (int64_t t = 0; t < a.num_tables; ++t) max_dim = std::max(max_dim, a.tables[t].dim);
-  // Threads only pay off past some work: small calls stay on the calling thread.
-  const bool parallel = (a.indices.size + pairs) * std::max<int64_t>(max_dim, 1) >= kParallelMinWork;
-  (void)parallel;
-#ifdef RECMETA_HAVE_OPENMP
-#pragma omp parallel for schedule(dynamic, 32) if (parallel)
-#endif
-  for (int64_t p = 0; p < pairs; ++p) {
-    const int64_t t = p / B;
-    const int64_t b = p - t * B;
+  if (T * B == 0) return;
+  // Work items: ranges of up to kBagsPerItem bags of one table.
+  const int64_t per_table = (B + kBagsPerItem - 1) / kBagsPerItem;
+  const int64_t items = T * per_table;
+  auto run = [&](int64_t it) {
+    const int64_t t = it / per_table;
+    const int64_t b0 = (it - t * per_table) * kBagsPerItem;
+    const int64_t b1 = std::min(B, b0 + kBagsPerItem);
     const TableView& tab = a.tables[t];
-    const int64_t begin = a.offsets[p];
-    const int64_t end = a.offsets[p + 1];
+    const int64_t p0 = t * B + b0, p1 = t * B + b1;
     const int64_t pf_end = a.offsets[(t + 1) * B];
-    float* out = a.out + b * a.out_stride + a.col_offsets[t];
+    float* out = a.out + b0 * a.out_stride + a.col_offsets[t];
     switch (tab.type) {
       case TableType::F32:
-        pool_bag<float, false, IdxT>(static_cast<const float*>(tab.data), tab.row_stride, tab.dim,
-                                     nullptr, nullptr, idx, begin, end, pf_end,
-                                     a.per_sample_weights, mean, out);
+        pool_range<float, false, IdxT>(tab, idx, a.offsets, p0, p1, p0, pf_end, a.per_sample_weights, mean, out,
+                                       a.out_stride);
         break;
       case TableType::F16:
-        pool_bag<uint16_t, false, IdxT>(static_cast<const uint16_t*>(tab.data), tab.row_stride,
-                                        tab.dim, nullptr, nullptr, idx, begin, end, pf_end,
-                                        a.per_sample_weights, mean, out);
+        pool_range<uint16_t, false, IdxT>(tab, idx, a.offsets, p0, p1, p0, pf_end, a.per_sample_weights, mean,
+                                          out, a.out_stride);
         break;
       case TableType::I8Rowwise:
-        pool_bag<uint8_t, true, IdxT>(static_cast<const uint8_t*>(tab.data), tab.row_stride,
-                                      tab.dim, tab.row_scale, tab.row_min, idx, begin, end, pf_end,
-                                      a.per_sample_weights, mean, out);
+        pool_range<uint8_t, true, IdxT>(tab, idx, a.offsets, p0, p1, p0, pf_end, a.per_sample_weights, mean,
+                                        out, a.out_stride);
         break;
     }
+  };
+  int64_t max_dim = 0;
+  for (int64_t t = 0; t < T; ++t) max_dim = std::max(max_dim, a.tables[t].dim);
+  // Threads only pay off past some work: small calls stay on the calling thread, outside any
+  // parallel region.
+  const bool parallel = items > 1 && (a.indices.size + T * B) * std::max<int64_t>(max_dim, 1) >= kParallelMinWork;
+#ifdef RECMETA_HAVE_OPENMP
+  if (parallel) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) run(it);
+    return;
   }
+#else
+  (void)parallel;
+#endif
+  for (int64_t it = 0; it < items; ++it) run(it);
 }
 
 // =========================================================================================
