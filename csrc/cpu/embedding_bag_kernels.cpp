@@ -163,6 +163,7 @@ inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale
   using V = typename Vec::V;
   const typename Vec::M full = Vec::mask(Vec::W);
   V acc[NV];
+  #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) acc[v] = Vec::zero();
   float bias = 0.f;
   for (int64_t i = begin; i < end; ++i) {
@@ -190,12 +191,15 @@ inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale
   const int64_t cnt = end - begin;
   if (Int8) {
     const V vb = Vec::set1(bias);
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[v] = Vec::add(acc[v], vb);
   }
   if (mean && cnt > 0) {
     const V vc = Vec::set1(static_cast<float>(cnt));
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[v] = Vec::div(acc[v], vc);
   }
+  #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) Vec::store(out + col0 + v * Vec::W, acc[v], v == NV - 1 ? last_mask : full);
 }
 
@@ -409,6 +413,7 @@ inline void backward_segment_reg(const EmbeddingBagBackwardArgs& a, int64_t s, i
   const int64_t hi = a.segment_start[s + 1];
   const int64_t r = a.segment_row[s];
   V acc[NV];
+  #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) acc[v] = Vec::zero();
   for (int64_t i = lo; i < hi; ++i) {
     prefetch_grad(a, i + kGradPrefetch, nnz);
@@ -422,16 +427,19 @@ inline void backward_segment_reg(const EmbeddingBagBackwardArgs& a, int64_t s, i
   float* w = a.weight + r * a.row_stride;
   const V lr = Vec::set1(a.lr);
   if (a.optimizer == SparseOptimizer::Sgd) {
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       const typename Vec::M m = v == NV - 1 ? last : full;
       Vec::store(w + v * Vec::W, Vec::sub(Vec::load(w + v * Vec::W, m), Vec::mul(lr, acc[v])), m);
     }
   } else {
     V sq = Vec::zero();
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) sq = Vec::fmadd(acc[v], acc[v], sq);
     const float st = a.state[r] + Vec::hsum(sq) / static_cast<float>(a.dim);
     a.state[r] = st;
     const V den = Vec::set1(std::sqrt(st) + a.eps);
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       const typename Vec::M m = v == NV - 1 ? last : full;
       Vec::store(w + v * Vec::W, Vec::sub(Vec::load(w + v * Vec::W, m), Vec::div(Vec::mul(lr, acc[v]), den)), m);
