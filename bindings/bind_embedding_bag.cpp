@@ -1,5 +1,6 @@
 // Binding of the embedding_bag op: numpy (buffer-protocol) arrays in, views checked here,
 // the GIL released around the work. Torch CPU tensors arrive as numpy views (t.numpy()).
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -95,29 +96,110 @@ recmeta::TableView table_view(const py::handle& h, const std::string& name, std:
   return v;
 }
 
+// ---------------------------------------------------------------------------------------
+// Descriptors: (address, type code, sizes...) tuples of ints describing memory the caller
+// keeps alive for the duration of the call. recmeta_sdk builds them from torch CPU tensors
+// (data_ptr(), dtype, shape, stride) to skip the cost of Tensor.numpy(); sizes and codes are
+// checked here like an array's, the address is the caller's responsibility.
+// ---------------------------------------------------------------------------------------
+bool is_descriptor(const py::handle& h) {
+  if (!py::isinstance<py::tuple>(h)) return false;
+  py::tuple t = py::reinterpret_borrow<py::tuple>(h);
+  return t.size() > 0 && py::isinstance<py::int_>(t[0]);
+}
+
+std::vector<int64_t> descriptor_ints(const py::handle& h, size_t n, const std::string& name) {
+  py::tuple t = py::reinterpret_borrow<py::tuple>(h);
+  if (t.size() != n)
+    throw py::type_error(name + ": a descriptor has " + std::to_string(n) + " integers, got " +
+                         std::to_string(t.size()));
+  std::vector<int64_t> v(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (!py::isinstance<py::int_>(t[i])) throw py::type_error(name + ": descriptor entries must be integers");
+    v[i] = t[i].cast<int64_t>();
+  }
+  return v;
+}
+
+/// (address, code 0 = int32 / 1 = int64, n)
+recmeta::IndexView index_descriptor(const py::handle& h, const std::string& name) {
+  const auto v = descriptor_ints(h, 3, name);
+  if (v[1] != 0 && v[1] != 1) throw py::type_error(name + ": ids must be int32 or int64 (descriptor code " + std::to_string(v[1]) + ")");
+  if (v[2] < 0 || (v[0] == 0 && v[2] > 0)) throw py::value_error(name + ": bad descriptor");
+  recmeta::IndexView iv;
+  iv.type = v[1] == 0 ? recmeta::IndexType::I32 : recmeta::IndexType::I64;
+  iv.data = reinterpret_cast<const void*>(static_cast<uintptr_t>(v[0]));
+  iv.size = v[2];
+  return iv;
+}
+
+/// (address, code 0 = float32 / 1 = float16 / 2 = int8 row-wise, rows, dim, row_stride,
+///  row_scale address, row_min address)
+recmeta::TableView table_descriptor(const py::handle& h, const std::string& name) {
+  const auto v = descriptor_ints(h, 7, name);
+  if (v[1] < 0 || v[1] > 2) throw py::type_error(name + ": bad table type code " + std::to_string(v[1]));
+  if (v[2] < 0 || v[3] < 0 || v[4] < v[3] || (v[0] == 0 && v[2] * v[3] > 0))
+    throw py::value_error(name + ": bad table descriptor");
+  recmeta::TableView t;
+  t.type = static_cast<recmeta::TableType>(v[1]);
+  t.data = reinterpret_cast<const void*>(static_cast<uintptr_t>(v[0]));
+  t.rows = v[2];
+  t.dim = v[3];
+  t.row_stride = v[4];
+  if (t.type == recmeta::TableType::I8Rowwise) {
+    if ((v[5] == 0 || v[6] == 0) && t.rows > 0) throw py::value_error(name + ": int8 tables need row_scale and row_min");
+    t.row_scale = reinterpret_cast<const float*>(static_cast<uintptr_t>(v[5]));
+    t.row_min = reinterpret_cast<const float*>(static_cast<uintptr_t>(v[6]));
+  }
+  return t;
+}
+
+/// Indices / offsets given as an array or a descriptor.
+recmeta::IndexView index_any(const py::object& o, const std::string& name, std::vector<py::array>& keep) {
+  if (is_descriptor(o)) return index_descriptor(o, name);
+  py::array a = py::array::ensure(o);
+  if (!a) throw py::type_error(name + ": expected a numpy array");
+  keep.push_back(a);
+  return index_view(a, name);
+}
+
+/// Per-sample weights given as None, an array, or an (address, n) descriptor.
+const float* weights_any(const py::object& o, int64_t n, const std::string& name, std::vector<py::array>& keep) {
+  if (is_descriptor(o)) {
+    const auto v = descriptor_ints(o, 2, name);
+    if (v[1] != n) throw py::value_error(name + ": expected shape (" + std::to_string(n) + ",), got (" + std::to_string(v[1]) + ",)");
+    if (v[0] == 0 && n > 0) throw py::value_error(name + ": bad descriptor");
+    return reinterpret_cast<const float*>(static_cast<uintptr_t>(v[0]));
+  }
+  return float_vector(o, n, name, keep);
+}
+
 recmeta::PoolingMode pooling_mode(const std::string& mode) {
   if (mode == "sum") return recmeta::PoolingMode::Sum;
   if (mode == "mean") return recmeta::PoolingMode::Mean;
   throw py::value_error("mode: must be 'sum' or 'mean', got '" + mode + "'");
 }
 
-py::array_t<float> forward(const py::sequence& tables, const py::array& indices,
-                           const py::array& offsets, const py::object& per_sample_weights,
+py::array_t<float> forward(const py::sequence& tables, const py::object& indices,
+                           const py::object& offsets, const py::object& per_sample_weights,
                            const std::string& mode) {
   const recmeta::PoolingMode pm = pooling_mode(mode);
   std::vector<py::array> keep;
   std::vector<recmeta::TableView> views;
   const py::ssize_t T = py::len(tables);
   if (T < 1) throw py::value_error("tables: the list of tables is empty");
-  for (py::ssize_t t = 0; t < T; ++t)
-    views.push_back(table_view(tables[t], "weight[" + std::to_string(t) + "]", keep));
-  const recmeta::IndexView idx = index_view(indices, "indices");
-  const recmeta::IndexView off = index_view(offsets, "offsets");
+  for (py::ssize_t t = 0; t < T; ++t) {
+    const py::handle h = tables[t];
+    const std::string name = "weight[" + std::to_string(t) + "]";
+    views.push_back(is_descriptor(h) ? table_descriptor(h, name) : table_view(h, name, keep));
+  }
+  const recmeta::IndexView idx = index_any(indices, "indices", keep);
+  const recmeta::IndexView off = index_any(offsets, "offsets", keep);
   if (off.size < 1) throw py::value_error("offsets: expected T*B+1 >= 1 offsets, got 0");
   if ((off.size - 1) % T != 0)
     throw py::value_error("offsets: " + std::to_string(off.size - 1) + " bags is not a multiple of the " +
                           std::to_string(T) + " tables");
-  const float* psw = float_vector(per_sample_weights, idx.size, "per_sample_weights", keep);
+  const float* psw = weights_any(per_sample_weights, idx.size, "per_sample_weights", keep);
   const int64_t B = (off.size - 1) / T;
   int64_t D = 0;
   for (const auto& v : views) D += v.dim;
@@ -186,6 +268,11 @@ tables : list of T tables; each a (N_t, d_t) float32 or float16 array, or an int
 indices : (nnz,) int32 or int64, row ids local to their table
 offsets : (T*B+1,) int32 or int64 CSR offsets, table-major (bag t*B+b = sample b of table t)
 per_sample_weights : (nnz,) float32 or None
+
+Instead of an array, each of these may be a descriptor tuple of ints for memory the caller
+keeps alive (recmeta_sdk passes torch tensors so): a table (address, 0 float32 / 1 float16 /
+2 int8, rows, dim, row_stride, row_scale address, row_min address), ids and offsets
+(address, 0 int32 / 1 int64, n), weights (address, n).
 mode : "sum" or "mean" (empty bags give zero rows)
 
 Returns

@@ -3,8 +3,10 @@
 Backends
 --------
 * ``"cpp"`` (the default on CPU): the compiled core, ``recmeta_sdk._core.embedding_bag_forward``
-  / ``embedding_bag_backward``. Arrays reach it as numpy views (torch CPU tensors through
-  ``Tensor.numpy()``, without copying). Dtypes and shapes are checked here and in the binding;
+  / ``embedding_bag_backward``. Nothing is copied: numpy arrays go as they are, torch CPU
+  tensors as numpy views (``Tensor.numpy()``) or, on the forward's hot path, as
+  (address, type, sizes) descriptors of plain contiguous tensors, which cost less per call.
+  Strided inputs are made contiguous first. Dtypes and shapes are checked here and in the binding;
   the value checks (every id in range, offsets well formed, weights finite) run in the core,
   before any row is read, and raise the same ``ValueError`` messages as the torch backend's
   checks, so that the checks cost one pass over the ids instead of a dozen torch calls.
@@ -24,13 +26,20 @@ Torch custom ops (namespace ``recmeta``)
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 import torch
 
 from . import backends, reference
-from ._ops_common import as_table, as_tensor, check_float, check_ids, check_offsets, to_kind
+from ._ops_common import (
+    as_table,
+    as_tensor,
+    check_float,
+    check_ids,
+    check_offsets,
+    to_kind,
+)
 from .reference import QuantizedTable
 
 __all__ = ["embedding_bag", "embedding_bag_backward"]
@@ -39,31 +48,37 @@ _MODES = ("sum", "mean")
 _OPTIMIZERS = ("sgd", "rowwise_adagrad")
 
 
-def _core():
-    from . import _core
+_CORE = None
 
-    return _core
+
+def _core():
+    global _CORE
+    if _CORE is None:
+        from . import _core as core
+
+        _CORE = core
+    return _CORE
 
 
 # ---------------------------------------------------------------------------------------------
 # numpy views for the compiled core
 # ---------------------------------------------------------------------------------------------
 def _np(x, name: str):
-    """A numpy view of a CPU tensor / numpy array with unit stride in its last dimension."""
+    """A numpy view (no copy) of a contiguous CPU tensor or numpy array; a contiguous copy of a
+    strided one."""
+    if isinstance(x, torch.Tensor):
+        if x.requires_grad:
+            x = x.detach()
+        if not x.is_contiguous():
+            x = x.contiguous()
+        try:
+            return x.numpy()
+        except (TypeError, RuntimeError) as e:  # a CUDA tensor, bfloat16, ...
+            raise TypeError(f"{name}: cannot be viewed as a CPU numpy array ({e})") from None
     if isinstance(x, np.ndarray):
         if x.ndim and x.strides[-1] != x.itemsize:
             x = np.ascontiguousarray(x)
         return x
-    if isinstance(x, torch.Tensor):
-        if x.device.type != "cpu":
-            raise ValueError(f"{name}: the cpp backend needs CPU data, got a tensor on {x.device}")
-        x = x.detach()
-        if x.dim() and x.shape[-1] > 1 and x.stride(-1) != 1:
-            x = x.contiguous()
-        try:
-            return x.numpy()
-        except TypeError as e:  # e.g. bfloat16
-            raise TypeError(f"{name}: unsupported dtype {x.dtype} ({e})") from None
     raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
 
 
@@ -86,8 +101,11 @@ def _np_inplace(x, name: str):
     raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
 
 
-def _core_table(w, name: str):
-    """The binding's form of a table: a 2-D float32/float16 array or an int8 (codes, scale, min) tuple."""
+def _core_table(w, t: int):
+    """The binding's form of table t: a 2-D float32/float16 array or an int8 (codes, scale, min) tuple."""
+    if isinstance(w, torch.Tensor) and (w.dtype is torch.float32 or w.dtype is torch.float16):
+        return _np(w, "weight")  # the common case first; shapes are checked in the binding
+    name = f"weight[{t}]"
     if isinstance(w, QuantizedTable):
         if w.dtype == "fp16":
             return _np(w.data, name)
@@ -95,14 +113,55 @@ def _core_table(w, name: str):
             return (_np(w.data, name), _np(w.row_scale, f"{name} row_scale"), _np(w.row_min, f"{name} row_min"))
         raise ValueError(f"{name}: unknown QuantizedTable dtype {w.dtype!r}")
     if isinstance(w, torch.Tensor):
-        if w.dtype not in (torch.float32, torch.float16):
-            raise TypeError(f"{name}: tables must be float32 or float16 (or quantize() them), got {w.dtype}")
-        return _np(w, name)
+        raise TypeError(f"{name}: tables must be float32 or float16 (or quantize() them), got {w.dtype}")
     if isinstance(w, np.ndarray):
-        if w.dtype not in (np.float32, np.float16):
+        if w.dtype != np.float32 and w.dtype != np.float16:
             raise TypeError(f"{name}: tables must be float32 or float16 (or quantize() them), got dtype {w.dtype}")
         return _np(w, name)
     raise TypeError(f"{name}: expected a numpy array, torch tensor or QuantizedTable, got {type(w).__name__}")
+
+
+# Descriptors (see the binding's docstring): (address, type code, sizes...) of torch CPU
+# tensors, which skip Tensor.numpy() (a few microseconds each, which matters for small
+# batches). Only plain contiguous CPU tensors are described; anything else takes the numpy path,
+# whose checks name the bad argument. The tensors stay referenced by the caller for the call.
+def _plain(x: torch.Tensor) -> bool:
+    return x.is_cpu and x.layout is torch.strided and x.is_contiguous()
+
+
+def _ids_arg(x, name: str):
+    if isinstance(x, torch.Tensor) and _plain(x) and x.dim() == 1:
+        if x.dtype is torch.int64:
+            return (x.data_ptr(), 1, x.numel())
+        if x.dtype is torch.int32:
+            return (x.data_ptr(), 0, x.numel())
+    return _np(x, name)
+
+
+def _table_arg(w, t: int):
+    if isinstance(w, torch.Tensor) and _plain(w) and w.dim() == 2:
+        code = 0 if w.dtype is torch.float32 else 1 if w.dtype is torch.float16 else -1
+        if code >= 0:
+            n, d = w.shape
+            return (w.data_ptr(), code, n, d, d, 0, 0)
+    elif isinstance(w, QuantizedTable) and isinstance(w.data, torch.Tensor) and _plain(w.data) and w.data.dim() == 2:
+        n, d = w.data.shape
+        if w.dtype == "fp16" and w.data.dtype is torch.float16:
+            return (w.data.data_ptr(), 1, n, d, d, 0, 0)
+        sc, mn = w.row_scale, w.row_min
+        if (w.dtype == "int8" and w.data.dtype is torch.uint8 and all(
+                isinstance(v, torch.Tensor) and _plain(v) and v.dtype is torch.float32 and v.dim() == 1
+                and v.numel() == n for v in (sc, mn))):
+            return (w.data.data_ptr(), 2, n, d, d, sc.data_ptr(), mn.data_ptr())
+    return _core_table(w, t)
+
+
+def _weights_arg(x, name: str):
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor) and _plain(x) and x.dim() == 1 and x.dtype is torch.float32:
+        return (x.data_ptr(), x.numel())
+    return _np(x, name)
 
 
 def _table_parts(w, name: str):
@@ -303,16 +362,18 @@ def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: st
     """
     if mode not in _MODES:
         raise ValueError(f"embedding_bag: mode must be 'sum' or 'mean', got {mode!r}")
-    tables = list(weight) if isinstance(weight, (list, tuple)) else [weight]
+    tables = weight if isinstance(weight, (list, tuple)) else (weight,)
     if not tables:
         raise ValueError("embedding_bag: the list of tables is empty")
     is_torch = isinstance(indices, torch.Tensor)
-    device = indices.device.type if is_torch else "cpu"
-    be = backends.resolve(backend, "cpu" if device == "cpu" else "cuda")
+    be = backends.resolve(backend, "cuda" if is_torch and indices.is_cuda else "cpu")
     if be == "cpp":
-        needs_graph = is_torch and (_compiling() or (torch.is_grad_enabled() and (
-            any(isinstance(w, torch.Tensor) and w.requires_grad for w in tables)
-            or (isinstance(per_sample_weights, torch.Tensor) and per_sample_weights.requires_grad))))
+        if is_torch and (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            needs_graph = torch.compiler.is_compiling() or any(
+                isinstance(w, torch.Tensor) and w.requires_grad for w in tables) or (
+                isinstance(per_sample_weights, torch.Tensor) and per_sample_weights.requires_grad)
+        else:
+            needs_graph = False
         if needs_graph:
             if not isinstance(offsets, torch.Tensor):
                 raise TypeError(f"offsets: expected a torch tensor like the indices, got {type(offsets).__name__}")
@@ -322,10 +383,14 @@ def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: st
                 raise TypeError(f"per_sample_weights: expected a torch tensor, got {type(psw).__name__}")
             return _forward_op([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
                                indices, offsets, psw, mode)
-        tabs = [_core_table(w, f"weight[{t}]") for t, w in enumerate(tables)]
+        if is_torch:
+            out = _core().embedding_bag_forward(
+                [_table_arg(w, t) for t, w in enumerate(tables)], _ids_arg(indices, "indices"),
+                _ids_arg(offsets, "offsets"), _weights_arg(per_sample_weights, "per_sample_weights"), mode)
+            return torch.from_numpy(out)
+        tabs = [_core_table(w, t) for t, w in enumerate(tables)]
         psw = None if per_sample_weights is None else _np(per_sample_weights, "per_sample_weights")
-        out = _core().embedding_bag_forward(tabs, _np(indices, "indices"), _np(offsets, "offsets"), psw, mode)
-        return torch.from_numpy(out) if is_torch else out
+        return _core().embedding_bag_forward(tabs, _np(indices, "indices"), _np(offsets, "offsets"), psw, mode)
     # torch reference backend
     idx, kind = as_tensor(indices, "indices")
     off, _ = as_tensor(offsets, "offsets")

@@ -1,6 +1,8 @@
 // Entry points of the fused embedding bag on the CPU: validation of every argument before
 // any row is read, then dispatch to the kernel variant of the running CPU.
+#include <algorithm>
 #include <cmath>
+#include <memory>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -66,68 +68,125 @@ void check_table(const TableView& t, int64_t i) {
                   "weight[", i, "]: int8 tables need row_scale and row_min");
 }
 
-/// Stable LSD radix sort of (key, value) pairs by key, keys < 2^bits. Deterministic: the
-/// output is the unique stable order, whatever the thread count.
+template <typename T>
+std::unique_ptr<T[]> uninit(int64_t n) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
+}
+
+/// Stable LSD radix sort of (key, payload) pairs by key, keys < 2^bits. Large inputs are split
+/// into one contiguous chunk per thread: each pass counts digits per chunk, then scatters each
+/// chunk behind the same digits of the chunks before it, which keeps the sort stable. A stable
+/// sort has a unique result, so the output is the same for any thread count. `keys` / `vals`
+/// receive the sorted arrays; `ktmp` / `vtmp` are scratch of n entries.
 template <typename K>
-void radix_sort_pairs(std::vector<K>& keys, std::vector<int64_t>& vals, int bits) {
-  const int64_t n = static_cast<int64_t>(keys.size());
-  constexpr int kDigit = 11;
-  constexpr int64_t kBuckets = int64_t{1} << kDigit;
-  std::vector<K> k2(keys.size());
-  std::vector<int64_t> v2(vals.size());
-  std::vector<int64_t> count(kBuckets);
-  for (int shift = 0; shift < bits; shift += kDigit) {
-    std::fill(count.begin(), count.end(), 0);
-    for (int64_t i = 0; i < n; ++i) ++count[(keys[i] >> shift) & (kBuckets - 1)];
+void radix_sort_pairs(std::unique_ptr<K[]>& keys, std::unique_ptr<uint64_t[]>& vals,
+                      std::unique_ptr<K[]>& ktmp, std::unique_ptr<uint64_t[]>& vtmp, int64_t n, int bits) {
+  if (bits <= 0 || n <= 1) return;
+  const int passes = (bits + 10) / 11;
+  const int dbits = (bits + passes - 1) / passes;
+  const int64_t nb = int64_t{1} << dbits;
+  const K mask = static_cast<K>(nb - 1);
+  int64_t nt = 1;
+#ifdef RECMETA_HAVE_OPENMP
+  if (n >= (int64_t{1} << 16)) nt = std::max(1, omp_get_max_threads());
+#endif
+  std::vector<int64_t> count(static_cast<size_t>(nt * nb));
+  for (int p = 0; p < passes; ++p) {
+    const int shift = p * dbits;
+    const K* ks = keys.get();
+    const uint64_t* vs = vals.get();
+    K* kd = ktmp.get();
+    uint64_t* vd = vtmp.get();
+    int64_t* cnt = count.data();
+#ifdef RECMETA_HAVE_OPENMP
+#pragma omp parallel for schedule(static, 1) num_threads(static_cast<int>(nt)) if (nt > 1)
+#endif
+    for (int64_t c = 0; c < nt; ++c) {
+      int64_t* h = cnt + c * nb;
+      std::fill(h, h + nb, 0);
+      const int64_t lo = n * c / nt, hi = n * (c + 1) / nt;
+      for (int64_t i = lo; i < hi; ++i) ++h[(ks[i] >> shift) & mask];
+    }
     int64_t sum = 0;
-    for (int64_t b = 0; b < kBuckets; ++b) {
-      const int64_t c = count[b];
-      count[b] = sum;
-      sum += c;
+    for (int64_t b = 0; b < nb; ++b) {
+      for (int64_t c = 0; c < nt; ++c) {
+        const int64_t x = cnt[c * nb + b];
+        cnt[c * nb + b] = sum;
+        sum += x;
+      }
     }
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t dst = count[(keys[i] >> shift) & (kBuckets - 1)]++;
-      k2[dst] = keys[i];
-      v2[dst] = vals[i];
+#ifdef RECMETA_HAVE_OPENMP
+#pragma omp parallel for schedule(static, 1) num_threads(static_cast<int>(nt)) if (nt > 1)
+#endif
+    for (int64_t c = 0; c < nt; ++c) {
+      int64_t* h = cnt + c * nb;
+      const int64_t lo = n * c / nt, hi = n * (c + 1) / nt;
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t dst = h[(ks[i] >> shift) & mask]++;
+        kd[dst] = ks[i];
+        vd[dst] = vs[i];
+      }
     }
-    keys.swap(k2);
-    vals.swap(v2);
+    keys.swap(ktmp);
+    vals.swap(vtmp);
+  }
+}
+
+/// Keys (rows) and payloads ((bag << 32) | coefficient bits) of every position.
+template <typename K, typename IdxT>
+void fill_pairs(const IdxT* idx, IndexView offsets, const float* psw, PoolingMode mode, K* keys,
+                uint64_t* pay) {
+  const int64_t B = offsets.size - 1;
+  const bool parallel = offsets[B] >= (int64_t{1} << 16);
+  (void)parallel;
+#ifdef RECMETA_HAVE_OPENMP
+#pragma omp parallel for schedule(static) if (parallel)
+#endif
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t lo = offsets[b], hi = offsets[b + 1];
+    const float cnt = static_cast<float>(hi - lo);
+    for (int64_t i = lo; i < hi; ++i) {
+      float c = psw != nullptr ? psw[i] : 1.f;
+      if (mode == PoolingMode::Mean) c = c / cnt;
+      uint32_t cb;
+      std::memcpy(&cb, &c, sizeof(cb));
+      keys[i] = static_cast<K>(idx[i]);
+      pay[i] = (static_cast<uint64_t>(b) << 32) | cb;
+    }
   }
 }
 
 template <typename K>
-void backward_sorted(cpu::EmbeddingBagBackwardArgs& args, IndexView indices, int64_t rows,
-                     const std::vector<int64_t>& bag, const std::vector<float>& coef) {
+void backward_sorted(cpu::EmbeddingBagBackwardArgs& args, IndexView indices, IndexView offsets,
+                     const float* psw, PoolingMode mode, int64_t rows) {
   const int64_t nnz = indices.size;
-  std::vector<K> keys(static_cast<size_t>(nnz));
-  std::vector<int64_t> pos(static_cast<size_t>(nnz));
-  for (int64_t i = 0; i < nnz; ++i) {
-    keys[i] = static_cast<K>(indices[i]);
-    pos[i] = i;
-  }
+  auto keys = uninit<K>(nnz), ktmp = uninit<K>(nnz);
+  auto pay = uninit<uint64_t>(nnz), ptmp = uninit<uint64_t>(nnz);
+  if (indices.type == IndexType::I32)
+    fill_pairs<K, int32_t>(static_cast<const int32_t*>(indices.data), offsets, psw, mode, keys.get(), pay.get());
+  else
+    fill_pairs<K, int64_t>(static_cast<const int64_t*>(indices.data), offsets, psw, mode, keys.get(), pay.get());
   int bits = 0;
   while (bits < 64 && (static_cast<uint64_t>(rows - 1) >> bits) != 0) ++bits;
-  radix_sort_pairs<K>(keys, pos, bits);
+  radix_sort_pairs<K>(keys, pay, ktmp, ptmp, nnz, bits);
 
-  std::vector<int64_t> seg_row, seg_start;
-  seg_row.reserve(static_cast<size_t>(nnz));
-  seg_start.reserve(static_cast<size_t>(nnz) + 1);
-  std::vector<int64_t> sbag(static_cast<size_t>(nnz));
-  std::vector<float> scoef(static_cast<size_t>(nnz));
+  // Segments of equal rows (ktmp's memory is free now: reuse it for nothing; plain arrays).
+  auto seg_row = uninit<int64_t>(nnz);
+  auto seg_start = uninit<int64_t>(nnz + 1);
+  int64_t S = 0;
+  const K* k = keys.get();
   for (int64_t i = 0; i < nnz; ++i) {
-    if (i == 0 || keys[i] != keys[i - 1]) {
-      seg_row.push_back(static_cast<int64_t>(keys[i]));
-      seg_start.push_back(i);
+    if (i == 0 || k[i] != k[i - 1]) {
+      seg_row[S] = static_cast<int64_t>(k[i]);
+      seg_start[S] = i;
+      ++S;
     }
-    sbag[i] = bag[pos[i]];
-    scoef[i] = coef[pos[i]];
   }
-  seg_start.push_back(nnz);
-  args.num_segments = static_cast<int64_t>(seg_row.size());
-  args.segment_row = seg_row.data();
-  args.segment_start = seg_start.data();
-  args.sorted_bag = sbag.data();
-  args.sorted_coef = scoef.data();
+  seg_start[S] = nnz;
+  args.num_segments = S;
+  args.segment_row = seg_row.get();
+  args.segment_start = seg_start.get();
+  args.sorted_payload = pay.get();
   RECMETA_DISPATCH_ISA(embedding_bag_backward_kernel, args);
 }
 
@@ -206,19 +265,7 @@ void embedding_bag_backward(float* weight, int64_t rows, int64_t dim, int64_t ro
   const int64_t nnz = indices.size;
   if (nnz == 0 || dim == 0) return;
 
-  // Bag and coefficient of every position.
-  std::vector<int64_t> bag(static_cast<size_t>(nnz));
-  std::vector<float> coef(static_cast<size_t>(nnz));
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t lo = offsets[b], hi = offsets[b + 1];
-    const float cnt = static_cast<float>(hi - lo);
-    for (int64_t i = lo; i < hi; ++i) {
-      bag[i] = b;
-      float c = per_sample_weights != nullptr ? per_sample_weights[i] : 1.f;
-      if (mode == PoolingMode::Mean) c = c / cnt;
-      coef[i] = c;
-    }
-  }
+  RECMETA_CHECK(B < (int64_t{1} << 32), "offsets: at most 2^32 - 1 bags, got ", B);
   cpu::EmbeddingBagBackwardArgs a;
   a.weight = weight;
   a.dim = dim;
@@ -230,9 +277,9 @@ void embedding_bag_backward(float* weight, int64_t rows, int64_t dim, int64_t ro
   a.eps = eps;
   a.state = state;
   if (static_cast<uint64_t>(rows) <= (uint64_t{1} << 32))
-    backward_sorted<uint32_t>(a, indices, rows, bag, coef);
+    backward_sorted<uint32_t>(a, indices, offsets, per_sample_weights, mode, rows);
   else
-    backward_sorted<uint64_t>(a, indices, rows, bag, coef);
+    backward_sorted<uint64_t>(a, indices, offsets, per_sample_weights, mode, rows);
 }
 
 }  // namespace recmeta

@@ -34,6 +34,8 @@ namespace RECMETA_ISA_NS {
 namespace {
 
 constexpr int64_t kPrefetchDistance = 16;  ///< rows ahead in the index stream
+constexpr int kMaxVecs = 8;  ///< accumulators held in registers per pass (SIMD variants)
+constexpr int64_t kBagsPerItem = 64;  ///< bags of one table per forward work item
 constexpr int64_t kParallelMinWork = int64_t{1} << 16;  ///< elements gathered before threads pay off
 
 /// Portable IEEE half -> float (handles subnormals, inf, NaN).
@@ -150,9 +152,8 @@ struct Vec {
 // =========================================================================================
 // Forward, SIMD variants.
 // =========================================================================================
-constexpr int kMaxVecs = 8;  ///< accumulators held in registers per pass
 
-/// Pool one bag over the columns [col0, col0 + NV*W) (last vector masked to `tail` lanes)
+/// Pool one bag over the columns [col0, col0 + NV*W) (the last vector masked by `last_mask`)
 /// of one table into out[col0 ...]. Storage type S (float, uint16_t half bits, uint8_t codes).
 template <int NV, typename S, bool Int8, typename IdxT>
 inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale,
@@ -162,12 +163,17 @@ inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale
   using V = typename Vec::V;
   const typename Vec::M full = Vec::mask(Vec::W);
   V acc[NV];
+  #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) acc[v] = Vec::zero();
   float bias = 0.f;
   for (int64_t i = begin; i < end; ++i) {
     if (pf_bytes > 0 && i + kPrefetchDistance < pf_end) {
       const int64_t pr = static_cast<int64_t>(idx[i + kPrefetchDistance]);
       prefetch_row(reinterpret_cast<const char*>(data + pr * row_stride + col0), pf_bytes);
+      if (Int8) {
+        __builtin_prefetch(row_scale + pr, 0, 3);
+        __builtin_prefetch(row_min + pr, 0, 3);
+      }
     }
     const int64_t r = static_cast<int64_t>(idx[i]);
     const S* row = data + r * row_stride + col0;
@@ -185,12 +191,15 @@ inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale
   const int64_t cnt = end - begin;
   if (Int8) {
     const V vb = Vec::set1(bias);
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[v] = Vec::add(acc[v], vb);
   }
   if (mean && cnt > 0) {
     const V vc = Vec::set1(static_cast<float>(cnt));
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[v] = Vec::div(acc[v], vc);
   }
+  #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) Vec::store(out + col0 + v * Vec::W, acc[v], v == NV - 1 ? last_mask : full);
 }
 
@@ -225,6 +234,46 @@ inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float
 #undef RECMETA_EB_CASE
   }
 }
+
+/// Pool the bags [p0, p1) of one table (consecutive pairs of the same table t; bag p writes
+/// output row p - first_pair). Dims up to kMaxVecs * W dispatch on the register count once per
+/// range instead of once per bag.
+template <typename S, bool Int8, typename IdxT>
+inline void pool_range(const TableView& tab, const IdxT* idx, IndexView offsets, int64_t p0, int64_t p1,
+                       int64_t first_pair, int64_t pf_end, const float* psw, bool mean, float* out,
+                       int64_t out_stride) {
+  const S* data = static_cast<const S*>(tab.data);
+  const int64_t dim = tab.dim;
+  if (dim == 0) return;
+  const int64_t nv = (dim + Vec::W - 1) / Vec::W;
+  if (nv > kMaxVecs) {
+    for (int64_t p = p0; p < p1; ++p)
+      pool_bag<S, Int8, IdxT>(data, tab.row_stride, dim, tab.row_scale, tab.row_min, idx, offsets[p],
+                              offsets[p + 1], pf_end, psw, mean, out + (p - first_pair) * out_stride);
+    return;
+  }
+  const typename Vec::M last = Vec::mask(dim - (nv - 1) * Vec::W);
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(S));
+#define RECMETA_EB_RANGE(K)                                                                        \
+  case K:                                                                                          \
+    for (int64_t p = p0; p < p1; ++p)                                                              \
+      pool_chunk<K, S, Int8, IdxT>(data, tab.row_stride, tab.row_scale, tab.row_min, idx, offsets[p], \
+                                   offsets[p + 1], pf_end, row_bytes, psw, mean, 0, last,          \
+                                   out + (p - first_pair) * out_stride);                           \
+    break;
+  switch (nv) {
+    RECMETA_EB_RANGE(1)
+    RECMETA_EB_RANGE(2)
+    RECMETA_EB_RANGE(3)
+    RECMETA_EB_RANGE(4)
+    RECMETA_EB_RANGE(5)
+    RECMETA_EB_RANGE(6)
+    RECMETA_EB_RANGE(7)
+    default:
+      RECMETA_EB_RANGE(8)
+  }
+#undef RECMETA_EB_RANGE
+}
 #else
 // =========================================================================================
 // Forward, generic variant: plain loops the compiler may vectorise.
@@ -249,6 +298,10 @@ inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float
     if (i + kPrefetchDistance < pf_end) {
       const int64_t pr = static_cast<int64_t>(idx[i + kPrefetchDistance]);
       prefetch_row(reinterpret_cast<const char*>(data + pr * row_stride), row_bytes);
+      if (Int8) {
+        __builtin_prefetch(row_scale + pr, 0, 3);
+        __builtin_prefetch(row_min + pr, 0, 3);
+      }
     }
     const int64_t r = static_cast<int64_t>(idx[i]);
     const S* row = data + r * row_stride;
@@ -267,104 +320,147 @@ inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float
     for (int64_t j = 0; j < dim; ++j) out[j] /= c;
   }
 }
+
+template <typename S, bool Int8, typename IdxT>
+inline void pool_range(const TableView& tab, const IdxT* idx, IndexView offsets, int64_t p0, int64_t p1,
+                       int64_t first_pair, int64_t pf_end, const float* psw, bool mean, float* out,
+                       int64_t out_stride) {
+  for (int64_t p = p0; p < p1; ++p)
+    pool_bag<S, Int8, IdxT>(static_cast<const S*>(tab.data), tab.row_stride, tab.dim, tab.row_scale,
+                            tab.row_min, idx, offsets[p], offsets[p + 1], pf_end, psw, mean,
+                            out + (p - first_pair) * out_stride);
+}
 #endif
 
 template <typename IdxT>
 void forward_impl(const EmbeddingBagForwardArgs& a) {
   const IdxT* idx = static_cast<const IdxT*>(a.indices.data);
   const int64_t B = a.batch;
-  const int64_t pairs = a.num_tables * B;
+  const int64_t T = a.num_tables;
   const bool mean = a.mode == PoolingMode::Mean;
-  if (pairs == 0) return;
-  int64_t max_dim = 0;
-  for (int64_t t = 0; t < a.num_tables; ++t) max_dim = std::max(max_dim, a.tables[t].dim);
-  // Threads only pay off past some work: small calls stay on the calling thread.
-  const bool parallel = (a.indices.size + pairs) * std::max<int64_t>(max_dim, 1) >= kParallelMinWork;
-  (void)parallel;
-#ifdef RECMETA_HAVE_OPENMP
-#pragma omp parallel for schedule(dynamic, 32) if (parallel)
-#endif
-  for (int64_t p = 0; p < pairs; ++p) {
-    const int64_t t = p / B;
-    const int64_t b = p - t * B;
+  if (T * B == 0) return;
+  // Work items: ranges of up to kBagsPerItem bags of one table.
+  const int64_t per_table = (B + kBagsPerItem - 1) / kBagsPerItem;
+  const int64_t items = T * per_table;
+  auto run = [&](int64_t it) {
+    const int64_t t = it / per_table;
+    const int64_t b0 = (it - t * per_table) * kBagsPerItem;
+    const int64_t b1 = std::min(B, b0 + kBagsPerItem);
     const TableView& tab = a.tables[t];
-    const int64_t begin = a.offsets[p];
-    const int64_t end = a.offsets[p + 1];
+    const int64_t p0 = t * B + b0, p1 = t * B + b1;
     const int64_t pf_end = a.offsets[(t + 1) * B];
-    float* out = a.out + b * a.out_stride + a.col_offsets[t];
+    float* out = a.out + b0 * a.out_stride + a.col_offsets[t];
     switch (tab.type) {
       case TableType::F32:
-        pool_bag<float, false, IdxT>(static_cast<const float*>(tab.data), tab.row_stride, tab.dim,
-                                     nullptr, nullptr, idx, begin, end, pf_end,
-                                     a.per_sample_weights, mean, out);
+        pool_range<float, false, IdxT>(tab, idx, a.offsets, p0, p1, p0, pf_end, a.per_sample_weights, mean, out,
+                                       a.out_stride);
         break;
       case TableType::F16:
-        pool_bag<uint16_t, false, IdxT>(static_cast<const uint16_t*>(tab.data), tab.row_stride,
-                                        tab.dim, nullptr, nullptr, idx, begin, end, pf_end,
-                                        a.per_sample_weights, mean, out);
+        pool_range<uint16_t, false, IdxT>(tab, idx, a.offsets, p0, p1, p0, pf_end, a.per_sample_weights, mean,
+                                          out, a.out_stride);
         break;
       case TableType::I8Rowwise:
-        pool_bag<uint8_t, true, IdxT>(static_cast<const uint8_t*>(tab.data), tab.row_stride,
-                                      tab.dim, tab.row_scale, tab.row_min, idx, begin, end, pf_end,
-                                      a.per_sample_weights, mean, out);
+        pool_range<uint8_t, true, IdxT>(tab, idx, a.offsets, p0, p1, p0, pf_end, a.per_sample_weights, mean,
+                                        out, a.out_stride);
         break;
     }
+  };
+  int64_t max_dim = 0;
+  for (int64_t t = 0; t < T; ++t) max_dim = std::max(max_dim, a.tables[t].dim);
+  // Threads only pay off past some work: small calls stay on the calling thread, outside any
+  // parallel region.
+  const bool parallel = items > 1 && (a.indices.size + T * B) * std::max<int64_t>(max_dim, 1) >= kParallelMinWork;
+#ifdef RECMETA_HAVE_OPENMP
+  if (parallel) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) run(it);
+    return;
   }
+#else
+  (void)parallel;
+#endif
+  for (int64_t it = 0; it < items; ++it) run(it);
 }
 
 // =========================================================================================
 // Backward: per-row gradient accumulation in position order, then the optimiser step.
 // =========================================================================================
-void backward_rows(const EmbeddingBagBackwardArgs& a, int64_t s, float* g) {
+constexpr int64_t kGradPrefetch = 8;    ///< occurrences ahead (gradient rows)
+constexpr int64_t kWeightPrefetch = 4;  ///< segments ahead (weight rows, for writing)
+
+inline float payload_coef(uint64_t p) {
+  const uint32_t bits = static_cast<uint32_t>(p & 0xFFFFFFFFu);
+  float c;
+  std::memcpy(&c, &bits, sizeof(c));
+  return c;
+}
+inline int64_t payload_bag(uint64_t p) { return static_cast<int64_t>(p >> 32); }
+
+inline void prefetch_grad(const EmbeddingBagBackwardArgs& a, int64_t i, int64_t nnz) {
+  if (i < nnz)
+    prefetch_row(reinterpret_cast<const char*>(a.grad_output + payload_bag(a.sorted_payload[i]) * a.grad_stride),
+                 a.dim * 4);
+}
+
+#ifdef RECMETA_EB_SIMD
+/// One segment (row) with its gradient held in NV registers (dim <= NV * W).
+template <int NV>
+inline void backward_segment_reg(const EmbeddingBagBackwardArgs& a, int64_t s, int64_t nnz,
+                                 typename Vec::M last) {
+  using V = typename Vec::V;
+  const typename Vec::M full = Vec::mask(Vec::W);
+  const int64_t lo = a.segment_start[s];
+  const int64_t hi = a.segment_start[s + 1];
+  const int64_t r = a.segment_row[s];
+  V acc[NV];
+  #pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = Vec::zero();
+  for (int64_t i = lo; i < hi; ++i) {
+    prefetch_grad(a, i + kGradPrefetch, nnz);
+    const uint64_t p = a.sorted_payload[i];
+    const float* go = a.grad_output + payload_bag(p) * a.grad_stride;
+    const V c = Vec::set1(payload_coef(p));
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      acc[v] = Vec::fmadd(Vec::load(go + v * Vec::W, v == NV - 1 ? last : full), c, acc[v]);
+  }
+  float* w = a.weight + r * a.row_stride;
+  const V lr = Vec::set1(a.lr);
+  if (a.optimizer == SparseOptimizer::Sgd) {
+    #pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const typename Vec::M m = v == NV - 1 ? last : full;
+      Vec::store(w + v * Vec::W, Vec::sub(Vec::load(w + v * Vec::W, m), Vec::mul(lr, acc[v])), m);
+    }
+  } else {
+    V sq = Vec::zero();
+    #pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) sq = Vec::fmadd(acc[v], acc[v], sq);
+    const float st = a.state[r] + Vec::hsum(sq) / static_cast<float>(a.dim);
+    a.state[r] = st;
+    const V den = Vec::set1(std::sqrt(st) + a.eps);
+    #pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const typename Vec::M m = v == NV - 1 ? last : full;
+      Vec::store(w + v * Vec::W, Vec::sub(Vec::load(w + v * Vec::W, m), Vec::div(Vec::mul(lr, acc[v]), den)), m);
+    }
+  }
+}
+#endif
+
+/// One segment (row) with its gradient in the buffer g (dim floats): any dim.
+inline void backward_segment_buf(const EmbeddingBagBackwardArgs& a, int64_t s, int64_t nnz, float* g) {
   const int64_t d = a.dim;
   const int64_t lo = a.segment_start[s];
   const int64_t hi = a.segment_start[s + 1];
   const int64_t r = a.segment_row[s];
   float* w = a.weight + r * a.row_stride;
-#ifdef RECMETA_EB_SIMD
-  using V = typename Vec::V;
-  const int64_t W = Vec::W;
-  const int64_t dfull = d - d % W;
-  const typename Vec::M tail = Vec::mask(d - dfull);
-  const typename Vec::M full = Vec::mask(W);
-  // g = sum_i c_i * grad[bag_i], in position order.
-  for (int64_t j = 0; j < d; j += W) Vec::store(g + j, Vec::zero(), j < dfull ? full : tail);
-  for (int64_t i = lo; i < hi; ++i) {
-    if (i + 4 < hi) prefetch_row(reinterpret_cast<const char*>(a.grad_output + a.sorted_bag[i + 4] * a.grad_stride), d * 4);
-    const float* go = a.grad_output + a.sorted_bag[i] * a.grad_stride;
-    const V c = Vec::set1(a.sorted_coef[i]);
-    for (int64_t j = 0; j < d; j += W) {
-      const typename Vec::M m = j < dfull ? full : tail;
-      Vec::store(g + j, Vec::fmadd(Vec::load(go + j, m), c, Vec::load(g + j, m)), m);
-    }
-  }
-  if (a.optimizer == SparseOptimizer::Sgd) {
-    const V lr = Vec::set1(a.lr);
-    for (int64_t j = 0; j < d; j += W) {
-      const typename Vec::M m = j < dfull ? full : tail;
-      Vec::store(w + j, Vec::sub(Vec::load(w + j, m), Vec::mul(lr, Vec::load(g + j, m))), m);
-    }
-  } else {
-    V sq = Vec::zero();
-    for (int64_t j = 0; j < d; j += W) {
-      const typename Vec::M m = j < dfull ? full : tail;
-      const V x = Vec::load(g + j, m);
-      sq = Vec::fmadd(x, x, sq);
-    }
-    const float st = a.state[r] + Vec::hsum(sq) / static_cast<float>(d);
-    a.state[r] = st;
-    const V lr = Vec::set1(a.lr);
-    const V den = Vec::set1(std::sqrt(st) + a.eps);
-    for (int64_t j = 0; j < d; j += W) {
-      const typename Vec::M m = j < dfull ? full : tail;
-      Vec::store(w + j, Vec::sub(Vec::load(w + j, m), Vec::div(Vec::mul(lr, Vec::load(g + j, m)), den)), m);
-    }
-  }
-#else
   for (int64_t j = 0; j < d; ++j) g[j] = 0.f;
   for (int64_t i = lo; i < hi; ++i) {
-    const float* go = a.grad_output + a.sorted_bag[i] * a.grad_stride;
-    const float c = a.sorted_coef[i];
+    prefetch_grad(a, i + kGradPrefetch, nnz);
+    const uint64_t p = a.sorted_payload[i];
+    const float* go = a.grad_output + payload_bag(p) * a.grad_stride;
+    const float c = payload_coef(p);
     for (int64_t j = 0; j < d; ++j) g[j] += c * go[j];
   }
   if (a.optimizer == SparseOptimizer::Sgd) {
@@ -377,7 +473,6 @@ void backward_rows(const EmbeddingBagBackwardArgs& a, int64_t s, float* g) {
     const float den = std::sqrt(st) + a.eps;
     for (int64_t j = 0; j < d; ++j) w[j] -= (a.lr * g[j]) / den;
   }
-#endif
 }
 
 }  // namespace
@@ -390,20 +485,49 @@ void embedding_bag_forward_kernel(const EmbeddingBagForwardArgs& args) {
 void embedding_bag_backward_kernel(const EmbeddingBagBackwardArgs& args) {
   const int64_t S = args.num_segments;
   if (S == 0 || args.dim == 0) return;
-  const bool parallel = (args.segment_start[S] + S) * args.dim >= kParallelMinWork;
+  const int64_t nnz = args.segment_start[S];
+  const bool parallel = (nnz + S) * args.dim >= kParallelMinWork;
   (void)parallel;
+#ifdef RECMETA_EB_SIMD
+  const int64_t nv = (args.dim + Vec::W - 1) / Vec::W;
+  const bool in_registers = nv <= kMaxVecs;
+  const typename Vec::M last = Vec::mask(args.dim - (nv - 1) * Vec::W);
+#else
+  const bool in_registers = false;
+#endif
 #ifdef RECMETA_HAVE_OPENMP
 #pragma omp parallel if (parallel)
 #endif
   {
-    std::vector<float> gbuf(static_cast<size_t>(args.dim) + 16);
-    float* g = gbuf.data();
+    std::vector<float> gbuf(in_registers ? 0 : static_cast<size_t>(args.dim));
 #ifdef RECMETA_HAVE_OPENMP
-#pragma omp for schedule(dynamic, 64)
+#pragma omp for schedule(static)
 #endif
     for (int64_t s = 0; s < S; ++s) {
-      if (s + 2 < S) prefetch_row(reinterpret_cast<const char*>(args.weight + args.segment_row[s + 2] * args.row_stride), args.dim * 4);
-      backward_rows(args, s, g);
+      if (s + kWeightPrefetch < S) {
+        const char* wp = reinterpret_cast<const char*>(args.weight + args.segment_row[s + kWeightPrefetch] * args.row_stride);
+        for (int64_t o = 0; o < args.dim * 4; o += 64) __builtin_prefetch(wp + o, 1, 3);
+      }
+#ifdef RECMETA_EB_SIMD
+      if (in_registers) {
+        switch (nv) {
+#define RECMETA_EB_BCASE(K) \
+  case K: backward_segment_reg<K>(args, s, nnz, last); break;
+          RECMETA_EB_BCASE(1)
+          RECMETA_EB_BCASE(2)
+          RECMETA_EB_BCASE(3)
+          RECMETA_EB_BCASE(4)
+          RECMETA_EB_BCASE(5)
+          RECMETA_EB_BCASE(6)
+          RECMETA_EB_BCASE(7)
+          default:
+          RECMETA_EB_BCASE(8)
+#undef RECMETA_EB_BCASE
+        }
+        continue;
+      }
+#endif
+      backward_segment_buf(args, s, nnz, gbuf.data());
     }
   }
 }

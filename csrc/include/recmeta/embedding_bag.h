@@ -101,8 +101,9 @@ struct EmbeddingBagBackwardArgs {
   int64_t num_segments = 0;            ///< number of distinct rows touched
   const int64_t* segment_row = nullptr;    ///< num_segments: the row of each segment
   const int64_t* segment_start = nullptr;  ///< num_segments+1: ranges into the sorted arrays
-  const int64_t* sorted_bag = nullptr;     ///< nnz: bag of each occurrence, sorted by (row, position)
-  const float* sorted_coef = nullptr;      ///< nnz: coefficient c_i of each occurrence, same order
+  /// nnz: the occurrences sorted by (row, position), each packed as (bag << 32) | bits of its
+  /// float32 coefficient c_i.
+  const uint64_t* sorted_payload = nullptr;
   SparseOptimizer optimizer = SparseOptimizer::Sgd;
   float lr = 0.f;
   float eps = 0.f;
