@@ -367,6 +367,10 @@ def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: st
         raise ValueError("embedding_bag: the list of tables is empty")
     is_torch = isinstance(indices, torch.Tensor)
     be = backends.resolve(backend, "cuda" if is_torch and indices.is_cuda else "cpu")
+    if be in ("triton", "cuda"):
+        from ._gpu import gpu_embedding_bag
+
+        return gpu_embedding_bag(weight, indices, offsets, per_sample_weights, mode, backend=be)
     if be == "cpp":
         if is_torch and (torch.is_grad_enabled() or torch.compiler.is_compiling()):
             needs_graph = torch.compiler.is_compiling() or any(
@@ -448,6 +452,11 @@ def embedding_bag_backward(weight, indices, offsets, grad_output, *, per_sample_
                         f"{tuple(weight.shape)}")
     device = weight.device.type if isinstance(weight, torch.Tensor) else "cpu"
     be = backends.resolve(backend, "cpu" if device == "cpu" else "cuda")
+    if be in ("triton", "cuda"):
+        from ._gpu import gpu_embedding_bag_backward
+
+        return gpu_embedding_bag_backward(weight, indices, offsets, grad_output, per_sample_weights,
+                                          mode, optimizer, lr, eps, state, backend=be)
     if be == "cpp":
         if isinstance(weight, torch.Tensor) and _compiling():
             _backward_op(weight, indices, offsets, grad_output, per_sample_weights, mode, optimizer,
