@@ -121,8 +121,14 @@ def _cmd_recommend(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run
 
+    import torch
+
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     run(folds=args.folds, epochs=args.epochs)
     return 0
 
@@ -154,6 +160,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("demo", help="MovieLens-100K: meta-train, compare with popularity and EASE")
     p.add_argument("--folds", type=int, default=1, help="cold-start folds to run (5 = the full protocol)")
     p.add_argument("--epochs", type=int, help="override the training epochs")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: the demo's small models gain little from more, "
+                        "and one thread is robust on a shared machine)")
     p.add_argument("-v", "--verbose", action="store_true", help="log training progress")
     p.set_defaults(func=_cmd_demo)
     args = parser.parse_args(argv)
