@@ -23,7 +23,7 @@ embeddings and the mean user vector from a truncated SVD of a user-item matrix).
 from __future__ import annotations
 
 import logging
-from typing import Dict, Hashable, Optional
+from collections.abc import Hashable
 
 import numpy as np
 
@@ -32,12 +32,12 @@ from .sim import UserContext
 logger = logging.getLogger("recmeta")
 
 __all__ = [
-    "RandomPolicy",
-    "PopularityPolicy",
+    "EASEOnline",
     "EpsilonGreedyPopularity",
     "LinUCB",
-    "EASEOnline",
     "OraclePolicy",
+    "PopularityPolicy",
+    "RandomPolicy",
     "RecommenderPolicy",
     "fit_ease",
     "svd_item_embeddings",
@@ -175,7 +175,7 @@ class LinUCB:
             self.theta0 = np.asarray(theta0, dtype=np.float64)
             if self.theta0.shape != (d,):
                 raise ValueError(f"theta0 must have shape ({d},), got {self.theta0.shape}")
-        self._state: Dict[Hashable, list] = {}
+        self._state: dict[Hashable, list] = {}
 
     def _get(self, user):
         st = self._state.get(user)
@@ -276,7 +276,7 @@ class EASEOnline:
             raise ValueError(f"fallback_scores has {self.fallback.shape[0]} items, B has {self.B.shape[0]}")
         span = self.fallback.max() - self.fallback.min()
         self._tiebreak = 1e-9 * (self.fallback - self.fallback.min()) / (span if span > 0 else 1.0)
-        self._liked: Dict[Hashable, list] = {}
+        self._liked: dict[Hashable, list] = {}
 
     def scores(self, user) -> np.ndarray:
         liked = self._liked.get(user)
@@ -342,8 +342,8 @@ class RecommenderPolicy:
         Also exclude the items served before (the environment's ``exclude`` is always passed).
     """
 
-    def __init__(self, recommender, *, item_ids=None, mode: Optional[str] = None, update: str = "step",
-                 adapt_steps: Optional[int] = None, positives_only: Optional[bool] = None,
+    def __init__(self, recommender, *, item_ids=None, mode: str | None = None, update: str = "step",
+                 adapt_steps: int | None = None, positives_only: bool | None = None,
                  exclude_seen: bool = True):
         for attr in ("adapt", "recommend"):
             if not callable(getattr(recommender, attr, None)):
@@ -372,8 +372,8 @@ class RecommenderPolicy:
         self.adapt_steps = adapt_steps
         self.positives_only = (mode == "feedback") if positives_only is None else bool(positives_only)
         self.exclude_seen = bool(exclude_seen)
-        self._hist: Dict[Hashable, list] = {}
-        self._state: Dict[Hashable, object] = {}
+        self._hist: dict[Hashable, list] = {}
+        self._state: dict[Hashable, object] = {}
         self._store = None
         self._cold = None
         if mode == "feedback":

@@ -48,10 +48,9 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import threading
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -61,17 +60,17 @@ logger = logging.getLogger("recmeta")
 
 __all__ = [
     "EVENT_COLUMNS",
-    "OnlineUser",
     "OnlineStore",
-    "store",
-    "feedback",
+    "OnlineUser",
     "current",
-    "recommend",
+    "epsilon_slate",
+    "feedback",
     "feedback_log",
     "parse_events",
-    "slate_propensity",
-    "epsilon_slate",
+    "recommend",
     "resume_train",
+    "slate_propensity",
+    "store",
 ]
 
 EVENT_COLUMNS = ("user", "item", "reward", "propensity", "timestamp", "position")
@@ -195,7 +194,7 @@ class OnlineUser:
         """External ids of every item the user interacted with (training and feedback)."""
         return self._seen_ids
 
-    def _with_ids(self, model) -> "OnlineUser":
+    def _with_ids(self, model) -> OnlineUser:
         ids = _ext(model, self.seen)
         object.__setattr__(self, "_seen_ids", ids)
         object.__setattr__(self, "_ids_of", dict(zip(self.seen.tolist(), ids)))
@@ -224,7 +223,7 @@ class OnlineStore:
     """
 
     def __init__(self, model, *, encode: str = "positive", update: str = "step",
-                 log: Optional[pd.DataFrame] = None):
+                 log: pd.DataFrame | None = None):
         if encode not in ("positive", "all"):
             raise ValueError(f"encode must be 'positive' or 'all', got {encode!r}")
         if update not in ("step", "readapt"):
@@ -232,11 +231,11 @@ class OnlineStore:
         self.model = model
         self.encode = encode
         self.update = update
-        self._states: Dict[Any, OnlineUser] = {}
-        self._locks: Dict[Any, threading.Lock] = {}
+        self._states: dict[Any, OnlineUser] = {}
+        self._locks: dict[Any, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._log: List[tuple] = []
-        self._pending: Dict[Any, pd.DataFrame] = {}
+        self._log: list[tuple] = []
+        self._pending: dict[Any, pd.DataFrame] = {}
         if log is not None and len(log):
             ev = parse_events(model, log)
             for u, grp in ev.groupby("user", sort=False):
@@ -305,7 +304,7 @@ class OnlineStore:
         off = f(rows, items, 1) if f is not None else None
         return {} if off is None else {"offset": off}
 
-    def _prior(self, user) -> Optional[OnlineUser]:
+    def _prior(self, user) -> OnlineUser | None:
         """Version 0 of a known user (its training state), or None for a new user."""
         m = self.model
         u = m._user_index.get_indexer([user])[0] if _scalar_id(user) else -1
@@ -320,7 +319,7 @@ class OnlineStore:
         g, d = self._adapt(h, items, rews, steps)
         return self._publish(user, 0, h, g, d, items, rews, items, rews, True, steps)
 
-    def _apply(self, cur: Optional[OnlineUser], user, idx: int, reward: float) -> OnlineUser:
+    def _apply(self, cur: OnlineUser | None, user, idx: int, reward: float) -> OnlineUser:
         """The next version of ``user`` after one event (pure function of cur and the event)."""
         m = self.model
         if cur is None:
@@ -360,7 +359,7 @@ class OnlineStore:
             total = steps0 + 1
         return self._publish(user, version + 1, h, g, d, seen, seen_r, enc_i, enc_r, known, total)
 
-    def _materialise(self, user) -> Optional[OnlineUser]:
+    def _materialise(self, user) -> OnlineUser | None:
         """Rebuild a user's state from a carried-over log (first use after ``resume``)."""
         grp = self._pending.get(user)
         if grp is None:
@@ -376,17 +375,17 @@ class OnlineStore:
             return cur
 
     # ---------------------------------------------------------------- public
-    def current(self, user) -> Optional[OnlineUser]:
+    def current(self, user) -> OnlineUser | None:
         """The latest published version of ``user`` (None if it has no feedback yet)."""
         st = self._states.get(user)
         if st is None and self._pending:
             st = self._materialise(user)
         return st
 
-    def feedback(self, events) -> Dict[Any, OnlineUser]:
+    def feedback(self, events) -> dict[Any, OnlineUser]:
         """Apply events in their order (per user); returns each touched user's new version."""
         ev = parse_events(self.model, events)
-        out: Dict[Any, OnlineUser] = {}
+        out: dict[Any, OnlineUser] = {}
         for user, grp in ev.groupby("user", sort=False):
             if user in self._pending:
                 self._materialise(user)
@@ -434,12 +433,12 @@ def store(model, **options) -> OnlineStore:
     return st
 
 
-def feedback(model, events) -> Dict[Any, OnlineUser]:
+def feedback(model, events) -> dict[Any, OnlineUser]:
     """``Recommender.feedback``: apply feedback events to the model's default store."""
     return store(model).feedback(events)
 
 
-def current(model, user) -> Optional[OnlineUser]:
+def current(model, user) -> OnlineUser | None:
     """The latest online version of ``user`` in the model's default store (None if none)."""
     return store(model).current(user)
 

@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 import recmeta_sdk as rm
-from recmeta_sdk import ope, online, sim
+from recmeta_sdk import online, ope, sim
 
 TINY = {"dim": 16, "hidden": 32, "seq_len": 5, "layers": 1, "heads": 2, "epochs": 4, "batch_size": 32,
         "lr": 0.01, "inner_steps": 1}
@@ -98,7 +98,6 @@ def test_sampled_slate_propensities_match_frequencies(model, state):
         counts[key] += 1
         first[key[0]] += 1
         probs[key] = float(online.slate_propensity(r.propensities))  # the same slate gives the same value
-        p_item = dict(zip(r.ids.tolist(), r.propensities.tolist()))
     # every ranked pair of candidates, its Plackett-Luce probability from the item propensities
     full = model.recommend(state, len(CANDS), explore="sample", seed=0, **kw)
     pi = dict(zip(full.ids.tolist(), full.propensities.astype(np.float64).tolist()))

@@ -229,7 +229,7 @@ def test_concurrent_recommend_and_feedback_see_whole_versions(model):
             for _ in range(n_writes):
                 u = users[int(rng.integers(len(users)))]
                 st.feedback([(u, int(rng.integers(model.n_items)), float(rng.integers(2)), 0.2)])
-        except Exception as e:  # pragma: no cover - surfaced below
+        except Exception as e:  # noqa: BLE001 - surfaced by the assert below
             errors.append(e)
 
     def reader(r):
@@ -250,7 +250,7 @@ def test_concurrent_recommend_and_feedback_see_whole_versions(model):
                     errors.append(AssertionError(f"version went back for {u}"))
                 last[u] = cur.version
                 observed.append((u, cur.version, cur.state.vector.tobytes(), recs.ids.copy(), recs.scores.copy()))
-        except Exception as e:  # pragma: no cover
+        except Exception as e:  # noqa: BLE001 - surfaced by the assert below
             errors.append(e)
 
     threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
