@@ -138,8 +138,6 @@ class Recommender:
         self._X = X.contiguous()
         self._V = V.contiguous()
         self._bias = net.item_bias.detach().clone()
-        # the policy's item vectors: [v_a, W[:, a]] with the wide item-to-item part
-        self._Vcat = torch.cat([V, net.wide.T], 1).contiguous() if net.has_wide else self._V
         self._feature_names = schema_names(item_schema)
         self._int_ids = np.issubdtype(self.item_ids.dtype, np.integer)
         self._log_pop = torch.log1p(torch.as_tensor(self._item_count, dtype=torch.float32))
@@ -243,15 +241,51 @@ class Recommender:
             hp = net.apply_phi(h, gamma, delta)
         return h, hp
 
-    def _policy_states(self, vectors: torch.Tensor, hists: List[np.ndarray]) -> torch.Tensor:
-        """The policy's user rows: [h', alpha(n) x_history] with the wide part, else h'."""
+    def _wide_bias(self, hists: List[np.ndarray]) -> Optional[torch.Tensor]:
+        """Per-user wide part of the scores, ``alpha(n) * sum_{j in history} W[j, :]`` (B, N)."""
         if not self._net.has_wide:
-            return vectors.contiguous()
+            return None
         rows = torch.from_numpy(np.repeat(np.arange(len(hists)), [len(x) for x in hists]))
-        items = torch.from_numpy(np.concatenate(hists).astype(np.int64)) if len(hists) else torch.zeros(0, dtype=torch.int64)
+        items = (torch.from_numpy(np.concatenate(hists).astype(np.int64)) if len(hists)
+                 else torch.zeros(0, dtype=torch.int64))
         with torch.no_grad():
-            wide = self._net.wide_input(rows, items, len(hists))
-        return torch.cat([vectors, wide], 1).contiguous()
+            return self._net.wide_offset(rows, items, len(hists))
+
+    def _serve(self, vectors: torch.Tensor, hists: List[np.ndarray], k: int, bias: torch.Tensor,
+               exc_lists: Optional[List[np.ndarray]], cand: Optional[np.ndarray], tau: float,
+               seed: Optional[int] = None):
+        """Score and select with the fused policy kernel, one user per call.
+
+        The policy is ``(<h', v_a> + b_a + alpha(n) (x W)_a) / tau``: the wide item-to-item
+        term of each user enters :func:`ops.policy_topk` / :func:`ops.policy_sample` as that
+        user's bias vector, so the kernel scores only the d-dimensional deep state.
+        With ``seed`` the items are drawn (Gumbel-top-k); user b's noise uses the seed
+        ``seed + b`` so that the users of one call draw independently.
+        """
+        wide = self._wide_bias(hists)
+        ids, scores, props = [], [], []
+        for b in range(vectors.shape[0]):
+            bb = bias if wide is None else (bias + wide[b]).contiguous()
+            ex = None
+            if exc_lists is not None and len(exc_lists[b]):
+                e = torch.from_numpy(np.asarray(exc_lists[b], np.int64))
+                ex = (torch.tensor([0, e.numel()], dtype=torch.int64), e)
+            ca = None
+            if cand is not None:
+                ca = (torch.tensor([0, len(cand)], dtype=torch.int64), torch.from_numpy(np.asarray(cand, np.int64)))
+            u = vectors[b:b + 1].contiguous()
+            if seed is None:
+                i, sc, _ = ops.policy_topk(u, self._V, k, bias=bb, exclude=ex, candidates=ca, temperature=tau)
+                pr = None
+            else:
+                i, sc, pr, _ = ops.policy_sample(u, self._V, k, seed=int(seed) + b, bias=bb, exclude=ex,
+                                                 candidates=ca, temperature=tau)
+            ids.append(i)
+            scores.append(sc)
+            props.append(pr)
+        ids = torch.cat(ids)
+        scores = torch.cat(scores)
+        return ids, scores, (torch.cat(props) if seed is not None else None)
 
     def _check_steps(self, steps):
         if steps is None:
@@ -299,10 +333,7 @@ class Recommender:
                 ufs.append(self._encode_user_features(features[j] if features is not None else None))
             _, hp = self._states(hs, rs, ufs, steps)
             ex = [np.unique(np.asarray(exclude[j], np.int64)) for j in range(s, s + len(hs))]
-            off = torch.from_numpy(np.concatenate([[0], np.cumsum([len(e) for e in ex])]).astype(np.int64))
-            ids, _, _ = ops.policy_topk(self._policy_states(hp, hs), self._Vcat, int(k), bias=self._bias,
-                                        exclude=(off, torch.from_numpy(np.concatenate(ex).astype(np.int64))),
-                                        temperature=float(self.config.temperature))
+            ids, _, _ = self._serve(hp, hs, int(k), self._bias, ex, None, float(self.config.temperature))
             out.append(ids.numpy())
         return np.concatenate(out)
 
@@ -395,35 +426,27 @@ class Recommender:
             if s.vector.shape != (self.dim,):
                 raise ValueError(f"UserState vector has shape {s.vector.shape}, this model needs ({self.dim},)")
         B = len(states)
-        U = self._policy_states(torch.from_numpy(np.stack([s.vector for s in states]).astype(np.float32)),
-                                [np.asarray(s.history, np.int64) for s in states])
+        U = torch.from_numpy(np.stack([s.vector for s in states]).astype(np.float32))
+        hists = [np.asarray(s.history, np.int64) for s in states]
         ex_extra = self._id_list(exclude, "exclude")
         exc_lists = [np.unique(np.concatenate([s.history if exclude_seen else np.zeros(0, np.int64), ex_extra]))
                      for s in states]
-        exc = None
-        if any(len(e) for e in exc_lists):
-            off = torch.from_numpy(np.concatenate([[0], np.cumsum([len(e) for e in exc_lists])]).astype(np.int64))
-            exc = (off, torch.from_numpy(np.concatenate(exc_lists).astype(np.int64)))
         cand = None
         if candidates is not None:
-            cidx = self._id_list(candidates, "candidates")
-            cand = (torch.arange(B + 1, dtype=torch.int64) * len(cidx), torch.from_numpy(np.tile(cidx, B)))
+            cand = self._id_list(candidates, "candidates")
         bias = self._bias
         if popularity_penalty > 0:
             bias = bias - float(popularity_penalty) * self._log_pop
         # the policy's temperature applies to both terms: (<h,v> + b) / tau
         props = None
         if explore == "sample":
-            ids, scores, props, _ = ops.policy_sample(U, self._Vcat, k, seed=int(seed), bias=bias, exclude=exc,
-                                                      candidates=cand, temperature=float(tau))
+            ids, scores, props = self._serve(U, hists, k, bias, exc_lists, cand, float(tau), seed=int(seed))
         elif diversity > 0:
             pool = min(self.n_items, max(5 * k, 50))
-            pids, pscores, _ = ops.policy_topk(U, self._Vcat, pool, bias=bias, exclude=exc, candidates=cand,
-                                               temperature=float(tau))
+            pids, pscores, _ = self._serve(U, hists, pool, bias, exc_lists, cand, float(tau))
             ids, scores = self._mmr(pids, pscores, k, float(diversity))
         else:
-            ids, scores, _ = ops.policy_topk(U, self._Vcat, k, bias=bias, exclude=exc, candidates=cand,
-                                             temperature=float(tau))
+            ids, scores, _ = self._serve(U, hists, k, bias, exc_lists, cand, float(tau))
         ids_np = ids.numpy()
         valid = ids_np >= 0
         if self._int_ids:
@@ -489,12 +512,13 @@ class Recommender:
                 rews = [np.delete(R, j) for j in range(m)]
                 uf = self._encode_user_features(s.features) if s.features else np.zeros(0, np.int64)
                 _, hp = self._states(hists, rews, [uf] * m, s.steps)
-                hp = self._policy_states(hp, hists)
                 _, full = self._states([H], [R], [uf], s.steps)
-                full = self._policy_states(full, [H])
-                Vi = self._Vcat[items]
+                Vi = self._V[items]
                 base = (full @ Vi.T)[0]
                 loo = hp @ Vi.T  # (m, len(items))
+                if self._net.has_wide:
+                    base = base + self._wide_bias([H])[0, items]
+                    loo = loo + self._wide_bias(hists)[:, items]
                 hist_contrib = ((base[None, :] - loo) / tau).numpy()
             recs = []
             for j, a in enumerate(items):
@@ -555,13 +579,11 @@ class Recommender:
         for s in range(0, len(users), batch_size):
             chunk = users[s:s + batch_size]
             sts = self._user_states([self.user_ids[u] for u in chunk], None)
-            U = self._policy_states(torch.from_numpy(np.stack([st.vector for st in sts])), [st.history for st in sts])
+            U = torch.from_numpy(np.stack([st.vector for st in sts]))
             exl = [np.unique(np.concatenate([st.history, np.asarray(extra[pos[u]], np.int64)]))
                    for st, u in zip(sts, chunk)]
-            off = torch.from_numpy(np.concatenate([[0], np.cumsum([len(e) for e in exl])]).astype(np.int64))
-            ids, _, _ = ops.policy_topk(U, self._Vcat, int(k), bias=self._bias,
-                                        exclude=(off, torch.from_numpy(np.concatenate(exl).astype(np.int64))),
-                                        temperature=float(self.config.temperature))
+            ids, _, _ = self._serve(U, [st.history for st in sts], int(k), self._bias, exl, None,
+                                    float(self.config.temperature))
             tops.append(ids.numpy())
         top = np.concatenate(tops)
         out = ranking_metrics(top, truth, int(k))

@@ -277,11 +277,20 @@ class RecMetaNet(nn.Module):
         n = x.sum(1)
         return x * self.wide_alpha(n)[:, None]
 
-    def wide_offset(self, rows: torch.Tensor, items: torch.Tensor, B: int) -> Optional[torch.Tensor]:
-        """The wide part of the logits (B, N), or None when disabled."""
+    def wide_offset(self, rows: torch.Tensor, items: torch.Tensor, B: int,
+                    W: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The wide part of the logits, ``alpha(n_b) * sum_{j in history_b} W[j, :]`` (B, N),
+        by an embedding bag over the rows of W (duplicates counted once); None when disabled."""
         if not self.has_wide:
             return None
-        return self.wide_input(rows, items, B) @ self.wide
+        W = self.wide if W is None else W
+        N = self.n_items
+        key = torch.unique(rows.to(torch.int64) * N + items.to(torch.int64))  # sorted by row
+        r, i = key // N, key % N
+        counts = torch.bincount(r, minlength=B)
+        off = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
+        base = ops.embedding_bag(W, i, off)
+        return base * self.wide_alpha(counts)[:, None]
 
     # ------------------------------------------------------------------ towers
     def item_vectors(self) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -365,12 +365,12 @@ def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[t
     if cross is not None and net.has_wide:
         # cross-fitted wide part: users of fold f use the weights fitted without fold f
         fold_of_row = cross[0][batch.users]
-        x = net.wide_input(batch.sup_rows, batch.sup_items, B)
+        fold_of_item = fold_of_row[batch.sup_rows]
         offset = torch.zeros(B, N_items)
         for f, W_other in enumerate(cross[1]):
-            m = fold_of_row == f
-            if m.any():
-                offset[m] = x[m] @ W_other
+            sel = fold_of_item == f
+            if sel.any():
+                offset = offset + net.wide_offset(batch.sup_rows[sel], batch.sup_items[sel], B, W_other)
     else:
         offset = net.wide_offset(batch.sup_rows, batch.sup_items, B)
     if meta and cfg.inner_steps > 0:
