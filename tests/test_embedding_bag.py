@@ -274,13 +274,16 @@ reference.embedding_bag_backward(wt, torch.from_numpy(idx), torch.from_numpy(off
 np.testing.assert_allclose(w, wt.numpy(), rtol=1e-5, atol=2e-5); np.testing.assert_allclose(st, stt.numpy(), rtol=1e-5, atol=1e-5)
 print("ok", _core.cpu_isa())
 """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import recmeta_sdk
+
+    # the package under test (installed, or the source tree when run with PYTHONPATH=.)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(recmeta_sdk.__file__)))
     procs = {}
     for isa in ("generic", "avx2"):
         env = dict(os.environ, RECMETA_CPU_ISA=isa)
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         procs[isa] = subprocess.Popen([sys.executable, "-c", code, isa], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
+                                      stderr=subprocess.PIPE, text=True, cwd=root)
     for isa, proc in procs.items():
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, f"{isa}: {err[-2000:]}"
