@@ -57,15 +57,32 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
-inline vf splat(float x) { return vf{} + x; }
-inline vf loadu(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));  // unaligned access
+
+inline vf splat(float x) { return x - vf{}; }  // x - 0 == x for every x (also -0)
+inline vf loadu(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
+#if defined(__AVX512F__)
+/// exp(x) for x <= 0 (x may be -inf): Cody-Waite reduction, the Cephes polynomial (about
+/// 1 ulp) and VSCALEFPS, which underflows gracefully to exactly 0 (exp(-inf) == 0).
+inline vf vexp(vf xv) {
+  __m512 x = _mm512_max_ps(reinterpret_cast<__m512>(xv), _mm512_set1_ps(-110.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return reinterpret_cast<vf>(_mm512_scalef_ps(p, n));
+}
+#else
 /// exp(x) for x <= 0 (x may be -inf): Cody-Waite reduction and the Cephes polynomial
 /// (about 1 ulp). Terms with x < -87 (below 1.6e-38) are returned as exactly 0.
 inline vf vexp(vf x) {
@@ -88,16 +105,30 @@ inline vf vexp(vf x) {
   vf out = p * scale;
   return keep ? out : splat(0.0f);
 }
+#endif
 
-inline float hsum_in_order(vf v) {
-  float s = 0.0f;
-  for (int l = 0; l < VW; ++l) s += v[l];
-  return s;
+// Horizontal reductions in a fixed tree order (deterministic, short dependency chains).
+inline float hsum_tree(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
+#else
+  float t[VW];
+  std::memcpy(t, &v, sizeof t);
+  for (int w = VW / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+#endif
 }
 inline float hmax(vf v) {
-  float m = v[0];
-  for (int l = 1; l < VW; ++l) m = v[l] > m ? v[l] : m;
-  return m;
+#if defined(__AVX512F__)
+  return _mm512_reduce_max_ps(reinterpret_cast<__m512>(v));
+#else
+  float t[VW];
+  std::memcpy(t, &v, sizeof t);
+  for (int w = VW / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] = t[i + w] > t[i] ? t[i + w] : t[i];
+  return t[0];
+#endif
 }
 
 // ---------------------------------------------------------------------------------------
@@ -242,14 +273,24 @@ inline void transpose8(__m256 r[8]) {
 constexpr int TW = 0;
 #endif
 
+inline int64_t table_elem_size(TableType t) {
+  return t == TableType::F32 ? 4 : (t == TableType::F16 ? 2 : 1);
+}
+
 /// Pack n (<= NB) table rows into the transposed panel P: slice s (SW items) occupies
 /// dim * SW floats, element (item j, dim c) at P[(j / SW) * dim * SW + c * SW + j % SW].
 /// Rows are rows[j] when rows != nullptr, else row0 + j. Items n .. round_up(n, SW) are
-/// zero-filled. P holds NB * dim floats (NB a multiple of SW).
-void pack_block(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, float* P) {
+/// zero-filled. P holds NB * dim floats (NB a multiple of SW). When bias != nullptr,
+/// Pb[j] = bias[row j] (NB floats, zero padded), else Pb is left alone.
+void pack_block(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, float* P,
+                const float* bias, float* Pb) {
   const int64_t d = t.dim;
   const int64_t n_pad = (n + SW - 1) / SW * SW;
   auto row_of = [&](int64_t j) { return rows ? rows[j] : row0 + j; };
+  if (bias != nullptr) {
+    for (int64_t q = 0; q < n; ++q) Pb[q] = bias[row_of(q)];
+    for (int64_t q = n; q < n_pad; ++q) Pb[q] = 0.0f;
+  }
   int64_t j = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
   const int64_t d_vec = d / TW * TW;
@@ -257,6 +298,14 @@ void pack_block(const TableView& t, int64_t row0, const int64_t* rows, int64_t n
     float* base = P + (j / SW) * d * SW + (j % SW);
     int64_t r[TW];
     for (int q = 0; q < TW; ++q) r[q] = row_of(j + q);
+#if defined(__x86_64__)
+    if (rows == nullptr) {  // contiguous rows: prefetch the group after next
+      const char* ahead = static_cast<const char*>(t.data) +
+                          (row0 + j + 2 * TW) * t.row_stride * table_elem_size(t.type);
+      const int64_t bytes = TW * t.row_stride * table_elem_size(t.type);
+      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+    }
+#endif
     for (int64_t c = 0; c < d_vec; c += TW) {
 #if defined(__AVX512F__)
       __m512 v[16];
@@ -285,15 +334,17 @@ void pack_block(const TableView& t, int64_t row0, const int64_t* rows, int64_t n
   }
 }
 
-/// Micro-kernel: S[m * lds + i] = sum_c U[m * ldu + c] * Pslice[c * SW + i] for m < M and
-/// i < SW; the sum runs over c in order (the same for every M, so a user's score does not
+/// Micro-kernel: S[m * lds + i] = Pb[i] + sum_c U[m * ldu + c] * Pslice[c * SW + i] for m < M
+/// and i < SW (Pb nullptr: 0 + ...); the sum runs over c in order (the same for every M, so a user's score does not
 /// depend on its place in a tile). Pslice is 64-byte aligned.
 template <int M>
 inline void micro_kernel(const float* U, int64_t ldu, const float* Pslice, int64_t d, float* S,
-                         int64_t lds) {
+                         int64_t lds, const float* Pb) {
   vf acc[M][NV];
-  for (int m = 0; m < M; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = splat(0.0f);
+  for (int v = 0; v < NV; ++v) {
+    const vf init = Pb ? *reinterpret_cast<const vf*>(Pb + v * VW) : splat(0.0f);
+    for (int m = 0; m < M; ++m) acc[m][v] = init;
+  }
   for (int64_t c = 0; c < d; ++c) {
     const float* p = Pslice + c * SW;
     vf b[NV];
@@ -308,15 +359,15 @@ inline void micro_kernel(const float* U, int64_t ldu, const float* Pslice, int64
 }
 
 inline void micro_dispatch(int m, const float* U, int64_t ldu, const float* Pslice, int64_t d,
-                           float* S, int64_t lds) {
+                           float* S, int64_t lds, const float* Pb) {
   switch (m) {
-    case 1: micro_kernel<1>(U, ldu, Pslice, d, S, lds); break;
-    case 2: micro_kernel<2>(U, ldu, Pslice, d, S, lds); break;
-    case 3: micro_kernel<3>(U, ldu, Pslice, d, S, lds); break;
-    case 4: micro_kernel<4>(U, ldu, Pslice, d, S, lds); break;
+    case 1: micro_kernel<1>(U, ldu, Pslice, d, S, lds, Pb); break;
+    case 2: micro_kernel<2>(U, ldu, Pslice, d, S, lds, Pb); break;
+    case 3: micro_kernel<3>(U, ldu, Pslice, d, S, lds, Pb); break;
+    case 4: micro_kernel<4>(U, ldu, Pslice, d, S, lds, Pb); break;
 #if defined(__AVX512F__)
-    case 5: micro_kernel<5>(U, ldu, Pslice, d, S, lds); break;
-    case 6: micro_kernel<6>(U, ldu, Pslice, d, S, lds); break;
+    case 5: micro_kernel<5>(U, ldu, Pslice, d, S, lds, Pb); break;
+    case 6: micro_kernel<6>(U, ldu, Pslice, d, S, lds, Pb); break;
 #endif
     default: break;
   }
@@ -392,8 +443,8 @@ inline void lse_combine(float& M, double& S, float m, double s) {
 struct Ctx {
   const PolicyArgs* a;
   const PolicyLists* ex;
-  float inv_t;
-  bool scale;
+  const float* users;  // (B, d) user states divided by the temperature
+  const float* bias;   // (N,) bias divided by the temperature, or nullptr
   uint32_t key;
   float gmax;  // an upper bound of the Gumbel noise
   int64_t d, NB, CH, cap;
@@ -405,45 +456,19 @@ struct Ctx {
 /// round_up(n, VW) floats.
 void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* ids, int64_t i0,
                 const int64_t* ex_b, const int64_t* ex_e, float& m, double& s, Heap& h) {
-  const float* bias = c.a->bias;
   for (const int64_t* p = ex_b; p < ex_e; ++p) x[*p - i0] = -kInf;
-  const int64_t nv = n / VW * VW;
-  vf vm = splat(-kInf);
-  if (ids == nullptr) {
-    for (int64_t j = 0; j < nv; j += VW) {
-      vf v = loadu(x + j);
-      if (bias) v += loadu(bias + i0 + j);
-      if (c.scale) v *= c.inv_t;
-      storeu(x + j, v);
-      vm = vmax(vm, v);
-    }
-    for (int64_t j = nv; j < n; ++j) {
-      float v = x[j];
-      if (bias) v += bias[i0 + j];
-      if (c.scale) v *= c.inv_t;
-      x[j] = v;
-    }
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      float v = x[j];
-      if (bias) v += bias[ids[j]];
-      if (c.scale) v *= c.inv_t;
-      x[j] = v;
-    }
-    for (int64_t j = 0; j < nv; j += VW) vm = vmax(vm, loadu(x + j));
-  }
   const int64_t n_round = (n + VW - 1) / VW * VW;
-  for (int64_t j = nv; j < n_round; ++j) {
-    if (j >= n) x[j] = -kInf;
-  }
-  if (n_round > nv) vm = vmax(vm, loadu(x + nv));
+  for (int64_t j = n; j < n_round; ++j) x[j] = -kInf;
+  vf vm = splat(-kInf);
+  for (int64_t j = 0; j < n_round; j += VW) vm = vmax(vm, loadu(x + j));
   const float bm = hmax(vm);
   if (bm == -kInf) return;  // nothing eligible in this block
   const float m2 = bm > m ? bm : m;
   vf acc = splat(0.0f);
   for (int64_t j = 0; j < n_round; j += VW) acc += vexp(loadu(x + j) - m2);
-  const double bs = static_cast<double>(hsum_in_order(acc));
-  s = (m == -kInf ? 0.0 : s * std::exp(static_cast<double>(m) - static_cast<double>(m2))) + bs;
+  const double bs = static_cast<double>(hsum_tree(acc));
+  if (m2 != m) s = (m == -kInf ? 0.0 : s * std::exp(static_cast<double>(m) - static_cast<double>(m2)));
+  s += bs;
   m = m2;
   if (h.cap == 0) return;
   if (!c.a->sample) {
@@ -469,9 +494,12 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
 
 /// Per-thread scratch of the dense path.
 struct Scratch {
-  AlignedFloats P;  // NB * d packed items
-  AlignedFloats S;  // kMaxTileUsers * NB scores
-  Scratch(int64_t NB, int64_t d) : P(static_cast<size_t>(NB * (d > 0 ? d : 1))), S(static_cast<size_t>(kMaxTileUsers * NB)) {}
+  AlignedFloats P;   // NB * d packed items
+  AlignedFloats Pb;  // NB packed (scaled) biases
+  AlignedFloats S;   // kMaxTileUsers * NB scores
+  Scratch(int64_t NB, int64_t d)
+      : P(static_cast<size_t>(NB * (d > 0 ? d : 1))), Pb(static_cast<size_t>(NB)),
+        S(static_cast<size_t>(kMaxTileUsers * NB)) {}
 };
 
 /// Scan items [c0, c1) (one chunk) for users [u0, u0 + nu): chunk partials (m[i], s[i]) are
@@ -486,13 +514,14 @@ void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, in
   }
   for (int64_t i0 = c0; i0 < c1; i0 += NB) {
     const int64_t n = std::min(NB, c1 - i0);
-    pack_block(a.items, i0, nullptr, n, w.P.p);
+    pack_block(a.items, i0, nullptr, n, w.P.p, c.bias, w.Pb.p);
     const int64_t nslices = (n + SW - 1) / SW;
     for (int64_t sl = 0; sl < nslices; ++sl) {
       const float* Ps = w.P.p + sl * d * SW;
+      const float* Pb = c.bias ? w.Pb.p + sl * SW : nullptr;
       for (int64_t ug = 0; ug < nu; ug += MU) {
         const int mm = static_cast<int>(std::min<int64_t>(MU, nu - ug));
-        micro_dispatch(mm, a.users + (u0 + ug) * d, d, Ps, d, w.S.p + ug * NB + sl * SW, NB);
+        micro_dispatch(mm, c.users + (u0 + ug) * d, d, Ps, d, w.S.p + ug * NB + sl * SW, NB, Pb);
       }
     }
     for (int64_t i = 0; i < nu; ++i) {
@@ -630,10 +659,11 @@ void run_candidates(const Ctx& c, const PolicyLists& cand) {
       double s = 0.0;
       for (int64_t j0 = 0; j0 < L; j0 += NB) {
         const int64_t n = std::min(NB, L - j0);
-        pack_block(a.items, 0, ids + j0, n, w.P.p);
+        pack_block(a.items, 0, ids + j0, n, w.P.p, c.bias, w.Pb.p);
         const int64_t nslices = (n + SW - 1) / SW;
         for (int64_t sl = 0; sl < nslices; ++sl)
-          micro_kernel<1>(a.users + row * d, d, w.P.p + sl * d * SW, d, w.S.p + sl * SW, NB);
+          micro_kernel<1>(c.users + row * d, d, w.P.p + sl * d * SW, d, w.S.p + sl * SW, NB,
+                          c.bias ? w.Pb.p + sl * SW : nullptr);
         fold_block(c, row, w.S.p, n, ids + j0, 0, nullptr, nullptr, m, s, h);
       }
       float M = -kInf;
@@ -650,8 +680,21 @@ void policy_run(const PolicyArgs& args, const PolicyLists& exclude, const Policy
   Ctx c;
   c.a = &args;
   c.ex = &exclude;
-  c.inv_t = 1.0f / args.temperature;
-  c.scale = args.temperature != 1.0f;
+  // s = (U.I + b) / t is computed as (U / t).I + b / t (the same up to rounding).
+  std::vector<float> scaled_users, scaled_bias;
+  c.users = args.users;
+  c.bias = args.bias;
+  if (args.temperature != 1.0f) {
+    const float inv_t = 1.0f / args.temperature;
+    scaled_users.resize(static_cast<size_t>(args.batch * args.items.dim));
+    for (size_t i = 0; i < scaled_users.size(); ++i) scaled_users[i] = args.users[i] * inv_t;
+    c.users = scaled_users.data();
+    if (args.bias) {
+      scaled_bias.resize(static_cast<size_t>(args.items.rows));
+      for (size_t i = 0; i < scaled_bias.size(); ++i) scaled_bias[i] = args.bias[i] * inv_t;
+      c.bias = scaled_bias.data();
+    }
+  }
   c.key = seed_key(args.seed);
   {
     // Largest uniform: (2^23 - 1 + 0.5) / 2^23; a margin covers the rounding of x + G.
@@ -659,8 +702,9 @@ void policy_run(const PolicyArgs& args, const PolicyLists& exclude, const Policy
     c.gmax = -std::log(-std::log(umax)) + 1e-3f;
   }
   c.d = args.items.dim;
-  const int64_t target = 16384 / std::max<int64_t>(c.d, 1);
-  int64_t nb = std::min<int64_t>(512, std::max<int64_t>(64, target));
+  // Item blocks of about 256 KB of packed floats (L2-resident), at most 1024 items.
+  const int64_t target = 65536 / std::max<int64_t>(c.d, 1);
+  int64_t nb = std::min<int64_t>(1024, std::max<int64_t>(64, target));
   nb = std::max<int64_t>(SW, nb / SW * SW);
   c.NB = nb;
   c.CH = nb * ((16384 + nb - 1) / nb);
