@@ -199,7 +199,7 @@ def threads():
 
 @pytest.mark.parametrize("B", [1, 3, 130])
 def test_same_result_for_any_thread_count(rng, threads, B):
-    N, d = 70001, 24
+    N, d = 70001, 64  # large enough (B*N*d >= 4M) for the core to run in parallel
     u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
     w = torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32))
     b = torch.from_numpy(rng.standard_normal(N).astype(np.float32))

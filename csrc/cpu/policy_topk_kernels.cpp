@@ -52,6 +52,7 @@ constexpr int NV = 2;
 #endif
 constexpr int SW = VW * NV;  // items per packed slice
 constexpr int64_t kMaxTileUsers = 64;
+constexpr double kParallelWork = 4.0 * 1024 * 1024;  // multiply-adds below which one thread runs
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 typedef float vf __attribute__((vector_size(VW * 4)));
@@ -571,14 +572,17 @@ void run_dense(const Ctx& c) {
   const int64_t UT = ntiles > 0 ? (B + ntiles - 1) / ntiles : 0;
   const int64_t nchunks = (N + c.CH - 1) / c.CH;
   const int64_t cap = c.cap;
-  const int threads = num_threads();
+  // Small problems run on the calling thread: waking a team costs more than it saves
+  // (and on a loaded machine a parallel region can wait a whole scheduler quantum).
+  const bool big = static_cast<double>(B) * static_cast<double>(N) * static_cast<double>(std::max<int64_t>(c.d, 1)) >= kParallelWork;
+  const int threads = big ? num_threads() : 1;
   // Chunk-parallel when there are too few user tiles to keep the threads busy.
   const double partial_bytes =
       static_cast<double>(nchunks) * static_cast<double>(B) * static_cast<double>(cap) * sizeof(Entry);
   const bool chunk_parallel = threads > 1 && ntiles < 2 * threads && nchunks > 1 &&
                               partial_bytes <= 256.0 * 1024 * 1024;
   if (!chunk_parallel) {
-#pragma omp parallel
+#pragma omp parallel if (big)
     {
       Scratch w(c.NB, c.d);
       std::vector<Entry> ebuf(static_cast<size_t>(UT * cap));
@@ -609,7 +613,7 @@ void run_dense(const Ctx& c) {
   std::vector<Entry> pe(static_cast<size_t>(nchunks * B * cap));
   std::vector<int64_t> psize(static_cast<size_t>(nchunks * B));
   const int64_t ntasks = ntiles * nchunks;
-#pragma omp parallel
+#pragma omp parallel if (big)
   {
     Scratch w(c.NB, c.d);
     std::vector<Heap> heaps(static_cast<size_t>(UT));
@@ -644,7 +648,8 @@ void run_dense(const Ctx& c) {
 void run_candidates(const Ctx& c, const PolicyLists& cand) {
   const PolicyArgs& a = *c.a;
   const int64_t B = a.batch, d = c.d, NB = c.NB;
-#pragma omp parallel
+  const bool big = static_cast<double>(cand.offsets[B]) * static_cast<double>(std::max<int64_t>(d, 1)) >= kParallelWork && B > 1;
+#pragma omp parallel if (big)
   {
     Scratch w(NB, d);
     std::vector<Entry> ebuf;
