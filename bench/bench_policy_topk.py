@@ -47,18 +47,21 @@ def pin(threads: int) -> None:
         faiss.omp_set_num_threads(threads)
 
 
+CLOCK = time.perf_counter
+
+
 def timeit(fn, reps: int = 3, slow: float = 1.0) -> float:
-    """Best wall time in ms: the first call warms up; a call slower than `slow` s is not repeated."""
-    t0 = time.perf_counter()
+    """Best time in ms (CLOCK): the first call warms up; a call slower than `slow` s is not repeated."""
+    t0 = CLOCK()
     fn()
-    first = time.perf_counter() - t0
+    first = CLOCK() - t0
     if first > slow:
         return first * 1e3
     best = float("inf")
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, CLOCK() - t0)
     return best * 1e3
 
 
@@ -173,20 +176,29 @@ def fmt(ms):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="N=1M, d=64, k=10 only")
+    ap.add_argument("--batches", default="1,8,64,512", help="comma-separated B values")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--no-faiss", action="store_true")
     ap.add_argument("--no-torch-full", action="store_true", help="skip the full B x N torch baseline")
+    ap.add_argument("--no-excl", action="store_true", help="only the cases without exclusions")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: CPU time of the calling thread (1 thread only; robust on a shared machine)")
     args = ap.parse_args(argv)
+    global CLOCK
+    if args.clock == "cpu":
+        CLOCK = time.thread_time
+        if args.threads != "1":
+            ap.error("--clock cpu measures one thread: use it with --threads 1")
     threads = [int(t) for t in args.threads.split(",")]
     use_faiss = faiss is not None and not args.no_faiss
     if faiss is None:
         print("note: faiss is not installed (pip install faiss-cpu); faiss columns skipped")
     Ns = [1_000_000] if args.quick else [100_000, 1_000_000]
     ds = [64] if args.quick else [64, 128]
-    Bs = [1, 8, 64, 512]
+    Bs = [int(b) for b in args.batches.split(",")]
     ks = [10] if args.quick else [10, 100]
-    excls = [0, 100]
-    print(f"recmeta core ISA {_core.cpu_isa()}, OpenMP {_core.has_openmp()}, torch {torch.__version__}"
+    excls = [0] if args.no_excl else [0, 100]
+    print(f"clock: {args.clock}; recmeta core ISA {_core.cpu_isa()}, OpenMP {_core.has_openmp()}, torch {torch.__version__}"
           + (f", faiss {faiss.__version__}" if faiss is not None else ""))
     rng = np.random.default_rng(20261129)
     for N in Ns:

@@ -283,6 +283,12 @@ inline int64_t table_elem_size(TableType t) {
 /// Rows are rows[j] when rows != nullptr, else row0 + j. Items n .. round_up(n, SW) are
 /// zero-filled. P holds NB * dim floats (NB a multiple of SW). When bias != nullptr,
 /// Pb[j] = bias[row j] (NB floats, zero padded), else Pb is left alone.
+#ifndef PFD_ROWS
+#define PFD_ROWS (2 * TW)
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T0
+#endif
 void pack_block(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, float* P,
                 const float* bias, float* Pb) {
   const int64_t d = t.dim;
@@ -302,9 +308,9 @@ void pack_block(const TableView& t, int64_t row0, const int64_t* rows, int64_t n
 #if defined(__x86_64__)
     if (rows == nullptr) {  // contiguous rows: prefetch the group after next
       const char* ahead = static_cast<const char*>(t.data) +
-                          (row0 + j + 2 * TW) * t.row_stride * table_elem_size(t.type);
+                          (row0 + j + PFD_ROWS) * t.row_stride * table_elem_size(t.type);
       const int64_t bytes = TW * t.row_stride * table_elem_size(t.type);
-      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(ahead + off, PF_HINT);
     }
 #endif
     for (int64_t c = 0; c < d_vec; c += TW) {
@@ -334,6 +340,116 @@ void pack_block(const TableView& t, int64_t row0, const int64_t* rows, int64_t n
     for (int64_t c = 0; c < d; ++c) base[c * SW] = 0.0f;
   }
 }
+
+#if defined(__AVX512F__)
+// ---------------------------------------------------------------------------------------
+// Few users (<= kRowsKernelMaxUsers): no packing. Lanes run over the dim; each group of 16
+// items gives 16 accumulators that a shuffle tree reduces to one vector of 16 scores.
+// ---------------------------------------------------------------------------------------
+constexpr int64_t kRowsKernelMaxUsers = 2;
+
+/// 16 elements (c .. c+15, lanes past mk zero) of row r as floats; for int8 the raw codes
+/// (the row's scale and min are applied to the finished dot product).
+template <TableType TT>
+inline __m512 load_chunk(const TableView& t, int64_t r, int64_t c, __mmask16 mk) {
+  if constexpr (TT == TableType::F16) {
+    return _mm512_cvtph_ps(
+        _mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(t.data) + r * t.row_stride + c));
+  } else if constexpr (TT == TableType::I8Rowwise) {
+    const __m128i q = _mm_maskz_loadu_epi8(mk, static_cast<const uint8_t*>(t.data) + r * t.row_stride + c);
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
+  } else {
+    return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(t.data) + r * t.row_stride + c);
+  }
+}
+
+/// out[q] = sum of the 16 lanes of a[q], q < 16, in a fixed tree order.
+inline __m512 reduce16(const __m512 a[16]) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+  // c[i], 128-bit lane L: partial sums (over lane L) of a[4i .. 4i+3]
+  const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+  const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
+}
+
+/// S[m * lds + j] = bias[row j] + U[m] . row j for m < nu, j < round_up(n, 16) (rows past n
+/// repeat a valid row; their scores are ignored). Rows are rows[j] or row0 + j. For int8
+/// rows the dot product with the codes is scaled: scale * (u . q) + min * sum(u).
+template <TableType TT>
+void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, const float* U,
+                   int64_t nu, const float* bias, float* S, int64_t lds) {
+  const int64_t d = t.dim;
+  const int64_t esz = table_elem_size(t.type);
+  const int64_t d16 = d / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (d - d16)) - 1u);
+  float usum[kRowsKernelMaxUsers] = {};
+  if constexpr (TT == TableType::I8Rowwise) {
+    for (int64_t m = 0; m < nu; ++m)
+      for (int64_t c = 0; c < d; ++c) usum[m] += U[m * d + c];
+  }
+  for (int64_t j = 0; j < n; j += 16) {
+    const int64_t cnt = std::min<int64_t>(16, n - j);
+    int64_t r[16];
+    for (int q = 0; q < 16; ++q) r[q] = rows ? rows[j + (q < cnt ? q : 0)] : row0 + j + (q < cnt ? q : 0);
+    if (rows == nullptr) {
+      // Prefetch the next group into L2.
+      const char* ahead = static_cast<const char*>(t.data) + (row0 + j + 16) * t.row_stride * esz;
+      const int64_t bytes = 16 * t.row_stride * esz;
+      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T1);
+    }
+    alignas(64) float bv[16];
+    for (int q = 0; q < 16; ++q) bv[q] = bias ? bias[r[q]] : 0.0f;
+    __m512 scale_v = _mm512_setzero_ps(), min_v = _mm512_setzero_ps();
+    if constexpr (TT == TableType::I8Rowwise) {
+      alignas(64) float sv[16], mv[16];
+      for (int q = 0; q < 16; ++q) {
+        sv[q] = t.row_scale[r[q]];
+        mv[q] = t.row_min[r[q]];
+      }
+      scale_v = _mm512_load_ps(sv);
+      min_v = _mm512_load_ps(mv);
+    }
+    for (int64_t m = 0; m < nu; ++m) {
+      const float* u = U + m * d;
+      __m512 acc[16];
+      // Row by row: each row is read front to back; two partial sums per row.
+#pragma GCC unroll 16
+      for (int q = 0; q < 16; ++q) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        int64_t c = 0;
+        for (; c + 32 <= d16; c += 32) {
+          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(u + c), load_chunk<TT>(t, r[q], c, 0xFFFF), a0);
+          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(u + c + 16), load_chunk<TT>(t, r[q], c + 16, 0xFFFF), a1);
+        }
+        if (c < d16) {
+          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(u + c), load_chunk<TT>(t, r[q], c, 0xFFFF), a0);
+          c += 16;
+        }
+        if (tail) a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, u + c), load_chunk<TT>(t, r[q], c, tail), a1);
+        acc[q] = _mm512_add_ps(a0, a1);
+      }
+      __m512 dots = reduce16(acc);
+      if constexpr (TT == TableType::I8Rowwise)
+        dots = _mm512_fmadd_ps(scale_v, dots, _mm512_mul_ps(min_v, _mm512_set1_ps(usum[m])));
+      _mm512_storeu_ps(S + m * lds + j, _mm512_add_ps(_mm512_load_ps(bv), dots));
+    }
+  }
+}
+
+void rows_kernel(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, const float* U,
+                 int64_t nu, const float* bias, float* S, int64_t lds) {
+  switch (t.type) {
+    case TableType::F16: rows_kernel_t<TableType::F16>(t, row0, rows, n, U, nu, bias, S, lds); break;
+    case TableType::I8Rowwise: rows_kernel_t<TableType::I8Rowwise>(t, row0, rows, n, U, nu, bias, S, lds); break;
+    default: rows_kernel_t<TableType::F32>(t, row0, rows, n, U, nu, bias, S, lds); break;
+  }
+}
+#endif
 
 /// Micro-kernel: S[m * lds + i] = Pb[i] + sum_c U[m * ldu + c] * Pslice[c * SW + i] for m < M
 /// and i < SW (Pb nullptr: 0 + ...); the sum runs over c in order (the same for every M, so a user's score does not
@@ -515,6 +631,12 @@ void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, in
   }
   for (int64_t i0 = c0; i0 < c1; i0 += NB) {
     const int64_t n = std::min(NB, c1 - i0);
+#if defined(__AVX512F__)
+    if (nu <= kRowsKernelMaxUsers) {
+      rows_kernel(a.items, i0, nullptr, n, c.users + u0 * d, nu, c.bias, w.S.p, NB);
+    } else
+#endif
+    {
     pack_block(a.items, i0, nullptr, n, w.P.p, c.bias, w.Pb.p);
     const int64_t nslices = (n + SW - 1) / SW;
     for (int64_t sl = 0; sl < nslices; ++sl) {
@@ -524,6 +646,7 @@ void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, in
         const int mm = static_cast<int>(std::min<int64_t>(MU, nu - ug));
         micro_dispatch(mm, c.users + (u0 + ug) * d, d, Ps, d, w.S.p + ug * NB + sl * SW, NB, Pb);
       }
+    }
     }
     for (int64_t i = 0; i < nu; ++i) {
       const int64_t row = u0 + i;
@@ -664,11 +787,15 @@ void run_candidates(const Ctx& c, const PolicyLists& cand) {
       double s = 0.0;
       for (int64_t j0 = 0; j0 < L; j0 += NB) {
         const int64_t n = std::min(NB, L - j0);
+#if defined(__AVX512F__)
+        rows_kernel(a.items, 0, ids + j0, n, c.users + row * d, 1, c.bias, w.S.p, NB);
+#else
         pack_block(a.items, 0, ids + j0, n, w.P.p, c.bias, w.Pb.p);
         const int64_t nslices = (n + SW - 1) / SW;
         for (int64_t sl = 0; sl < nslices; ++sl)
           micro_kernel<1>(c.users + row * d, d, w.P.p + sl * d * SW, d, w.S.p + sl * SW, NB,
                           c.bias ? w.Pb.p + sl * SW : nullptr);
+#endif
         fold_block(c, row, w.S.p, n, ids + j0, 0, nullptr, nullptr, m, s, h);
       }
       float M = -kInf;
