@@ -402,17 +402,18 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
       const int64_t bytes = 16 * t.row_stride * esz;
       for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T1);
     }
-    alignas(64) float bv[16];
-    for (int q = 0; q < 16; ++q) bv[q] = bias ? bias[r[q]] : 0.0f;
+    // Per-row values (bias, int8 scale and min) of the 16 rows as vectors.
+    auto gather16 = [&](const float* v) {
+      if (rows == nullptr && cnt == 16) return _mm512_loadu_ps(v + row0 + j);
+      alignas(64) float tmp[16];
+      for (int q = 0; q < 16; ++q) tmp[q] = v[r[q]];
+      return _mm512_load_ps(tmp);
+    };
+    const __m512 bias_v = bias ? gather16(bias) : _mm512_setzero_ps();
     __m512 scale_v = _mm512_setzero_ps(), min_v = _mm512_setzero_ps();
     if constexpr (TT == TableType::I8Rowwise) {
-      alignas(64) float sv[16], mv[16];
-      for (int q = 0; q < 16; ++q) {
-        sv[q] = t.row_scale[r[q]];
-        mv[q] = t.row_min[r[q]];
-      }
-      scale_v = _mm512_load_ps(sv);
-      min_v = _mm512_load_ps(mv);
+      scale_v = gather16(t.row_scale);
+      min_v = gather16(t.row_min);
     }
     for (int64_t m = 0; m < nu; ++m) {
       const float* u = U + m * d;
@@ -436,7 +437,7 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
       __m512 dots = reduce16(acc);
       if constexpr (TT == TableType::I8Rowwise)
         dots = _mm512_fmadd_ps(scale_v, dots, _mm512_mul_ps(min_v, _mm512_set1_ps(usum[m])));
-      _mm512_storeu_ps(S + m * lds + j, _mm512_add_ps(_mm512_load_ps(bv), dots));
+      _mm512_storeu_ps(S + m * lds + j, _mm512_add_ps(bias_v, dots));
     }
   }
 }
