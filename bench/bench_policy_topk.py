@@ -50,7 +50,7 @@ def pin(threads: int) -> None:
 CLOCK = time.perf_counter
 
 
-def timeit(fn, reps: int = 3, slow: float = 1.0) -> float:
+def timeit(fn, reps: int = 5, slow: float = 1.0) -> float:
     """Best time in ms (CLOCK): the first call warms up; a call slower than `slow` s is not repeated."""
     t0 = CLOCK()
     fn()

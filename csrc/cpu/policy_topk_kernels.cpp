@@ -4,7 +4,10 @@
 // block is dequantised and packed once into a transposed float32 panel (dim x SW items per
 // slice) that stays in L1/L2, then every user of a tile of up to 64 users is scored against
 // it with a register-blocked micro-kernel (MU users x SW items held in vector registers,
-// lanes over items). The scores of one tile x block (at most 64 x NB floats) are then
+// lanes over items). Tiles of at most two users (B <= 2, and the per-user candidate lists)
+// skip the packing on AVX-512: a row kernel reads each row front to back with lanes over
+// the dim and reduces 16 rows at a time with a shuffle tree (int8 rows as
+// scale * (u . codes) + min * sum(u)). The scores of one tile x block (at most 64 x NB floats) are then
 // folded into a per-user online log-sum-exp and a running top-k (a bounded heap that only
 // admits scores at or above its current k-th best; whole blocks whose maximum is below it
 // are skipped). The B x N score matrix never exists.
@@ -283,12 +286,6 @@ inline int64_t table_elem_size(TableType t) {
 /// Rows are rows[j] when rows != nullptr, else row0 + j. Items n .. round_up(n, SW) are
 /// zero-filled. P holds NB * dim floats (NB a multiple of SW). When bias != nullptr,
 /// Pb[j] = bias[row j] (NB floats, zero padded), else Pb is left alone.
-#ifndef PFD_ROWS
-#define PFD_ROWS (2 * TW)
-#endif
-#ifndef PF_HINT
-#define PF_HINT _MM_HINT_T0
-#endif
 void pack_block(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, float* P,
                 const float* bias, float* Pb) {
   const int64_t d = t.dim;
@@ -308,9 +305,9 @@ void pack_block(const TableView& t, int64_t row0, const int64_t* rows, int64_t n
 #if defined(__x86_64__)
     if (rows == nullptr) {  // contiguous rows: prefetch the group after next
       const char* ahead = static_cast<const char*>(t.data) +
-                          (row0 + j + PFD_ROWS) * t.row_stride * table_elem_size(t.type);
+                          (row0 + j + 2 * TW) * t.row_stride * table_elem_size(t.type);
       const int64_t bytes = TW * t.row_stride * table_elem_size(t.type);
-      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(ahead + off, PF_HINT);
+      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
     }
 #endif
     for (int64_t c = 0; c < d_vec; c += TW) {
