@@ -22,6 +22,13 @@ __all__ = ["policy_topk", "policy_sample"]
 _U64 = (1 << 64) - 1
 
 
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    """Raise ValueError naming the first NaN/inf of ``t``. Fast path: a finite float64 sum
+    implies every element is finite (NaN and inf propagate through a sum)."""
+    if t.numel() and not math.isfinite(float(t.sum(dtype=torch.float64))):
+        check_float(t, name, (None,) * t.dim())  # locates and names the bad value
+
+
 def _prepare(user_states, items, k, bias, exclude, candidates, temperature):
     u, kind = as_tensor(user_states, "user_states")
     tab, _ = as_table(items, "items")
@@ -39,7 +46,8 @@ def _prepare(user_states, items, k, bias, exclude, candidates, temperature):
         b, _ = as_tensor(bias, "bias")
         if b.dtype != torch.float32:
             raise TypeError(f"bias: expected float32, got {b.dtype}")
-        check_float(b, "bias", (N,))
+        check_float(b, "bias", (N,), finite=False)
+        _check_finite(b, "bias")
     B = u.shape[0]
     exc = check_csr(exclude, "exclude", B, N)
     cand = check_csr(candidates, "candidates", B, N)
