@@ -1,10 +1,10 @@
 """The policy-scoring operations (top-k and Gumbel-top-k sampling): validation, dispatch.
 
 Backends: ``"cpp"`` (the fused streaming kernel of the compiled core, default for CPU data)
-and ``"torch"`` (:mod:`recmeta_sdk.reference`). The C++ path runs through the torch custom
-ops ``recmeta::policy_topk`` and ``recmeta::policy_sample`` (with fake implementations, so
-they trace under ``torch.compile``); they have no autograd formula (they serve ids and
-scores, they are not trained through).
+and ``"torch"`` (:mod:`recmeta_sdk.reference`). The C++ kernel is also registered as the torch
+custom ops ``recmeta::policy_topk`` and ``recmeta::policy_sample`` (with fake implementations,
+so they trace under ``torch.compile``; no autograd formula: they serve ids and scores). The
+public functions call the same implementation directly, without the dispatcher's overhead.
 """
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ from .reference import QuantizedTable
 __all__ = ["policy_topk", "policy_sample"]
 
 _U64 = (1 << 64) - 1
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    """Raise ValueError naming the first NaN/inf of ``t``. Fast path: a finite float64 sum
+    implies every element is finite (NaN and inf propagate through a sum)."""
+    if t.numel() and not math.isfinite(float(t.sum(dtype=torch.float64))):
+        check_float(t, name, (None,) * t.dim())  # locates and names the bad value
 
 
 def _prepare(user_states, items, k, bias, exclude, candidates, temperature):
@@ -39,7 +46,8 @@ def _prepare(user_states, items, k, bias, exclude, candidates, temperature):
         b, _ = as_tensor(bias, "bias")
         if b.dtype != torch.float32:
             raise TypeError(f"bias: expected float32, got {b.dtype}")
-        check_float(b, "bias", (N,))
+        check_float(b, "bias", (N,), finite=False)
+        _check_finite(b, "bias")
     B = u.shape[0]
     exc = check_csr(exclude, "exclude", B, N)
     cand = check_csr(candidates, "candidates", B, N)
@@ -62,6 +70,30 @@ def _core_kwargs(row_scale, row_min, bias, exclude_offsets, exclude_ids, candida
                 temperature=float(temperature))
 
 
+def _topk_cpp(user_states, items, k, row_scale, row_min, bias, exclude_offsets, exclude_ids,
+              candidate_offsets, candidate_ids, temperature):
+    from . import _core
+
+    ids, scores, lognorm = _core.policy_topk(
+        _np(user_states), _np(items), int(k),
+        **_core_kwargs(row_scale, row_min, bias, exclude_offsets, exclude_ids, candidate_offsets,
+                       candidate_ids, temperature))
+    return torch.from_numpy(ids), torch.from_numpy(scores), torch.from_numpy(lognorm)
+
+
+def _sample_cpp(user_states, items, k, seed, row_scale, row_min, bias, exclude_offsets, exclude_ids,
+                candidate_offsets, candidate_ids, temperature):
+    from . import _core
+
+    ids, scores, lognorm = _core.policy_sample(
+        _np(user_states), _np(items), int(k), int(seed) & _U64,
+        **_core_kwargs(row_scale, row_min, bias, exclude_offsets, exclude_ids, candidate_offsets,
+                       candidate_ids, temperature))
+    ids_t, sc_t = torch.from_numpy(ids), torch.from_numpy(scores)
+    prop, slate = reference._slate_probabilities(sc_t, ids_t >= 0, torch.from_numpy(lognorm))
+    return ids_t, sc_t, prop, slate
+
+
 @torch.library.custom_op("recmeta::policy_topk", mutates_args=())
 def _policy_topk_op(user_states: torch.Tensor, items: torch.Tensor, k: int,
                     row_scale: Optional[torch.Tensor], row_min: Optional[torch.Tensor],
@@ -70,13 +102,8 @@ def _policy_topk_op(user_states: torch.Tensor, items: torch.Tensor, k: int,
                     candidate_ids: Optional[torch.Tensor], temperature: float
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused top-k (compiled core); ``items`` holds float32, float16 or uint8 codes."""
-    from . import _core
-
-    ids, scores, lognorm = _core.policy_topk(
-        _np(user_states), _np(items), int(k),
-        **_core_kwargs(row_scale, row_min, bias, exclude_offsets, exclude_ids, candidate_offsets,
-                       candidate_ids, temperature))
-    return torch.from_numpy(ids), torch.from_numpy(scores), torch.from_numpy(lognorm)
+    return _topk_cpp(user_states, items, k, row_scale, row_min, bias, exclude_offsets, exclude_ids,
+                     candidate_offsets, candidate_ids, temperature)
 
 
 @_policy_topk_op.register_fake
@@ -96,15 +123,8 @@ def _policy_sample_op(user_states: torch.Tensor, items: torch.Tensor, k: int, se
                       candidate_ids: Optional[torch.Tensor], temperature: float
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused Gumbel-top-k sample (compiled core); ``seed`` is the signed view of seed mod 2**64."""
-    from . import _core
-
-    ids, scores, lognorm = _core.policy_sample(
-        _np(user_states), _np(items), int(k), int(seed) & _U64,
-        **_core_kwargs(row_scale, row_min, bias, exclude_offsets, exclude_ids, candidate_offsets,
-                       candidate_ids, temperature))
-    ids_t, sc_t = torch.from_numpy(ids), torch.from_numpy(scores)
-    prop, slate = reference._slate_probabilities(sc_t, ids_t >= 0, torch.from_numpy(lognorm))
-    return ids_t, sc_t, prop, slate
+    return _sample_cpp(user_states, items, k, seed, row_scale, row_min, bias, exclude_offsets,
+                       exclude_ids, candidate_offsets, candidate_ids, temperature)
 
 
 @_policy_sample_op.register_fake
@@ -133,11 +153,6 @@ def _op_args(u, tab, b, exc, cand):
     return data, scale, rmin, b, eo, ei, co, ci
 
 
-def _signed64(seed: int) -> int:
-    s = int(seed) & _U64
-    return s - (1 << 64) if s >= (1 << 63) else s
-
-
 # ---------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------
@@ -152,7 +167,9 @@ def policy_topk(user_states, items, k, *, bias=None, exclude=None, candidates=No
     be = backends.resolve(backend, u.device.type)
     if be == "cpp":
         data, scale, rmin, b_, eo, ei, co, ci = _op_args(u, tab, b, exc, cand)
-        out = torch.ops.recmeta.policy_topk(u, data, k, scale, rmin, b_, eo, ei, co, ci, float(temperature))
+        # The public function calls the core directly: the custom op adds dispatcher overhead
+        # (and imports torch._dynamo on its first call); it is there for torch.compile users.
+        out = _topk_cpp(u, data, k, scale, rmin, b_, eo, ei, co, ci, float(temperature))
     else:
         out = reference.policy_topk(u, tab, k, b, exc, cand, float(temperature))
     return to_kind(kind, *out)
@@ -171,8 +188,7 @@ def policy_sample(user_states, items, k, *, seed, bias=None, exclude=None, candi
     be = backends.resolve(backend, u.device.type)
     if be == "cpp":
         data, scale, rmin, b_, eo, ei, co, ci = _op_args(u, tab, b, exc, cand)
-        out = torch.ops.recmeta.policy_sample(u, data, k, _signed64(seed), scale, rmin, b_, eo, ei, co,
-                                              ci, float(temperature))
+        out = _sample_cpp(u, data, k, seed, scale, rmin, b_, eo, ei, co, ci, float(temperature))
     else:
         out = reference.policy_sample(u, tab, k, seed, b, exc, cand, float(temperature))
     return to_kind(kind, *out)

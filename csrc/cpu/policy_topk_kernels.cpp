@@ -4,7 +4,10 @@
 // block is dequantised and packed once into a transposed float32 panel (dim x SW items per
 // slice) that stays in L1/L2, then every user of a tile of up to 64 users is scored against
 // it with a register-blocked micro-kernel (MU users x SW items held in vector registers,
-// lanes over items). The scores of one tile x block (at most 64 x NB floats) are then
+// lanes over items). Tiles of at most two users (B <= 2, and the per-user candidate lists)
+// skip the packing on AVX-512: a row kernel reads each row front to back with lanes over
+// the dim and reduces 16 rows at a time with a shuffle tree (int8 rows as
+// scale * (u . codes) + min * sum(u)). The scores of one tile x block (at most 64 x NB floats) are then
 // folded into a per-user online log-sum-exp and a running top-k (a bounded heap that only
 // admits scores at or above its current k-th best; whole blocks whose maximum is below it
 // are skipped). The B x N score matrix never exists.
@@ -52,20 +55,38 @@ constexpr int NV = 2;
 #endif
 constexpr int SW = VW * NV;  // items per packed slice
 constexpr int64_t kMaxTileUsers = 64;
+constexpr double kParallelWork = 4.0 * 1024 * 1024;  // multiply-adds below which one thread runs
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
-inline vf splat(float x) { return vf{} + x; }
-inline vf loadu(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));  // unaligned access
+
+inline vf splat(float x) { return x - vf{}; }  // x - 0 == x for every x (also -0)
+inline vf loadu(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
+#if defined(__AVX512F__)
+/// exp(x) for x <= 0 (x may be -inf): Cody-Waite reduction, the Cephes polynomial (about
+/// 1 ulp) and VSCALEFPS, which underflows gracefully to exactly 0 (exp(-inf) == 0).
+inline vf vexp(vf xv) {
+  __m512 x = _mm512_max_ps(reinterpret_cast<__m512>(xv), _mm512_set1_ps(-110.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return reinterpret_cast<vf>(_mm512_scalef_ps(p, n));
+}
+#else
 /// exp(x) for x <= 0 (x may be -inf): Cody-Waite reduction and the Cephes polynomial
 /// (about 1 ulp). Terms with x < -87 (below 1.6e-38) are returned as exactly 0.
 inline vf vexp(vf x) {
@@ -88,16 +109,30 @@ inline vf vexp(vf x) {
   vf out = p * scale;
   return keep ? out : splat(0.0f);
 }
+#endif
 
-inline float hsum_in_order(vf v) {
-  float s = 0.0f;
-  for (int l = 0; l < VW; ++l) s += v[l];
-  return s;
+// Horizontal reductions in a fixed tree order (deterministic, short dependency chains).
+inline float hsum_tree(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
+#else
+  float t[VW];
+  std::memcpy(t, &v, sizeof t);
+  for (int w = VW / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+#endif
 }
 inline float hmax(vf v) {
-  float m = v[0];
-  for (int l = 1; l < VW; ++l) m = v[l] > m ? v[l] : m;
-  return m;
+#if defined(__AVX512F__)
+  return _mm512_reduce_max_ps(reinterpret_cast<__m512>(v));
+#else
+  float t[VW];
+  std::memcpy(t, &v, sizeof t);
+  for (int w = VW / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] = t[i + w] > t[i] ? t[i + w] : t[i];
+  return t[0];
+#endif
 }
 
 // ---------------------------------------------------------------------------------------
@@ -242,14 +277,24 @@ inline void transpose8(__m256 r[8]) {
 constexpr int TW = 0;
 #endif
 
+inline int64_t table_elem_size(TableType t) {
+  return t == TableType::F32 ? 4 : (t == TableType::F16 ? 2 : 1);
+}
+
 /// Pack n (<= NB) table rows into the transposed panel P: slice s (SW items) occupies
 /// dim * SW floats, element (item j, dim c) at P[(j / SW) * dim * SW + c * SW + j % SW].
 /// Rows are rows[j] when rows != nullptr, else row0 + j. Items n .. round_up(n, SW) are
-/// zero-filled. P holds NB * dim floats (NB a multiple of SW).
-void pack_block(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, float* P) {
+/// zero-filled. P holds NB * dim floats (NB a multiple of SW). When bias != nullptr,
+/// Pb[j] = bias[row j] (NB floats, zero padded), else Pb is left alone.
+void pack_block(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, float* P,
+                const float* bias, float* Pb) {
   const int64_t d = t.dim;
   const int64_t n_pad = (n + SW - 1) / SW * SW;
   auto row_of = [&](int64_t j) { return rows ? rows[j] : row0 + j; };
+  if (bias != nullptr) {
+    for (int64_t q = 0; q < n; ++q) Pb[q] = bias[row_of(q)];
+    for (int64_t q = n; q < n_pad; ++q) Pb[q] = 0.0f;
+  }
   int64_t j = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
   const int64_t d_vec = d / TW * TW;
@@ -257,6 +302,14 @@ void pack_block(const TableView& t, int64_t row0, const int64_t* rows, int64_t n
     float* base = P + (j / SW) * d * SW + (j % SW);
     int64_t r[TW];
     for (int q = 0; q < TW; ++q) r[q] = row_of(j + q);
+#if defined(__x86_64__)
+    if (rows == nullptr) {  // contiguous rows: prefetch the group after next
+      const char* ahead = static_cast<const char*>(t.data) +
+                          (row0 + j + 2 * TW) * t.row_stride * table_elem_size(t.type);
+      const int64_t bytes = TW * t.row_stride * table_elem_size(t.type);
+      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+    }
+#endif
     for (int64_t c = 0; c < d_vec; c += TW) {
 #if defined(__AVX512F__)
       __m512 v[16];
@@ -285,15 +338,128 @@ void pack_block(const TableView& t, int64_t row0, const int64_t* rows, int64_t n
   }
 }
 
-/// Micro-kernel: S[m * lds + i] = sum_c U[m * ldu + c] * Pslice[c * SW + i] for m < M and
-/// i < SW; the sum runs over c in order (the same for every M, so a user's score does not
+#if defined(__AVX512F__)
+// ---------------------------------------------------------------------------------------
+// Few users (<= kRowsKernelMaxUsers): no packing. Lanes run over the dim; each group of 16
+// items gives 16 accumulators that a shuffle tree reduces to one vector of 16 scores.
+// ---------------------------------------------------------------------------------------
+constexpr int64_t kRowsKernelMaxUsers = 2;
+
+/// 16 elements (c .. c+15, lanes past mk zero) of row r as floats; for int8 the raw codes
+/// (the row's scale and min are applied to the finished dot product).
+template <TableType TT>
+inline __m512 load_chunk(const TableView& t, int64_t r, int64_t c, __mmask16 mk) {
+  if constexpr (TT == TableType::F16) {
+    return _mm512_cvtph_ps(
+        _mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(t.data) + r * t.row_stride + c));
+  } else if constexpr (TT == TableType::I8Rowwise) {
+    const __m128i q = _mm_maskz_loadu_epi8(mk, static_cast<const uint8_t*>(t.data) + r * t.row_stride + c);
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
+  } else {
+    return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(t.data) + r * t.row_stride + c);
+  }
+}
+
+/// out[q] = sum of the 16 lanes of a[q], q < 16, in a fixed tree order.
+inline __m512 reduce16(const __m512 a[16]) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+  // c[i], 128-bit lane L: partial sums (over lane L) of a[4i .. 4i+3]
+  const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+  const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
+}
+
+/// S[m * lds + j] = bias[row j] + U[m] . row j for m < nu, j < round_up(n, 16) (rows past n
+/// repeat a valid row; their scores are ignored). Rows are rows[j] or row0 + j. For int8
+/// rows the dot product with the codes is scaled: scale * (u . q) + min * sum(u).
+template <TableType TT>
+void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, const float* U,
+                   int64_t nu, const float* bias, float* S, int64_t lds) {
+  const int64_t d = t.dim;
+  const int64_t esz = table_elem_size(t.type);
+  const int64_t d16 = d / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (d - d16)) - 1u);
+  float usum[kRowsKernelMaxUsers] = {};
+  if constexpr (TT == TableType::I8Rowwise) {
+    for (int64_t m = 0; m < nu; ++m)
+      for (int64_t c = 0; c < d; ++c) usum[m] += U[m * d + c];
+  }
+  for (int64_t j = 0; j < n; j += 16) {
+    const int64_t cnt = std::min<int64_t>(16, n - j);
+    int64_t r[16];
+    for (int q = 0; q < 16; ++q) r[q] = rows ? rows[j + (q < cnt ? q : 0)] : row0 + j + (q < cnt ? q : 0);
+    if (rows == nullptr) {
+      // Prefetch the next group into L2.
+      const char* ahead = static_cast<const char*>(t.data) + (row0 + j + 16) * t.row_stride * esz;
+      const int64_t bytes = 16 * t.row_stride * esz;
+      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T1);
+    }
+    // Per-row values (bias, int8 scale and min) of the 16 rows as vectors.
+    auto gather16 = [&](const float* v) {
+      if (rows == nullptr && cnt == 16) return _mm512_loadu_ps(v + row0 + j);
+      alignas(64) float tmp[16];
+      for (int q = 0; q < 16; ++q) tmp[q] = v[r[q]];
+      return _mm512_load_ps(tmp);
+    };
+    const __m512 bias_v = bias ? gather16(bias) : _mm512_setzero_ps();
+    __m512 scale_v = _mm512_setzero_ps(), min_v = _mm512_setzero_ps();
+    if constexpr (TT == TableType::I8Rowwise) {
+      scale_v = gather16(t.row_scale);
+      min_v = gather16(t.row_min);
+    }
+    for (int64_t m = 0; m < nu; ++m) {
+      const float* u = U + m * d;
+      __m512 acc[16];
+      // Row by row: each row is read front to back; two partial sums per row.
+#pragma GCC unroll 16
+      for (int q = 0; q < 16; ++q) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        int64_t c = 0;
+        for (; c + 32 <= d16; c += 32) {
+          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(u + c), load_chunk<TT>(t, r[q], c, 0xFFFF), a0);
+          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(u + c + 16), load_chunk<TT>(t, r[q], c + 16, 0xFFFF), a1);
+        }
+        if (c < d16) {
+          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(u + c), load_chunk<TT>(t, r[q], c, 0xFFFF), a0);
+          c += 16;
+        }
+        if (tail) a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, u + c), load_chunk<TT>(t, r[q], c, tail), a1);
+        acc[q] = _mm512_add_ps(a0, a1);
+      }
+      __m512 dots = reduce16(acc);
+      if constexpr (TT == TableType::I8Rowwise)
+        dots = _mm512_fmadd_ps(scale_v, dots, _mm512_mul_ps(min_v, _mm512_set1_ps(usum[m])));
+      _mm512_storeu_ps(S + m * lds + j, _mm512_add_ps(bias_v, dots));
+    }
+  }
+}
+
+void rows_kernel(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, const float* U,
+                 int64_t nu, const float* bias, float* S, int64_t lds) {
+  switch (t.type) {
+    case TableType::F16: rows_kernel_t<TableType::F16>(t, row0, rows, n, U, nu, bias, S, lds); break;
+    case TableType::I8Rowwise: rows_kernel_t<TableType::I8Rowwise>(t, row0, rows, n, U, nu, bias, S, lds); break;
+    default: rows_kernel_t<TableType::F32>(t, row0, rows, n, U, nu, bias, S, lds); break;
+  }
+}
+#endif
+
+/// Micro-kernel: S[m * lds + i] = Pb[i] + sum_c U[m * ldu + c] * Pslice[c * SW + i] for m < M
+/// and i < SW (Pb nullptr: 0 + ...); the sum runs over c in order (the same for every M, so a user's score does not
 /// depend on its place in a tile). Pslice is 64-byte aligned.
 template <int M>
 inline void micro_kernel(const float* U, int64_t ldu, const float* Pslice, int64_t d, float* S,
-                         int64_t lds) {
+                         int64_t lds, const float* Pb) {
   vf acc[M][NV];
-  for (int m = 0; m < M; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = splat(0.0f);
+  for (int v = 0; v < NV; ++v) {
+    const vf init = Pb ? *reinterpret_cast<const vf*>(Pb + v * VW) : splat(0.0f);
+    for (int m = 0; m < M; ++m) acc[m][v] = init;
+  }
   for (int64_t c = 0; c < d; ++c) {
     const float* p = Pslice + c * SW;
     vf b[NV];
@@ -308,15 +474,15 @@ inline void micro_kernel(const float* U, int64_t ldu, const float* Pslice, int64
 }
 
 inline void micro_dispatch(int m, const float* U, int64_t ldu, const float* Pslice, int64_t d,
-                           float* S, int64_t lds) {
+                           float* S, int64_t lds, const float* Pb) {
   switch (m) {
-    case 1: micro_kernel<1>(U, ldu, Pslice, d, S, lds); break;
-    case 2: micro_kernel<2>(U, ldu, Pslice, d, S, lds); break;
-    case 3: micro_kernel<3>(U, ldu, Pslice, d, S, lds); break;
-    case 4: micro_kernel<4>(U, ldu, Pslice, d, S, lds); break;
+    case 1: micro_kernel<1>(U, ldu, Pslice, d, S, lds, Pb); break;
+    case 2: micro_kernel<2>(U, ldu, Pslice, d, S, lds, Pb); break;
+    case 3: micro_kernel<3>(U, ldu, Pslice, d, S, lds, Pb); break;
+    case 4: micro_kernel<4>(U, ldu, Pslice, d, S, lds, Pb); break;
 #if defined(__AVX512F__)
-    case 5: micro_kernel<5>(U, ldu, Pslice, d, S, lds); break;
-    case 6: micro_kernel<6>(U, ldu, Pslice, d, S, lds); break;
+    case 5: micro_kernel<5>(U, ldu, Pslice, d, S, lds, Pb); break;
+    case 6: micro_kernel<6>(U, ldu, Pslice, d, S, lds, Pb); break;
 #endif
     default: break;
   }
@@ -392,8 +558,8 @@ inline void lse_combine(float& M, double& S, float m, double s) {
 struct Ctx {
   const PolicyArgs* a;
   const PolicyLists* ex;
-  float inv_t;
-  bool scale;
+  const float* users;  // (B, d) user states divided by the temperature
+  const float* bias;   // (N,) bias divided by the temperature, or nullptr
   uint32_t key;
   float gmax;  // an upper bound of the Gumbel noise
   int64_t d, NB, CH, cap;
@@ -405,45 +571,19 @@ struct Ctx {
 /// round_up(n, VW) floats.
 void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* ids, int64_t i0,
                 const int64_t* ex_b, const int64_t* ex_e, float& m, double& s, Heap& h) {
-  const float* bias = c.a->bias;
   for (const int64_t* p = ex_b; p < ex_e; ++p) x[*p - i0] = -kInf;
-  const int64_t nv = n / VW * VW;
-  vf vm = splat(-kInf);
-  if (ids == nullptr) {
-    for (int64_t j = 0; j < nv; j += VW) {
-      vf v = loadu(x + j);
-      if (bias) v += loadu(bias + i0 + j);
-      if (c.scale) v *= c.inv_t;
-      storeu(x + j, v);
-      vm = vmax(vm, v);
-    }
-    for (int64_t j = nv; j < n; ++j) {
-      float v = x[j];
-      if (bias) v += bias[i0 + j];
-      if (c.scale) v *= c.inv_t;
-      x[j] = v;
-    }
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      float v = x[j];
-      if (bias) v += bias[ids[j]];
-      if (c.scale) v *= c.inv_t;
-      x[j] = v;
-    }
-    for (int64_t j = 0; j < nv; j += VW) vm = vmax(vm, loadu(x + j));
-  }
   const int64_t n_round = (n + VW - 1) / VW * VW;
-  for (int64_t j = nv; j < n_round; ++j) {
-    if (j >= n) x[j] = -kInf;
-  }
-  if (n_round > nv) vm = vmax(vm, loadu(x + nv));
+  for (int64_t j = n; j < n_round; ++j) x[j] = -kInf;
+  vf vm = splat(-kInf);
+  for (int64_t j = 0; j < n_round; j += VW) vm = vmax(vm, loadu(x + j));
   const float bm = hmax(vm);
   if (bm == -kInf) return;  // nothing eligible in this block
   const float m2 = bm > m ? bm : m;
   vf acc = splat(0.0f);
   for (int64_t j = 0; j < n_round; j += VW) acc += vexp(loadu(x + j) - m2);
-  const double bs = static_cast<double>(hsum_in_order(acc));
-  s = (m == -kInf ? 0.0 : s * std::exp(static_cast<double>(m) - static_cast<double>(m2))) + bs;
+  const double bs = static_cast<double>(hsum_tree(acc));
+  if (m2 != m) s = (m == -kInf ? 0.0 : s * std::exp(static_cast<double>(m) - static_cast<double>(m2)));
+  s += bs;
   m = m2;
   if (h.cap == 0) return;
   if (!c.a->sample) {
@@ -469,9 +609,12 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
 
 /// Per-thread scratch of the dense path.
 struct Scratch {
-  AlignedFloats P;  // NB * d packed items
-  AlignedFloats S;  // kMaxTileUsers * NB scores
-  Scratch(int64_t NB, int64_t d) : P(static_cast<size_t>(NB * (d > 0 ? d : 1))), S(static_cast<size_t>(kMaxTileUsers * NB)) {}
+  AlignedFloats P;   // NB * d packed items
+  AlignedFloats Pb;  // NB packed (scaled) biases
+  AlignedFloats S;   // kMaxTileUsers * NB scores
+  Scratch(int64_t NB, int64_t d)
+      : P(static_cast<size_t>(NB * (d > 0 ? d : 1))), Pb(static_cast<size_t>(NB)),
+        S(static_cast<size_t>(kMaxTileUsers * NB)) {}
 };
 
 /// Scan items [c0, c1) (one chunk) for users [u0, u0 + nu): chunk partials (m[i], s[i]) are
@@ -486,14 +629,22 @@ void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, in
   }
   for (int64_t i0 = c0; i0 < c1; i0 += NB) {
     const int64_t n = std::min(NB, c1 - i0);
-    pack_block(a.items, i0, nullptr, n, w.P.p);
+#if defined(__AVX512F__)
+    if (nu <= kRowsKernelMaxUsers) {
+      rows_kernel(a.items, i0, nullptr, n, c.users + u0 * d, nu, c.bias, w.S.p, NB);
+    } else
+#endif
+    {
+    pack_block(a.items, i0, nullptr, n, w.P.p, c.bias, w.Pb.p);
     const int64_t nslices = (n + SW - 1) / SW;
     for (int64_t sl = 0; sl < nslices; ++sl) {
       const float* Ps = w.P.p + sl * d * SW;
+      const float* Pb = c.bias ? w.Pb.p + sl * SW : nullptr;
       for (int64_t ug = 0; ug < nu; ug += MU) {
         const int mm = static_cast<int>(std::min<int64_t>(MU, nu - ug));
-        micro_dispatch(mm, a.users + (u0 + ug) * d, d, Ps, d, w.S.p + ug * NB + sl * SW, NB);
+        micro_dispatch(mm, c.users + (u0 + ug) * d, d, Ps, d, w.S.p + ug * NB + sl * SW, NB, Pb);
       }
+    }
     }
     for (int64_t i = 0; i < nu; ++i) {
       const int64_t row = u0 + i;
@@ -542,14 +693,17 @@ void run_dense(const Ctx& c) {
   const int64_t UT = ntiles > 0 ? (B + ntiles - 1) / ntiles : 0;
   const int64_t nchunks = (N + c.CH - 1) / c.CH;
   const int64_t cap = c.cap;
-  const int threads = num_threads();
+  // Small problems run on the calling thread: waking a team costs more than it saves
+  // (and on a loaded machine a parallel region can wait a whole scheduler quantum).
+  const bool big = static_cast<double>(B) * static_cast<double>(N) * static_cast<double>(std::max<int64_t>(c.d, 1)) >= kParallelWork;
+  const int threads = big ? num_threads() : 1;
   // Chunk-parallel when there are too few user tiles to keep the threads busy.
   const double partial_bytes =
       static_cast<double>(nchunks) * static_cast<double>(B) * static_cast<double>(cap) * sizeof(Entry);
   const bool chunk_parallel = threads > 1 && ntiles < 2 * threads && nchunks > 1 &&
                               partial_bytes <= 256.0 * 1024 * 1024;
   if (!chunk_parallel) {
-#pragma omp parallel
+#pragma omp parallel if (big)
     {
       Scratch w(c.NB, c.d);
       std::vector<Entry> ebuf(static_cast<size_t>(UT * cap));
@@ -580,7 +734,7 @@ void run_dense(const Ctx& c) {
   std::vector<Entry> pe(static_cast<size_t>(nchunks * B * cap));
   std::vector<int64_t> psize(static_cast<size_t>(nchunks * B));
   const int64_t ntasks = ntiles * nchunks;
-#pragma omp parallel
+#pragma omp parallel if (big)
   {
     Scratch w(c.NB, c.d);
     std::vector<Heap> heaps(static_cast<size_t>(UT));
@@ -615,7 +769,8 @@ void run_dense(const Ctx& c) {
 void run_candidates(const Ctx& c, const PolicyLists& cand) {
   const PolicyArgs& a = *c.a;
   const int64_t B = a.batch, d = c.d, NB = c.NB;
-#pragma omp parallel
+  const bool big = static_cast<double>(cand.offsets[B]) * static_cast<double>(std::max<int64_t>(d, 1)) >= kParallelWork && B > 1;
+#pragma omp parallel if (big)
   {
     Scratch w(NB, d);
     std::vector<Entry> ebuf;
@@ -630,10 +785,15 @@ void run_candidates(const Ctx& c, const PolicyLists& cand) {
       double s = 0.0;
       for (int64_t j0 = 0; j0 < L; j0 += NB) {
         const int64_t n = std::min(NB, L - j0);
-        pack_block(a.items, 0, ids + j0, n, w.P.p);
+#if defined(__AVX512F__)
+        rows_kernel(a.items, 0, ids + j0, n, c.users + row * d, 1, c.bias, w.S.p, NB);
+#else
+        pack_block(a.items, 0, ids + j0, n, w.P.p, c.bias, w.Pb.p);
         const int64_t nslices = (n + SW - 1) / SW;
         for (int64_t sl = 0; sl < nslices; ++sl)
-          micro_kernel<1>(a.users + row * d, d, w.P.p + sl * d * SW, d, w.S.p + sl * SW, NB);
+          micro_kernel<1>(c.users + row * d, d, w.P.p + sl * d * SW, d, w.S.p + sl * SW, NB,
+                          c.bias ? w.Pb.p + sl * SW : nullptr);
+#endif
         fold_block(c, row, w.S.p, n, ids + j0, 0, nullptr, nullptr, m, s, h);
       }
       float M = -kInf;
@@ -650,8 +810,21 @@ void policy_run(const PolicyArgs& args, const PolicyLists& exclude, const Policy
   Ctx c;
   c.a = &args;
   c.ex = &exclude;
-  c.inv_t = 1.0f / args.temperature;
-  c.scale = args.temperature != 1.0f;
+  // s = (U.I + b) / t is computed as (U / t).I + b / t (the same up to rounding).
+  std::vector<float> scaled_users, scaled_bias;
+  c.users = args.users;
+  c.bias = args.bias;
+  if (args.temperature != 1.0f) {
+    const float inv_t = 1.0f / args.temperature;
+    scaled_users.resize(static_cast<size_t>(args.batch * args.items.dim));
+    for (size_t i = 0; i < scaled_users.size(); ++i) scaled_users[i] = args.users[i] * inv_t;
+    c.users = scaled_users.data();
+    if (args.bias) {
+      scaled_bias.resize(static_cast<size_t>(args.items.rows));
+      for (size_t i = 0; i < scaled_bias.size(); ++i) scaled_bias[i] = args.bias[i] * inv_t;
+      c.bias = scaled_bias.data();
+    }
+  }
   c.key = seed_key(args.seed);
   {
     // Largest uniform: (2^23 - 1 + 0.5) / 2^23; a margin covers the rounding of x + G.
@@ -659,8 +832,9 @@ void policy_run(const PolicyArgs& args, const PolicyLists& exclude, const Policy
     c.gmax = -std::log(-std::log(umax)) + 1e-3f;
   }
   c.d = args.items.dim;
-  const int64_t target = 16384 / std::max<int64_t>(c.d, 1);
-  int64_t nb = std::min<int64_t>(512, std::max<int64_t>(64, target));
+  // Item blocks of about 256 KB of packed floats (L2-resident), at most 1024 items.
+  const int64_t target = 65536 / std::max<int64_t>(c.d, 1);
+  int64_t nb = std::min<int64_t>(1024, std::max<int64_t>(64, target));
   nb = std::max<int64_t>(SW, nb / SW * SW);
   c.NB = nb;
   c.CH = nb * ((16384 + nb - 1) / nb);

@@ -1,0 +1,253 @@
+"""Benchmark: fused policy top-k (recmeta) against PyTorch and faiss, with floors.
+
+For each case, on the same seeded random data and with the thread count pinned (CPU
+affinity + every library's thread setting), prints the wall time (best of a few runs) of
+
+* ``ours``: ``recmeta_sdk.ops.policy_topk`` (scores + bias, exclusions, top-k and the
+  log-normaliser, one streaming pass);
+* ``torch``: ``U @ I.T + b``, excluded entries set to -inf, ``torch.topk``;
+* ``torch-chunked``: the same over chunks of 65536 items, then a top-k of the chunk top-ks;
+* ``faiss``: ``IndexFlatIP.search`` on ``[I | b]`` with queries ``[U | 1]`` (k + #excluded
+  results, excluded ids filtered afterwards), as shipped and with
+  ``faiss.cvar.distance_compute_blas_threshold = 1`` (``faiss-blas``);
+
+the ratios peer / ours, and the floor: max(table bytes / measured read bandwidth,
+2*B*N*d / measured float32 matmul rate), with our fraction of it (floor / ours).
+Also float16 and int8 tables against float32 at B = 1.
+
+Usage: python bench/bench_policy_topk.py [--quick] [--threads 1,2] [--no-faiss]
+The machine may be shared: expect noise; the ratios come from the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from recmeta_sdk import _core, ops  # noqa: E402
+
+try:
+    import faiss  # type: ignore
+except ImportError:  # pragma: no cover - optional peer
+    faiss = None
+
+
+def pin(threads: int) -> None:
+    cpus = sorted(os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)))
+    os.sched_setaffinity(0, set(cpus[:threads]))
+    torch.set_num_threads(threads)
+    _core.set_num_threads(threads)
+    if faiss is not None:
+        faiss.omp_set_num_threads(threads)
+
+
+CLOCK = time.perf_counter
+
+
+def timeit(fn, reps: int = 5, slow: float = 1.0) -> float:
+    """Best time in ms (CLOCK): the first call warms up; a call slower than `slow` s is not repeated."""
+    t0 = CLOCK()
+    fn()
+    first = CLOCK() - t0
+    if first > slow:
+        return first * 1e3
+    best = float("inf")
+    for _ in range(reps):
+        t0 = CLOCK()
+        fn()
+        best = min(best, CLOCK() - t0)
+    return best * 1e3
+
+
+def measure_bandwidth(table: np.ndarray) -> float:
+    """Bytes per second to read the table (best of numpy and torch sums)."""
+    t = torch.from_numpy(table)
+    ms = min(timeit(lambda: table.sum(), 3), timeit(lambda: t.sum(), 3))
+    return table.nbytes / (ms / 1e3)
+
+
+def measure_matmul(d: int) -> float:
+    """float32 matmul rate (flop/s) on cache-sized blocks: (512, d) @ (d, 4096)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(512, d, generator=g)
+    b = torch.randn(4096, d, generator=g)
+    out = torch.empty(512, 4096)
+
+    def run():
+        for _ in range(8):
+            torch.mm(a, b.T, out=out)
+
+    ms = timeit(run, 5)
+    return 8 * 2 * 512 * 4096 * d / (ms / 1e3)
+
+
+class Case:
+    def __init__(self, rng, items, bias, B, k, excl):
+        N, d = items.shape
+        self.B, self.k, self.excl = B, k, excl
+        self.U = rng.standard_normal((B, d)).astype(np.float32)
+        self.exc = None
+        self.exc_rows = self.exc_cols = None
+        if excl:
+            ids = np.stack([rng.choice(N, size=excl, replace=False) for _ in range(B)]).astype(np.int64)
+            self.exc_ids2d = ids
+            self.exc = (torch.arange(0, B * excl + 1, excl, dtype=torch.int64), torch.from_numpy(ids.reshape(-1)))
+            self.exc_rows = torch.arange(B).repeat_interleave(excl)
+            self.exc_cols = torch.from_numpy(ids.reshape(-1))
+
+
+def run_ours(items_t, bias_t, case):
+    U = torch.from_numpy(case.U)
+    return lambda: ops.policy_topk(U, items_t, case.k, bias=bias_t, exclude=case.exc)
+
+
+def run_torch(items_t, bias_t, case):
+    U = torch.from_numpy(case.U)
+
+    def f():
+        s = torch.addmm(bias_t, U, items_t.T)
+        if case.exc is not None:
+            s[case.exc_rows, case.exc_cols] = float("-inf")
+        return torch.topk(s, case.k, dim=1)
+
+    return f
+
+
+def run_torch_chunked(items_t, bias_t, case, chunk=65536):
+    U = torch.from_numpy(case.U)
+    N = items_t.shape[0]
+    starts = list(range(0, N, chunk))
+    per_chunk = []
+    for c0 in starts:
+        if case.exc is None:
+            per_chunk.append(None)
+            continue
+        sel = (case.exc_cols >= c0) & (case.exc_cols < c0 + chunk)
+        per_chunk.append((case.exc_rows[sel], case.exc_cols[sel] - c0))
+
+    def f():
+        vals, idx = [], []
+        for c0, ex in zip(starts, per_chunk):
+            it = items_t[c0:c0 + chunk]
+            s = torch.addmm(bias_t[c0:c0 + chunk], U, it.T)
+            if ex is not None:
+                s[ex[0], ex[1]] = float("-inf")
+            v, i = torch.topk(s, min(case.k, it.shape[0]), dim=1)
+            vals.append(v)
+            idx.append(i + c0)
+        v, i = torch.topk(torch.cat(vals, 1), case.k, dim=1)
+        return v, torch.gather(torch.cat(idx, 1), 1, i)
+
+    return f
+
+
+def run_faiss(index, case, blas: bool):
+    q = np.concatenate([case.U, np.ones((case.B, 1), np.float32)], axis=1)
+    kk = case.k + case.excl
+
+    def f():
+        old = faiss.cvar.distance_compute_blas_threshold
+        if blas:
+            faiss.cvar.distance_compute_blas_threshold = 1
+        try:
+            D, I = index.search(q, kk)
+        finally:
+            faiss.cvar.distance_compute_blas_threshold = old
+        if case.excl:
+            bad = (I[:, :, None] == case.exc_ids2d[:, None, :]).any(axis=2)
+            order = np.argsort(bad, axis=1, kind="stable")[:, : case.k]
+            I = np.take_along_axis(I, order, 1)
+            D = np.take_along_axis(D, order, 1)
+        return D, I
+
+    return f
+
+
+def fmt(ms):
+    return f"{ms:8.1f}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="N=1M, d=64, k=10 only")
+    ap.add_argument("--batches", default="1,8,64,512", help="comma-separated B values")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--no-faiss", action="store_true")
+    ap.add_argument("--no-torch-full", action="store_true", help="skip the full B x N torch baseline")
+    ap.add_argument("--no-excl", action="store_true", help="only the cases without exclusions")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: CPU time of the calling thread (1 thread only; robust on a shared machine)")
+    args = ap.parse_args(argv)
+    global CLOCK
+    if args.clock == "cpu":
+        CLOCK = time.thread_time
+        if args.threads != "1":
+            ap.error("--clock cpu measures one thread: use it with --threads 1")
+    threads = [int(t) for t in args.threads.split(",")]
+    use_faiss = faiss is not None and not args.no_faiss
+    if faiss is None:
+        print("note: faiss is not installed (pip install faiss-cpu); faiss columns skipped")
+    Ns = [1_000_000] if args.quick else [100_000, 1_000_000]
+    ds = [64] if args.quick else [64, 128]
+    Bs = [int(b) for b in args.batches.split(",")]
+    ks = [10] if args.quick else [10, 100]
+    excls = [0] if args.no_excl else [0, 100]
+    print(f"clock: {args.clock}; recmeta core ISA {_core.cpu_isa()}, OpenMP {_core.has_openmp()}, torch {torch.__version__}"
+          + (f", faiss {faiss.__version__}" if faiss is not None else ""))
+    rng = np.random.default_rng(20261129)
+    for N in Ns:
+        for d in ds:
+            items = rng.standard_normal((N, d)).astype(np.float32)
+            bias = (0.1 * rng.standard_normal(N)).astype(np.float32)
+            items_t, bias_t = torch.from_numpy(items), torch.from_numpy(bias)
+            index = None
+            if use_faiss:
+                index = faiss.IndexFlatIP(d + 1)
+                index.add(np.concatenate([items, bias[:, None]], axis=1))
+            cases = {(B, k, e): Case(rng, items, bias, B, k, e) for B in Bs for k in ks for e in excls}
+            q16 = ops.quantize(items_t, "fp16")
+            q8 = ops.quantize(items_t, "int8")
+            for t in threads:
+                pin(t)
+                bw = measure_bandwidth(items)
+                rate = measure_matmul(d)
+                print(f"\n== threads={t} (affinity {sorted(os.sched_getaffinity(0))}, core threads "
+                      f"{_core.get_num_threads()}, torch threads {torch.get_num_threads()}) N={N} d={d}: "
+                      f"read bandwidth {bw / 1e9:.1f} GB/s, matmul {rate / 1e9:.0f} GFLOP/s")
+                print(f"{'B':>4} {'k':>4} {'excl':>4} | {'ours ms':>8} | {'torch':>8} {'chunked':>8} "
+                      f"{'faiss':>8} {'f-blas':>8} | x torch  x chunk  x faiss  x f-blas | floor ms  frac")
+                for (B, k, e), case in cases.items():
+                    ours = timeit(run_ours(items_t, bias_t, case))
+                    peers = {}
+                    if not args.no_torch_full:
+                        peers["torch"] = timeit(run_torch(items_t, bias_t, case))
+                    peers["chunked"] = timeit(run_torch_chunked(items_t, bias_t, case))
+                    if use_faiss:
+                        peers["faiss"] = timeit(run_faiss(index, case, False), slow=0.5)
+                        peers["f-blas"] = timeit(run_faiss(index, case, True))
+                    floor = max(items.nbytes / bw, 2.0 * B * N * d / rate) * 1e3
+                    cols = " ".join(fmt(peers[n]) if n in peers else f"{'-':>8}"
+                                    for n in ("torch", "chunked", "faiss", "f-blas"))
+                    ratios = " ".join(f"{peers[n] / ours:7.2f}x" if n in peers else f"{'-':>8}"
+                                      for n in ("torch", "chunked", "faiss", "f-blas"))
+                    print(f"{B:>4} {k:>4} {e:>4} | {fmt(ours)} | {cols} | {ratios} | {fmt(floor)} "
+                          f"{floor / ours:5.0%}", flush=True)
+                # quantised tables at B = 1
+                case = cases[(1, ks[0], 0)]
+                U = torch.from_numpy(case.U)
+                base = timeit(lambda: ops.policy_topk(U, items_t, case.k, bias=bias_t))
+                for name, tab, nbytes in (("fp16", q16, N * d * 2), ("int8", q8, N * d + 8 * N)):
+                    ms = timeit(lambda: ops.policy_topk(U, tab, case.k, bias=bias_t))
+                    print(f"B=1 {name}: {fmt(ms)} ms vs fp32 {fmt(base)} ms -> {base / ms:.2f}x faster; "
+                          f"{nbytes / 1e6:.0f} MB read, {nbytes / bw * 1e3 / ms:.0%} of read bandwidth")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
