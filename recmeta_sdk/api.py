@@ -388,7 +388,7 @@ class Recommender:
         exclude_seen : remove the user's history items
         exclude, candidates : item ids to remove / to choose from (applied to every user)
         explore : None (greedy top-k) or ``"sample"`` (Gumbel-top-k from the policy,
-            needs ``seed``; returns propensities)
+            needs ``seed``; user b of a batch draws with ``seed + b``; returns propensities)
         temperature : softmax temperature of the policy (default ``config.temperature``)
         diversity : in [0, 1): MMR re-ranking weight (0 = pure relevance)
         popularity_penalty : >= 0, subtracts ``penalty * log(1 + training count)`` from the
