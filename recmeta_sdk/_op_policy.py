@@ -165,6 +165,10 @@ def policy_topk(user_states, items, k, *, bias=None, exclude=None, candidates=No
     """
     u, tab, b, exc, cand, kind = _prepare(user_states, items, k, bias, exclude, candidates, temperature)
     be = backends.resolve(backend, u.device.type)
+    if be in ("triton", "cuda"):
+        from ._gpu import gpu_policy_topk
+
+        return gpu_policy_topk(u, tab, k, b, exc, cand, float(temperature), backend=be)
     if be == "cpp":
         data, scale, rmin, b_, eo, ei, co, ci = _op_args(u, tab, b, exc, cand)
         # The public function calls the core directly: the custom op adds dispatcher overhead
@@ -186,6 +190,10 @@ def policy_sample(user_states, items, k, *, seed, bias=None, exclude=None, candi
         raise TypeError(f"seed must be an int, got {seed!r}")
     u, tab, b, exc, cand, kind = _prepare(user_states, items, k, bias, exclude, candidates, temperature)
     be = backends.resolve(backend, u.device.type)
+    if be in ("triton", "cuda"):
+        from ._gpu import gpu_policy_sample
+
+        return gpu_policy_sample(u, tab, k, seed, b, exc, cand, float(temperature), backend=be)
     if be == "cpp":
         data, scale, rmin, b_, eo, ei, co, ci = _op_args(u, tab, b, exc, cand)
         out = _sample_cpp(u, data, k, seed, scale, rmin, b_, eo, ei, co, ci, float(temperature))
