@@ -17,10 +17,19 @@ Two environments (``--env``):
     never seen in training, slates of 3 with position bias, slow interest drift. The same
     baselines; popularity and EASE are fitted on uniform-random logs of the existing users.
 
+With ``--recmeta-epochs N`` (ML) the SDK's policy joins them: ``recmeta_sdk.train`` on the
+existing users (meta-trained, ``meta="fomaml"``, and the same network without
+meta-training, ``meta="none"``), served through ``bandits.RecommenderPolicy``, i.e. learning
+online by ``Recommender.feedback`` (one adaptation step per rewarded event; ``--recmeta-updates
+readapt`` re-adapts from the whole history instead). ``--recmeta-cache DIR`` saves / reuses
+the trained models; ``--only`` runs a subset of the policies.
+
 Prints mean cumulative reward per user ± standard error at t = 1, 5, 10, 20, 50 and draws
 the curves to a PNG (needs matplotlib, the ``plot`` extra; skipped with a note otherwise).
 
     PYTHONPATH=. .venv/bin/python bench/bench_online.py --env ml100k --png online_ml100k.png
+    PYTHONPATH=. .venv/bin/python bench/bench_online.py --env ml100k --no-tune --recmeta-epochs 15 \
+        --recmeta-cache /tmp/models --only "recmeta,EASE"
 """
 from __future__ import annotations
 
