@@ -685,6 +685,8 @@ def load(path) -> Recommender:
     net = RecMetaNet(cfg, feats, n_uf)
     sd = net.state_dict()
     got = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+    if "wide_scale" in sd and "wide_scale" not in got:
+        got["wide_scale"] = torch.ones(())  # files from before the calibration: alpha unscaled
     if set(got) != set(sd):
         raise ModelFileError(f"{path}: network tensors do not match the config "
                              f"(missing {sorted(set(sd) - set(got))[:5]}, extra {sorted(set(got) - set(sd))[:5]})")

@@ -58,7 +58,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 import pandas as pd
@@ -437,6 +437,14 @@ def ease_weights(X: torch.Tensor, reg: float) -> torch.Tensor:
     return W.to(torch.float32)
 
 
+def _interaction_matrix(prep: Prepared) -> torch.Tensor:
+    U, N = len(prep.user_ids), len(prep.item_ids)
+    users = np.repeat(np.arange(U), np.diff(prep.offsets))
+    X = torch.zeros(U, N, dtype=torch.float64)
+    X[torch.from_numpy(users), torch.from_numpy(prep.items)] = 1.0
+    return X
+
+
 def fit_wide(net: RecMetaNet, prep: Prepared, cfg: Config, rng: np.random.Generator):
     """Fill ``net.wide`` with the EASE weights of the whole training log (used at serving time)
     and return cross-fitted weights for training: users are cut into 5 folds and the
@@ -446,11 +454,8 @@ def fit_wide(net: RecMetaNet, prep: Prepared, cfg: Config, rng: np.random.Genera
     or None when the wide part is disabled."""
     if not net.has_wide:
         return None
-    N = len(prep.item_ids)
     U = len(prep.user_ids)
-    users = np.repeat(np.arange(U), np.diff(prep.offsets))
-    X = torch.zeros(U, N, dtype=torch.float64)
-    X[torch.from_numpy(users), torch.from_numpy(prep.items)] = 1.0
+    X = _interaction_matrix(prep)
     with torch.no_grad():
         net.wide.copy_(ease_weights(X, cfg.wide_reg))
     K = 5 if U >= 10 else 2
@@ -459,12 +464,139 @@ def fit_wide(net: RecMetaNet, prep: Prepared, cfg: Config, rng: np.random.Genera
     return fold, others
 
 
+def calibration_split(prep: Prepared, cfg: Config, rng: np.random.Generator):
+    """Hold out ``calib_holdout`` of the interactions (at least one) of a random fraction
+    ``calib_users`` of the users with 5 or more interactions. Returns (the remaining log as
+    a :class:`Prepared`, held-out users (C,), held-out item sets) or None when no user
+    qualifies."""
+    n = np.diff(prep.offsets)
+    cand = np.flatnonzero(n >= 5)
+    n_cal = int(round(cfg.calib_users * len(cand)))
+    if n_cal < 1:
+        return None
+    cal_users = np.sort(rng.choice(cand, n_cal, replace=False))
+    keep = np.ones(len(prep.items), bool)
+    truth = []
+    for u in cal_users:
+        lo, hi = prep.offsets[u], prep.offsets[u + 1]
+        m = max(1, int(round(cfg.calib_holdout * (hi - lo))))
+        pos = lo + rng.choice(hi - lo, m, replace=False)
+        keep[pos] = False
+        truth.append(set(prep.items[pos][prep.rewards[pos] > 0].tolist()))  # positive feedback only
+    # an item held out and also kept (a repeat) is not a held-out target
+    users = np.repeat(np.arange(len(prep.user_ids)), n)
+    kept_pairs = set(zip(users[keep].tolist(), prep.items[keep].tolist()))
+    truth = [{i for i in t if (int(u), i) not in kept_pairs} for u, t in zip(cal_users, truth)]
+    counts = np.bincount(users[keep], minlength=len(prep.user_ids))
+    rest = Prepared(prep.user_ids, prep.item_ids, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                    prep.items[keep], prep.rewards[keep],
+                    prep.propensity[keep] if prep.propensity is not None else None,
+                    np.bincount(prep.items[keep], minlength=len(prep.item_ids)).astype(np.int64))
+    ok = np.array([len(t) > 0 for t in truth])
+    return rest, cal_users[ok], [t for t, o in zip(truth, ok) if o]
+
+
+#: multipliers of alpha tried by :func:`calibrate_wide`
+CALIB_GRID = tuple(float(2.0 ** e) for e in np.arange(-1.0, 4.01, 0.25))
+
+
+def calibrate_wide(net: RecMetaNet, prep: Prepared, cal_users: np.ndarray, truth: list, cross,
+                   cfg: Config, user_feats=None, k: int = 10) -> Dict[float, float]:
+    """Set ``net.wide_scale`` to the multiplier of alpha with the best NDCG@k + Recall@k on
+    held-out items of training users, scored as served (adaptation on the user's remaining
+    history, which is excluded from the ranking) with the cross-fitted EASE weights of the
+    user's fold (weights that never saw the user, like the served weights never saw the
+    held-out items). Returns {multiplier: NDCG + Recall}."""
+
+    N = net.n_items
+    hists = [prep.items[prep.offsets[u]:prep.offsets[u + 1]] for u in cal_users]
+    rews = [np.maximum(prep.rewards[prep.offsets[u]:prep.offsets[u + 1]], 0.0) for u in cal_users]
+    B = len(hists)
+    bi, bo, bw, sq, sl = history_tensors(hists, cfg.seq_len, N)
+    if user_feats is not None:
+        uf_off_np, uf_idx_np = user_feats
+        rows_f = [uf_idx_np[uf_off_np[u]:uf_off_np[u + 1]] for u in cal_users]
+        uo = np.concatenate([[0], np.cumsum([len(r) for r in rows_f])]).astype(np.int64)
+        ui = np.concatenate(rows_f).astype(np.int64) if uo[-1] else np.zeros(0, np.int64)
+    else:
+        uo, ui = np.zeros(B + 1, np.int64), np.zeros(0, np.int64)
+    rows = torch.from_numpy(np.repeat(np.arange(B), [len(x) for x in hists]))
+    w = torch.from_numpy(np.concatenate(rews).astype(np.float32))
+    lr = None if cfg.meta == "fomaml" else cfg.inner_lr
+    fold = cross[0][torch.from_numpy(np.asarray(cal_users, np.int64))]
+    result = {}
+    net.eval()
+    with torch.no_grad():
+        net.wide_scale.fill_(1.0)
+        X, V = net.item_vectors()
+        h = net.user_state(X, bi, bo, bw, sq, sl, torch.from_numpy(ui), torch.from_numpy(uo))
+        base = torch.zeros(B, N)
+        for f, W_other in enumerate(cross[1]):
+            sel = fold[rows] == f
+            if sel.any():
+                base = base + net.wide_offset(rows[sel], bi[sel], B, W_other)
+        per_user = {}
+        for m in CALIB_GRID:
+            offset = m * base
+            gamma, delta = net.adapt_phi(h, V, rows, bi, w, cfg.inner_steps, lr=lr, offset=offset)
+            s = net.logits(net.apply_phi(h, gamma, delta), V, offset)
+            s[rows, bi] = -float("inf")
+            top = torch.topk(s, min(k, N), dim=1).indices.numpy()
+            per_user[m] = _ndcg_plus_recall(top, truth, k)
+            result[m] = float(per_user[m].mean())
+        # keep alpha as trained unless the best multiplier is clearly better on the held-out
+        # set (its mean paired per-user gain over 1 exceeds one standard error), so that a
+        # small or noisy held-out set cannot move it
+        top_m = max(result, key=lambda m: result[m])
+        diff = per_user[top_m] - per_user[1.0]
+        se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("inf")
+        z = float(diff.mean()) / se if se > 0 else 0.0
+        best = top_m if z > 1.0 and B >= 10 else 1.0  # (10: a standard error needs some users)
+        net.wide_scale.fill_(best)
+        tau = nll = None
+        if best != 1.0:
+            # a larger alpha also sharpens the policy: re-fit the temperature by the held-out
+            # log-likelihood so that its probabilities (propensities, sampling) stay calibrated
+            offset = best * base
+            gamma, delta = net.adapt_phi(h, V, rows, bi, w, cfg.inner_steps, lr=lr, offset=offset)
+            s = net.logits(net.apply_phi(h, gamma, delta), V, offset) * cfg.temperature
+            s[rows, bi] = -float("inf")
+            t_rows = torch.from_numpy(np.repeat(np.arange(B), [len(t) for t in truth]))
+            t_items = torch.from_numpy(np.concatenate([sorted(t) for t in truth]).astype(np.int64))
+            nll = {t: float(-torch.log_softmax(s / t, 1)[t_rows, t_items].mean())
+                   for t in CALIB_GRID + (float(cfg.temperature),)}
+            tau = min(nll, key=lambda t: (nll[t], abs(math.log(t / cfg.temperature))))
+    logger.info("wide part calibrated on %d held-out users: alpha x %.3g (NDCG+Recall@%d %.4f; x1: %.4f; "
+                "best x %.3g: %.4f, %.2f standard errors above x1)", B, best, k, result[best], result[1.0], top_m,
+                result[top_m], z)
+    if tau is not None:
+        logger.info("policy temperature re-fit: %.3g (held-out NLL %.4f; at %.3g: %.4f)", tau, nll[tau],
+                    cfg.temperature, nll[float(cfg.temperature)])
+        cfg.temperature = float(tau)
+    return result
+
+
+def _ndcg_plus_recall(top: np.ndarray, truth: list, k: int) -> np.ndarray:
+    """Per-user NDCG@k + Recall@k (RecBole's definitions) of (B, k) top lists."""
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    out = np.zeros(len(truth))
+    for b, t in enumerate(truth):
+        hit = np.array([int(i) in t for i in top[b, :k]], dtype=np.float64)
+        idcg = disc[:min(len(t), k)].sum()
+        out[b] = (hit * disc[:len(hit)]).sum() / idcg + hit.sum() / len(t)
+    return out
+
+
 # ---------------------------------------------------------------------------- loop
 
 def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress: Optional[bool] = None) -> dict:
     """Train ``net`` in place. Returns a small history dict (loss per epoch, seconds)."""
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
+    full = prep
+    cal = calibration_split(prep, cfg, rng) if net.has_wide and cfg.calib_users > 0 else None
+    if cal is not None:
+        prep = cal[0]
     cross = fit_wide(net, prep, cfg, rng)
     n_per_user = np.diff(prep.offsets)
     eligible = np.flatnonzero(n_per_user >= 2)
@@ -518,5 +650,9 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     if bar is not None:
         bar.close()
     net.eval()
+    if cal is not None:
+        hist["calibration"] = calibrate_wide(net, prep, cal[1], cal[2], cross, cfg, user_feats)
+        with torch.no_grad():  # the served weights: EASE on the whole log
+            net.wide.copy_(ease_weights(_interaction_matrix(full), cfg.wide_reg))
     hist["seconds"] = time.perf_counter() - t0
     return hist
