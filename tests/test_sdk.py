@@ -239,3 +239,39 @@ def test_wide_part_is_closed_form_ease_and_part_of_the_policy():
     np.testing.assert_allclose(rec.scores, expect / m.config.temperature, rtol=1e-4, atol=1e-4)
     none = rm.train(log, config=dict(TINY, epochs=1, wide="none"))
     assert none._net.wide.numel() == 0
+
+
+def test_calibration_split_holds_out_positive_items_of_some_users():
+    from recmeta_sdk.model import Config
+    from recmeta_sdk.train import calibration_split, prepare
+
+    rng = np.random.default_rng(3)
+    rows = [(u, int(i), t, float(rng.integers(0, 2)))
+            for u in range(37) for t, i in enumerate(rng.choice(29, size=7 + u % 5, replace=False))]
+    log = pd.DataFrame(rows, columns=["user", "item", "timestamp", "reward"])
+    prep = prepare(log)
+    cfg = Config.from_dict(dict(calib_users=0.3, calib_holdout=0.2))
+    rest, users, truth = calibration_split(prep, cfg, np.random.default_rng(0))
+    n, n_rest = np.diff(prep.offsets), np.diff(rest.offsets)
+    assert 0 < len(users) <= round(0.3 * 37) and len(users) == len(truth)
+    held = np.flatnonzero(n_rest < n)
+    assert set(users.tolist()) <= set(held.tolist()) and len(held) == round(0.3 * 37)
+    for u in held:  # round(0.2 n) (at least 1) items each, the rest kept in time order
+        assert n[u] - n_rest[u] == max(1, round(0.2 * n[u]))
+        full = prep.items[prep.offsets[u]:prep.offsets[u + 1]]
+        kept = rest.items[rest.offsets[u]:rest.offsets[u + 1]]
+        assert list(kept) == [i for i in full if i in set(kept.tolist())]
+    for u, t in zip(users, truth):
+        lo, hi = prep.offsets[u], prep.offsets[u + 1]
+        pos = {int(i) for i, r in zip(prep.items[lo:hi], prep.rewards[lo:hi]) if r > 0}
+        kept = set(rest.items[rest.offsets[u]:rest.offsets[u + 1]].tolist())
+        assert t and t <= pos and not t & kept
+    np.testing.assert_array_equal(rest.item_count, np.bincount(rest.items, minlength=len(prep.item_ids)))
+
+
+def test_calibration_off_keeps_alpha_and_temperature():
+    log = _synthetic(n_users=50, n_items=23)
+    m = rm.train(log, config=dict(TINY, epochs=1, calib_users=0.0, temperature=0.7))
+    assert float(m._net.wide_scale) == 1.0 and m.config.temperature == 0.7
+    with pytest.raises(ValueError, match="calib_users"):
+        rm.train(log, config=dict(TINY, epochs=1, calib_users=1.5))
