@@ -436,7 +436,8 @@ class Recommender:
             cand = self._id_list(candidates, "candidates")
         bias = self._bias
         if popularity_penalty > 0:
-            bias = bias - float(popularity_penalty) * self._log_pop
+            # in units of the returned scores (which are divided by tau)
+            bias = bias - float(popularity_penalty) * float(tau) * self._log_pop
         # the policy's temperature applies to both terms: (<h,v> + b) / tau
         props = None
         if explore == "sample":
@@ -686,7 +687,7 @@ def load(path) -> Recommender:
     sd = net.state_dict()
     got = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
     if "wide_scale" in sd and "wide_scale" not in got:
-        got["wide_scale"] = torch.ones(())  # files from before the calibration: alpha unscaled
+        got["wide_scale"] = torch.tensor([0.0, 1.0, 2.0])  # files from before the calibration: alpha unscaled
     if set(got) != set(sd):
         raise ModelFileError(f"{path}: network tensors do not match the config "
                              f"(missing {sorted(set(sd) - set(got))[:5]}, extra {sorted(set(got) - set(sd))[:5]})")

@@ -74,13 +74,10 @@ class Config:
     every training user, so the deep part ends up trusted more than it deserves on held-out
     items. With ``calib_users > 0`` training therefore holds out a fraction ``calib_holdout``
     of the interactions of a random fraction ``calib_users`` of the users, and after
-    training sets a multiplier ``wide_scale`` of ``alpha`` (a grid over 2^-1 .. 2^4) to the
-    value with the best mean NDCG@10 + Recall@10 on those held-out items (see
-    :func:`recmeta_sdk.train.calibrate_wide`); the served EASE weights are then refit on the
-    whole log. ``wide_scale`` stays 1 unless the best value's mean per-user gain over 1
-    exceeds one standard error; when it moves, ``temperature`` is re-fit (same grid) by
-    the held-out log-likelihood so that the sharper policy's probabilities stay calibrated
-    (the model's config records the fitted value).
+    training multiplies alpha by m for warm histories (1 up to ``max_prefix`` items, the
+    cold regime that the prefix samples train, m above; buffer ``wide_scale``), m fitted on those held-out
+    items, and then re-fits ``temperature`` (see :func:`recmeta_sdk.train.calibrate_wide`);
+    the served EASE weights are then refit on the whole log.
 
     ``scalar_lr`` is the learning rate of ``alpha``'s two coefficients, which the main ``lr``
     would barely move.
@@ -122,7 +119,7 @@ class Config:
     wide_init: float = -8.0
     wide_slope: float = 4.0
     scalar_lr: float = 0.05
-    calib_users: float = 0.3
+    calib_users: float = 0.0
     calib_holdout: float = 0.2
     seed: int = 0
 
@@ -270,7 +267,9 @@ class RecMetaNet(nn.Module):
         self.register_buffer("wide", torch.zeros(nw, nw))
         self.wide_coef = nn.Parameter(torch.tensor([float(cfg.wide_init), float(cfg.wide_slope)]))
         # multiplier of alpha set by the post-training calibration (1 while training)
-        self.register_buffer("wide_scale", torch.ones(()))
+        # (log m, n_lo, n_hi): alpha's multiplier, 1 up to n_lo items, m from n_hi on, log-linear
+        # in log(1 + n) between (set by the post-training calibration; m = 1 while training)
+        self.register_buffer("wide_scale", torch.tensor([0.0, 1.0, 2.0]))
         # behaviour head (blocked gradient)
         self.beta_map = nn.Linear(d, d)
         self.beta_bias = nn.Parameter(torch.zeros(N))
@@ -285,7 +284,10 @@ class RecMetaNet(nn.Module):
 
     def wide_alpha(self, n: torch.Tensor) -> torch.Tensor:
         """alpha(n) (B,) for history lengths n (B,)."""
-        return self.wide_scale * torch.nn.functional.softplus(self.wide_coef[0] + self.wide_coef[1] * torch.log1p(n.to(torch.float32)))
+        ln = torch.log1p(n.to(torch.float32))
+        lo, hi = torch.log1p(self.wide_scale[1]), torch.log1p(self.wide_scale[2])
+        scale = torch.exp(self.wide_scale[0] * ((ln - lo) / (hi - lo)).clamp(0.0, 1.0))
+        return scale * torch.nn.functional.softplus(self.wide_coef[0] + self.wide_coef[1] * ln)
 
     def wide_input(self, rows: torch.Tensor, items: torch.Tensor, B: int) -> torch.Tensor:
         """alpha(n) * multi-hot history, (B, N), from a CSR-like (rows, items) listing."""

@@ -496,18 +496,26 @@ def calibration_split(prep: Prepared, cfg: Config, rng: np.random.Generator):
     return rest, cal_users[ok], [t for t, o in zip(truth, ok) if o]
 
 
-#: multipliers of alpha tried by :func:`calibrate_wide`
+#: multipliers of alpha for warm histories tried by :func:`calibrate_wide`
 CALIB_GRID = tuple(float(2.0 ** e) for e in np.arange(-1.0, 4.01, 0.25))
+#: temperatures tried after a calibration that moved alpha
+TEMPERATURE_GRID = tuple(float(2.0 ** e) for e in np.arange(-1.0, 4.01, 0.25))
 
 
 def calibrate_wide(net: RecMetaNet, prep: Prepared, cal_users: np.ndarray, truth: list, cross,
-                   cfg: Config, user_feats=None, k: int = 10) -> Dict[float, float]:
-    """Set ``net.wide_scale`` to the multiplier of alpha with the best NDCG@k + Recall@k on
-    held-out items of training users, scored as served (adaptation on the user's remaining
-    history, which is excluded from the ranking) with the cross-fitted EASE weights of the
-    user's fold (weights that never saw the user, like the served weights never saw the
-    held-out items). Returns {multiplier: NDCG + Recall}."""
+                   cfg: Config, user_feats=None, k: int = 10) -> dict:
+    """Fit alpha's multiplier m for warm histories (``net.wide_scale``) on held-out items of
+    training users.
 
+    The multiplier is 1 up to ``max_prefix`` history items (the cold regime, which the
+    prefix samples of meta-training already calibrate) and m above. Each held-out user's remaining history is the support; the
+    target is its held-out positive items, scored as served (adaptation on the support,
+    which is excluded from the ranking) with the cross-fitted EASE weights of the user's
+    fold (weights that never saw the user, as the served ones never saw the held-out
+    items). The m with the best NDCG@k + Recall@k is kept if its mean per-user gain over
+    m = 1 exceeds one standard error (else alpha stays as trained); when it moves, the
+    temperature is re-fit by the held-out log-likelihood so that the sharper policy's
+    probabilities stay calibrated. Returns {m: score}."""
     N = net.n_items
     hists = [prep.items[prep.offsets[u]:prep.offsets[u + 1]] for u in cal_users]
     rews = [np.maximum(prep.rewards[prep.offsets[u]:prep.offsets[u + 1]], 0.0) for u in cal_users]
@@ -524,10 +532,12 @@ def calibrate_wide(net: RecMetaNet, prep: Prepared, cal_users: np.ndarray, truth
     w = torch.from_numpy(np.concatenate(rews).astype(np.float32))
     lr = None if cfg.meta == "fomaml" else cfg.inner_lr
     fold = cross[0][torch.from_numpy(np.asarray(cal_users, np.int64))]
-    result = {}
+    n_lo = float(cfg.max_prefix)
+    n_hi = n_lo + 1.0
+    result, per_user = {}, {}
     net.eval()
     with torch.no_grad():
-        net.wide_scale.fill_(1.0)
+        net.wide_scale.copy_(torch.tensor([0.0, n_lo, n_hi]))
         X, V = net.item_vectors()
         h = net.user_state(X, bi, bo, bw, sq, sl, torch.from_numpy(ui), torch.from_numpy(uo))
         base = torch.zeros(B, N)
@@ -535,40 +545,41 @@ def calibrate_wide(net: RecMetaNet, prep: Prepared, cal_users: np.ndarray, truth
             sel = fold[rows] == f
             if sel.any():
                 base = base + net.wide_offset(rows[sel], bi[sel], B, W_other)
-        per_user = {}
-        for m in CALIB_GRID:
-            offset = m * base
+        # base carries alpha at m = 1; the multiplier of each user at m is m ** ramp(n)
+        n_hist = torch.tensor([len(np.unique(x)) for x in hists], dtype=torch.float32)
+        ramp = ((torch.log1p(n_hist) - math.log1p(n_lo)) / (math.log1p(n_hi) - math.log1p(n_lo))).clamp(0.0, 1.0)
+
+        def logits_at(m):
+            offset = torch.pow(torch.tensor(m), ramp)[:, None] * base
             gamma, delta = net.adapt_phi(h, V, rows, bi, w, cfg.inner_steps, lr=lr, offset=offset)
-            s = net.logits(net.apply_phi(h, gamma, delta), V, offset)
-            s[rows, bi] = -float("inf")
-            top = torch.topk(s, min(k, N), dim=1).indices.numpy()
+            sc = net.logits(net.apply_phi(h, gamma, delta), V, offset)
+            sc[rows, bi] = -float("inf")
+            return sc
+
+        for m in CALIB_GRID:
+            top = torch.topk(logits_at(m), min(k, N), dim=1).indices.numpy()
             per_user[m] = _ndcg_plus_recall(top, truth, k)
             result[m] = float(per_user[m].mean())
-        # keep alpha as trained unless the best multiplier is clearly better on the held-out
-        # set (its mean paired per-user gain over 1 exceeds one standard error), so that a
-        # small or noisy held-out set cannot move it
+        # keep alpha as trained unless the best m is clearly better on the held-out set (its
+        # mean paired per-user gain over m = 1 exceeds one standard error), so that a small
+        # or noisy held-out set cannot move it
         top_m = max(result, key=lambda m: result[m])
         diff = per_user[top_m] - per_user[1.0]
         se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("inf")
         z = float(diff.mean()) / se if se > 0 else 0.0
         best = top_m if z > 1.0 and B >= 10 else 1.0  # (10: a standard error needs some users)
-        net.wide_scale.fill_(best)
+        net.wide_scale[0] = math.log(best)
         tau = nll = None
         if best != 1.0:
-            # a larger alpha also sharpens the policy: re-fit the temperature by the held-out
-            # log-likelihood so that its probabilities (propensities, sampling) stay calibrated
-            offset = best * base
-            gamma, delta = net.adapt_phi(h, V, rows, bi, w, cfg.inner_steps, lr=lr, offset=offset)
-            s = net.logits(net.apply_phi(h, gamma, delta), V, offset) * cfg.temperature
-            s[rows, bi] = -float("inf")
+            sc = logits_at(best) * cfg.temperature
             t_rows = torch.from_numpy(np.repeat(np.arange(B), [len(t) for t in truth]))
             t_items = torch.from_numpy(np.concatenate([sorted(t) for t in truth]).astype(np.int64))
-            nll = {t: float(-torch.log_softmax(s / t, 1)[t_rows, t_items].mean())
-                   for t in CALIB_GRID + (float(cfg.temperature),)}
+            nll = {t: float(-torch.log_softmax(sc / t, 1)[t_rows, t_items].mean())
+                   for t in TEMPERATURE_GRID + (float(cfg.temperature),)}
             tau = min(nll, key=lambda t: (nll[t], abs(math.log(t / cfg.temperature))))
-    logger.info("wide part calibrated on %d held-out users: alpha x %.3g (NDCG+Recall@%d %.4f; x1: %.4f; "
-                "best x %.3g: %.4f, %.2f standard errors above x1)", B, best, k, result[best], result[1.0], top_m,
-                result[top_m], z)
+    logger.info("wide part calibrated on %d held-out users: alpha x %.3g from n=%g on (x1 up to n=%g) "
+                "(NDCG+Recall@%d %.4f; x1: %.4f; best x %.3g: %.4f, %.2f standard errors above x1)",
+                B, best, n_hi, n_lo, k, result[best], result[1.0], top_m, result[top_m], z)
     if tau is not None:
         logger.info("policy temperature re-fit: %.3g (held-out NLL %.4f; at %.3g: %.4f)", tau, nll[tau],
                     cfg.temperature, nll[float(cfg.temperature)])

@@ -272,6 +272,6 @@ def test_calibration_split_holds_out_positive_items_of_some_users():
 def test_calibration_off_keeps_alpha_and_temperature():
     log = _synthetic(n_users=50, n_items=23)
     m = rm.train(log, config=dict(TINY, epochs=1, calib_users=0.0, temperature=0.7))
-    assert float(m._net.wide_scale) == 1.0 and m.config.temperature == 0.7
+    assert m._net.wide_scale[0].item() == 0.0 and m.config.temperature == 0.7
     with pytest.raises(ValueError, match="calib_users"):
         rm.train(log, config=dict(TINY, epochs=1, calib_users=1.5))
