@@ -496,7 +496,7 @@ def calibration_split(prep: Prepared, cfg: Config, rng: np.random.Generator):
     return rest, cal_users[ok], [t for t, o in zip(truth, ok) if o]
 
 
-#: multipliers of alpha for warm histories tried by :func:`calibrate_wide`
+#: multipliers of alpha tried by :func:`calibrate_wide`
 CALIB_GRID = tuple(float(2.0 ** e) for e in np.arange(-1.0, 4.01, 0.25))
 #: temperatures tried after a calibration that moved alpha
 TEMPERATURE_GRID = tuple(float(2.0 ** e) for e in np.arange(-1.0, 4.01, 0.25))
@@ -504,11 +504,9 @@ TEMPERATURE_GRID = tuple(float(2.0 ** e) for e in np.arange(-1.0, 4.01, 0.25))
 
 def calibrate_wide(net: RecMetaNet, prep: Prepared, cal_users: np.ndarray, truth: list, cross,
                    cfg: Config, user_feats=None, k: int = 10) -> dict:
-    """Fit alpha's multiplier m for warm histories (``net.wide_scale``) on held-out items of
-    training users.
+    """Fit alpha's multiplier m (``net.wide_scale``) on held-out items of training users.
 
-    The multiplier is 1 up to ``max_prefix`` history items (the cold regime, which the
-    prefix samples of meta-training already calibrate) and m above. Each held-out user's remaining history is the support; the
+    Each held-out user's remaining history is the support; the
     target is its held-out positive items, scored as served (adaptation on the support,
     which is excluded from the ranking) with the cross-fitted EASE weights of the user's
     fold (weights that never saw the user, as the served ones never saw the held-out
@@ -532,8 +530,7 @@ def calibrate_wide(net: RecMetaNet, prep: Prepared, cal_users: np.ndarray, truth
     w = torch.from_numpy(np.concatenate(rews).astype(np.float32))
     lr = None if cfg.meta == "fomaml" else cfg.inner_lr
     fold = cross[0][torch.from_numpy(np.asarray(cal_users, np.int64))]
-    n_lo = float(cfg.max_prefix)
-    n_hi = n_lo + 1.0
+    n_lo, n_hi = 0.0, 1.0  # one multiplier for every non-empty history
     result, per_user = {}, {}
     net.eval()
     with torch.no_grad():
@@ -577,9 +574,9 @@ def calibrate_wide(net: RecMetaNet, prep: Prepared, cal_users: np.ndarray, truth
             nll = {t: float(-torch.log_softmax(sc / t, 1)[t_rows, t_items].mean())
                    for t in TEMPERATURE_GRID + (float(cfg.temperature),)}
             tau = min(nll, key=lambda t: (nll[t], abs(math.log(t / cfg.temperature))))
-    logger.info("wide part calibrated on %d held-out users: alpha x %.3g from n=%g on (x1 up to n=%g) "
+    logger.info("wide part calibrated on %d held-out users: alpha x %.3g "
                 "(NDCG+Recall@%d %.4f; x1: %.4f; best x %.3g: %.4f, %.2f standard errors above x1)",
-                B, best, n_hi, n_lo, k, result[best], result[1.0], top_m, result[top_m], z)
+                B, best, k, result[best], result[1.0], top_m, result[top_m], z)
     if tau is not None:
         logger.info("policy temperature re-fit: %.3g (held-out NLL %.4f; at %.3g: %.4f)", tau, nll[tau],
                     cfg.temperature, nll[float(cfg.temperature)])

@@ -275,3 +275,28 @@ def test_calibration_off_keeps_alpha_and_temperature():
     assert m._net.wide_scale[0].item() == 0.0 and m.config.temperature == 0.7
     with pytest.raises(ValueError, match="calib_users"):
         rm.train(log, config=dict(TINY, epochs=1, calib_users=1.5))
+
+
+def test_calibrated_model_serves_full_log_ease_and_scaled_alpha():
+    import os
+    import tempfile
+
+    from recmeta_sdk.baselines import EASE
+
+    log = _synthetic(n_users=80, n_items=23)
+    m = rm.train(log, config=dict(TINY, epochs=1, wide_reg=7.0, calib_users=0.5, calib_holdout=0.25))
+    u = m._user_index.get_indexer(log["user"])
+    i = m._item_index.get_indexer(log["item"])
+    # the served weights are refit on the whole log, held-out interactions included
+    ref = EASE(m.n_items, reg=7.0).fit(u, i, len(m.user_ids)).B
+    np.testing.assert_allclose(m._net.wide.numpy(), ref, rtol=1e-4, atol=1e-6)
+    assert float(m._net.wide_scale[0]) != 0.0  # (this seed's held-out set moves alpha)
+    n = torch.tensor([1.0, 3.0, 8.0])
+    c = m._net.wide_coef.detach()
+    expect = torch.exp(m._net.wide_scale[0]) * torch.nn.functional.softplus(c[0] + c[1] * torch.log1p(n))
+    np.testing.assert_allclose(m._net.wide_alpha(n).numpy(), expect.numpy(), rtol=1e-6)
+    with tempfile.TemporaryDirectory() as d:  # the multiplier and the temperature survive save / load
+        m.save(os.path.join(d, "m.recmeta"))
+        back = rm.load(os.path.join(d, "m.recmeta"))
+    assert torch.equal(back._net.wide_scale, m._net.wide_scale)
+    assert back.config.temperature == m.config.temperature
