@@ -239,6 +239,6 @@ def run(*, folds: int = 1, epochs: Optional[int] = None, config: Optional[dict] 
     same = _roundtrip(warm["model"], out)
     total = time.perf_counter() - t0
     out("")
-    out(f"total {total:.0f}s (meta-training with the defaults: {warm['train_seconds']:.0f}s on the warm split)")
+    out(f"total {total:.0f}s (meta-training the warm model: {warm['train_seconds']:.0f}s)")
     return {"warm": {k: warm[k] for k in ("ours", "pop", "ease", "train_seconds")},
             "cold": cold["table"], "roundtrip_identical": same, "seconds": total}
