@@ -377,18 +377,22 @@ class Recommender:
     def recommend(self, users_or_states, k: int = 10, *, exclude_seen: bool = True, exclude=None,
                   candidates=None, explore: Optional[str] = None, temperature: Optional[float] = None,
                   diversity: float = 0.0, popularity_penalty: float = 0.0, seed: Optional[int] = None,
-                  explain: bool = False) -> Recommendations:
+                  explain: bool = False, epsilon: float = 0.1) -> Recommendations:
         """Top-k items for one user or a batch.
 
         Parameters
         ----------
         users_or_states : a known user id, a :class:`UserState`, or a list of either
-            (a list gives arrays of shape (B, k))
+            (a list gives arrays of shape (B, k)); a user id with online feedback
+            (:meth:`feedback`) is served from its latest online state, and the items it was
+            shown without reward are excluded too when ``exclude_seen``
         k : int >= 1
         exclude_seen : remove the user's history items
         exclude, candidates : item ids to remove / to choose from (applied to every user)
-        explore : None (greedy top-k) or ``"sample"`` (Gumbel-top-k from the policy,
-            needs ``seed``; user b of a batch draws with ``seed + b``; returns propensities)
+        explore : None (greedy top-k), ``"sample"`` (Gumbel-top-k from the policy) or
+            ``"epsilon"`` (epsilon-greedy over the greedy ranking, see
+            :func:`recmeta_sdk.online.epsilon_slate`); both need ``seed`` (user b of a batch
+            draws with ``seed + b``) and return propensities
         temperature : softmax temperature of the policy (default ``config.temperature``)
         diversity : in [0, 1): MMR re-ranking weight (0 = pure relevance)
         popularity_penalty : >= 0, subtracts ``penalty * log(1 + training count)`` from the
@@ -396,14 +400,15 @@ class Recommender:
         seed : int, for ``explore="sample"``
         explain : attach per-item explanations (history items by leave-one-out
             contribution, item features by their exact share of the score)
+        epsilon : in [0, 1], the exploration rate of ``explore="epsilon"``
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         k = int(k)
-        if explore not in (None, "sample"):
-            raise ValueError(f"explore must be None or 'sample', got {explore!r}")
-        if explore == "sample" and (seed is None or isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise ValueError(f"explore='sample' needs an int seed=, got {seed!r}")
+        if explore not in (None, "sample", "epsilon"):
+            raise ValueError(f"explore must be None, 'sample' or 'epsilon', got {explore!r}")
+        if explore is not None and (seed is None or isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise ValueError(f"explore={explore!r} needs an int seed=, got {seed!r}")
         tau = self.config.temperature if temperature is None else temperature
         if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
@@ -412,13 +417,38 @@ class Recommender:
         if not isinstance(popularity_penalty, (int, float)) or not math.isfinite(popularity_penalty) or popularity_penalty < 0:
             raise ValueError(f"popularity_penalty must be a finite number >= 0, got {popularity_penalty!r}")
         if diversity > 0 and explore is not None:
-            raise ValueError("diversity re-ranking and explore='sample' cannot be combined")
+            raise ValueError(f"diversity re-ranking and explore={explore!r} cannot be combined")
         single = isinstance(users_or_states, UserState) or _is_scalar_id(users_or_states)
         batch = [users_or_states] if single else list(users_or_states)
         if not batch:
             raise ValueError("recommend: empty list of users")
+        if explore == "epsilon":
+            if explain:
+                raise ValueError("explain=True and explore='epsilon' cannot be combined")
+            from .online import epsilon_slate
+
+            kw = dict(exclude_seen=exclude_seen, exclude=exclude, candidates=candidates,
+                      temperature=temperature, popularity_penalty=popularity_penalty)
+            recs = [epsilon_slate(self, u, k, epsilon=epsilon, seed=int(seed) + b, **kw)
+                    for b, u in enumerate(batch)]
+            if single:
+                return recs[0]
+            return Recommendations(np.stack([r.ids for r in recs]), np.stack([r.scores for r in recs]),
+                                   np.stack([r.valid for r in recs]),
+                                   np.stack([r.propensities for r in recs]), None)
         states: List[Optional[UserState]] = [s if isinstance(s, UserState) else None for s in batch]
-        known = [b for b, s in enumerate(batch) if not isinstance(s, UserState)]
+        # users with online feedback are served from their latest published state (one dict
+        # read, no lock); the items they were shown without reward count as seen
+        misses: dict = {}
+        online = getattr(self, "_online_store", None)
+        if online is not None:
+            for b, u in enumerate(batch):
+                if states[b] is None:
+                    cur = online.current(u)
+                    if cur is not None:
+                        states[b] = cur.state
+                        misses[b] = np.setdiff1d(cur.seen, np.asarray(cur.state.history, np.int64))
+        known = [b for b, s in enumerate(states) if s is None]
         if known:
             for b, st in zip(known, self._user_states([batch[b] for b in known], None)):
                 states[b] = st
@@ -429,8 +459,10 @@ class Recommender:
         U = torch.from_numpy(np.stack([s.vector for s in states]).astype(np.float32))
         hists = [np.asarray(s.history, np.int64) for s in states]
         ex_extra = self._id_list(exclude, "exclude")
-        exc_lists = [np.unique(np.concatenate([s.history if exclude_seen else np.zeros(0, np.int64), ex_extra]))
-                     for s in states]
+        none = np.zeros(0, np.int64)
+        exc_lists = [np.unique(np.concatenate([np.asarray(s.history, np.int64) if exclude_seen else none,
+                                               misses.get(b, none) if exclude_seen else none, ex_extra]))
+                     for b, s in enumerate(states)]
         cand = None
         if candidates is not None:
             cand = self._id_list(candidates, "candidates")

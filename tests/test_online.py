@@ -316,3 +316,32 @@ def test_recommender_policy_learns_through_feedback(model):
     assert online.store(model)._log == []  # the policy's own store, not the model's default one
     with pytest.raises(ValueError, match="adapt_steps"):
         bandits.RecommenderPolicy(model, adapt_steps=2)
+
+
+def test_recommend_by_id_reads_the_online_state_and_excludes_misses():
+    m = rm.train(_segments_log(), config=TINY, progress=False)  # its own default store
+    before = m.recommend("u0", k=10)
+    # a new user exists only through feedback: recommend by id serves its online state
+    m.feedback([("n1", 11, 1.0, 0.1), ("n1", 12, 1.0, 0.1), ("n1", 25, 0.0, 0.1)])
+    cur = online.current(m, "n1")
+    by_id = m.recommend("n1", k=10)
+    by_state = m.recommend(cur.state, k=10, exclude=[25])
+    assert np.array_equal(by_id.ids, by_state.ids) and np.array_equal(by_id.scores, by_state.scores)
+    assert not {11, 12, 25} & set(by_id.ids.tolist())  # clicks and the miss are all excluded
+    # a known user's feedback changes what recommend(user_id) returns, in a batch too
+    m.feedback([("u0", int(before.ids[0]), 0.0, 0.1)])
+    after = m.recommend(["u0", "n1"], k=10)
+    assert int(before.ids[0]) not in after.ids[0].tolist()
+    assert np.array_equal(after.ids[1], by_id.ids)
+
+
+def test_recommend_epsilon_matches_epsilon_slate(model):
+    st = model.adapt([1, 2])
+    a = model.recommend(st, k=5, explore="epsilon", epsilon=0.3, seed=11)
+    b = online.epsilon_slate(model, st, 5, epsilon=0.3, seed=11)
+    assert np.array_equal(a.ids, b.ids) and np.allclose(a.propensities, b.propensities)
+    batch = model.recommend([st, st], k=5, explore="epsilon", epsilon=0.3, seed=11)
+    assert batch.ids.shape == (2, 5) and np.array_equal(batch.ids[0], a.ids)
+    assert (batch.propensities > 0).all() and (batch.propensities <= 1).all()
+    with pytest.raises(ValueError, match="seed"):
+        model.recommend(st, k=5, explore="epsilon")
