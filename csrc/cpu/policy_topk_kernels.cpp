@@ -816,11 +816,13 @@ void policy_run(const PolicyArgs& args, const PolicyLists& exclude, const Policy
   c.bias = args.bias;
   if (args.temperature != 1.0f) {
     const float inv_t = 1.0f / args.temperature;
-    scaled_users.resize(static_cast<size_t>(args.batch * args.items.dim));
+    // sized construction, not resize(): resize() instantiates an out-of-line std:: template
+    // that every ISA variant would share (the linker keeps one copy, maybe an AVX-512 one)
+    scaled_users = std::vector<float>(static_cast<size_t>(args.batch * args.items.dim));
     for (size_t i = 0; i < scaled_users.size(); ++i) scaled_users[i] = args.users[i] * inv_t;
     c.users = scaled_users.data();
     if (args.bias) {
-      scaled_bias.resize(static_cast<size_t>(args.items.rows));
+      scaled_bias = std::vector<float>(static_cast<size_t>(args.items.rows));
       for (size_t i = 0; i < scaled_bias.size(); ++i) scaled_bias[i] = args.bias[i] * inv_t;
       c.bias = scaled_bias.data();
     }
