@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "recmeta/embedding_bag.h"
+#include "recmeta/half.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -39,31 +40,7 @@ constexpr int64_t kBagsPerItem = 64;  ///< bags of one table per forward work it
 constexpr int64_t kParallelMinWork = int64_t{1} << 16;  ///< elements gathered before threads pay off
 
 /// Portable IEEE half -> float (handles subnormals, inf, NaN).
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1Fu;
-  uint32_t man = h & 0x3FFu;
-  uint32_t bits;
-  if (exp == 0) {
-    if (man == 0) {
-      bits = sign;
-    } else {  // subnormal: normalise
-      int e = -1;
-      do {
-        ++e;
-        man <<= 1;
-      } while ((man & 0x400u) == 0);
-      bits = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((man & 0x3FFu) << 13);
-    }
-  } else if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (man << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
+inline float half_to_float(uint16_t h) { return ::recmeta::detail::half_to_float_portable(h); }
 
 inline int64_t elem_size(TableType t) {
   return t == TableType::F32 ? 4 : (t == TableType::F16 ? 2 : 1);
