@@ -11,15 +11,7 @@ import pytest
 import recmeta_sdk as rm
 from recmeta_sdk.io import ModelFileError
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and without oversubscription) on one intra-op thread."""
-    import torch as _t
-
-    n = _t.get_num_threads()
-    _t.set_num_threads(1)
-    yield
-    _t.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

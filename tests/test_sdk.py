@@ -12,15 +12,7 @@ from recmeta_sdk.evaluate import ranking_metrics
 TINY = {"dim": 16, "hidden": 32, "seq_len": 5, "layers": 1, "heads": 2, "epochs": 3, "batch_size": 64,
         "lr": 0.01, "inner_steps": 1}
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and without oversubscription) on one intra-op thread."""
-    import torch as _t
-
-    n = _t.get_num_threads()
-    _t.set_num_threads(1)
-    yield
-    _t.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

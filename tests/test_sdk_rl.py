@@ -10,15 +10,7 @@ from recmeta_sdk.train import reinforce_loss, reinforce_weights
 TINY = {"dim": 16, "hidden": 32, "encoder": "none", "seq_len": 4, "batch_size": 32, "lr": 0.02,
         "dropout": 0.0, "user_feature_dropout": 0.0}
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and without oversubscription) on one intra-op thread."""
-    import torch as _t
-
-    n = _t.get_num_threads()
-    _t.set_num_threads(1)
-    yield
-    _t.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 
