@@ -16,6 +16,7 @@ the arguments):
 """
 from __future__ import annotations
 
+import contextvars
 import importlib
 import importlib.util
 import logging
@@ -193,7 +194,53 @@ def gpu_embedding_bag(weight, indices, offsets, per_sample_weights=None, mode: s
             raise TypeError(f"per_sample_weights: expected float32, got {psw.dtype}")
         check_float(psw, "per_sample_weights", (idx.numel(),))
         psw = psw.contiguous()
-    return _embedding_bag_run(_resolve(backend), tabs, idx, off, psw, mode)
+    name = _resolve(backend)
+    if torch.compiler.is_compiling() or _needs_graph(tabs, psw):
+        return _forward_through_op(name, tabs, idx, off, psw, mode)
+    return _embedding_bag_run(name, tabs, idx, off, psw, mode)
+
+
+# The backend a differentiable GPU forward runs on: the custom op
+# ``recmeta::embedding_bag_forward`` has no backend argument, so :func:`gpu_embedding_bag`
+# passes its ``backend=`` choice to the op's CUDA kernel through this context variable.
+_OP_BACKEND: contextvars.ContextVar = contextvars.ContextVar("recmeta_gpu_op_backend", default=None)
+
+
+def _needs_graph(tabs, psw) -> bool:
+    """Whether the forward must record an autograd graph (a float32 table or the
+    per-sample weights require a gradient and grad mode is on)."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tabs) or (
+        psw is not None and psw.requires_grad)
+
+
+def _forward_through_op(name, tabs, idx, off, psw, mode):
+    """The differentiable forward: ``recmeta::embedding_bag_forward`` (whose CUDA kernel is
+    :func:`_forward_op_cuda`, gradient ``recmeta::embedding_bag_grad``) on validated inputs."""
+    from . import _op_embedding_bag as ebo
+
+    parts = [ebo._table_parts(t, f"weight[{i}]") for i, t in enumerate(tabs)]
+    token = _OP_BACKEND.set(name)
+    try:
+        return ebo._forward_op([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
+                               idx, off, psw, mode)
+    finally:
+        _OP_BACKEND.reset(token)
+
+
+def _forward_op_cuda(weights, row_scales, row_mins, indices, offsets, per_sample_weights, mode):
+    """CUDA kernel of the custom op ``recmeta::embedding_bag_forward`` (registered by
+    :mod:`recmeta_sdk._op_embedding_bag`). Its inputs were validated by
+    :func:`gpu_embedding_bag`; a direct call of the op is checked here again."""
+    from . import _op_embedding_bag as ebo
+
+    tabs = [ebo._parts_to_table(w, s, m) for w, s, m in zip(weights, row_scales, row_mins)]
+    name = _OP_BACKEND.get()
+    if name is None:  # called directly (e.g. from a compiled graph): validate, default backend
+        with torch.no_grad():
+            return gpu_embedding_bag(tabs, indices, offsets, per_sample_weights, mode)
+    return _embedding_bag_run(name, tabs, indices, offsets, per_sample_weights, mode)
 
 
 def _embedding_bag_run(name, tabs, idx, off, psw, mode):

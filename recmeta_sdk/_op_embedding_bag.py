@@ -218,29 +218,31 @@ def _forward_fake(weights, row_scales, row_mins, indices, offsets, per_sample_we
     return indices.new_empty((B, D), dtype=torch.float32)
 
 
-@torch.library.custom_op("recmeta::embedding_bag_grad", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("recmeta::embedding_bag_grad", mutates_args=(), device_types=("cpu", "cuda"))
 def _grad_op(grad: torch.Tensor, weights: List[torch.Tensor], row_scales: List[torch.Tensor],
              row_mins: List[torch.Tensor], indices: torch.Tensor, offsets: torch.Tensor,
              per_sample_weights: Optional[torch.Tensor], mode: str, need_weight_grad: List[bool],
              need_psw_grad: bool) -> List[torch.Tensor]:
     """Gradients of ``recmeta::embedding_bag_forward``: a dense (N_t, d_t) gradient for each
     table with ``need_weight_grad[t]`` (an empty tensor otherwise), then the (nnz,) gradient of
-    the per-sample weights (empty unless ``need_psw_grad``)."""
+    the per-sample weights (empty unless ``need_psw_grad``). Plain torch code: the same
+    implementation serves CPU and CUDA tensors."""
+    dev = grad.device
     T = len(weights)
     nnz = indices.numel()
     B = (offsets.numel() - 1) // T
     off = offsets.to(torch.int64)
     idx = indices.to(torch.int64)
     counts = off[1:] - off[:-1]
-    bag = torch.repeat_interleave(torch.arange(T * B), counts, output_size=nnz)
+    bag = torch.repeat_interleave(torch.arange(T * B, device=dev), counts, output_size=nnz)
     sample = bag % B if B > 0 else bag
-    scale = torch.ones(nnz, dtype=torch.float32)
+    scale = torch.ones(nnz, dtype=torch.float32, device=dev)
     if mode == "mean":
         scale = 1.0 / counts.clamp(min=1).to(torch.float32)[bag]
     coef = scale if per_sample_weights is None else per_sample_weights.to(torch.float32) * scale
     g = grad.to(torch.float32)
     outs: List[torch.Tensor] = []
-    psw_grad = torch.zeros(nnz if need_psw_grad else 0, dtype=torch.float32)
+    psw_grad = torch.zeros(nnz if need_psw_grad else 0, dtype=torch.float32, device=dev)
     col = 0
     for t in range(T):
         w = weights[t]
@@ -248,11 +250,11 @@ def _grad_op(grad: torch.Tensor, weights: List[torch.Tensor], row_scales: List[t
         lo, hi = int(off[t * B]), int(off[(t + 1) * B])
         g_rows = g[sample[lo:hi], col:col + d]
         if need_weight_grad[t]:
-            gw = torch.zeros(w.shape[0], d, dtype=torch.float32)
+            gw = torch.zeros(w.shape[0], d, dtype=torch.float32, device=dev)
             gw.index_add_(0, idx[lo:hi], g_rows * coef[lo:hi, None])
             outs.append(gw)
         else:
-            outs.append(torch.empty(0, dtype=torch.float32))
+            outs.append(torch.empty(0, dtype=torch.float32, device=dev))
         if need_psw_grad:
             rows = reference.dequantize(_parts_to_table(w, row_scales[t], row_mins[t]), idx[lo:hi])
             psw_grad[lo:hi] = (rows * g_rows).sum(dim=1) * scale[lo:hi]
@@ -295,6 +297,15 @@ def _forward_backward(ctx, grad):
 
 
 torch.library.register_autograd("recmeta::embedding_bag_forward", _forward_backward, setup_context=_forward_setup)
+
+
+@_forward_op.register_kernel("cuda")
+def _forward_op_cuda(weights, row_scales, row_mins, indices, offsets, per_sample_weights, mode):
+    """CUDA tensors: the Triton or CUDA kernels (see :mod:`recmeta_sdk._gpu`), so a model on
+    the GPU trains through the same op; its gradient op is device-agnostic."""
+    from ._gpu import _forward_op_cuda as run
+
+    return run(weights, row_scales, row_mins, indices, offsets, per_sample_weights, mode)
 
 
 @torch.library.custom_op("recmeta::embedding_bag_backward", mutates_args=("weight", "state"), device_types="cpu")

@@ -125,6 +125,43 @@ def test_cuda_extension_checks_scalar_arguments_before_launching():
         ext.embedding_bag_fwd(5, 8, 0, 0, 10, 4, 4, 8, True, 3, 8, True, 3, 0, False, 8, 4, 0)
 
 
+def test_embedding_bag_op_has_cuda_kernels_for_training_on_gpu():
+    """The custom op and its gradient op are registered for CUDA (a model on the GPU trains
+    through ``recmeta::embedding_bag_forward`` like on the CPU)."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has("recmeta::embedding_bag_forward", "CUDA")
+    assert has("recmeta::embedding_bag_grad", "CUDA")
+
+
+def test_cuda_op_kernel_rebuilds_tables_from_parts():
+    """The op's CUDA kernel turns (data, row_scale, row_min) parts back into tables and runs
+    the chosen backend; checked here on CPU tensors with the torch backend."""
+    from recmeta_sdk import _op_embedding_bag as ebo
+
+    g = _gen(11)
+    B = 23
+    tabs = [torch.randn(41, 5, generator=g), R.quantize(torch.randn(37, 3, generator=g), "int8"),
+            R.quantize(torch.randn(29, 4, generator=g), "fp16")]
+    idx_parts, lens = [], []
+    for tab in tabs:
+        ll = torch.randint(0, 6, (B,), generator=g)
+        lens.append(ll)
+        idx_parts.append(torch.randint(0, tab.shape[0], (int(ll.sum()),), generator=g))
+    off = torch.zeros(3 * B + 1, dtype=torch.int64)
+    off[1:] = torch.cumsum(torch.cat(lens), 0)
+    idx = torch.cat(idx_parts)
+    psw = torch.rand(idx.numel(), generator=g)
+    parts = [ebo._table_parts(t, "w") for t in tabs]
+    token = _gpu._OP_BACKEND.set("torch")
+    try:
+        got = _gpu._forward_op_cuda([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
+                                    idx, off, psw, "mean")
+    finally:
+        _gpu._OP_BACKEND.reset(token)
+    want = R.embedding_bag_tbe(tabs, idx, off, psw, "mean")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------
 # On a GPU: parity with the CPU backend
 # ---------------------------------------------------------------------------------------
@@ -327,3 +364,31 @@ def test_gpu_out_of_range_ids_raise_on_host(backend):
     with pytest.raises(ValueError, match="on cpu"):
         _gpu.gpu_policy_topk(u, w.cpu(), 3, backend=backend)
     torch.cuda.synchronize()  # the context is healthy: nothing reached a kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_gpu_forward_is_differentiable_like_the_cpu(backend):
+    """Training on the GPU: gradients of the tables and per-sample weights through the op
+    equal the CPU op's."""
+    _need(backend)
+    g = _gen(12)
+    N1, N2, D1, D2, B = 211, 97, 13, 8, 57
+    w1, w2 = torch.randn(N1, D1, generator=g), torch.randn(N2, D2, generator=g)
+    i1, o1 = _bags(B, N1, g)
+    i2, o2 = _bags(B, N2, g)
+    idx = torch.cat([i1, i2])
+    off = torch.cat([o1, o2[1:] + o1[-1]])
+    psw = torch.rand(idx.numel(), generator=g)
+    up = torch.randn(B, D1 + D2, generator=g)
+
+    def run(dev, be):
+        a = w1.to(dev).requires_grad_()
+        b = w2.to(dev).requires_grad_()
+        p = psw.to(dev).requires_grad_()
+        out = ops.embedding_bag([a, b], idx.to(dev), off.to(dev), per_sample_weights=p, mode="mean", backend=be)
+        (out * up.to(dev)).sum().backward()
+        return out.detach().cpu(), a.grad.cpu(), b.grad.cpu(), p.grad.cpu()
+
+    for want, got in zip(run("cpu", "cpp"), run("cuda", backend)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
