@@ -167,7 +167,7 @@ class TaskSampler:
         self.users_per_task = spec.users_per_task
         self.tasks_per_batch = spec.tasks_per_batch or max(1, cfg.batch_size // spec.users_per_task)
         per_batch = min(self.tasks_per_batch, len(keys)) * self.users_per_task
-        self.steps_per_epoch = int(math.ceil(len(pair_user) / per_batch))
+        self.steps_per_epoch = math.ceil(len(pair_user) / per_batch)
 
     @property
     def n_tasks(self) -> int:
@@ -183,7 +183,7 @@ class TaskSampler:
             lo, hi = self.task_off[t], self.task_off[t + 1]
             m = min(self.users_per_task, hi - lo)
             pairs = lo + rng.choice(hi - lo, size=m, replace=False)
-            n_sup = min(max(1, int(round(self.spec.support_frac * m))), m - 1)
+            n_sup = min(max(1, round(self.spec.support_frac * m)), m - 1)
             for j, p in enumerate(pairs):
                 u = int(self.pair_user[p])
                 rows = self.pair_rows[self.pair_off[p]:self.pair_off[p + 1]]
