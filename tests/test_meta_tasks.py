@@ -43,7 +43,7 @@ def campaigns(seed=0, n_items=120, n_genres=10, n_users=600, n_train=6, n_test=2
     return df, items
 
 
-CFG = dict(dim=32, hidden=64, epochs=10, seq_len=10, lr=0.01, inner_lr=5.0)
+CFG = {"dim": 32, "hidden": 64, "epochs": 10, "seq_len": 10, "lr": 0.01, "inner_lr": 5.0}
 
 
 def held_out_recall(model, df, task_of=None, **kw):
@@ -97,11 +97,12 @@ def meta_experiment(seed):
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_adapting_to_a_held_out_campaign_helps_and_meta_training_makes_it_work():
-    # margins from seeds 0-4 (see the report): meta+adapt_task 0.27-0.33, the best of the
-    # others <= 0.12; the asserted margin (0.1) is under half the smallest gap seen
+    # measured on seeds 0-4 (Recall@10): meta+adapt_task 0.31 / 0.34 / 0.24 / 0.34 / 0.35;
+    # the best of the three others 0.11 / 0.15 / 0.14 / 0.24 / 0.26: gaps 0.20 / 0.19 / 0.10 /
+    # 0.11 / 0.10. The asserted margin (0.05) is half the smallest gap seen.
     r = meta_experiment(0)
     others = max(r["meta, no task"], r["none+adapt_task"], r["none, no task"])
-    assert r["meta+adapt_task"] > others + 0.1, r
+    assert r["meta+adapt_task"] > others + 0.05, r
 
 
 # ---------------------------------------------------------------------------- validation
@@ -144,11 +145,11 @@ def small():
     return df[df.campaign != "c3"], items, users
 
 
-TINY = dict(dim=16, hidden=16, epochs=2, seq_len=5, seed=5)
+TINY = {"dim": 16, "hidden": 16, "epochs": 2, "seq_len": 5, "seed": 5}
 
 
 def test_train_task_errors_name_the_problem(small):
-    df, items, users = small
+    df, items, _ = small
     with pytest.raises(ValueError, match="unknown task kind 'campain'"):
         rm.train(df, config=TINY, tasks="campain")
     with pytest.raises(ValueError, match="needs the item feature column"):
@@ -263,7 +264,7 @@ def test_task_batches_hide_the_query_from_the_history(small):
     from recmeta_sdk.meta_tasks import task_sampler
     from recmeta_sdk.train import prepare
 
-    df, items, _ = small
+    df, _, _ = small
     cfg = Config(**dict(TINY, batch_size=32))
     prep = prepare(df)
     s = task_sampler(parse_tasks({"by": "campaign", "users_per_task": 8}), df, prep, cfg)
