@@ -416,8 +416,8 @@ class Recommender:
             contribution, item features by their exact share of the score)
         epsilon : in [0, 1], the exploration rate of ``explore="epsilon"``
         task : a :class:`~recmeta_sdk.meta_tasks.TaskState`: known user ids are served with
-            the task's adaptation parameters (UserStates are served as given; make them
-            with ``adapt(..., task=)`` / ``user_state(..., task=)``)
+            the task's adaptation parameters (UserStates, and users with online feedback,
+            are served as given; make them with ``adapt(..., task=)`` / ``user_state(..., task=)``)
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")

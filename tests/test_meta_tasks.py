@@ -176,8 +176,14 @@ def test_segment_and_category_tasks_train_and_serve(small):
         assert r.ids.shape == (2, 5) and r.valid.all()
 
 
+def _saved(model, tmp_path):
+    path = str(tmp_path / "m.recmeta")
+    model.save(path)
+    return path
+
+
 @pytest.mark.usefixtures("one_torch_thread")
-def test_task_training_and_adapt_task_are_reproducible_and_pure(small):
+def test_task_training_and_adapt_task_are_reproducible_and_pure(small, tmp_path):
     df, items, _ = small
     a = rm.train(df, items=items, config=TINY, tasks="campaign", progress=False)
     b = rm.train(df, items=items, config=TINY, tasks="campaign", progress=False)
@@ -193,6 +199,10 @@ def test_task_training_and_adapt_task_are_reproducible_and_pure(small):
     np.testing.assert_array_equal(t1.gamma, t2.gamma)
     np.testing.assert_array_equal(t1.delta, t2.delta)
     assert all(torch.equal(before[k], v) for k, v in a._net.state_dict().items())
+    back = rm.load(_saved(a, tmp_path))  # the model saves as before; a TaskState is recomputed
+    t3 = back.adapt_task(frame)
+    np.testing.assert_array_equal(t1.delta, t3.delta)
+    np.testing.assert_array_equal(back.recommend([3, 4], k=5, task=t3).ids, a.recommend([3, 4], k=5, task=t1).ids)
     # the task's phi is what serves: 0 steps is the initial phi, adapted ones move the ranking
     t0 = a.adapt_task(frame, steps=0)
     np.testing.assert_array_equal(a.user_state(3, task=t0).vector, a.user_state(3, steps=0).vector)
