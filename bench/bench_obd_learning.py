@@ -16,6 +16,15 @@ For each campaign (all / men / women) the uniform-random logs are split in time:
     off-policy step on them when they hold a user with two clicks (else that is reported).
 ``recmeta meta (other two), zero-shot``
     the cross-campaign model without the target's impressions.
+``recmeta tasks=campaign (other two) + adapt_task on N``
+    meta-learned ACROSS the two campaigns (``train(..., tasks="campaign")``: each meta-batch
+    draws both campaigns and users in each; one adaptation phi per campaign is adapted on
+    some users' impressions and must serve the others; see ``recmeta_sdk.meta_tasks``),
+    epochs chosen the same way (served without per-user steps), then ``adapt_task`` on the target's first
+    ``--adapt-rows`` impressions and every user served with ``task=`` (no adaptation:
+    the row ``..., no task``, with the model's initial phi; neither row takes per-user steps,
+    as in training across tasks). Only clicks carry support weight, so a few hundred
+    impressions (about one click) give the task's phi little to learn from.
 
 Each policy is the softmax policy over the campaign's items (the same distribution at each
 of the three positions), given the user's state. Its value (click rate per impression) is
@@ -65,7 +74,7 @@ def train_frame(df: pd.DataFrame) -> pd.DataFrame:
     return df[["user", "item", "timestamp", "reward", "propensity"]]
 
 
-def policy_dist(model, rows: pd.DataFrame, users: pd.DataFrame, cand_ids, store=None):
+def policy_dist(model, rows: pd.DataFrame, users: pd.DataFrame, cand_ids, store=None, task=None, steps=None):
     """(n, A) softmax policy over ``cand_ids`` for every row, from each row's user state.
 
     A user with feedback in ``store`` (a ``recmeta_sdk.online.OnlineStore``) gets its
@@ -80,9 +89,10 @@ def policy_dist(model, rows: pd.DataFrame, users: pd.DataFrame, cand_ids, store=
         if cur is not None:
             states.append(cur.state)
         elif model._user_index.get_indexer([u])[0] >= 0:
-            states.append(model.user_state(u))
+            states.append(model.user_state(u, task=task, steps=steps))
         else:
-            states.append(model.adapt([], features=users.loc[u].to_dict() if u in users.index else None))
+            states.append(model.adapt([], features=users.loc[u].to_dict() if u in users.index else None, task=task,
+                                      steps=steps))
     recs = model.recommend(states, len(cand_ids), candidates=cand_ids, exclude_seen=False)
     sc = recs.scores.astype(np.float64)
     p = np.exp(sc - sc.max(axis=1, keepdims=True))
@@ -111,11 +121,12 @@ def estimate(rows: pd.DataFrame, dist: np.ndarray, cand_ids, *, n_bootstrap: int
             "dr": ope.dr(r, ps, action_prob, q_hat, v_hat, **kw)}
 
 
-def choose_epochs(parts, cfg, args, label) -> int:
+def choose_epochs(parts, cfg, args, label, tasks="user", steps=None) -> int:
     """The epochs (of ``--epoch-grid``) with the highest pooled IPS on inner validation splits.
 
     ``parts``: (training rows, users, items, candidate ids) per campaign; each is split
-    70/30 in time, trained on the first part and evaluated on the second.
+    70/30 in time, trained on the first part and evaluated on the second. ``tasks``: as in
+    ``recmeta_sdk.train`` (a group kind keeps its column); ``steps``: per-user steps when serving.
     """
     best, best_v = None, -np.inf
     frames = [(split(tr), u, it, cand) for tr, u, it, cand in parts]
@@ -123,10 +134,12 @@ def choose_epochs(parts, cfg, args, label) -> int:
     users, items = parts[0][1], parts[0][2]
     vals = {}
     for ep in args.epoch_grid:
-        m = rm.train(train_frame(inner), users=users, items=items, config={**cfg, "epochs": ep}, progress=False)
+        frame = train_frame(inner) if tasks == "user" else inner[[*train_frame(inner).columns, "campaign"]]
+        m = rm.train(frame, users=users, items=items, config={**cfg, "epochs": ep}, tasks=tasks, progress=False)
         num = den = 0.0
         for (itr, iva), _, _, cand in frames:
-            e = estimate(iva, policy_dist(m, iva, users, cand), cand, n_bootstrap=1, seed=args.seed)["ips"]
+            e = estimate(iva, policy_dist(m, iva, users, cand, steps=steps), cand, n_bootstrap=1,
+                         seed=args.seed)["ips"]
             num += e.value * len(iva)
             den += len(iva)
         vals[ep] = num / den
@@ -209,9 +222,20 @@ def main(argv=None) -> None:
         rows[f"recmeta meta (other two) + adapt on {len(few)}"] = (
             estimate(te, policy_dist(adapted, tte, users, pcand, store=store), cand, **_ekw(args)),
             time.perf_counter() - t0)
-        print(f"  {'policy':<44} {'IPS (95% CI)':<27} {'SNIPS (95% CI)':<27} {'DR (95% CI)':<27}")
+        # meta-learned across the other two campaigns as tasks, adapted to this one by adapt_task
+        t0 = time.perf_counter()
+        ep_t = choose_epochs([(split(data[o][0])[0], pusers, pitems, list(data[o][2].index)) for o in others],
+                             cfg, args, f"{c} tasks=campaign (on {'+'.join(others)})", tasks="campaign", steps=0)
+        mt = rm.train(pdf[["user", "item", "timestamp", "reward", "propensity", "campaign"]], users=pusers,
+                      items=pitems, config={**cfg, "epochs": ep_t}, tasks="campaign", progress=False)
+        rows["recmeta tasks=campaign (other two), no task"] = (  # as with a task: no per-user steps
+            estimate(te, policy_dist(mt, tte, users, pcand, steps=0), cand, **_ekw(args)), time.perf_counter() - t0)
+        ts = mt.adapt_task(few[["user", "item", "reward", "timestamp"]])
+        rows[f"recmeta tasks=campaign + adapt_task on {len(few)}"] = (
+            estimate(te, policy_dist(mt, tte, users, pcand, task=ts), cand, **_ekw(args)), time.perf_counter() - t0)
+        print(f"  {'policy':<48} {'IPS (95% CI)':<27} {'SNIPS (95% CI)':<27} {'DR (95% CI)':<27}")
         for name, (est, secs) in rows.items():
-            print(f"  {name:<44} {fmt(est['ips']):<27} {fmt(est['snips']):<27} {fmt(est['dr']):<27} "
+            print(f"  {name:<48} {fmt(est['ips']):<27} {fmt(est['snips']):<27} {fmt(est['dr']):<27} "
                   f"[{secs:.0f} s]")
         if note:
             print("  " + note.strip())

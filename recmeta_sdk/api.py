@@ -30,6 +30,8 @@ import torch
 from . import ops
 from .evaluate import beyond_accuracy, ranking_metrics
 from .io import FORMAT_VERSION, ModelFileError, read_model_file, write_model_file
+from .meta_tasks import parse_tasks, task_sampler
+from .meta_tasks import task_phi as _task_phi
 from .model import Config, ItemFeatures, RecMetaNet
 from .train import (
     build_schema, encode_features, fit, history_tensors, item_features, prepare, schema_names,
@@ -222,7 +224,7 @@ class Recommender:
         return np.asarray(rows, np.int64)
 
     def _states(self, hists: List[np.ndarray], rewards: List[np.ndarray], ufeats: List[np.ndarray],
-                steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                steps: int, task=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(base states, adapted states), each (B, d), for a batch of histories."""
         net = self._net
         N = self.n_items
@@ -237,7 +239,8 @@ class Recommender:
                  if B else torch.zeros(0))
             lr = None if self.config.meta == "fomaml" else self.config.inner_lr
             offset = net.wide_offset(rows, bi, B)
-            gamma, delta = net.adapt_phi(h, self._V, rows, bi, w, steps, lr=lr, offset=offset)
+            init = None if task is None else _task_phi(self, task)  # a task's phi (meta_tasks)
+            gamma, delta = net.adapt_phi(h, self._V, rows, bi, w, steps, lr=lr, offset=offset, init=init)
             hp = net.apply_phi(h, gamma, delta)
         return h, hp
 
@@ -287,16 +290,16 @@ class Recommender:
         scores = torch.cat(scores)
         return ids, scores, (torch.cat(props) if seed is not None else None)
 
-    def _check_steps(self, steps):
-        if steps is None:
-            return self.config.inner_steps
+    def _check_steps(self, steps, task=None):
+        if steps is None:  # with a task: its meta-trained phi, no per-user steps on top
+            return self.config.inner_steps if task is None else 0
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
             raise ValueError(f"steps must be an int >= 0, got {steps!r}")
         return int(steps)
 
     # ------------------------------------------------------------------ public
     def adapt(self, history, *, steps: Optional[int] = None, features: Optional[dict] = None,
-              unknown: str = "error") -> UserState:
+              unknown: str = "error", task=None) -> UserState:
         """The state of a new user from a few interactions (pure: the model is not changed).
 
         Parameters
@@ -307,11 +310,14 @@ class Recommender:
         features : the user's side features (dict), optional
         unknown : ``"error"`` (default: ValueError naming unknown items) or ``"drop"``
             (ignore them; they are listed in ``UserState.dropped``)
+        task : a :class:`~recmeta_sdk.meta_tasks.TaskState` (from :meth:`adapt_task`) whose
+            adaptation parameters replace the initial ones (``steps`` then defaults to 0:
+            per-user steps start from the task's parameters), optional
         """
-        steps = self._check_steps(steps)
+        steps = self._check_steps(steps, task)
         idx, ext, rew, dropped = self._encode_history(history, unknown)
         uf = self._encode_user_features(features)
-        h, hp = self._states([idx], [rew], [uf], steps)
+        h, hp = self._states([idx], [rew], [uf], steps, task)
         return UserState(hp[0].numpy().copy(), h[0].numpy().copy(), idx, tuple(x.item() if hasattr(x, "item") else x for x in ext),
                          rew, None, dropped, steps, dict(features) if isinstance(features, dict) else None)
 
@@ -345,18 +351,26 @@ class Recommender:
             raise ValueError(f"unknown user {user!r}: not in the training data (use adapt(history) for new users)")
         return int(u)
 
-    def user_state(self, user_id, *, steps: Optional[int] = None) -> UserState:
-        """The state of a known (training) user from their training history."""
-        return self._user_states([user_id], steps)[0]
+    def user_state(self, user_id, *, steps: Optional[int] = None, task=None) -> UserState:
+        """The state of a known (training) user from their training history (``task``: a
+        :class:`~recmeta_sdk.meta_tasks.TaskState` whose adaptation parameters are used)."""
+        return self._user_states([user_id], steps, task)[0]
 
-    def _user_states(self, users, steps) -> List[UserState]:
-        steps = self._check_steps(steps)
+    def adapt_task(self, interactions: pd.DataFrame, *, steps: Optional[int] = None):
+        """Adapt to a new task (campaign, segment, ...) from its interactions; pure. Returns a
+        :class:`~recmeta_sdk.meta_tasks.TaskState` for ``task=`` (see :func:`recmeta_sdk.meta_tasks.adapt_task`)."""
+        from .meta_tasks import adapt_task
+
+        return adapt_task(self, interactions, steps=steps)
+
+    def _user_states(self, users, steps, task=None) -> List[UserState]:
+        steps = self._check_steps(steps, task)
         us = [self._known(u) for u in users]
         hists = [self._hist_items[self._hist_offsets[u]:self._hist_offsets[u + 1]] for u in us]
         rews = [self._hist_rewards[self._hist_offsets[u]:self._hist_offsets[u + 1]] for u in us]
         ufs = [self._uf_idx[self._uf_off[u]:self._uf_off[u + 1]] if len(self._uf_off) > u + 1 else np.zeros(0, np.int64)
                for u in us]
-        h, hp = self._states(hists, rews, ufs, steps)
+        h, hp = self._states(hists, rews, ufs, steps, task)
         out = []
         for b, u in enumerate(us):
             out.append(UserState(hp[b].numpy().copy(), h[b].numpy().copy(), hists[b],
@@ -377,7 +391,7 @@ class Recommender:
     def recommend(self, users_or_states, k: int = 10, *, exclude_seen: bool = True, exclude=None,
                   candidates=None, explore: Optional[str] = None, temperature: Optional[float] = None,
                   diversity: float = 0.0, popularity_penalty: float = 0.0, seed: Optional[int] = None,
-                  explain: bool = False, epsilon: float = 0.1) -> Recommendations:
+                  explain: bool = False, epsilon: float = 0.1, task=None) -> Recommendations:
         """Top-k items for one user or a batch.
 
         Parameters
@@ -401,6 +415,9 @@ class Recommender:
         explain : attach per-item explanations (history items by leave-one-out
             contribution, item features by their exact share of the score)
         epsilon : in [0, 1], the exploration rate of ``explore="epsilon"``
+        task : a :class:`~recmeta_sdk.meta_tasks.TaskState`: known user ids are served with
+            the task's adaptation parameters (UserStates, and users with online feedback,
+            are served as given; make them with ``adapt(..., task=)`` / ``user_state(..., task=)``)
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
@@ -423,6 +440,8 @@ class Recommender:
         if not batch:
             raise ValueError("recommend: empty list of users")
         if explore == "epsilon":
+            if task is not None:
+                raise ValueError("task= and explore='epsilon' cannot be combined")
             if explain:
                 raise ValueError("explain=True and explore='epsilon' cannot be combined")
             from .online import epsilon_slate
@@ -450,7 +469,7 @@ class Recommender:
                         misses[b] = np.setdiff1d(cur.seen, np.asarray(cur.state.history, np.int64))
         known = [b for b, s in enumerate(states) if s is None]
         if known:
-            for b, st in zip(known, self._user_states([batch[b] for b in known], None)):
+            for b, st in zip(known, self._user_states([batch[b] for b in known], None, task)):
                 states[b] = st
         for s in states:
             if s.vector.shape != (self.dim,):
@@ -760,7 +779,9 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
         in ``items`` joins the catalogue (items without interactions can be recommended
         through their features)
     config : dict or :class:`~recmeta_sdk.model.Config` (see its docstring), optional
-    tasks : ``"user"`` (one meta-learning task per user; the only kind supported here)
+    tasks : ``"user"`` (one meta-learning task per user, the default) or a group-task kind
+        with its column: ``"segment:COL"`` / ``"category:COL"`` / ``"campaign[:COL]"``, a tuple
+        ``(kind, column)`` or a dict (see :func:`recmeta_sdk.meta_tasks.parse_tasks`)
     progress : show a progress bar (default: when stderr is a terminal)
     resume : a Recommender to update incrementally (off-policy, logged propensities as beta)
         from ``interactions`` (feedback events; None: its feedback log); see
@@ -771,8 +792,7 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
 
         return resume_train(resume, interactions, config=config, progress=progress)
     cfg = Config.from_dict(config)
-    if tasks != "user":
-        raise ValueError(f"tasks={tasks!r} is not supported; only 'user' (one task per user) is")
+    spec = parse_tasks(tasks)
     if items is not None and not isinstance(items, pd.DataFrame):
         raise TypeError(f"items must be a DataFrame indexed by item id, got {type(items).__name__}")
     if users is not None and not isinstance(users, pd.DataFrame):
@@ -803,7 +823,9 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
     with torch.no_grad():  # start the item bias at log-popularity
         lp = torch.log(torch.as_tensor(prep.item_count, dtype=torch.float32) + 1.0)
         net.item_bias.copy_(lp - lp.mean())
-    fit(net, prep, cfg, (uf_off, uf_idx) if n_uf else None, progress=progress)
+    batches = None if spec.kind == "user" else task_sampler(spec, interactions, prep, cfg, users, items,
+                                                            reward_scale)
+    fit(net, prep, cfg, (uf_off, uf_idx) if n_uf else None, progress=progress, batches=batches)
     return Recommender(net, cfg, prep.item_ids, prep.user_ids, prep.offsets, prep.items,
                        prep.rewards * reward_scale, prep.item_count, item_schema, user_schema,
                        uf_off, uf_idx, reward_scale)

@@ -364,13 +364,27 @@ class RecMetaNet(nn.Module):
     def apply_phi(self, h, gamma, delta):
         return h * (1.0 + gamma) + delta
 
-    def support_grad(self, h, gamma, delta, V, sup_rows, sup_items, sup_w, B, offset=None):
+    def support_grad(self, h, gamma, delta, V, sup_rows, sup_items, sup_w, B, offset=None, groups=None):
         """Closed-form gradient of the support loss with respect to (gamma, delta), per user.
 
         The support loss of user b is ``-sum_i w_i log pi(a_i | h'_b) / sum_i w_i`` over
         its support items a_i with weights w_i (rewards). With ``g = dL/dh'``:
         ``dL/dgamma = g * h``, ``dL/ddelta = g``. No autograd graph is built.
+
+        With ``groups`` ((B,) int64 task index of each row, tasks 0..G-1) the rows of a task
+        share one phi and the gradient is that of the task's support loss
+        ``-sum_{i in task} w_i log pi(a_i | h'_{row(i)}) / sum_{i in task} w_i``: the rows'
+        gradients weighted by their total support weight, returned per task, (G, d) each.
         """
+        if groups is not None:
+            gg, gd = self.support_grad(h, gamma, delta, V, sup_rows, sup_items, sup_w, B, offset)
+            with torch.no_grad():
+                G = int(groups.max()) + 1 if groups.numel() else 0
+                tot = torch.zeros(B).index_add_(0, sup_rows, sup_w)
+                gtot = torch.zeros(G).index_add_(0, groups, tot).clamp(min=1e-12)
+                wrow = (tot / gtot[groups])[:, None]
+                return (torch.zeros(G, gg.shape[1]).index_add_(0, groups, gg * wrow),
+                        torch.zeros(G, gd.shape[1]).index_add_(0, groups, gd * wrow))
         with torch.no_grad():
             hp = self.apply_phi(h, gamma, delta)
             p = torch.softmax(self.logits(hp, V, offset), dim=1)  # (B, N)
@@ -381,16 +395,58 @@ class RecMetaNet(nn.Module):
             g = dl_ds @ V  # (B, d)
             return g * h, g
 
-    def adapt_phi(self, h, V, sup_rows, sup_items, sup_w, steps: int, lr=None, offset=None):
+    def adapt_phi(self, h, V, sup_rows, sup_items, sup_w, steps: int, lr=None, offset=None,
+                  groups=None, init=None):
         """Per-user adaptation parameters after ``steps`` gradient steps on the support set.
 
         Returns (gamma, delta), each (B, d). With ``lr=None`` the learned step sizes are
         used; the returned tensors keep autograd paths to ``phi_*`` and ``log_lr`` (the
         support gradients themselves are constants: first-order MAML).
+
+        ``groups`` ((B,) int64 task of each row): one phi per task, adapted on the task's
+        support set (see :meth:`support_grad`), returned expanded to the rows. ``init``:
+        (gamma, delta), each (d,) or (B, d), to start from instead of ``phi_*`` (a task's
+        adapted parameters, see :mod:`recmeta_sdk.meta_tasks`).
         """
+        if groups is not None:
+            G = int(groups.max()) + 1 if groups.numel() else 0
+            hd = h.detach()
+            gamma = self.phi_gamma.expand(G, -1)
+            delta = self.phi_delta.expand(G, -1)
+            if lr is None:
+                lr_g, lr_d = torch.exp(self.log_lr[0]), torch.exp(self.log_lr[1])
+            else:
+                lr_g = lr_d = torch.tensor(float(lr))
+            for _ in range(steps):
+                gg, gd = self.support_grad(hd, gamma.detach()[groups], delta.detach()[groups], V.detach(),
+                                           sup_rows, sup_items, sup_w, h.shape[0],
+                                           None if offset is None else offset.detach(), groups=groups)
+                gamma = gamma - lr_g * gg
+                delta = delta - lr_d * gd
+            return gamma[groups], delta[groups]
         B = h.shape[0]
+        if init is not None:
+            return self._adapt_from(h, V, sup_rows, sup_items, sup_w, steps, lr, offset, init)
         gamma = self.phi_gamma.expand(B, -1)
         delta = self.phi_delta.expand(B, -1)
+        if lr is None:
+            lr_g, lr_d = torch.exp(self.log_lr[0]), torch.exp(self.log_lr[1])
+        else:
+            lr_g = lr_d = torch.tensor(float(lr))
+        hd = h.detach()
+        for _ in range(steps):
+            gg, gd = self.support_grad(hd, gamma.detach(), delta.detach(), V.detach(),
+                                       sup_rows, sup_items, sup_w, B,
+                                       None if offset is None else offset.detach())
+            gamma = gamma - lr_g * gg
+            delta = delta - lr_d * gd
+        return gamma, delta
+
+    def _adapt_from(self, h, V, sup_rows, sup_items, sup_w, steps, lr, offset, init):
+        """:meth:`adapt_phi` per user, starting from ``init = (gamma, delta)`` instead of ``phi_*``."""
+        B = h.shape[0]
+        gamma = torch.as_tensor(init[0], dtype=h.dtype).expand(B, -1)
+        delta = torch.as_tensor(init[1], dtype=h.dtype).expand(B, -1)
         if lr is None:
             lr_g, lr_d = torch.exp(self.log_lr[0]), torch.exp(self.log_lr[1])
         else:

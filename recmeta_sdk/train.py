@@ -263,6 +263,10 @@ class Batch:
     q_prop: Optional[torch.Tensor]
     B: int
     users: Optional[torch.Tensor] = None
+    # group tasks (recmeta_sdk.meta_tasks): task index of each row and the inner-loop support
+    # set when it differs from the input history (sup_*); None for per-user tasks
+    groups: Optional[torch.Tensor] = None
+    inner: Optional[tuple] = None
 
 
 def history_tensors(hists, L: int, n_items: int):
@@ -373,7 +377,9 @@ def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[t
                 offset = offset + net.wide_offset(batch.sup_rows[sel], batch.sup_items[sel], B, W_other)
     else:
         offset = net.wide_offset(batch.sup_rows, batch.sup_items, B)
-    if meta and cfg.inner_steps > 0:
+    if meta and cfg.inner_steps > 0 and batch.groups is not None:
+        gamma, delta = net.adapt_phi(h, V, *batch.inner, cfg.inner_steps, offset=offset, groups=batch.groups)
+    elif meta and cfg.inner_steps > 0:
         gamma, delta = net.adapt_phi(h, V, batch.sup_rows, batch.sup_items, batch.sup_w, cfg.inner_steps,
                                      offset=offset)
     else:
@@ -597,8 +603,12 @@ def _ndcg_plus_recall(top: np.ndarray, truth: list, k: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- loop
 
-def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress: Optional[bool] = None) -> dict:
-    """Train ``net`` in place. Returns a small history dict (loss per epoch, seconds)."""
+def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress: Optional[bool] = None,
+        batches=None) -> dict:
+    """Train ``net`` in place. Returns a small history dict (loss per epoch, seconds).
+
+    ``batches``: None (per-user tasks) or a sampler of group-task meta-batches with
+    ``steps_per_epoch`` and ``draw(rng, user_feats) -> Batch`` (see :mod:`recmeta_sdk.meta_tasks`)."""
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     full = prep
@@ -621,6 +631,8 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
     steps_per_epoch = int(math.ceil(len(eligible) / cfg.batch_size))
+    if batches is not None:
+        steps_per_epoch = batches.steps_per_epoch
     total = cfg.epochs * steps_per_epoch
     if show:
         try:
@@ -642,7 +654,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
                 g_["lr"] = g_["base_lr"] * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
             for s in range(steps_per_epoch):
                 users = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-                batch = make_batch(prep, users, cfg, rng, user_feats)
+                batch = make_batch(prep, users, cfg, rng, user_feats) if batches is None else batches.draw(rng, user_feats)
                 loss, _ = batch_loss(net, batch, cfg, logq, gen, cross=cross)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
