@@ -668,8 +668,10 @@ class Recommender:
         Pure: this model is not changed (its serving caches stay consistent). The new
         Recommender has the same weights for every existing item (at a given user state
         they score exactly as here; adaptation steps, a softmax over the catalogue, now
-        see the new items too) and can recommend, evaluate, explain and save the new items. Online feedback received so
-        far is carried over (replayed on first use, as after ``train(..., resume=)``).
+        see the new items too) and can recommend, evaluate, explain and save the new
+        items. Online feedback received so far is carried over (replayed on first use, as
+        after ``train(..., resume=)``), and ``train(..., resume=new)`` learns the new items'
+        id rows from their interactions.
         """
         from .train import encode_dense
 

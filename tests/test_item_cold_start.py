@@ -383,3 +383,37 @@ def test_text_embeddings_as_dense_item_features_end_to_end():
     m2 = model.add_items(new)
     hits = sum(int(m2.recommend(u, k=1, candidates=[900, 901, 902]).ids[0]) == 900 + u % 3 for u in range(150))
     assert hits / 150 > 0.8, hits  # chance: 1/3
+
+
+def test_add_items_carries_online_feedback_and_accepts_feedback_on_new_items(syn):
+    from recmeta_sdk import online
+
+    model, _, tr, cold, *_ = syn
+    m = model.add_items(cold.iloc[:5])  # a private copy: feedback does not touch the fixture
+    m.feedback([{"user": 7, "item": int(tr.index[0]), "reward": 1.0}])
+    before = online.current(m, 7).state.vector
+    m2 = m.add_items(cold.iloc[5:10])
+    assert m2._online_store is not m._online_store
+    st = online.current(m2, 7)
+    assert st is not None and len(online.store(m2).log()) == 1
+    np.testing.assert_allclose(st.state.base, online.current(m, 7).state.base, rtol=1e-5, atol=1e-6)
+    assert before.shape == st.state.vector.shape
+    # feedback on a cold item is accepted by the new model, refused by the old one
+    m2.feedback([{"user": 7, "item": int(cold.index[7]), "reward": 1.0}])
+    assert int(cold.index[7]) in online.current(m2, 7).state.history_ids
+    with pytest.raises(ValueError, match=str(int(cold.index[7]))):
+        m.feedback([{"user": 7, "item": int(cold.index[7]), "reward": 1.0}])
+
+
+def test_resume_learns_the_id_rows_of_added_items(syn):
+    model, _, _, cold, *_ = syn
+    m2 = model.add_items(cold.iloc[:10])
+    N = model.n_items
+    new_ids = cold.index[:10].to_numpy()
+    events = [{"user": u, "item": int(i), "reward": 1.0, "propensity": 0.1, "timestamp": float(t)}
+              for u in range(40) for t, i in enumerate(new_ids[(u % 5) * 2:(u % 5) * 2 + 2])]
+    m2.feedback(events)
+    m3 = rm.train(None, resume=m2, config={"epochs": 2})
+    assert m3.n_items == m2.n_items
+    assert m3._net.emb_out[N:N + 10].abs().sum(1).min() > 0  # the id rows moved away from zero
+    assert torch.all(m2._net.emb_out[N:N + 10] == 0)  # m2 unchanged
