@@ -912,7 +912,10 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
         ``propensity`` (as returned by :func:`recmeta_sdk.datasets.load`)
     users, items : side features indexed by external user / item id, optional; every item
         in ``items`` joins the catalogue (items without interactions can be recommended
-        through their features)
+        through their features). Item columns may be categorical (``|``-separated or
+        lists), numeric, or dense: fixed-length float vectors such as text embeddings
+        (:func:`recmeta_sdk.text.embed_texts`), projected linearly into the item vectors;
+        :meth:`Recommender.add_items` adds new items from the same columns later
     config : dict or :class:`~recmeta_sdk.model.Config` (see its docstring), optional
     tasks : ``"user"`` (one meta-learning task per user; the only kind supported here)
     progress : show a progress bar (default: when stderr is a terminal)

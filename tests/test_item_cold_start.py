@@ -417,3 +417,14 @@ def test_resume_learns_the_id_rows_of_added_items(syn):
     assert m3.n_items == m2.n_items
     assert m3._net.emb_out[N:N + 10].abs().sum(1).min() > 0  # the id rows moved away from zero
     assert torch.all(m2._net.emb_out[N:N + 10] == 0)  # m2 unchanged
+
+
+def test_add_items_without_item_features_warns_and_gives_zero_vectors(caplog):
+    log, *_ = clustered(n_users=30)
+    model = rm.train(log, config=dict(CFG, epochs=1))
+    with caplog.at_level("WARNING", logger="recmeta"):
+        m2 = model.add_items(pd.DataFrame({"title": ["x", "y"]}, index=[5000, 5001]))
+    assert "feature-less" in caplog.text
+    assert torch.all(m2._V[model.n_items:] == 0) and torch.all(m2._X[model.n_items:] == 0)
+    r = m2.recommend(0, k=2, candidates=[5000, 5001])
+    assert r.valid.all() and r.scores[0] == r.scores[1]
