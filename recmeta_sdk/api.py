@@ -582,6 +582,7 @@ class Recommender:
                         name = self._feature_names[r - self.n_items]
                         val = float(w * torch.dot(hv, net.emb_out[int(r)]) / tau)
                         contrib.append((name, val))
+                contrib += self._dense_contributions(hv, a, tau)
                 contrib.sort(key=lambda t: -t[1])
                 hist = []
                 if hist_contrib is not None:
@@ -593,6 +594,23 @@ class Recommender:
                              "history": hist, "features": contrib[:3],
                              "bias": float(self._bias[a]) / tau})
             out.append(recs)
+        return out
+
+    def _dense_contributions(self, hv: torch.Tensor, a: int, tau: float) -> list:
+        """(column, <h', W_c x_c> / tau) of item a's dense feature columns (their exact share
+        of the score, like the feature rows')."""
+        net = self._net
+        if not getattr(net, "n_dense", 0):
+            return []
+        d = self.dim
+        out, o = [], 0
+        for f in self._item_schema:
+            if f["kind"] != "dense":
+                continue
+            x = net.item_dense[a, o:o + f["dim"]]
+            v = x @ net.item_dense_proj[o:o + f["dim"], d:]
+            out.append((f"{f['column']} (dense)", float(torch.dot(hv, v) / tau)))
+            o += f["dim"]
         return out
 
     def evaluate(self, test: pd.DataFrame, k: int = 10, *, exclude: Optional[pd.DataFrame] = None,
@@ -653,6 +671,120 @@ class Recommender:
 
         return online.feedback(self, events)
 
+    # ------------------------------------------------------------------ catalogue
+    def add_items(self, items: pd.DataFrame) -> Recommender:
+        """A new Recommender whose catalogue also holds ``items`` (item cold start).
+
+        ``items``: side features of new items, indexed by their external ids (which must
+        not be in the catalogue yet, and of the catalogue's id kind), with the columns of
+        the training ``items`` (categorical, numeric and dense vector features; missing
+        columns or values give no feature, unknown category values map to no row, other
+        columns are ignored). A new item has no interactions: its id row is zero, so its
+        vectors come from its features alone (the fused bag of its feature rows plus the
+        projection of its dense features); its bias is the mean bias of the trained items,
+        its wide (EASE) weights are zero and its training count is 0.
+
+        Pure: this model is not changed (its serving caches stay consistent). The new
+        Recommender has the same weights for every existing item (at a given user state
+        they score exactly as here; adaptation steps, a softmax over the catalogue, now
+        see the new items too) and can recommend, evaluate, explain and save the new
+        items. Online feedback received so far is carried over (replayed on first use, as
+        after ``train(..., resume=)``), and ``train(..., resume=new)`` learns the new items'
+        id rows from their interactions.
+        """
+        from .train import encode_dense
+
+        if not isinstance(items, pd.DataFrame):
+            raise TypeError(f"items must be a DataFrame indexed by item id, got {type(items).__name__}")
+        if len(items) == 0:
+            raise ValueError("add_items: items is empty")
+        new_ids = items.index.to_numpy()
+        if pd.isna(items.index).any():
+            raise ValueError("add_items: items has missing (NaN/None) ids in its index")
+        if items.index.has_duplicates:
+            dup = items.index[items.index.duplicated()].unique()[:10].tolist()
+            raise ValueError(f"add_items: items has duplicate ids {dup}")
+        if self._int_ids:
+            if not all(isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in new_ids):
+                bad = [x for x in new_ids if not isinstance(x, (int, np.integer)) or isinstance(x, (bool, np.bool_))]
+                raise TypeError(f"add_items: this model's item ids are integers; got {bad[:5]!r}")
+            new_ids = new_ids.astype(np.int64)
+        else:
+            if not all(isinstance(x, str) for x in new_ids):
+                bad = [x for x in new_ids if not isinstance(x, str)]
+                raise TypeError(f"add_items: this model's item ids are strings; got {bad[:5]!r}")
+            new_ids = np.asarray(new_ids, dtype=object)
+        known = self._item_index.get_indexer(new_ids) >= 0
+        if known.any():
+            raise ValueError(f"add_items: {int(known.sum())} item id(s) are already in the catalogue: "
+                             f"{new_ids[known][:10].tolist()} (add_items adds new items only)")
+        schema = self._item_schema
+        cols = {f["column"] for f in schema}
+        if not cols & set(map(str, items.columns)):
+            logger.warning("add_items: none of the model's item feature columns %s is in items (columns %s): "
+                           "the new items get feature-less (zero) vectors", sorted(cols), list(items.columns))
+        net = self._net
+        N, M = self.n_items, len(new_ids)
+        N2 = N + M
+        # feature bags: old item rows keep their index, feature rows shift by M, each new
+        # item's bag is its own (zero) id row plus its feature rows
+        off = net.feat_offsets.numpy()
+        idx = net.feat_indices.numpy()
+        idx = np.where(idx >= N, idx + M, idx)
+        offsets, indices, weights = [off], [idx], [net.feat_weights.numpy()]
+        recs = items.rename(columns=str).to_dict("records")
+        dense_new = np.zeros((M, net.n_dense), np.float32) if net.n_dense else None
+        end = int(off[-1])
+        new_off = []
+        for j, (key, rec) in enumerate(zip(new_ids, recs)):
+            r, w = encode_features(schema, rec)
+            indices.append(np.concatenate([[N + j], N2 + np.asarray(r, np.int64)]).astype(np.int64))
+            weights.append(np.concatenate([[1.0], np.asarray(w, np.float64)]).astype(np.float32))
+            end += 1 + len(r)
+            new_off.append(end)
+            if dense_new is not None:
+                dense_new[j] = encode_dense(schema, rec, key.item() if hasattr(key, "item") else key)
+        offsets.append(np.asarray(new_off, np.int64))
+        dense = None if dense_new is None else np.concatenate([net.item_dense.numpy(), dense_new])
+        feats = ItemFeatures(N2, list(self._feature_names), np.concatenate(offsets).astype(np.int64),
+                             np.concatenate(indices).astype(np.int64), np.concatenate(weights).astype(np.float32),
+                             dense)
+        net2 = RecMetaNet(self.config, feats, net.n_user_rows)
+        old_sd, new_sd = net.state_dict(), net2.state_dict()
+        state = {}
+        for name, new in new_sd.items():
+            old = old_sd[name]
+            if name in ("feat_offsets", "feat_indices", "feat_weights", "item_dense"):
+                state[name] = new  # built from the new bags above
+            elif name in ("emb_in", "emb_out"):  # rows: N items, then the feature values
+                state[name] = torch.cat([old[:N], torch.zeros(M, old.shape[1], dtype=old.dtype), old[N:]])
+            elif name in ("item_bias", "beta_bias"):
+                state[name] = torch.cat([old, torch.full((M,), float(old.mean()), dtype=old.dtype)])
+            elif old.shape == new.shape:
+                state[name] = old.clone()
+            elif old.dim() == new.dim() and all(a == b or (a == N and b == N2) for a, b in zip(old.shape, new.shape)):
+                # any other per-item tensor (e.g. the wide EASE weights): zero for new items
+                t = torch.zeros(new.shape, dtype=old.dtype)
+                t[tuple(slice(0, a) for a in old.shape)] = old
+                state[name] = t
+            else:
+                raise RuntimeError(f"add_items: cannot extend network tensor {name!r} "
+                                   f"from {tuple(old.shape)} to {tuple(new.shape)}")
+        net2.load_state_dict(state)
+        out = Recommender(net2, self.config, np.concatenate([self.item_ids, new_ids]), self.user_ids,
+                          self._hist_offsets, self._hist_items, self._hist_rewards,
+                          np.concatenate([self._item_count, np.zeros(M, np.int64)]),
+                          self._item_schema, self._user_schema, self._uf_off, self._uf_idx, self._reward_scale)
+        old_store = getattr(self, "_online_store", None)
+        if old_store is not None:
+            from .online import OnlineStore
+
+            carried = old_store.log()
+            out._online_store = OnlineStore(out, encode=old_store.encode, update=old_store.update,
+                                            log=carried if len(carried) else None)
+        logger.info("add_items: %d new items (catalogue %d -> %d)", M, N, N2)
+        return out
+
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
         """Write the model to ``path`` atomically (safetensors + JSON; see :mod:`recmeta_sdk.io`)."""
@@ -695,6 +827,28 @@ def _ids_from_json(d, path) -> np.ndarray:
     return arr
 
 
+def _dense_from_file(tensors: dict, meta: dict, N: int, path) -> np.ndarray | None:
+    """The item tower's dense feature matrix from a model file, checked against the schema."""
+    from .train import dense_width
+
+    schema = meta.get("item_schema") or []
+    if not isinstance(schema, list) or not all(isinstance(f, dict) for f in schema):
+        raise ModelFileError(f"{path}: item_schema is malformed")
+    try:
+        D = dense_width(schema)
+    except (KeyError, TypeError):
+        raise ModelFileError(f"{path}: item_schema has a malformed dense entry") from None
+    t = tensors.get("net.item_dense")
+    if t is None:
+        if D:
+            raise ModelFileError(f"{path}: the schema has {D} dense item feature columns but net.item_dense is missing")
+        return None
+    if t.dtype != torch.float32 or tuple(t.shape) != (N, D) or D == 0:
+        raise ModelFileError(f"{path}: tensor net.item_dense has shape {tuple(t.shape)} {t.dtype}, "
+                             f"expected ({N}, {D}) float32")
+    return t.numpy()
+
+
 def load(path) -> Recommender:
     """Load a model written by :meth:`Recommender.save`.
 
@@ -730,7 +884,7 @@ def load(path) -> Recommender:
     if (fo_np[0] != 0 or (np.diff(fo_np) < 0).any() or fo_np[-1] != fi.numel() or fw.numel() != fi.numel()
             or (fi.numel() and (fi_np.min() < 0 or fi_np.max() >= N + len(names)))):
         raise ModelFileError(f"{path}: item feature bags are inconsistent")
-    feats = ItemFeatures(N, list(names), fo_np, fi_np, fw.numpy())
+    feats = ItemFeatures(N, list(names), fo_np, fi_np, fw.numpy(), _dense_from_file(tensors, meta, N, path))
     n_uf = meta.get("n_user_feature_rows")
     if not isinstance(n_uf, int) or n_uf < 0:
         raise ModelFileError(f"{path}: n_user_feature_rows invalid")
@@ -777,7 +931,10 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
         ``propensity`` (as returned by :func:`recmeta_sdk.datasets.load`)
     users, items : side features indexed by external user / item id, optional; every item
         in ``items`` joins the catalogue (items without interactions can be recommended
-        through their features)
+        through their features). Item columns may be categorical (``|``-separated or
+        lists), numeric, or dense: fixed-length float vectors such as text embeddings
+        (:func:`recmeta_sdk.text.embed_texts`), projected linearly into the item vectors;
+        :meth:`Recommender.add_items` adds new items from the same columns later
     config : dict or :class:`~recmeta_sdk.model.Config` (see its docstring), optional
     tasks : ``"user"`` (one meta-learning task per user, the default) or a group-task kind
         with its column: ``"segment:COL"`` / ``"category:COL"`` / ``"campaign[:COL]"``, a tuple

@@ -186,6 +186,9 @@ class ItemFeatures:
 
     Row ``i`` (< N) of the table is item i's own id row; rows N.. are feature values
     (``names[j]`` is the name of row ``N + j``, e.g. ``"genre=Comedy"``, ``"year=1990"``).
+    ``dense`` (N, D) float32, optional: the items' dense features (e.g. text embeddings,
+    centred and scaled; see :func:`recmeta_sdk.train.dense_matrix`), projected linearly
+    into the item vectors.
     """
 
     n_items: int
@@ -193,6 +196,11 @@ class ItemFeatures:
     offsets: np.ndarray
     indices: np.ndarray
     weights: np.ndarray
+    dense: np.ndarray | None = None
+
+    @property
+    def n_dense(self) -> int:
+        return 0 if self.dense is None else int(np.asarray(self.dense).shape[1])
 
     @property
     def n_rows(self) -> int:
@@ -235,6 +243,7 @@ class RecMetaNet(nn.Module):
         self.register_buffer("feat_offsets", off)
         self.register_buffer("feat_indices", idx)
         self.register_buffer("feat_weights", w)
+        self._build_dense(cfg, item_features)
         self.n_user_rows = int(n_user_feature_rows)
         self.emb_user = nn.Parameter(torch.randn(max(self.n_user_rows, 1), d, generator=g) * 0.05)
         # sequence encoder
@@ -274,6 +283,24 @@ class RecMetaNet(nn.Module):
         # behaviour head (blocked gradient)
         self.beta_map = nn.Linear(d, d)
         self.beta_bias = nn.Parameter(torch.zeros(N))
+
+    def _build_dense(self, cfg: Config, item_features: ItemFeatures) -> None:
+        """Dense item features: buffer ``item_dense`` (N, D) and the learned projection
+        ``item_dense_proj`` (D, 2d) into [input | output] item vectors. Its row blocks are the
+        per-column maps W_c, so the item vector adds ``sum_c W_c x_c``. Registered only when
+        D > 0 (models without dense features keep their tensor set); initialised from its own
+        generator (seed + 7919) so that it changes no other parameter's initial values."""
+        self.n_dense = item_features.n_dense
+        if not self.n_dense:
+            return
+        dense = np.asarray(item_features.dense, dtype=np.float32)
+        if dense.shape != (self.n_items, self.n_dense):
+            raise ValueError(f"item_features.dense has shape {dense.shape}, expected ({self.n_items}, D)")
+        self.register_buffer("item_dense", torch.from_numpy(dense.copy()))
+        gd = torch.Generator().manual_seed(cfg.seed + 7919)
+        # the dense inputs are centred with unit mean squared norm, so N(0, 0.05^2) weights
+        # give projections of the same scale as the embedding rows
+        self.item_dense_proj = nn.Parameter(torch.randn(self.n_dense, 2 * cfg.dim, generator=gd) * 0.05)
 
     @staticmethod
     def wide_enabled(cfg: Config, n_items: int) -> bool:
@@ -322,6 +349,8 @@ class RecMetaNet(nn.Module):
         idx = torch.cat([self.feat_indices, self.feat_indices])
         w = torch.cat([self.feat_weights, self.feat_weights])
         both = ops.embedding_bag([self.emb_in, self.emb_out], idx, offsets, per_sample_weights=w)
+        if getattr(self, "n_dense", 0):
+            both = both + self.item_dense @ self.item_dense_proj
         d = self.cfg.dim
         return both[:, :d], both[:, d:]
 

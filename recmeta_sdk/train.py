@@ -83,7 +83,8 @@ def build_schema(df: Optional[pd.DataFrame], year_bucket: int) -> list:
     Each column becomes ``{"column", "kind", ...}``: ``"multi"`` (list values or
     ``|``-separated strings: one row per distinct value), ``"cat"`` (one row per value),
     ``"num"`` (buckets: ``year_bucket``-wide for a column named like ``year``, else
-    deciles, stored as edges).
+    deciles, stored as edges), ``"dense"`` (fixed-length float vectors, e.g. text
+    embeddings: no table rows; see :func:`dense_matrix`).
     """
     schema = []
     if df is None:
@@ -94,6 +95,9 @@ def build_schema(df: Optional[pd.DataFrame], year_bucket: int) -> list:
         if len(nonnull) == 0:
             continue
         first = nonnull.iloc[0]
+        if _is_dense_value(first):
+            schema.append(_dense_schema(col, nonnull))
+            continue
         if _is_listlike(first) or (isinstance(first, str) and nonnull.astype(str).str.contains(r"\|").any()):
             vals = set()
             for v in nonnull:
@@ -127,6 +131,8 @@ def _multi_values(v):
 def schema_names(schema: list) -> list:
     names = []
     for f in schema:
+        if f["kind"] == "dense":
+            continue  # no table rows: projected by the item tower (see dense_matrix)
         if f["kind"] in ("multi", "cat"):
             names += [f"{f['column']}={v}" for v in f["values"]]
         else:
@@ -145,6 +151,8 @@ def encode_features(schema: list, record) -> tuple:
     rows, weights = [], []
     base = 0
     for f in schema:
+        if f["kind"] == "dense":
+            continue  # no table rows (see dense_matrix)
         v = record.get(f["column"]) if hasattr(record, "get") else None
         if f["kind"] in ("multi", "cat"):
             lookup = {val: j for j, val in enumerate(f["values"])}
@@ -186,7 +194,98 @@ def item_features(schema: list, items: Optional[pd.DataFrame], item_ids: np.ndar
             weights += w
         offsets.append(len(indices))
     return ItemFeatures(N, names, np.asarray(offsets, np.int64), np.asarray(indices, np.int64),
-                        np.asarray(weights, np.float32))
+                        np.asarray(weights, np.float32), dense_matrix(schema, items, item_ids))
+
+
+# ---------------------------------------------------------------------------- dense features
+#
+# A side-feature column whose values are fixed-length float vectors (numpy float arrays,
+# or lists / tuples of numbers holding at least one float: integer lists stay categorical
+# "multi" codes) is a *dense* feature, such as a language model's embedding of a title.
+# The schema keeps its width, its offset in the item tower's dense matrix, and the
+# centring and scaling learned from the training items (the mean vector and
+# 1 / RMS distance to it), so that a new item is encoded exactly like the training ones.
+# Missing values (None / NaN) encode as the zero vector (the mean item).
+
+def _is_dense_value(v) -> bool:
+    if isinstance(v, np.ndarray):
+        return v.ndim == 1 and v.size > 0 and v.dtype.kind == "f"
+    if isinstance(v, (list, tuple)) and len(v) > 0:
+        real = all(isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+                   for x in v)
+        return real and any(isinstance(x, (float, np.floating)) for x in v)
+    return False
+
+
+def _is_missing(v) -> bool:
+    return v is None or (isinstance(v, (float, np.floating)) and math.isnan(v))
+
+
+def _dense_vector(column, key, v, dim: int | None) -> np.ndarray:
+    """One dense value as a float64 vector; ValueError naming the column and id if bad."""
+    if isinstance(v, (str, bytes)) or not _is_listlike(v) or isinstance(v, (set, frozenset)):
+        raise ValueError(f"dense feature column {column!r}: id {key!r} has {type(v).__name__} value {v!r:.60}, "
+                         f"expected a vector of {dim if dim is not None else 'fixed'} numbers")
+    try:
+        x = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"dense feature column {column!r}: id {key!r} has non-numeric entries") from None
+    if x.ndim != 1 or (dim is not None and x.shape[0] != dim):
+        raise ValueError(f"dense feature column {column!r}: id {key!r} has a vector of shape {x.shape}, "
+                         f"expected ({dim},): all vectors of a dense column must have the same length")
+    if not np.isfinite(x).all():
+        raise ValueError(f"dense feature column {column!r}: id {key!r} has non-finite entries (NaN or inf)")
+    return x
+
+
+def _dense_schema(col, nonnull: pd.Series) -> dict:
+    first = nonnull.iloc[0]
+    dim = len(first)
+    M = np.stack([_dense_vector(str(col), k, v, dim) for k, v in nonnull.items()])
+    mean = M.mean(0)
+    ms = float(((M - mean) ** 2).sum(1).mean())
+    scale = 1.0 / math.sqrt(ms) if ms > 0 and math.isfinite(ms) else 1.0
+    return {"column": str(col), "kind": "dense", "dim": int(dim),
+            "mean": [float(x) for x in mean], "scale": float(scale)}
+
+
+def dense_schema(schema: list) -> list:
+    """The dense entries of a schema, in the order of the dense matrix's columns."""
+    return [f for f in schema if f["kind"] == "dense"]
+
+
+def dense_width(schema: list) -> int:
+    return int(sum(f["dim"] for f in dense_schema(schema)))
+
+
+def encode_dense(schema: list, record, key=None) -> np.ndarray:
+    """The concatenated, centred and scaled dense features (D,) float32 of one record."""
+    parts = []
+    for f in dense_schema(schema):
+        v = record.get(f["column"]) if hasattr(record, "get") else None
+        if _is_missing(v):
+            parts.append(np.zeros(f["dim"], np.float64))
+        else:
+            x = _dense_vector(f["column"], key, v, f["dim"])
+            parts.append((x - np.asarray(f["mean"], np.float64)) * f["scale"])
+    if not parts:
+        return np.zeros(0, np.float32)
+    return np.concatenate(parts).astype(np.float32)
+
+
+def dense_matrix(schema: list, items: pd.DataFrame | None, item_ids: np.ndarray) -> np.ndarray | None:
+    """(N, D) float32 dense features of ``item_ids`` (rows of items absent from ``items``
+    are zero); None when the schema has no dense column."""
+    D = dense_width(schema)
+    if D == 0:
+        return None
+    out = np.zeros((len(item_ids), D), np.float32)
+    if items is None:
+        return out
+    recs = items.reindex(pd.Index(item_ids)).to_dict("records")
+    for i, (key, r) in enumerate(zip(item_ids, recs)):
+        out[i] = encode_dense(schema, r, key)
+    return out
 
 
 # ---------------------------------------------------------------------------- prepared data
