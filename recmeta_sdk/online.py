@@ -66,6 +66,8 @@ __all__ = [
     "epsilon_slate",
     "feedback",
     "feedback_log",
+    "log_from_file",
+    "log_to_file",
     "parse_events",
     "recommend",
     "resume_train",
@@ -465,6 +467,96 @@ def recommend(model, user, k: int = 10, **kwargs):
 def feedback_log(model) -> pd.DataFrame:
     """The model's feedback log (DataFrame with :data:`EVENT_COLUMNS`)."""
     return store(model).log()
+
+
+# ============================================================================ persistence
+
+#: the tensors of a saved feedback log (one entry per event, in log order)
+LOG_TENSORS = ("feedback.user", "feedback.item", "feedback.reward", "feedback.propensity",
+               "feedback.timestamp", "feedback.position")
+
+
+def log_to_file(model) -> tuple[dict, dict | None]:
+    """The model's feedback log as model-file parts: ``(tensors, meta)``.
+
+    ``tensors``: ``feedback.user`` (int64 index into ``meta["users"]``), ``feedback.item``
+    (int64 internal item index), ``feedback.reward`` / ``propensity`` / ``timestamp``
+    (float64; NaN where not logged) and ``feedback.position`` (int64), one entry per event
+    in log order; ``meta``: ``{"users": [the distinct user ids, int or str], "encode",
+    "update"}`` (the store's options). ``({}, None)`` when the model has no feedback.
+    Both are covered by the file's SHA-256 (:mod:`recmeta_sdk.io`).
+    """
+    st = getattr(model, "_online_store", None)
+    if st is None or not st._log:
+        return {}, None
+    log = st.log()
+    users = log["user"].to_numpy(dtype=object)
+    distinct: dict = {}
+    uidx = np.empty(len(users), np.int64)
+    for j, u in enumerate(users):
+        key = ("s", str(u)) if isinstance(u, str) else ("i", int(u))
+        uidx[j] = distinct.setdefault(key, len(distinct))
+    user_list = [k[1] for k in sorted(distinct, key=distinct.get)]
+    items = model._item_index.get_indexer(log["item"].to_numpy())
+    if (items < 0).any():  # cannot happen: parse_events checked every event
+        raise ValueError("the feedback log has items unknown to the model")
+    tensors = {
+        "feedback.user": torch.from_numpy(uidx),
+        "feedback.item": torch.from_numpy(items.astype(np.int64)),
+        "feedback.reward": torch.from_numpy(np.array(log["reward"], dtype=np.float64)),
+        "feedback.propensity": torch.from_numpy(np.array(log["propensity"], dtype=np.float64)),
+        "feedback.timestamp": torch.from_numpy(np.array(log["timestamp"], dtype=np.float64)),
+        "feedback.position": torch.from_numpy(np.array(log["position"], dtype=np.int64)),
+    }
+    return tensors, {"users": user_list, "encode": st.encode, "update": st.update}
+
+
+def log_from_file(model, tensors: dict, meta, path) -> None:
+    """Give ``model`` (just loaded) the online store saved by :func:`log_to_file`: its log
+    and options, the users' states rebuilt from the log on first use (as after ``resume``).
+
+    ``meta`` is the file's ``feedback`` entry (None: no log, as in a version-1 file).
+    Raises :class:`~recmeta_sdk.io.ModelFileError` if the parts are inconsistent.
+    """
+    from .io import ModelFileError
+
+    present = [k for k in tensors if k.startswith("feedback.")]
+    if meta is None:
+        if present:
+            raise ModelFileError(f"{path}: feedback tensors {present[:3]} without feedback metadata")
+        return
+    if not isinstance(meta, dict) or set(meta) != {"users", "encode", "update"}:
+        raise ModelFileError(f"{path}: malformed feedback metadata")
+    users = meta["users"]
+    if (not isinstance(users, list) or not all(type(u) in (int, str) for u in users)
+            or len({(type(u), u) for u in users}) != len(users)):
+        raise ModelFileError(f"{path}: the feedback log's user ids must be distinct ints or strings")
+    if meta["encode"] not in ("positive", "all") or meta["update"] not in ("step", "readapt"):
+        raise ModelFileError(f"{path}: feedback options {meta['encode']!r} / {meta['update']!r} unknown")
+    if sorted(present) != sorted(LOG_TENSORS):
+        raise ModelFileError(f"{path}: feedback tensors {sorted(present)} do not match {sorted(LOG_TENSORS)}")
+    want = {"feedback.user": torch.int64, "feedback.item": torch.int64, "feedback.position": torch.int64}
+    n = tensors["feedback.user"].numel()
+    for name in LOG_TENSORS:
+        t = tensors[name]
+        if t.dim() != 1 or t.numel() != n or t.dtype != want.get(name, torch.float64):
+            raise ModelFileError(f"{path}: tensor {name} has shape {tuple(t.shape)} {t.dtype}; "
+                                 f"expected ({n},) {want.get(name, torch.float64)}")
+    u = tensors["feedback.user"].numpy()
+    it = tensors["feedback.item"].numpy()
+    if n == 0 or u.min() < 0 or u.max() >= len(users) or it.min() < 0 or it.max() >= model.n_items:
+        raise ModelFileError(f"{path}: the feedback log's user or item indices are out of range")
+    user_col = np.empty(n, dtype=object)
+    user_col[:] = [users[j] for j in u.tolist()]
+    log = pd.DataFrame({"user": user_col, "item": model.item_ids[it],
+                        "reward": tensors["feedback.reward"].numpy(),
+                        "propensity": tensors["feedback.propensity"].numpy(),
+                        "timestamp": tensors["feedback.timestamp"].numpy(),
+                        "position": tensors["feedback.position"].numpy()})
+    try:
+        model._online_store = OnlineStore(model, encode=meta["encode"], update=meta["update"], log=log)
+    except ValueError as e:
+        raise ModelFileError(f"{path}: invalid feedback log ({e})") from None
 
 
 # ============================================================================ exploration
