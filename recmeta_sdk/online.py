@@ -222,17 +222,26 @@ class OnlineStore:
     update : ``"step"`` (default: one step of the fast parameters per event) or
         ``"readapt"`` (re-run ``adapt`` on the whole history per event)
     log : a feedback log (DataFrame) to start from, its users' states rebuilt on first use
+    known_users : bool, default True
+        A user id that is a training user of the model starts from that user's training
+        state. False: every user starts as a new user (from ``adapt`` of its first event),
+        for hosts whose user ids live in another id space than the training log's (a
+        simulator's dense user indices would otherwise collide with training user ids and
+        serve a new user from a stranger's history).
     """
 
     def __init__(self, model, *, encode: str = "positive", update: str = "step",
-                 log: pd.DataFrame | None = None):
+                 log: pd.DataFrame | None = None, known_users: bool = True):
         if encode not in ("positive", "all"):
             raise ValueError(f"encode must be 'positive' or 'all', got {encode!r}")
         if update not in ("step", "readapt"):
             raise ValueError(f"update must be 'step' or 'readapt', got {update!r}")
+        if not isinstance(known_users, bool):
+            raise TypeError(f"known_users must be a bool, got {type(known_users).__name__}")
         self.model = model
         self.encode = encode
         self.update = update
+        self.known_users = known_users
         self._states: dict[Any, OnlineUser] = {}
         self._locks: dict[Any, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -309,6 +318,8 @@ class OnlineStore:
     def _prior(self, user) -> OnlineUser | None:
         """Version 0 of a known user (its training state), or None for a new user."""
         m = self.model
+        if not self.known_users:
+            return None
         u = m._user_index.get_indexer([user])[0] if _scalar_id(user) else -1
         if u < 0:
             return None
