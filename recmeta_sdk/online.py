@@ -26,6 +26,21 @@ from ``Recommender.adapt`` of that first event (``config.inner_steps`` steps). W
 ``update="readapt"`` every event instead recomputes ``adapt`` of the whole history from
 the initial ``phi`` (what meta-training optimises; a few ms more).
 
+Persistence
+-----------
+``Recommender.save`` writes the feedback log (and the store's ``encode`` / ``update``) into
+the model file, under its SHA-256 (:func:`log_to_file`, format version 2);
+``recmeta_sdk.load`` gives the loaded model a store with that log, whose users' states are
+rebuilt from it on first use (:func:`log_from_file`), so ``train(None, resume=loaded)``
+learns from the same log. A file without a log (format 1) loads with an empty one.
+
+User ids
+--------
+A user id that is a training user of the model starts from its training state; a host whose
+user ids are another id space (a simulator's or replay's dense indices) passes
+``known_users=False`` (as :class:`recmeta_sdk.bandits.RecommenderPolicy` does by default),
+so that no new user is served from the training history of a stranger with the same id.
+
 Concurrency
 -----------
 A user's state is an immutable :class:`OnlineUser`; a writer computes the next version
