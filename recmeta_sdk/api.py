@@ -801,6 +801,13 @@ class Recommender:
             "feature_names": self._feature_names, "n_user_feature_rows": self._net.n_user_rows,
             "reward_scale": self._reward_scale,
         }
+        # the online feedback log travels with the model
+        from .online import log_to_file
+
+        log_tensors, log_meta = log_to_file(self)
+        if log_meta is not None:
+            tensors.update(log_tensors)
+            meta["feedback"] = log_meta
         write_model_file(path, tensors, meta)
 
 
@@ -915,9 +922,13 @@ def load(path) -> Recommender:
     rs = meta.get("reward_scale", 1.0)
     if not isinstance(rs, (int, float)) or not math.isfinite(rs) or rs <= 0:
         raise ModelFileError(f"{path}: reward_scale invalid")
-    return Recommender(net, cfg, item_ids, user_ids, ho, hi, tensors["hist_rewards"].numpy(),
-                       tensors["item_count"].numpy(), meta.get("item_schema") or [], meta.get("user_schema") or [],
-                       uo, ui, float(rs))
+    model = Recommender(net, cfg, item_ids, user_ids, ho, hi, tensors["hist_rewards"].numpy(),
+                        tensors["item_count"].numpy(), meta.get("item_schema") or [], meta.get("user_schema") or [],
+                        uo, ui, float(rs))
+    from .online import log_from_file
+
+    log_from_file(model, tensors, meta.get("feedback"), path)  # the feedback log, if saved (format 2)
+    return model
 
 
 def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,

@@ -340,11 +340,16 @@ class RecommenderPolicy:
         ``mode="feedback"``, False with ``mode="readapt"``).
     exclude_seen : bool, default True
         Also exclude the items served before (the environment's ``exclude`` is always passed).
+    known_users : bool, default False
+        Whether the environment's user ids are the recommender's training user ids. By
+        default they are not (a simulator numbers its users ``0..n-1``, a replay its dense
+        user indices): every user starts as a new user, never from the training state of
+        a training user that happens to have the same id.
     """
 
     def __init__(self, recommender, *, item_ids=None, mode: str | None = None, update: str = "step",
                  adapt_steps: int | None = None, positives_only: bool | None = None,
-                 exclude_seen: bool = True):
+                 exclude_seen: bool = True, known_users: bool = False):
         for attr in ("adapt", "recommend"):
             if not callable(getattr(recommender, attr, None)):
                 raise TypeError(f"recommender has no {attr}() method: {type(recommender).__name__}")
@@ -380,7 +385,7 @@ class RecommenderPolicy:
             from .online import OnlineStore
 
             self._store = OnlineStore(recommender, encode="positive" if self.positives_only else "all",
-                                      update=update)
+                                      update=update, known_users=bool(known_users))
             self._cold = recommender.adapt([])
 
     def _ext(self, idx) -> np.ndarray:

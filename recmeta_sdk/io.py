@@ -9,7 +9,8 @@ File layout (a standard safetensors file, readable by any safetensors reader)::
 
 The model metadata holds ``format`` (``"recmeta-model"``), ``format_version``, the
 config, the external id maps (items and users, with their kind ``int`` or ``str``), the
-feature schemas and ``sha256``: the SHA-256 of the canonical metadata JSON (without
+feature schemas, optionally (version 2) the online ``feedback`` log's metadata (its
+tensors are ``feedback.*``; see :func:`recmeta_sdk.online.log_to_file`) and ``sha256``: the SHA-256 of the canonical metadata JSON (without
 ``sha256``) followed by, for every tensor in name order, its name, dtype, shape and raw
 bytes.
 
@@ -36,10 +37,15 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
-__all__ = ["ModelFileError", "FORMAT", "FORMAT_VERSION", "write_model_file", "read_model_file"]
+__all__ = ["ModelFileError", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "write_model_file",
+           "read_model_file"]
 
 FORMAT = "recmeta-model"
-FORMAT_VERSION = 1
+#: the version written. 2 adds the optional feedback log (``feedback.*`` tensors and the
+#: ``feedback`` metadata entry, see :func:`recmeta_sdk.online.log_to_file`); a version-1
+#: file is a version-2 file without a log, so both are read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MAX_HEADER = 256 * 1024 * 1024
 
 _DTYPES = {"F32": (np.float32, torch.float32), "I64": (np.int64, torch.int64),
@@ -134,8 +140,10 @@ def read_model_file(path) -> Tuple[Dict[str, torch.Tensor], dict]:
             raise ModelFileError(f"{path}: metadata is not valid JSON ({e})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ModelFileError(f"{path}: not a recmeta model file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ModelFileError(f"{path}: unsupported format_version {meta.get('format_version')!r} (this version reads {FORMAT_VERSION})")
+        fv = meta.get("format_version")
+        if isinstance(fv, bool) or fv not in READABLE_VERSIONS:
+            raise ModelFileError(f"{path}: unsupported format_version {fv!r} "
+                                 f"(this version reads {', '.join(map(str, READABLE_VERSIONS))})")
         data_len = size - 8 - hlen
         spans = []
         for name, info in header.items():

@@ -26,6 +26,21 @@ from ``Recommender.adapt`` of that first event (``config.inner_steps`` steps). W
 ``update="readapt"`` every event instead recomputes ``adapt`` of the whole history from
 the initial ``phi`` (what meta-training optimises; a few ms more).
 
+Persistence
+-----------
+``Recommender.save`` writes the feedback log (and the store's ``encode`` / ``update``) into
+the model file, under its SHA-256 (:func:`log_to_file`, format version 2);
+``recmeta_sdk.load`` gives the loaded model a store with that log, whose users' states are
+rebuilt from it on first use (:func:`log_from_file`), so ``train(None, resume=loaded)``
+learns from the same log. A file without a log (format 1) loads with an empty one.
+
+User ids
+--------
+A user id that is a training user of the model starts from its training state; a host whose
+user ids are another id space (a simulator's or replay's dense indices) passes
+``known_users=False`` (as :class:`recmeta_sdk.bandits.RecommenderPolicy` does by default),
+so that no new user is served from the training history of a stranger with the same id.
+
 Concurrency
 -----------
 A user's state is an immutable :class:`OnlineUser`; a writer computes the next version
@@ -66,6 +81,8 @@ __all__ = [
     "epsilon_slate",
     "feedback",
     "feedback_log",
+    "log_from_file",
+    "log_to_file",
     "parse_events",
     "recommend",
     "resume_train",
@@ -220,17 +237,26 @@ class OnlineStore:
     update : ``"step"`` (default: one step of the fast parameters per event) or
         ``"readapt"`` (re-run ``adapt`` on the whole history per event)
     log : a feedback log (DataFrame) to start from, its users' states rebuilt on first use
+    known_users : bool, default True
+        A user id that is a training user of the model starts from that user's training
+        state. False: every user starts as a new user (from ``adapt`` of its first event),
+        for hosts whose user ids live in another id space than the training log's (a
+        simulator's dense user indices would otherwise collide with training user ids and
+        serve a new user from a stranger's history).
     """
 
     def __init__(self, model, *, encode: str = "positive", update: str = "step",
-                 log: pd.DataFrame | None = None):
+                 log: pd.DataFrame | None = None, known_users: bool = True):
         if encode not in ("positive", "all"):
             raise ValueError(f"encode must be 'positive' or 'all', got {encode!r}")
         if update not in ("step", "readapt"):
             raise ValueError(f"update must be 'step' or 'readapt', got {update!r}")
+        if not isinstance(known_users, bool):
+            raise TypeError(f"known_users must be a bool, got {type(known_users).__name__}")
         self.model = model
         self.encode = encode
         self.update = update
+        self.known_users = known_users
         self._states: dict[Any, OnlineUser] = {}
         self._locks: dict[Any, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -307,6 +333,8 @@ class OnlineStore:
     def _prior(self, user) -> OnlineUser | None:
         """Version 0 of a known user (its training state), or None for a new user."""
         m = self.model
+        if not self.known_users:
+            return None
         u = m._user_index.get_indexer([user])[0] if _scalar_id(user) else -1
         if u < 0:
             return None
@@ -465,6 +493,96 @@ def recommend(model, user, k: int = 10, **kwargs):
 def feedback_log(model) -> pd.DataFrame:
     """The model's feedback log (DataFrame with :data:`EVENT_COLUMNS`)."""
     return store(model).log()
+
+
+# ============================================================================ persistence
+
+#: the tensors of a saved feedback log (one entry per event, in log order)
+LOG_TENSORS = ("feedback.user", "feedback.item", "feedback.reward", "feedback.propensity",
+               "feedback.timestamp", "feedback.position")
+
+
+def log_to_file(model) -> tuple[dict, dict | None]:
+    """The model's feedback log as model-file parts: ``(tensors, meta)``.
+
+    ``tensors``: ``feedback.user`` (int64 index into ``meta["users"]``), ``feedback.item``
+    (int64 internal item index), ``feedback.reward`` / ``propensity`` / ``timestamp``
+    (float64; NaN where not logged) and ``feedback.position`` (int64), one entry per event
+    in log order; ``meta``: ``{"users": [the distinct user ids, int or str], "encode",
+    "update"}`` (the store's options). ``({}, None)`` when the model has no feedback.
+    Both are covered by the file's SHA-256 (:mod:`recmeta_sdk.io`).
+    """
+    st = getattr(model, "_online_store", None)
+    if st is None or not st._log:
+        return {}, None
+    log = st.log()
+    users = log["user"].to_numpy(dtype=object)
+    distinct: dict = {}
+    uidx = np.empty(len(users), np.int64)
+    for j, u in enumerate(users):
+        key = ("s", str(u)) if isinstance(u, str) else ("i", int(u))
+        uidx[j] = distinct.setdefault(key, len(distinct))
+    user_list = [k[1] for k in sorted(distinct, key=distinct.get)]
+    items = model._item_index.get_indexer(log["item"].to_numpy())
+    if (items < 0).any():  # cannot happen: parse_events checked every event
+        raise ValueError("the feedback log has items unknown to the model")
+    tensors = {
+        "feedback.user": torch.from_numpy(uidx),
+        "feedback.item": torch.from_numpy(items.astype(np.int64)),
+        "feedback.reward": torch.from_numpy(np.array(log["reward"], dtype=np.float64)),
+        "feedback.propensity": torch.from_numpy(np.array(log["propensity"], dtype=np.float64)),
+        "feedback.timestamp": torch.from_numpy(np.array(log["timestamp"], dtype=np.float64)),
+        "feedback.position": torch.from_numpy(np.array(log["position"], dtype=np.int64)),
+    }
+    return tensors, {"users": user_list, "encode": st.encode, "update": st.update}
+
+
+def log_from_file(model, tensors: dict, meta, path) -> None:
+    """Give ``model`` (just loaded) the online store saved by :func:`log_to_file`: its log
+    and options, the users' states rebuilt from the log on first use (as after ``resume``).
+
+    ``meta`` is the file's ``feedback`` entry (None: no log, as in a version-1 file).
+    Raises :class:`~recmeta_sdk.io.ModelFileError` if the parts are inconsistent.
+    """
+    from .io import ModelFileError
+
+    present = [k for k in tensors if k.startswith("feedback.")]
+    if meta is None:
+        if present:
+            raise ModelFileError(f"{path}: feedback tensors {present[:3]} without feedback metadata")
+        return
+    if not isinstance(meta, dict) or set(meta) != {"users", "encode", "update"}:
+        raise ModelFileError(f"{path}: malformed feedback metadata")
+    users = meta["users"]
+    if (not isinstance(users, list) or not all(type(u) in (int, str) for u in users)
+            or len({(type(u), u) for u in users}) != len(users)):
+        raise ModelFileError(f"{path}: the feedback log's user ids must be distinct ints or strings")
+    if meta["encode"] not in ("positive", "all") or meta["update"] not in ("step", "readapt"):
+        raise ModelFileError(f"{path}: feedback options {meta['encode']!r} / {meta['update']!r} unknown")
+    if sorted(present) != sorted(LOG_TENSORS):
+        raise ModelFileError(f"{path}: feedback tensors {sorted(present)} do not match {sorted(LOG_TENSORS)}")
+    want = {"feedback.user": torch.int64, "feedback.item": torch.int64, "feedback.position": torch.int64}
+    n = tensors["feedback.user"].numel()
+    for name in LOG_TENSORS:
+        t = tensors[name]
+        if t.dim() != 1 or t.numel() != n or t.dtype != want.get(name, torch.float64):
+            raise ModelFileError(f"{path}: tensor {name} has shape {tuple(t.shape)} {t.dtype}; "
+                                 f"expected ({n},) {want.get(name, torch.float64)}")
+    u = tensors["feedback.user"].numpy()
+    it = tensors["feedback.item"].numpy()
+    if n == 0 or u.min() < 0 or u.max() >= len(users) or it.min() < 0 or it.max() >= model.n_items:
+        raise ModelFileError(f"{path}: the feedback log's user or item indices are out of range")
+    user_col = np.empty(n, dtype=object)
+    user_col[:] = [users[j] for j in u.tolist()]
+    log = pd.DataFrame({"user": user_col, "item": model.item_ids[it],
+                        "reward": tensors["feedback.reward"].numpy(),
+                        "propensity": tensors["feedback.propensity"].numpy(),
+                        "timestamp": tensors["feedback.timestamp"].numpy(),
+                        "position": tensors["feedback.position"].numpy()})
+    try:
+        model._online_store = OnlineStore(model, encode=meta["encode"], update=meta["update"], log=log)
+    except ValueError as e:
+        raise ModelFileError(f"{path}: invalid feedback log ({e})") from None
 
 
 # ============================================================================ exploration

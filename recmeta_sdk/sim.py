@@ -493,6 +493,19 @@ class OnlineResult:
         """``{t: (mean, se)}`` at the checkpoints."""
         return {t: (self.mean(t), self.se(t)) for t in self.checkpoints if t <= self.cumulative.shape[1]}
 
+    def difference(self, other: OnlineResult, t: int) -> tuple:
+        """``(mean, se)`` of the per-user difference ``self - other`` of the cumulative reward
+        after ``t`` rounds (a paired comparison: both runs must have served the same users
+        in the same order, as :func:`run_benchmark` does)."""
+        if other.cumulative.shape[0] != self.cumulative.shape[0]:
+            raise ValueError(f"paired difference needs the same users: {self.cumulative.shape[0]} vs "
+                             f"{other.cumulative.shape[0]}")
+        if not 1 <= int(t) <= min(self.cumulative.shape[1], other.cumulative.shape[1]):
+            raise ValueError(f"t={t} is outside the rounds of both runs")
+        d = self.cumulative[:, int(t) - 1] - other.cumulative[:, int(t) - 1]
+        n = d.shape[0]
+        return float(d.mean()), (float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"))
+
 
 def run_online(env, policy_factory: Callable[[object], OnlinePolicy], T: int = 50, *,
                users: Optional[Sequence] = None, k: Optional[int] = None, seed: int = 0,

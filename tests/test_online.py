@@ -313,6 +313,31 @@ def test_recommender_policy_learns_through_feedback(model):
         bandits.RecommenderPolicy(model, adapt_steps=2)
 
 
+def test_recommender_policy_never_serves_a_new_user_from_a_training_users_state():
+    """An environment's user 0 is not the model's training user 0 (a replay or simulator
+    numbers its users densely): by default the policy starts every user cold."""
+    from recmeta_sdk import bandits, sim
+
+    log = _segments_log(n_users=30, seed=4)
+    log["user"] = log["user"].str[1:].astype(int)  # training users 0..29
+    m = rm.train(log, config={**TINY, "epochs": 2}, progress=False)
+    pol = bandits.RecommenderPolicy(m, update="step")
+    ctx = sim.UserContext(0, 0)
+    cold = m.recommend(m.adapt([]), k=3).ids
+    np.testing.assert_array_equal(pol.recommend(ctx, 3, np.zeros(0, np.int64)), cold)
+    pol.feedback(0, 7, 1.0)
+    cur = pol._store.current(0)
+    assert not cur.known and cur.state.history_ids == (7,) and cur.version == 1
+    np.testing.assert_allclose(cur.state.vector, m.adapt([7]).vector, rtol=1e-5, atol=1e-6)
+    # the training user 0's own state is what known_users=True starts from
+    warm = bandits.RecommenderPolicy(m, update="step", known_users=True)
+    warm.feedback(0, 7, 1.0)
+    wc = warm._store.current(0)
+    assert wc.known and len(wc.state.history_ids) == 7 and wc.state.history_ids[-1] == 7
+    with pytest.raises(TypeError, match="known_users"):
+        online.OnlineStore(m, known_users=1)
+
+
 def test_recommend_by_id_reads_the_online_state_and_excludes_misses():
     m = rm.train(_segments_log(), config=TINY, progress=False)  # its own default store
     before = m.recommend("u0", k=10)

@@ -325,3 +325,16 @@ def test_recommender_adapter():
     np.testing.assert_array_equal(res.cumulative[:, -1], [env.step(u, [0, 1, 2], 0).sum() for u in env.users])
     with pytest.raises(TypeError, match="adapt"):
         bandits.RecommenderPolicy(object())
+
+
+def test_paired_difference_of_two_runs():
+    a = sim.OnlineResult("a", np.array([[1.0, 2.0], [0.0, 1.0], [1.0, 3.0]]))
+    b = sim.OnlineResult("b", np.array([[0.0, 1.0], [0.0, 0.0], [1.0, 1.0]]))
+    m, se = a.difference(b, 2)
+    d = np.array([1.0, 1.0, 2.0])
+    assert m == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / np.sqrt(3))
+    assert a.difference(b, 1) == pytest.approx((1 / 3, np.array([1.0, 0.0, 0.0]).std(ddof=1) / np.sqrt(3)))
+    with pytest.raises(ValueError, match="same users"):
+        a.difference(sim.OnlineResult("c", np.zeros((2, 2))), 1)
+    with pytest.raises(ValueError, match="t=3"):
+        a.difference(b, 3)
