@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import ops
+from . import backends, ops, reference
 from .evaluate import beyond_accuracy, ranking_metrics
 from .io import FORMAT_VERSION, ModelFileError, read_model_file, write_model_file
 from .model import Config, ItemFeatures, RecMetaNet
@@ -61,6 +62,11 @@ class UserState:
         History items that were unknown to the model and dropped (``unknown="drop"``).
     steps : int
         Adaptation steps taken.
+
+    The state also carries, internally, the wide (item-to-item) part of its scores,
+    ``alpha(n) * sum_{j in history} W[j, :]``, computed once by the model that made it so
+    that :meth:`Recommender.recommend` scores a state with one fused kernel call; it is
+    recomputed when the state is served by another model or its history was replaced.
     """
 
     vector: np.ndarray
@@ -72,6 +78,9 @@ class UserState:
     dropped: tuple = ()
     steps: int = 0
     features: Optional[dict] = None
+    # (serving-table token, the history array it was computed from, (N,) float32 wide part
+    # or None): a cache of a pure function of (model, history), never compared or printed
+    _serving: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,36 @@ class Recommendations:
 
 def _is_scalar_id(x) -> bool:
     return isinstance(x, (int, np.integer, str)) and not isinstance(x, bool)
+
+
+_U64 = (1 << 64) - 1
+_TABLE_LOCK = threading.Lock()
+
+
+def _readonly(t: torch.Tensor) -> np.ndarray:
+    """A read-only, C-contiguous float32 numpy view of a CPU tensor (no copy when it is one)."""
+    a = t.detach().contiguous().numpy().view()
+    a.flags.writeable = False
+    return a
+
+
+class _ServingTable:
+    """What serving reads on every call, as an immutable snapshot of the model's weights.
+
+    ``V`` (N, d) and ``bias`` (N,) are read-only numpy views of the served item table and
+    bias (the tensors that :func:`ops.policy_topk` scored), so that a call hands them to the
+    compiled kernel with no torch op and no copy. A :class:`Recommender`'s weights never
+    change after construction (training, ``resume`` and :func:`load` build a new one), so
+    one snapshot per model is valid for its lifetime; ``token`` identifies it in the
+    wide-part cache of the states it adapted.
+    """
+
+    __slots__ = ("V", "bias", "token")
+
+    def __init__(self, V: torch.Tensor, bias: torch.Tensor):
+        self.V = _readonly(V)
+        self.bias = _readonly(bias)
+        self.token = object()
 
 
 class Recommender:
@@ -221,15 +260,27 @@ class Recommender:
         rows, _ = encode_features(self._user_schema, features)
         return np.asarray(rows, np.int64)
 
-    def _states(self, hists: List[np.ndarray], rewards: List[np.ndarray], ufeats: List[np.ndarray],
-                steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(base states, adapted states), each (B, d), for a batch of histories."""
+    def _table(self) -> _ServingTable:
+        """The serving snapshot (built on first use; see :class:`_ServingTable`)."""
+        t = self.__dict__.get("_serving_table")
+        if t is None:
+            with _TABLE_LOCK:
+                t = self.__dict__.get("_serving_table")
+                if t is None:
+                    t = _ServingTable(self._V, self._bias)
+                    self._serving_table = t
+        return t
+
+    def _adapted(self, hists: List[np.ndarray], rewards: List[np.ndarray], ufeats: List[np.ndarray],
+                 steps: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(base states, adapted states) (B, d) and the wide part of the scores (B, N) or None,
+        for a batch of histories (the wide part is the one :meth:`_wide_bias` computes)."""
         net = self._net
         N = self.n_items
         bi, bo, bw, sq, sl = history_tensors(hists, self.config.seq_len, N)
         uo = np.concatenate([[0], np.cumsum([len(u) for u in ufeats])]).astype(np.int64)
         ui = np.concatenate(ufeats).astype(np.int64) if uo[-1] else np.zeros(0, np.int64)
-        with torch.no_grad():
+        with torch.inference_mode():
             h = net.user_state(self._X, bi, bo, bw, sq, sl, torch.from_numpy(ui), torch.from_numpy(uo))
             B = h.shape[0]
             rows = torch.from_numpy(np.repeat(np.arange(B), [len(x) for x in hists]))
@@ -239,6 +290,12 @@ class Recommender:
             offset = net.wide_offset(rows, bi, B)
             gamma, delta = net.adapt_phi(h, self._V, rows, bi, w, steps, lr=lr, offset=offset)
             hp = net.apply_phi(h, gamma, delta)
+        return h, hp, offset
+
+    def _states(self, hists: List[np.ndarray], rewards: List[np.ndarray], ufeats: List[np.ndarray],
+                steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(base states, adapted states), each (B, d), for a batch of histories."""
+        h, hp, _ = self._adapted(hists, rewards, ufeats, steps)
         return h, hp
 
     def _wide_bias(self, hists: List[np.ndarray]) -> Optional[torch.Tensor]:
@@ -248,44 +305,100 @@ class Recommender:
         rows = torch.from_numpy(np.repeat(np.arange(len(hists)), [len(x) for x in hists]))
         items = (torch.from_numpy(np.concatenate(hists).astype(np.int64)) if len(hists)
                  else torch.zeros(0, dtype=torch.int64))
-        with torch.no_grad():
+        with torch.inference_mode():
             return self._net.wide_offset(rows, items, len(hists))
+
+    def _serving_cache(self, history: np.ndarray, wide: Optional[torch.Tensor]) -> tuple:
+        """The value of :attr:`UserState._serving` for a state of this model with ``history``."""
+        return (self._table().token, history, None if wide is None else wide.numpy())
+
+    def _state_wide(self, s: UserState) -> Optional[np.ndarray]:
+        """The wide part of ``s``'s scores (N,) float32 (None without a wide part): the value
+        cached in the state when this model made it from the same history, else computed
+        (and cached in the state: a pure function of the model and the history)."""
+        if not self._net.has_wide:
+            return None
+        c = s._serving
+        token = self._table().token
+        if c is not None and c[0] is token and c[1] is s.history and c[2] is not None:
+            return c[2]
+        hist = np.asarray(s.history, np.int64)
+        wide = self._wide_bias([hist])[0].numpy()
+        object.__setattr__(s, "_serving", (token, s.history, wide))
+        return wide
 
     def _serve(self, vectors: torch.Tensor, hists: List[np.ndarray], k: int, bias: torch.Tensor,
                exc_lists: Optional[List[np.ndarray]], cand: Optional[np.ndarray], tau: float,
                seed: Optional[int] = None):
-        """Score and select with the fused policy kernel, one user per call.
+        """Score and select with the fused policy kernel, one user per call (torch in and out;
+        the wide part is computed from ``hists``). See :meth:`_serve_np`."""
+        wide = self._wide_bias(hists)
+        wides = [None if wide is None else wide[b].numpy() for b in range(vectors.shape[0])]
+        U = np.ascontiguousarray(vectors.detach().numpy(), dtype=np.float32)
+        ids, scores, props = self._serve_np(U, wides, k, _readonly(bias), exc_lists, cand, tau, seed)
+        return (torch.from_numpy(ids), torch.from_numpy(scores),
+                None if props is None else torch.from_numpy(props))
+
+    def _serve_np(self, U: np.ndarray, wides: List[Optional[np.ndarray]], k: int, bias: np.ndarray,
+                  exc_lists: Optional[List[np.ndarray]], cand: Optional[np.ndarray], tau: float,
+                  seed: Optional[int] = None):
+        """Score and select with the fused policy kernel, one user per call, on numpy arrays.
 
         The policy is ``(<h', v_a> + b_a + alpha(n) (x W)_a) / tau``: the wide item-to-item
-        term of each user enters :func:`ops.policy_topk` / :func:`ops.policy_sample` as that
-        user's bias vector, so the kernel scores only the d-dimensional deep state.
-        With ``seed`` the items are drawn (Gumbel-top-k); user b's noise uses the seed
-        ``seed + b`` so that the users of one call draw independently.
+        term of each user (``wides[b]``, (N,) or None) enters the kernel as that user's bias
+        vector, so the kernel scores only the d-dimensional deep state. ``U`` (B, d) float32;
+        ``exc_lists[b]`` int64 item indices to exclude (duplicates allowed). With ``seed``
+        the items are drawn (Gumbel-top-k); user b's noise uses the seed ``seed + b`` so that
+        the users of one call draw independently. On the compiled core this calls
+        ``_core.policy_topk`` / ``policy_sample`` directly (they validate the inputs and
+        raise ValueError naming a bad value); other backends go through :mod:`ops`.
+        Returns numpy ``(ids (B, k) int64, scores (B, k) float32, propensities or None)``.
         """
-        wide = self._wide_bias(hists)
-        ids, scores, props = [], [], []
-        for b in range(vectors.shape[0]):
-            bb = bias if wide is None else (bias + wide[b]).contiguous()
+        B = U.shape[0]
+        V = self._table().V
+        core = backends.resolve(None, "cpu") == "cpp"
+        ids = np.empty((B, k), np.int64)
+        scores = np.empty((B, k), np.float32)
+        props = None if seed is None else np.empty((B, k), np.float32)
+        ca = None
+        if cand is not None:
+            cand = np.ascontiguousarray(cand, dtype=np.int64)
+            ca = (np.array([0, len(cand)], np.int64), cand)
+        if core:
+            from . import _core
+        for b in range(B):
+            bb = bias if wides[b] is None else bias + wides[b]
             ex = None
             if exc_lists is not None and len(exc_lists[b]):
-                e = torch.from_numpy(np.asarray(exc_lists[b], np.int64))
-                ex = (torch.tensor([0, e.numel()], dtype=torch.int64), e)
-            ca = None
-            if cand is not None:
-                ca = (torch.tensor([0, len(cand)], dtype=torch.int64), torch.from_numpy(np.asarray(cand, np.int64)))
-            u = vectors[b:b + 1].contiguous()
-            if seed is None:
-                i, sc, _ = ops.policy_topk(u, self._V, k, bias=bb, exclude=ex, candidates=ca, temperature=tau)
-                pr = None
+                e = np.ascontiguousarray(exc_lists[b], dtype=np.int64)
+                ex = (np.array([0, len(e)], np.int64), e)
+            u = U[b:b + 1]
+            if core:
+                kw = {"bias": bb, "temperature": float(tau)}
+                if ex is not None:
+                    kw["exclude_offsets"], kw["exclude_ids"] = ex
+                if ca is not None:
+                    kw["candidate_offsets"], kw["candidate_ids"] = ca
+                if seed is None:
+                    ids[b], scores[b], _ = _core.policy_topk(u, V, k, **kw)
+                else:
+                    i, sc, lognorm = _core.policy_sample(u, V, k, (int(seed) + b) & _U64, **kw)
+                    pr, _ = reference._slate_probabilities(torch.from_numpy(sc), torch.from_numpy(i >= 0),
+                                                           torch.from_numpy(lognorm))
+                    ids[b], scores[b], props[b] = i[0], sc[0], pr[0].numpy()
             else:
-                i, sc, pr, _ = ops.policy_sample(u, self._V, k, seed=int(seed) + b, bias=bb, exclude=ex,
-                                                 candidates=ca, temperature=tau)
-            ids.append(i)
-            scores.append(sc)
-            props.append(pr)
-        ids = torch.cat(ids)
-        scores = torch.cat(scores)
-        return ids, scores, (torch.cat(props) if seed is not None else None)
+                tex = None if ex is None else tuple(torch.from_numpy(x) for x in (ex[0], np.unique(ex[1])))
+                tca = None if ca is None else tuple(torch.from_numpy(x) for x in ca)
+                tu, tb = torch.from_numpy(u.copy()), torch.from_numpy(np.array(bb, np.float32))
+                if seed is None:
+                    i, sc, _ = ops.policy_topk(tu, self._V, k, bias=tb, exclude=tex, candidates=tca,
+                                               temperature=tau)
+                else:
+                    i, sc, pr, _ = ops.policy_sample(tu, self._V, k, seed=int(seed) + b, bias=tb,
+                                                     exclude=tex, candidates=tca, temperature=tau)
+                    props[b] = pr[0].numpy()
+                ids[b], scores[b] = i[0].numpy(), sc[0].numpy()
+        return ids, scores, props
 
     def _check_steps(self, steps):
         if steps is None:
@@ -311,9 +424,10 @@ class Recommender:
         steps = self._check_steps(steps)
         idx, ext, rew, dropped = self._encode_history(history, unknown)
         uf = self._encode_user_features(features)
-        h, hp = self._states([idx], [rew], [uf], steps)
+        h, hp, wide = self._adapted([idx], [rew], [uf], steps)
         return UserState(hp[0].numpy().copy(), h[0].numpy().copy(), idx, tuple(x.item() if hasattr(x, "item") else x for x in ext),
-                         rew, None, dropped, steps, dict(features) if isinstance(features, dict) else None)
+                         rew, None, dropped, steps, dict(features) if isinstance(features, dict) else None,
+                         self._serving_cache(idx, None if wide is None else wide[0]))
 
     def _topk_many(self, histories, rewards, features, steps, k: int, exclude, batch_size: int = 256) -> np.ndarray:
         """(U, k) internal indices for many new users at once (evaluation helper).
@@ -356,11 +470,12 @@ class Recommender:
         rews = [self._hist_rewards[self._hist_offsets[u]:self._hist_offsets[u + 1]] for u in us]
         ufs = [self._uf_idx[self._uf_off[u]:self._uf_off[u + 1]] if len(self._uf_off) > u + 1 else np.zeros(0, np.int64)
                for u in us]
-        h, hp = self._states(hists, rews, ufs, steps)
+        h, hp, wide = self._adapted(hists, rews, ufs, steps)
         out = []
         for b, u in enumerate(us):
             out.append(UserState(hp[b].numpy().copy(), h[b].numpy().copy(), hists[b],
-                                 tuple(self.item_ids[hists[b]].tolist()), rews[b], users[b], (), steps))
+                                 tuple(self.item_ids[hists[b]].tolist()), rews[b], users[b], (), steps, None,
+                                 self._serving_cache(hists[b], None if wide is None else wide[b])))
         return out
 
     def _id_list(self, ids, name) -> np.ndarray:
@@ -455,32 +570,38 @@ class Recommender:
         for s in states:
             if s.vector.shape != (self.dim,):
                 raise ValueError(f"UserState vector has shape {s.vector.shape}, this model needs ({self.dim},)")
-        B = len(states)
-        U = torch.from_numpy(np.stack([s.vector for s in states]).astype(np.float32))
-        hists = [np.asarray(s.history, np.int64) for s in states]
+        U = np.ascontiguousarray(np.stack([s.vector for s in states]), dtype=np.float32)
         ex_extra = self._id_list(exclude, "exclude")
-        none = np.zeros(0, np.int64)
-        exc_lists = [np.unique(np.concatenate([np.asarray(s.history, np.int64) if exclude_seen else none,
-                                               misses.get(b, none) if exclude_seen else none, ex_extra]))
-                     for b, s in enumerate(states)]
+        exc_lists = []
+        for b, s in enumerate(states):
+            # the kernel sorts and de-duplicates each list
+            parts = [np.asarray(s.history, np.int64)] if exclude_seen else []
+            if exclude_seen and b in misses:
+                parts.append(misses[b])
+            if len(ex_extra):
+                parts.append(ex_extra)
+            exc_lists.append(parts[0] if len(parts) == 1 else
+                             np.concatenate(parts) if parts else np.zeros(0, np.int64))
         cand = None
         if candidates is not None:
             cand = self._id_list(candidates, "candidates")
-        bias = self._bias
         if popularity_penalty > 0:
             # in units of the returned scores (which are divided by tau)
-            bias = bias - float(popularity_penalty) * float(tau) * self._log_pop
+            bias = (self._bias - float(popularity_penalty) * float(tau) * self._log_pop).numpy()
+        else:
+            bias = self._table().bias
+        wides = [self._state_wide(s) for s in states]
         # the policy's temperature applies to both terms: (<h,v> + b) / tau
         props = None
         if explore == "sample":
-            ids, scores, props = self._serve(U, hists, k, bias, exc_lists, cand, float(tau), seed=int(seed))
+            ids_np, sc, props = self._serve_np(U, wides, k, bias, exc_lists, cand, float(tau), seed=int(seed))
         elif diversity > 0:
             pool = min(self.n_items, max(5 * k, 50))
-            pids, pscores, _ = self._serve(U, hists, pool, bias, exc_lists, cand, float(tau))
-            ids, scores = self._mmr(pids, pscores, k, float(diversity))
+            pids, pscores, _ = self._serve_np(U, wides, pool, bias, exc_lists, cand, float(tau))
+            ids, scores = self._mmr(torch.from_numpy(pids), torch.from_numpy(pscores), k, float(diversity))
+            ids_np, sc = ids.numpy(), scores.numpy()
         else:
-            ids, scores, _ = self._serve(U, hists, k, bias, exc_lists, cand, float(tau))
-        ids_np = ids.numpy()
+            ids_np, sc, _ = self._serve_np(U, wides, k, bias, exc_lists, cand, float(tau))
         valid = ids_np >= 0
         if self._int_ids:
             ext = np.where(valid, self.item_ids[np.maximum(ids_np, 0)], -1).astype(self.item_ids.dtype)
@@ -489,8 +610,8 @@ class Recommender:
             ext[:] = None
             ext[valid] = self.item_ids[ids_np[valid]]
         expl = self._explain(states, ids_np, float(tau)) if explain else None
-        sc = scores.numpy().astype(np.float32)
-        pr = props.numpy().astype(np.float32) if props is not None else None
+        sc = sc.astype(np.float32, copy=False)
+        pr = props
         if single:
             return Recommendations(ext[0], sc[0], valid[0], None if pr is None else pr[0],
                                    None if expl is None else expl[0])
