@@ -6,13 +6,17 @@ Measures (p50 / p90 over repeated calls, one thread by default):
 * ``adapt`` for a new user with 20 support items (default adaptation steps);
 * ``recommend`` for one user end to end from a history (``adapt`` + top-10);
 * ``recommend`` for one user from a precomputed ``UserState``;
-* ``ops.policy_topk`` alone on the deep item table (catalogue x dim of the model);
+* ``ops.policy_topk`` alone on the deep item table (catalogue x dim of the model), and the
+  compiled kernel ``_core.policy_topk`` alone (what ``recommend`` from a state calls once);
 * ``implicit``'s ``AlternatingLeastSquares.recommend`` for one user (N=10, filtering the
   user's items) on the same catalogue with ``factors`` = the model's dim, if installed.
 
 Usage::
 
     taskset -c 0 .venv/bin/python bench/bench_recommend.py [--epochs N] [--model FILE] [--threads 1]
+
+The load average is printed before and after: on a shared machine, compare numbers measured
+in the same run.
 """
 from __future__ import annotations
 
@@ -28,6 +32,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import recmeta_sdk as rm  # noqa: E402
 from recmeta_sdk import ops  # noqa: E402
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover - not on every platform
+        return "n/a"
 
 
 def _timeit(fn, n=200, warm=20):
@@ -53,7 +64,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     ds = rm.datasets.load("ml-100k")
     print(f"ml-100k: {len(ds.interactions):,} interactions; torch threads {torch.get_num_threads()}; "
-          f"backend {rm.backends.resolve(None, 'cpu')}")
+          f"backend {rm.backends.resolve(None, 'cpu')}; load average {_load()}")
     if args.model:
         model = rm.load(args.model)
     else:
@@ -81,6 +92,14 @@ def main(argv=None) -> int:
     U = torch.from_numpy(state.vector[None, :].copy())
     p50o, _ = _timeit(lambda: ops.policy_topk(U, V, 10, bias=model._bias), args.repeats)
     print(f"ops.policy_topk alone, {V.shape[0]} items x {V.shape[1]} dims: p50 {p50o:.3f} ms")
+    from recmeta_sdk import _core
+
+    Un, Vn, bn = U.numpy(), V.numpy(), model._bias.numpy()
+    ex = np.asarray(state.history, np.int64)
+    exo = np.array([0, len(ex)], np.int64)
+    p50c, _ = _timeit(lambda: _core.policy_topk(Un, Vn, 10, bias=bn, exclude_offsets=exo, exclude_ids=ex),
+                      args.repeats)
+    print(f"_core.policy_topk alone (seen excluded): p50 {p50c:.3f} ms")
     try:
         import implicit
         import scipy.sparse as sp
@@ -101,6 +120,7 @@ def main(argv=None) -> int:
           f"seen filtered): p50 {p50i:.3f} ms, p90 {p90i:.3f} ms")
     print(f"ratio ours(UserState) / implicit: {p50s / p50i:.2f}  (ours scores a {state.vector.shape[0]}-dim deep state"
           f"{' plus the wide item-to-item part' if model._net.has_wide else ''})")
+    print(f"load average at the end: {_load()}")
     return 0
 
 

@@ -22,7 +22,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -136,12 +136,33 @@ class _ServingTable:
     wide-part cache of the states it adapted.
     """
 
-    __slots__ = ("V", "bias", "token")
+    __slots__ = ("V", "W", "_alpha", "bias", "core", "net", "sorted_int_ids", "token")
 
-    def __init__(self, V: torch.Tensor, bias: torch.Tensor):
+    def __init__(self, V: torch.Tensor, bias: torch.Tensor, item_ids: np.ndarray, net: RecMetaNet):
         self.V = _readonly(V)
         self.bias = _readonly(bias)
         self.token = object()
+        self.net = net
+        self.W = _readonly(net.wide) if net.has_wide else None  # the wide (EASE) weights (N, N)
+        self._alpha: dict[int, np.float32] = {}
+        try:
+            from . import _core
+        except ImportError:  # pragma: no cover - depends on the build
+            _core = None
+        self.core = _core
+        # integer item ids in increasing order (the usual case) are looked up by binary search
+        ids = np.asarray(item_ids)
+        self.sorted_int_ids = ids if (np.issubdtype(ids.dtype, np.integer) and len(ids)
+                                      and bool(np.all(ids[1:] > ids[:-1]))) else None
+
+    def alpha(self, n: int) -> np.float32:
+        """``alpha(n)`` of the wide part, by the network's own formula (memoised per n)."""
+        a = self._alpha.get(n)
+        if a is None:
+            with torch.inference_mode():
+                a = np.float32(self.net.wide_alpha(torch.tensor([n], dtype=torch.int64))[0].item())
+            self._alpha[n] = a
+        return a
 
 
 class Recommender:
@@ -235,7 +256,7 @@ class Recommender:
             order = np.argsort(ts, kind="stable")
             items = items[order]
             rewards = rewards[order] if rewards is not None else None
-        idx = self._item_index.get_indexer(items) if len(items) else np.zeros(0, np.int64)
+        idx = self._item_positions(items) if len(items) else np.zeros(0, np.int64)
         bad = idx < 0
         dropped = ()
         if bad.any():
@@ -267,12 +288,23 @@ class Recommender:
             with _TABLE_LOCK:
                 t = self.__dict__.get("_serving_table")
                 if t is None:
-                    t = _ServingTable(self._V, self._bias)
+                    t = _ServingTable(self._V, self._bias, self.item_ids, self._net)
                     self._serving_table = t
         return t
 
-    def _adapted(self, hists: List[np.ndarray], rewards: List[np.ndarray], ufeats: List[np.ndarray],
-                 steps: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def _item_positions(self, items: np.ndarray) -> np.ndarray:
+        """Internal indices of external item ids (-1 where unknown), as ``pd.Index.get_indexer``:
+        integer ids (of the catalogue's dtype) against a sorted catalogue by binary search, else
+        by pandas."""
+        ids = self._table().sorted_int_ids
+        if ids is None or items.dtype != ids.dtype:
+            return self._item_index.get_indexer(items)
+        pos = np.searchsorted(ids, items)
+        pos[pos == len(ids)] = 0
+        return np.where(ids[pos] == items, pos, -1).astype(np.int64)
+
+    def _adapted(self, hists: list[np.ndarray], rewards: list[np.ndarray], ufeats: list[np.ndarray],
+                 steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(base states, adapted states) (B, d) and the wide part of the scores (B, N) or None,
         for a batch of histories (the wide part is the one :meth:`_wide_bias` computes)."""
         net = self._net
@@ -280,25 +312,40 @@ class Recommender:
         bi, bo, bw, sq, sl = history_tensors(hists, self.config.seq_len, N)
         uo = np.concatenate([[0], np.cumsum([len(u) for u in ufeats])]).astype(np.int64)
         ui = np.concatenate(ufeats).astype(np.int64) if uo[-1] else np.zeros(0, np.int64)
+        X, bag, seq = self._X, bi, sq
+        nnz = bi.numel()
         with torch.inference_mode():
-            h = net.user_state(self._X, bi, bo, bw, sq, sl, torch.from_numpy(ui), torch.from_numpy(uo))
+            if 0 < nnz < N:
+                # the encoder reads only the history's rows of X: hand it those rows, in order
+                # (bag j = row j, the sequences' padding = row nnz) instead of the whole (N, d)
+                # table, which it would copy to append its padding row; same values, same order
+                X = self._X[bi]
+                bag = torch.arange(nnz)
+                sln = sl.numpy()
+                col = np.arange(sq.shape[1])
+                seq = torch.from_numpy(np.where(col < sln[:, None], (bo.numpy()[1:] - sln)[:, None] + col, nnz))
+            h = net.user_state(X, bag, bo, bw, seq, sl, torch.from_numpy(ui), torch.from_numpy(uo))
             B = h.shape[0]
             rows = torch.from_numpy(np.repeat(np.arange(B), [len(x) for x in hists]))
             w = (torch.from_numpy(np.maximum(np.concatenate(rewards), 0.0).astype(np.float32)) / self._reward_scale
                  if B else torch.zeros(0))
             lr = None if self.config.meta == "fomaml" else self.config.inner_lr
-            offset = net.wide_offset(rows, bi, B)
+            if B == 1:
+                wide = self._wide_one(hists[0])
+                offset = None if wide is None else torch.from_numpy(wide)[None]
+            else:
+                offset = net.wide_offset(rows, bi, B)
             gamma, delta = net.adapt_phi(h, self._V, rows, bi, w, steps, lr=lr, offset=offset)
             hp = net.apply_phi(h, gamma, delta)
         return h, hp, offset
 
-    def _states(self, hists: List[np.ndarray], rewards: List[np.ndarray], ufeats: List[np.ndarray],
-                steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _states(self, hists: list[np.ndarray], rewards: list[np.ndarray], ufeats: list[np.ndarray],
+                steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(base states, adapted states), each (B, d), for a batch of histories."""
         h, hp, _ = self._adapted(hists, rewards, ufeats, steps)
         return h, hp
 
-    def _wide_bias(self, hists: List[np.ndarray]) -> Optional[torch.Tensor]:
+    def _wide_bias(self, hists: list[np.ndarray]) -> torch.Tensor | None:
         """Per-user wide part of the scores, ``alpha(n) * sum_{j in history} W[j, :]`` (B, N)."""
         if not self._net.has_wide:
             return None
@@ -308,28 +355,43 @@ class Recommender:
         with torch.inference_mode():
             return self._net.wide_offset(rows, items, len(hists))
 
-    def _serving_cache(self, history: np.ndarray, wide: Optional[torch.Tensor]) -> tuple:
-        """The value of :attr:`UserState._serving` for a state of this model with ``history``."""
-        return (self._table().token, history, None if wide is None else wide.numpy())
+    def _wide_one(self, history: np.ndarray) -> np.ndarray | None:
+        """The wide part of one user's scores (N,) float32, or None: equal to
+        ``_wide_bias([history])[0]`` (the network's :meth:`~RecMetaNet.wide_offset`), computed on
+        the compiled core without torch ops: the sum of the W rows of the distinct history
+        items in increasing order (one fused bag), times ``alpha(number of distinct items)``."""
+        t = self._table()
+        if t.W is None:
+            return None
+        if t.core is None or backends.resolve(None, "cpu") != "cpp":
+            return self._wide_bias([np.asarray(history, np.int64)])[0].numpy()
+        items = np.unique(np.asarray(history, np.int64))
+        base = t.core.embedding_bag_forward([t.W], items, np.array([0, len(items)], np.int64), None, "sum")
+        return base[0] * t.alpha(len(items))
 
-    def _state_wide(self, s: UserState) -> Optional[np.ndarray]:
+    def _serving_cache(self, history: np.ndarray, wide) -> tuple:
+        """The value of :attr:`UserState._serving` for a state of this model with ``history``."""
+        if isinstance(wide, torch.Tensor):
+            wide = wide.numpy()
+        return (self._table().token, history, wide)
+
+    def _state_wide(self, s: UserState) -> np.ndarray | None:
         """The wide part of ``s``'s scores (N,) float32 (None without a wide part): the value
         cached in the state when this model made it from the same history, else computed
         (and cached in the state: a pure function of the model and the history)."""
-        if not self._net.has_wide:
+        t = self._table()
+        if t.W is None:
             return None
         c = s._serving
-        token = self._table().token
-        if c is not None and c[0] is token and c[1] is s.history and c[2] is not None:
+        if c is not None and c[0] is t.token and c[1] is s.history and c[2] is not None:
             return c[2]
-        hist = np.asarray(s.history, np.int64)
-        wide = self._wide_bias([hist])[0].numpy()
-        object.__setattr__(s, "_serving", (token, s.history, wide))
+        wide = self._wide_one(s.history)
+        object.__setattr__(s, "_serving", (t.token, s.history, wide))
         return wide
 
-    def _serve(self, vectors: torch.Tensor, hists: List[np.ndarray], k: int, bias: torch.Tensor,
-               exc_lists: Optional[List[np.ndarray]], cand: Optional[np.ndarray], tau: float,
-               seed: Optional[int] = None):
+    def _serve(self, vectors: torch.Tensor, hists: list[np.ndarray], k: int, bias: torch.Tensor,
+               exc_lists: list[np.ndarray] | None, cand: np.ndarray | None, tau: float,
+               seed: int | None = None):
         """Score and select with the fused policy kernel, one user per call (torch in and out;
         the wide part is computed from ``hists``). See :meth:`_serve_np`."""
         wide = self._wide_bias(hists)
@@ -339,9 +401,9 @@ class Recommender:
         return (torch.from_numpy(ids), torch.from_numpy(scores),
                 None if props is None else torch.from_numpy(props))
 
-    def _serve_np(self, U: np.ndarray, wides: List[Optional[np.ndarray]], k: int, bias: np.ndarray,
-                  exc_lists: Optional[List[np.ndarray]], cand: Optional[np.ndarray], tau: float,
-                  seed: Optional[int] = None):
+    def _serve_np(self, U: np.ndarray, wides: list[np.ndarray | None], k: int, bias: np.ndarray,
+                  exc_lists: list[np.ndarray] | None, cand: np.ndarray | None, tau: float,
+                  seed: int | None = None):
         """Score and select with the fused policy kernel, one user per call, on numpy arrays.
 
         The policy is ``(<h', v_a> + b_a + alpha(n) (x W)_a) / tau``: the wide item-to-item
@@ -355,8 +417,9 @@ class Recommender:
         Returns numpy ``(ids (B, k) int64, scores (B, k) float32, propensities or None)``.
         """
         B = U.shape[0]
-        V = self._table().V
-        core = backends.resolve(None, "cpu") == "cpp"
+        t = self._table()
+        V = t.V
+        core = t.core is not None and backends.resolve(None, "cpu") == "cpp"
         ids = np.empty((B, k), np.int64)
         scores = np.empty((B, k), np.float32)
         props = None if seed is None else np.empty((B, k), np.float32)
@@ -364,8 +427,7 @@ class Recommender:
         if cand is not None:
             cand = np.ascontiguousarray(cand, dtype=np.int64)
             ca = (np.array([0, len(cand)], np.int64), cand)
-        if core:
-            from . import _core
+        _core = t.core
         for b in range(B):
             bb = bias if wides[b] is None else bias + wides[b]
             ex = None
@@ -425,9 +487,11 @@ class Recommender:
         idx, ext, rew, dropped = self._encode_history(history, unknown)
         uf = self._encode_user_features(features)
         h, hp, wide = self._adapted([idx], [rew], [uf], steps)
-        return UserState(hp[0].numpy().copy(), h[0].numpy().copy(), idx, tuple(x.item() if hasattr(x, "item") else x for x in ext),
+        wide = None if wide is None else wide[0]
+        return UserState(hp[0].numpy().copy(), h[0].numpy().copy(), idx, (tuple(ext.tolist()) if ext.dtype != object else
+                                                                     tuple(x.item() if hasattr(x, "item") else x for x in ext)),
                          rew, None, dropped, steps, dict(features) if isinstance(features, dict) else None,
-                         self._serving_cache(idx, None if wide is None else wide[0]))
+                         self._serving_cache(idx, wide))
 
     def _topk_many(self, histories, rewards, features, steps, k: int, exclude, batch_size: int = 256) -> np.ndarray:
         """(U, k) internal indices for many new users at once (evaluation helper).
@@ -570,7 +634,8 @@ class Recommender:
         for s in states:
             if s.vector.shape != (self.dim,):
                 raise ValueError(f"UserState vector has shape {s.vector.shape}, this model needs ({self.dim},)")
-        U = np.ascontiguousarray(np.stack([s.vector for s in states]), dtype=np.float32)
+        U = np.ascontiguousarray(states[0].vector.reshape(1, -1) if len(states) == 1 else
+                                 np.stack([s.vector for s in states]), dtype=np.float32)
         ex_extra = self._id_list(exclude, "exclude")
         exc_lists = []
         for b, s in enumerate(states):
