@@ -309,24 +309,34 @@ class Recommender:
         for a batch of histories (the wide part is the one :meth:`_wide_bias` computes)."""
         net = self._net
         N = self.n_items
-        bi, bo, bw, sq, sl = history_tensors(hists, self.config.seq_len, N)
-        uo = np.concatenate([[0], np.cumsum([len(u) for u in ufeats])]).astype(np.int64)
-        ui = np.concatenate(ufeats).astype(np.int64) if uo[-1] else np.zeros(0, np.int64)
-        X, bag, seq = self._X, bi, sq
-        nnz = bi.numel()
+        L = self.config.seq_len
         with torch.inference_mode():
-            if 0 < nnz < N:
-                # the encoder reads only the history's rows of X: hand it those rows, in order
-                # (bag j = row j, the sequences' padding = row nnz) instead of the whole (N, d)
-                # table, which it would copy to append its padding row; same values, same order
-                X = self._X[bi]
-                bag = torch.arange(nnz)
-                sln = sl.numpy()
-                col = np.arange(sq.shape[1])
-                seq = torch.from_numpy(np.where(col < sln[:, None], (bo.numpy()[1:] - sln)[:, None] + col, nnz))
+            if len(hists) == 1 and 0 < len(hists[0]) < N:
+                # one user (adapt, user_state): the encoder reads only the history's rows of X;
+                # hand it those rows, in order (bag j = row j, the sequence's padding = row n),
+                # instead of the whole (N, d) table, which it would copy to append its padding
+                # row. Same values in the same order as history_tensors(hists, L, N) and X.
+                hist = np.ascontiguousarray(hists[0], dtype=np.int64)
+                n = len(hist)
+                m = min(n, L)
+                # (numpy builds the small index arrays: cheaper than torch ops)
+                seq = np.full((1, L), n, np.int64)
+                seq[0, :m] = np.arange(n - m, n)
+                ui = np.ascontiguousarray(ufeats[0], dtype=np.int64)
+                uo = np.array([0, len(ui)], np.int64)
+                bi, bo, bag, seq, sl, rows = (torch.from_numpy(a) for a in (
+                    hist, np.array([0, n], np.int64), np.arange(n, dtype=np.int64), seq,
+                    np.array([m], np.int64), np.zeros(n, np.int64)))
+                bw = torch.from_numpy(np.full(n, 1.0 / np.sqrt(np.float64(n)), np.float32))
+                X = torch.from_numpy(self._X.numpy()[hist])
+            else:
+                bi, bo, bw, sq, sl = history_tensors(hists, L, N)
+                uo = np.concatenate([[0], np.cumsum([len(u) for u in ufeats])]).astype(np.int64)
+                ui = np.concatenate(ufeats).astype(np.int64) if uo[-1] else np.zeros(0, np.int64)
+                X, bag, seq = self._X, bi, sq
+                rows = torch.from_numpy(np.repeat(np.arange(len(hists)), [len(x) for x in hists]))
             h = net.user_state(X, bag, bo, bw, seq, sl, torch.from_numpy(ui), torch.from_numpy(uo))
             B = h.shape[0]
-            rows = torch.from_numpy(np.repeat(np.arange(B), [len(x) for x in hists]))
             w = (torch.from_numpy(np.maximum(np.concatenate(rewards), 0.0).astype(np.float32)) / self._reward_scale
                  if B else torch.zeros(0))
             lr = None if self.config.meta == "fomaml" else self.config.inner_lr
