@@ -12,9 +12,17 @@
     model.evaluate(test, k=10)                       # Recall/NDCG/MRR/Hit/Precision@10 ...
     model.save("model.recmeta"); same = rm.load("model.recmeta")
 
-Thread safety: after construction a :class:`Recommender` is never mutated; ``adapt``,
-``user_state``, ``recommend`` and ``evaluate`` only read it, so concurrent calls from
-several threads are safe.
+Thread safety: after construction a :class:`Recommender`'s weights are never mutated;
+``adapt``, ``user_state``, ``recommend`` and ``evaluate`` only read them, so concurrent calls
+from several threads are safe. The only writes on the serving path are caches of pure
+functions, each published by one atomic assignment: the model's serving snapshot (built once,
+under a lock) and a state's wide-part cache (:class:`UserState`).
+
+Serving path: ``recommend`` on a :class:`UserState` is one call of the compiled kernel
+(``_core.policy_topk``) on numpy arrays: the read-only item table and bias of the snapshot,
+the state's vector, and as bias vector the item bias plus the state's wide part, which
+``adapt`` / ``user_state`` computed once; the results are those of :func:`ops.policy_topk`
+on the same inputs, bit for bit (``tests/test_serving.py``).
 """
 from __future__ import annotations
 
@@ -116,6 +124,18 @@ def _is_scalar_id(x) -> bool:
 
 _U64 = (1 << 64) - 1
 _TABLE_LOCK = threading.Lock()
+_CORE: list = []  # [the compiled core module or None], filled on first use
+
+
+def _core_module():
+    """``recmeta_sdk._core``, or None when the compiled core is not built."""
+    if not _CORE:
+        try:
+            from . import _core
+        except ImportError:  # pragma: no cover - depends on the build
+            _core = None
+        _CORE.append(_core)
+    return _CORE[0]
 
 
 def _readonly(t: torch.Tensor) -> np.ndarray:
@@ -136,24 +156,27 @@ class _ServingTable:
     wide-part cache of the states it adapted.
     """
 
-    __slots__ = ("V", "W", "_alpha", "bias", "core", "net", "sorted_int_ids", "token")
+    __slots__ = ("V", "W", "_alpha", "_src", "bias", "has_core", "net", "sorted_int_ids", "token")
 
     def __init__(self, V: torch.Tensor, bias: torch.Tensor, item_ids: np.ndarray, net: RecMetaNet):
+        self._src = (V, bias, item_ids, net)
         self.V = _readonly(V)
         self.bias = _readonly(bias)
         self.token = object()
         self.net = net
         self.W = _readonly(net.wide) if net.has_wide else None  # the wide (EASE) weights (N, N)
         self._alpha: dict[int, np.float32] = {}
-        try:
-            from . import _core
-        except ImportError:  # pragma: no cover - depends on the build
-            _core = None
-        self.core = _core
+        self.has_core = _core_module() is not None
         # integer item ids in increasing order (the usual case) are looked up by binary search
         ids = np.asarray(item_ids)
         self.sorted_int_ids = ids if (np.issubdtype(ids.dtype, np.integer) and len(ids)
                                       and bool(np.all(ids[1:] > ids[:-1]))) else None
+
+    def __reduce__(self):
+        # a copied or unpickled model rebuilds its snapshot from its own tensors (a new token:
+        # the states' caches are recomputed; numpy views keep the canonical dtypes the
+        # compiled core checks for)
+        return (_ServingTable, self._src)
 
     def alpha(self, n: int) -> np.float32:
         """``alpha(n)`` of the wide part, by the network's own formula (memoised per n)."""
@@ -373,10 +396,10 @@ class Recommender:
         t = self._table()
         if t.W is None:
             return None
-        if t.core is None or backends.resolve(None, "cpu") != "cpp":
+        if not t.has_core or backends.resolve(None, "cpu") != "cpp":
             return self._wide_bias([np.asarray(history, np.int64)])[0].numpy()
         items = np.unique(np.asarray(history, np.int64))
-        base = t.core.embedding_bag_forward([t.W], items, np.array([0, len(items)], np.int64), None, "sum")
+        base = _core_module().embedding_bag_forward([t.W], items, np.array([0, len(items)], np.int64), None, "sum")
         return base[0] * t.alpha(len(items))
 
     def _serving_cache(self, history: np.ndarray, wide) -> tuple:
@@ -429,7 +452,7 @@ class Recommender:
         B = U.shape[0]
         t = self._table()
         V = t.V
-        core = t.core is not None and backends.resolve(None, "cpu") == "cpp"
+        core = t.has_core and backends.resolve(None, "cpu") == "cpp"
         ids = np.empty((B, k), np.int64)
         scores = np.empty((B, k), np.float32)
         props = None if seed is None else np.empty((B, k), np.float32)
@@ -437,7 +460,7 @@ class Recommender:
         if cand is not None:
             cand = np.ascontiguousarray(cand, dtype=np.int64)
             ca = (np.array([0, len(cand)], np.int64), cand)
-        _core = t.core
+        _core = _core_module()
         for b in range(B):
             bb = bias if wides[b] is None else bias + wides[b]
             ex = None
@@ -452,7 +475,10 @@ class Recommender:
                 if ca is not None:
                     kw["candidate_offsets"], kw["candidate_ids"] = ca
                 if seed is None:
-                    ids[b], scores[b], _ = _core.policy_topk(u, V, k, **kw)
+                    i, sc, _ = _core.policy_topk(u, V, k, **kw)
+                    if B == 1:
+                        return i, sc, None
+                    ids[b], scores[b] = i[0], sc[0]
                 else:
                     i, sc, lognorm = _core.policy_sample(u, V, k, (int(seed) + b) & _U64, **kw)
                     pr, _ = reference._slate_probabilities(torch.from_numpy(sc), torch.from_numpy(i >= 0),
@@ -678,7 +704,9 @@ class Recommender:
         else:
             ids_np, sc, _ = self._serve_np(U, wides, k, bias, exc_lists, cand, float(tau))
         valid = ids_np >= 0
-        if self._int_ids:
+        if self._int_ids and valid.all():
+            ext = self.item_ids[ids_np]
+        elif self._int_ids:
             ext = np.where(valid, self.item_ids[np.maximum(ids_np, 0)], -1).astype(self.item_ids.dtype)
         else:
             ext = np.empty(ids_np.shape, dtype=object)

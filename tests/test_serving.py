@@ -356,6 +356,28 @@ def test_resume_and_load_serve_their_own_weights(models, tmp_path):
     _assert_same(new, new.recommend(st, 9), _general_recommend(new, st, 9), 9)
 
 
+def test_copied_and_pickled_models_serve_the_same(models):
+    import copy
+    import pickle
+
+    model = models["str"]  # (no online store, which holds locks)
+    st = model.adapt(list(model.item_ids[[2, 5, 8]]))
+    ref = model.recommend(st, 8)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert other._table().token is not model._table().token
+        rec = other.recommend(st, 8)  # the state's cache belongs to `model`: recomputed
+        np.testing.assert_array_equal(rec.ids, ref.ids)
+        np.testing.assert_array_equal(rec.scores, ref.scores)
+        np.testing.assert_array_equal(other.recommend(other.adapt(list(st.history_ids)), 8).scores, ref.scores)
+    # a pickled state (numpy arrays come back with non-canonical dtype objects)
+    back = pickle.loads(pickle.dumps(st))
+    for kw in ({}, {"exclude": list(model.item_ids[:3]), "candidates": list(model.item_ids[:20])},
+               {"explore": "sample", "seed": 2}):
+        a, b = model.recommend(back, 8, **kw), model.recommend(st, 8, **kw)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.scores, b.scores)
+
+
 def test_torch_backend_fallback_agrees(models, monkeypatch):
     model = models["wide"]
     st = model.adapt(list(model.item_ids[[2, 3, 11]]))
