@@ -333,13 +333,14 @@ class Recommender:
         net = self._net
         N = self.n_items
         L = self.config.seq_len
+        hist = np.ascontiguousarray(hists[0], dtype=np.int64) if len(hists) == 1 else None
         with torch.inference_mode():
-            if len(hists) == 1 and 0 < len(hists[0]) < N:
+            if hist is not None and 0 < len(hist) < N and hist.min() >= 0 and hist.max() < N:
                 # one user (adapt, user_state): the encoder reads only the history's rows of X;
                 # hand it those rows, in order (bag j = row j, the sequence's padding = row n),
                 # instead of the whole (N, d) table, which it would copy to append its padding
                 # row. Same values in the same order as history_tensors(hists, L, N) and X.
-                hist = np.ascontiguousarray(hists[0], dtype=np.int64)
+                # (Out-of-range items take the general path, whose embedding bag names them.)
                 n = len(hist)
                 m = min(n, L)
                 # (numpy builds the small index arrays: cheaper than torch ops)

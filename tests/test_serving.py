@@ -410,6 +410,12 @@ def test_serving_errors_are_named(models):
         model.recommend(["nobody"])
     with pytest.raises(ValueError, match=r"unknown to the model: \[-3\]"):
         model.adapt([int(model.item_ids[0]), -3])
+    # a hand-made state whose history holds an out-of-range index: named, not an IndexError
+    broken = dataclasses.replace(st, history=np.array([1, model.n_items + 4], np.int64))
+    with pytest.raises(ValueError, match=str(model.n_items + 4)):
+        model.recommend(broken)
+    with pytest.raises(ValueError, match=str(model.n_items + 4)):
+        model._states([broken.history], [np.ones(2, np.float32)], [np.zeros(0, np.int64)], 1)
 
 
 def test_concurrent_serving_from_shared_states_is_consistent(models):
