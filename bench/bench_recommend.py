@@ -9,11 +9,16 @@ Measures (p50 / p90 over repeated calls, one thread by default):
 * ``ops.policy_topk`` alone on the deep item table (catalogue x dim of the model), and the
   compiled kernel ``_core.policy_topk`` alone (what ``recommend`` from a state calls once);
 * ``implicit``'s ``AlternatingLeastSquares.recommend`` for one user (N=10, filtering the
-  user's items) on the same catalogue with ``factors`` = the model's dim, if installed.
+  user's items) on the same catalogue with ``factors`` = the model's dim, if installed, and
+  it beside ``recommend`` from the state in alternating calls (the same load for both).
+
+Each line also gives the p50 of the calling thread's CPU time, which a busy shared machine
+inflates much less than the wall clock (time slices taken by other processes).
 
 Usage::
 
-    taskset -c 0 .venv/bin/python bench/bench_recommend.py [--epochs N] [--model FILE] [--threads 1]
+    taskset -c 0 .venv/bin/python bench/bench_recommend.py [--epochs N] [--model FILE] [--save FILE]
+                                                           [--threads 1] [--repeats 200]
 
 The load average is printed before and after: on a shared machine, compare numbers measured
 in the same run.
