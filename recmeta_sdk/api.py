@@ -12,22 +12,31 @@
     model.evaluate(test, k=10)                       # Recall/NDCG/MRR/Hit/Precision@10 ...
     model.save("model.recmeta"); same = rm.load("model.recmeta")
 
-Thread safety: after construction a :class:`Recommender` is never mutated; ``adapt``,
-``user_state``, ``recommend`` and ``evaluate`` only read it, so concurrent calls from
-several threads are safe.
+Thread safety: after construction a :class:`Recommender`'s weights are never mutated;
+``adapt``, ``user_state``, ``recommend`` and ``evaluate`` only read them, so concurrent calls
+from several threads are safe. The only writes on the serving path are caches of pure
+functions, each published by one atomic assignment: the model's serving snapshot (built once,
+under a lock) and a state's wide-part cache (:class:`UserState`).
+
+Serving path: ``recommend`` on a :class:`UserState` is one call of the compiled kernel
+(``_core.policy_topk``) on numpy arrays: the read-only item table and bias of the snapshot,
+the state's vector, and as bias vector the item bias plus the state's wide part, which
+``adapt`` / ``user_state`` computed once; the results are those of :func:`ops.policy_topk`
+on the same inputs, bit for bit (``tests/test_serving.py``).
 """
 from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 import torch
 
-from . import ops
+from . import backends, ops, reference
 from .evaluate import beyond_accuracy, ranking_metrics
 from .io import FORMAT_VERSION, ModelFileError, read_model_file, write_model_file
 from .meta_tasks import parse_tasks, task_sampler
@@ -63,6 +72,11 @@ class UserState:
         History items that were unknown to the model and dropped (``unknown="drop"``).
     steps : int
         Adaptation steps taken.
+
+    The state also carries, internally, the wide (item-to-item) part of its scores,
+    ``alpha(n) * sum_{j in history} W[j, :]``, computed once by the model that made it so
+    that :meth:`Recommender.recommend` scores a state with one fused kernel call; it is
+    recomputed when the state is served by another model or its history was replaced.
     """
 
     vector: np.ndarray
@@ -74,6 +88,9 @@ class UserState:
     dropped: tuple = ()
     steps: int = 0
     features: Optional[dict] = None
+    # (serving-table token, the history array it was computed from, (N,) float32 wide part
+    # or None): a cache of a pure function of (model, history), never compared or printed
+    _serving: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -105,6 +122,72 @@ class Recommendations:
 
 def _is_scalar_id(x) -> bool:
     return isinstance(x, (int, np.integer, str)) and not isinstance(x, bool)
+
+
+_U64 = (1 << 64) - 1
+_TABLE_LOCK = threading.Lock()
+_CORE: list = []  # [the compiled core module or None], filled on first use
+
+
+def _core_module():
+    """``recmeta_sdk._core``, or None when the compiled core is not built."""
+    if not _CORE:
+        try:
+            from . import _core
+        except ImportError:  # pragma: no cover - depends on the build
+            _core = None
+        _CORE.append(_core)
+    return _CORE[0]
+
+
+def _readonly(t: torch.Tensor) -> np.ndarray:
+    """A read-only, C-contiguous float32 numpy view of a CPU tensor (no copy when it is one)."""
+    a = t.detach().contiguous().numpy().view()
+    a.flags.writeable = False
+    return a
+
+
+class _ServingTable:
+    """What serving reads on every call, as an immutable snapshot of the model's weights.
+
+    ``V`` (N, d) and ``bias`` (N,) are read-only numpy views of the served item table and
+    bias (the tensors that :func:`ops.policy_topk` scored), so that a call hands them to the
+    compiled kernel with no torch op and no copy. A :class:`Recommender`'s weights never
+    change after construction (training, ``resume`` and :func:`load` build a new one), so
+    one snapshot per model is valid for its lifetime; ``token`` identifies it in the
+    wide-part cache of the states it adapted.
+    """
+
+    __slots__ = ("V", "W", "_alpha", "_src", "bias", "has_core", "net", "sorted_int_ids", "token")
+
+    def __init__(self, V: torch.Tensor, bias: torch.Tensor, item_ids: np.ndarray, net: RecMetaNet):
+        self._src = (V, bias, item_ids, net)
+        self.V = _readonly(V)
+        self.bias = _readonly(bias)
+        self.token = object()
+        self.net = net
+        self.W = _readonly(net.wide) if net.has_wide else None  # the wide (EASE) weights (N, N)
+        self._alpha: dict[int, np.float32] = {}
+        self.has_core = _core_module() is not None
+        # integer item ids in increasing order (the usual case) are looked up by binary search
+        ids = np.asarray(item_ids)
+        self.sorted_int_ids = ids if (np.issubdtype(ids.dtype, np.integer) and len(ids)
+                                      and bool(np.all(ids[1:] > ids[:-1]))) else None
+
+    def __reduce__(self):
+        # a copied or unpickled model rebuilds its snapshot from its own tensors (a new token:
+        # the states' caches are recomputed; numpy views keep the canonical dtypes the
+        # compiled core checks for)
+        return (_ServingTable, self._src)
+
+    def alpha(self, n: int) -> np.float32:
+        """``alpha(n)`` of the wide part, by the network's own formula (memoised per n)."""
+        a = self._alpha.get(n)
+        if a is None:
+            with torch.inference_mode():
+                a = np.float32(self.net.wide_alpha(torch.tensor([n], dtype=torch.int64))[0].item())
+            self._alpha[n] = a
+        return a
 
 
 class Recommender:
@@ -198,7 +281,7 @@ class Recommender:
             order = np.argsort(ts, kind="stable")
             items = items[order]
             rewards = rewards[order] if rewards is not None else None
-        idx = self._item_index.get_indexer(items) if len(items) else np.zeros(0, np.int64)
+        idx = self._item_positions(items) if len(items) else np.zeros(0, np.int64)
         bad = idx < 0
         dropped = ()
         if bad.any():
@@ -223,72 +306,202 @@ class Recommender:
         rows, _ = encode_features(self._user_schema, features)
         return np.asarray(rows, np.int64)
 
-    def _states(self, hists: List[np.ndarray], rewards: List[np.ndarray], ufeats: List[np.ndarray],
-                steps: int, task=None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(base states, adapted states), each (B, d), for a batch of histories."""
+    def _table(self) -> _ServingTable:
+        """The serving snapshot (built on first use; see :class:`_ServingTable`)."""
+        t = self.__dict__.get("_serving_table")
+        if t is None:
+            with _TABLE_LOCK:
+                t = self.__dict__.get("_serving_table")
+                if t is None:
+                    t = _ServingTable(self._V, self._bias, self.item_ids, self._net)
+                    self._serving_table = t
+        return t
+
+    def _item_positions(self, items: np.ndarray) -> np.ndarray:
+        """Internal indices of external item ids (-1 where unknown), as ``pd.Index.get_indexer``:
+        integer ids (of the catalogue's dtype) against a sorted catalogue by binary search, else
+        by pandas."""
+        ids = self._table().sorted_int_ids
+        if ids is None or items.dtype != ids.dtype:
+            return self._item_index.get_indexer(items)
+        pos = np.searchsorted(ids, items)
+        pos[pos == len(ids)] = 0
+        return np.where(ids[pos] == items, pos, -1).astype(np.int64)
+
+    def _adapted(self, hists: list[np.ndarray], rewards: list[np.ndarray], ufeats: list[np.ndarray],
+                 steps: int, task=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(base states, adapted states) (B, d) and the wide part of the scores (B, N) or None,
+        for a batch of histories (the wide part is the one :meth:`_wide_bias` computes); with a
+        ``task`` (a :class:`~recmeta_sdk.meta_tasks.TaskState`) adaptation starts from its phi."""
         net = self._net
         N = self.n_items
-        bi, bo, bw, sq, sl = history_tensors(hists, self.config.seq_len, N)
-        uo = np.concatenate([[0], np.cumsum([len(u) for u in ufeats])]).astype(np.int64)
-        ui = np.concatenate(ufeats).astype(np.int64) if uo[-1] else np.zeros(0, np.int64)
-        with torch.no_grad():
-            h = net.user_state(self._X, bi, bo, bw, sq, sl, torch.from_numpy(ui), torch.from_numpy(uo))
+        L = self.config.seq_len
+        hist = np.ascontiguousarray(hists[0], dtype=np.int64) if len(hists) == 1 else None
+        with torch.inference_mode():
+            if hist is not None and 0 < len(hist) < N and hist.min() >= 0 and hist.max() < N:
+                # one user (adapt, user_state): the encoder reads only the history's rows of X;
+                # hand it those rows, in order (bag j = row j, the sequence's padding = row n),
+                # instead of the whole (N, d) table, which it would copy to append its padding
+                # row. Same values in the same order as history_tensors(hists, L, N) and X.
+                # (Out-of-range items take the general path, whose embedding bag names them.)
+                n = len(hist)
+                m = min(n, L)
+                # (numpy builds the small index arrays: cheaper than torch ops)
+                seq = np.full((1, L), n, np.int64)
+                seq[0, :m] = np.arange(n - m, n)
+                ui = np.ascontiguousarray(ufeats[0], dtype=np.int64)
+                uo = np.array([0, len(ui)], np.int64)
+                bi, bo, bag, seq, sl, rows = (torch.from_numpy(a) for a in (
+                    hist, np.array([0, n], np.int64), np.arange(n, dtype=np.int64), seq,
+                    np.array([m], np.int64), np.zeros(n, np.int64)))
+                bw = torch.from_numpy(np.full(n, 1.0 / np.sqrt(np.float64(n)), np.float32))
+                X = torch.from_numpy(self._X.numpy()[hist])
+            else:
+                bi, bo, bw, sq, sl = history_tensors(hists, L, N)
+                uo = np.concatenate([[0], np.cumsum([len(u) for u in ufeats])]).astype(np.int64)
+                ui = np.concatenate(ufeats).astype(np.int64) if uo[-1] else np.zeros(0, np.int64)
+                X, bag, seq = self._X, bi, sq
+                rows = torch.from_numpy(np.repeat(np.arange(len(hists)), [len(x) for x in hists]))
+            h = net.user_state(X, bag, bo, bw, seq, sl, torch.from_numpy(ui), torch.from_numpy(uo))
             B = h.shape[0]
-            rows = torch.from_numpy(np.repeat(np.arange(B), [len(x) for x in hists]))
             w = (torch.from_numpy(np.maximum(np.concatenate(rewards), 0.0).astype(np.float32)) / self._reward_scale
                  if B else torch.zeros(0))
             lr = None if self.config.meta == "fomaml" else self.config.inner_lr
-            offset = net.wide_offset(rows, bi, B)
+            if B == 1:
+                wide = self._wide_one(hists[0])
+                offset = None if wide is None else torch.from_numpy(wide)[None]
+            else:
+                offset = net.wide_offset(rows, bi, B)
             init = None if task is None else _task_phi(self, task)  # a task's phi (meta_tasks)
             gamma, delta = net.adapt_phi(h, self._V, rows, bi, w, steps, lr=lr, offset=offset, init=init)
             hp = net.apply_phi(h, gamma, delta)
+        return h, hp, offset
+
+    def _states(self, hists: list[np.ndarray], rewards: list[np.ndarray], ufeats: list[np.ndarray],
+                steps: int, task=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base states, adapted states), each (B, d), for a batch of histories."""
+        h, hp, _ = self._adapted(hists, rewards, ufeats, steps, task)
         return h, hp
 
-    def _wide_bias(self, hists: List[np.ndarray]) -> Optional[torch.Tensor]:
+    def _wide_bias(self, hists: list[np.ndarray]) -> torch.Tensor | None:
         """Per-user wide part of the scores, ``alpha(n) * sum_{j in history} W[j, :]`` (B, N)."""
         if not self._net.has_wide:
             return None
         rows = torch.from_numpy(np.repeat(np.arange(len(hists)), [len(x) for x in hists]))
         items = (torch.from_numpy(np.concatenate(hists).astype(np.int64)) if len(hists)
                  else torch.zeros(0, dtype=torch.int64))
-        with torch.no_grad():
+        with torch.inference_mode():
             return self._net.wide_offset(rows, items, len(hists))
 
-    def _serve(self, vectors: torch.Tensor, hists: List[np.ndarray], k: int, bias: torch.Tensor,
-               exc_lists: Optional[List[np.ndarray]], cand: Optional[np.ndarray], tau: float,
-               seed: Optional[int] = None):
-        """Score and select with the fused policy kernel, one user per call.
+    def _wide_one(self, history: np.ndarray) -> np.ndarray | None:
+        """The wide part of one user's scores (N,) float32, or None: equal to
+        ``_wide_bias([history])[0]`` (the network's :meth:`~RecMetaNet.wide_offset`), computed on
+        the compiled core without torch ops: the sum of the W rows of the distinct history
+        items in increasing order (one fused bag), times ``alpha(number of distinct items)``."""
+        t = self._table()
+        if t.W is None:
+            return None
+        if not t.has_core or backends.resolve(None, "cpu") != "cpp":
+            return self._wide_bias([np.asarray(history, np.int64)])[0].numpy()
+        items = np.unique(np.asarray(history, np.int64))
+        base = _core_module().embedding_bag_forward([t.W], items, np.array([0, len(items)], np.int64), None, "sum")
+        return base[0] * t.alpha(len(items))
+
+    def _serving_cache(self, history: np.ndarray, wide) -> tuple:
+        """The value of :attr:`UserState._serving` for a state of this model with ``history``."""
+        if isinstance(wide, torch.Tensor):
+            wide = wide.numpy()
+        return (self._table().token, history, wide)
+
+    def _state_wide(self, s: UserState) -> np.ndarray | None:
+        """The wide part of ``s``'s scores (N,) float32 (None without a wide part): the value
+        cached in the state when this model made it from the same history, else computed
+        (and cached in the state: a pure function of the model and the history)."""
+        t = self._table()
+        if t.W is None:
+            return None
+        c = s._serving
+        if c is not None and c[0] is t.token and c[1] is s.history and c[2] is not None:
+            return c[2]
+        wide = self._wide_one(s.history)
+        object.__setattr__(s, "_serving", (t.token, s.history, wide))
+        return wide
+
+    def _serve(self, vectors: torch.Tensor, hists: list[np.ndarray], k: int, bias: torch.Tensor,
+               exc_lists: list[np.ndarray] | None, cand: np.ndarray | None, tau: float,
+               seed: int | None = None):
+        """Score and select with the fused policy kernel, one user per call (torch in and out;
+        the wide part is computed from ``hists``). See :meth:`_serve_np`."""
+        wide = self._wide_bias(hists)
+        wides = [None if wide is None else wide[b].numpy() for b in range(vectors.shape[0])]
+        U = np.ascontiguousarray(vectors.detach().numpy(), dtype=np.float32)
+        ids, scores, props = self._serve_np(U, wides, k, _readonly(bias), exc_lists, cand, tau, seed)
+        return (torch.from_numpy(ids), torch.from_numpy(scores),
+                None if props is None else torch.from_numpy(props))
+
+    def _serve_np(self, U: np.ndarray, wides: list[np.ndarray | None], k: int, bias: np.ndarray,
+                  exc_lists: list[np.ndarray] | None, cand: np.ndarray | None, tau: float,
+                  seed: int | None = None):
+        """Score and select with the fused policy kernel, one user per call, on numpy arrays.
 
         The policy is ``(<h', v_a> + b_a + alpha(n) (x W)_a) / tau``: the wide item-to-item
-        term of each user enters :func:`ops.policy_topk` / :func:`ops.policy_sample` as that
-        user's bias vector, so the kernel scores only the d-dimensional deep state.
-        With ``seed`` the items are drawn (Gumbel-top-k); user b's noise uses the seed
-        ``seed + b`` so that the users of one call draw independently.
+        term of each user (``wides[b]``, (N,) or None) enters the kernel as that user's bias
+        vector, so the kernel scores only the d-dimensional deep state. ``U`` (B, d) float32;
+        ``exc_lists[b]`` int64 item indices to exclude (duplicates allowed). With ``seed``
+        the items are drawn (Gumbel-top-k); user b's noise uses the seed ``seed + b`` so that
+        the users of one call draw independently. On the compiled core this calls
+        ``_core.policy_topk`` / ``policy_sample`` directly (they validate the inputs and
+        raise ValueError naming a bad value); other backends go through :mod:`ops`.
+        Returns numpy ``(ids (B, k) int64, scores (B, k) float32, propensities or None)``.
         """
-        wide = self._wide_bias(hists)
-        ids, scores, props = [], [], []
-        for b in range(vectors.shape[0]):
-            bb = bias if wide is None else (bias + wide[b]).contiguous()
+        B = U.shape[0]
+        t = self._table()
+        V = t.V
+        core = t.has_core and backends.resolve(None, "cpu") == "cpp"
+        ids = np.empty((B, k), np.int64)
+        scores = np.empty((B, k), np.float32)
+        props = None if seed is None else np.empty((B, k), np.float32)
+        ca = None
+        if cand is not None:
+            cand = np.ascontiguousarray(cand, dtype=np.int64)
+            ca = (np.array([0, len(cand)], np.int64), cand)
+        _core = _core_module()
+        for b in range(B):
+            bb = bias if wides[b] is None else bias + wides[b]
             ex = None
             if exc_lists is not None and len(exc_lists[b]):
-                e = torch.from_numpy(np.asarray(exc_lists[b], np.int64))
-                ex = (torch.tensor([0, e.numel()], dtype=torch.int64), e)
-            ca = None
-            if cand is not None:
-                ca = (torch.tensor([0, len(cand)], dtype=torch.int64), torch.from_numpy(np.asarray(cand, np.int64)))
-            u = vectors[b:b + 1].contiguous()
-            if seed is None:
-                i, sc, _ = ops.policy_topk(u, self._V, k, bias=bb, exclude=ex, candidates=ca, temperature=tau)
-                pr = None
+                e = np.ascontiguousarray(exc_lists[b], dtype=np.int64)
+                ex = (np.array([0, len(e)], np.int64), e)
+            u = U[b:b + 1]
+            if core:
+                kw = {"bias": bb, "temperature": float(tau)}
+                if ex is not None:
+                    kw["exclude_offsets"], kw["exclude_ids"] = ex
+                if ca is not None:
+                    kw["candidate_offsets"], kw["candidate_ids"] = ca
+                if seed is None:
+                    i, sc, _ = _core.policy_topk(u, V, k, **kw)
+                    if B == 1:
+                        return i, sc, None
+                    ids[b], scores[b] = i[0], sc[0]
+                else:
+                    i, sc, lognorm = _core.policy_sample(u, V, k, (int(seed) + b) & _U64, **kw)
+                    pr, _ = reference._slate_probabilities(torch.from_numpy(sc), torch.from_numpy(i >= 0),
+                                                           torch.from_numpy(lognorm))
+                    ids[b], scores[b], props[b] = i[0], sc[0], pr[0].numpy()
             else:
-                i, sc, pr, _ = ops.policy_sample(u, self._V, k, seed=int(seed) + b, bias=bb, exclude=ex,
-                                                 candidates=ca, temperature=tau)
-            ids.append(i)
-            scores.append(sc)
-            props.append(pr)
-        ids = torch.cat(ids)
-        scores = torch.cat(scores)
-        return ids, scores, (torch.cat(props) if seed is not None else None)
+                tex = None if ex is None else tuple(torch.from_numpy(x) for x in (ex[0], np.unique(ex[1])))
+                tca = None if ca is None else tuple(torch.from_numpy(x) for x in ca)
+                tu, tb = torch.from_numpy(u.copy()), torch.from_numpy(np.array(bb, np.float32))
+                if seed is None:
+                    i, sc, _ = ops.policy_topk(tu, self._V, k, bias=tb, exclude=tex, candidates=tca,
+                                               temperature=tau)
+                else:
+                    i, sc, pr, _ = ops.policy_sample(tu, self._V, k, seed=int(seed) + b, bias=tb,
+                                                     exclude=tex, candidates=tca, temperature=tau)
+                    props[b] = pr[0].numpy()
+                ids[b], scores[b] = i[0].numpy(), sc[0].numpy()
+        return ids, scores, props
 
     def _check_steps(self, steps, task=None):
         if steps is None:  # with a task: its meta-trained phi, no per-user steps on top
@@ -317,9 +530,12 @@ class Recommender:
         steps = self._check_steps(steps, task)
         idx, ext, rew, dropped = self._encode_history(history, unknown)
         uf = self._encode_user_features(features)
-        h, hp = self._states([idx], [rew], [uf], steps, task)
-        return UserState(hp[0].numpy().copy(), h[0].numpy().copy(), idx, tuple(x.item() if hasattr(x, "item") else x for x in ext),
-                         rew, None, dropped, steps, dict(features) if isinstance(features, dict) else None)
+        h, hp, wide = self._adapted([idx], [rew], [uf], steps, task)
+        wide = None if wide is None else wide[0]
+        return UserState(hp[0].numpy().copy(), h[0].numpy().copy(), idx, (tuple(ext.tolist()) if ext.dtype != object else
+                                                                     tuple(x.item() if hasattr(x, "item") else x for x in ext)),
+                         rew, None, dropped, steps, dict(features) if isinstance(features, dict) else None,
+                         self._serving_cache(idx, wide))
 
     def _topk_many(self, histories, rewards, features, steps, k: int, exclude, batch_size: int = 256) -> np.ndarray:
         """(U, k) internal indices for many new users at once (evaluation helper).
@@ -370,11 +586,12 @@ class Recommender:
         rews = [self._hist_rewards[self._hist_offsets[u]:self._hist_offsets[u + 1]] for u in us]
         ufs = [self._uf_idx[self._uf_off[u]:self._uf_off[u + 1]] if len(self._uf_off) > u + 1 else np.zeros(0, np.int64)
                for u in us]
-        h, hp = self._states(hists, rews, ufs, steps, task)
+        h, hp, wide = self._adapted(hists, rews, ufs, steps, task)
         out = []
         for b, u in enumerate(us):
             out.append(UserState(hp[b].numpy().copy(), h[b].numpy().copy(), hists[b],
-                                 tuple(self.item_ids[hists[b]].tolist()), rews[b], users[b], (), steps))
+                                 tuple(self.item_ids[hists[b]].tolist()), rews[b], users[b], (), steps, None,
+                                 self._serving_cache(hists[b], None if wide is None else wide[b])))
         return out
 
     def _id_list(self, ids, name) -> np.ndarray:
@@ -474,42 +691,51 @@ class Recommender:
         for s in states:
             if s.vector.shape != (self.dim,):
                 raise ValueError(f"UserState vector has shape {s.vector.shape}, this model needs ({self.dim},)")
-        B = len(states)
-        U = torch.from_numpy(np.stack([s.vector for s in states]).astype(np.float32))
-        hists = [np.asarray(s.history, np.int64) for s in states]
+        U = np.ascontiguousarray(states[0].vector.reshape(1, -1) if len(states) == 1 else
+                                 np.stack([s.vector for s in states]), dtype=np.float32)
         ex_extra = self._id_list(exclude, "exclude")
-        none = np.zeros(0, np.int64)
-        exc_lists = [np.unique(np.concatenate([np.asarray(s.history, np.int64) if exclude_seen else none,
-                                               misses.get(b, none) if exclude_seen else none, ex_extra]))
-                     for b, s in enumerate(states)]
+        exc_lists = []
+        for b, s in enumerate(states):
+            # the kernel sorts and de-duplicates each list
+            parts = [np.asarray(s.history, np.int64)] if exclude_seen else []
+            if exclude_seen and b in misses:
+                parts.append(misses[b])
+            if len(ex_extra):
+                parts.append(ex_extra)
+            exc_lists.append(parts[0] if len(parts) == 1 else
+                             np.concatenate(parts) if parts else np.zeros(0, np.int64))
         cand = None
         if candidates is not None:
             cand = self._id_list(candidates, "candidates")
-        bias = self._bias
         if popularity_penalty > 0:
             # in units of the returned scores (which are divided by tau)
-            bias = bias - float(popularity_penalty) * float(tau) * self._log_pop
+            bias = (self._bias - float(popularity_penalty) * float(tau) * self._log_pop).numpy()
+        else:
+            bias = self._table().bias
+        wides = [self._state_wide(s) for s in states]
         # the policy's temperature applies to both terms: (<h,v> + b) / tau
         props = None
         if explore == "sample":
-            ids, scores, props = self._serve(U, hists, k, bias, exc_lists, cand, float(tau), seed=int(seed))
+            ids_np, sc, props = self._serve_np(U, wides, k, bias, exc_lists, cand, float(tau), seed=int(seed))
         elif diversity > 0:
             pool = min(self.n_items, max(5 * k, 50))
-            pids, pscores, _ = self._serve(U, hists, pool, bias, exc_lists, cand, float(tau))
-            ids, scores = self._mmr(pids, pscores, k, float(diversity))
+            pids, pscores, _ = self._serve_np(U, wides, pool, bias, exc_lists, cand, float(tau))
+            ids, scores = self._mmr(torch.from_numpy(pids), torch.from_numpy(pscores), k, float(diversity))
+            ids_np, sc = ids.numpy(), scores.numpy()
         else:
-            ids, scores, _ = self._serve(U, hists, k, bias, exc_lists, cand, float(tau))
-        ids_np = ids.numpy()
+            ids_np, sc, _ = self._serve_np(U, wides, k, bias, exc_lists, cand, float(tau))
         valid = ids_np >= 0
-        if self._int_ids:
+        if self._int_ids and valid.all():
+            ext = self.item_ids[ids_np]
+        elif self._int_ids:
             ext = np.where(valid, self.item_ids[np.maximum(ids_np, 0)], -1).astype(self.item_ids.dtype)
         else:
             ext = np.empty(ids_np.shape, dtype=object)
             ext[:] = None
             ext[valid] = self.item_ids[ids_np[valid]]
         expl = self._explain(states, ids_np, float(tau)) if explain else None
-        sc = scores.numpy().astype(np.float32)
-        pr = props.numpy().astype(np.float32) if props is not None else None
+        sc = sc.astype(np.float32, copy=False)
+        pr = props
         if single:
             return Recommendations(ext[0], sc[0], valid[0], None if pr is None else pr[0],
                                    None if expl is None else expl[0])
