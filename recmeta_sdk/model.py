@@ -120,6 +120,9 @@ class Config:
     wide_init: float = -8.0
     wide_slope: float = 4.0
     scalar_lr: float = 0.05
+    meta_scalar: bool = False
+    meta_tasks: str = "all"
+    query_weight: float = 0.0
     calib_users: float = 0.0
     calib_holdout: float = 0.2
     seed: int = 0
@@ -156,6 +159,13 @@ class Config:
             raise ValueError(f"config.wide_reg must be > 0, got {self.wide_reg!r}")
         if isinstance(self.wide_max_items, bool) or not isinstance(self.wide_max_items, int) or self.wide_max_items < 0:
             raise ValueError(f"config.wide_max_items must be an int >= 0, got {self.wide_max_items!r}")
+        if not isinstance(self.meta_scalar, bool):
+            raise TypeError(f"config.meta_scalar must be a bool, got {self.meta_scalar!r}")
+        if self.meta_tasks not in ("all", "prefix"):
+            raise ValueError(f"config.meta_tasks must be 'all' or 'prefix', got {self.meta_tasks!r}")
+        if (isinstance(self.query_weight, bool) or not isinstance(self.query_weight, (int, float))
+                or not 0.0 <= self.query_weight <= 1.0):
+            raise ValueError(f"config.query_weight must be a number in [0, 1], got {self.query_weight!r}")
         if self.meta not in ("fomaml", "none"):
             raise ValueError(f"config.meta must be 'fomaml' or 'none', got {self.meta!r}")
         if self.encoder == "transformer" and self.dim % self.heads:
@@ -210,15 +220,41 @@ def _csr_tensors(offsets, indices, weights):
             torch.as_tensor(np.asarray(weights, dtype=np.float32)))
 
 
+def _init_sequence_encoder(seq: nn.Module, g: torch.Generator) -> None:
+    """Re-draw the sequence encoder's initial values from ``g`` with torch's default
+    distributions (the constructors drew them from the global RNG)."""
+    with torch.no_grad():
+        for mod in seq.modules():
+            if isinstance(mod, nn.MultiheadAttention):
+                nn.init.xavier_uniform_(mod.in_proj_weight, generator=g)
+                nn.init.zeros_(mod.in_proj_bias)
+                b = 1.0 / math.sqrt(mod.out_proj.in_features)
+                nn.init.uniform_(mod.out_proj.weight, -b, b, generator=g)
+                nn.init.zeros_(mod.out_proj.bias)
+            elif isinstance(mod, nn.Linear) and not isinstance(
+                    mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
+                b = 1.0 / math.sqrt(mod.in_features)
+                nn.init.uniform_(mod.weight, -b, b, generator=g)
+                nn.init.uniform_(mod.bias, -b, b, generator=g)
+            elif isinstance(mod, nn.LayerNorm):
+                nn.init.ones_(mod.weight)
+                nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.GRU):
+                b = 1.0 / math.sqrt(mod.hidden_size)
+                for p in mod.parameters():
+                    nn.init.uniform_(p, -b, b, generator=g)
+
+
 class RecMetaNet(nn.Module):
     """The network (see the module docstring). All state lives in parameters and buffers."""
 
     def __init__(self, cfg: Config, item_features: ItemFeatures, n_user_feature_rows: int = 0):
         super().__init__()
-        # every initialisation draws from a generator seeded by cfg.seed, never from the
-        # caller's global RNG (whose state is restored afterwards)
+        # every initial value is drawn from a generator seeded by cfg.seed (see _build). The
+        # torch modules' constructors also draw their own (discarded) initial values from the
+        # global RNG; fork_rng restores the caller's RNG state afterwards, so building a model
+        # neither depends on nor changes it.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
             self._build(cfg, item_features, n_user_feature_rows)
 
     def _build(self, cfg: Config, item_features: ItemFeatures, n_user_feature_rows: int) -> None:
@@ -248,6 +284,8 @@ class RecMetaNet(nn.Module):
             self.seq = nn.GRU(d, d, num_layers=cfg.layers, batch_first=True)
         else:
             self.seq = None
+        if self.seq is not None:
+            _init_sequence_encoder(self.seq, g)
         n_parts = 3 if cfg.encoder != "none" else 2
         self.fuse1 = nn.Linear(n_parts * d, cfg.hidden)
         self.fuse2 = nn.Linear(cfg.hidden, d)
@@ -273,6 +311,10 @@ class RecMetaNet(nn.Module):
         self.register_buffer("wide_scale", torch.tensor([0.0, 1.0, 2.0]))
         # behaviour head (blocked gradient)
         self.beta_map = nn.Linear(d, d)
+        with torch.no_grad():
+            b = 1.0 / math.sqrt(d)
+            nn.init.uniform_(self.beta_map.weight, -b, b, generator=g)
+            nn.init.uniform_(self.beta_map.bias, -b, b, generator=g)
         self.beta_bias = nn.Parameter(torch.zeros(N))
 
     @staticmethod
