@@ -48,7 +48,12 @@ class Config:
     (fraction of a history hidden from the encoder and used as targets in the
     denoising samples), ``prefix_prob`` (fraction of samples that are time-ordered
     prefixes of 1..``max_prefix`` items predicting the rest, for cold users),
-    ``user_feature_dropout``.
+    ``user_feature_dropout``, ``query_weight`` (each sample's loss is the mean over its
+    query items, and samples are weighted by ``(query size) ** query_weight``: 0 counts
+    every user the same, 1 every query item, as Mult-DAE's summed likelihood does. Per-user
+    means alone under-weight the users with long futures, whose query items lean to popular
+    films, and rank worse than popularity on NDCG for new users; 0.5 was chosen on an inner
+    split of training users, see :mod:`recmeta_sdk.train`).
 
     RL: ``ce_weight`` (weight of the supervised cross-entropy), ``rl_weight`` (weight of the off-policy corrected REINFORCE loss beside the
     supervised multi-target cross-entropy), ``is_cap`` (cap of pi/beta), ``topk_k`` (K of
@@ -58,7 +63,11 @@ class Config:
 
     Meta-learning: ``meta`` (``"fomaml"``: first-order MAML of the adaptation parameters
     with learned step sizes; ``"none"``: plain training), ``inner_steps``, ``inner_lr``
-    (initial step size; learned with ``"fomaml"``, fixed otherwise).
+    (initial step size; learned with ``"fomaml"``, fixed otherwise), ``meta_scalar`` (learn
+    the step sizes at ``scalar_lr`` instead of ``lr``: with the main ``lr`` they barely move
+    from ``inner_lr`` in a short training), ``meta_tasks`` (``"all"``: every sample is a task
+    of the inner loop; ``"prefix"``: only the time-ordered prefixes, the new-user samples,
+    are; the others are scored at the initial adaptation parameters).
 
     Wide part: ``wide="ease"`` adds a full-rank item-to-item component to the policy,
     ``alpha(n) * (x W)_a`` with ``x`` the multi-hot history, ``W`` the closed-form EASE
@@ -122,7 +131,7 @@ class Config:
     scalar_lr: float = 0.05
     meta_scalar: bool = False
     meta_tasks: str = "all"
-    query_weight: float = 0.0
+    query_weight: float = 0.5
     calib_users: float = 0.0
     calib_holdout: float = 0.2
     seed: int = 0
