@@ -173,8 +173,8 @@ class Config:
         if self.meta_tasks not in ("all", "prefix"):
             raise ValueError(f"config.meta_tasks must be 'all' or 'prefix', got {self.meta_tasks!r}")
         if (isinstance(self.query_weight, bool) or not isinstance(self.query_weight, (int, float))
-                or not 0.0 <= self.query_weight <= 1.0):
-            raise ValueError(f"config.query_weight must be a number in [0, 1], got {self.query_weight!r}")
+                or not -1.0 <= self.query_weight <= 1.0):
+            raise ValueError(f"config.query_weight must be a number in [-1, 1], got {self.query_weight!r}")
         if self.meta not in ("fomaml", "none"):
             raise ValueError(f"config.meta must be 'fomaml' or 'none', got {self.meta!r}")
         if self.encoder == "transformer" and self.dim % self.heads:

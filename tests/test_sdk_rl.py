@@ -124,7 +124,7 @@ def test_user_weights_follow_query_sizes():
 
     rows = torch.tensor([0, 0, 0, 0, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3])  # sizes 4, 0, 1, 9
     n = torch.tensor([4.0, 0.0, 1.0, 9.0])
-    for power in (0.0, 0.5, 1.0):
+    for power in (-0.5, 0.0, 0.5, 1.0):
         w = _user_weights(rows, 4, power)
         expected = torch.where(n > 0, n.pow(power), torch.zeros(4))
         np.testing.assert_allclose(w.numpy(), (expected / expected.sum()).numpy(), rtol=1e-6)
