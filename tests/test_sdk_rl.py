@@ -186,3 +186,22 @@ def test_meta_tasks_prefix_adapts_only_prefix_samples():
         grads[pp] = float(net.log_lr.grad.abs().sum()) if net.log_lr.grad is not None else 0.0
     assert grads[0.0] == 0.0
     assert grads[1.0] > 0.0
+
+
+def test_demo_cold_report_weights_users_and_reports_fold_standard_errors():
+    from recmeta_sdk.demo import KS, _cold_report
+
+    def m(r, n):
+        return {"recall@10": r, "ndcg@10": n}
+
+    sums = {name: {k: [(100, m(0.1 + off, 0.3)), (300, m(0.2 + off, 0.5))] for k in KS}
+            for name, off in (("recmeta, meta-adapted", 0.0), ("popularity", 0.01))}
+    lines = []
+    res = _cold_report(sums, 2, lines.append)
+    assert abs(res["table"]["recmeta, meta-adapted"][10]["recall@10"] - 0.175) < 1e-12  # user-weighted
+    assert abs(res["table"]["popularity"][5]["ndcg@10"] - 0.45) < 1e-12
+    assert res["n_users"] == 400
+    se = [ln for ln in lines if "+- recmeta" in ln][0].split()
+    # s.e. over the 2 fold means: std(ddof=1)/sqrt(2) = |0.2 - 0.1| / 2
+    assert abs(float(se[-6]) - 0.05) < 1e-4 and abs(float(se[-5]) - 0.1) < 1e-4
+    assert any(ln.startswith("  fold 1 (300 users)") for ln in lines)
