@@ -201,7 +201,7 @@ def test_demo_cold_report_weights_users_and_reports_fold_standard_errors():
     assert abs(res["table"]["recmeta, meta-adapted"][10]["recall@10"] - 0.175) < 1e-12  # user-weighted
     assert abs(res["table"]["popularity"][5]["ndcg@10"] - 0.45) < 1e-12
     assert res["n_users"] == 400
-    se = [ln for ln in lines if "+- recmeta" in ln][0].split()
+    se = next(ln for ln in lines if "+- recmeta" in ln).split()
     # s.e. over the 2 fold means: std(ddof=1)/sqrt(2) = |0.2 - 0.1| / 2
     assert abs(float(se[-6]) - 0.05) < 1e-4 and abs(float(se[-5]) - 0.1) < 1e-4
     assert any(ln.startswith("  fold 1 (300 users)") for ln in lines)
