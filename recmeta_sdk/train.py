@@ -659,6 +659,9 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     hist = {"loss": []}
     t0 = time.perf_counter()
     net.train()
+    # dropout (nn.Dropout and the transformer layer's) takes no generator: it draws from the
+    # global RNG, so it runs inside fork_rng, seeded from this run's rng (reproducible) and
+    # restored afterwards (the caller's RNG state is neither read nor changed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(rng.integers(2**31)))
         for epoch in range(cfg.epochs):
