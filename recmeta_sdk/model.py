@@ -48,7 +48,12 @@ class Config:
     (fraction of a history hidden from the encoder and used as targets in the
     denoising samples), ``prefix_prob`` (fraction of samples that are time-ordered
     prefixes of 1..``max_prefix`` items predicting the rest, for cold users),
-    ``user_feature_dropout``.
+    ``user_feature_dropout``, ``query_weight`` (each sample's loss is the mean over its
+    query items, and samples are weighted by ``(query size) ** query_weight``: 0 counts
+    every user the same, 1 every query item, as Mult-DAE's summed likelihood does. Per-user
+    means alone under-weight the users with long futures, whose query items lean to popular
+    films, and rank worse than popularity on NDCG for new users; 0.5 was chosen on an inner
+    split of training users, see :mod:`recmeta_sdk.train`).
 
     RL: ``ce_weight`` (weight of the supervised cross-entropy), ``rl_weight`` (weight of the off-policy corrected REINFORCE loss beside the
     supervised multi-target cross-entropy), ``is_cap`` (cap of pi/beta), ``topk_k`` (K of
@@ -58,7 +63,11 @@ class Config:
 
     Meta-learning: ``meta`` (``"fomaml"``: first-order MAML of the adaptation parameters
     with learned step sizes; ``"none"``: plain training), ``inner_steps``, ``inner_lr``
-    (initial step size; learned with ``"fomaml"``, fixed otherwise).
+    (initial step size; learned with ``"fomaml"``, fixed otherwise), ``meta_scalar`` (learn
+    the step sizes at ``scalar_lr`` instead of ``lr``: with the main ``lr`` they barely move
+    from ``inner_lr`` in a short training), ``meta_tasks`` (``"all"``: every sample is a task
+    of the inner loop; ``"prefix"``: only the time-ordered prefixes, the new-user samples,
+    are; the others are scored at the initial adaptation parameters).
 
     Wide part: ``wide="ease"`` adds a full-rank item-to-item component to the policy,
     ``alpha(n) * (x W)_a`` with ``x`` the multi-hot history, ``W`` the closed-form EASE
@@ -120,6 +129,9 @@ class Config:
     wide_init: float = -8.0
     wide_slope: float = 4.0
     scalar_lr: float = 0.05
+    meta_scalar: bool = False
+    meta_tasks: str = "all"
+    query_weight: float = 0.5
     calib_users: float = 0.0
     calib_holdout: float = 0.2
     seed: int = 0
@@ -156,6 +168,13 @@ class Config:
             raise ValueError(f"config.wide_reg must be > 0, got {self.wide_reg!r}")
         if isinstance(self.wide_max_items, bool) or not isinstance(self.wide_max_items, int) or self.wide_max_items < 0:
             raise ValueError(f"config.wide_max_items must be an int >= 0, got {self.wide_max_items!r}")
+        if not isinstance(self.meta_scalar, bool):
+            raise TypeError(f"config.meta_scalar must be a bool, got {self.meta_scalar!r}")
+        if self.meta_tasks not in ("all", "prefix"):
+            raise ValueError(f"config.meta_tasks must be 'all' or 'prefix', got {self.meta_tasks!r}")
+        if (isinstance(self.query_weight, bool) or not isinstance(self.query_weight, (int, float))
+                or not -1.0 <= self.query_weight <= 1.0):
+            raise ValueError(f"config.query_weight must be a number in [-1, 1], got {self.query_weight!r}")
         if self.meta not in ("fomaml", "none"):
             raise ValueError(f"config.meta must be 'fomaml' or 'none', got {self.meta!r}")
         if self.encoder == "transformer" and self.dim % self.heads:
@@ -218,15 +237,41 @@ def _csr_tensors(offsets, indices, weights):
             torch.as_tensor(np.asarray(weights, dtype=np.float32)))
 
 
+def _init_sequence_encoder(seq: nn.Module, g: torch.Generator) -> None:
+    """Re-draw the sequence encoder's initial values from ``g`` with torch's default
+    distributions (the constructors drew them from the global RNG)."""
+    with torch.no_grad():
+        for mod in seq.modules():
+            if isinstance(mod, nn.MultiheadAttention):
+                nn.init.xavier_uniform_(mod.in_proj_weight, generator=g)
+                nn.init.zeros_(mod.in_proj_bias)
+                b = 1.0 / math.sqrt(mod.out_proj.in_features)
+                nn.init.uniform_(mod.out_proj.weight, -b, b, generator=g)
+                nn.init.zeros_(mod.out_proj.bias)
+            elif isinstance(mod, nn.Linear) and not isinstance(
+                    mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
+                b = 1.0 / math.sqrt(mod.in_features)
+                nn.init.uniform_(mod.weight, -b, b, generator=g)
+                nn.init.uniform_(mod.bias, -b, b, generator=g)
+            elif isinstance(mod, nn.LayerNorm):
+                nn.init.ones_(mod.weight)
+                nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.GRU):
+                b = 1.0 / math.sqrt(mod.hidden_size)
+                for p in mod.parameters():
+                    nn.init.uniform_(p, -b, b, generator=g)
+
+
 class RecMetaNet(nn.Module):
     """The network (see the module docstring). All state lives in parameters and buffers."""
 
     def __init__(self, cfg: Config, item_features: ItemFeatures, n_user_feature_rows: int = 0):
         super().__init__()
-        # every initialisation draws from a generator seeded by cfg.seed, never from the
-        # caller's global RNG (whose state is restored afterwards)
+        # every initial value is drawn from a generator seeded by cfg.seed (see _build). The
+        # torch modules' constructors also draw their own (discarded) initial values from the
+        # global RNG; fork_rng restores the caller's RNG state afterwards, so building a model
+        # neither depends on nor changes it.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
             self._build(cfg, item_features, n_user_feature_rows)
 
     def _build(self, cfg: Config, item_features: ItemFeatures, n_user_feature_rows: int) -> None:
@@ -257,6 +302,8 @@ class RecMetaNet(nn.Module):
             self.seq = nn.GRU(d, d, num_layers=cfg.layers, batch_first=True)
         else:
             self.seq = None
+        if self.seq is not None:
+            _init_sequence_encoder(self.seq, g)
         n_parts = 3 if cfg.encoder != "none" else 2
         self.fuse1 = nn.Linear(n_parts * d, cfg.hidden)
         self.fuse2 = nn.Linear(cfg.hidden, d)
@@ -282,6 +329,10 @@ class RecMetaNet(nn.Module):
         self.register_buffer("wide_scale", torch.tensor([0.0, 1.0, 2.0]))
         # behaviour head (blocked gradient)
         self.beta_map = nn.Linear(d, d)
+        with torch.no_grad():
+            b = 1.0 / math.sqrt(d)
+            nn.init.uniform_(self.beta_map.weight, -b, b, generator=g)
+            nn.init.uniform_(self.beta_map.bias, -b, b, generator=g)
         self.beta_bias = nn.Parameter(torch.zeros(N))
 
     def _build_dense(self, cfg: Config, item_features: ItemFeatures) -> None:

@@ -25,6 +25,15 @@ adaptation and support items masked out of the softmax:
   the weights held constant; ``beta`` is the logged ``propensity`` when the logs carry
   one, else the behaviour head's estimate (trained by cross-entropy on the logged actions
   with the state gradient blocked);
+* each sample's CE and RL terms are means over its query items, and the samples of a batch
+  are weighted by ``(query size) ** query_weight`` (normalised to sum to 1). With equal
+  weights (0) a user with 300 future items counts as much as one with 3, and the policy
+  learns too little of what the long futures have in common (popular films): on an inner
+  split of MovieLens-100K training users the new-user NDCG@10 fell below popularity's, the
+  model winning on users with short futures and losing on long ones. 0.5 lifted new-user
+  NDCG@10 by 0.05-0.07 at k = 5, 10, 20 at about the same recall; 1 (Mult-DAE's summed
+  likelihood) cost recall; the warm model of the demo keeps 0 (better on the warm
+  validation part);
 * catalogues larger than ``full_softmax_max`` use a sampled softmax over the batch's
   query items plus ``n_negatives`` items drawn from the popularity distribution Q, with
   the logits corrected by ``- log(expected count under Q)`` (log-Q correction).
@@ -366,6 +375,7 @@ class Batch:
     # set when it differs from the input history (sup_*); None for per-user tasks
     groups: Optional[torch.Tensor] = None
     inner: Optional[tuple] = None
+    prefix: torch.Tensor | None = None  # (B,) bool: the sample is a time-ordered prefix
 
 
 def history_tensors(hists, L: int, n_items: int):
@@ -388,13 +398,14 @@ def make_batch(prep: Prepared, users: np.ndarray, cfg: Config, rng: np.random.Ge
                user_feats=None) -> Batch:
     """Cut one support / query sample per user (see the module docstring)."""
     N = len(prep.item_ids)
-    sup, sup_r, q, q_r, q_p = [], [], [], [], []
+    sup, sup_r, q, q_r, q_p, is_prefix = [], [], [], [], [], []
     for u in users:
         lo, hi = prep.offsets[u], prep.offsets[u + 1]
         seq, rew = prep.items[lo:hi], prep.rewards[lo:hi]
         prop = prep.propensity[lo:hi] if prep.propensity is not None else None
         n = hi - lo
-        if rng.random() < cfg.prefix_prob:
+        is_prefix.append(bool(rng.random() < cfg.prefix_prob))
+        if is_prefix[-1]:
             m = int(rng.integers(1, min(cfg.max_prefix, n - 1) + 1))
             keep = np.zeros(n, bool)
             keep[:m] = True
@@ -427,7 +438,7 @@ def make_batch(prep: Prepared, users: np.ndarray, cfg: Config, rng: np.random.Ge
                  q_rows, torch.from_numpy(np.concatenate(q).astype(np.int64)),
                  torch.from_numpy(np.concatenate(q_r).astype(np.float32)),
                  torch.from_numpy(np.concatenate(q_p).astype(np.float32)) if q_p else None, B,
-                 torch.from_numpy(np.asarray(users, dtype=np.int64)))
+                 torch.from_numpy(np.asarray(users, dtype=np.int64)), prefix=torch.tensor(is_prefix, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------------------- losses
@@ -456,6 +467,15 @@ def _segment_mean(values, rows, B):
     return tot / cnt
 
 
+def _user_weights(rows, B, power: float) -> torch.Tensor:
+    """Weights (B,) summing to 1 of the samples of a batch: proportional to
+    ``(query size) ** power`` (0: every sample counts the same; 1: every query item does,
+    as in Mult-DAE's summed multinomial likelihood)."""
+    n = torch.bincount(rows, minlength=B).to(torch.float32)
+    w = torch.where(n > 0, n.clamp(min=1.0).pow(power), torch.zeros_like(n))
+    return w / w.sum().clamp(min=1e-12)
+
+
 def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[torch.Tensor] = None,
                gen: Optional[torch.Generator] = None, meta: Optional[bool] = None, cross=None):
     """The training objective on one batch (see the module docstring). Returns (loss, stats)."""
@@ -481,6 +501,12 @@ def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[t
     elif meta and cfg.inner_steps > 0:
         gamma, delta = net.adapt_phi(h, V, batch.sup_rows, batch.sup_items, batch.sup_w, cfg.inner_steps,
                                      offset=offset)
+        if cfg.meta_tasks == "prefix" and batch.prefix is not None:
+            # only the cold-start samples (prefixes) are meta-learning tasks; the others are
+            # scored at the initial adaptation parameters
+            sel = batch.prefix[:, None]
+            gamma = torch.where(sel, gamma, net.phi_gamma.expand(B, -1))
+            delta = torch.where(sel, delta, net.phi_delta.expand(B, -1))
     else:
         gamma, delta = net.phi_gamma.expand(B, -1), net.phi_delta.expand(B, -1)
     hp = net.apply_phi(h, gamma, delta)
@@ -514,12 +540,13 @@ def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[t
         bl = net.beta_map(h.detach()) @ Vc.detach().T + net.beta_bias[cand] - corr
         blogp = torch.log_softmax(bl, 1)[batch.q_rows, qpos]
         ent = -(logp_all.exp() * logp_all).sum(1).mean() if cfg.entropy > 0 else torch.zeros(())
-    ce = _segment_mean(-logp, batch.q_rows, B).mean()
+    uw = _user_weights(batch.q_rows, B, cfg.query_weight)
+    ce = (uw * _segment_mean(-logp, batch.q_rows, B)).sum()
     loss = cfg.ce_weight * ce
     if cfg.rl_weight > 0:
         beta = batch.q_prop if batch.q_prop is not None else torch.exp(blogp.detach())
-        rl = _segment_mean(reinforce_loss(logp, batch.q_reward, beta, cfg.is_cap, cfg.topk_k),
-                           batch.q_rows, B).mean()
+        rl = (uw * _segment_mean(reinforce_loss(logp, batch.q_reward, beta, cfg.is_cap, cfg.topk_k),
+                                 batch.q_rows, B)).sum()
         loss = loss + cfg.rl_weight * rl
     if batch.q_prop is None:
         loss = loss + _segment_mean(-blogp, batch.q_rows, B).mean()
@@ -719,7 +746,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     eligible = np.flatnonzero(n_per_user >= 2)
     if len(eligible) == 0:
         raise ValueError("no user has 2 or more interactions: nothing to train on")
-    scalar_names = ("wide_coef",)
+    scalar_names = ("wide_coef", "log_lr") if cfg.meta_scalar else ("wide_coef",)
     named = [(n, p) for n, p in net.named_parameters() if cfg.meta == "fomaml" or n != "log_lr"]
     params = [p for _, p in named]
     groups = [{"params": [p for n, p in named if n not in scalar_names], "base_lr": cfg.lr},
@@ -743,6 +770,9 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     hist = {"loss": []}
     t0 = time.perf_counter()
     net.train()
+    # dropout (nn.Dropout and the transformer layer's) takes no generator: it draws from the
+    # global RNG, so it runs inside fork_rng, seeded from this run's rng (reproducible) and
+    # restored afterwards (the caller's RNG state is neither read nor changed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(rng.integers(2**31)))
         for epoch in range(cfg.epochs):

@@ -117,3 +117,91 @@ def test_meta_training_beats_no_meta_training():
     assert f_meta > 0.9
     assert f_meta > f_plain_ft + 0.2
     assert f_meta > _good_fraction(meta, 0) + 0.2  # and it is the adaptation that does it
+
+
+def test_user_weights_follow_query_sizes():
+    from recmeta_sdk.train import _user_weights
+
+    rows = torch.tensor([0, 0, 0, 0, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3])  # sizes 4, 0, 1, 9
+    n = torch.tensor([4.0, 0.0, 1.0, 9.0])
+    for power in (-0.5, 0.0, 0.5, 1.0):
+        w = _user_weights(rows, 4, power)
+        expected = torch.where(n > 0, n.pow(power), torch.zeros(4))
+        np.testing.assert_allclose(w.numpy(), (expected / expected.sum()).numpy(), rtol=1e-6)
+    assert float(_user_weights(rows, 4, 0.5)[1]) == 0.0  # no query items, no weight
+
+
+def test_query_weight_zero_is_the_per_user_mean():
+    """query_weight=0 is the mean over users of each user's mean loss over its query items."""
+    from recmeta_sdk.model import Config, ItemFeatures, RecMetaNet
+    from recmeta_sdk.train import _segment_mean, _user_weights
+
+    rows = torch.tensor([0, 1, 1, 1, 2, 2])
+    vals = torch.tensor([1.0, 2.0, 4.0, 6.0, 3.0, 5.0])
+    w = _user_weights(rows, 3, 0.0)
+    assert abs(float((w * _segment_mean(vals, rows, 3)).sum()) - (1.0 + 4.0 + 4.0) / 3) < 1e-6
+    # and with power 1 the mean over all query items
+    w1 = _user_weights(rows, 3, 1.0)
+    assert abs(float((w1 * _segment_mean(vals, rows, 3)).sum()) - float(vals.mean())) < 1e-6
+    with pytest.raises(ValueError, match="query_weight"):
+        Config(query_weight=1.5).validate()
+    with pytest.raises(ValueError, match="meta_tasks"):
+        Config(meta_tasks="items").validate()
+    RecMetaNet(Config(dim=8, hidden=8, heads=2), ItemFeatures.identity(5))
+
+
+def test_network_init_uses_its_own_generator():
+    from recmeta_sdk.model import Config, ItemFeatures, RecMetaNet
+
+    for enc in ("transformer", "gru"):
+        cfg = Config(dim=8, hidden=8, heads=2, encoder=enc, seed=4)
+        torch.manual_seed(1)
+        a = RecMetaNet(cfg, ItemFeatures.identity(7)).state_dict()
+        torch.manual_seed(2)
+        state = torch.random.get_rng_state()
+        b = RecMetaNet(cfg, ItemFeatures.identity(7)).state_dict()
+        assert torch.equal(state, torch.random.get_rng_state())
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        c = RecMetaNet(Config(dim=8, hidden=8, heads=2, encoder=enc, seed=5), ItemFeatures.identity(7)).state_dict()
+        assert not torch.equal(a["seq.weight_ih_l0" if enc == "gru" else "seq.layers.0.linear1.weight"],
+                               c["seq.weight_ih_l0" if enc == "gru" else "seq.layers.0.linear1.weight"])
+
+
+def test_meta_tasks_prefix_adapts_only_prefix_samples():
+    """With meta_tasks='prefix' the step sizes learn only from the prefix samples: without
+    any (prefix_prob=0) they get no gradient; with prefixes they do."""
+    from recmeta_sdk.model import Config, ItemFeatures, RecMetaNet
+    from recmeta_sdk.train import batch_loss, make_batch, prepare
+
+    logs = _reward_only_tasks(n_users=20)
+    prep = prepare(logs)
+    grads = {}
+    for pp in (0.0, 1.0):
+        cfg = Config(**dict(TINY, meta_tasks="prefix", prefix_prob=pp, seed=2)).validate()
+        net = RecMetaNet(cfg, ItemFeatures.identity(len(prep.item_ids)))
+        batch = make_batch(prep, np.arange(8), cfg, np.random.default_rng(0))
+        assert bool(batch.prefix.all()) == (pp == 1.0) and not (pp == 0.0 and batch.prefix.any())
+        loss, _ = batch_loss(net, batch, cfg)
+        loss.backward()
+        grads[pp] = float(net.log_lr.grad.abs().sum()) if net.log_lr.grad is not None else 0.0
+    assert grads[0.0] == 0.0
+    assert grads[1.0] > 0.0
+
+
+def test_demo_cold_report_weights_users_and_reports_fold_standard_errors():
+    from recmeta_sdk.demo import KS, _cold_report
+
+    def m(r, n):
+        return {"recall@10": r, "ndcg@10": n}
+
+    sums = {name: {k: [(100, m(0.1 + off, 0.3)), (300, m(0.2 + off, 0.5))] for k in KS}
+            for name, off in (("recmeta, meta-adapted", 0.0), ("popularity", 0.01))}
+    lines = []
+    res = _cold_report(sums, 2, lines.append)
+    assert abs(res["table"]["recmeta, meta-adapted"][10]["recall@10"] - 0.175) < 1e-12  # user-weighted
+    assert abs(res["table"]["popularity"][5]["ndcg@10"] - 0.45) < 1e-12
+    assert res["n_users"] == 400
+    se = next(ln for ln in lines if "+- recmeta" in ln).split()
+    # s.e. over the 2 fold means: std(ddof=1)/sqrt(2) = |0.2 - 0.1| / 2
+    assert abs(float(se[-6]) - 0.05) < 1e-4 and abs(float(se[-5]) - 0.1) < 1e-4
+    assert any(ln.startswith("  fold 1 (300 users)") for ln in lines)
