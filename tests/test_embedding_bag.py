@@ -88,6 +88,25 @@ def test_forward_odd_dims(dtype, d):
         np.testing.assert_allclose(out, ref_forward(ref_tab, idx, off, psw, mode), rtol=RTOL, atol=ATOL)
 
 
+@needs_cpp
+@pytest.mark.parametrize("dtype, n", [("fp32", 131101), ("fp16", 262147), ("int8", 524309)])
+def test_forward_large_tables(dtype, n):
+    """Tables over 32 MiB take the kernels' two-stage prefetch path."""
+    rng = np.random.default_rng(zlib.crc32(f"large/{dtype}".encode()))
+    d, B = 67, 1021
+    w = torch.from_numpy(rng.standard_normal((n, d), dtype=np.float32))
+    tab = w if dtype == "fp32" else reference.quantize(w, dtype)
+    nbytes = n * d * {"fp32": 4, "fp16": 2, "int8": 1}[dtype]
+    assert nbytes > 32 << 20
+    off = make_offsets(rng, B, max_len=9)
+    idx = rng.integers(0, n, size=int(off[-1]))
+    idx[:5] = [0, n - 1, n - 1, n // 2, 0]
+    psw = rng.standard_normal(idx.size).astype(np.float32)
+    for mode, weights in (("sum", None), ("mean", psw)):
+        got = ops.embedding_bag(tab, idx, off, per_sample_weights=weights, mode=mode, backend="cpp")
+        np.testing.assert_allclose(got, ref_forward(tab, idx, off, weights, mode), rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_forward_matches_torch_embedding_bag(backend, mode):

@@ -34,7 +34,15 @@ namespace RECMETA_ISA_NS {
 
 namespace {
 
-constexpr int64_t kPrefetchDistance = 16;  ///< rows ahead in the index stream
+constexpr int64_t kPrefetchDistance = 16;  ///< rows ahead in the index stream (into L1)
+/// Tables of more than this many bytes are unlikely to stay in the caches: their rows are
+/// prefetched in two stages, kFarDistance rows ahead into L2 and kNearDistance rows ahead into
+/// L1, which keeps more rows in flight from memory than the L1 fill buffers alone allow
+/// (measured here on a 1M x 64 float32 table: about 1.5x the rows per second of the single
+/// stage at 16 rows that FBGEMM uses; no gain on tables that fit the caches, so those keep it).
+constexpr int64_t kFarTableBytes = int64_t{32} << 20;
+constexpr int64_t kFarDistance = 48;
+constexpr int64_t kNearDistance = 12;
 constexpr int kMaxVecs = 8;  ///< accumulators held in registers per pass (SIMD variants)
 constexpr int64_t kBagsPerItem = 64;  ///< bags of one table per forward work item
 constexpr int64_t kParallelMinWork = int64_t{1} << 16;  ///< elements gathered before threads pay off
@@ -137,7 +145,7 @@ struct Vec {
 /// but its own: the accumulators stay in NV registers, and the row `kPrefetchDistance`
 /// positions ahead in the table's index stream (clamped to the table's last position pf_last,
 /// so no test either) is prefetched, pf_bytes of it (0 in the later passes over a long row).
-template <int NV, typename S, bool Int8, bool HasW, typename IdxT>
+template <int NV, typename S, bool Int8, bool HasW, bool Far, typename IdxT>
 inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale,
                        const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
                        int64_t pf_last, int64_t pf_bytes, const float* psw, bool mean,
@@ -150,7 +158,16 @@ inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale
   float bias = 0.f;
   const S* base = data + col0;
   for (int64_t i = begin; i < end; ++i) {
-    const int64_t pr = static_cast<int64_t>(idx[std::min(i + kPrefetchDistance, pf_last)]);
+    if (Far) {
+      const int64_t pf = static_cast<int64_t>(idx[std::min(i + kFarDistance, pf_last)]);
+      const char* pp = reinterpret_cast<const char*>(base + pf * row_stride);
+      for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pp + o, 0, 2);
+      if (Int8) {
+        __builtin_prefetch(row_scale + pf, 0, 2);
+        __builtin_prefetch(row_min + pf, 0, 2);
+      }
+    }
+    const int64_t pr = static_cast<int64_t>(idx[std::min(i + (Far ? kNearDistance : kPrefetchDistance), pf_last)]);
     const char* pp = reinterpret_cast<const char*>(base + pr * row_stride);
     for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pp + o, 0, 3);
     if (Int8) {
@@ -188,7 +205,7 @@ inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale
   for (int v = 0; v < NV; ++v) Vec::store(out + col0 + v * Vec::W, acc[v], v == NV - 1 ? last_mask : full);
 }
 
-template <typename S, bool Int8, bool HasW, typename IdxT>
+template <typename S, bool Int8, bool HasW, bool Far, typename IdxT>
 inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float* row_scale,
                      const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
                      int64_t pf_last, const float* psw, bool mean, float* out) {
@@ -202,7 +219,7 @@ inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float
     const int64_t pf = col0 == 0 ? row_bytes : 0;
 #define RECMETA_EB_CASE(K)                                                                        \
   case K:                                                                                         \
-    pool_chunk<K, S, Int8, HasW, IdxT>(data, row_stride, row_scale, row_min, idx, begin, end,      \
+    pool_chunk<K, S, Int8, HasW, Far, IdxT>(data, row_stride, row_scale, row_min, idx, begin, end, \
                                        pf_last, pf, psw, mean, col0, last, out);                  \
     break;
     switch (nv) {
@@ -230,20 +247,32 @@ inline void pool_range(const TableView& tab, const IdxT* idx, const int64_t* off
   const int64_t dim = tab.dim;
   if (dim == 0) return;
   const int64_t nv = (dim + Vec::W - 1) / Vec::W;
+  const bool far = tab.rows * tab.row_stride * static_cast<int64_t>(sizeof(S)) > kFarTableBytes;
   if (nv > kMaxVecs) {
-    for (int64_t p = 0; p < nbags; ++p)
-      pool_bag<S, Int8, HasW, IdxT>(data, tab.row_stride, dim, tab.row_scale, tab.row_min, idx, off[p],
-                                    off[p + 1], pf_last, psw, mean, out + p * out_stride);
+    for (int64_t p = 0; p < nbags; ++p) {
+      if (far)
+        pool_bag<S, Int8, HasW, true, IdxT>(data, tab.row_stride, dim, tab.row_scale, tab.row_min, idx, off[p],
+                                            off[p + 1], pf_last, psw, mean, out + p * out_stride);
+      else
+        pool_bag<S, Int8, HasW, false, IdxT>(data, tab.row_stride, dim, tab.row_scale, tab.row_min, idx, off[p],
+                                             off[p + 1], pf_last, psw, mean, out + p * out_stride);
+    }
     return;
   }
   const typename Vec::M last = Vec::mask(dim - (nv - 1) * Vec::W);
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(S));
-#define RECMETA_EB_RANGE(K)                                                                           \
-  case K:                                                                                             \
-    for (int64_t p = 0; p < nbags; ++p)                                                               \
-      pool_chunk<K, S, Int8, HasW, IdxT>(data, tab.row_stride, tab.row_scale, tab.row_min, idx, off[p], \
-                                         off[p + 1], pf_last, row_bytes, psw, mean, 0, last,           \
-                                         out + p * out_stride);                                       \
+#define RECMETA_EB_RANGE(K)                                                                             \
+  case K:                                                                                               \
+    if (far)                                                                                            \
+      for (int64_t p = 0; p < nbags; ++p)                                                               \
+        pool_chunk<K, S, Int8, HasW, true, IdxT>(data, tab.row_stride, tab.row_scale, tab.row_min, idx,  \
+                                                 off[p], off[p + 1], pf_last, row_bytes, psw, mean, 0,   \
+                                                 last, out + p * out_stride);                            \
+    else                                                                                                \
+      for (int64_t p = 0; p < nbags; ++p)                                                               \
+        pool_chunk<K, S, Int8, HasW, false, IdxT>(data, tab.row_stride, tab.row_scale, tab.row_min, idx, \
+                                                  off[p], off[p + 1], pf_last, row_bytes, psw, mean, 0,  \
+                                                  last, out + p * out_stride);                           \
     break;
   switch (nv) {
     RECMETA_EB_RANGE(1)
@@ -367,7 +396,7 @@ void forward_impl(const EmbeddingBagForwardArgs& a) {
   // parallel region.
   const bool parallel = items > 1 && (a.indices.size + T * B) * std::max<int64_t>(max_dim, 1) >= kParallelMinWork;
 #ifdef RECMETA_HAVE_OPENMP
-  if (parallel) {
+  if (parallel && omp_get_max_threads() > 1) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) run(it);
     return;
