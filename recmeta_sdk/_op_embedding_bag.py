@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from typing import List, Optional
 
 import numpy as np
@@ -50,6 +51,17 @@ _OPTIMIZERS = ("sgd", "rowwise_adagrad")
 
 
 _CORE = None
+_ENV_BACKEND = "RECMETA_BACKEND"
+_DEFAULT_CPU = None
+
+
+def _default_cpu_backend() -> str:
+    """backends.resolve(None, "cpu") without RECMETA_BACKEND set: the compiled core if it loads."""
+    global _DEFAULT_CPU
+    if _DEFAULT_CPU is None:
+        _DEFAULT_CPU = backends.resolve(None, "cpu") if _ENV_BACKEND not in os.environ else (
+            "cpp" if backends.available("cpp") else "torch")
+    return _DEFAULT_CPU
 
 
 def _core():
@@ -406,6 +418,39 @@ def _split_table(weight, table_offsets, name: str = "weight", with_bounds: bool 
     return (parts, bounds) if with_bounds else parts
 
 
+_Tensor = torch.Tensor
+_STRIDED = torch.strided
+_IDS_CODE = {torch.int32: 0, torch.int64: 1}
+_TABLE_CODE = {torch.float32: 0, torch.float16: 1}
+
+
+def _fast_forward(w, indices, offsets, mode):
+    """The common call, one plain CPU float32/float16 tensor table and plain CPU id tensors on
+    the default backend (the compiled core) without autograd, with the fewest Python steps;
+    None where anything differs (the general path then handles, or refuses, the call). The
+    values (ids in range, offsets well formed) are checked in the core as on the general path."""
+    if _ENV_BACKEND in os.environ or _default_cpu_backend() != "cpp":
+        return None
+    if (w.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return None
+    code = _TABLE_CODE.get(w.dtype)
+    ic = _IDS_CODE.get(indices.dtype)
+    oc = _IDS_CODE.get(offsets.dtype)
+    if code is None or ic is None or oc is None or mode not in _MODES:
+        return None
+    for x in (w, indices, offsets):
+        if not x.is_cpu or x.layout is not _STRIDED or not x.is_contiguous():
+            return None
+    ws = w.shape
+    if len(ws) != 2 or indices.dim() != 1 or offsets.dim() != 1:
+        return None
+    n, d = ws
+    out = _core().embedding_bag_forward([(w.data_ptr(), code, n, d, d, 0, 0)],
+                                        (indices.data_ptr(), ic, indices.numel()),
+                                        (offsets.data_ptr(), oc, offsets.numel()), None, mode)
+    return torch.from_numpy(out)
+
+
 def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: str = "sum",
                   backend: Optional[str] = None, table_offsets=None):
     """Pooled lookup of bags of table rows (one table, or a list of tables: TBE).
@@ -432,6 +477,11 @@ def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: st
     if the indices were numpy, else a torch tensor, differentiable with respect to float32
     tables (the whole table with ``table_offsets``) and the per-sample weights.
     """
+    if (type(weight) is _Tensor and type(indices) is _Tensor and type(offsets) is _Tensor
+            and per_sample_weights is None and backend is None and table_offsets is None):
+        out = _fast_forward(weight, indices, offsets, mode)
+        if out is not None:
+            return out
     if mode != "sum" and mode != "mean":
         raise ValueError(f"embedding_bag: mode must be 'sum' or 'mean', got {mode!r}")
     whole = None
@@ -444,8 +494,11 @@ def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: st
     if not tables:
         raise ValueError("embedding_bag: the list of tables is empty")
     is_torch = isinstance(indices, torch.Tensor)
-    be = backends.resolve(backend, "cuda" if is_torch and indices.is_cuda else "cpu")
-    if be in ("triton", "cuda"):
+    if backend is None and _ENV_BACKEND not in os.environ and not (is_torch and indices.is_cuda):
+        be = _default_cpu_backend()  # what backends.resolve answers here, without its look-ups
+    else:
+        be = backends.resolve(backend, "cuda" if is_torch and indices.is_cuda else "cpu")
+    if be == "triton" or be == "cuda":
         if whole is not None:
             raise ValueError(f"embedding_bag: table_offsets is supported by the 'cpp' and 'torch' backends, not {be!r}")
         from ._gpu import gpu_embedding_bag
