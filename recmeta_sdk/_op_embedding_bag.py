@@ -59,8 +59,7 @@ def _default_cpu_backend() -> str:
     """backends.resolve(None, "cpu") without RECMETA_BACKEND set: the compiled core if it loads."""
     global _DEFAULT_CPU
     if _DEFAULT_CPU is None:
-        _DEFAULT_CPU = backends.resolve(None, "cpu") if _ENV_BACKEND not in os.environ else (
-            "cpp" if backends.available("cpp") else "torch")
+        _DEFAULT_CPU = "cpp" if backends.available("cpp") else "torch"
     return _DEFAULT_CPU
 
 
