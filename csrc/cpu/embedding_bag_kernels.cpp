@@ -145,7 +145,20 @@ struct Vec {
 /// but its own: the accumulators stay in NV registers, and the row `kPrefetchDistance`
 /// positions ahead in the table's index stream (clamped to the table's last position pf_last,
 /// so no test either) is prefetched, pf_bytes of it (0 in the later passes over a long row).
-template <int NV, typename S, bool Int8, bool HasW, bool Far, typename IdxT>
+/// Prefetch the cache lines of one row: PfLines of them (a compile-time count, unrolled), or,
+/// with PfLines < 0, those of the first `bytes` bytes.
+template <int PfLines, int Locality>
+inline void prefetch_lines(const char* p, int64_t bytes) {
+  if constexpr (PfLines >= 0) {
+    (void)bytes;
+#pragma GCC unroll 16
+    for (int l = 0; l < PfLines; ++l) __builtin_prefetch(p + 64 * l, 0, Locality);
+  } else {
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, Locality);
+  }
+}
+
+template <int NV, typename S, bool Int8, bool HasW, bool Far, typename IdxT, int PfLines = -1>
 inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale,
                        const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
                        int64_t pf_last, int64_t pf_bytes, const float* psw, bool mean,
@@ -160,16 +173,14 @@ inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale
   for (int64_t i = begin; i < end; ++i) {
     if (Far) {
       const int64_t pf = static_cast<int64_t>(idx[std::min(i + kFarDistance, pf_last)]);
-      const char* pp = reinterpret_cast<const char*>(base + pf * row_stride);
-      for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pp + o, 0, 2);
+      prefetch_lines<PfLines, 2>(reinterpret_cast<const char*>(base + pf * row_stride), pf_bytes);
       if (Int8) {
         __builtin_prefetch(row_scale + pf, 0, 2);
         __builtin_prefetch(row_min + pf, 0, 2);
       }
     }
     const int64_t pr = static_cast<int64_t>(idx[std::min(i + (Far ? kNearDistance : kPrefetchDistance), pf_last)]);
-    const char* pp = reinterpret_cast<const char*>(base + pr * row_stride);
-    for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pp + o, 0, 3);
+    prefetch_lines<PfLines, 3>(reinterpret_cast<const char*>(base + pr * row_stride), pf_bytes);
     if (Int8) {
       __builtin_prefetch(row_scale + pr, 0, 3);
       __builtin_prefetch(row_min + pr, 0, 3);
@@ -261,16 +272,20 @@ inline void pool_range(const TableView& tab, const IdxT* idx, const int64_t* off
   }
   const typename Vec::M last = Vec::mask(dim - (nv - 1) * Vec::W);
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(S));
+  // The whole row in registers: prefetch the lines of K vectors of S (a compile-time count).
+#define RECMETA_EB_LINES(K) static_cast<int>((K * Vec::W * sizeof(S) + 63) / 64)
 #define RECMETA_EB_RANGE(K)                                                                             \
   case K:                                                                                               \
     if (far)                                                                                            \
       for (int64_t p = 0; p < nbags; ++p)                                                               \
-        pool_chunk<K, S, Int8, HasW, true, IdxT>(data, tab.row_stride, tab.row_scale, tab.row_min, idx,  \
+        pool_chunk<K, S, Int8, HasW, true, IdxT, RECMETA_EB_LINES(K)>(                                  \
+            data, tab.row_stride, tab.row_scale, tab.row_min, idx,                                      \
                                                  off[p], off[p + 1], pf_last, row_bytes, psw, mean, 0,   \
                                                  last, out + p * out_stride);                            \
     else                                                                                                \
       for (int64_t p = 0; p < nbags; ++p)                                                               \
-        pool_chunk<K, S, Int8, HasW, false, IdxT>(data, tab.row_stride, tab.row_scale, tab.row_min, idx, \
+        pool_chunk<K, S, Int8, HasW, false, IdxT, RECMETA_EB_LINES(K)>(                                 \
+            data, tab.row_stride, tab.row_scale, tab.row_min, idx,                                      \
                                                   off[p], off[p + 1], pf_last, row_bytes, psw, mean, 0,  \
                                                   last, out + p * out_stride);                           \
     break;
@@ -286,6 +301,7 @@ inline void pool_range(const TableView& tab, const IdxT* idx, const int64_t* off
       RECMETA_EB_RANGE(8)
   }
 #undef RECMETA_EB_RANGE
+#undef RECMETA_EB_LINES
 }
 #else
 // =========================================================================================
