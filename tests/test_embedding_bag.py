@@ -91,9 +91,9 @@ def test_forward_odd_dims(dtype, d):
 @needs_cpp
 @pytest.mark.parametrize("dtype, n", [("fp32", 131101), ("fp16", 262147), ("int8", 524309)])
 def test_forward_large_tables(dtype, n):
-    """Tables over 32 MiB take the kernels' two-stage prefetch path."""
+    """Tables over 32 MiB, read for over 32 MiB of rows, take the kernels' two-stage prefetch path."""
     rng = np.random.default_rng(zlib.crc32(f"large/{dtype}".encode()))
-    d, B = 67, 1021
+    d, B = 67, 131071
     w = torch.from_numpy(rng.standard_normal((n, d), dtype=np.float32))
     tab = w if dtype == "fp32" else reference.quantize(w, dtype)
     nbytes = n * d * {"fp32": 4, "fp16": 2, "int8": 1}[dtype]
@@ -101,6 +101,7 @@ def test_forward_large_tables(dtype, n):
     off = make_offsets(rng, B, max_len=9)
     idx = rng.integers(0, n, size=int(off[-1]))
     idx[:5] = [0, n - 1, n - 1, n // 2, 0]
+    assert idx.size * nbytes // n > 32 << 20
     psw = rng.standard_normal(idx.size).astype(np.float32)
     for mode, weights in (("sum", None), ("mean", psw)):
         got = ops.embedding_bag(tab, idx, off, per_sample_weights=weights, mode=mode, backend="cpp")
