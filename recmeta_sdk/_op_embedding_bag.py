@@ -423,23 +423,36 @@ _IDS_CODE = {torch.int32: 0, torch.int64: 1}
 _TABLE_CODE = {torch.float32: 0, torch.float16: 1}
 
 
+# The mapping behind os.environ (kept current by its __setitem__ / __delitem__): one dict look-up
+# instead of os.environ's Python-level __contains__, which matters on the hot path because the
+# interpreter's own code is cold in the caches after a kernel has streamed the table's rows.
+_ENVIRON = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(_ENV_BACKEND) if _ENVIRON is not None and hasattr(os.environ, "encodekey") else None
+
+
+def _env_backend_set() -> bool:
+    if _ENV_KEY is not None:
+        return _ENV_KEY in _ENVIRON
+    return _ENV_BACKEND in os.environ
+
+
 def _fast_forward(w, indices, offsets, mode):
     """The common call, one plain CPU float32/float16 tensor table and plain CPU id tensors on
     the default backend (the compiled core) without autograd, with the fewest Python steps;
     None where anything differs (the general path then handles, or refuses, the call). The
     values (ids in range, offsets well formed) are checked in the core as on the general path."""
-    if _ENV_BACKEND in os.environ or _default_cpu_backend() != "cpp":
+    if _env_backend_set() or (_DEFAULT_CPU or _default_cpu_backend()) != "cpp":
         return None
     if (w.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return None
     code = _TABLE_CODE.get(w.dtype)
     ic = _IDS_CODE.get(indices.dtype)
     oc = _IDS_CODE.get(offsets.dtype)
-    if code is None or ic is None or oc is None or mode not in _MODES:
+    if (code is None or ic is None or oc is None or (mode != "sum" and mode != "mean")
+            or not (w.is_cpu and indices.is_cpu and offsets.is_cpu)
+            or w.layout is not _STRIDED or indices.layout is not _STRIDED or offsets.layout is not _STRIDED
+            or not (w.is_contiguous() and indices.is_contiguous() and offsets.is_contiguous())):
         return None
-    for x in (w, indices, offsets):
-        if not x.is_cpu or x.layout is not _STRIDED or not x.is_contiguous():
-            return None
     ws = w.shape
     if len(ws) != 2 or indices.dim() != 1 or offsets.dim() != 1:
         return None
@@ -493,7 +506,7 @@ def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: st
     if not tables:
         raise ValueError("embedding_bag: the list of tables is empty")
     is_torch = isinstance(indices, torch.Tensor)
-    if backend is None and _ENV_BACKEND not in os.environ and not (is_torch and indices.is_cuda):
+    if backend is None and not _env_backend_set() and not (is_torch and indices.is_cuda):
         be = _default_cpu_backend()  # what backends.resolve answers here, without its look-ups
     else:
         be = backends.resolve(backend, "cuda" if is_torch and indices.is_cuda else "cpu")

@@ -938,3 +938,19 @@ def test_tbe_backward_rejects_bad_input_before_any_update(backend, case, exc, ma
         ops.embedding_bag_backward(tabs, idx, off, g, optimizer="rowwise_adagrad", state=sts, backend=backend)
     for w, w0 in zip(tabs, before):
         assert np.array_equal(w, w0)
+
+
+def test_recmeta_backend_variable_is_read_on_every_call(monkeypatch):
+    """The short path for plain tensors still honours RECMETA_BACKEND, set or unset at any time."""
+    rng = np.random.default_rng(13)
+    w = torch.from_numpy(rng.standard_normal((17, 5)).astype(np.float32))
+    idx, off = torch.tensor([3, 16, 0], dtype=torch.int64), torch.tensor([0, 2, 3], dtype=torch.int64)
+    want = reference.embedding_bag(w, idx, off)
+    torch.testing.assert_close(ops.embedding_bag(w, idx, off), want, rtol=RTOL, atol=ATOL)
+    monkeypatch.setenv("RECMETA_BACKEND", "no-such-backend")
+    with pytest.raises(ValueError, match="unknown backend 'no-such-backend'"):
+        ops.embedding_bag(w, idx, off)
+    monkeypatch.setenv("RECMETA_BACKEND", "torch")
+    torch.testing.assert_close(ops.embedding_bag(w, idx, off), want, rtol=0, atol=0)
+    monkeypatch.delenv("RECMETA_BACKEND")
+    torch.testing.assert_close(ops.embedding_bag(w, idx, off), want, rtol=RTOL, atol=ATOL)
