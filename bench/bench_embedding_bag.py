@@ -21,7 +21,9 @@ Cases
   fbgemm-gpu-cpu's ``SplitTableBatchedEmbeddingBagsCodegen`` if it imports;
 * fused backward + SGD / row-wise Adagrad vs torch's sparse-gradient backward + optimiser step
   (``F.embedding_bag`` on a sparse=True weight, then ``torch.optim.SGD`` / ``Adagrad``), and
-  fbgemm's TBE with its fused optimiser, at B = 8192, d = 64.
+  fbgemm's TBE with its fused optimiser, at B = 8192, d = 64;
+* the same over 8 tables in one call (a list of tables, and the one-table ``table_offsets``
+  form) vs torch over 8 sparse weights and fbgemm's 8-table TBE (``--only tbe_backward``).
 """
 from __future__ import annotations
 
@@ -181,12 +183,15 @@ def bench_tbe(args, threads, bw, fbgemm):
         idx = torch.cat([p[0] for p in parts])
         lens = torch.cat([p[1][1:] - p[1][:-1] for p in parts])
         off = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)])
+        whole = torch.cat(tables)
+        cum = torch.tensor([t * N for t in range(T + 1)], dtype=torch.int64)
         fns = [
             lambda: ops.embedding_bag(tables, idx, off),
             lambda: [F.embedding_bag(p[0], tables[t], p[1], include_last_offset=True) for t, p in enumerate(parts)],
             lambda: torch.cat([F.embedding_bag(p[0], tables[t], p[1], include_last_offset=True)
                                for t, p in enumerate(parts)], dim=1),
         ]
+        fns.append(lambda: ops.embedding_bag(whole, idx, off, table_offsets=cum))
         if fb is not None:
             def run_fb():
                 with torch.no_grad():
@@ -194,9 +199,9 @@ def bench_tbe(args, threads, bw, fbgemm):
             fns.append(run_fb)
         times = best_times(fns, args.reps)
         nbytes = idx.numel() * (d * 4 + 8) + B * T * d * 4
-        peers = [("8 torch calls", times[1]), ("+cat", times[2])]
+        peers = [("8 torch calls", times[1]), ("+cat", times[2]), ("ours table_offsets", times[3])]
         if fb is not None:
-            peers.append(("fbgemm TBE", times[3]))
+            peers.append(("fbgemm TBE", times[4]))
             if threads == 1 and B == 8192:
                 got = ops.embedding_bag(tables, idx, off)
                 with torch.no_grad():
@@ -265,12 +270,80 @@ def bench_backward(args, threads, bw, fbgemm):
     print(f"   (the forward alone at this size: ours {fwd_ours:.3f} ms, torch {fwd_torch:.3f} ms)")
 
 
+def bench_tbe_backward(args, threads, bw, fbgemm):
+    print(f"\n== TBE fused backward + optimiser: 8 tables in one call ({threads} thread(s)) ==")
+    rng = np.random.default_rng(SEED + 5)
+    T = 8
+    N = 50_000 if args.quick else 250_000
+    d, B = 64, 8192
+    w0 = [torch.from_numpy(rng.random((N, d), dtype=np.float32)).clone() for _ in range(T)]
+    parts = [make_bags(rng, N, B) for _ in range(T)]
+    idx = torch.cat([p[0] for p in parts])
+    lens = torch.cat([p[1][1:] - p[1][:-1] for p in parts])
+    off = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)])
+    g = torch.from_numpy(rng.standard_normal((B, T * d)).astype(np.float32))
+    cum = torch.tensor([t * N for t in range(T + 1)], dtype=torch.int64)
+    lr = 0.01
+    reps = max(3, args.reps // 2)
+    for optimizer in ("sgd", "rowwise_adagrad"):
+        ours_w = [w.clone() for w in w0]
+        states = [torch.zeros(N, dtype=torch.float32) for _ in range(T)]
+        whole = torch.cat(w0)
+        whole_state = torch.zeros(T * N, dtype=torch.float32)
+
+        def ours():
+            ops.embedding_bag_backward(ours_w, idx, off, g, optimizer=optimizer, lr=lr, state=states)
+
+        def ours_whole():
+            ops.embedding_bag_backward(whole, idx, off, g, optimizer=optimizer, lr=lr, state=whole_state,
+                                       table_offsets=cum)
+
+        params = [torch.nn.Parameter(w.clone()) for w in w0]
+        topt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.Adagrad(params, lr=lr)
+        holder = {}
+
+        def torch_fwd():
+            holder["out"] = torch.cat([F.embedding_bag(p[0], params[t], p[1], include_last_offset=True, sparse=True)
+                                       for t, p in enumerate(parts)], dim=1)
+
+        def torch_bwd_step():
+            holder["out"].backward(g)
+            topt.step()
+            topt.zero_grad(set_to_none=True)
+
+        fb = fbgemm(w0, optimizer=optimizer, lr=lr) if fbgemm is not None else None
+        best = {"ours": float("inf"), "whole": float("inf"), "torch": float("inf"), "fb": float("inf")}
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            ours()
+            best["ours"] = min(best["ours"], time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ours_whole()
+            best["whole"] = min(best["whole"], time.perf_counter() - t0)
+            torch_fwd()
+            t0 = time.perf_counter()
+            torch_bwd_step()
+            best["torch"] = min(best["torch"], time.perf_counter() - t0)
+            if fb is not None:
+                out = fb(idx, off)
+                t0 = time.perf_counter()
+                out.backward(g)
+                best["fb"] = min(best["fb"], time.perf_counter() - t0)
+        peers = [("table_offsets form", best["whole"] * 1e3),
+                 ("torch 8x " + ("SGD" if optimizer == "sgd" else "Adagrad"), best["torch"] * 1e3)]
+        if fb is not None:
+            peers.append(("fbgemm TBE fused", best["fb"] * 1e3))
+        uniq = sum(int(torch.unique(p[0]).numel()) for p in parts)
+        nbytes = idx.numel() * (8 + d * 4) + uniq * d * 4 * 2
+        fmt_case(f"{optimizer:15s} T={T} N={N} d={d} B={B}", best["ours"] * 1e3, peers, nbytes / bw * 1e3)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="reduced grid")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
-    ap.add_argument("--only", default="forward,quantized,tbe,backward", help="which sections to run")
+    ap.add_argument("--only", default="forward,quantized,tbe,backward,tbe_backward", help="which sections to run")
     args = ap.parse_args()
     if args.reps is None:
         args.reps = 7 if args.quick else 15
@@ -279,7 +352,7 @@ def main():
           f"numpy {np.__version__}")
     print(f"core: CPU kernels '{_core.cpu_isa()}', OpenMP {'on' if _core.has_openmp() else 'off'}; "
           f"CPUs available: {len(os.sched_getaffinity(0))}; best of {args.reps} interleaved runs per case")
-    fbgemm = load_fbgemm() if ("tbe" in sections or "backward" in sections) else None
+    fbgemm = load_fbgemm() if sections & {"tbe", "backward", "tbe_backward"} else None
     rng = np.random.default_rng(SEED)
     tables_by_n = {}
     if sections & {"forward", "quantized"}:
@@ -303,6 +376,8 @@ def main():
             bench_tbe(args, threads, bw, fbgemm)
         if "backward" in sections:
             bench_backward(args, threads, bw, fbgemm)
+        if "tbe_backward" in sections:
+            bench_tbe_backward(args, threads, bw, fbgemm)
 
 
 if __name__ == "__main__":

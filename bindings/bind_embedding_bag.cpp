@@ -52,6 +52,7 @@ int64_t row_stride_of(const py::array& a, const std::string& name) {
   if (a.ndim() != 2)
     throw py::value_error(name + ": expected a 2-D (N, d) array, got " + std::to_string(a.ndim()) + " dimensions");
   const py::ssize_t it = a.itemsize();
+  if (a.size() == 0) return a.shape(1);  // no element is read: any strides will do
   if (a.shape(1) > 1 && a.strides(1) != it)
     throw py::value_error(name + ": rows must be contiguous (element stride " + std::to_string(a.strides(1)) + ")");
   if (a.shape(0) <= 1) return a.shape(1);
@@ -254,6 +255,68 @@ void backward(py::array weight, const py::array& indices, const py::array& offse
   }
 }
 
+void backward_tbe(const py::sequence& weights, const py::array& indices, const py::array& offsets,
+                  const py::array& grad_output, const py::object& per_sample_weights,
+                  const std::string& mode, const std::string& optimizer, double lr, double eps,
+                  const py::object& states) {
+  const recmeta::PoolingMode pm = pooling_mode(mode);
+  recmeta::SparseOptimizer opt;
+  if (optimizer == "sgd") opt = recmeta::SparseOptimizer::Sgd;
+  else if (optimizer == "rowwise_adagrad") opt = recmeta::SparseOptimizer::RowwiseAdagrad;
+  else throw py::value_error("optimizer: must be 'sgd' or 'rowwise_adagrad', got '" + optimizer + "'");
+  const py::ssize_t T = py::len(weights);
+  if (T < 1) throw py::value_error("weight: the list of tables is empty");
+  std::vector<py::array> keep;
+  std::vector<recmeta::MutableTable> tabs(static_cast<size_t>(T));
+  int64_t D = 0;
+  for (py::ssize_t t = 0; t < T; ++t) {
+    const std::string name = "weight[" + std::to_string(t) + "]";
+    py::array w = py::array::ensure(weights[t]);
+    if (!w) throw py::type_error(name + ": expected a numpy array");
+    if (!is_dtype(w, 'f', 4)) throw py::type_error(name + ": the fused update needs a float32 table, got " + dtype_str(w));
+    if (!w.writeable()) throw py::value_error(name + ": the array is read-only");
+    tabs[t].row_stride = row_stride_of(w, name);
+    tabs[t].rows = w.shape(0);
+    tabs[t].dim = w.shape(1);
+    tabs[t].weight = static_cast<float*>(w.mutable_data());
+    keep.push_back(w);
+    D += tabs[t].dim;
+  }
+  if (!states.is_none()) {
+    py::sequence ss = py::reinterpret_borrow<py::sequence>(states);
+    if (!py::isinstance<py::sequence>(states) || py::len(ss) != static_cast<size_t>(T))
+      throw py::value_error("state: expected a list of " + std::to_string(T) + " (N_t,) float32 arrays");
+    for (py::ssize_t t = 0; t < T; ++t) {
+      const std::string name = "state[" + std::to_string(t) + "]";
+      const float* s = float_vector(ss[t], tabs[t].rows, name, keep);
+      if (!keep.back().writeable()) throw py::value_error(name + ": the array is read-only");
+      tabs[t].state = const_cast<float*>(s);
+    }
+  }
+  if (opt == recmeta::SparseOptimizer::RowwiseAdagrad && states.is_none())
+    throw py::value_error("state: rowwise_adagrad needs a (N_t,) float32 state per table");
+  const recmeta::IndexView idx = index_view(indices, "indices");
+  const recmeta::IndexView off = index_view(offsets, "offsets");
+  if (off.size < 1) throw py::value_error("offsets: expected T*B+1 >= 1 offsets, got 0");
+  if ((off.size - 1) % T != 0)
+    throw py::value_error("offsets: " + std::to_string(off.size - 1) + " bags is not a multiple of the " +
+                          std::to_string(T) + " tables");
+  const int64_t B = (off.size - 1) / T;
+  if (!is_dtype(grad_output, 'f', 4)) throw py::type_error("grad_output: expected float32, got " + dtype_str(grad_output));
+  const int64_t gs = row_stride_of(grad_output, "grad_output");
+  if (grad_output.shape(0) != B || grad_output.shape(1) != D)
+    throw py::value_error("grad_output: expected shape (" + std::to_string(B) + ", " + std::to_string(D) +
+                          "), got (" + std::to_string(grad_output.shape(0)) + ", " +
+                          std::to_string(grad_output.shape(1)) + ")");
+  const float* psw = float_vector(per_sample_weights, idx.size, "per_sample_weights", keep);
+  const float* g = static_cast<const float*>(grad_output.data());
+  {
+    py::gil_scoped_release nogil;
+    recmeta::embedding_bag_backward_tbe(tabs.data(), T, idx, off, g, gs, psw, pm, opt, static_cast<float>(lr),
+                                        static_cast<float>(eps));
+  }
+}
+
 }  // namespace
 
 void bind_embedding_bag(py::module_& m) {
@@ -297,6 +360,26 @@ lr, eps : learning rate and Adagrad epsilon
 state : (N,) float32 writable Adagrad state (required for rowwise_adagrad)
 
 Deterministic: bit-identical results for any thread count.)doc");
+  m.def("embedding_bag_backward_tbe", &backward_tbe, py::arg("weights"), py::arg("indices"), py::arg("offsets"),
+        py::arg("grad_output"), py::arg("per_sample_weights") = py::none(), py::arg("mode") = "sum",
+        py::arg("optimizer") = "sgd", py::arg("lr") = 0.01, py::arg("eps") = 1e-8,
+        py::arg("states") = py::none(),
+        R"doc(Table-batched embedding-bag backward fused with a sparse optimiser, in place.
+
+Parameters
+----------
+weights : list of T (N_t, d_t) float32 writable arrays; only rows present in ``indices`` change
+indices : (nnz,) int32 or int64, local to their table, each in [0, N_t)
+offsets : (T*B+1,) int32 or int64 CSR offsets, table-major (bag t*B+b = sample b of table t)
+grad_output : (B, sum_t d_t) float32, the gradient of the forward output
+per_sample_weights : (nnz,) float32 or None
+mode : "sum" or "mean"
+optimizer : "sgd" or "rowwise_adagrad"
+lr, eps : learning rate and Adagrad epsilon
+states : None, or a list of T (N_t,) float32 writable Adagrad states (required for rowwise_adagrad)
+
+Everything is validated before any table changes; then the tables are updated in table order,
+each bit-identically for any thread count.)doc");
 }
 
 }  // namespace recmeta_bindings

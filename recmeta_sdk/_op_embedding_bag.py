@@ -25,7 +25,9 @@ Torch custom ops (namespace ``recmeta``)
 """
 from __future__ import annotations
 
+import itertools
 import math
+import os
 from typing import List, Optional
 
 import numpy as np
@@ -49,6 +51,16 @@ _OPTIMIZERS = ("sgd", "rowwise_adagrad")
 
 
 _CORE = None
+_ENV_BACKEND = "RECMETA_BACKEND"
+_DEFAULT_CPU = None
+
+
+def _default_cpu_backend() -> str:
+    """backends.resolve(None, "cpu") without RECMETA_BACKEND set: the compiled core if it loads."""
+    global _DEFAULT_CPU
+    if _DEFAULT_CPU is None:
+        _DEFAULT_CPU = "cpp" if backends.available("cpp") else "torch"
+    return _DEFAULT_CPU
 
 
 def _core():
@@ -87,13 +99,13 @@ def _np_inplace(x, name: str):
     if isinstance(x, np.ndarray):
         if not x.flags.writeable:
             raise ValueError(f"{name}: the array is read-only; the update is in place")
-        if x.ndim and x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
+        if x.size and x.ndim and x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
             raise ValueError(f"{name}: the last dimension must be contiguous for an in-place update")
         return x
     if isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
             raise ValueError(f"{name}: the cpp backend needs CPU data, got a tensor on {x.device}")
-        if x.dim() and x.shape[-1] > 1 and x.stride(-1) != 1:
+        if x.numel() and x.dim() and x.shape[-1] > 1 and x.stride(-1) != 1:
             raise ValueError(f"{name}: the last dimension must be contiguous for an in-place update")
         if x.dtype != torch.float32:
             raise TypeError(f"{name}: expected float32, got {x.dtype}")
@@ -343,52 +355,190 @@ def _check_torch_path(tabs, idx, off, psw):
     B = (off.numel() - 1) // T
     if idx.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"indices: ids must be int32 or int64, got {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"indices: expected a 1-D array, got shape {tuple(idx.shape)}")
     for t, tab in enumerate(tabs):
         lo, hi = int(off[t * B]), int(off[(t + 1) * B])
-        check_ids(idx[lo:hi], "indices" if T == 1 else f"indices of table {t}", tab.shape[0])
+        n = tab.shape[0]
+        ids = idx[lo:hi]
+        bad = (ids < 0) | (ids >= n)
+        if ids.numel() and bool(bad.any()):
+            pos = int(torch.nonzero(bad)[0, 0])
+            name = "indices" if T == 1 else f"indices of table {t}"
+            # the position in the whole indices array, as the core reports it
+            raise ValueError(f"{name}: id {int(ids[pos])} at position {lo + pos} is out of range [0, {n})")
     if psw is not None:
         check_float(psw, "per_sample_weights", (idx.numel(),))
     return off
 
 
+def _table_bounds(table_offsets, rows: int) -> List[int]:
+    """The validated (T+1,) cumulative row offsets of the one-table TBE form as a list."""
+    if isinstance(table_offsets, torch.Tensor):
+        if table_offsets.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"table_offsets: expected int32 or int64, got {table_offsets.dtype}")
+        arr = table_offsets.detach().cpu().numpy()
+    elif isinstance(table_offsets, np.ndarray):
+        if table_offsets.dtype not in (np.int32, np.int64):
+            raise TypeError(f"table_offsets: expected int32 or int64, got dtype {table_offsets.dtype}")
+        arr = table_offsets
+    elif isinstance(table_offsets, (list, tuple)):
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in table_offsets):
+            raise TypeError("table_offsets: expected integers")
+        arr = np.asarray(table_offsets, dtype=np.int64)
+    else:
+        raise TypeError(f"table_offsets: expected a (T+1,) int array or tensor, got {type(table_offsets).__name__}")
+    if arr.ndim != 1 or arr.shape[0] < 2:
+        raise ValueError(f"table_offsets: expected a 1-D array of T+1 >= 2 offsets, got shape {tuple(arr.shape)}")
+    if int(arr[0]) != 0:
+        raise ValueError(f"table_offsets: table_offsets[0] must be 0, got {int(arr[0])}")
+    steps = np.diff(arr)
+    if steps.size and int(steps.min()) < 0:
+        pos = int(np.argmax(steps < 0)) + 1
+        raise ValueError(f"table_offsets: offsets decrease at position {pos} ({int(arr[pos - 1])} -> {int(arr[pos])})")
+    if int(arr[-1]) != rows:
+        raise ValueError(f"table_offsets: table_offsets[-1] must equal the number of rows of weight {rows}, "
+                         f"got {int(arr[-1])}")
+    return [int(v) for v in arr.tolist()]
+
+
+def _split_table(weight, table_offsets, name: str = "weight", with_bounds: bool = False):
+    """The T tables of the one-table TBE form: views (no copy) of the row ranges of ``weight``
+    (and the validated bounds if ``with_bounds``)."""
+    if isinstance(weight, (list, tuple)):
+        raise TypeError(f"{name}: with table_offsets, give one (sum_t N_t, d) table, not a list of tables")
+    if isinstance(weight, QuantizedTable):
+        shape = tuple(weight.data.shape)
+    elif isinstance(weight, (np.ndarray, torch.Tensor)):
+        shape = tuple(weight.shape)
+    else:
+        raise TypeError(f"{name}: expected a numpy array, torch tensor or QuantizedTable, got {type(weight).__name__}")
+    if len(shape) != 2:
+        raise ValueError(f"{name}: expected a 2-D (sum_t N_t, d) table, got shape {shape}")
+    bounds = _table_bounds(table_offsets, shape[0])
+    pairs = list(itertools.pairwise(bounds))
+    if isinstance(weight, QuantizedTable):
+        if weight.dtype == "int8":
+            parts = [QuantizedTable("int8", weight.data[a:b], weight.row_scale[a:b], weight.row_min[a:b])
+                     for a, b in pairs]
+        else:
+            parts = [QuantizedTable(weight.dtype, weight.data[a:b]) for a, b in pairs]
+    else:
+        parts = [weight[a:b] for a, b in pairs]
+    return (parts, bounds) if with_bounds else parts
+
+
+_Tensor = torch.Tensor
+_STRIDED = torch.strided
+_IDS_CODE = {torch.int32: 0, torch.int64: 1}
+_TABLE_CODE = {torch.float32: 0, torch.float16: 1}
+
+
+# The mapping behind os.environ (kept current by its __setitem__ / __delitem__): one dict look-up
+# instead of os.environ's Python-level __contains__, which matters on the hot path because the
+# interpreter's own code is cold in the caches after a kernel has streamed the table's rows.
+_ENVIRON = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(_ENV_BACKEND) if _ENVIRON is not None and hasattr(os.environ, "encodekey") else None
+
+
+def _env_backend_set() -> bool:
+    if _ENV_KEY is not None:
+        return _ENV_KEY in _ENVIRON
+    return _ENV_BACKEND in os.environ
+
+
+def _fast_forward(w, indices, offsets, mode):
+    """The common call, one plain CPU float32/float16 tensor table and plain CPU id tensors on
+    the default backend (the compiled core) without autograd, with the fewest Python steps;
+    None where anything differs (the general path then handles, or refuses, the call). The
+    values (ids in range, offsets well formed) are checked in the core as on the general path."""
+    if _env_backend_set() or (_DEFAULT_CPU or _default_cpu_backend()) != "cpp":
+        return None
+    if (w.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return None
+    code = _TABLE_CODE.get(w.dtype)
+    ic = _IDS_CODE.get(indices.dtype)
+    oc = _IDS_CODE.get(offsets.dtype)
+    if (code is None or ic is None or oc is None or (mode != "sum" and mode != "mean")
+            or not (w.is_cpu and indices.is_cpu and offsets.is_cpu)
+            or w.layout is not _STRIDED or indices.layout is not _STRIDED or offsets.layout is not _STRIDED
+            or not (w.is_contiguous() and indices.is_contiguous() and offsets.is_contiguous())):
+        return None
+    ws = w.shape
+    if len(ws) != 2 or indices.dim() != 1 or offsets.dim() != 1:
+        return None
+    n, d = ws
+    out = _core().embedding_bag_forward([(w.data_ptr(), code, n, d, d, 0, 0)],
+                                        (indices.data_ptr(), ic, indices.numel()),
+                                        (offsets.data_ptr(), oc, offsets.numel()), None, mode)
+    return torch.from_numpy(out)
+
+
 def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: str = "sum",
-                  backend: Optional[str] = None):
+                  backend: Optional[str] = None, table_offsets=None):
     """Pooled lookup of bags of table rows (one table, or a list of tables: TBE).
 
     Parameters
     ----------
     weight : (N, d) float32 / float16 array or tensor, QuantizedTable, or a list of T such
-        tables (possibly of different N_t and d_t)
-    indices : (nnz,) int32 or int64, row ids (local to their table)
-    offsets : (B+1,) CSR offsets (``(T*B+1,)`` table-major for a list of tables: bag ``t*B+b``
+        tables (possibly of different N_t and d_t); with ``table_offsets``, one
+        (sum_t N_t, d) table of any of these kinds holding the T tables' rows one after the other
+    indices : (nnz,) int32 or int64, row ids (local to their table: in [0, N_t))
+    offsets : (B+1,) CSR offsets (``(T*B+1,)`` table-major for T tables: bag ``t*B+b``
         is sample b of table t), like ``include_last_offset=True``
     per_sample_weights : (nnz,) float32, optional
     mode : {"sum", "mean"}; an empty bag gives a zero row
     backend : {"cpp", "torch"} or None (``RECMETA_BACKEND`` or the default)
+    table_offsets : (T+1,) int32 / int64 cumulative row offsets, optional (FBGEMM's
+        ``hash_size_cumsum``): table t is rows ``table_offsets[t] .. table_offsets[t+1]-1`` of
+        ``weight``; ``table_offsets[0] == 0`` and ``table_offsets[T]`` is the number of rows.
+        The tables are views of ``weight``, nothing is copied.
 
     Returns
     -------
-    (B, d) float32 (``(B, sum_t d_t)`` for a list), numpy if the indices were numpy, else a
-    torch tensor, differentiable with respect to float32 tables and the per-sample weights.
+    (B, d) float32 (``(B, sum_t d_t)`` for a list, ``(B, T*d)`` with ``table_offsets``), numpy
+    if the indices were numpy, else a torch tensor, differentiable with respect to float32
+    tables (the whole table with ``table_offsets``) and the per-sample weights.
     """
-    if mode not in _MODES:
+    if (type(weight) is _Tensor and type(indices) is _Tensor and type(offsets) is _Tensor
+            and per_sample_weights is None and backend is None and table_offsets is None):
+        out = _fast_forward(weight, indices, offsets, mode)
+        if out is not None:
+            return out
+    if mode != "sum" and mode != "mean":
         raise ValueError(f"embedding_bag: mode must be 'sum' or 'mean', got {mode!r}")
-    tables = weight if isinstance(weight, (list, tuple)) else (weight,)
+    whole = None
+    if table_offsets is not None:
+        whole = weight
+        weight = _split_table(weight, table_offsets)
+        tables = weight
+    else:
+        tables = weight if isinstance(weight, (list, tuple)) else (weight,)
     if not tables:
         raise ValueError("embedding_bag: the list of tables is empty")
     is_torch = isinstance(indices, torch.Tensor)
-    be = backends.resolve(backend, "cuda" if is_torch and indices.is_cuda else "cpu")
-    if be in ("triton", "cuda"):
+    if backend is None and not _env_backend_set() and not (is_torch and indices.is_cuda):
+        be = _default_cpu_backend()  # what backends.resolve answers here, without its look-ups
+    else:
+        be = backends.resolve(backend, "cuda" if is_torch and indices.is_cuda else "cpu")
+    if be == "triton" or be == "cuda":
+        if whole is not None:
+            raise ValueError(f"embedding_bag: table_offsets is supported by the 'cpp' and 'torch' backends, not {be!r}")
         from ._gpu import gpu_embedding_bag
 
         return gpu_embedding_bag(weight, indices, offsets, per_sample_weights, mode, backend=be)
     if be == "cpp":
-        if is_torch and (torch.is_grad_enabled() or torch.compiler.is_compiling()):
-            needs_graph = torch.compiler.is_compiling() or any(
-                isinstance(w, torch.Tensor) and w.requires_grad for w in tables) or (
-                isinstance(per_sample_weights, torch.Tensor) and per_sample_weights.requires_grad)
-        else:
-            needs_graph = False
+        needs_graph = False
+        if is_torch:
+            if torch.compiler.is_compiling():
+                needs_graph = True
+            elif torch.is_grad_enabled():
+                for w in tables:
+                    if isinstance(w, torch.Tensor) and w.requires_grad:
+                        needs_graph = True
+                        break
+                if isinstance(per_sample_weights, torch.Tensor) and per_sample_weights.requires_grad:
+                    needs_graph = True
         if needs_graph:
             if not isinstance(offsets, torch.Tensor):
                 raise TypeError(f"offsets: expected a torch tensor like the indices, got {type(offsets).__name__}")
@@ -414,33 +564,134 @@ def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: st
     if per_sample_weights is not None:
         psw, _ = as_tensor(per_sample_weights, "per_sample_weights")
     off = _check_torch_path(tabs, idx, off, psw)
-    if len(tabs) == 1 and not isinstance(weight, (list, tuple)):
+    if whole is not None:
+        bounds = torch.tensor([0] + [0] * len(tabs), dtype=torch.int64)
+        bounds[1:] = torch.cumsum(torch.tensor([t.shape[0] for t in tabs], dtype=torch.int64), 0)
+        out = reference.embedding_bag_table_offsets(as_table(whole, "weight")[0], bounds, idx, off, psw, mode)
+    elif len(tabs) == 1 and not isinstance(weight, (list, tuple)):
         out = reference.embedding_bag(tabs[0], idx, off, psw, mode)
     else:
         out = reference.embedding_bag_tbe(tabs, idx, off, psw, mode)
     return to_kind(kind, out)
 
 
+def _check_update_table(w, name: str) -> None:
+    if isinstance(w, np.ndarray):
+        bad = w.dtype != np.float32 or w.ndim != 2
+    elif isinstance(w, torch.Tensor):
+        bad = w.dtype != torch.float32 or w.dim() != 2
+    else:
+        raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(w).__name__}")
+    if bad:
+        raise TypeError(f"{name}: the fused update needs a 2-D float32 table, got {w.dtype} {tuple(w.shape)}")
+
+
+def _torch_state(st, name: str, n: int) -> torch.Tensor:
+    st = torch.from_numpy(_np_inplace(st, name)) if isinstance(st, np.ndarray) else st
+    if not isinstance(st, torch.Tensor) or st.dtype != torch.float32:
+        raise TypeError(f"{name}: expected a float32 array, got {getattr(st, 'dtype', type(st).__name__)}")
+    check_float(st, name, (n,))
+    return st
+
+
+def _backward_tbe(weight, indices, offsets, grad_output, per_sample_weights, mode, optimizer, lr, eps, state,
+                  be, table_offsets):
+    """embedding_bag_backward over a list of tables or the one-table form with table_offsets."""
+    whole = None
+    if table_offsets is not None:
+        _check_update_table(weight, "weight")
+        whole = weight
+        tables, bounds = _split_table(weight, table_offsets, with_bounds=True)
+        if state is not None:
+            if isinstance(state, (list, tuple)):
+                raise TypeError("state: with table_offsets, give one (sum_t N_t,) float32 state, not a list")
+            shape = tuple(state.shape) if isinstance(state, (np.ndarray, torch.Tensor)) else None
+            if shape != (bounds[-1],):
+                raise ValueError(f"state: expected shape ({bounds[-1]},), got {shape}")
+            states = [state[a:b] for a, b in itertools.pairwise(bounds)]
+        else:
+            states = None
+    else:
+        tables = list(weight)
+        if not tables:
+            raise ValueError("embedding_bag_backward: the list of tables is empty")
+        for t, w in enumerate(tables):
+            _check_update_table(w, f"weight[{t}]")
+        if state is not None:
+            if not isinstance(state, (list, tuple)) or len(state) != len(tables):
+                raise ValueError(f"state: for a list of {len(tables)} tables, give a list of {len(tables)} "
+                                 "(N_t,) float32 states (one per table)")
+            states = list(state)
+        else:
+            states = None
+    T = len(tables)
+    if be == "cpp":
+        for t, w in enumerate(tables):
+            if isinstance(w, torch.Tensor) and w.device.type != "cpu":
+                raise ValueError(f"weight[{t}]: the cpp backend needs CPU data, got a tensor on {w.device}")
+        _core().embedding_bag_backward_tbe(
+            [_np_inplace(w, f"weight[{t}]") for t, w in enumerate(tables)], _np(indices, "indices"),
+            _np(offsets, "offsets"), _np(grad_output, "grad_output"),
+            None if per_sample_weights is None else _np(per_sample_weights, "per_sample_weights"),
+            mode, optimizer, float(lr), float(eps),
+            None if states is None else [_np_inplace(st, f"state[{t}]") for t, st in enumerate(states)])
+        return
+    # torch reference backend: every check first, then in-place on views of the caller's memory
+    ws = [torch.from_numpy(_np_inplace(w, f"weight[{t}]")) if isinstance(w, np.ndarray) else w
+          for t, w in enumerate(tables)]
+    idx, _ = as_tensor(indices, "indices")
+    off, _ = as_tensor(offsets, "offsets")
+    g, _ = as_tensor(grad_output, "grad_output")
+    off = _check_torch_path(ws, idx, off, None)
+    B = (off.numel() - 1) // T
+    if g.dtype != torch.float32:
+        raise TypeError(f"grad_output: expected float32, got {g.dtype}")
+    check_float(g, "grad_output", (B, sum(int(w.shape[1]) for w in ws)))
+    psw = None
+    if per_sample_weights is not None:
+        psw, _ = as_tensor(per_sample_weights, "per_sample_weights")
+        check_float(psw, "per_sample_weights", (idx.numel(),))
+    sts = None if states is None else [_torch_state(st, f"state[{t}]", int(ws[t].shape[0]))
+                                       for t, st in enumerate(states)]
+    if whole is not None:
+        w_all = torch.from_numpy(whole) if isinstance(whole, np.ndarray) else whole
+        st_all = None if state is None else (torch.from_numpy(state) if isinstance(state, np.ndarray) else state)
+        reference.embedding_bag_backward_table_offsets(
+            w_all, torch.tensor(bounds, dtype=torch.int64), idx, off, g, psw, mode, optimizer, float(lr), float(eps),
+            st_all)
+    else:
+        reference.embedding_bag_backward_tbe(ws, idx, off, g, psw, mode, optimizer, float(lr), float(eps), sts)
+
+
 def embedding_bag_backward(weight, indices, offsets, grad_output, *, per_sample_weights=None,
                            mode: str = "sum", optimizer: str = "sgd", lr: float = 0.01,
-                           eps: float = 1e-8, state=None, backend: Optional[str] = None) -> None:
-    """Backward of :func:`embedding_bag` (one table) fused with a sparse optimiser step, in place.
+                           eps: float = 1e-8, state=None, backend: Optional[str] = None,
+                           table_offsets=None) -> None:
+    """Backward of :func:`embedding_bag` fused with a sparse optimiser step, in place.
 
     Parameters
     ----------
-    weight : (N, d) float32, numpy array or CPU tensor, updated in place (touched rows only)
-    indices : (nnz,) int32 or int64 in [0, N)
-    offsets : (B+1,) CSR offsets
-    grad_output : (B, d) float32, the gradient of the forward output
+    weight : (N, d) float32, numpy array or CPU tensor, updated in place (touched rows only);
+        or a list of T such tables (the table-batched form); or, with ``table_offsets``, one
+        (sum_t N_t, d) float32 table holding the T tables' rows
+    indices : (nnz,) int32 or int64, local to their table (in [0, N_t))
+    offsets : (B+1,) CSR offsets (``(T*B+1,)`` table-major for T tables)
+    grad_output : (B, d) float32, the gradient of the forward output (``(B, sum_t d_t)`` for
+        T tables)
     per_sample_weights : (nnz,) float32, optional
     mode : {"sum", "mean"}, the forward's pooling
     optimizer : {"sgd", "rowwise_adagrad"}
     lr : learning rate; eps : Adagrad epsilon
-    state : (N,) float32 row-wise Adagrad state, updated in place (required for Adagrad)
+    state : row-wise Adagrad state, updated in place (required for Adagrad): (N,) float32 for
+        one table, a list of T (N_t,) float32 states for a list of tables, one (sum_t N_t,)
+        float32 state with ``table_offsets``
     backend : {"cpp", "torch"} or None
+    table_offsets : (T+1,) int cumulative row offsets, optional (see :func:`embedding_bag`)
 
     Repeated indices (inside and across bags) accumulate; the cpp backend's result is
-    bit-identical for any thread count. See :func:`recmeta_sdk.reference.embedding_bag_backward`.
+    bit-identical for any thread count. With several tables, every input is checked before any
+    table changes. See :func:`recmeta_sdk.reference.embedding_bag_backward` and
+    :func:`recmeta_sdk.reference.embedding_bag_backward_tbe`.
     """
     if mode not in _MODES:
         raise ValueError(f"embedding_bag_backward: mode must be 'sum' or 'mean', got {mode!r}")
@@ -452,6 +703,14 @@ def embedding_bag_backward(weight, indices, offsets, grad_output, *, per_sample_
         raise ValueError(f"eps: must be a finite number >= 0, got {eps!r}")
     if optimizer == "rowwise_adagrad" and state is None:
         raise ValueError("state: rowwise_adagrad needs a (N,) float32 state")
+    if table_offsets is not None or isinstance(weight, (list, tuple)):
+        is_cuda = isinstance(indices, torch.Tensor) and indices.is_cuda
+        be = backends.resolve(backend, "cuda" if is_cuda else "cpu")
+        if be not in ("cpp", "torch"):
+            raise ValueError(f"embedding_bag_backward: several tables are supported by the 'cpp' and 'torch' "
+                             f"backends, not {be!r}")
+        return _backward_tbe(weight, indices, offsets, grad_output, per_sample_weights, mode, optimizer, lr, eps,
+                             state, be, table_offsets)
     if isinstance(weight, np.ndarray):
         bad_weight = weight.dtype != np.float32 or weight.ndim != 2
     elif isinstance(weight, torch.Tensor):

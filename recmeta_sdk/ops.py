@@ -1,7 +1,9 @@
 """The operations of recmeta, on numpy arrays and torch tensors.
 
 * :func:`embedding_bag` / :func:`embedding_bag_backward`: fused (table-batched) embedding
-  bags, forward and backward with a fused sparse optimiser.
+  bags, forward and backward with a fused sparse optimiser (SGD or row-wise Adagrad, a state
+  per table), over one table, a list of tables, or one table holding several tables' rows
+  with per-table row offsets (``table_offsets=``, FBGEMM's ``hash_size_cumsum``).
 * :func:`policy_topk` / :func:`policy_sample`: fused policy scoring with top-k or
   Gumbel-top-k sampling, with the softmax log-normaliser and propensities.
 * :func:`quantize`: float16 / row-wise int8 tables for all of the above.

@@ -34,7 +34,10 @@ __all__ = [
     "dequantize",
     "embedding_bag",
     "embedding_bag_tbe",
+    "embedding_bag_table_offsets",
     "embedding_bag_backward",
+    "embedding_bag_backward_tbe",
+    "embedding_bag_backward_table_offsets",
     "policy_topk",
     "policy_sample",
     "gumbel_noise",
@@ -195,6 +198,53 @@ def embedding_bag_tbe(
     return torch.cat(outs, dim=1)
 
 
+def _global_ids(indices: torch.Tensor, offsets: torch.Tensor, table_offsets: torch.Tensor) -> torch.Tensor:
+    """Row ids of the one-table TBE form in the whole table: id + table_offsets[t] for the
+    indices of table t (bags t*B .. (t+1)*B - 1)."""
+    T = table_offsets.numel() - 1
+    off = offsets.to(torch.int64)
+    B = (off.numel() - 1) // T
+    idx = indices.to(torch.int64)
+    per_table = off[torch.arange(1, T + 1) * B] - off[torch.arange(T) * B]
+    table = torch.repeat_interleave(torch.arange(T), per_table, output_size=idx.numel())
+    return idx + table_offsets.to(torch.int64)[table]
+
+
+def embedding_bag_table_offsets(
+    weight: Table,
+    table_offsets: torch.Tensor,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor] = None,
+    mode: str = "sum",
+) -> torch.Tensor:
+    """Table-batched embedding bag over one table holding T tables' rows (FBGEMM's
+    ``hash_size_cumsum`` form).
+
+    Parameters
+    ----------
+    weight : (sum_t N_t, d) float32 tensor or QuantizedTable; table t is rows
+        ``table_offsets[t] .. table_offsets[t+1]-1``
+    table_offsets : (T+1,) int, cumulative row offsets (table_offsets[0] == 0,
+        table_offsets[T] == rows of weight)
+    indices : (nnz,) int32 or int64, row ids local to their table (in [0, N_t))
+    offsets : (T*B+1,) CSR offsets, table-major as in :func:`embedding_bag_tbe`
+    per_sample_weights : (nnz,) float32, optional
+    mode : {"sum", "mean"}
+
+    Returns
+    -------
+    (B, T*d) float32, equal to ``embedding_bag_tbe`` over the T row ranges.
+    """
+    T = table_offsets.numel() - 1
+    B = (offsets.numel() - 1) // T
+    # One embedding bag over the whole table with global ids: bag t*B+b -> row t*B+b ...
+    pooled = embedding_bag(weight, _global_ids(indices, offsets, table_offsets), offsets, per_sample_weights, mode)
+    d = pooled.shape[1]
+    # ... then (T, B, d) -> (B, T*d).
+    return pooled.reshape(T, B, d).permute(1, 0, 2).reshape(B, T * d)
+
+
 def embedding_bag_backward(
     weight: torch.Tensor,
     indices: torch.Tensor,
@@ -246,6 +296,60 @@ def embedding_bag_backward(
             raise ValueError(
                 f"embedding_bag_backward: optimizer must be 'sgd' or 'rowwise_adagrad', got {optimizer!r}"
             )
+
+
+def embedding_bag_backward_tbe(
+    weights: Sequence[torch.Tensor],
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    grad_output: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor] = None,
+    mode: str = "sum",
+    optimizer: str = "sgd",
+    lr: float = 0.01,
+    eps: float = 1e-8,
+    states: Optional[Sequence[torch.Tensor]] = None,
+) -> None:
+    """Backward of :func:`embedding_bag_tbe` fused with a sparse optimiser step, in place:
+    table t is updated by :func:`embedding_bag_backward` with its bags (``t*B .. (t+1)*B - 1``,
+    rebased), its columns of ``grad_output`` and its own state ``states[t]``."""
+    T = len(weights)
+    B = (offsets.numel() - 1) // T
+    col = 0
+    for t, w in enumerate(weights):
+        lo, hi = int(offsets[t * B]), int(offsets[(t + 1) * B])
+        off = offsets[t * B : (t + 1) * B + 1].to(torch.int64) - lo
+        d = int(w.shape[1])
+        psw = None if per_sample_weights is None else per_sample_weights[lo:hi]
+        embedding_bag_backward(w, indices[lo:hi], off, grad_output[:, col:col + d], psw, mode, optimizer, lr, eps,
+                               None if states is None else states[t])
+        col += d
+
+
+def embedding_bag_backward_table_offsets(
+    weight: torch.Tensor,
+    table_offsets: torch.Tensor,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    grad_output: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor] = None,
+    mode: str = "sum",
+    optimizer: str = "sgd",
+    lr: float = 0.01,
+    eps: float = 1e-8,
+    state: Optional[torch.Tensor] = None,
+) -> None:
+    """Backward of :func:`embedding_bag_table_offsets` fused with a sparse optimiser step, in
+    place. ``grad_output`` is (B, T*d); ``state`` (sum_t N_t,) holds every table's row-wise
+    Adagrad state. The tables' row ranges are disjoint, so this is one
+    :func:`embedding_bag_backward` over the whole table with global ids and the T*B bags' output
+    gradients (bag t*B+b gets ``grad_output[b, t*d:(t+1)*d]``)."""
+    T = table_offsets.numel() - 1
+    B = (offsets.numel() - 1) // T
+    d = int(weight.shape[1])
+    g = grad_output.to(torch.float32).reshape(B, T, d).permute(1, 0, 2).reshape(T * B, d)
+    embedding_bag_backward(weight, _global_ids(indices, offsets, table_offsets), offsets, g, per_sample_weights,
+                           mode, optimizer, lr, eps, state)
 
 
 def eligible_mask(

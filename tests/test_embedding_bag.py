@@ -88,6 +88,26 @@ def test_forward_odd_dims(dtype, d):
         np.testing.assert_allclose(out, ref_forward(ref_tab, idx, off, psw, mode), rtol=RTOL, atol=ATOL)
 
 
+@needs_cpp
+@pytest.mark.parametrize("dtype, n", [("fp32", 131101), ("fp16", 262147), ("int8", 524309)])
+def test_forward_large_tables(dtype, n):
+    """Tables over 32 MiB, read for over 32 MiB of rows, take the kernels' two-stage prefetch path."""
+    rng = np.random.default_rng(zlib.crc32(f"large/{dtype}".encode()))
+    d, B = 67, 131071
+    w = torch.from_numpy(rng.standard_normal((n, d), dtype=np.float32))
+    tab = w if dtype == "fp32" else reference.quantize(w, dtype)
+    nbytes = n * d * {"fp32": 4, "fp16": 2, "int8": 1}[dtype]
+    assert nbytes > 32 << 20
+    off = make_offsets(rng, B, max_len=9)
+    idx = rng.integers(0, n, size=int(off[-1]))
+    idx[:5] = [0, n - 1, n - 1, n // 2, 0]
+    assert idx.size * nbytes // n > 32 << 20
+    psw = rng.standard_normal(idx.size).astype(np.float32)
+    for mode, weights in (("sum", None), ("mean", psw)):
+        got = ops.embedding_bag(tab, idx, off, per_sample_weights=weights, mode=mode, backend="cpp")
+        np.testing.assert_allclose(got, ref_forward(tab, idx, off, weights, mode), rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_forward_matches_torch_embedding_bag(backend, mode):
@@ -660,3 +680,277 @@ def test_property_shapes_and_hostile_inputs(n, d, b, t, max_len, dtype, mode, we
         want = ref_forward(tabs if t > 1 else tabs[0], idx, off, psw, mode)
         assert out.shape == (b, sum(d + k for k in range(t)))
         np.testing.assert_allclose(out, want, rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# the one-table TBE form (table_offsets) and the table-batched backward
+# ---------------------------------------------------------------------------------------------
+def _tbe_case(rng, rows=(53, 1, 97, 29), B=23, max_len=9, few=True):
+    """Offsets (T*B+1,) and local ids of T tables with `rows` rows; with `few`, ids drawn from a
+    quarter of each table (repeats inside and across bags)."""
+    T = len(rows)
+    off = make_offsets(rng, T * B, max_len=max_len)
+    lens = np.diff(off).reshape(T, B)
+    lens[np.asarray(rows) == 0] = 0  # a table without rows has only empty bags
+    off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    idx = np.concatenate([rng.integers(0, max(n // 4, 1) if few else n, size=int(off[(t + 1) * B] - off[t * B]))
+                          for t, n in enumerate(rows)])
+    return off, idx
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
+def test_table_offsets_forward_matches_list_and_reference(backend, dtype, mode, weighted, id_dtype):
+    rng = np.random.default_rng(zlib.crc32(f"to/{dtype}/{mode}/{weighted}/{id_dtype.__name__}".encode()))
+    rows, d, B = (53, 1, 97, 0, 29), 19, 23
+    T = len(rows)
+    cum = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+    whole_f = torch.from_numpy(rng.standard_normal((int(cum[-1]), d)).astype(np.float32))
+    whole = whole_f if dtype == "fp32" else reference.quantize(whole_f, dtype)
+    off, idx = _tbe_case(rng, rows=rows, B=B, few=False)
+    idx, off = idx.astype(id_dtype), off.astype(id_dtype)
+    psw = rng.standard_normal(idx.size).astype(np.float32) if weighted else None
+    out = ops.embedding_bag(whole, idx, off, per_sample_weights=psw, mode=mode, backend=backend, table_offsets=cum)
+    assert isinstance(out, np.ndarray) and out.shape == (B, T * d)
+    ref = reference.embedding_bag_table_offsets(whole, *(None if x is None else torch.from_numpy(np.asarray(x))
+                                                         for x in (cum, idx, off, psw)), mode).numpy()
+    np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
+    # the same as the list form over the T row ranges (copies, not views)
+    if dtype == "fp32":
+        parts = [whole_f[cum[i]:cum[i + 1]].clone() for i in range(T)]
+    else:
+        parts = [reference.QuantizedTable(dtype, whole.data[cum[i]:cum[i + 1]].clone(),
+                                          None if whole.row_scale is None else whole.row_scale[cum[i]:cum[i + 1]].clone(),
+                                          None if whole.row_min is None else whole.row_min[cum[i]:cum[i + 1]].clone())
+                 for i in range(T)]
+    lst = ops.embedding_bag(parts, idx, off, per_sample_weights=psw, mode=mode, backend=backend)
+    np.testing.assert_allclose(out, lst, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(ref, ref_forward(parts, idx, off, psw, mode), rtol=RTOL, atol=ATOL)
+    assert np.abs(out).max() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_table_offsets_torch_inputs_and_autograd(backend):
+    rng = np.random.default_rng(71)
+    rows, d, B = (31, 17, 43), 11, 13
+    cum = torch.tensor(np.concatenate([[0], np.cumsum(rows)]), dtype=torch.int64)
+    w = torch.from_numpy(rng.standard_normal((int(cum[-1]), d)).astype(np.float32)).requires_grad_()
+    off, idx = _tbe_case(rng, rows=rows, B=B)
+    off_t, idx_t = torch.from_numpy(off), torch.from_numpy(idx)
+    out = ops.embedding_bag(w, idx_t, off_t, mode="mean", backend=backend, table_offsets=cum)
+    w_ref = w.detach().clone().requires_grad_()
+    ref = reference.embedding_bag_table_offsets(w_ref, cum, idx_t, off_t, None, "mean")
+    torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
+    g = torch.from_numpy(rng.standard_normal((B, len(rows) * d)).astype(np.float32))
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=RTOL, atol=ATOL)
+    assert float(w.grad.abs().max()) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case, exc, match", [
+    ("first_not_zero", ValueError, r"table_offsets: table_offsets\[0\] must be 0, got 1"),
+    ("decreasing", ValueError, r"table_offsets: offsets decrease at position 2 \(40 -> 30\)"),
+    ("wrong_total", ValueError, r"table_offsets: table_offsets\[-1\] must equal the number of rows of weight 91"),
+    ("float", TypeError, r"table_offsets: expected int32 or int64"),
+    ("two_d", ValueError, r"table_offsets: expected a 1-D array of T\+1 >= 2 offsets"),
+    ("list_weight", TypeError, r"weight: with table_offsets, give one"),
+    ("id_of_table", ValueError, r"indices of table 1: id 50 at position \d+ is out of range \[0, 50\)"),
+    ("bags", ValueError, r"offsets: 7 bags is not a multiple of the 3 tables"),
+])
+def test_table_offsets_rejects_bad_input(backend, case, exc, match):
+    rng = np.random.default_rng(5)
+    d, B = 6, 4  # tables of 40, 50 and 1 rows
+    cum = np.array([0, 40, 90, 91], dtype=np.int64)
+    w = rng.standard_normal((91, d)).astype(np.float32)
+    off = np.arange(0, 3 * B + 1, dtype=np.int64)
+    idx = np.array([0, 39, 7, 1, 0, 49, 3, 2, 0, 0, 0, 0], dtype=np.int64)
+    if case == "first_not_zero":
+        cum = np.array([1, 40, 90, 91])
+    elif case == "decreasing":
+        cum = np.array([0, 40, 30, 91])
+    elif case == "wrong_total":
+        cum = np.array([0, 40, 90, 92])
+    elif case == "float":
+        cum = cum.astype(np.float64)
+    elif case == "two_d":
+        cum = cum[None, :]
+    elif case == "list_weight":
+        w = [w]
+    elif case == "id_of_table":
+        idx[5] = 50
+    elif case == "bags":
+        off = off[:-5]
+        idx = idx[:7]
+    with pytest.raises(exc, match=match):
+        ops.embedding_bag(w, idx, off, backend=backend, table_offsets=cum)
+
+
+def _tbe_backward_tables(rng, rows, dims):
+    return [rng.standard_normal((n, d)).astype(np.float32) for n, d in zip(rows, dims)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
+def test_tbe_backward_matches_reference(backend, optimizer, mode, weighted, id_dtype):
+    """A list of tables of different sizes and dims, one call, a state per table."""
+    rng = np.random.default_rng(zlib.crc32(f"tbeb/{optimizer}/{mode}/{weighted}/{id_dtype.__name__}".encode()))
+    rows, dims, B = (61, 1, 97, 13), (37, 5, 16, 67), 29
+    tabs = _tbe_backward_tables(rng, rows, dims)
+    off, idx = _tbe_case(rng, rows=rows, B=B)
+    idx, off = idx.astype(id_dtype), off.astype(id_dtype)
+    g = rng.standard_normal((B, sum(dims))).astype(np.float32)
+    psw = rng.standard_normal(idx.size).astype(np.float32) if weighted else None
+    sts = [rng.random(n).astype(np.float32) for n in rows] if optimizer == "rowwise_adagrad" else None
+    w_ref = [torch.from_numpy(w.copy()) for w in tabs]
+    s_ref = None if sts is None else [torch.from_numpy(s.copy()) for s in sts]
+    reference.embedding_bag_backward_tbe(w_ref, torch.from_numpy(idx), torch.from_numpy(off), torch.from_numpy(g),
+                                         None if psw is None else torch.from_numpy(psw), mode, optimizer, 0.05, 1e-8,
+                                         s_ref)
+    w0 = [w.copy() for w in tabs]
+    ops.embedding_bag_backward(tabs, idx, off, g, per_sample_weights=psw, mode=mode, optimizer=optimizer, lr=0.05,
+                               state=sts, backend=backend)
+    for t in range(len(rows)):
+        np.testing.assert_allclose(tabs[t], w_ref[t].numpy(), rtol=RTOL, atol=ATOL)
+        if sts is not None:
+            np.testing.assert_allclose(sts[t], s_ref[t].numpy(), rtol=RTOL, atol=ATOL)
+        ids_t = idx[off[t * B]:off[(t + 1) * B]]
+        untouched = np.setdiff1d(np.arange(rows[t]), ids_t)
+        assert np.array_equal(tabs[t][untouched], w0[t][untouched])
+        if ids_t.size:
+            assert not np.array_equal(tabs[t][ids_t], w0[t][ids_t])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_table_offsets_backward_matches_list_and_reference(backend, optimizer, mode):
+    rng = np.random.default_rng(zlib.crc32(f"tob/{optimizer}/{mode}".encode()))
+    rows, d, B = (61, 1, 0, 97, 13), 23, 31
+    T = len(rows)
+    cum = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+    whole = rng.standard_normal((int(cum[-1]), d)).astype(np.float32)
+    off, idx = _tbe_case(rng, rows=rows, B=B)
+    g = rng.standard_normal((B, T * d)).astype(np.float32)
+    psw = rng.standard_normal(idx.size).astype(np.float32)
+    st = rng.random(int(cum[-1])).astype(np.float32) if optimizer == "rowwise_adagrad" else None
+    # reference (whole table, global ids)
+    w_ref = torch.from_numpy(whole.copy())
+    s_ref = None if st is None else torch.from_numpy(st.copy())
+    reference.embedding_bag_backward_table_offsets(w_ref, torch.from_numpy(cum), torch.from_numpy(idx),
+                                                   torch.from_numpy(off), torch.from_numpy(g), torch.from_numpy(psw),
+                                                   mode, optimizer, 0.03, 1e-8, s_ref)
+    # list form on copies of the row ranges
+    parts = [whole[cum[t]:cum[t + 1]].copy() for t in range(T)]
+    pst = None if st is None else [st[cum[t]:cum[t + 1]].copy() for t in range(T)]
+    ops.embedding_bag_backward(parts, idx, off, g, per_sample_weights=psw, mode=mode, optimizer=optimizer, lr=0.03,
+                               state=pst, backend=backend)
+    # the table_offsets form, in place on the whole table (torch tensors this time)
+    w_t = torch.from_numpy(whole.copy())
+    s_t = None if st is None else torch.from_numpy(st.copy())
+    ops.embedding_bag_backward(w_t, torch.from_numpy(idx), torch.from_numpy(off), torch.from_numpy(g),
+                               per_sample_weights=torch.from_numpy(psw), mode=mode, optimizer=optimizer, lr=0.03,
+                               state=s_t, backend=backend, table_offsets=torch.from_numpy(cum))
+    np.testing.assert_allclose(w_t.numpy(), w_ref.numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(np.concatenate(parts), w_ref.numpy(), rtol=RTOL, atol=ATOL)
+    if st is not None:
+        np.testing.assert_allclose(s_t.numpy(), s_ref.numpy(), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(np.concatenate(pst), s_ref.numpy(), rtol=RTOL, atol=ATOL)
+    assert not np.array_equal(w_t.numpy(), whole)
+
+
+@needs_cpp
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_tbe_backward_bit_identical_across_thread_counts(optimizer):
+    from recmeta_sdk import _core
+
+    rng = np.random.default_rng(43)
+    rows, dims, B = (20011, 5003, 30011), (67, 16, 33), 4001
+    tabs0 = _tbe_backward_tables(rng, rows, dims)
+    off, idx = _tbe_case(rng, rows=rows, B=B, max_len=61)
+    # large enough for the threaded sort and update of each table
+    assert all(off[(t + 1) * B] - off[t * B] > 1 << 16 for t in range(len(rows)))
+    g = rng.standard_normal((B, sum(dims))).astype(np.float32)
+    psw = rng.standard_normal(idx.size).astype(np.float32)
+    sts0 = [rng.random(n).astype(np.float32) for n in rows]
+    results = []
+    old = _core.get_num_threads()
+    try:
+        for n in (1, 2, 1, 2):
+            _core.set_num_threads(n)
+            ws, ss = [w.copy() for w in tabs0], [s.copy() for s in sts0]
+            ops.embedding_bag_backward(ws, idx, off, g, per_sample_weights=psw, mode="mean", optimizer=optimizer,
+                                       lr=0.01, state=ss if optimizer == "rowwise_adagrad" else None, backend="cpp")
+            results.append((ws, ss))
+    finally:
+        _core.set_num_threads(old)
+    for ws, ss in results[1:]:
+        for t in range(len(rows)):
+            assert np.array_equal(ws[t], results[0][0][t])
+            assert np.array_equal(ss[t], results[0][1][t])
+    assert all(not np.array_equal(results[0][0][t], tabs0[t]) for t in range(len(rows)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case, exc, match", [
+    ("id_of_table", ValueError, r"indices of table 1: id 9 at position 5 is out of range \[0, 9\)"),
+    ("grad_shape", ValueError, r"grad_output: expected shape \(4, 11\)"),
+    ("grad_nan", ValueError, r"grad_output: non-finite value"),
+    ("state_list", ValueError, r"state: for a list of 2 tables, give a list of 2"),
+    ("state_len", ValueError, r"state\[1\]: expected shape \(9,\)"),
+    ("state_nan", ValueError, r"state\[0\]: non-finite value"),
+    ("table_dtype", TypeError, r"weight\[1\]: the fused update needs a 2-D float32 table"),
+    ("bags", ValueError, r"offsets: 7 bags is not a multiple of the 2 tables"),
+])
+def test_tbe_backward_rejects_bad_input_before_any_update(backend, case, exc, match):
+    rng = np.random.default_rng(9)
+    tabs = [rng.standard_normal((13, 4)).astype(np.float32), rng.standard_normal((9, 7)).astype(np.float32)]
+    off = np.array([0, 2, 3, 3, 4, 6, 7, 7, 8], dtype=np.int64)
+    idx = np.array([0, 12, 5, 1, 2, 8, 0, 3], dtype=np.int64)
+    g = rng.standard_normal((4, 11)).astype(np.float32)
+    sts = [np.ones(13, np.float32), np.ones(9, np.float32)]
+    if case == "id_of_table":
+        idx[5] = 9
+    elif case == "grad_shape":
+        g = g[:, :10]
+    elif case == "grad_nan":
+        g[3, 10] = np.nan
+    elif case == "state_list":
+        sts = sts[0]
+    elif case == "state_len":
+        sts[1] = np.ones(8, np.float32)
+    elif case == "state_nan":
+        sts[0][4] = np.inf
+    elif case == "table_dtype":
+        tabs[1] = tabs[1].astype(np.float64)
+    elif case == "bags":
+        off = off[:-1]
+        idx = idx[:7]
+    before = [w.copy() for w in tabs]
+    with pytest.raises(exc, match=match):
+        ops.embedding_bag_backward(tabs, idx, off, g, optimizer="rowwise_adagrad", state=sts, backend=backend)
+    for w, w0 in zip(tabs, before):
+        assert np.array_equal(w, w0)
+
+
+def test_recmeta_backend_variable_is_read_on_every_call(monkeypatch):
+    """The short path for plain tensors still honours RECMETA_BACKEND, set or unset at any time."""
+    rng = np.random.default_rng(13)
+    w = torch.from_numpy(rng.standard_normal((17, 5)).astype(np.float32))
+    idx, off = torch.tensor([3, 16, 0], dtype=torch.int64), torch.tensor([0, 2, 3], dtype=torch.int64)
+    want = reference.embedding_bag(w, idx, off)
+    torch.testing.assert_close(ops.embedding_bag(w, idx, off), want, rtol=RTOL, atol=ATOL)
+    monkeypatch.setenv("RECMETA_BACKEND", "no-such-backend")
+    with pytest.raises(ValueError, match="unknown backend 'no-such-backend'"):
+        ops.embedding_bag(w, idx, off)
+    monkeypatch.setenv("RECMETA_BACKEND", "torch")
+    torch.testing.assert_close(ops.embedding_bag(w, idx, off), want, rtol=0, atol=0)
+    monkeypatch.delenv("RECMETA_BACKEND")
+    torch.testing.assert_close(ops.embedding_bag(w, idx, off), want, rtol=RTOL, atol=ATOL)

@@ -190,6 +190,12 @@ void backward_sorted(cpu::EmbeddingBagBackwardArgs& args, IndexView indices, Ind
   RECMETA_DISPATCH_ISA(embedding_bag_backward_kernel, args);
 }
 
+/// The sort and the per-row update of one table (arguments validated by the caller).
+void run_backward(float* weight, int64_t rows, int64_t dim, int64_t row_stride, IndexView indices,
+                  IndexView offsets, const float* grad_output, int64_t grad_stride,
+                  const float* per_sample_weights, PoolingMode mode, SparseOptimizer optimizer,
+                  float lr, float eps, float* state);
+
 }  // namespace
 
 void embedding_bag_forward(const TableView* tables, int64_t num_tables, IndexView indices,
@@ -262,10 +268,87 @@ void embedding_bag_backward(float* weight, int64_t rows, int64_t dim, int64_t ro
   check_finite(per_sample_weights, 1, indices.size, indices.size, "per_sample_weights");
   check_finite(grad_output, B, dim, grad_stride, "grad_output");
   if (optimizer == SparseOptimizer::RowwiseAdagrad) check_finite(state, 1, rows, rows, "state");
+  RECMETA_CHECK(B < (int64_t{1} << 32), "offsets: at most 2^32 - 1 bags, got ", B);
+  run_backward(weight, rows, dim, row_stride, indices, offsets, grad_output, grad_stride,
+               per_sample_weights, mode, optimizer, lr, eps, state);
+}
+
+void embedding_bag_backward_tbe(const MutableTable* tables, int64_t num_tables, IndexView indices,
+                                IndexView offsets, const float* grad_output, int64_t grad_stride,
+                                const float* per_sample_weights, PoolingMode mode,
+                                SparseOptimizer optimizer, float lr, float eps) {
+  RECMETA_CHECK(num_tables >= 1, "embedding_bag_backward: need at least one table, got ", num_tables);
+  RECMETA_CHECK(tables != nullptr, "embedding_bag_backward: null tables");
+  RECMETA_CHECK(mode == PoolingMode::Sum || mode == PoolingMode::Mean,
+                "embedding_bag_backward: bad mode ", static_cast<int>(mode));
+  RECMETA_CHECK(optimizer == SparseOptimizer::Sgd || optimizer == SparseOptimizer::RowwiseAdagrad,
+                "embedding_bag_backward: bad optimizer ", static_cast<int>(optimizer));
+  RECMETA_CHECK(std::isfinite(lr), "lr: must be finite, got ", lr);
+  RECMETA_CHECK(std::isfinite(eps) && eps >= 0.f, "eps: must be finite and >= 0, got ", eps);
+  RECMETA_CHECK(indices.size >= 0 && (indices.data != nullptr || indices.size == 0), "indices: null data");
+  RECMETA_CHECK(offsets.data != nullptr && offsets.size >= 1,
+                "offsets: expected a 1-D array of T*B+1 >= 1 offsets, got ", offsets.size, " entries");
+  RECMETA_CHECK((offsets.size - 1) % num_tables == 0, "offsets: ", offsets.size - 1,
+                " bags is not a multiple of the ", num_tables, " tables");
+  const int64_t B = (offsets.size - 1) / num_tables;
+  RECMETA_CHECK(B < (int64_t{1} << 32), "offsets: at most 2^32 - 1 bags per table, got ", B);
+  std::vector<int64_t> col(static_cast<size_t>(num_tables));
+  int64_t total = 0;
+  for (int64_t t = 0; t < num_tables; ++t) {
+    const MutableTable& m = tables[t];
+    RECMETA_CHECK(m.rows >= 0 && m.dim >= 0, "weight[", t, "]: bad shape (", m.rows, ", ", m.dim, ")");
+    RECMETA_CHECK(m.weight != nullptr || m.rows * m.dim == 0, "weight[", t, "]: null data");
+    RECMETA_CHECK(m.row_stride >= m.dim, "weight[", t, "]: row stride ", m.row_stride, " < dim ", m.dim);
+    RECMETA_CHECK(optimizer != SparseOptimizer::RowwiseAdagrad || m.state != nullptr || m.rows == 0,
+                  "state[", t, "]: rowwise_adagrad needs a (N_t,) float32 state per table");
+    col[t] = total;
+    total += m.dim;
+  }
+  RECMETA_CHECK(grad_stride >= total, "grad_output: row stride ", grad_stride, " < total dim ", total);
+  RECMETA_CHECK(grad_output != nullptr || B * total == 0, "grad_output: null data");
+  check_offsets(offsets, indices.size);
+  for (int64_t t = 0; t < num_tables; ++t) {
+    const std::string name = num_tables == 1 ? std::string("indices")
+                                             : "indices of table " + std::to_string(t);
+    check_ids(indices, offsets[t * B], offsets[(t + 1) * B], tables[t].rows, name.c_str());
+  }
+  check_finite(per_sample_weights, 1, indices.size, indices.size, "per_sample_weights");
+  check_finite(grad_output, B, total, grad_stride, "grad_output");
+  if (optimizer == SparseOptimizer::RowwiseAdagrad)
+    for (int64_t t = 0; t < num_tables; ++t) {
+      const std::string name = "state[" + std::to_string(t) + "]";
+      check_finite(tables[t].state, 1, tables[t].rows, tables[t].rows, name.c_str());
+    }
+
+  // Table by table: the bags of table t, rebased to start at 0, against its gradient columns.
+  std::vector<int64_t> off(static_cast<size_t>(B + 1));
+  const int64_t isz = indices.type == IndexType::I32 ? 4 : 8;
+  for (int64_t t = 0; t < num_tables; ++t) {
+    const MutableTable& m = tables[t];
+    const int64_t lo = offsets[t * B];
+    for (int64_t b = 0; b <= B; ++b) off[b] = offsets[t * B + b] - lo;
+    IndexView sub_idx;
+    sub_idx.type = indices.type;
+    sub_idx.data = indices.size == 0 ? indices.data : static_cast<const char*>(indices.data) + lo * isz;
+    sub_idx.size = off[B];
+    IndexView sub_off;
+    sub_off.type = IndexType::I64;
+    sub_off.data = off.data();
+    sub_off.size = B + 1;
+    run_backward(m.weight, m.rows, m.dim, m.row_stride, sub_idx, sub_off,
+                 grad_output == nullptr ? nullptr : grad_output + col[t], grad_stride,
+                 per_sample_weights == nullptr ? nullptr : per_sample_weights + lo, mode, optimizer, lr,
+                 eps, m.state);
+  }
+}
+
+namespace {
+void run_backward(float* weight, int64_t rows, int64_t dim, int64_t row_stride, IndexView indices,
+                  IndexView offsets, const float* grad_output, int64_t grad_stride,
+                  const float* per_sample_weights, PoolingMode mode, SparseOptimizer optimizer,
+                  float lr, float eps, float* state) {
   const int64_t nnz = indices.size;
   if (nnz == 0 || dim == 0) return;
-
-  RECMETA_CHECK(B < (int64_t{1} << 32), "offsets: at most 2^32 - 1 bags, got ", B);
   cpu::EmbeddingBagBackwardArgs a;
   a.weight = weight;
   a.dim = dim;
@@ -281,5 +364,6 @@ void embedding_bag_backward(float* weight, int64_t rows, int64_t dim, int64_t ro
   else
     backward_sorted<uint64_t>(a, indices, offsets, per_sample_weights, mode, rows);
 }
+}  // namespace
 
 }  // namespace recmeta

@@ -34,7 +34,17 @@ namespace RECMETA_ISA_NS {
 
 namespace {
 
-constexpr int64_t kPrefetchDistance = 16;  ///< rows ahead in the index stream
+constexpr int64_t kPrefetchDistance = 16;  ///< rows ahead in the index stream (into L1)
+/// When both the table and the rows one call reads from it exceed this many bytes, the rows
+/// are unlikely to be in the caches: they are prefetched in two stages, kFarDistance rows ahead
+/// into L2 and kNearDistance rows ahead into L1, which keeps more rows in flight from memory
+/// than the L1 fill buffers alone allow (measured here on a 1M x 64 float32 table: about 1.5x
+/// the rows per second of the single stage at 16 rows that FBGEMM uses). Smaller tables, and
+/// calls that read few rows (which may still be cached from the calls before), keep the single
+/// stage: the extra prefetches only cost there.
+constexpr int64_t kFarTableBytes = int64_t{32} << 20;
+constexpr int64_t kFarDistance = 48;
+constexpr int64_t kNearDistance = 12;
 constexpr int kMaxVecs = 8;  ///< accumulators held in registers per pass (SIMD variants)
 constexpr int64_t kBagsPerItem = 64;  ///< bags of one table per forward work item
 constexpr int64_t kParallelMinWork = int64_t{1} << 16;  ///< elements gathered before threads pay off
@@ -132,10 +142,28 @@ struct Vec {
 
 /// Pool one bag over the columns [col0, col0 + NV*W) (the last vector masked by `last_mask`)
 /// of one table into out[col0 ...]. Storage type S (float, uint16_t half bits, uint8_t codes).
-template <int NV, typename S, bool Int8, typename IdxT>
+/// Everything that does not change inside the bag is a template parameter (register count,
+/// storage type, per-sample weights or not), so the loop over the bag's rows has no branch
+/// but its own: the accumulators stay in NV registers, and the row `kPrefetchDistance`
+/// positions ahead in the table's index stream (clamped to the table's last position pf_last,
+/// so no test either) is prefetched, pf_bytes of it (0 in the later passes over a long row).
+/// Prefetch the cache lines of one row: PfLines of them (a compile-time count, unrolled), or,
+/// with PfLines < 0, those of the first `bytes` bytes.
+template <int PfLines, int Locality>
+inline void prefetch_lines(const char* p, int64_t bytes) {
+  if constexpr (PfLines >= 0) {
+    (void)bytes;
+#pragma GCC unroll 16
+    for (int l = 0; l < PfLines; ++l) __builtin_prefetch(p + 64 * l, 0, Locality);
+  } else {
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, Locality);
+  }
+}
+
+template <int NV, typename S, bool Int8, bool HasW, bool Far, typename IdxT, int PfLines = -1>
 inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale,
                        const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
-                       int64_t pf_end, int64_t pf_bytes, const float* psw, bool mean,
+                       int64_t pf_last, int64_t pf_bytes, const float* psw, bool mean,
                        int64_t col0, typename Vec::M last_mask, float* out) {
   using V = typename Vec::V;
   const typename Vec::M full = Vec::mask(Vec::W);
@@ -143,26 +171,36 @@ inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale
   #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) acc[v] = Vec::zero();
   float bias = 0.f;
+  const S* base = data + col0;
   for (int64_t i = begin; i < end; ++i) {
-    if (pf_bytes > 0 && i + kPrefetchDistance < pf_end) {
-      const int64_t pr = static_cast<int64_t>(idx[i + kPrefetchDistance]);
-      prefetch_row(reinterpret_cast<const char*>(data + pr * row_stride + col0), pf_bytes);
+    if (Far) {
+      const int64_t pf = static_cast<int64_t>(idx[std::min(i + kFarDistance, pf_last)]);
+      prefetch_lines<PfLines, 2>(reinterpret_cast<const char*>(base + pf * row_stride), pf_bytes);
       if (Int8) {
-        __builtin_prefetch(row_scale + pr, 0, 3);
-        __builtin_prefetch(row_min + pr, 0, 3);
+        __builtin_prefetch(row_scale + pf, 0, 2);
+        __builtin_prefetch(row_min + pf, 0, 2);
       }
     }
-    const int64_t r = static_cast<int64_t>(idx[i]);
-    const S* row = data + r * row_stride + col0;
-    float w = psw != nullptr ? psw[i] : 1.f;
+    const int64_t pr = static_cast<int64_t>(idx[std::min(i + (Far ? kNearDistance : kPrefetchDistance), pf_last)]);
+    prefetch_lines<PfLines, 3>(reinterpret_cast<const char*>(base + pr * row_stride), pf_bytes);
     if (Int8) {
-      bias += w * row_min[r];
-      w *= row_scale[r];
+      __builtin_prefetch(row_scale + pr, 0, 3);
+      __builtin_prefetch(row_min + pr, 0, 3);
     }
-    const V vw = Vec::set1(w);
+    const int64_t r = static_cast<int64_t>(idx[i]);
+    const S* row = base + r * row_stride;
+    V vw;
+    if (Int8) {
+      const float w = HasW ? psw[i] : 1.f;
+      bias += w * row_min[r];
+      vw = Vec::set1(w * row_scale[r]);
+    } else if (HasW) {
+      vw = Vec::set1(psw[i]);
+    }
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      acc[v] = Vec::fmadd(Vec::load(row + v * Vec::W, v == NV - 1 ? last_mask : full), vw, acc[v]);
+      const V x = Vec::load(row + v * Vec::W, v == NV - 1 ? last_mask : full);
+      acc[v] = (Int8 || HasW) ? Vec::fmadd(x, vw, acc[v]) : Vec::add(acc[v], x);
     }
   }
   const int64_t cnt = end - begin;
@@ -180,10 +218,10 @@ inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale
   for (int v = 0; v < NV; ++v) Vec::store(out + col0 + v * Vec::W, acc[v], v == NV - 1 ? last_mask : full);
 }
 
-template <typename S, bool Int8, typename IdxT>
+template <typename S, bool Int8, bool HasW, bool Far, typename IdxT>
 inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float* row_scale,
                      const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
-                     int64_t pf_end, const float* psw, bool mean, float* out) {
+                     int64_t pf_last, const float* psw, bool mean, float* out) {
   const int64_t chunk = static_cast<int64_t>(kMaxVecs) * Vec::W;
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(S));
   for (int64_t col0 = 0; col0 < dim; col0 += chunk) {
@@ -192,10 +230,10 @@ inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float
     const typename Vec::M last = Vec::mask(n - static_cast<int64_t>(nv - 1) * Vec::W);
     // Prefetch whole rows in the first pass only.
     const int64_t pf = col0 == 0 ? row_bytes : 0;
-#define RECMETA_EB_CASE(K)                                                                     \
-  case K:                                                                                      \
-    pool_chunk<K, S, Int8, IdxT>(data, row_stride, row_scale, row_min, idx, begin, end, pf_end, \
-                                 pf, psw, mean, col0, last, out);                              \
+#define RECMETA_EB_CASE(K)                                                                        \
+  case K:                                                                                         \
+    pool_chunk<K, S, Int8, HasW, Far, IdxT>(data, row_stride, row_scale, row_min, idx, begin, end, \
+                                       pf_last, pf, psw, mean, col0, last, out);                  \
     break;
     switch (nv) {
       RECMETA_EB_CASE(1)
@@ -212,31 +250,48 @@ inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float
   }
 }
 
-/// Pool the bags [p0, p1) of one table (consecutive pairs of the same table t; bag p writes
-/// output row p - first_pair). Dims up to kMaxVecs * W dispatch on the register count once per
-/// range instead of once per bag.
-template <typename S, bool Int8, typename IdxT>
-inline void pool_range(const TableView& tab, const IdxT* idx, IndexView offsets, int64_t p0, int64_t p1,
-                       int64_t first_pair, int64_t pf_end, const float* psw, bool mean, float* out,
+/// Pool the bags [p0, p1) of one table (consecutive pairs of the same table; bag p writes
+/// output row p - p0). `off` holds the p1 - p0 + 1 offsets of the range as int64. Dims up to
+/// kMaxVecs * W dispatch on the register count once per range instead of once per bag.
+template <typename S, bool Int8, bool HasW, typename IdxT>
+inline void pool_range(const TableView& tab, const IdxT* idx, const int64_t* off, int64_t nbags,
+                       int64_t pf_last, int64_t table_nnz, const float* psw, bool mean, float* out,
                        int64_t out_stride) {
   const S* data = static_cast<const S*>(tab.data);
   const int64_t dim = tab.dim;
   if (dim == 0) return;
   const int64_t nv = (dim + Vec::W - 1) / Vec::W;
+  const int64_t elem = static_cast<int64_t>(sizeof(S));
+  const bool far = tab.rows * tab.row_stride * elem > kFarTableBytes && table_nnz * dim * elem > kFarTableBytes;
   if (nv > kMaxVecs) {
-    for (int64_t p = p0; p < p1; ++p)
-      pool_bag<S, Int8, IdxT>(data, tab.row_stride, dim, tab.row_scale, tab.row_min, idx, offsets[p],
-                              offsets[p + 1], pf_end, psw, mean, out + (p - first_pair) * out_stride);
+    for (int64_t p = 0; p < nbags; ++p) {
+      if (far)
+        pool_bag<S, Int8, HasW, true, IdxT>(data, tab.row_stride, dim, tab.row_scale, tab.row_min, idx, off[p],
+                                            off[p + 1], pf_last, psw, mean, out + p * out_stride);
+      else
+        pool_bag<S, Int8, HasW, false, IdxT>(data, tab.row_stride, dim, tab.row_scale, tab.row_min, idx, off[p],
+                                             off[p + 1], pf_last, psw, mean, out + p * out_stride);
+    }
     return;
   }
   const typename Vec::M last = Vec::mask(dim - (nv - 1) * Vec::W);
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(S));
-#define RECMETA_EB_RANGE(K)                                                                        \
-  case K:                                                                                          \
-    for (int64_t p = p0; p < p1; ++p)                                                              \
-      pool_chunk<K, S, Int8, IdxT>(data, tab.row_stride, tab.row_scale, tab.row_min, idx, offsets[p], \
-                                   offsets[p + 1], pf_end, row_bytes, psw, mean, 0, last,          \
-                                   out + (p - first_pair) * out_stride);                           \
+  // The whole row in registers: prefetch the lines of K vectors of S (a compile-time count).
+#define RECMETA_EB_LINES(K) static_cast<int>((K * Vec::W * sizeof(S) + 63) / 64)
+#define RECMETA_EB_RANGE(K)                                                                             \
+  case K:                                                                                               \
+    if (far)                                                                                            \
+      for (int64_t p = 0; p < nbags; ++p)                                                               \
+        pool_chunk<K, S, Int8, HasW, true, IdxT, RECMETA_EB_LINES(K)>(                                  \
+            data, tab.row_stride, tab.row_scale, tab.row_min, idx,                                      \
+                                                 off[p], off[p + 1], pf_last, row_bytes, psw, mean, 0,   \
+                                                 last, out + p * out_stride);                            \
+    else                                                                                                \
+      for (int64_t p = 0; p < nbags; ++p)                                                               \
+        pool_chunk<K, S, Int8, HasW, false, IdxT, RECMETA_EB_LINES(K)>(                                 \
+            data, tab.row_stride, tab.row_scale, tab.row_min, idx,                                      \
+                                                  off[p], off[p + 1], pf_last, row_bytes, psw, mean, 0,  \
+                                                  last, out + p * out_stride);                           \
     break;
   switch (nv) {
     RECMETA_EB_RANGE(1)
@@ -250,6 +305,7 @@ inline void pool_range(const TableView& tab, const IdxT* idx, IndexView offsets,
       RECMETA_EB_RANGE(8)
   }
 #undef RECMETA_EB_RANGE
+#undef RECMETA_EB_LINES
 }
 #else
 // =========================================================================================
@@ -264,25 +320,23 @@ inline float to_float<uint16_t>(uint16_t x) { return half_to_float(x); }
 template <>
 inline float to_float<uint8_t>(uint8_t x) { return static_cast<float>(x); }
 
-template <typename S, bool Int8, typename IdxT>
+template <typename S, bool Int8, bool HasW, typename IdxT>
 inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float* row_scale,
                      const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
-                     int64_t pf_end, const float* psw, bool mean, float* out) {
+                     int64_t pf_last, const float* psw, bool mean, float* out) {
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(S));
   for (int64_t j = 0; j < dim; ++j) out[j] = 0.f;
   float bias = 0.f;
   for (int64_t i = begin; i < end; ++i) {
-    if (i + kPrefetchDistance < pf_end) {
-      const int64_t pr = static_cast<int64_t>(idx[i + kPrefetchDistance]);
-      prefetch_row(reinterpret_cast<const char*>(data + pr * row_stride), row_bytes);
-      if (Int8) {
-        __builtin_prefetch(row_scale + pr, 0, 3);
-        __builtin_prefetch(row_min + pr, 0, 3);
-      }
+    const int64_t pr = static_cast<int64_t>(idx[std::min(i + kPrefetchDistance, pf_last)]);
+    prefetch_row(reinterpret_cast<const char*>(data + pr * row_stride), row_bytes);
+    if (Int8) {
+      __builtin_prefetch(row_scale + pr, 0, 3);
+      __builtin_prefetch(row_min + pr, 0, 3);
     }
     const int64_t r = static_cast<int64_t>(idx[i]);
     const S* row = data + r * row_stride;
-    float w = psw != nullptr ? psw[i] : 1.f;
+    float w = HasW ? psw[i] : 1.f;
     if (Int8) {
       bias += w * row_min[r];
       w *= row_scale[r];
@@ -298,14 +352,15 @@ inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float
   }
 }
 
-template <typename S, bool Int8, typename IdxT>
-inline void pool_range(const TableView& tab, const IdxT* idx, IndexView offsets, int64_t p0, int64_t p1,
-                       int64_t first_pair, int64_t pf_end, const float* psw, bool mean, float* out,
+template <typename S, bool Int8, bool HasW, typename IdxT>
+inline void pool_range(const TableView& tab, const IdxT* idx, const int64_t* off, int64_t nbags,
+                       int64_t pf_last, int64_t table_nnz, const float* psw, bool mean, float* out,
                        int64_t out_stride) {
-  for (int64_t p = p0; p < p1; ++p)
-    pool_bag<S, Int8, IdxT>(static_cast<const S*>(tab.data), tab.row_stride, tab.dim, tab.row_scale,
-                            tab.row_min, idx, offsets[p], offsets[p + 1], pf_end, psw, mean,
-                            out + (p - first_pair) * out_stride);
+  (void)table_nnz;  // one prefetch stage in the generic variant
+  for (int64_t p = 0; p < nbags; ++p)
+    pool_bag<S, Int8, HasW, IdxT>(static_cast<const S*>(tab.data), tab.row_stride, tab.dim, tab.row_scale,
+                                  tab.row_min, idx, off[p], off[p + 1], pf_last, psw, mean,
+                                  out + p * out_stride);
 }
 #endif
 
@@ -324,23 +379,39 @@ void forward_impl(const EmbeddingBagForwardArgs& a) {
     const int64_t b0 = (it - t * per_table) * kBagsPerItem;
     const int64_t b1 = std::min(B, b0 + kBagsPerItem);
     const TableView& tab = a.tables[t];
-    const int64_t p0 = t * B + b0, p1 = t * B + b1;
-    const int64_t pf_end = a.offsets[(t + 1) * B];
+    const int64_t p0 = t * B + b0;
+    const int64_t nbags = b1 - b0;
+    // The range's offsets as int64, read once (the ids' width is a template parameter, the
+    // offsets' is not).
+    int64_t off[kBagsPerItem + 1];
+    if (a.offsets.type == IndexType::I32) {
+      const int32_t* o = static_cast<const int32_t*>(a.offsets.data) + p0;
+      for (int64_t p = 0; p <= nbags; ++p) off[p] = o[p];
+    } else {
+      const int64_t* o = static_cast<const int64_t*>(a.offsets.data) + p0;
+      for (int64_t p = 0; p <= nbags; ++p) off[p] = o[p];
+    }
+    const int64_t pf_last = a.offsets[(t + 1) * B] - 1;
+    const int64_t table_nnz = pf_last + 1 - a.offsets[t * B];  // ids of table t in this call
     float* out = a.out + b0 * a.out_stride + a.col_offsets[t];
+    const float* psw = a.per_sample_weights;
+#define RECMETA_EB_TYPED(S, I8)                                                                     \
+  if (psw != nullptr)                                                                               \
+    pool_range<S, I8, true, IdxT>(tab, idx, off, nbags, pf_last, table_nnz, psw, mean, out, a.out_stride); \
+  else                                                                                              \
+    pool_range<S, I8, false, IdxT>(tab, idx, off, nbags, pf_last, table_nnz, psw, mean, out, a.out_stride);
     switch (tab.type) {
       case TableType::F32:
-        pool_range<float, false, IdxT>(tab, idx, a.offsets, p0, p1, p0, pf_end, a.per_sample_weights, mean, out,
-                                       a.out_stride);
+        RECMETA_EB_TYPED(float, false)
         break;
       case TableType::F16:
-        pool_range<uint16_t, false, IdxT>(tab, idx, a.offsets, p0, p1, p0, pf_end, a.per_sample_weights, mean,
-                                          out, a.out_stride);
+        RECMETA_EB_TYPED(uint16_t, false)
         break;
       case TableType::I8Rowwise:
-        pool_range<uint8_t, true, IdxT>(tab, idx, a.offsets, p0, p1, p0, pf_end, a.per_sample_weights, mean,
-                                        out, a.out_stride);
+        RECMETA_EB_TYPED(uint8_t, true)
         break;
     }
+#undef RECMETA_EB_TYPED
   };
   int64_t max_dim = 0;
   for (int64_t t = 0; t < T; ++t) max_dim = std::max(max_dim, a.tables[t].dim);
@@ -348,7 +419,7 @@ void forward_impl(const EmbeddingBagForwardArgs& a) {
   // parallel region.
   const bool parallel = items > 1 && (a.indices.size + T * B) * std::max<int64_t>(max_dim, 1) >= kParallelMinWork;
 #ifdef RECMETA_HAVE_OPENMP
-  if (parallel) {
+  if (parallel && omp_get_max_threads() > 1) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) run(it);
     return;

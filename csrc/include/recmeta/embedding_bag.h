@@ -70,6 +70,41 @@ void embedding_bag_backward(float* weight, int64_t rows, int64_t dim, int64_t ro
                             int64_t grad_stride, const float* per_sample_weights, PoolingMode mode,
                             SparseOptimizer optimizer, float lr, float eps, float* state);
 
+/// One float32 table updated in place by the table-batched backward.
+struct MutableTable {
+  float* weight = nullptr;  ///< rows * row_stride float32 (rows x dim used), updated in place
+  int64_t rows = 0;         ///< N_t
+  int64_t dim = 0;          ///< d_t
+  int64_t row_stride = 0;   ///< floats between consecutive rows, >= dim
+  float* state = nullptr;   ///< rows float32 row-wise Adagrad state (updated in place); nullptr for SGD
+};
+
+/// Table-batched backward fused with a sparse optimiser, in place: the backward of
+/// embedding_bag_forward over T tables (TBE layout), each table updated as by
+/// embedding_bag_backward with its own optimiser state.
+///
+/// Every argument of every table is validated before any table changes. The tables are then
+/// updated one after the other in table order, each deterministically (bit-identical for any
+/// number of threads).
+///
+/// @param tables      pointer to `num_tables` MutableTable (state required for each table with
+///                    row-wise Adagrad).
+/// @param num_tables  T >= 1.
+/// @param indices     nnz row ids, local to their table, each in [0, rows_t).
+/// @param offsets     T*B+1 CSR offsets, table-major (bag t*B+b is sample b of table t).
+/// @param grad_output B * grad_stride float32: the gradient of the (B, sum_t dim_t) forward
+///                    output (table t's columns start at sum_{u<t} dim_u).
+/// @param grad_stride floats between consecutive rows of grad_output, >= sum_t dim_t.
+/// @param per_sample_weights nullptr or nnz float32.
+/// @param mode        pooling of the forward pass.
+/// @param optimizer   SGD or row-wise Adagrad.
+/// @param lr          learning rate (finite).
+/// @param eps         Adagrad epsilon (finite, >= 0).
+void embedding_bag_backward_tbe(const MutableTable* tables, int64_t num_tables, IndexView indices,
+                                IndexView offsets, const float* grad_output, int64_t grad_stride,
+                                const float* per_sample_weights, PoolingMode mode,
+                                SparseOptimizer optimizer, float lr, float eps);
+
 namespace cpu {
 
 // ---------------------------------------------------------------------------------------
