@@ -488,56 +488,30 @@ class RecMetaNet(nn.Module):
         (gamma, delta), each (d,) or (B, d), to start from instead of ``phi_*`` (a task's
         adapted parameters, see :mod:`recmeta_sdk.meta_tasks`).
         """
+        if groups is not None and init is not None:
+            raise ValueError("adapt_phi: init and groups cannot be combined")
+        if lr is None:
+            lr_g, lr_d = torch.exp(self.log_lr[0]), torch.exp(self.log_lr[1])
+        else:
+            lr_g = lr_d = torch.tensor(float(lr))
+        B = h.shape[0]
+        if init is None:
+            g0, d0 = self.phi_gamma, self.phi_delta
+        else:
+            g0, d0 = (torch.as_tensor(x, dtype=h.dtype) for x in init)
+        n = B if groups is None else (int(groups.max()) + 1 if groups.numel() else 0)
+        gamma, delta = g0.expand(n, -1), d0.expand(n, -1)
+        hd = h.detach()
+        for _ in range(steps):
+            ga, da = gamma.detach(), delta.detach()
+            if groups is not None:
+                ga, da = ga[groups], da[groups]
+            gg, gd = self.support_grad(hd, ga, da, V.detach(), sup_rows, sup_items, sup_w, B,
+                                       None if offset is None else offset.detach(), groups=groups)
+            gamma = gamma - lr_g * gg
+            delta = delta - lr_d * gd
         if groups is not None:
-            G = int(groups.max()) + 1 if groups.numel() else 0
-            hd = h.detach()
-            gamma = self.phi_gamma.expand(G, -1)
-            delta = self.phi_delta.expand(G, -1)
-            if lr is None:
-                lr_g, lr_d = torch.exp(self.log_lr[0]), torch.exp(self.log_lr[1])
-            else:
-                lr_g = lr_d = torch.tensor(float(lr))
-            for _ in range(steps):
-                gg, gd = self.support_grad(hd, gamma.detach()[groups], delta.detach()[groups], V.detach(),
-                                           sup_rows, sup_items, sup_w, h.shape[0],
-                                           None if offset is None else offset.detach(), groups=groups)
-                gamma = gamma - lr_g * gg
-                delta = delta - lr_d * gd
             return gamma[groups], delta[groups]
-        B = h.shape[0]
-        if init is not None:
-            return self._adapt_from(h, V, sup_rows, sup_items, sup_w, steps, lr, offset, init)
-        gamma = self.phi_gamma.expand(B, -1)
-        delta = self.phi_delta.expand(B, -1)
-        if lr is None:
-            lr_g, lr_d = torch.exp(self.log_lr[0]), torch.exp(self.log_lr[1])
-        else:
-            lr_g = lr_d = torch.tensor(float(lr))
-        hd = h.detach()
-        for _ in range(steps):
-            gg, gd = self.support_grad(hd, gamma.detach(), delta.detach(), V.detach(),
-                                       sup_rows, sup_items, sup_w, B,
-                                       None if offset is None else offset.detach())
-            gamma = gamma - lr_g * gg
-            delta = delta - lr_d * gd
-        return gamma, delta
-
-    def _adapt_from(self, h, V, sup_rows, sup_items, sup_w, steps, lr, offset, init):
-        """:meth:`adapt_phi` per user, starting from ``init = (gamma, delta)`` instead of ``phi_*``."""
-        B = h.shape[0]
-        gamma = torch.as_tensor(init[0], dtype=h.dtype).expand(B, -1)
-        delta = torch.as_tensor(init[1], dtype=h.dtype).expand(B, -1)
-        if lr is None:
-            lr_g, lr_d = torch.exp(self.log_lr[0]), torch.exp(self.log_lr[1])
-        else:
-            lr_g = lr_d = torch.tensor(float(lr))
-        hd = h.detach()
-        for _ in range(steps):
-            gg, gd = self.support_grad(hd, gamma.detach(), delta.detach(), V.detach(),
-                                       sup_rows, sup_items, sup_w, B,
-                                       None if offset is None else offset.detach())
-            gamma = gamma - lr_g * gg
-            delta = delta - lr_d * gd
         return gamma, delta
 
     def behaviour_logits(self, h: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
