@@ -515,6 +515,38 @@ def test_bad_values_rejected(rng):
         _core.policy_topk(u, w, -3)
 
 
+@pytest.mark.parametrize("B", [1, 5, 70])
+@pytest.mark.parametrize("pos", [0, 1023, 1024, 20000, 40960])
+def test_non_finite_bias_and_scales_found_by_the_streaming_pass(rng, threads, B, pos):
+    """The dense pass screens bias / row_scale / row_min block by block: a bad value in any
+    block (also one that only the first user tile reads) is reported with its position,
+    whatever the thread count; with candidate lists it is found before any work."""
+    N, d = 40961, 8
+    u = rng.standard_normal((B, d)).astype(np.float32)
+    q = ops.quantize(torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32)), "int8")
+    data, scale, rmin = q.data.numpy(), q.row_scale.numpy().copy(), q.row_min.numpy().copy()
+    cand = (np.arange(B + 1, dtype=np.int64), np.full(B, 3, np.int64))
+    for t in (1, 2):
+        _core.set_num_threads(t)
+        b = np.ones(N, np.float32)
+        b[pos] = np.nan
+        with pytest.raises(ValueError, match=f"bias: non-finite value nan at position {pos}"):
+            _core.policy_topk(u, data, 3, row_scale=scale, row_min=rmin, bias=b)
+        with pytest.raises(ValueError, match=f"at position {pos}"):
+            _core.policy_sample(u, data, 3, 7, row_scale=scale, row_min=rmin, bias=b)
+        with pytest.raises(ValueError, match=f"at position {pos}"):
+            _core.policy_topk(u, data, 3, row_scale=scale, row_min=rmin, bias=b,
+                              candidate_offsets=cand[0], candidate_ids=cand[1])
+        for arr in (scale, rmin):
+            old = arr[pos]
+            arr[pos] = -np.inf
+            with pytest.raises(ValueError, match=f"non-finite row_scale/row_min at row {pos}"):
+                _core.policy_topk(u, data, 3, row_scale=scale, row_min=rmin)
+            arr[pos] = old
+        # and the same arrays, all finite again, work
+        _core.policy_topk(u, data, 3, row_scale=scale, row_min=rmin, bias=np.ones(N, np.float32))
+
+
 def test_bad_types_and_shapes_rejected(rng):
     u, w = _small(rng)
     with pytest.raises(TypeError, match="float64"):

@@ -42,10 +42,22 @@ void check_table(const TableView& t) {
   if (t.type == TableType::I8Rowwise) {
     RECMETA_CHECK(t.rows == 0 || (t.row_scale != nullptr && t.row_min != nullptr),
                   "items: an int8 table needs row_scale and row_min");
-    const int64_t bad_scale = t.rows > 0 ? first_non_finite(t.row_scale, t.rows) : -1;
-    const int64_t bad_min = t.rows > 0 ? first_non_finite(t.row_min, t.rows) : -1;
+  }
+}
+
+/// The checks of values that the dense pass screens while it reads them (see
+/// cpu::ValueChecks): the int8 table's row_scale / row_min and the bias are finite.
+void check_values(const PolicyArgs& a) {
+  const TableView& t = a.items;
+  if (t.type == TableType::I8Rowwise && t.rows > 0) {
+    const int64_t bad_scale = first_non_finite(t.row_scale, t.rows);
+    const int64_t bad_min = first_non_finite(t.row_min, t.rows);
     RECMETA_CHECK(bad_scale < 0 && bad_min < 0, "items: non-finite row_scale/row_min at row ",
                   bad_scale < 0 ? bad_min : (bad_min < 0 ? bad_scale : std::min(bad_scale, bad_min)));
+  }
+  if (a.bias != nullptr && t.rows > 0) {
+    const int64_t i = first_non_finite(a.bias, t.rows);
+    RECMETA_CHECK(i < 0, "bias: non-finite value ", i < 0 ? 0.0f : a.bias[i], " at position ", i);
   }
 }
 
@@ -79,10 +91,6 @@ void validate(const PolicyArgs& a) {
     const int64_t i = first_non_finite(a.users, a.batch * d);
     RECMETA_CHECK(i < 0, "user_states: non-finite value ", i < 0 ? 0.0f : a.users[i], " at flat position ", i);
   }
-  if (a.bias != nullptr && N > 0) {
-    const int64_t i = first_non_finite(a.bias, N);
-    RECMETA_CHECK(i < 0, "bias: non-finite value ", i < 0 ? 0.0f : a.bias[i], " at position ", i);
-  }
   if (a.has_exclude) check_csr("exclude", a.batch, N, a.exclude_offsets, a.exclude_ids);
   if (a.has_candidates) check_csr("candidates", a.batch, N, a.candidate_offsets, a.candidate_ids);
   RECMETA_CHECK(a.batch == 0 || a.k == 0 || (a.out_ids != nullptr && a.out_scores != nullptr),
@@ -109,6 +117,11 @@ void sorted_lists(int64_t batch, const IndexView& off, const IndexView& ids, std
 
 void run(const PolicyArgs& args) {
   validate(args);
+  // The dense pass screens bias / row_scale / row_min block by block as it reads them (the
+  // values then come from memory once); the candidate path reads only some rows, so those
+  // values are checked here, before any work.
+  const bool defer_values = !args.has_candidates && args.batch > 0;
+  if (!defer_values) check_values(args);
   std::vector<int64_t> ex_off, ex_ids, ca_off, ca_ids;
   PolicyLists ex, ca;
   if (args.has_exclude && args.exclude_ids.size > 0) {
@@ -140,7 +153,13 @@ void run(const PolicyArgs& args) {
     ex = PolicyLists{};  // already applied
   }
   if (args.batch == 0) return;
-  RECMETA_DISPATCH_ISA(policy_run, args, ex, ca);
+  cpu::ValueChecks checks;
+  checks.enabled = defer_values;
+  RECMETA_DISPATCH_ISA(policy_run, args, ex, ca, checks);
+  if (checks.failed) {
+    check_values(args);  // throws, naming the first bad value
+    RECMETA_CHECK(false, "policy: a non-finite bias / row_scale / row_min was seen");  // unreachable
+  }
 }
 
 }  // namespace

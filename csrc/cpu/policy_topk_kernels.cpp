@@ -155,6 +155,18 @@ inline uint32_t candidate_lanes(vf v, float th) {
 #endif
 }
 
+/// Whether x[0, n) holds only finite values (a float is non-finite iff its exponent bits are
+/// all ones; integer operations, vectorised).
+inline bool all_finite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    bad |= static_cast<uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
+  }
+  return bad == 0;
+}
+
 // ---------------------------------------------------------------------------------------
 // Aligned scratch
 // ---------------------------------------------------------------------------------------
@@ -720,6 +732,7 @@ struct Ctx {
   const float* bias;   // (N,) bias divided by the temperature, or nullptr
   uint32_t key;
   float gmax;  // an upper bound of the Gumbel noise
+  ValueChecks* checks;  // screen bias / row_scale / row_min blocks (nullptr: checked already)
   int64_t d, NB, CH, cap;
 };
 
@@ -798,6 +811,12 @@ void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, in
 #endif
   for (int64_t i0 = c0; i0 < c1; i0 += NB) {
     const int64_t n = std::min(NB, c1 - i0);
+    if (c.checks != nullptr && u0 == 0) {  // the first user tile screens each block once
+      bool bad = a.bias != nullptr && !all_finite(a.bias + i0, n);
+      if (a.items.type == TableType::I8Rowwise)
+        bad = bad || !all_finite(a.items.row_scale + i0, n) || !all_finite(a.items.row_min + i0, n);
+      if (bad) __atomic_store_n(&c.checks->failed, true, __ATOMIC_RELAXED);
+    }
 #if defined(__AVX512F__)
     if (nu <= kRowsKernelMaxUsers) {
       rows_kernel(a.items, i0, nullptr, n, c.users + u0 * d, nu, c.bias, w.S.p, NB);
@@ -977,10 +996,12 @@ void run_candidates(const Ctx& c, const PolicyLists& cand) {
 
 }  // namespace
 
-void policy_run(const PolicyArgs& args, const PolicyLists& exclude, const PolicyLists& candidates) {
+void policy_run(const PolicyArgs& args, const PolicyLists& exclude, const PolicyLists& candidates,
+                ValueChecks& checks) {
   Ctx c;
   c.a = &args;
   c.ex = &exclude;
+  c.checks = checks.enabled ? &checks : nullptr;
   // s = (U.I + b) / t is computed as (U / t).I + b / t (the same up to rounding).
   std::vector<float> scaled_users, scaled_bias;
   c.users = args.users;
