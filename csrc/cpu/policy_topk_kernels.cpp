@@ -369,6 +369,17 @@ inline __m512 load_chunk(const TableView& t, int64_t r, int64_t c, __mmask16 mk)
     return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(t.data) + r * t.row_stride + c);
   }
 }
+/// The same from a row's address.
+template <TableType TT>
+inline __m512 load_chunk_at(const void* row, int64_t c, __mmask16 mk) {
+  if constexpr (TT == TableType::F16) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(row) + c));
+  } else if constexpr (TT == TableType::I8Rowwise) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, static_cast<const uint8_t*>(row) + c)));
+  } else {
+    return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(row) + c);
+  }
+}
 
 /// out[q] = sum of the 16 lanes of a[q], q < 16, in a fixed tree order.
 inline __m512 reduce16(const __m512 a[16]) {
@@ -391,9 +402,13 @@ template <TableType TT>
 void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, const float* U,
                    int64_t nu, const float* bias, float* S, int64_t lds) {
   const int64_t d = t.dim;
-  const int64_t esz = table_elem_size(t.type);
   const int64_t d16 = d / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (d - d16)) - 1u);
+  // Locals, so that the stores into S cannot alias them.
+  const char* const base = static_cast<const char*>(t.data);
+  const int64_t row_bytes = t.row_stride * table_elem_size(t.type);
+  const float* const row_scale = t.row_scale;
+  const float* const row_min = t.row_min;
   float usum[kRowsKernelMaxUsers] = {};
   if constexpr (TT == TableType::I8Rowwise) {
     for (int64_t m = 0; m < nu; ++m)
@@ -403,11 +418,12 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
     const int64_t cnt = std::min<int64_t>(16, n - j);
     int64_t r[16];
     for (int q = 0; q < 16; ++q) r[q] = rows ? rows[j + (q < cnt ? q : 0)] : row0 + j + (q < cnt ? q : 0);
+    const char* rp[16];  // the rows' addresses
+    for (int q = 0; q < 16; ++q) rp[q] = base + r[q] * row_bytes;
     if (rows == nullptr) {
-      // Prefetch the next group into L2.
-      const char* ahead = static_cast<const char*>(t.data) + (row0 + j + 16) * t.row_stride * esz;
-      const int64_t bytes = 16 * t.row_stride * esz;
-      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T1);
+      // Prefetch the group four ahead into L2 (measured better than one or two ahead).
+      const char* ahead = base + (row0 + j + 64) * row_bytes;
+      for (int64_t off = 0; off < 16 * row_bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T1);
     }
     // Per-row values (bias, int8 scale and min) of the 16 rows as vectors.
     auto gather16 = [&](const float* v) {
@@ -419,27 +435,24 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
     const __m512 bias_v = bias ? gather16(bias) : _mm512_setzero_ps();
     __m512 scale_v = _mm512_setzero_ps(), min_v = _mm512_setzero_ps();
     if constexpr (TT == TableType::I8Rowwise) {
-      scale_v = gather16(t.row_scale);
-      min_v = gather16(t.row_min);
+      scale_v = gather16(row_scale);
+      min_v = gather16(row_min);
     }
     for (int64_t m = 0; m < nu; ++m) {
       const float* u = U + m * d;
+      // Dim chunks outside, the 16 rows inside: each chunk of u is loaded once for the 16
+      // rows, and the loop runs d / 16 times per group (one accumulator per row).
       __m512 acc[16];
-      // Row by row: each row is read front to back; two partial sums per row.
+      for (int q = 0; q < 16; ++q) acc[q] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < d16; c += 16) {
+        const __m512 uc = _mm512_loadu_ps(u + c);
 #pragma GCC unroll 16
-      for (int q = 0; q < 16; ++q) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        int64_t c = 0;
-        for (; c + 32 <= d16; c += 32) {
-          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(u + c), load_chunk<TT>(t, r[q], c, 0xFFFF), a0);
-          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(u + c + 16), load_chunk<TT>(t, r[q], c + 16, 0xFFFF), a1);
-        }
-        if (c < d16) {
-          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(u + c), load_chunk<TT>(t, r[q], c, 0xFFFF), a0);
-          c += 16;
-        }
-        if (tail) a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, u + c), load_chunk<TT>(t, r[q], c, tail), a1);
-        acc[q] = _mm512_add_ps(a0, a1);
+        for (int q = 0; q < 16; ++q) acc[q] = _mm512_fmadd_ps(uc, load_chunk_at<TT>(rp[q], c, 0xFFFF), acc[q]);
+      }
+      if (tail) {
+        const __m512 uc = _mm512_maskz_loadu_ps(tail, u + d16);
+#pragma GCC unroll 16
+        for (int q = 0; q < 16; ++q) acc[q] = _mm512_fmadd_ps(uc, load_chunk_at<TT>(rp[q], d16, tail), acc[q]);
       }
       __m512 dots = reduce16(acc);
       if constexpr (TT == TableType::I8Rowwise)
