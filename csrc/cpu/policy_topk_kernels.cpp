@@ -502,16 +502,15 @@ inline void users8_accumulate(const float* p, int64_t stride, int64_t d, const f
   for (; cp + 8 <= dpair; cp += 8) {
     __m512 ut[8];
     for (int i = 0; i < 8; ++i) ut[i] = _mm512_load_ps(UT + (cp + i) * 16);
+    // Rows innermost: consecutive FMAs feed different accumulators (no latency chain).
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
 #pragma GCC unroll 16
-    for (int q = 0; q < 16; ++q) {
-      const double* r = reinterpret_cast<const double*>(p + q * stride + 2 * cp);
-      __m512 a = acc[q];
-      for (int i = 0; i < 8; ++i) {
+      for (int q = 0; q < 16; ++q) {
         double v;
-        std::memcpy(&v, r + i, sizeof v);
-        a = _mm512_fmadd_ps(ut[i], _mm512_castpd_ps(_mm512_set1_pd(v)), a);
+        std::memcpy(&v, p + q * stride + 2 * (cp + i), sizeof v);
+        acc[q] = _mm512_fmadd_ps(ut[i], _mm512_castpd_ps(_mm512_set1_pd(v)), acc[q]);
       }
-      acc[q] = a;
     }
   }
   for (; cp < dpair; ++cp) {
