@@ -493,11 +493,16 @@ void pack_users8(const float* U, int64_t nu, int64_t d, float* UT) {
 
 /// The 16 rows' accumulators acc[q] (lane 2u + e: sum over dims of parity e) for rows at
 /// p + q * stride (floats), over dims [0, d) (d even, or the odd last dim broadcast whole:
-/// its UT lanes of odd parity are 0).
-inline void users8_accumulate(const float* p, int64_t stride, int64_t d, const float* UT, __m512 acc[16]) {
+/// its UT lanes of odd parity are 0). Also prefetches the pf_bytes at pf (64-byte lines).
+inline void users8_accumulate(const float* p, int64_t stride, int64_t d, const float* UT, __m512 acc[16],
+                              const char* pf, int64_t pf_bytes) {
   for (int q = 0; q < 16; ++q) acc[q] = _mm512_setzero_ps();
   const int64_t dpair = d / 2;
   int64_t cp = 0;
+  // The prefetches (pf_bytes from pf) are spread over the FMA loop, a few lines per step.
+  const int64_t steps = dpair / 8 * 8;
+  const int64_t per_step = steps > 0 ? (pf_bytes / 64 + steps - 1) / steps : 0;
+  int64_t pf_off = 0;
   // Blocks of 8 dim pairs: 8 vectors of UT stay in registers for the 16 rows.
   for (; cp + 8 <= dpair; cp += 8) {
     __m512 ut[8];
@@ -505,6 +510,7 @@ inline void users8_accumulate(const float* p, int64_t stride, int64_t d, const f
     // Rows innermost: consecutive FMAs feed different accumulators (no latency chain).
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
+      for (int64_t l = 0; l < per_step && pf_off < pf_bytes; ++l, pf_off += 64) _mm_prefetch(pf + pf_off, _MM_HINT_T1);
 #pragma GCC unroll 16
       for (int q = 0; q < 16; ++q) {
         double v;
@@ -526,6 +532,7 @@ inline void users8_accumulate(const float* p, int64_t stride, int64_t d, const f
     for (int q = 0; q < 16; ++q)
       acc[q] = _mm512_fmadd_ps(ut, _mm512_set1_ps(p[q * stride + d - 1]), acc[q]);
   }
+  for (; pf_off < pf_bytes; pf_off += 64) _mm_prefetch(pf + pf_off, _MM_HINT_T1);
 }
 
 /// S[u * lds + j] = bias[row j] + U[u] . row j for u < nu (<= 8), j < round_up(n, 16) (rows
@@ -540,11 +547,10 @@ void users8_kernel_t(const TableView& t, int64_t row0, int64_t n, const float* U
   const int64_t dp = (d + 1) / 2 * 2;
   for (int64_t j = 0; j < n; j += 16) {
     const int64_t cnt = std::min<int64_t>(16, n - j);
-    {  // prefetch the group after next into L2
-      const char* ahead = static_cast<const char*>(t.data) + (row0 + j + 32) * t.row_stride * esz;
-      const int64_t bytes = 16 * t.row_stride * esz;
-      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T1);
-    }
+    // The group after next is prefetched into L2 while this one is computed (spread over
+    // the FMA loop: measured faster than a burst of prefetches at the start of the group).
+    const char* ahead = static_cast<const char*>(t.data) + (row0 + j + 32) * t.row_stride * esz;
+    const int64_t ahead_bytes = 16 * t.row_stride * esz;
     const float* p;
     int64_t stride;
     __m512 acc[16];
@@ -579,7 +585,7 @@ void users8_kernel_t(const TableView& t, int64_t row0, int64_t n, const float* U
       p = buf;
       stride = dp;
     }
-    users8_accumulate(p, stride, d, UT, acc);
+    users8_accumulate(p, stride, d, UT, acc, ahead, ahead_bytes);
     // v[k] lane 2u + e = score of user u, row 2k + e.
     __m512d v[8];
     for (int k = 0; k < 8; ++k) {
