@@ -420,11 +420,12 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
     for (int q = 0; q < 16; ++q) r[q] = rows ? rows[j + (q < cnt ? q : 0)] : row0 + j + (q < cnt ? q : 0);
     const char* rp[16];  // the rows' addresses
     for (int q = 0; q < 16; ++q) rp[q] = base + r[q] * row_bytes;
-    if (rows == nullptr) {
-      // Prefetch the group four ahead into L2 (measured better than one or two ahead).
-      const char* ahead = base + (row0 + j + 64) * row_bytes;
-      for (int64_t off = 0; off < 16 * row_bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T1);
-    }
+    // Prefetch the group four ahead into L2 (measured better than one or two ahead), spread
+    // over the first user's FMA loop.
+    const char* ahead = base + (row0 + j + 64) * row_bytes;
+    const int64_t ahead_bytes = rows == nullptr ? 16 * row_bytes : 0;
+    const int64_t per_step = d16 > 0 ? (ahead_bytes / 64 + d16 / 16 - 1) / (d16 / 16) * 64 : 0;
+    int64_t pf_off = 0;
     // Per-row values (bias, int8 scale and min) of the 16 rows as vectors.
     auto gather16 = [&](const float* v) {
       if (rows == nullptr && cnt == 16) return _mm512_loadu_ps(v + row0 + j);
@@ -445,10 +446,13 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
       __m512 acc[16];
       for (int q = 0; q < 16; ++q) acc[q] = _mm512_setzero_ps();
       for (int64_t c = 0; c < d16; c += 16) {
+        for (const int64_t e = std::min(ahead_bytes, pf_off + per_step); pf_off < e; pf_off += 64)
+          _mm_prefetch(ahead + pf_off, _MM_HINT_T1);
         const __m512 uc = _mm512_loadu_ps(u + c);
 #pragma GCC unroll 16
         for (int q = 0; q < 16; ++q) acc[q] = _mm512_fmadd_ps(uc, load_chunk_at<TT>(rp[q], c, 0xFFFF), acc[q]);
       }
+      for (; pf_off < ahead_bytes; pf_off += 64) _mm_prefetch(ahead + pf_off, _MM_HINT_T1);
       if (tail) {
         const __m512 uc = _mm512_maskz_loadu_ps(tail, u + d16);
 #pragma GCC unroll 16
