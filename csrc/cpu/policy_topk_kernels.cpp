@@ -7,10 +7,14 @@
 // lanes over items). Tiles of at most two users (B <= 2, and the per-user candidate lists)
 // skip the packing on AVX-512: a row kernel reads each row front to back with lanes over
 // the dim and reduces 16 rows at a time with a shuffle tree (int8 rows as
-// scale * (u . codes) + min * sum(u)). The scores of one tile x block (at most 64 x NB floats) are then
-// folded into a per-user online log-sum-exp and a running top-k (a bounded heap that only
-// admits scores at or above its current k-th best; whole blocks whose maximum is below it
-// are skipped). The B x N score matrix never exists.
+// scale * (u . codes) + min * sum(u)). Tiles of 3 to 8 users skip it too: the small-tile
+// kernel reads every row once for all of them (lanes over (user, dim parity), a 64-bit
+// broadcast of two dims per FMA, an 8 x 8 transpose to per-user scores). The scores of one
+// tile x block (at most 64 x NB floats) are then folded into a per-user online log-sum-exp
+// and a running top-k (a bounded heap; a vectorised compare lets only the lanes at or above
+// its current k-th best reach it, and whole blocks whose maximum is below it are skipped).
+// The B x N score matrix never exists. bias / row_scale / row_min are screened for
+// non-finite values block by block just before they are read (see cpu::ValueChecks).
 //
 // Determinism: the item range is cut into fixed chunks (a function of dim only); each
 // (user, chunk) yields a partial (max, sum, top-k) computed in the same order whatever
