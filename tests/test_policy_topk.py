@@ -188,6 +188,118 @@ def test_fp16_table_given_directly(rng):
 
 
 # ---------------------------------------------------------------------------------------
+# kernel paths: small tiles (3..8 users: one pass over each row for all users), exclusions
+# at block / chunk boundaries, the generic and AVX2 variants
+# ---------------------------------------------------------------------------------------
+def boundary_exclusions(rng, u, tab, b, N, tau, per_user=20, boundaries=()):
+    """CSR exclusions per user: the user's 5 best items (so dropping them changes the top-k),
+    the given boundary ids, and random ids (with repeats)."""
+    s = R._scores(u, tab, b, tau)
+    best = torch.topk(s, min(5, N), dim=1).indices.numpy()
+    lists = []
+    for r in range(u.shape[0]):
+        ids = np.concatenate([best[r], [x for x in boundaries if x < N], rng.integers(0, N, per_user)])
+        lists.append(rng.permutation(ids))
+    off = np.concatenate([[0], np.cumsum([len(x) for x in lists])]).astype(np.int64)
+    return torch.from_numpy(off), torch.from_numpy(np.concatenate(lists).astype(np.int64))
+
+
+def check_against_reference(u, tab, b, exc, k, tau, cand=None):
+    ids, sc, ln = ops.policy_topk(u, tab, k, bias=b, exclude=exc, candidates=cand, temperature=tau,
+                                  backend="cpp")
+    _, rsc, rln = R.policy_topk(u, tab, k, b, exc, cand, tau)
+    s, mask = ref_matrix(u, tab, b, exc, cand, tau)
+    check_topk(ids, sc, s, mask, k, rsc)
+    np.testing.assert_allclose(ln.numpy(), rln.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [3, 5, 8])
+@pytest.mark.parametrize("d", [1, 7, 64, 70])
+def test_small_tile_kernel(rng, dtype, B, d):
+    # N crosses item blocks (1024 rows at d = 64) and ends inside a group of 16 rows
+    N = 2053
+    u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    tab = make_table(rng, N, d, dtype)
+    b = torch.from_numpy(rng.standard_normal(N).astype(np.float32))
+    exc = boundary_exclusions(rng, u, tab, b, N, 0.8, boundaries=(0, 15, 16, 1023, 1024, 1025, 2047, 2048, N - 1))
+    for k in (1, 10):
+        check_against_reference(u, tab, b, exc, k, 0.8)
+    check_against_reference(u, tab, None, None, 7, 1.0)
+
+
+@pytest.mark.parametrize("B", [1, 2, 5, 9])
+def test_exclusions_straddle_blocks_and_chunks(rng, B):
+    # d = 64: blocks of 1024 items, chunks of 16384 items; each user's best items are excluded
+    N, d = 33011, 64
+    u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    tab = make_table(rng, N, d, "fp32")
+    b = torch.from_numpy(rng.standard_normal(N).astype(np.float32))
+    bounds = (1023, 1024, 16383, 16384, 16385, 32767, 32768, N - 1)
+    exc = boundary_exclusions(rng, u, tab, b, N, 1.0, per_user=100, boundaries=bounds)
+    check_against_reference(u, tab, b, exc, 10, 1.0)
+    ids, _, prop, slp = ops.policy_sample(u, tab, 6, seed=99, bias=b, exclude=exc)
+    rids, _, rprop, rslp = R.policy_sample(u, tab, 6, 99, b, exc, None, 1.0)
+    assert torch.equal(ids, rids)
+    np.testing.assert_allclose(prop.numpy(), rprop.numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(slp.numpy(), rslp.numpy(), rtol=1e-4, atol=1e-4)
+
+
+_ISA_SCRIPT = r"""
+import sys
+import numpy as np, torch
+from recmeta_sdk import _core, ops, reference as R
+assert _core.cpu_isa() == sys.argv[1], (_core.cpu_isa(), sys.argv[1])
+rng = np.random.default_rng(5)
+for B, N, d in ((1, 3001, 64), (2, 1499, 7), (5, 2053, 70), (8, 1100, 33), (13, 517, 16)):
+    u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    w = torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32))
+    b = torch.from_numpy(rng.standard_normal(N).astype(np.float32))
+    cnt = rng.integers(0, 40, B)
+    off = torch.from_numpy(np.concatenate([[0], np.cumsum(cnt)]).astype(np.int64))
+    exc = (off, torch.from_numpy(rng.integers(0, N, int(cnt.sum())).astype(np.int64)))
+    for tab in (w, ops.quantize(w, "fp16"), ops.quantize(w, "int8")):
+        ids, sc, ln = ops.policy_topk(u, tab, 9, bias=b, exclude=exc, temperature=0.9, backend="cpp")
+        rids, rsc, rln = R.policy_topk(u, tab, 9, b, exc, None, 0.9)
+        np.testing.assert_allclose(sc.numpy(), rsc.numpy(), rtol=2e-5, atol=2e-4)
+        np.testing.assert_allclose(ln.numpy(), rln.numpy(), rtol=1e-5, atol=1e-5)
+        s = R._scores(u, tab, b, 0.9)
+        mask = R.eligible_mask(B, N, exc, None)
+        assert bool(mask.gather(1, ids).all())
+        np.testing.assert_allclose(sc.numpy(), s.gather(1, ids).numpy(), rtol=2e-5, atol=2e-4)
+        sids = ops.policy_sample(u, tab, 5, seed=3, bias=b, exclude=exc, backend="cpp")[0]
+        assert torch.equal(sids, R.policy_sample(u, tab, 5, 3, b, exc, None, 1.0)[0])
+print("ok", _core.cpu_isa())
+"""
+
+
+def test_generic_and_avx2_variants_match_reference():
+    """The variants this CPU does not run by default, each in a subprocess (RECMETA_CPU_ISA
+    only lowers the choice, so a variant above this CPU's is skipped)."""
+    import os
+    import subprocess
+    import sys
+
+    import recmeta_sdk
+
+    order = ["generic", "avx2", "avx512"]
+    best = order.index(_core.cpu_isa())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(recmeta_sdk.__file__)))
+    procs = {}
+    for isa in order[:best]:
+        env = dict(os.environ, RECMETA_CPU_ISA=isa)
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        procs[isa] = subprocess.Popen([sys.executable, "-c", _ISA_SCRIPT, isa], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, cwd=root)
+    if not procs:
+        pytest.skip(f"this CPU runs the {_core.cpu_isa()} variant only")
+    for isa, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{isa}: {err[-3000:]}"
+        assert out.startswith("ok"), f"{isa}: {out}"
+
+
+# ---------------------------------------------------------------------------------------
 # determinism across thread counts
 # ---------------------------------------------------------------------------------------
 @pytest.fixture
@@ -401,6 +513,38 @@ def test_bad_values_rejected(rng):
             ops.policy_topk(u, w, k)
     with pytest.raises(ValueError, match="-3"):
         _core.policy_topk(u, w, -3)
+
+
+@pytest.mark.parametrize("B", [1, 5, 70])
+@pytest.mark.parametrize("pos", [0, 1023, 1024, 20000, 40960])
+def test_non_finite_bias_and_scales_found_by_the_streaming_pass(rng, threads, B, pos):
+    """The dense pass screens bias / row_scale / row_min block by block: a bad value in any
+    block (also one that only the first user tile reads) is reported with its position,
+    whatever the thread count; with candidate lists it is found before any work."""
+    N, d = 40961, 8
+    u = rng.standard_normal((B, d)).astype(np.float32)
+    q = ops.quantize(torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32)), "int8")
+    data, scale, rmin = q.data.numpy(), q.row_scale.numpy().copy(), q.row_min.numpy().copy()
+    cand = (np.arange(B + 1, dtype=np.int64), np.full(B, 3, np.int64))
+    for t in (1, 2):
+        _core.set_num_threads(t)
+        b = np.ones(N, np.float32)
+        b[pos] = np.nan
+        with pytest.raises(ValueError, match=f"bias: non-finite value nan at position {pos}"):
+            _core.policy_topk(u, data, 3, row_scale=scale, row_min=rmin, bias=b)
+        with pytest.raises(ValueError, match=f"at position {pos}"):
+            _core.policy_sample(u, data, 3, 7, row_scale=scale, row_min=rmin, bias=b)
+        with pytest.raises(ValueError, match=f"at position {pos}"):
+            _core.policy_topk(u, data, 3, row_scale=scale, row_min=rmin, bias=b,
+                              candidate_offsets=cand[0], candidate_ids=cand[1])
+        for arr in (scale, rmin):
+            old = arr[pos]
+            arr[pos] = -np.inf
+            with pytest.raises(ValueError, match=f"non-finite row_scale/row_min at row {pos}"):
+                _core.policy_topk(u, data, 3, row_scale=scale, row_min=rmin)
+            arr[pos] = old
+        # and the same arrays, all finite again, work
+        _core.policy_topk(u, data, 3, row_scale=scale, row_min=rmin, bias=np.ones(N, np.float32))
 
 
 def test_bad_types_and_shapes_rejected(rng):

@@ -2,6 +2,7 @@
 // lists (sorted, unique; candidates minus exclusions) and dispatch to the ISA variant.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "recmeta/policy_topk.h"
@@ -9,6 +10,27 @@
 namespace recmeta {
 
 namespace {
+
+/// Index of the first non-finite value of x[0, n), or -1. Blocks are screened with integer
+/// operations the compiler vectorises (a float is non-finite iff its exponent bits are all
+/// ones); only a block that fails is searched element by element.
+int64_t first_non_finite(const float* x, int64_t n) {
+  constexpr int64_t kBlock = 1024;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    uint32_t bad = 0;
+    for (int64_t i = b0; i < b1; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, x + i, sizeof bits);
+      bad |= static_cast<uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
+    }
+    if (bad != 0) {
+      for (int64_t i = b0; i < b1; ++i)
+        if (!std::isfinite(x[i])) return i;
+    }
+  }
+  return -1;
+}
 
 void check_table(const TableView& t) {
   RECMETA_CHECK(t.rows >= 0, "items: number of rows must be >= 0, got ", t.rows);
@@ -20,10 +42,22 @@ void check_table(const TableView& t) {
   if (t.type == TableType::I8Rowwise) {
     RECMETA_CHECK(t.rows == 0 || (t.row_scale != nullptr && t.row_min != nullptr),
                   "items: an int8 table needs row_scale and row_min");
-    for (int64_t r = 0; r < t.rows; ++r) {
-      RECMETA_CHECK(std::isfinite(t.row_scale[r]) && std::isfinite(t.row_min[r]),
-                    "items: non-finite row_scale/row_min at row ", r);
-    }
+  }
+}
+
+/// The checks of values that the dense pass screens while it reads them (see
+/// cpu::ValueChecks): the int8 table's row_scale / row_min and the bias are finite.
+void check_values(const PolicyArgs& a) {
+  const TableView& t = a.items;
+  if (t.type == TableType::I8Rowwise && t.rows > 0) {
+    const int64_t bad_scale = first_non_finite(t.row_scale, t.rows);
+    const int64_t bad_min = first_non_finite(t.row_min, t.rows);
+    RECMETA_CHECK(bad_scale < 0 && bad_min < 0, "items: non-finite row_scale/row_min at row ",
+                  bad_scale < 0 ? bad_min : (bad_min < 0 ? bad_scale : std::min(bad_scale, bad_min)));
+  }
+  if (a.bias != nullptr && t.rows > 0) {
+    const int64_t i = first_non_finite(a.bias, t.rows);
+    RECMETA_CHECK(i < 0, "bias: non-finite value ", i < 0 ? 0.0f : a.bias[i], " at position ", i);
   }
 }
 
@@ -53,13 +87,9 @@ void validate(const PolicyArgs& a) {
   check_table(a.items);
   const int64_t d = a.items.dim, N = a.items.rows;
   RECMETA_CHECK(a.batch == 0 || d == 0 || a.users != nullptr, "user_states: pointer is null");
-  for (int64_t i = 0; i < a.batch * d; ++i) {
-    RECMETA_CHECK(std::isfinite(a.users[i]), "user_states: non-finite value ", a.users[i],
-                  " at flat position ", i);
-  }
-  if (a.bias != nullptr) {
-    for (int64_t i = 0; i < N; ++i)
-      RECMETA_CHECK(std::isfinite(a.bias[i]), "bias: non-finite value ", a.bias[i], " at position ", i);
+  if (a.batch > 0 && d > 0) {
+    const int64_t i = first_non_finite(a.users, a.batch * d);
+    RECMETA_CHECK(i < 0, "user_states: non-finite value ", i < 0 ? 0.0f : a.users[i], " at flat position ", i);
   }
   if (a.has_exclude) check_csr("exclude", a.batch, N, a.exclude_offsets, a.exclude_ids);
   if (a.has_candidates) check_csr("candidates", a.batch, N, a.candidate_offsets, a.candidate_ids);
@@ -87,6 +117,11 @@ void sorted_lists(int64_t batch, const IndexView& off, const IndexView& ids, std
 
 void run(const PolicyArgs& args) {
   validate(args);
+  // The dense pass screens bias / row_scale / row_min block by block as it reads them (the
+  // values then come from memory once); the candidate path reads only some rows, so those
+  // values are checked here, before any work.
+  const bool defer_values = !args.has_candidates && args.batch > 0;
+  if (!defer_values) check_values(args);
   std::vector<int64_t> ex_off, ex_ids, ca_off, ca_ids;
   PolicyLists ex, ca;
   if (args.has_exclude && args.exclude_ids.size > 0) {
@@ -118,7 +153,13 @@ void run(const PolicyArgs& args) {
     ex = PolicyLists{};  // already applied
   }
   if (args.batch == 0) return;
-  RECMETA_DISPATCH_ISA(policy_run, args, ex, ca);
+  cpu::ValueChecks checks;
+  checks.enabled = defer_values;
+  RECMETA_DISPATCH_ISA(policy_run, args, ex, ca, checks);
+  if (checks.failed) {
+    check_values(args);  // throws, naming the first bad value
+    RECMETA_CHECK(false, "policy: a non-finite bias / row_scale / row_min was seen");  // unreachable
+  }
 }
 
 }  // namespace

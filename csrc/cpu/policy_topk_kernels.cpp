@@ -7,10 +7,14 @@
 // lanes over items). Tiles of at most two users (B <= 2, and the per-user candidate lists)
 // skip the packing on AVX-512: a row kernel reads each row front to back with lanes over
 // the dim and reduces 16 rows at a time with a shuffle tree (int8 rows as
-// scale * (u . codes) + min * sum(u)). The scores of one tile x block (at most 64 x NB floats) are then
-// folded into a per-user online log-sum-exp and a running top-k (a bounded heap that only
-// admits scores at or above its current k-th best; whole blocks whose maximum is below it
-// are skipped). The B x N score matrix never exists.
+// scale * (u . codes) + min * sum(u)). Tiles of 3 to 8 users skip it too: the small-tile
+// kernel reads every row once for all of them (lanes over (user, dim parity), a 64-bit
+// broadcast of two dims per FMA, an 8 x 8 transpose to per-user scores). The scores of one
+// tile x block (at most 64 x NB floats) are then folded into a per-user online log-sum-exp
+// and a running top-k (a bounded heap; a vectorised compare lets only the lanes at or above
+// its current k-th best reach it, and whole blocks whose maximum is below it are skipped).
+// The B x N score matrix never exists. bias / row_scale / row_min are screened for
+// non-finite values block by block just before they are read (see cpu::ValueChecks).
 //
 // Determinism: the item range is cut into fixed chunks (a function of dim only); each
 // (user, chunk) yields a partial (max, sum, top-k) computed in the same order whatever
@@ -135,6 +139,36 @@ inline float hmax(vf v) {
     for (int i = 0; i < w; ++i) t[i] = t[i + w] > t[i] ? t[i + w] : t[i];
   return t[0];
 #endif
+}
+
+/// Bit i set iff lane i of v is >= th and > -inf (NaN never qualifies).
+inline uint32_t candidate_lanes(vf v, float th) {
+#if defined(__AVX512F__)
+  const __m512 x = reinterpret_cast<__m512>(v);
+  return _mm512_cmp_ps_mask(x, _mm512_set1_ps(th), _CMP_GE_OQ) &
+         _mm512_cmp_ps_mask(x, _mm512_set1_ps(-kInf), _CMP_GT_OQ);
+#elif defined(__AVX2__)
+  const __m256 x = reinterpret_cast<__m256>(v);
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_and_ps(
+      _mm256_cmp_ps(x, _mm256_set1_ps(th), _CMP_GE_OQ), _mm256_cmp_ps(x, _mm256_set1_ps(-kInf), _CMP_GT_OQ))));
+#else
+  const vi m = (v >= th) & (v > -kInf);
+  uint32_t bits = 0;
+  for (int i = 0; i < VW; ++i) bits |= (m[i] != 0 ? 1u : 0u) << i;
+  return bits;
+#endif
+}
+
+/// Whether x[0, n) holds only finite values (a float is non-finite iff its exponent bits are
+/// all ones; integer operations, vectorised).
+inline bool all_finite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    bad |= static_cast<uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
+  }
+  return bad == 0;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -339,6 +373,17 @@ inline __m512 load_chunk(const TableView& t, int64_t r, int64_t c, __mmask16 mk)
     return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(t.data) + r * t.row_stride + c);
   }
 }
+/// The same from a row's address.
+template <TableType TT>
+inline __m512 load_chunk_at(const void* row, int64_t c, __mmask16 mk) {
+  if constexpr (TT == TableType::F16) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(row) + c));
+  } else if constexpr (TT == TableType::I8Rowwise) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, static_cast<const uint8_t*>(row) + c)));
+  } else {
+    return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(row) + c);
+  }
+}
 
 /// out[q] = sum of the 16 lanes of a[q], q < 16, in a fixed tree order.
 inline __m512 reduce16(const __m512 a[16]) {
@@ -361,9 +406,13 @@ template <TableType TT>
 void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, const float* U,
                    int64_t nu, const float* bias, float* S, int64_t lds) {
   const int64_t d = t.dim;
-  const int64_t esz = table_elem_size(t.type);
   const int64_t d16 = d / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (d - d16)) - 1u);
+  // Locals, so that the stores into S cannot alias them.
+  const char* const base = static_cast<const char*>(t.data);
+  const int64_t row_bytes = t.row_stride * table_elem_size(t.type);
+  const float* const row_scale = t.row_scale;
+  const float* const row_min = t.row_min;
   float usum[kRowsKernelMaxUsers] = {};
   if constexpr (TT == TableType::I8Rowwise) {
     for (int64_t m = 0; m < nu; ++m)
@@ -373,12 +422,14 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
     const int64_t cnt = std::min<int64_t>(16, n - j);
     int64_t r[16];
     for (int q = 0; q < 16; ++q) r[q] = rows ? rows[j + (q < cnt ? q : 0)] : row0 + j + (q < cnt ? q : 0);
-    if (rows == nullptr) {
-      // Prefetch the next group into L2.
-      const char* ahead = static_cast<const char*>(t.data) + (row0 + j + 16) * t.row_stride * esz;
-      const int64_t bytes = 16 * t.row_stride * esz;
-      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T1);
-    }
+    const char* rp[16];  // the rows' addresses
+    for (int q = 0; q < 16; ++q) rp[q] = base + r[q] * row_bytes;
+    // Prefetch the group four ahead into L2 (measured better than one or two ahead), spread
+    // over the first user's FMA loop.
+    const char* ahead = base + (row0 + j + 64) * row_bytes;
+    const int64_t ahead_bytes = rows == nullptr ? 16 * row_bytes : 0;
+    const int64_t per_step = d16 > 0 ? (ahead_bytes / 64 + d16 / 16 - 1) / (d16 / 16) * 64 : 0;
+    int64_t pf_off = 0;
     // Per-row values (bias, int8 scale and min) of the 16 rows as vectors.
     auto gather16 = [&](const float* v) {
       if (rows == nullptr && cnt == 16) return _mm512_loadu_ps(v + row0 + j);
@@ -389,27 +440,27 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
     const __m512 bias_v = bias ? gather16(bias) : _mm512_setzero_ps();
     __m512 scale_v = _mm512_setzero_ps(), min_v = _mm512_setzero_ps();
     if constexpr (TT == TableType::I8Rowwise) {
-      scale_v = gather16(t.row_scale);
-      min_v = gather16(t.row_min);
+      scale_v = gather16(row_scale);
+      min_v = gather16(row_min);
     }
     for (int64_t m = 0; m < nu; ++m) {
       const float* u = U + m * d;
+      // Dim chunks outside, the 16 rows inside: each chunk of u is loaded once for the 16
+      // rows, and the loop runs d / 16 times per group (one accumulator per row).
       __m512 acc[16];
-      // Row by row: each row is read front to back; two partial sums per row.
+      for (int q = 0; q < 16; ++q) acc[q] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < d16; c += 16) {
+        for (const int64_t e = std::min(ahead_bytes, pf_off + per_step); pf_off < e; pf_off += 64)
+          _mm_prefetch(ahead + pf_off, _MM_HINT_T1);
+        const __m512 uc = _mm512_loadu_ps(u + c);
 #pragma GCC unroll 16
-      for (int q = 0; q < 16; ++q) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        int64_t c = 0;
-        for (; c + 32 <= d16; c += 32) {
-          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(u + c), load_chunk<TT>(t, r[q], c, 0xFFFF), a0);
-          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(u + c + 16), load_chunk<TT>(t, r[q], c + 16, 0xFFFF), a1);
-        }
-        if (c < d16) {
-          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(u + c), load_chunk<TT>(t, r[q], c, 0xFFFF), a0);
-          c += 16;
-        }
-        if (tail) a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, u + c), load_chunk<TT>(t, r[q], c, tail), a1);
-        acc[q] = _mm512_add_ps(a0, a1);
+        for (int q = 0; q < 16; ++q) acc[q] = _mm512_fmadd_ps(uc, load_chunk_at<TT>(rp[q], c, 0xFFFF), acc[q]);
+      }
+      for (; pf_off < ahead_bytes; pf_off += 64) _mm_prefetch(ahead + pf_off, _MM_HINT_T1);
+      if (tail) {
+        const __m512 uc = _mm512_maskz_loadu_ps(tail, u + d16);
+#pragma GCC unroll 16
+        for (int q = 0; q < 16; ++q) acc[q] = _mm512_fmadd_ps(uc, load_chunk_at<TT>(rp[q], d16, tail), acc[q]);
       }
       __m512 dots = reduce16(acc);
       if constexpr (TT == TableType::I8Rowwise)
@@ -425,6 +476,171 @@ void rows_kernel(const TableView& t, int64_t row0, const int64_t* rows, int64_t 
     case TableType::F16: rows_kernel_t<TableType::F16>(t, row0, rows, n, U, nu, bias, S, lds); break;
     case TableType::I8Rowwise: rows_kernel_t<TableType::I8Rowwise>(t, row0, rows, n, U, nu, bias, S, lds); break;
     default: rows_kernel_t<TableType::F32>(t, row0, rows, n, U, nu, bias, S, lds); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Small tiles (kUsers8Min .. kUsers8Max users): no packing, every row is read once and
+// feeds all (up to 8) users. Lanes hold (user, dim parity): lane 2u + e accumulates
+// U[u][c] * row[c] over the dims c of parity e, fed by one 64-bit broadcast of the row's
+// dims (c, c + 1) per FMA. Per pair of rows, blends and a pair swap fold (even, odd) into
+// one vector of (user, row) scores; an 8 x 8 transpose of 64-bit elements then yields 16
+// consecutive items per user.
+// ---------------------------------------------------------------------------------------
+constexpr int64_t kUsers8Min = 3;
+constexpr int64_t kUsers8Max = 8;
+
+/// UT[(c / 2) * 16 + 2u + c % 2] = U[u * d + c] for u < nu, c < d; 0 for u >= nu or c >= d.
+/// UT holds round_up(d, 2) / 2 * 16 floats.
+void pack_users8(const float* U, int64_t nu, int64_t d, float* UT) {
+  const int64_t np = (d + 1) / 2;
+  for (int64_t i = 0; i < np * 16; ++i) UT[i] = 0.0f;
+  for (int64_t u = 0; u < nu; ++u)
+    for (int64_t c = 0; c < d; ++c) UT[(c / 2) * 16 + 2 * u + (c & 1)] = U[u * d + c];
+}
+
+/// The 16 rows' accumulators acc[q] (lane 2u + e: sum over dims of parity e) for rows at
+/// p + q * stride (floats), over dims [0, d) (d even, or the odd last dim broadcast whole:
+/// its UT lanes of odd parity are 0). Also prefetches the pf_bytes at pf (64-byte lines).
+inline void users8_accumulate(const float* p, int64_t stride, int64_t d, const float* UT, __m512 acc[16],
+                              const char* pf, int64_t pf_bytes) {
+  for (int q = 0; q < 16; ++q) acc[q] = _mm512_setzero_ps();
+  const int64_t dpair = d / 2;
+  int64_t cp = 0;
+  // The prefetches (pf_bytes from pf) are spread over the FMA loop, a few lines per step.
+  const int64_t steps = dpair / 8 * 8;
+  const int64_t per_step = steps > 0 ? (pf_bytes / 64 + steps - 1) / steps : 0;
+  int64_t pf_off = 0;
+  // Blocks of 8 dim pairs: 8 vectors of UT stay in registers for the 16 rows.
+  for (; cp + 8 <= dpair; cp += 8) {
+    __m512 ut[8];
+    for (int i = 0; i < 8; ++i) ut[i] = _mm512_load_ps(UT + (cp + i) * 16);
+    // Rows innermost: consecutive FMAs feed different accumulators (no latency chain).
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      for (int64_t l = 0; l < per_step && pf_off < pf_bytes; ++l, pf_off += 64) _mm_prefetch(pf + pf_off, _MM_HINT_T1);
+#pragma GCC unroll 16
+      for (int q = 0; q < 16; ++q) {
+        double v;
+        std::memcpy(&v, p + q * stride + 2 * (cp + i), sizeof v);
+        acc[q] = _mm512_fmadd_ps(ut[i], _mm512_castpd_ps(_mm512_set1_pd(v)), acc[q]);
+      }
+    }
+  }
+  for (; cp < dpair; ++cp) {
+    const __m512 ut = _mm512_load_ps(UT + cp * 16);
+    for (int q = 0; q < 16; ++q) {
+      double v;
+      std::memcpy(&v, p + q * stride + 2 * cp, sizeof v);
+      acc[q] = _mm512_fmadd_ps(ut, _mm512_castpd_ps(_mm512_set1_pd(v)), acc[q]);
+    }
+  }
+  if (d & 1) {
+    const __m512 ut = _mm512_load_ps(UT + dpair * 16);
+    for (int q = 0; q < 16; ++q)
+      acc[q] = _mm512_fmadd_ps(ut, _mm512_set1_ps(p[q * stride + d - 1]), acc[q]);
+  }
+  for (; pf_off < pf_bytes; pf_off += 64) _mm_prefetch(pf + pf_off, _MM_HINT_T1);
+}
+
+/// S[u * lds + j] = bias[row j] + U[u] . row j for u < nu (<= 8), j < round_up(n, 16) (rows
+/// past n repeat the last valid row; their scores are ignored). Rows are row0 + j. UT from
+/// pack_users8. buf holds 16 * round_up(d, 2) floats (float16 and int8 rows are dequantised
+/// into it, 16 rows at a time).
+template <TableType TT>
+void users8_kernel_t(const TableView& t, int64_t row0, int64_t n, const float* UT, int64_t nu,
+                     const float* bias, float* S, int64_t lds, float* buf) {
+  const int64_t d = t.dim;
+  const int64_t esz = table_elem_size(t.type);
+  const int64_t dp = (d + 1) / 2 * 2;
+  for (int64_t j = 0; j < n; j += 16) {
+    const int64_t cnt = std::min<int64_t>(16, n - j);
+    // The group after next is prefetched into L2 while this one is computed (spread over
+    // the FMA loop: measured faster than a burst of prefetches at the start of the group).
+    const char* ahead = static_cast<const char*>(t.data) + (row0 + j + 32) * t.row_stride * esz;
+    const int64_t ahead_bytes = 16 * t.row_stride * esz;
+    const float* p;
+    int64_t stride;
+    __m512 acc[16];
+    if constexpr (TT == TableType::F32) {
+      p = static_cast<const float*>(t.data) + (row0 + j) * t.row_stride;
+      stride = t.row_stride;
+      if (cnt < 16) {  // copy the valid rows, repeat the last one
+        for (int q = 0; q < 16; ++q)
+          std::memcpy(buf + q * dp, p + std::min<int64_t>(q, cnt - 1) * stride, sizeof(float) * d);
+        p = buf;
+        stride = dp;
+      }
+    } else {
+      const int64_t d16 = d / 16 * 16;
+      const __mmask16 tail = static_cast<__mmask16>((1u << (d - d16)) - 1u);
+      for (int q = 0; q < 16; ++q) {
+        const int64_t r = row0 + j + std::min<int64_t>(q, cnt - 1);
+        float* o = buf + q * dp;
+        __m512 sc = _mm512_setzero_ps(), mn = _mm512_setzero_ps();
+        if constexpr (TT == TableType::I8Rowwise) {
+          sc = _mm512_set1_ps(t.row_scale[r]);
+          mn = _mm512_set1_ps(t.row_min[r]);
+        }
+        auto deq = [&](int64_t c, __mmask16 mk) {
+          const __m512 v = load_chunk<TT>(t, r, c, mk);
+          if constexpr (TT == TableType::I8Rowwise) return _mm512_fmadd_ps(v, sc, mn);
+          return v;
+        };
+        for (int64_t c = 0; c < d16; c += 16) _mm512_storeu_ps(o + c, deq(c, 0xFFFF));
+        if (tail) _mm512_mask_storeu_ps(o + d16, tail, deq(d16, tail));
+      }
+      p = buf;
+      stride = dp;
+    }
+    users8_accumulate(p, stride, d, UT, acc, ahead, ahead_bytes);
+    // v[k] lane 2u + e = score of user u, row 2k + e.
+    __m512d v[8];
+    for (int k = 0; k < 8; ++k) {
+      const __m512 x = _mm512_mask_blend_ps(0xAAAA, acc[2 * k], acc[2 * k + 1]);
+      const __m512 y = _mm512_mask_blend_ps(0xAAAA, acc[2 * k + 1], acc[2 * k]);
+      v[k] = _mm512_castps_pd(_mm512_add_ps(x, _mm512_permute_ps(y, 0xB1)));
+    }
+    // 8 x 8 transpose of 64-bit elements: w[u] element k = v[k] element u.
+    __m512d a[8], b[8], w[8];
+    for (int i = 0; i < 4; ++i) {
+      a[2 * i] = _mm512_unpacklo_pd(v[2 * i], v[2 * i + 1]);
+      a[2 * i + 1] = _mm512_unpackhi_pd(v[2 * i], v[2 * i + 1]);
+    }
+    // a[2i + o], 128-bit lane L: (v[2i], v[2i+1]) elements 2L + o
+    for (int o = 0; o < 2; ++o) {
+      b[4 * o + 0] = _mm512_shuffle_f64x2(a[o], a[2 + o], 0x88);      // elems 2o, 2o+4... of v0..v3
+      b[4 * o + 1] = _mm512_shuffle_f64x2(a[o], a[2 + o], 0xDD);
+      b[4 * o + 2] = _mm512_shuffle_f64x2(a[4 + o], a[6 + o], 0x88);  // the same of v4..v7
+      b[4 * o + 3] = _mm512_shuffle_f64x2(a[4 + o], a[6 + o], 0xDD);
+    }
+    // b[4o + h] (h = 0: 128-bit lanes hold elements o, 4 + o; h = 1: 2 + o, 6 + o)
+    for (int o = 0; o < 2; ++o) {
+      w[o] = _mm512_shuffle_f64x2(b[4 * o], b[4 * o + 2], 0x88);
+      w[4 + o] = _mm512_shuffle_f64x2(b[4 * o], b[4 * o + 2], 0xDD);
+      w[2 + o] = _mm512_shuffle_f64x2(b[4 * o + 1], b[4 * o + 3], 0x88);
+      w[6 + o] = _mm512_shuffle_f64x2(b[4 * o + 1], b[4 * o + 3], 0xDD);
+    }
+    __m512 bias_v = _mm512_setzero_ps();
+    if (bias) {
+      if (cnt == 16) {
+        bias_v = _mm512_loadu_ps(bias + row0 + j);
+      } else {
+        alignas(64) float tmp[16];
+        for (int q = 0; q < 16; ++q) tmp[q] = bias[row0 + j + std::min<int64_t>(q, cnt - 1)];
+        bias_v = _mm512_load_ps(tmp);
+      }
+    }
+    for (int64_t u = 0; u < nu; ++u) _mm512_storeu_ps(S + u * lds + j, _mm512_add_ps(bias_v, _mm512_castpd_ps(w[u])));
+  }
+}
+
+void users8_kernel(const TableView& t, int64_t row0, int64_t n, const float* UT, int64_t nu,
+                   const float* bias, float* S, int64_t lds, float* buf) {
+  switch (t.type) {
+    case TableType::F16: users8_kernel_t<TableType::F16>(t, row0, n, UT, nu, bias, S, lds, buf); break;
+    case TableType::I8Rowwise: users8_kernel_t<TableType::I8Rowwise>(t, row0, n, UT, nu, bias, S, lds, buf); break;
+    default: users8_kernel_t<TableType::F32>(t, row0, n, UT, nu, bias, S, lds, buf); break;
   }
 }
 #endif
@@ -542,6 +758,7 @@ struct Ctx {
   const float* bias;   // (N,) bias divided by the temperature, or nullptr
   uint32_t key;
   float gmax;  // an upper bound of the Gumbel noise
+  ValueChecks* checks;  // screen bias / row_scale / row_min blocks (nullptr: checked already)
   int64_t d, NB, CH, cap;
 };
 
@@ -566,23 +783,27 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
   s += bs;
   m = m2;
   if (h.cap == 0) return;
-  if (!c.a->sample) {
-    if (h.full() && bm < h.thresh()) return;
-    for (int64_t j = 0; j < n; ++j) {
-      const float v = x[j];
-      if (v == -kInf || v < h.thresh()) continue;
-      h.push(Entry{v, v, ids ? ids[j] : i0 + j});
-    }
-  } else {
-    if (h.full() && bm + c.gmax < h.thresh()) return;
-    const uint32_t rk = row_key(c.key, row);
-    for (int64_t j = 0; j < n; ++j) {
-      const float v = x[j];
-      if (v == -kInf || v + c.gmax < h.thresh()) continue;
+  // Vectorised threshold test: only the lanes at or above the current k-th best key (an
+  // upper bound of it when sampling) reach the scalar code; the threshold only rises, so
+  // each candidate is checked again against the current one before the heap sees it.
+  const float shift = c.a->sample ? c.gmax : 0.0f;
+  if (h.full() && bm + shift < h.thresh()) return;
+  const uint32_t rk = c.a->sample ? row_key(c.key, row) : 0u;
+  for (int64_t j0 = 0; j0 < n_round; j0 += VW) {
+    uint32_t bits = candidate_lanes(loadu(x + j0) + shift, h.thresh());
+    while (bits != 0) {
+      const int64_t j = j0 + __builtin_ctz(bits);
+      bits &= bits - 1;
+      const float v = x[j];  // > -inf (padding lanes are -inf, never candidates)
+      if (v + shift < h.thresh()) continue;
       const int64_t id = ids ? ids[j] : i0 + j;
-      const float key = v + gumbel(rk, id);
-      if (key < h.thresh()) continue;
-      h.push(Entry{key, v, id});
+      if (!c.a->sample) {
+        h.push(Entry{v, v, id});
+      } else {
+        const float key = v + gumbel(rk, id);
+        if (key < h.thresh()) continue;
+        h.push(Entry{key, v, id});
+      }
     }
   }
 }
@@ -592,9 +813,12 @@ struct Scratch {
   AlignedFloats P;   // NB * d packed items
   AlignedFloats Pb;  // NB packed (scaled) biases
   AlignedFloats S;   // kMaxTileUsers * NB scores
+  AlignedFloats UT;  // users of the small-tile kernel: 8 * round_up(d, 2) floats
+  AlignedFloats R;   // 16 dequantised rows: 16 * round_up(d, 2) floats
   Scratch(int64_t NB, int64_t d)
       : P(static_cast<size_t>(NB * (d > 0 ? d : 1))), Pb(static_cast<size_t>(NB)),
-        S(static_cast<size_t>(kMaxTileUsers * NB)) {}
+        S(static_cast<size_t>(kMaxTileUsers * NB)), UT(static_cast<size_t>(8 * (d + 2))),
+        R(static_cast<size_t>(16 * (d + 2))) {}
 };
 
 /// Scan items [c0, c1) (one chunk) for users [u0, u0 + nu): chunk partials (m[i], s[i]) are
@@ -607,11 +831,23 @@ void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, in
     m[i] = -kInf;
     s[i] = 0.0;
   }
+#if defined(__AVX512F__)
+  const bool users8 = nu > kRowsKernelMaxUsers && nu >= kUsers8Min && nu <= kUsers8Max;
+  if (users8) pack_users8(c.users + u0 * d, nu, d, w.UT.p);
+#endif
   for (int64_t i0 = c0; i0 < c1; i0 += NB) {
     const int64_t n = std::min(NB, c1 - i0);
+    if (c.checks != nullptr && u0 == 0) {  // the first user tile screens each block once
+      bool bad = a.bias != nullptr && !all_finite(a.bias + i0, n);
+      if (a.items.type == TableType::I8Rowwise)
+        bad = bad || !all_finite(a.items.row_scale + i0, n) || !all_finite(a.items.row_min + i0, n);
+      if (bad) __atomic_store_n(&c.checks->failed, true, __ATOMIC_RELAXED);
+    }
 #if defined(__AVX512F__)
     if (nu <= kRowsKernelMaxUsers) {
       rows_kernel(a.items, i0, nullptr, n, c.users + u0 * d, nu, c.bias, w.S.p, NB);
+    } else if (users8) {
+      users8_kernel(a.items, i0, n, w.UT.p, nu, c.bias, w.S.p, NB, w.R.p);
     } else
 #endif
     {
@@ -786,10 +1022,12 @@ void run_candidates(const Ctx& c, const PolicyLists& cand) {
 
 }  // namespace
 
-void policy_run(const PolicyArgs& args, const PolicyLists& exclude, const PolicyLists& candidates) {
+void policy_run(const PolicyArgs& args, const PolicyLists& exclude, const PolicyLists& candidates,
+                ValueChecks& checks) {
   Ctx c;
   c.a = &args;
   c.ex = &exclude;
+  c.checks = checks.enabled ? &checks : nullptr;
   // s = (U.I + b) / t is computed as (U / t).I + b / t (the same up to rounding).
   std::vector<float> scaled_users, scaled_bias;
   c.users = args.users;

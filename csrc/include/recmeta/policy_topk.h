@@ -50,7 +50,10 @@ struct PolicyLists {
 
 /// Top-k of s over the eligible items, best first (ties broken by the smaller id), padded
 /// with id -1 / score -inf, and log sum exp(s) over the eligible items (-inf if none).
-/// Validates every argument (throws InvalidArgument naming the bad value) before any work.
+/// Validates every argument (throws InvalidArgument naming the bad value) before any work,
+/// except the finiteness of `bias` and of an int8 table's row_scale / row_min without
+/// candidate lists: the streaming pass screens those blocks as it reads them (so they come
+/// from memory once) and throws after the pass; the outputs then hold unspecified values.
 /// The results do not depend on the number of threads.
 void policy_topk(const PolicyArgs& args);
 
@@ -64,11 +67,20 @@ void policy_sample(const PolicyArgs& args);
 float gumbel_uniform(uint64_t seed, int64_t row, int64_t item);
 
 namespace cpu {
-/// Kernel entry per ISA: `args` validated; `exclude` holds sorted unique excluded ids per
-/// user (offsets nullptr when none); `candidates` the sorted unique candidate ids per user
-/// with the excluded ones already removed (offsets nullptr when no candidate lists).
+/// Checks of values left to the dense pass: when `enabled`, every block of `bias` and of an
+/// int8 table's row_scale / row_min is screened for non-finite values just before it is
+/// read (once, whatever the number of user tiles) and `failed` is set if one is found.
+struct ValueChecks {
+  bool enabled = false;
+  bool failed = false;  ///< written with __atomic_store_n by any thread
+};
+
+/// Kernel entry per ISA: `args` validated (but see ValueChecks); `exclude` holds sorted
+/// unique excluded ids per user (offsets nullptr when none); `candidates` the sorted unique
+/// candidate ids per user with the excluded ones already removed (offsets nullptr when no
+/// candidate lists).
 RECMETA_DECLARE_FOR_ISAS(void policy_run(const PolicyArgs& args, const PolicyLists& exclude,
-                                         const PolicyLists& candidates))
+                                         const PolicyLists& candidates, ValueChecks& checks))
 }  // namespace cpu
 
 }  // namespace recmeta
