@@ -547,6 +547,52 @@ def test_non_finite_bias_and_scales_found_by_the_streaming_pass(rng, threads, B,
         _core.policy_topk(u, data, 3, row_scale=scale, row_min=rmin, bias=np.ones(N, np.float32))
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [0, 1, 4])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_public_functions_reject_non_finite_bias_on_every_backend(rng, backend, dtype, B, bad):
+    """The public functions skip their own bias scan on the cpp backend (the core screens the
+    bias during the pass): a bad value must still raise a ValueError naming the bias and the
+    bad value, with or without exclusions, candidates, k = 0, numpy or torch input."""
+    N, d = 3001, 7
+    u = rng.standard_normal((B, d)).astype(np.float32)
+    tab = make_table(rng, N, d, dtype)
+    pos = int(rng.integers(0, N))
+    b = np.ones(N, np.float32)
+    b[pos] = bad
+    exc = (np.arange(B + 1, dtype=np.int64) * 2, rng.integers(0, N, 2 * B))
+    cand = (np.arange(B + 1, dtype=np.int64), rng.integers(0, N, B))
+    want = "bias: non-finite value " + ("nan" if np.isnan(bad) else str(float(bad)))
+    for kw in ({}, {"exclude": exc}, {"candidates": cand}):
+        for k in (0, 3):
+            for bias in (b, torch.from_numpy(b)):
+                with pytest.raises(ValueError, match=want):
+                    ops.policy_topk(u, tab, k, bias=bias, backend=backend, **kw)
+                with pytest.raises(ValueError, match=want):
+                    ops.policy_sample(torch.from_numpy(u), tab, k, seed=5, bias=bias, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("pos", [0, 16, 1025, 3000])
+def test_public_functions_reject_non_finite_int8_scales(rng, pos):
+    """A non-finite row_scale / row_min of a quantised table given to the public functions is
+    refused (ValueError naming it and the row) by the cpp backend, dense or with candidates."""
+    N, d, B = 3001, 9, 2
+    u = rng.standard_normal((B, d)).astype(np.float32)
+    q = ops.quantize(torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32)), "int8")
+    cand = (np.array([0, 2, 3]), np.array([1, pos, 5]))
+    for which in ("row_scale", "row_min"):
+        arr = getattr(q, which).clone()
+        arr[pos] = np.nan
+        bad = QuantizedTable("int8", q.data, arr if which == "row_scale" else q.row_scale,
+                             arr if which == "row_min" else q.row_min)
+        for kw in ({}, {"candidates": cand}):
+            with pytest.raises(ValueError, match=f"non-finite row_scale/row_min at row {pos}"):
+                ops.policy_topk(u, bad, 4, backend="cpp", **kw)
+            with pytest.raises(ValueError, match=f"non-finite row_scale/row_min at row {pos}"):
+                ops.policy_sample(u, bad, 4, seed=1, backend="cpp", **kw)
+
+
 def test_bad_types_and_shapes_rejected(rng):
     u, w = _small(rng)
     with pytest.raises(TypeError, match="float64"):
