@@ -228,6 +228,35 @@ def test_small_tile_kernel(rng, dtype, B, d):
     check_against_reference(u, tab, None, None, 7, 1.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("d", [16, 32, 48, 64, 128])
+def test_row_kernel_fixed_dims(rng, dtype, B, d):
+    """The row kernel (B <= 2, and the candidate lists) has variants for d = 32, 64, 128 (u
+    held in registers) beside the general one: each against the reference, N crossing item
+    blocks and ending inside a group of 16 rows, with exclusions at the boundaries, with
+    candidate lists (rows in any order), and with a table whose rows are strided."""
+    N = 4099
+    u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    tab = make_table(rng, N, d, dtype)
+    b = torch.from_numpy(rng.standard_normal(N).astype(np.float32))
+    exc = boundary_exclusions(rng, u, tab, b, N, 0.8, boundaries=(0, 15, 16, 1023, 1024, 1025, 4095, 4096, N - 1))
+    for k in (1, 10):
+        check_against_reference(u, tab, b, exc, k, 0.8)
+    check_against_reference(u, tab, None, None, 7, 1.0)
+    cand = make_csr(rng, B, N, 300, dup=True)
+    check_against_reference(u, tab, b, exc, 9, 1.3, cand=cand)
+    if dtype == "fp32":  # rows with a stride larger than d (a column slice of a wider table)
+        wide = torch.from_numpy(rng.standard_normal((N, d + 5)).astype(np.float32))
+        sliced = wide[:, 2:2 + d]
+        ids, sc, ln = _core.policy_topk(u.numpy(), sliced.numpy(), 6, bias=b.numpy())
+        rids, rsc, rln = _core.policy_topk(u.numpy(), sliced.contiguous().numpy(), 6, bias=b.numpy())
+        np.testing.assert_array_equal(ids, rids)
+        np.testing.assert_array_equal(sc, rsc)
+        np.testing.assert_array_equal(ln, rln)
+        check_against_reference(u, sliced.contiguous(), b, None, 6, 1.0)
+
+
 @pytest.mark.parametrize("B", [1, 2, 5, 9])
 def test_exclusions_straddle_blocks_and_chunks(rng, B):
     # d = 64: blocks of 1024 items, chunks of 16384 items; each user's best items are excluded
