@@ -480,12 +480,17 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
       if constexpr (ND > 0) {
         __m512 uv[ND];
         for (int c = 0; c < ND; ++c) uv[c] = _mm512_loadu_ps(u + 16 * c);
-        // ahead_bytes / 64 prefetches spread over the 16 rows (first user only)
-        const int64_t per_row = m == 0 ? (ahead_bytes / 64 + 15) / 16 * 64 : 0;
+        // Row q of the group kAhead rows ahead is prefetched beside row q (first user, dense
+        // rows only): a fixed number of lines per row, no loop.
+        constexpr int kLines = (16 * ND * static_cast<int>(sizeof(float)) /
+                                    (TT == TableType::F32 ? 1 : (TT == TableType::F16 ? 2 : 4)) + 63) / 64;
+        const bool pf = m == 0 && ahead_bytes > 0;
 #pragma GCC unroll 16
         for (int q = 0; q < 16; ++q) {
-          for (const int64_t e = std::min(ahead_bytes, pf_off + per_row); pf_off < e; pf_off += 64)
-            _mm_prefetch(ahead + pf_off, _MM_HINT_T1);
+          if (pf) {
+#pragma GCC unroll 8
+            for (int l = 0; l < kLines; ++l) _mm_prefetch(ahead + q * row_bytes + 64 * l, _MM_HINT_T1);
+          }
           const char* p = rp[q];
           __m512 a = _mm512_mul_ps(uv[0], load_full_at<TT>(p, 0));
 #pragma GCC unroll 8
