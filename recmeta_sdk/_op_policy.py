@@ -30,6 +30,11 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
 
 
 def _prepare(user_states, items, k, bias, exclude, candidates, temperature):
+    """Convert and check the arguments. The finiteness of ``bias`` is checked by the caller
+    for the torch / GPU backends (:func:`_check_bias_finite`); the compiled core screens the
+    bias (and an int8 table's row_scale / row_min) itself while it reads them and raises a
+    ValueError naming the first bad value before returning any output, so the cpp backend
+    skips the separate scan (it cost ~1.4 ms per call at N = 1M)."""
     u, kind = as_tensor(user_states, "user_states")
     tab, _ = as_table(items, "items")
     N, d = tab.shape
@@ -47,11 +52,16 @@ def _prepare(user_states, items, k, bias, exclude, candidates, temperature):
         if b.dtype != torch.float32:
             raise TypeError(f"bias: expected float32, got {b.dtype}")
         check_float(b, "bias", (N,), finite=False)
-        _check_finite(b, "bias")
     B = u.shape[0]
     exc = check_csr(exclude, "exclude", B, N)
     cand = check_csr(candidates, "candidates", B, N)
     return u, tab, b, exc, cand, kind
+
+
+def _check_bias_finite(b) -> None:
+    """The bias check for the backends that do not screen it themselves (torch, GPU)."""
+    if b is not None:
+        _check_finite(b, "bias")
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,6 +175,8 @@ def policy_topk(user_states, items, k, *, bias=None, exclude=None, candidates=No
     """
     u, tab, b, exc, cand, kind = _prepare(user_states, items, k, bias, exclude, candidates, temperature)
     be = backends.resolve(backend, u.device.type)
+    if be != "cpp":
+        _check_bias_finite(b)
     if be in ("triton", "cuda"):
         from ._gpu import gpu_policy_topk
 
@@ -190,6 +202,8 @@ def policy_sample(user_states, items, k, *, seed, bias=None, exclude=None, candi
         raise TypeError(f"seed must be an int, got {seed!r}")
     u, tab, b, exc, cand, kind = _prepare(user_states, items, k, bias, exclude, candidates, temperature)
     be = backends.resolve(backend, u.device.type)
+    if be != "cpp":
+        _check_bias_finite(b)
     if be in ("triton", "cuda"):
         from ._gpu import gpu_policy_sample
 

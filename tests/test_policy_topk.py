@@ -228,6 +228,35 @@ def test_small_tile_kernel(rng, dtype, B, d):
     check_against_reference(u, tab, None, None, 7, 1.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("d", [16, 32, 48, 64, 128])
+def test_row_kernel_fixed_dims(rng, dtype, B, d):
+    """The row kernel (B <= 2, and the candidate lists) has variants for d = 32, 64, 128 (u
+    held in registers) beside the general one: each against the reference, N crossing item
+    blocks and ending inside a group of 16 rows, with exclusions at the boundaries, with
+    candidate lists (rows in any order), and with a table whose rows are strided."""
+    N = 4099
+    u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    tab = make_table(rng, N, d, dtype)
+    b = torch.from_numpy(rng.standard_normal(N).astype(np.float32))
+    exc = boundary_exclusions(rng, u, tab, b, N, 0.8, boundaries=(0, 15, 16, 1023, 1024, 1025, 4095, 4096, N - 1))
+    for k in (1, 10):
+        check_against_reference(u, tab, b, exc, k, 0.8)
+    check_against_reference(u, tab, None, None, 7, 1.0)
+    cand = make_csr(rng, B, N, 300, dup=True)
+    check_against_reference(u, tab, b, exc, 9, 1.3, cand=cand)
+    if dtype == "fp32":  # rows with a stride larger than d (a column slice of a wider table)
+        wide = torch.from_numpy(rng.standard_normal((N, d + 5)).astype(np.float32))
+        sliced = wide[:, 2:2 + d]
+        ids, sc, ln = _core.policy_topk(u.numpy(), sliced.numpy(), 6, bias=b.numpy())
+        rids, rsc, rln = _core.policy_topk(u.numpy(), sliced.contiguous().numpy(), 6, bias=b.numpy())
+        np.testing.assert_array_equal(ids, rids)
+        np.testing.assert_array_equal(sc, rsc)
+        np.testing.assert_array_equal(ln, rln)
+        check_against_reference(u, sliced.contiguous(), b, None, 6, 1.0)
+
+
 @pytest.mark.parametrize("B", [1, 2, 5, 9])
 def test_exclusions_straddle_blocks_and_chunks(rng, B):
     # d = 64: blocks of 1024 items, chunks of 16384 items; each user's best items are excluded
@@ -545,6 +574,52 @@ def test_non_finite_bias_and_scales_found_by_the_streaming_pass(rng, threads, B,
             arr[pos] = old
         # and the same arrays, all finite again, work
         _core.policy_topk(u, data, 3, row_scale=scale, row_min=rmin, bias=np.ones(N, np.float32))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [0, 1, 4])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_public_functions_reject_non_finite_bias_on_every_backend(rng, backend, dtype, B, bad):
+    """The public functions skip their own bias scan on the cpp backend (the core screens the
+    bias during the pass): a bad value must still raise a ValueError naming the bias and the
+    bad value, with or without exclusions, candidates, k = 0, numpy or torch input."""
+    N, d = 3001, 7
+    u = rng.standard_normal((B, d)).astype(np.float32)
+    tab = make_table(rng, N, d, dtype)
+    pos = int(rng.integers(0, N))
+    b = np.ones(N, np.float32)
+    b[pos] = bad
+    exc = (np.arange(B + 1, dtype=np.int64) * 2, rng.integers(0, N, 2 * B))
+    cand = (np.arange(B + 1, dtype=np.int64), rng.integers(0, N, B))
+    want = "bias: non-finite value " + ("nan" if np.isnan(bad) else str(float(bad)))
+    for kw in ({}, {"exclude": exc}, {"candidates": cand}):
+        for k in (0, 3):
+            for bias in (b, torch.from_numpy(b)):
+                with pytest.raises(ValueError, match=want):
+                    ops.policy_topk(u, tab, k, bias=bias, backend=backend, **kw)
+                with pytest.raises(ValueError, match=want):
+                    ops.policy_sample(torch.from_numpy(u), tab, k, seed=5, bias=bias, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("pos", [0, 16, 1025, 3000])
+def test_public_functions_reject_non_finite_int8_scales(rng, pos):
+    """A non-finite row_scale / row_min of a quantised table given to the public functions is
+    refused (ValueError naming it and the row) by the cpp backend, dense or with candidates."""
+    N, d, B = 3001, 9, 2
+    u = rng.standard_normal((B, d)).astype(np.float32)
+    q = ops.quantize(torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32)), "int8")
+    cand = (np.array([0, 2, 3]), np.array([1, pos, 5]))
+    for which in ("row_scale", "row_min"):
+        arr = getattr(q, which).clone()
+        arr[pos] = np.nan
+        bad = QuantizedTable("int8", q.data, arr if which == "row_scale" else q.row_scale,
+                             arr if which == "row_min" else q.row_min)
+        for kw in ({}, {"candidates": cand}):
+            with pytest.raises(ValueError, match=f"non-finite row_scale/row_min at row {pos}"):
+                ops.policy_topk(u, bad, 4, backend="cpp", **kw)
+            with pytest.raises(ValueError, match=f"non-finite row_scale/row_min at row {pos}"):
+                ops.policy_sample(u, bad, 4, seed=1, backend="cpp", **kw)
 
 
 def test_bad_types_and_shapes_rejected(rng):

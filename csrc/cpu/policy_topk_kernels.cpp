@@ -7,7 +7,7 @@
 // lanes over items). Tiles of at most two users (B <= 2, and the per-user candidate lists)
 // skip the packing on AVX-512: a row kernel reads each row front to back with lanes over
 // the dim and reduces 16 rows at a time with a shuffle tree (int8 rows as
-// scale * (u . codes) + min * sum(u)). Tiles of 3 to 8 users skip it too: the small-tile
+// scale * (u . codes) + min * sum(u); for d = 32 / 64 / 128, u stays in registers). Tiles of 3 to 8 users skip it too: the small-tile
 // kernel reads every row once for all of them (lanes over (user, dim parity), a 64-bit
 // broadcast of two dims per FMA, an 8 x 8 transpose to per-user scores). The scores of one
 // tile x block (at most 64 x NB floats) are then folded into a per-user online log-sum-exp
@@ -385,6 +385,19 @@ inline __m512 load_chunk_at(const void* row, int64_t c, __mmask16 mk) {
   }
 }
 
+/// 16 full elements (c .. c+15) from a row's address, unmasked loads.
+template <TableType TT>
+inline __m512 load_full_at(const void* row, int64_t c) {
+  if constexpr (TT == TableType::F16) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + c)));
+  } else if constexpr (TT == TableType::I8Rowwise) {
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(row) + c))));
+  } else {
+    return _mm512_loadu_ps(static_cast<const float*>(row) + c);
+  }
+}
+
 /// out[q] = sum of the 16 lanes of a[q], q < 16, in a fixed tree order.
 inline __m512 reduce16(const __m512 a[16]) {
   __m512 b[8], c[4];
@@ -402,10 +415,15 @@ inline __m512 reduce16(const __m512 a[16]) {
 /// S[m * lds + j] = bias[row j] + U[m] . row j for m < nu, j < round_up(n, 16) (rows past n
 /// repeat a valid row; their scores are ignored). Rows are rows[j] or row0 + j. For int8
 /// rows the dot product with the codes is scaled: scale * (u . q) + min * sum(u).
-template <TableType TT>
+///
+/// ND > 0: the dim is exactly 16 * ND (a compile-time constant): u is held in ND registers
+/// and each row is read front to back with its address as the only index (no spills of the
+/// 16 row pointers, no per-chunk reload of u); the sum over the dims runs in the same
+/// order as for ND = 0, so the scores are bit-identical.
+template <TableType TT, int ND>
 void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, const float* U,
                    int64_t nu, const float* bias, float* S, int64_t lds) {
-  const int64_t d = t.dim;
+  const int64_t d = ND > 0 ? 16 * ND : t.dim;
   const int64_t d16 = d / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (d - d16)) - 1u);
   // Locals, so that the stores into S cannot alias them.
@@ -424,10 +442,22 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
     for (int q = 0; q < 16; ++q) r[q] = rows ? rows[j + (q < cnt ? q : 0)] : row0 + j + (q < cnt ? q : 0);
     const char* rp[16];  // the rows' addresses
     for (int q = 0; q < 16; ++q) rp[q] = base + r[q] * row_bytes;
-    // Prefetch the group four ahead into L2 (measured better than one or two ahead), spread
-    // over the first user's FMA loop.
-    const char* ahead = base + (row0 + j + 64) * row_bytes;
+    // Prefetch the group kAhead rows ahead into L2, spread over the first user's FMA loop:
+    // about 16 KB of rows ahead (float32: four groups, measured better than one or two;
+    // float16 and int8 rows are shorter, so more of them are in flight; int8 32 KB, which
+    // measured a little faster than 16 KB on 4 KB pages). The per-row values
+    // (bias, int8 scale and min: one line per 16 rows) of that group are prefetched too, so
+    // that the screening of the next block and the loads below find them in cache.
+    constexpr int64_t kAhead = TT == TableType::F32 ? 64 : (TT == TableType::F16 ? 128 : 512);
+    const char* ahead = base + (row0 + j + kAhead) * row_bytes;
     const int64_t ahead_bytes = rows == nullptr ? 16 * row_bytes : 0;
+    if (rows == nullptr) {
+      if (bias != nullptr) _mm_prefetch(reinterpret_cast<const char*>(bias + row0 + j + kAhead), _MM_HINT_T0);
+      if constexpr (TT == TableType::I8Rowwise) {
+        _mm_prefetch(reinterpret_cast<const char*>(row_scale + row0 + j + kAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(row_min + row0 + j + kAhead), _MM_HINT_T0);
+      }
+    }
     const int64_t per_step = d16 > 0 ? (ahead_bytes / 64 + d16 / 16 - 1) / (d16 / 16) * 64 : 0;
     int64_t pf_off = 0;
     // Per-row values (bias, int8 scale and min) of the 16 rows as vectors.
@@ -448,6 +478,27 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
       // Dim chunks outside, the 16 rows inside: each chunk of u is loaded once for the 16
       // rows, and the loop runs d / 16 times per group (one accumulator per row).
       __m512 acc[16];
+      if constexpr (ND > 0) {
+        __m512 uv[ND];
+        for (int c = 0; c < ND; ++c) uv[c] = _mm512_loadu_ps(u + 16 * c);
+        // Row q of the group kAhead rows ahead is prefetched beside row q (first user, dense
+        // rows only): a fixed number of lines per row, no loop.
+        constexpr int kLines = (16 * ND * static_cast<int>(sizeof(float)) /
+                                    (TT == TableType::F32 ? 1 : (TT == TableType::F16 ? 2 : 4)) + 63) / 64;
+        const bool pf = m == 0 && ahead_bytes > 0;
+#pragma GCC unroll 16
+        for (int q = 0; q < 16; ++q) {
+          if (pf) {
+#pragma GCC unroll 8
+            for (int l = 0; l < kLines; ++l) _mm_prefetch(ahead + q * row_bytes + 64 * l, _MM_HINT_T1);
+          }
+          const char* p = rp[q];
+          __m512 a = _mm512_mul_ps(uv[0], load_full_at<TT>(p, 0));
+#pragma GCC unroll 8
+          for (int c = 1; c < ND; ++c) a = _mm512_fmadd_ps(uv[c], load_full_at<TT>(p, 16 * c), a);
+          acc[q] = a;
+        }
+      } else {
       for (int q = 0; q < 16; ++q) acc[q] = _mm512_setzero_ps();
       for (int64_t c = 0; c < d16; c += 16) {
         for (const int64_t e = std::min(ahead_bytes, pf_off + per_step); pf_off < e; pf_off += 64)
@@ -462,6 +513,7 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
 #pragma GCC unroll 16
         for (int q = 0; q < 16; ++q) acc[q] = _mm512_fmadd_ps(uc, load_chunk_at<TT>(rp[q], d16, tail), acc[q]);
       }
+      }
       __m512 dots = reduce16(acc);
       if constexpr (TT == TableType::I8Rowwise)
         dots = _mm512_fmadd_ps(scale_v, dots, _mm512_mul_ps(min_v, _mm512_set1_ps(usum[m])));
@@ -470,12 +522,23 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
   }
 }
 
+template <TableType TT>
+void rows_kernel_d(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, const float* U,
+                   int64_t nu, const float* bias, float* S, int64_t lds) {
+  switch (t.dim) {
+    case 32: rows_kernel_t<TT, 2>(t, row0, rows, n, U, nu, bias, S, lds); break;
+    case 64: rows_kernel_t<TT, 4>(t, row0, rows, n, U, nu, bias, S, lds); break;
+    case 128: rows_kernel_t<TT, 8>(t, row0, rows, n, U, nu, bias, S, lds); break;
+    default: rows_kernel_t<TT, 0>(t, row0, rows, n, U, nu, bias, S, lds); break;
+  }
+}
+
 void rows_kernel(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, const float* U,
                  int64_t nu, const float* bias, float* S, int64_t lds) {
   switch (t.type) {
-    case TableType::F16: rows_kernel_t<TableType::F16>(t, row0, rows, n, U, nu, bias, S, lds); break;
-    case TableType::I8Rowwise: rows_kernel_t<TableType::I8Rowwise>(t, row0, rows, n, U, nu, bias, S, lds); break;
-    default: rows_kernel_t<TableType::F32>(t, row0, rows, n, U, nu, bias, S, lds); break;
+    case TableType::F16: rows_kernel_d<TableType::F16>(t, row0, rows, n, U, nu, bias, S, lds); break;
+    case TableType::I8Rowwise: rows_kernel_d<TableType::I8Rowwise>(t, row0, rows, n, U, nu, bias, S, lds); break;
+    default: rows_kernel_d<TableType::F32>(t, row0, rows, n, U, nu, bias, S, lds); break;
   }
 }
 
