@@ -224,7 +224,7 @@ def main(argv=None):
             # large arrays where the kernel allows it), quantize() returns torch tensors. Both
             # are timed: the same tables copied into numpy memory (the same kind as the float32
             # one) and quantize()'s output as is. (On the 2-core dev machine AnonHugePages in
-            # /proc/meminfo stayed 0, and the two timings differed only within the noise.)
+            # /proc/meminfo stayed 0: no huge pages were in use, so a gap there is not page size.)
             q16n = QuantizedTable("fp16", _numpy_copy(q16.data))
             q8n = QuantizedTable("int8", _numpy_copy(q8.data), _numpy_copy(q8.row_scale), _numpy_copy(q8.row_min))
             for t in threads:
