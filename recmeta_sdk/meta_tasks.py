@@ -54,7 +54,7 @@ import pandas as pd
 import torch
 
 from .data import TASK_KINDS, make_tasks, timestamp_array
-from .train import Batch, Prepared, history_tensors
+from .train import Batch, Prepared, history_tensors, user_feature_rows
 
 logger = logging.getLogger("recmeta")
 
@@ -215,15 +215,7 @@ class TaskSampler:
         bag_idx, bag_off, bag_w, sq, sl = history_tensors(hists, cfg.seq_len, self.n_items)
         sup_rows = torch.from_numpy(np.repeat(np.arange(B), [len(h) for h in hists]))
         q_rows = torch.from_numpy(np.repeat(np.arange(B), [len(x) for x in q]))
-        if user_feats is not None:
-            uf_off_np, uf_idx_np = user_feats
-            keepu = rng.random(B) >= cfg.user_feature_dropout
-            rows_f = [uf_idx_np[uf_off_np[u]:uf_off_np[u + 1]] if keepu[b] else np.zeros(0, np.int64)
-                      for b, u in enumerate(users)]
-            uo = np.concatenate([[0], np.cumsum([len(r) for r in rows_f])]).astype(np.int64)
-            ui = np.concatenate(rows_f).astype(np.int64) if uo[-1] else np.zeros(0, np.int64)
-        else:
-            uo, ui = np.zeros(B + 1, np.int64), np.zeros(0, np.int64)
+        uo, ui = user_feature_rows(user_feats, users, cfg, rng)
         sup_w = np.maximum(np.concatenate(hist_r), 0.0).astype(np.float32) if B else np.zeros(0, np.float32)
 
         def cat(parts, dtype):

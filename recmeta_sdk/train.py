@@ -394,6 +394,21 @@ def history_tensors(hists, L: int, n_items: int):
             torch.from_numpy(seq), torch.from_numpy(sl))
 
 
+def user_feature_rows(user_feats, users, cfg: Config, rng: np.random.Generator):
+    """CSR (offsets (B+1,), rows) of the users' side-feature rows for one batch, each user's
+    features dropped with probability ``cfg.user_feature_dropout`` (empty without features)."""
+    B = len(users)
+    if user_feats is None:
+        return np.zeros(B + 1, np.int64), np.zeros(0, np.int64)
+    uf_off_np, uf_idx_np = user_feats
+    keepu = rng.random(B) >= cfg.user_feature_dropout
+    rows = [uf_idx_np[uf_off_np[u]:uf_off_np[u + 1]] if keepu[b] else np.zeros(0, np.int64)
+            for b, u in enumerate(users)]
+    uo = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    ui = np.concatenate(rows).astype(np.int64) if uo[-1] else np.zeros(0, np.int64)
+    return uo, ui
+
+
 def make_batch(prep: Prepared, users: np.ndarray, cfg: Config, rng: np.random.Generator,
                user_feats=None) -> Batch:
     """Cut one support / query sample per user (see the module docstring)."""
@@ -423,15 +438,7 @@ def make_batch(prep: Prepared, users: np.ndarray, cfg: Config, rng: np.random.Ge
     B = len(users)
     sup_rows = torch.from_numpy(np.repeat(np.arange(B), [len(s) for s in sup]))
     q_rows = torch.from_numpy(np.repeat(np.arange(B), [len(s) for s in q]))
-    if user_feats is not None:
-        uf_off_np, uf_idx_np = user_feats
-        keepu = rng.random(B) >= cfg.user_feature_dropout
-        rows = [uf_idx_np[uf_off_np[u]:uf_off_np[u + 1]] if keepu[b] else np.zeros(0, np.int64)
-                for b, u in enumerate(users)]
-        uo = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
-        ui = np.concatenate(rows).astype(np.int64) if uo[-1] else np.zeros(0, np.int64)
-    else:
-        uo, ui = np.zeros(B + 1, np.int64), np.zeros(0, np.int64)
+    uo, ui = user_feature_rows(user_feats, users, cfg, rng)
     sup_w = np.concatenate(sup_r).astype(np.float32)
     return Batch(bag_idx, bag_off, bag_w, sq, sl, torch.from_numpy(ui), torch.from_numpy(uo),
                  sup_rows, bag_idx.clone(), torch.from_numpy(np.maximum(sup_w, 0.0)),
