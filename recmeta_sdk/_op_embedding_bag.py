@@ -711,15 +711,7 @@ def embedding_bag_backward(weight, indices, offsets, grad_output, *, per_sample_
                              f"backends, not {be!r}")
         return _backward_tbe(weight, indices, offsets, grad_output, per_sample_weights, mode, optimizer, lr, eps,
                              state, be, table_offsets)
-    if isinstance(weight, np.ndarray):
-        bad_weight = weight.dtype != np.float32 or weight.ndim != 2
-    elif isinstance(weight, torch.Tensor):
-        bad_weight = weight.dtype != torch.float32 or weight.dim() != 2
-    else:
-        raise TypeError(f"weight: expected a numpy array or torch tensor, got {type(weight).__name__}")
-    if bad_weight:
-        raise TypeError(f"weight: the fused update needs a 2-D float32 table, got {weight.dtype} "
-                        f"{tuple(weight.shape)}")
+    _check_update_table(weight, "weight")
     device = weight.device.type if isinstance(weight, torch.Tensor) else "cpu"
     be = backends.resolve(backend, "cpu" if device == "cpu" else "cuda")
     if be in ("triton", "cuda"):

@@ -59,6 +59,17 @@ void check_finite(const float* x, int64_t rows, int64_t cols, int64_t stride, co
                     " at flat position ", r * cols + j);
 }
 
+/// The ids of every table in range: table t's ids are indices[offsets[t*B] .. offsets[(t+1)*B])
+/// and must be < tables[t].rows. tables: (num_tables,); offsets: already checked, (num_tables*B+1,).
+template <class Table>
+void check_table_ids(const Table* tables, int64_t num_tables, IndexView indices, IndexView offsets, int64_t B) {
+  for (int64_t t = 0; t < num_tables; ++t) {
+    const std::string name = num_tables == 1 ? std::string("indices")
+                                             : "indices of table " + std::to_string(t);
+    check_ids(indices, offsets[t * B], offsets[(t + 1) * B], tables[t].rows, name.c_str());
+  }
+}
+
 void check_table(const TableView& t, int64_t i) {
   RECMETA_CHECK(t.data != nullptr || t.rows * t.dim == 0, "weight[", i, "]: null data");
   RECMETA_CHECK(t.rows >= 0 && t.dim >= 0, "weight[", i, "]: bad shape (", t.rows, ", ", t.dim, ")");
@@ -221,11 +232,7 @@ void embedding_bag_forward(const TableView* tables, int64_t num_tables, IndexVie
   RECMETA_CHECK(out_stride >= total, "out: row stride ", out_stride, " < total dim ", total);
   RECMETA_CHECK(out != nullptr || B * total == 0, "out: null data");
   check_offsets(offsets, indices.size);
-  for (int64_t t = 0; t < num_tables; ++t) {
-    const std::string name = num_tables == 1 ? std::string("indices")
-                                             : "indices of table " + std::to_string(t);
-    check_ids(indices, offsets[t * B], offsets[(t + 1) * B], tables[t].rows, name.c_str());
-  }
+  check_table_ids(tables, num_tables, indices, offsets, B);
   check_finite(per_sample_weights, 1, indices.size, indices.size, "per_sample_weights");
 
   cpu::EmbeddingBagForwardArgs a;
@@ -307,11 +314,7 @@ void embedding_bag_backward_tbe(const MutableTable* tables, int64_t num_tables, 
   RECMETA_CHECK(grad_stride >= total, "grad_output: row stride ", grad_stride, " < total dim ", total);
   RECMETA_CHECK(grad_output != nullptr || B * total == 0, "grad_output: null data");
   check_offsets(offsets, indices.size);
-  for (int64_t t = 0; t < num_tables; ++t) {
-    const std::string name = num_tables == 1 ? std::string("indices")
-                                             : "indices of table " + std::to_string(t);
-    check_ids(indices, offsets[t * B], offsets[(t + 1) * B], tables[t].rows, name.c_str());
-  }
+  check_table_ids(tables, num_tables, indices, offsets, B);
   check_finite(per_sample_weights, 1, indices.size, indices.size, "per_sample_weights");
   check_finite(grad_output, B, total, grad_stride, "grad_output");
   if (optimizer == SparseOptimizer::RowwiseAdagrad)
