@@ -72,6 +72,10 @@ class UserState:
         History items that were unknown to the model and dropped (``unknown="drop"``).
     steps : int
         Adaptation steps taken.
+    item_bias : (N,) float32 or None
+        The user's adapted item-bias vector, added to the item bias when the state is
+        scored (the online loop sets it from the reward posterior of the user's feedback,
+        misses included: :mod:`recmeta_sdk.posterior`); None for none.
 
     The state also carries, internally, the wide (item-to-item) part of its scores,
     ``alpha(n) * sum_{j in history} W[j, :]``, computed once by the model that made it so
@@ -88,6 +92,7 @@ class UserState:
     dropped: tuple = ()
     steps: int = 0
     features: Optional[dict] = None
+    item_bias: Optional[np.ndarray] = None
     # (serving-table token, the history array it was computed from, (N,) float32 wide part
     # or None): a cache of a pure function of (model, history), never compared or printed
     _serving: Any = field(default=None, repr=False, compare=False)
@@ -107,7 +112,8 @@ class Recommendations:
         ``explore="sample"``; else None.
     explanations : with ``explain=True``, per user a list (per item) of dicts
         ``{"item", "history": [(history item id, contribution)...],
-        "features": [(feature name, contribution)...], "bias": item bias}``; else None.
+        "features": [(feature name, contribution)...], "bias": item bias}`` (plus
+        ``"feedback"``: the share of the state's online item bias, when it has one); else None.
     """
 
     ids: np.ndarray
@@ -427,6 +433,18 @@ class Recommender:
         object.__setattr__(s, "_serving", (t.token, s.history, wide))
         return wide
 
+    def _state_bias(self, s: UserState) -> np.ndarray | None:
+        """The per-user part of ``s``'s item bias (N,) float32: its wide part plus its adapted
+        item-bias vector (None when it has neither)."""
+        wide = self._state_wide(s)
+        ib = s.item_bias
+        if ib is None:
+            return wide
+        if not isinstance(ib, np.ndarray) or ib.shape != (self.n_items,):
+            raise ValueError(f"UserState item_bias must be a numpy array of shape ({self.n_items},), got "
+                             f"{getattr(ib, 'shape', type(ib).__name__)}")
+        return ib if wide is None else wide + ib
+
     def _serve(self, vectors: torch.Tensor, hists: list[np.ndarray], k: int, bias: torch.Tensor,
                exc_lists: list[np.ndarray] | None, cand: np.ndarray | None, tau: float,
                seed: int | None = None):
@@ -535,7 +553,7 @@ class Recommender:
         return UserState(hp[0].numpy().copy(), h[0].numpy().copy(), idx, (tuple(ext.tolist()) if ext.dtype != object else
                                                                      tuple(x.item() if hasattr(x, "item") else x for x in ext)),
                          rew, None, dropped, steps, dict(features) if isinstance(features, dict) else None,
-                         self._serving_cache(idx, wide))
+                         _serving=self._serving_cache(idx, wide))
 
     def _topk_many(self, histories, rewards, features, steps, k: int, exclude, batch_size: int = 256) -> np.ndarray:
         """(U, k) internal indices for many new users at once (evaluation helper).
@@ -591,7 +609,7 @@ class Recommender:
         for b, u in enumerate(us):
             out.append(UserState(hp[b].numpy().copy(), h[b].numpy().copy(), hists[b],
                                  tuple(self.item_ids[hists[b]].tolist()), rews[b], users[b], (), steps, None,
-                                 self._serving_cache(hists[b], None if wide is None else wide[b])))
+                                 _serving=self._serving_cache(hists[b], None if wide is None else wide[b])))
         return out
 
     def _id_list(self, ids, name) -> np.ndarray:
@@ -712,7 +730,7 @@ class Recommender:
             bias = (self._bias - float(popularity_penalty) * float(tau) * self._log_pop).numpy()
         else:
             bias = self._table().bias
-        wides = [self._state_wide(s) for s in states]
+        wides = [self._state_bias(s) for s in states]
         # the policy's temperature applies to both terms: (<h,v> + b) / tau
         props = None
         if explore == "sample":
@@ -816,9 +834,12 @@ class Recommender:
                     order = np.argsort(-hist_contrib[:, j], kind="stable")[:3]
                     hist = [(self.item_ids[H[o]].item() if hasattr(self.item_ids[H[o]], "item") else self.item_ids[H[o]],
                              float(hist_contrib[o, j])) for o in order]
-                recs.append({"item": self.item_ids[a].item() if hasattr(self.item_ids[a], "item") else self.item_ids[a],
-                             "history": hist, "features": contrib[:3],
-                             "bias": float(self._bias[a]) / tau})
+                rec = {"item": self.item_ids[a].item() if hasattr(self.item_ids[a], "item") else self.item_ids[a],
+                       "history": hist, "features": contrib[:3],
+                       "bias": float(self._bias[a]) / tau}
+                if s.item_bias is not None:  # the online feedback's share of the score
+                    rec["feedback"] = float(s.item_bias[a]) / tau
+                recs.append(rec)
             out.append(recs)
         return out
 

@@ -92,6 +92,16 @@ class Config:
     ``scalar_lr`` is the learning rate of ``alpha``'s two coefficients, which the main ``lr``
     would barely move.
 
+    Online feedback (:mod:`recmeta_sdk.online`): each user with feedback gets an adapted
+    item-bias vector from the Gaussian reward posterior of :mod:`recmeta_sdk.posterior`
+    (the training users' rewards as the prior, conditioned on the user's observed rewards,
+    misses included): ``feedback_posterior`` is its weight (in standard deviations of the
+    model's scores per unit of normalised reward; 0 turns it off), ``feedback_reg`` the
+    observation-noise variance ``lam`` of the rewards (normalised to [0, 1]), and
+    ``feedback_window`` the number of a user's latest feedback events it conditions on.
+    Defaults chosen on an inner replay of existing MovieLens users (see
+    ``bench/bench_online.py``).
+
     ``seed`` makes training reproducible.
     """
 
@@ -134,11 +144,15 @@ class Config:
     query_weight: float = 0.5
     calib_users: float = 0.0
     calib_holdout: float = 0.2
+    feedback_posterior: float = 40.0
+    feedback_reg: float = 0.1
+    feedback_window: int = 200
     seed: int = 0
 
     def validate(self) -> "Config":
         pos_int = ("dim", "hidden", "layers", "heads", "seq_len", "epochs", "batch_size",
-                   "max_prefix", "topk_k", "full_softmax_max", "n_negatives", "year_bucket")
+                   "max_prefix", "topk_k", "full_softmax_max", "n_negatives", "year_bucket",
+                   "feedback_window")
         for name in pos_int:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -156,7 +170,10 @@ class Config:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"config.{name} must be a finite number > 0, got {v!r}")
-        for name in ("weight_decay", "l2", "ce_weight", "rl_weight", "entropy"):
+        if (isinstance(self.feedback_reg, bool) or not isinstance(self.feedback_reg, (int, float))
+                or not math.isfinite(self.feedback_reg) or self.feedback_reg <= 0):
+            raise ValueError(f"config.feedback_reg must be a finite number > 0, got {self.feedback_reg!r}")
+        for name in ("weight_decay", "l2", "ce_weight", "rl_weight", "entropy", "feedback_posterior"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"config.{name} must be a finite number >= 0, got {v!r}")

@@ -20,6 +20,13 @@ own fast parameters ``phi = (gamma, delta)`` take **one** gradient step of the m
 support loss (the reward-weighted likelihood of the positive items, the closed-form
 gradient of :meth:`RecMetaNet.support_grad`, with the model's — meta-learned — step
 sizes) from their current value (a miss, whose support gradient is zero, takes no step).
+Every event, miss or hit, also updates the user's adapted **item-bias vector**: the
+posterior mean of the user's rewards over the catalogue given all its feedback rewards,
+under the Gaussian prior that the training users' rewards define
+(:mod:`recmeta_sdk.posterior`; weight ``config.feedback_posterior``, 0 turns it off). The
+misses matter there: an item shown and not rewarded lowers the items that go with it in the
+population beyond what the user's hits explain. On the MovieLens replay this is what lifts
+the online policy above EASE's fold-in of the hits (``bench/bench_online.py``).
 A user's first event starts from the model's prior:
 a known (training) user from its training state (``Recommender.user_state``), a new user
 from ``Recommender.adapt`` of that first event (``config.inner_steps`` steps). With
@@ -193,6 +200,8 @@ class OnlineUser:
     seen, seen_rewards : every item interacted with (training history and all feedback)
     gamma, delta : (d,) float32, the user's fast parameters
     known : whether the user is a training user of the model
+    n_prior : how many leading items of ``seen`` are the training history (a known user's),
+        not feedback
     """
 
     user: Any
@@ -205,6 +214,7 @@ class OnlineUser:
     known: bool
     seen: np.ndarray
     seen_rewards: np.ndarray
+    n_prior: int = 0
 
     @property
     def seen_ids(self) -> tuple:
@@ -312,17 +322,56 @@ class OnlineStore:
         u = m._user_index.get_indexer([user])[0]
         return m._uf_idx[m._uf_off[u]:m._uf_off[u + 1]]
 
-    def _publish(self, user, version, h, gamma, delta, seen, seen_r, enc_items, enc_rewards, known, steps):
+    def _publish(self, user, version, h, gamma, delta, seen, seen_r, enc_items, enc_rewards, known, steps,
+                 n_prior=0):
         from .api import UserState
 
         m = self.model
         with torch.no_grad():
             hp = m._net.apply_phi(h, gamma, delta)
         st = UserState(hp[0].numpy().copy(), h[0].numpy().copy(), enc_items, _ext(m, enc_items), enc_rewards,
-                       user if known else None, (), int(steps), None)
+                       user if known else None, (), int(steps), None,
+                       self._item_bias(seen[n_prior:], seen_r[n_prior:], known))
         ou = OnlineUser(user, int(version), st, enc_items, enc_rewards,
-                        gamma[0].detach().numpy().copy(), delta[0].detach().numpy().copy(), known, seen, seen_r)
+                        gamma[0].detach().numpy().copy(), delta[0].detach().numpy().copy(), known, seen, seen_r,
+                        int(n_prior))
         return ou._with_ids(m)
+
+    def _item_bias(self, items: np.ndarray, rewards: np.ndarray, known: bool) -> np.ndarray | None:
+        """The user's adapted item-bias vector from its feedback events (hits and misses):
+        ``kappa * (mu + correction)`` for a new user, ``kappa * correction`` for a known one,
+        from the reward posterior (:mod:`recmeta_sdk.posterior`); None when
+        ``config.feedback_posterior`` is 0 or there is no feedback yet."""
+        from . import posterior
+
+        m = self.model
+        cfg = m.config
+        w = float(getattr(cfg, "feedback_posterior", 0.0))
+        if w <= 0 or len(items) == 0:
+            return None
+        win = int(getattr(cfg, "feedback_window", 200))
+        items, rewards = items[-win:], rewards[-win:]
+        post = posterior.of_model(m)
+        y = np.maximum(np.asarray(rewards, np.float64), 0.0) / m._reward_scale
+        b = post.correction(items, y, float(getattr(cfg, "feedback_reg", 0.1)))
+        if not known:
+            b = b + post.mu
+        return (w * self._score_scale() * b).astype(np.float32)
+
+    def _score_scale(self) -> float:
+        """Standard deviation over the catalogue of the model's scores (before the temperature)
+        for a user with no history: the unit of ``config.feedback_posterior``."""
+        sc = getattr(self, "_scale", None)
+        if sc is None:
+            m = self.model
+            st = m.adapt([])
+            z = m._V.numpy() @ st.vector + m._bias.numpy()
+            wide = m._state_wide(st)
+            if wide is not None:
+                z = z + wide
+            sc = float(np.std(z.astype(np.float64))) or 1.0
+            self._scale = sc
+        return sc
 
     def _offset_kw(self, rows, items) -> dict:
         """The wide (item-to-item) part of the logits, for models that have one."""
@@ -345,7 +394,7 @@ class OnlineStore:
         h = self._encode(items, uf)
         steps = m.config.inner_steps
         g, d = self._adapt(h, items, rews, steps)
-        return self._publish(user, 0, h, g, d, items, rews, items, rews, True, steps)
+        return self._publish(user, 0, h, g, d, items, rews, items, rews, True, steps, len(items))
 
     def _apply(self, cur: OnlineUser | None, user, idx: int, reward: float) -> OnlineUser:
         """The next version of ``user`` after one event (pure function of cur and the event)."""
@@ -368,8 +417,11 @@ class OnlineStore:
             enc_i = np.append(enc_i, np.int64(idx))
             enc_r = np.append(enc_r, np.float32(reward)).astype(np.float32)
         if not new_user and self.encode == "positive" and not reward > 0:
-            # a miss: not read by the model, and its support gradient is zero; only seen grows
-            return replace(cur, version=version + 1, seen=seen, seen_rewards=seen_r)._with_ids(m)
+            # a miss: not read by the encoder, and its support gradient is zero; seen grows and
+            # the reward posterior (which reads misses) gives the state a new item bias
+            n0 = cur.n_prior
+            st = replace(cur.state, item_bias=self._item_bias(seen[n0:], seen_r[n0:], known))
+            return replace(cur, version=version + 1, seen=seen, seen_rewards=seen_r, state=st)._with_ids(m)
         uf = self._ufeat(user, known)
         h = self._encode(enc_i, uf)
         if new_user or self.update == "readapt":
@@ -385,7 +437,8 @@ class OnlineStore:
                 g = g0 - self._lr[0] * gg
                 d = d0 - self._lr[1] * gd
             total = steps0 + 1
-        return self._publish(user, version + 1, h, g, d, seen, seen_r, enc_i, enc_r, known, total)
+        return self._publish(user, version + 1, h, g, d, seen, seen_r, enc_i, enc_r, known, total,
+                             0 if new_user else cur.n_prior)
 
     def _materialise(self, user) -> OnlineUser | None:
         """Rebuild a user's state from a carried-over log (first use after ``resume``)."""

@@ -113,12 +113,14 @@ def test_step_update_takes_one_gradient_step_per_event(model):
         return float(-(logp[[12, 15]]).mean())
 
     assert support_loss(v2.gamma, v2.delta) < support_loss(v1.gamma, v1.delta)
-    # a miss moves nothing but the exclusion list (encode="positive")
+    # a miss takes no step (encode="positive"): it joins the exclusion list and the reward
+    # posterior (the state's item bias), not the encoder
     st.feedback([("n", 3, 0.0, 0.1)])
     v3 = st.current("n")
     assert v3.version == 3 and 3 in v3.seen_ids and 3 not in v3.state.history_ids
     np.testing.assert_array_equal(v3.state.vector, v2.state.vector)  # zero reward, zero gradient: no step
     assert v3.state.steps == v2.state.steps
+    assert not np.array_equal(v3.state.item_bias, v2.state.item_bias)
 
 
 def test_feedback_is_visible_in_the_next_recommendation(model):
