@@ -54,7 +54,10 @@ autograd at serving time), head-only adaptation is as good as full MAML in pract
 (Raghu et al. 2020, ANIL), and first-order updates cost one extra catalogue-wide
 softmax per step instead of second derivatives through the encoder. Learned step sizes
 let meta-training shrink an unhelpful step to nothing, so adaptation never has to hurt.
-``meta="none"`` trains the same network without the inner loop (the non-meta baseline).
+``meta="none"`` trains the same network without the inner loop; with ``prefix_prob=0`` as
+well it has no support / query tasks either: the network trained without meta-learning,
+the baseline of the demo's cold-start table (on MovieLens the tasks carry the gain there,
+and the inner loop alone is neutral).
 
 Reproducibility: all randomness comes from ``numpy.random.default_rng(seed)`` and a local
 ``torch.Generator``; dropout draws happen inside ``torch.random.fork_rng`` seeded from it,
