@@ -15,7 +15,9 @@ Two environments (``--env``):
 ``sim``
     The multi-task simulator (``recmeta_sdk.sim.UserSimulator``): new users from segments
     never seen in training, slates of 3 with position bias, slow interest drift. The same
-    baselines; popularity and EASE are fitted on uniform-random logs of the existing users.
+    baselines; popularity and EASE are fitted on uniform-random logs of the existing users
+    (with ``--recmeta-epochs N`` the SDK's policy joins them, trained on the clicks of those
+    logs with the items' latent features as a dense side feature).
 
 With ``--recmeta-epochs N`` (ML) the SDK's policy joins them: ``recmeta_sdk.train`` on the
 existing users (meta-trained, ``meta="fomaml"``, and the same network without
@@ -201,6 +203,31 @@ def sim_factories(env: sim.UserSimulator, seed: int) -> dict:
     }
 
 
+def sim_recmeta_factories(env: sim.UserSimulator, epochs: int, seed: int) -> dict:
+    """The SDK's policy in the simulator: trained on the clicks of the same uniform-random logs
+    of the existing users that the baselines are fitted on (the information EASE gets), with
+    the items' latent features as a dense side feature (what LinUCB gets); meta-trained and
+    not, learning online through ``Recommender.feedback``. The simulator allows repeats, so
+    the policy does not exclude the items it showed before (the environment's exclusions
+    still apply)."""
+    import pandas as pd
+
+    from recmeta_sdk import api
+
+    logs = env.log_random(n_rounds=50, seed=seed)
+    clicks = logs[logs["reward"] > 0]
+    items = pd.DataFrame({"features": list(env.item_features.astype(np.float32))}, index=np.arange(env.n_items))
+    ids = np.arange(env.n_items)
+    out = {}
+    for label, meta in (("recmeta meta-RL", "fomaml"), ("recmeta no meta-training", "none")):
+        t0 = time.perf_counter()
+        model = api.train(clicks, items=items, progress=False, config={"epochs": epochs, "meta": meta, "seed": seed})
+        print(f"  trained {label} ({epochs} epochs) in {time.perf_counter() - t0:.0f} s")
+        out[f"{label}, online feedback (step)"] = (
+            lambda e, m=model: bandits.RecommenderPolicy(m, item_ids=ids, exclude_seen=not e.allow_repeats))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--env", choices=("ml100k", "sim", "both"), default="ml100k")
@@ -209,8 +236,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-tune", action="store_true", help="ML: skip the inner-split tuning (λ=500, d=16, α=0.3, its choice)")
     ap.add_argument("--png", default="online_{env}.png", help="curve plot path ({env} is replaced)")
     ap.add_argument("--recmeta-epochs", type=int, default=0,
-                    help="ML: also train recmeta_sdk.train on the existing users for this many epochs, "
-                         "meta-trained (fomaml) and not (meta='none'), and serve it with online adaptation")
+                    help="also train recmeta_sdk.train on the existing users for this many epochs, "
+                         "meta-trained (fomaml) and not (meta='none'), and serve it with online adaptation "
+                         "(ML: their liked ratings; sim: the clicks of the random logs)")
     ap.add_argument("--recmeta-cache", default="", help="folder to save / reuse the trained SDK models")
     ap.add_argument("--recmeta-updates", default="step",
                     help="comma-separated online updates of the SDK policy: step (one adaptation step "
@@ -246,6 +274,8 @@ def main(argv=None) -> None:
             print(f"== simulator: {len(env.users)} new users from {SIM_CONFIG.n_test_segments} unseen segments, "
                   f"{env.n_items} items, slates of {env.slate_size}, T={args.T}")
             facs = sim_factories(env, args.seed)
+            if args.recmeta_epochs > 0:
+                facs.update(sim_recmeta_factories(env, args.recmeta_epochs, args.seed))
             bars = None
         if args.only:
             keys = [x for x in args.only.split(",") if x]
