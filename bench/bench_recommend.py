@@ -6,6 +6,8 @@ Measures (p50 / p90 over repeated calls, one thread by default):
 * ``adapt`` for a new user with 20 support items (default adaptation steps);
 * ``recommend`` for one user end to end from a history (``adapt`` + top-10);
 * ``recommend`` for one user from a precomputed ``UserState``;
+* one online feedback event (hit or miss) of a new user with 10 / 50 events, with the
+  reward posterior on and off;
 * ``ops.policy_topk`` alone on the deep item table (catalogue x dim of the model), and the
   compiled kernel ``_core.policy_topk`` alone (what ``recommend`` from a state calls once);
 * ``implicit``'s ``AlternatingLeastSquares.recommend`` for one user (N=10, filtering the
@@ -88,6 +90,29 @@ def _side_by_side(fa, fb, n=200, warm=20):
     return float(np.median(ta) * 1e3), float(np.median(tb) * 1e3)
 
 
+def _feedback_timings(model, rng, repeats: int) -> None:
+    """One online feedback event (``OnlineStore._apply``, a pure function of the user's current
+    version and the event: what ``Recommender.feedback`` runs per event) for a new user who
+    already has n events, half of them misses, with the reward posterior on (the default)
+    and off (``feedback_posterior=0``: the encoder step alone)."""
+    import copy
+
+    from recmeta_sdk import online
+
+    off = copy.copy(model)
+    off.config = copy.copy(model.config)
+    off.config.feedback_posterior = 0.0
+    for label, m in (("posterior on", model), ("posterior off", off)):
+        for n in (10, 50):
+            st = online.OnlineStore(m, known_users=False)
+            items = rng.choice(m.n_items, n + 2, replace=False)
+            st.feedback([("x", m.item_ids[i], float(j % 2), 0.5) for j, i in enumerate(items[:n])])
+            cur = st.current("x")
+            for r, kind in ((1.0, "hit"), (0.0, "miss")):
+                t = _timeit(lambda: st._apply(cur, "x", int(items[n]), r), repeats)
+                print(f"feedback, one {kind} after {n} events ({label}): {t}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, help="override the default epochs (the training time is then not the default's)")
@@ -120,6 +145,7 @@ def main(argv=None) -> int:
     print(f"recommend one new user from its history (adapt + top-10): {t}  [target < 2 ms]")
     t = _timeit(lambda: model.recommend(int(model.user_ids[0]), k=10), args.repeats)
     print(f"recommend one known user by id (state from its history + top-10): {t}")
+    _feedback_timings(model, rng, args.repeats)
     state = model.adapt(support)
     ts = _timeit(lambda: model.recommend(state, k=10), args.repeats)
     p50s = ts[0]
