@@ -346,32 +346,15 @@ class OnlineStore:
 
         m = self.model
         cfg = m.config
-        w = float(getattr(cfg, "feedback_posterior", 0.0))
-        if w <= 0 or len(items) == 0:
+        if cfg.feedback_posterior <= 0 or len(items) == 0:
             return None
-        win = int(getattr(cfg, "feedback_window", 200))
-        items, rewards = items[-win:], rewards[-win:]
+        items, rewards = items[-cfg.feedback_window:], rewards[-cfg.feedback_window:]
         post = posterior.of_model(m)
         y = np.maximum(np.asarray(rewards, np.float64), 0.0) / m._reward_scale
-        b = post.correction(items, y, float(getattr(cfg, "feedback_reg", 0.1)))
+        b = post.correction(items, y, float(cfg.feedback_reg))
         if not known:
             b = b + post.mu
-        return (w * self._score_scale() * b).astype(np.float32)
-
-    def _score_scale(self) -> float:
-        """Standard deviation over the catalogue of the model's scores (before the temperature)
-        for a user with no history: the unit of ``config.feedback_posterior``."""
-        sc = getattr(self, "_scale", None)
-        if sc is None:
-            m = self.model
-            st = m.adapt([])
-            z = m._V.numpy() @ st.vector + m._bias.numpy()
-            wide = m._state_wide(st)
-            if wide is not None:
-                z = z + wide
-            sc = float(np.std(z.astype(np.float64))) or 1.0
-            self._scale = sc
-        return sc
+        return (float(cfg.feedback_posterior) * posterior.score_scale(m) * b).astype(np.float32)
 
     def _offset_kw(self, rows, items) -> dict:
         """The wide (item-to-item) part of the logits, for models that have one."""

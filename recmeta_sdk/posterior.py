@@ -34,7 +34,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["RewardPosterior", "of_model"]
+__all__ = ["RewardPosterior", "of_model", "score_scale"]
 
 _LOCK = threading.Lock()
 
@@ -169,3 +169,18 @@ def of_model(model) -> RewardPosterior:
                                     model.n_items, model._reward_scale)
                 model._reward_posterior = p
     return p
+
+
+def score_scale(model) -> float:
+    """Standard deviation over the catalogue of a model's scores (before the temperature) for
+    a user with no history, the unit of ``config.feedback_posterior`` (computed once per model)."""
+    sc = model.__dict__.get("_feedback_score_scale")
+    if sc is None:
+        st = model.adapt([])
+        z = model._V.numpy() @ st.vector + model._bias.numpy()
+        extra = model._state_bias(st)  # the state's wide part, if the model has one
+        if extra is not None:
+            z = z + extra
+        sc = float(np.std(z.astype(np.float64))) or 1.0
+        model._feedback_score_scale = sc
+    return sc

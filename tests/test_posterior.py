@@ -184,6 +184,6 @@ def test_known_user_gets_the_correction_without_the_population_mean(pairs_model)
     post = posterior.of_model(m)
     pos4 = int(np.flatnonzero(m.item_ids == 4)[0])
     ref = post.correction(np.array([pos4]), np.array([0.0]), m.config.feedback_reg)
-    scale = st._score_scale()
+    scale = posterior.score_scale(m)
     np.testing.assert_allclose(cur.state.item_bias, (m.config.feedback_posterior * scale * ref).astype(np.float32),
                                rtol=1e-5, atol=1e-6)
