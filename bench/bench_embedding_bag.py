@@ -12,6 +12,14 @@ time of each (the machine is shared; the best is the least disturbed), the ratio
 (> 1: we are faster) and our fraction of the memory-bandwidth floor (bytes that must be read
 over the measured streaming-read bandwidth; 100% = at the floor).
 
+Forward cases cycle through ``--index-sets`` (16) sets of random ids, each callable starting at
+a different place in the cycle: every call reads ids the call before did not, as batch after
+batch of training does, so rows of a table larger than the caches come from memory. With
+``--index-sets 1`` every call reads the same ids and their rows stay in the 300 MB L3 between
+calls, which measures the caches rather than the gather. The tables are allocated by torch (4
+KiB pages where transparent huge pages are ``madvise``, as for an ``nn.Embedding`` weight);
+each row read from memory then also costs a page walk.
+
 Cases
 -----
 * forward vs ``torch.nn.functional.embedding_bag`` (sum, mean): N in {100k, 1M}, d in {32, 64,
@@ -28,6 +36,7 @@ Cases
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import sys
@@ -77,6 +86,20 @@ def make_bags(rng, n, b, lo=15, hi=25):
     off = torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
     idx = torch.from_numpy(rng.integers(0, n, size=int(off[-1])).astype(np.int64))
     return idx, off
+
+
+def _torch_bag(w, bags, mode="sum"):
+    idx, off = bags
+    return F.embedding_bag(idx, w, off, mode=mode, include_last_offset=True)
+
+
+def rotations(sets, n):
+    """One endless iterator over `sets` per timed callable, callable j starting j/n of the way
+    round: every callable reads the same index sets in the same order, and the set a callable
+    reads was last read (by any of them) several calls before, not by the callable just before
+    it (which would hand it the rows it just brought into the caches)."""
+    k = len(sets)
+    return [itertools.cycle(sets[(j * k) // n:] + sets[:(j * k) // n]) for j in range(n)]
 
 
 def fmt_case(name, ours, peers, floor_ms=None):
@@ -137,13 +160,15 @@ def bench_forward(args, threads, bw, tables_by_n):
         for d in ds:
             w = tables_by_n[N][d]
             for B in Bs:
-                idx, off = make_bags(rng, N, B)
-                nbytes = idx.numel() * (d * 4 + 8) + off.numel() * 8 + B * d * 4
+                sets = [make_bags(rng, N, B) for _ in range(args.index_sets)]
+                nnz = np.mean([i.numel() for i, _ in sets])
+                nbytes = nnz * (d * 4 + 8) + (B + 1) * 8 + B * d * 4
                 floor = nbytes / bw * 1e3
                 for mode in ("sum", "mean"):
+                    c0, c1 = rotations(sets, 2)
                     ours, tor = best_times([
-                        lambda: ops.embedding_bag(w, idx, off, mode=mode),
-                        lambda: F.embedding_bag(idx, w, off, mode=mode, include_last_offset=True),
+                        lambda: ops.embedding_bag(w, *next(c0), mode=mode),
+                        lambda: _torch_bag(w, next(c1), mode),
                     ], args.reps)
                     fmt_case(f"N={N:>7d} d={d:3d} B={B:4d} {mode:4s}", ours, [("torch", tor)], floor)
 
@@ -157,15 +182,17 @@ def bench_quantized(args, threads, bw, tables_by_n):
         h = ops.quantize(w, "fp16")
         q = ops.quantize(w, "int8")
         for B in (1024, 8192):
-            idx, off = make_bags(rng, N, B)
+            sets = [make_bags(rng, N, B) for _ in range(args.index_sets)]
+            nnz = np.mean([i.numel() for i, _ in sets])
+            c = rotations(sets, 4)
             f32, f16, i8, tor = best_times([
-                lambda: ops.embedding_bag(w, idx, off),
-                lambda: ops.embedding_bag(h, idx, off),
-                lambda: ops.embedding_bag(q, idx, off),
-                lambda: F.embedding_bag(idx, w, off, include_last_offset=True),
+                lambda: ops.embedding_bag(w, *next(c[0])),
+                lambda: ops.embedding_bag(h, *next(c[1])),
+                lambda: ops.embedding_bag(q, *next(c[2])),
+                lambda: _torch_bag(w, next(c[3])),
             ], args.reps)
             for name, t, bpe in (("fp32", f32, 4), ("fp16", f16, 2), ("int8", i8, 1)):
-                nbytes = idx.numel() * (d * bpe + 8 + (8 if name == "int8" else 0)) + B * d * 4
+                nbytes = nnz * (d * bpe + 8 + (8 if name == "int8" else 0)) + B * d * 4
                 fmt_case(f"N={N:>7d} d={d:3d} B={B:4d} {name}", t,
                          [("ours fp32", f32), ("torch fp32", tor)], nbytes / bw * 1e3)
 
@@ -178,27 +205,31 @@ def bench_tbe(args, threads, bw, fbgemm):
     d = 64
     tables = [torch.from_numpy(rng.random((N, d), dtype=np.float32)).clone() for _ in range(T)]
     fb = fbgemm(tables) if fbgemm is not None else None
+    whole = torch.cat(tables)
+    cum = torch.tensor([t * N for t in range(T + 1)], dtype=torch.int64)
     for B in ((1024, 8192) if not args.quick else (8192,)):
-        parts = [make_bags(rng, N, B) for _ in range(T)]
-        idx = torch.cat([p[0] for p in parts])
-        lens = torch.cat([p[1][1:] - p[1][:-1] for p in parts])
-        off = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)])
-        whole = torch.cat(tables)
-        cum = torch.tensor([t * N for t in range(T + 1)], dtype=torch.int64)
+        sets = []  # (per-table bags, all ids, all offsets)
+        for _ in range(args.index_sets if B <= 1024 else max(2, args.index_sets // 4)):
+            parts = [make_bags(rng, N, B) for _ in range(T)]
+            lens = torch.cat([p[1][1:] - p[1][:-1] for p in parts])
+            sets.append((parts, torch.cat([p[0] for p in parts]),
+                         torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)])))
+        nnz = np.mean([x[1].numel() for x in sets])
+        c = rotations(sets, 5 if fb is not None else 4)
         fns = [
-            lambda: ops.embedding_bag(tables, idx, off),
-            lambda: [F.embedding_bag(p[0], tables[t], p[1], include_last_offset=True) for t, p in enumerate(parts)],
-            lambda: torch.cat([F.embedding_bag(p[0], tables[t], p[1], include_last_offset=True)
-                               for t, p in enumerate(parts)], dim=1),
+            lambda: ops.embedding_bag(tables, *next(c[0])[1:]),
+            lambda: [_torch_bag(tables[t], p) for t, p in enumerate(next(c[1])[0])],
+            lambda: torch.cat([_torch_bag(tables[t], p) for t, p in enumerate(next(c[2])[0])], dim=1),
+            lambda: ops.embedding_bag(whole, *next(c[3])[1:], table_offsets=cum),
         ]
-        fns.append(lambda: ops.embedding_bag(whole, idx, off, table_offsets=cum))
         if fb is not None:
             def run_fb():
                 with torch.no_grad():
-                    return fb(idx, off)
+                    return fb(*next(c[4])[1:])
             fns.append(run_fb)
         times = best_times(fns, args.reps)
-        nbytes = idx.numel() * (d * 4 + 8) + B * T * d * 4
+        idx, off = sets[0][1], sets[0][2]
+        nbytes = nnz * (d * 4 + 8) + B * T * d * 4
         peers = [("8 torch calls", times[1]), ("+cat", times[2]), ("ours table_offsets", times[3])]
         if fb is not None:
             peers.append(("fbgemm TBE", times[4]))
@@ -343,6 +374,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="reduced grid")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
+    ap.add_argument("--index-sets", type=int, default=16,
+                    help="index sets per case, cycled so that each call reads ids other than the "
+                         "call before (as training does, batch after batch: the rows come from "
+                         "memory); 1 = the same ids every call (rows stay cached between calls)")
     ap.add_argument("--only", default="forward,quantized,tbe,backward,tbe_backward", help="which sections to run")
     args = ap.parse_args()
     if args.reps is None:
@@ -351,7 +386,8 @@ def main():
     print(f"recmeta bench_embedding_bag: python {platform.python_version()}, torch {torch.__version__}, "
           f"numpy {np.__version__}")
     print(f"core: CPU kernels '{_core.cpu_isa()}', OpenMP {'on' if _core.has_openmp() else 'off'}; "
-          f"CPUs available: {len(os.sched_getaffinity(0))}; best of {args.reps} interleaved runs per case")
+          f"CPUs available: {len(os.sched_getaffinity(0))}; best of {args.reps} interleaved runs per case; "
+          f"{args.index_sets} index set(s) per case, cycled")
     fbgemm = load_fbgemm() if sections & {"tbe", "backward", "tbe_backward"} else None
     rng = np.random.default_rng(SEED)
     tables_by_n = {}

@@ -292,6 +292,23 @@ wt, stt = torch.from_numpy(w.copy()), torch.from_numpy(st.copy())
 ops.embedding_bag_backward(w, idx, off, g, optimizer="rowwise_adagrad", lr=0.1, state=st, backend="cpp")
 reference.embedding_bag_backward(wt, torch.from_numpy(idx), torch.from_numpy(off), torch.from_numpy(g), None, "sum", "rowwise_adagrad", 0.1, 1e-8, stt)
 np.testing.assert_allclose(w, wt.numpy(), rtol=1e-5, atol=2e-5); np.testing.assert_allclose(st, stt.numpy(), rtol=1e-5, atol=1e-5)
+# the range checks fused into the gather: a bad id, a bad offset inside the bags, a 0-wide table
+import re
+for d in (0, 5, 131):
+    w = rng.standard_normal((23, d)).astype(np.float32)
+    off = np.concatenate([[0], np.cumsum(rng.integers(1, 6, 150))]); idx = rng.integers(0, 23, int(off[-1]))
+    for dt in ("fp32", "fp16", "int8"):
+        tab = w if dt == "fp32" or d == 0 else ops.quantize(w, dt)
+        bad = idx.copy(); bad[int(off[77]) + 1] = 23
+        try:
+            ops.embedding_bag(tab, bad, off, backend="cpp"); raise AssertionError("bad id not found")
+        except ValueError as e:
+            assert re.search(rf"id 23 at position {int(off[77]) + 1} is out of range", str(e)), str(e)
+        o2 = off.copy(); o2[100] = o2[99] - 1
+        try:
+            ops.embedding_bag(tab, idx, o2, backend="cpp"); raise AssertionError("bad offset not found")
+        except ValueError as e:
+            assert "offsets decrease at position 100" in str(e), str(e)
 print("ok", _core.cpu_isa())
 """
     import recmeta_sdk
@@ -954,3 +971,60 @@ def test_recmeta_backend_variable_is_read_on_every_call(monkeypatch):
     torch.testing.assert_close(ops.embedding_bag(w, idx, off), want, rtol=0, atol=0)
     monkeypatch.delenv("RECMETA_BACKEND")
     torch.testing.assert_close(ops.embedding_bag(w, idx, off), want, rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# the forward's range checks are fused into the gather: bad values anywhere in a large call
+# (many work items, both thread counts, every table layout and dtype) are found and named
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("kind", ["id_too_large", "id_negative", "offsets_decrease", "offsets_leave_table"])
+@pytest.mark.parametrize("table", ["f32", "fp16", "int8", "f32_d200"])
+def test_forward_fused_checks_name_the_bad_value(threads, id_dtype, where, kind, table):
+    from recmeta_sdk import _core
+
+    rng = np.random.default_rng(zlib.crc32(f"{where}{kind}{table}".encode()))
+    T, B = 3, 517  # several work items per table, the last one partial
+    dims = [200, 37, 200] if table == "f32_d200" else [37, 16, 5]
+    rows = [1009, 211, 97]
+    tabs = [rng.standard_normal((n, d)).astype(np.float32) for n, d in zip(rows, dims)]
+    if table in ("fp16", "int8"):
+        tabs = [ops.quantize(w, table) for w in tabs]
+    lens = rng.integers(0, 9, size=T * B)
+    off = np.concatenate([[0], np.cumsum(lens)]).astype(id_dtype)
+    idx = np.concatenate([rng.integers(0, rows[t], size=int(lens[t * B:(t + 1) * B].sum()))
+                          for t in range(T)]).astype(id_dtype)
+    good = ops.embedding_bag(tabs, idx, off, backend="cpp")
+    np.testing.assert_allclose(good, ops.embedding_bag(tabs, idx, off, backend="torch"), rtol=1e-5, atol=1e-5)
+    t = {"first": 0, "middle": 1, "last": 2}[where]
+    lo, hi = int(off[t * B]), int(off[(t + 1) * B])
+    pos = {"first": lo, "middle": (lo + hi) // 2, "last": hi - 1}[where]
+    bag = {"first": t * B + 1, "middle": t * B + B // 2, "last": (t + 1) * B - 2}[where]
+    name = "indices" if T == 1 else f"indices of table {t}"
+    if kind == "id_too_large":
+        idx[pos] = rows[t]
+        match = rf"{name}: id {rows[t]} at position {pos} is out of range \[0, {rows[t]}\)"
+    elif kind == "id_negative":
+        idx[pos] = -3
+        match = rf"{name}: id -3 at position {pos} is out of range"
+    elif kind == "offsets_decrease":
+        off[bag] = off[bag - 1] - 1 if off[bag - 1] > 0 else off[bag + 1] + 1
+        match = r"offsets decrease at position"
+    else:  # inside table t's bags, past its span (the next offsets are larger still)
+        off[bag] = off[(t + 1) * B] + 1
+        match = r"offsets decrease at position"
+    old = _core.get_num_threads()
+    try:
+        _core.set_num_threads(threads)
+        with pytest.raises(ValueError, match=match):
+            ops.embedding_bag(tabs, idx, off, backend="cpp")
+        if table == "f32":  # the one-table fast path (torch tensors, default backend) too
+            one = torch.from_numpy(np.ascontiguousarray(idx[lo:hi]))
+            o1 = torch.from_numpy((off[t * B:(t + 1) * B + 1] - off[t * B]).astype(id_dtype))
+            if kind.startswith("id"):
+                with pytest.raises(ValueError, match=rf"indices: id -?\d+ at position {pos - lo} is out of range"):
+                    ops.embedding_bag(torch.from_numpy(tabs[t]), one, o1)
+    finally:
+        _core.set_num_threads(old)

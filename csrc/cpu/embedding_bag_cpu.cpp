@@ -231,10 +231,19 @@ void embedding_bag_forward(const TableView* tables, int64_t num_tables, IndexVie
   }
   RECMETA_CHECK(out_stride >= total, "out: row stride ", out_stride, " < total dim ", total);
   RECMETA_CHECK(out != nullptr || B * total == 0, "out: null data");
-  check_offsets(offsets, indices.size);
-  check_table_ids(tables, num_tables, indices, offsets, B);
+  // Before the kernel, only what it relies on: the offsets at the tables' boundaries. The ids
+  // and the offsets inside each table are checked by the kernel as it reads them (no pass of
+  // their own); on a bad one it sets `bad` and the full checks below name it.
+  const int64_t nnz = indices.size;
+  bool bounds_ok = offsets[0] == 0 && offsets[offsets.size - 1] == nnz;
+  for (int64_t t = 1; t <= num_tables && bounds_ok; ++t) {
+    const int64_t o = offsets[t * B];
+    bounds_ok = o >= offsets[(t - 1) * B] && o <= nnz;
+  }
+  if (!bounds_ok) check_offsets(offsets, nnz);  // throws, naming the bad offset
   check_finite(per_sample_weights, 1, indices.size, indices.size, "per_sample_weights");
 
+  int bad = 0;
   cpu::EmbeddingBagForwardArgs a;
   a.tables = tables;
   a.num_tables = num_tables;
@@ -246,7 +255,13 @@ void embedding_bag_forward(const TableView* tables, int64_t num_tables, IndexVie
   a.col_offsets = col.data();
   a.out = out;
   a.out_stride = out_stride;
+  a.bad_input = &bad;
   RECMETA_DISPATCH_ISA(embedding_bag_forward_kernel, a);
+  if (bad) {
+    check_offsets(offsets, nnz);
+    check_table_ids(tables, num_tables, indices, offsets, B);
+    RECMETA_CHECK(false, "embedding_bag: the kernel flagged a bad id or offset that the checks did not find");
+  }
 }
 
 void embedding_bag_backward(float* weight, int64_t rows, int64_t dim, int64_t row_stride,

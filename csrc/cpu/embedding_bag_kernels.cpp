@@ -37,15 +37,18 @@ namespace RECMETA_ISA_NS {
 namespace {
 
 constexpr int64_t kPrefetchDistance = 16;  ///< rows ahead in the index stream (into L1)
-/// When both the tables of a call and the rows it reads from them exceed far_table_bytes(), the rows
-/// are unlikely to be in the caches: they are prefetched in two stages, kFarDistance rows ahead
-/// into L2 and kNearDistance rows ahead into L1, which keeps more rows in flight from memory
-/// than the L1 fill buffers alone allow (measured here on a 1M x 64 float32 table: about 1.5x
-/// the rows per second of the single stage at 16 rows that FBGEMM uses). Smaller tables, and
-/// calls that read few rows (which may still be cached from the calls before), keep the single
-/// stage: the extra prefetches only cost there. The bound is half the last-level cache (a table
-/// that fits stays there between calls; on this machine's 300 MB L3 the two-stage prefetch
-/// made a 51 MB 100k x 128 table 0.75x torch's speed, the single stage parity), at least 32 MB.
+/// When the tables of a call together exceed far_table_bytes(), the rows it reads are unlikely to
+/// be in the caches (a training or serving stream reads new ids batch after batch): they are
+/// prefetched in two stages, kFarDistance rows ahead into L2 and kNearDistance rows ahead into
+/// L1, which keeps more rows in flight from memory than the L1 fill buffers alone allow and
+/// starts each row's page walk early (measured here, 1M x 64 float32 table in 4 KiB pages, new
+/// ids every call: torch takes 1.13-1.21x our time with the single stage at 16 rows that FBGEMM
+/// uses; with the same ids every call, rows stay cached and the two agree). Smaller tables keep
+/// the single stage: the extra prefetches only cost there. The bound is half the last-level
+/// cache (a table that fits stays there between calls; on this machine's 300 MB L3 the
+/// two-stage prefetch made a 51 MB 100k x 128 table 0.75x torch's speed, the single stage
+/// parity), at least 32 MB. Whether the call reads many rows does not enter: with new ids
+/// every call, B = 1024 gains as much as B = 8192 (1.16x vs 0.97x, 1M x 64).
 constexpr int64_t kFarTableBytesMin = int64_t{32} << 20;
 
 inline int64_t far_table_bytes() {
@@ -176,7 +179,7 @@ inline void prefetch_lines(const char* p, int64_t bytes) {
 }
 
 template <int NV, typename S, bool Int8, bool HasW, bool Far, typename IdxT, int PfLines = -1>
-inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale,
+inline bool pool_chunk(const S* data, int64_t rows, int64_t row_stride, const float* row_scale,
                        const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
                        int64_t pf_last, int64_t pf_bytes, const float* psw, bool mean,
                        int64_t col0, typename Vec::M last_mask, float* out) {
@@ -186,6 +189,7 @@ inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale
   #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) acc[v] = Vec::zero();
   float bias = 0.f;
+  bool bad = false;
   const S* base = data + col0;
   for (int64_t i = begin; i < end; ++i) {
     if (Far) {
@@ -202,7 +206,12 @@ inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale
       __builtin_prefetch(row_scale + pr, 0, 3);
       __builtin_prefetch(row_min + pr, 0, 3);
     }
-    const int64_t r = static_cast<int64_t>(idx[i]);
+    // The id's range check, fused: a bad id is flagged and row 0 read in its place (a select,
+    // no branch), so the bag never reads outside the table.
+    const int64_t r0 = static_cast<int64_t>(idx[i]);
+    const bool ok = static_cast<uint64_t>(r0) < static_cast<uint64_t>(rows);
+    bad |= !ok;
+    const int64_t r = ok ? r0 : 0;
     const S* row = base + r * row_stride;
     V vw;
     if (Int8) {
@@ -231,12 +240,14 @@ inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale
   }
   #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) Vec::store(out + col0 + v * Vec::W, acc[v], v == NV - 1 ? last_mask : full);
+  return bad;
 }
 
 template <typename S, bool Int8, bool HasW, bool Far, typename IdxT>
-inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float* row_scale,
+inline bool pool_bag(const S* data, int64_t rows, int64_t row_stride, int64_t dim, const float* row_scale,
                      const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
                      int64_t pf_last, const float* psw, bool mean, float* out) {
+  bool bad = false;
   const int64_t chunk = static_cast<int64_t>(kMaxVecs) * Vec::W;
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(S));
   for (int64_t col0 = 0; col0 < dim; col0 += chunk) {
@@ -247,8 +258,8 @@ inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float
     const int64_t pf = col0 == 0 ? row_bytes : 0;
 #define RECMETA_EB_CASE(K)                                                                        \
   case K:                                                                                         \
-    pool_chunk<K, S, Int8, HasW, Far, IdxT>(data, row_stride, row_scale, row_min, idx, begin, end, \
-                                       pf_last, pf, psw, mean, col0, last, out);                  \
+    bad |= pool_chunk<K, S, Int8, HasW, Far, IdxT>(data, rows, row_stride, row_scale, row_min, idx, \
+                                              begin, end, pf_last, pf, psw, mean, col0, last, out); \
     break;
     switch (nv) {
       RECMETA_EB_CASE(1)
@@ -263,29 +274,36 @@ inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float
     }
 #undef RECMETA_EB_CASE
   }
+  return bad;
 }
 
 /// Pool the bags [p0, p1) of one table (consecutive pairs of the same table; bag p writes
 /// output row p - p0). `off` holds the p1 - p0 + 1 offsets of the range as int64. Dims up to
 /// kMaxVecs * W dispatch on the register count once per range instead of once per bag.
 template <typename S, bool Int8, bool HasW, typename IdxT>
-inline void pool_range(const TableView& tab, const IdxT* idx, const int64_t* off, int64_t nbags,
+inline bool pool_range(const TableView& tab, const IdxT* idx, const int64_t* off, int64_t nbags,
                        int64_t pf_last, bool far, const float* psw, bool mean, float* out,
                        int64_t out_stride) {
   const S* data = static_cast<const S*>(tab.data);
   const int64_t dim = tab.dim;
-  if (dim == 0) return;
+  const int64_t rows = tab.rows;
+  bool bad = false;
+  if (dim == 0) {  // nothing is read, but the ids are still checked
+    for (int64_t i = off[0]; i < off[nbags]; ++i)
+      bad |= static_cast<uint64_t>(static_cast<int64_t>(idx[i])) >= static_cast<uint64_t>(rows);
+    return bad;
+  }
   const int64_t nv = (dim + Vec::W - 1) / Vec::W;
   if (nv > kMaxVecs) {
     for (int64_t p = 0; p < nbags; ++p) {
       if (far)
-        pool_bag<S, Int8, HasW, true, IdxT>(data, tab.row_stride, dim, tab.row_scale, tab.row_min, idx, off[p],
-                                            off[p + 1], pf_last, psw, mean, out + p * out_stride);
+        bad |= pool_bag<S, Int8, HasW, true, IdxT>(data, rows, tab.row_stride, dim, tab.row_scale, tab.row_min,
+                                                   idx, off[p], off[p + 1], pf_last, psw, mean, out + p * out_stride);
       else
-        pool_bag<S, Int8, HasW, false, IdxT>(data, tab.row_stride, dim, tab.row_scale, tab.row_min, idx, off[p],
-                                             off[p + 1], pf_last, psw, mean, out + p * out_stride);
+        bad |= pool_bag<S, Int8, HasW, false, IdxT>(data, rows, tab.row_stride, dim, tab.row_scale, tab.row_min,
+                                                    idx, off[p], off[p + 1], pf_last, psw, mean, out + p * out_stride);
     }
-    return;
+    return bad;
   }
   const typename Vec::M last = Vec::mask(dim - (nv - 1) * Vec::W);
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(S));
@@ -295,16 +313,14 @@ inline void pool_range(const TableView& tab, const IdxT* idx, const int64_t* off
   case K:                                                                                               \
     if (far)                                                                                            \
       for (int64_t p = 0; p < nbags; ++p)                                                               \
-        pool_chunk<K, S, Int8, HasW, true, IdxT, RECMETA_EB_LINES(K)>(                                  \
-            data, tab.row_stride, tab.row_scale, tab.row_min, idx,                                      \
-                                                 off[p], off[p + 1], pf_last, row_bytes, psw, mean, 0,   \
-                                                 last, out + p * out_stride);                            \
+        bad |= pool_chunk<K, S, Int8, HasW, true, IdxT, RECMETA_EB_LINES(K)>(                           \
+            data, rows, tab.row_stride, tab.row_scale, tab.row_min, idx, off[p], off[p + 1], pf_last,   \
+            row_bytes, psw, mean, 0, last, out + p * out_stride);                                       \
     else                                                                                                \
       for (int64_t p = 0; p < nbags; ++p)                                                               \
-        pool_chunk<K, S, Int8, HasW, false, IdxT, RECMETA_EB_LINES(K)>(                                 \
-            data, tab.row_stride, tab.row_scale, tab.row_min, idx,                                      \
-                                                  off[p], off[p + 1], pf_last, row_bytes, psw, mean, 0,  \
-                                                  last, out + p * out_stride);                           \
+        bad |= pool_chunk<K, S, Int8, HasW, false, IdxT, RECMETA_EB_LINES(K)>(                          \
+            data, rows, tab.row_stride, tab.row_scale, tab.row_min, idx, off[p], off[p + 1], pf_last,   \
+            row_bytes, psw, mean, 0, last, out + p * out_stride);                                       \
     break;
   switch (nv) {
     RECMETA_EB_RANGE(1)
@@ -319,6 +335,7 @@ inline void pool_range(const TableView& tab, const IdxT* idx, const int64_t* off
   }
 #undef RECMETA_EB_RANGE
 #undef RECMETA_EB_LINES
+  return bad;
 }
 #else
 // =========================================================================================
@@ -334,12 +351,13 @@ template <>
 inline float to_float<uint8_t>(uint8_t x) { return static_cast<float>(x); }
 
 template <typename S, bool Int8, bool HasW, typename IdxT>
-inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float* row_scale,
+inline bool pool_bag(const S* data, int64_t rows, int64_t row_stride, int64_t dim, const float* row_scale,
                      const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
                      int64_t pf_last, const float* psw, bool mean, float* out) {
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(S));
   for (int64_t j = 0; j < dim; ++j) out[j] = 0.f;
   float bias = 0.f;
+  bool bad = false;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t pr = static_cast<int64_t>(idx[std::min(i + kPrefetchDistance, pf_last)]);
     prefetch_row(reinterpret_cast<const char*>(data + pr * row_stride), row_bytes);
@@ -347,7 +365,10 @@ inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float
       __builtin_prefetch(row_scale + pr, 0, 3);
       __builtin_prefetch(row_min + pr, 0, 3);
     }
-    const int64_t r = static_cast<int64_t>(idx[i]);
+    const int64_t r0 = static_cast<int64_t>(idx[i]);
+    const bool ok = static_cast<uint64_t>(r0) < static_cast<uint64_t>(rows);
+    bad |= !ok;
+    const int64_t r = ok ? r0 : 0;
     const S* row = data + r * row_stride;
     float w = HasW ? psw[i] : 1.f;
     if (Int8) {
@@ -363,17 +384,20 @@ inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float
     const float c = static_cast<float>(cnt);
     for (int64_t j = 0; j < dim; ++j) out[j] /= c;
   }
+  return bad;
 }
 
 template <typename S, bool Int8, bool HasW, typename IdxT>
-inline void pool_range(const TableView& tab, const IdxT* idx, const int64_t* off, int64_t nbags,
+inline bool pool_range(const TableView& tab, const IdxT* idx, const int64_t* off, int64_t nbags,
                        int64_t pf_last, bool far, const float* psw, bool mean, float* out,
                        int64_t out_stride) {
   (void)far;  // one prefetch stage in the generic variant
+  bool bad = false;
   for (int64_t p = 0; p < nbags; ++p)
-    pool_bag<S, Int8, HasW, IdxT>(static_cast<const S*>(tab.data), tab.row_stride, tab.dim, tab.row_scale,
-                                  tab.row_min, idx, off[p], off[p + 1], pf_last, psw, mean,
-                                  out + p * out_stride);
+    bad |= pool_bag<S, Int8, HasW, IdxT>(static_cast<const S*>(tab.data), tab.rows, tab.row_stride, tab.dim,
+                                         tab.row_scale, tab.row_min, idx, off[p], off[p + 1], pf_last, psw,
+                                         mean, out + p * out_stride);
+  return bad;
 }
 #endif
 
@@ -388,15 +412,13 @@ void forward_impl(const EmbeddingBagForwardArgs& a) {
   const int64_t per_table = (B + kBagsPerItem - 1) / kBagsPerItem;
   const int64_t items = T * per_table;
   // Two-stage prefetch when the call's tables together exceed what the caches keep between
-  // calls and the call reads enough of them (see far_table_bytes()).
-  int64_t table_bytes = 0, read_bytes = 0;
+  // calls (see far_table_bytes()).
+  int64_t table_bytes = 0;
   for (int64_t t = 0; t < T; ++t) {
     const TableView& tb = a.tables[t];
-    const int64_t el = elem_size(tb.type);
-    table_bytes += tb.rows * tb.row_stride * el;
-    read_bytes += (a.offsets[(t + 1) * B] - a.offsets[t * B]) * tb.dim * el;
+    table_bytes += tb.rows * tb.row_stride * elem_size(tb.type);
   }
-  const bool far = table_bytes > far_table_bytes() && read_bytes > far_table_bytes();
+  const bool far = table_bytes > far_table_bytes();
   auto run = [&](int64_t it) {
     const int64_t t = it / per_table;
     const int64_t b0 = (it - t * per_table) * kBagsPerItem;
@@ -414,14 +436,23 @@ void forward_impl(const EmbeddingBagForwardArgs& a) {
       const int64_t* o = static_cast<const int64_t*>(a.offsets.data) + p0;
       for (int64_t p = 0; p <= nbags; ++p) off[p] = o[p];
     }
-    const int64_t pf_last = a.offsets[(t + 1) * B] - 1;
+    // The range's offsets checked as they are read: non-decreasing and inside the table's span
+    // (its boundary offsets were checked before the call), so every bag reads inside the ids.
+    const int64_t span_lo = a.offsets[t * B], span_hi = a.offsets[(t + 1) * B];
+    bool bad = off[0] < span_lo || off[nbags] > span_hi;
+    for (int64_t p = 0; p < nbags; ++p) bad |= off[p + 1] < off[p];
+    if (bad) {
+      __atomic_store_n(a.bad_input, 1, __ATOMIC_RELAXED);
+      return;
+    }
+    const int64_t pf_last = span_hi - 1;
     float* out = a.out + b0 * a.out_stride + a.col_offsets[t];
     const float* psw = a.per_sample_weights;
-#define RECMETA_EB_TYPED(S, I8)                                                                     \
-  if (psw != nullptr)                                                                               \
-    pool_range<S, I8, true, IdxT>(tab, idx, off, nbags, pf_last, far, psw, mean, out, a.out_stride); \
-  else                                                                                              \
-    pool_range<S, I8, false, IdxT>(tab, idx, off, nbags, pf_last, far, psw, mean, out, a.out_stride);
+#define RECMETA_EB_TYPED(S, I8)                                                                            \
+  if (psw != nullptr)                                                                                      \
+    bad = pool_range<S, I8, true, IdxT>(tab, idx, off, nbags, pf_last, far, psw, mean, out, a.out_stride);  \
+  else                                                                                                     \
+    bad = pool_range<S, I8, false, IdxT>(tab, idx, off, nbags, pf_last, far, psw, mean, out, a.out_stride);
     switch (tab.type) {
       case TableType::F32:
         RECMETA_EB_TYPED(float, false)
@@ -434,6 +465,7 @@ void forward_impl(const EmbeddingBagForwardArgs& a) {
         break;
     }
 #undef RECMETA_EB_TYPED
+    if (bad) __atomic_store_n(a.bad_input, 1, __ATOMIC_RELAXED);
   };
   int64_t max_dim = 0;
   for (int64_t t = 0; t < T; ++t) max_dim = std::max(max_dim, a.tables[t].dim);
