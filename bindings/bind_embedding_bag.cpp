@@ -317,9 +317,51 @@ void backward_tbe(const py::sequence& weights, const py::array& indices, const p
   }
 }
 
+/// One plain table (float32 / float16, contiguous rows), no per-sample weights: every argument
+/// a plain int, the fewest conversions for the common small call (SDK fast path).
+py::array_t<float> forward_one(uintptr_t w, int64_t code, int64_t rows, int64_t dim, uintptr_t ids,
+                               int64_t ids_code, int64_t nnz, uintptr_t offs, int64_t offs_code,
+                               int64_t noffs, bool mean) {
+  if (code != 0 && code != 1) throw py::type_error("weight: bad table type code " + std::to_string(code));
+  if (ids_code != 0 && ids_code != 1) throw py::type_error("indices: ids must be int32 or int64");
+  if (offs_code != 0 && offs_code != 1) throw py::type_error("offsets: ids must be int32 or int64");
+  if (rows < 0 || dim < 0 || nnz < 0 || noffs < 1 || (w == 0 && rows * dim > 0) || (ids == 0 && nnz > 0) ||
+      offs == 0)
+    throw py::value_error("embedding_bag: bad descriptor");
+  recmeta::TableView t;
+  t.type = static_cast<recmeta::TableType>(code);
+  t.data = reinterpret_cast<const void*>(w);
+  t.rows = rows;
+  t.dim = dim;
+  t.row_stride = dim;
+  recmeta::IndexView idx;
+  idx.type = ids_code == 0 ? recmeta::IndexType::I32 : recmeta::IndexType::I64;
+  idx.data = reinterpret_cast<const void*>(ids);
+  idx.size = nnz;
+  recmeta::IndexView off;
+  off.type = offs_code == 0 ? recmeta::IndexType::I32 : recmeta::IndexType::I64;
+  off.data = reinterpret_cast<const void*>(offs);
+  off.size = noffs;
+  py::array_t<float> out({static_cast<py::ssize_t>(noffs - 1), static_cast<py::ssize_t>(dim)});
+  float* po = out.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    recmeta::embedding_bag_forward(&t, 1, idx, off, nullptr,
+                                   mean ? recmeta::PoolingMode::Mean : recmeta::PoolingMode::Sum, po, dim);
+  }
+  return out;
+}
+
 }  // namespace
 
 void bind_embedding_bag(py::module_& m) {
+  m.def("embedding_bag_forward_one", &forward_one, py::arg("weight"), py::arg("code"), py::arg("rows"),
+        py::arg("dim"), py::arg("indices"), py::arg("indices_code"), py::arg("nnz"), py::arg("offsets"),
+        py::arg("offsets_code"), py::arg("num_offsets"), py::arg("mean"),
+        R"doc(One contiguous float32 (code 0) / float16 (code 1) table at address `weight`, ids and
+offsets at the given addresses (code 0 = int32, 1 = int64), no per-sample weights: the forward
+of embedding_bag_forward with every argument a plain int (the SDK's fast path for small calls).
+The caller keeps the memory alive; values (ids, offsets) are checked as in embedding_bag_forward.)doc");
   m.def("embedding_bag_forward", &forward, py::arg("tables"), py::arg("indices"), py::arg("offsets"),
         py::arg("per_sample_weights") = py::none(), py::arg("mode") = "sum",
         R"doc(Table-batched embedding-bag forward (T = 1: a plain embedding bag).

@@ -451,27 +451,46 @@ def _fast_forward(w, indices, offsets, mode):
     """The common call, one plain CPU float32/float16 tensor table and plain CPU id tensors on
     the default backend (the compiled core) without autograd, with the fewest Python steps;
     None where anything differs (the general path then handles, or refuses, the call). The
-    values (ids in range, offsets well formed) are checked in the core as on the general path."""
-    if _env_backend_set() or (_DEFAULT_CPU or _default_cpu_backend()) != "cpp":
+    values (ids in range, offsets well formed) are checked in the core as on the general path.
+    Each test below costs about 0.1 us, and a call of 64 bags takes about 10 us in all."""
+    fast = _FAST_CORE
+    if fast is None or _env_backend_set():
         return None
-    if (w.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+    if fast is _UNSET:
+        fast = _init_fast_core()
+        if fast is None:
+            return None
+    if (w.requires_grad and _grad_enabled()) or _is_compiling():
         return None
     code = _TABLE_CODE.get(w.dtype)
     ic = _IDS_CODE.get(indices.dtype)
     oc = _IDS_CODE.get(offsets.dtype)
     if (code is None or ic is None or oc is None or (mode != "sum" and mode != "mean")
-            or not (w.is_cpu and indices.is_cpu and offsets.is_cpu)
             or w.layout is not _STRIDED or indices.layout is not _STRIDED or offsets.layout is not _STRIDED
-            or not (w.is_contiguous() and indices.is_contiguous() and offsets.is_contiguous())):
+            or not (w.is_cpu and indices.is_cpu and offsets.is_cpu)
+            or not (w.is_contiguous() and indices.is_contiguous() and offsets.is_contiguous())
+            or indices.dim() != 1 or offsets.dim() != 1):
         return None
     ws = w.shape
-    if len(ws) != 2 or indices.dim() != 1 or offsets.dim() != 1:
+    if len(ws) != 2:
         return None
-    n, d = ws
-    out = _core().embedding_bag_forward([(w.data_ptr(), code, n, d, d, 0, 0)],
-                                        (indices.data_ptr(), ic, indices.numel()),
-                                        (offsets.data_ptr(), oc, offsets.numel()), None, mode)
-    return torch.from_numpy(out)
+    return _from_numpy(fast(w.data_ptr(), code, ws[0], ws[1], indices.data_ptr(), ic, indices.numel(),
+                            offsets.data_ptr(), oc, offsets.numel(), mode == "mean"))
+
+
+def _init_fast_core():
+    """The core's one-table forward when the default CPU backend is the compiled core (None
+    otherwise: the fast path is then skipped). Looked up once, at the first call."""
+    global _FAST_CORE
+    _FAST_CORE = _core().embedding_bag_forward_one if _default_cpu_backend() == "cpp" else None
+    return _FAST_CORE
+
+
+_grad_enabled = torch.is_grad_enabled
+_is_compiling = torch.compiler.is_compiling
+_from_numpy = torch.from_numpy
+_UNSET = object()
+_FAST_CORE = _UNSET
 
 
 def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: str = "sum",

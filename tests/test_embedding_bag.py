@@ -1028,3 +1028,46 @@ def test_forward_fused_checks_name_the_bad_value(threads, id_dtype, where, kind,
                     ops.embedding_bag(torch.from_numpy(tabs[t]), one, o1)
     finally:
         _core.set_num_threads(old)
+
+
+@needs_cpp
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("ids_dtype, offs_dtype", [(torch.int64, torch.int64), (torch.int32, torch.int64),
+                                                   (torch.int64, torch.int32), (torch.int32, torch.int32)])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_forward_fast_path_matches_reference(monkeypatch, table_dtype, ids_dtype, offs_dtype, mode):
+    """The one-table torch call on the default backend takes the short path (a counted wrapper
+    shows it), and gives the reference's result, empty bags included; calls it must not take
+    (a table that needs a gradient, a strided table, RECMETA_BACKEND set) take the general path
+    and still give that result."""
+    from recmeta_sdk import _op_embedding_bag as m
+
+    rng = np.random.default_rng(zlib.crc32(f"{table_dtype}{ids_dtype}{offs_dtype}{mode}".encode()))
+    w = torch.from_numpy(rng.standard_normal((1009, 37)).astype(np.float32)).to(table_dtype)
+    off = make_offsets(rng, 131, max_len=23)
+    off[5] = off[4]  # an empty bag
+    off[6:] = np.maximum(off[6:], off[5])
+    idx = torch.from_numpy(rng.integers(0, 1009, size=int(off[-1]))).to(ids_dtype)
+    offt = torch.from_numpy(off).to(offs_dtype)
+    ref = reference.embedding_bag(w.float(), idx.long(), offt.long(), None, mode)
+    real = m._init_fast_core()
+    assert real is not None
+    calls = []
+    monkeypatch.setattr(m, "_FAST_CORE", lambda *a: calls.append(a) or real(*a))
+    out = ops.embedding_bag(w, idx, offt, mode=mode)
+    assert len(calls) == 1 and isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    assert torch.equal(out[4], torch.zeros(37))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # calls the short path must leave to the general one
+    wg = w.float().clone().requires_grad_(True)
+    out_g = ops.embedding_bag(wg, idx, offt, mode=mode)
+    out_g.sum().backward()
+    assert wg.grad is not None
+    wide = torch.zeros((1009, 74), dtype=table_dtype)
+    wide[:, ::2] = w
+    out_s = ops.embedding_bag(wide[:, ::2], idx, offt, mode=mode)
+    monkeypatch.setenv("RECMETA_BACKEND", "torch")
+    out_t = ops.embedding_bag(w, idx, offt, mode=mode)
+    assert len(calls) == 1
+    for o in (out_g.detach(), out_s, out_t):
+        torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
