@@ -38,17 +38,20 @@ namespace {
 
 constexpr int64_t kPrefetchDistance = 16;  ///< rows ahead in the index stream (into L1)
 /// When the tables of a call together exceed far_table_bytes(), the rows it reads are unlikely to
-/// be in the caches (a training or serving stream reads new ids batch after batch): they are
-/// prefetched in two stages, kFarDistance rows ahead into L2 and kNearDistance rows ahead into
-/// L1, which keeps more rows in flight from memory than the L1 fill buffers alone allow and
-/// starts each row's page walk early (measured here, 1M x 64 float32 table in 4 KiB pages, new
-/// ids every call: torch takes 1.13-1.21x our time with the single stage at 16 rows that FBGEMM
-/// uses; with the same ids every call, rows stay cached and the two agree). Smaller tables keep
-/// the single stage: the extra prefetches only cost there. The bound is half the last-level
-/// cache (a table that fits stays there between calls; on this machine's 300 MB L3 the
-/// two-stage prefetch made a 51 MB 100k x 128 table 0.75x torch's speed, the single stage
-/// parity), at least 32 MB. Whether the call reads many rows does not enter: with new ids
-/// every call, B = 1024 gains as much as B = 8192 (1.16x vs 0.97x, 1M x 64).
+/// be in the caches (a training or serving stream reads new ids batch after batch), and in 4 KiB
+/// pages nearly every row also needs a page walk. They are prefetched in three stages: the
+/// first cache line of the row kPrimeDistance rows ahead alone (into L2), which starts the
+/// row's page walk early; the whole row kFarDistance rows ahead (into L2), whose prefetches then
+/// find the translation ready instead of all waiting on the same walk; the whole row
+/// kNearDistance rows ahead (into L1). bench/prefetch_gather.cpp times the schemes on one core
+/// (256-byte rows, new ids every call; median time of the single stage at 16 rows that FBGEMM,
+/// and so torch, uses over ours): 1M rows in 4 KiB pages 1.25-1.30x for the three stages,
+/// 1.17x for the last two alone; in 2 MiB pages 1.22-1.31x; prime distances of 64 to 160 rows
+/// alike. Smaller tables keep the single stage: their rows stay in the last-level cache between
+/// calls and the extra prefetches only cost there (the same tool: 0.86-0.89x at 51 MB, 1.02x at
+/// 77 MB, 1.13x at 128 MB). The bound is a quarter of the last-level cache (75 MB of this
+/// machine's 300 MB L3, which other machines' cores share), at least 32 MB. Whether the call
+/// reads many rows does not enter: with new ids every call, B = 1024 gains as B = 8192 does.
 constexpr int64_t kFarTableBytesMin = int64_t{32} << 20;
 
 inline int64_t far_table_bytes() {
@@ -57,12 +60,13 @@ inline int64_t far_table_bytes() {
 #ifdef _SC_LEVEL3_CACHE_SIZE
     llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
-    return std::max<int64_t>(kFarTableBytesMin, llc > 0 ? static_cast<int64_t>(llc) / 2 : 0);
+    return std::max<int64_t>(kFarTableBytesMin, llc > 0 ? static_cast<int64_t>(llc) / 4 : 0);
   }();
   return bytes;
 }
 constexpr int64_t kFarDistance = 48;
 constexpr int64_t kNearDistance = 12;
+constexpr int64_t kPrimeDistance = 128;
 constexpr int kMaxVecs = 8;  ///< accumulators held in registers per pass (SIMD variants)
 constexpr int64_t kBagsPerItem = 64;  ///< bags of one table per forward work item
 constexpr int64_t kParallelMinWork = int64_t{1} << 16;  ///< elements gathered before threads pay off
@@ -193,6 +197,10 @@ inline bool pool_chunk(const S* data, int64_t rows, int64_t row_stride, const fl
   const S* base = data + col0;
   for (int64_t i = begin; i < end; ++i) {
     if (Far) {
+      if (PfLines >= 0 || pf_bytes > 0) {  // not in the later passes over a long row
+        const int64_t pp = static_cast<int64_t>(idx[std::min(i + kPrimeDistance, pf_last)]);
+        __builtin_prefetch(reinterpret_cast<const char*>(base + pp * row_stride), 0, 1);
+      }
       const int64_t pf = static_cast<int64_t>(idx[std::min(i + kFarDistance, pf_last)]);
       prefetch_lines<PfLines, 2>(reinterpret_cast<const char*>(base + pf * row_stride), pf_bytes);
       if (Int8) {
