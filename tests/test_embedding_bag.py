@@ -1071,3 +1071,25 @@ def test_forward_fast_path_matches_reference(monkeypatch, table_dtype, ids_dtype
     assert len(calls) == 1
     for o in (out_g.detach(), out_s, out_t):
         torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_quantize_large_table_moved_to_numpy_memory_unchanged(dtype):
+    """Arrays of 4 MB and more are moved into numpy-allocated memory (huge pages where the
+    kernel allows them); their values are the reference quantisation's, bit for bit, and the
+    ops read them as before."""
+    from recmeta_sdk import _ops_common
+
+    rng = np.random.default_rng(97)
+    w = torch.from_numpy(rng.standard_normal((70001, 64)).astype(np.float32))
+    q = ops.quantize(w, dtype)
+    ref = reference.quantize(w, dtype)
+    assert q.data.numel() * q.data.element_size() >= _ops_common._NUMPY_BACKED_MIN_BYTES
+    assert isinstance(q.data, torch.Tensor) and q.data.is_contiguous() and q.data.dtype == ref.data.dtype
+    assert torch.equal(q.data, ref.data)
+    for a, b in ((q.row_scale, ref.row_scale), (q.row_min, ref.row_min)):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    off = torch.from_numpy(make_offsets(rng, 257, max_len=11))
+    idx = torch.from_numpy(rng.integers(0, 70001, size=int(off[-1])))
+    torch.testing.assert_close(ops.embedding_bag(q, idx, off), reference.embedding_bag(ref, idx, off, None, "sum"),
+                               rtol=1e-5, atol=2e-5)
