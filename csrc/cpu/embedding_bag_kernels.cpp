@@ -10,6 +10,7 @@
 // Backward: each thread owns whole rows (segments of the row-sorted occurrences) and sums
 // their contributions in position order, so results do not depend on the thread count.
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -182,6 +183,19 @@ inline void prefetch_lines(const char* p, int64_t bytes) {
   }
 }
 
+/// Whether every id of the bag idx[begin, end) is in [0, rows): a min / max reduction the
+/// compiler vectorises, once per bag before any of its rows is read (cheaper than a test per
+/// row inside the gather loop).
+template <typename IdxT>
+inline bool bag_ids_ok(const IdxT* idx, int64_t begin, int64_t end, int64_t rows) {
+  IdxT lo = 0, hi = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    lo = std::min(lo, idx[i]);
+    hi = std::max(hi, idx[i]);
+  }
+  return lo >= 0 && (end == begin || static_cast<int64_t>(hi) < rows);
+}
+
 template <int NV, typename S, bool Int8, bool HasW, bool Far, typename IdxT, int PfLines = -1>
 inline bool pool_chunk(const S* data, int64_t rows, int64_t row_stride, const float* row_scale,
                        const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
@@ -193,33 +207,37 @@ inline bool pool_chunk(const S* data, int64_t rows, int64_t row_stride, const fl
   #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) acc[v] = Vec::zero();
   float bias = 0.f;
-  bool bad = false;
+  // The ids' range check, fused: the bag's ids are checked before any row is read; a bag
+  // with a bad id reads nothing and is reported (the caller then names the id).
+  if (!bag_ids_ok(idx, begin, end, rows)) return true;
   const S* base = data + col0;
-  for (int64_t i = begin; i < end; ++i) {
+  // Rows far enough from the end of the table's ids prefetch without clamping the position.
+  const int64_t reach = Far ? kPrimeDistance : kPrefetchDistance;
+  const int64_t unclamped_end = std::max(begin, std::min(end, pf_last - reach + 1));
+  auto step = [&](int64_t i, auto clamped) {
+    constexpr bool C = decltype(clamped)::value;
+    auto at = [&](int64_t dist) {
+      return static_cast<int64_t>(idx[C ? std::min(i + dist, pf_last) : i + dist]);
+    };
     if (Far) {
       if (PfLines >= 0 || pf_bytes > 0) {  // not in the later passes over a long row
-        const int64_t pp = static_cast<int64_t>(idx[std::min(i + kPrimeDistance, pf_last)]);
+        const int64_t pp = at(kPrimeDistance);
         __builtin_prefetch(reinterpret_cast<const char*>(base + pp * row_stride), 0, 1);
       }
-      const int64_t pf = static_cast<int64_t>(idx[std::min(i + kFarDistance, pf_last)]);
+      const int64_t pf = at(kFarDistance);
       prefetch_lines<PfLines, 2>(reinterpret_cast<const char*>(base + pf * row_stride), pf_bytes);
       if (Int8) {
         __builtin_prefetch(row_scale + pf, 0, 2);
         __builtin_prefetch(row_min + pf, 0, 2);
       }
     }
-    const int64_t pr = static_cast<int64_t>(idx[std::min(i + (Far ? kNearDistance : kPrefetchDistance), pf_last)]);
+    const int64_t pr = at(Far ? kNearDistance : kPrefetchDistance);
     prefetch_lines<PfLines, 3>(reinterpret_cast<const char*>(base + pr * row_stride), pf_bytes);
     if (Int8) {
       __builtin_prefetch(row_scale + pr, 0, 3);
       __builtin_prefetch(row_min + pr, 0, 3);
     }
-    // The id's range check, fused: a bad id is flagged and row 0 read in its place (a select,
-    // no branch), so the bag never reads outside the table.
-    const int64_t r0 = static_cast<int64_t>(idx[i]);
-    const bool ok = static_cast<uint64_t>(r0) < static_cast<uint64_t>(rows);
-    bad |= !ok;
-    const int64_t r = ok ? r0 : 0;
+    const int64_t r = static_cast<int64_t>(idx[i]);
     const S* row = base + r * row_stride;
     V vw;
     if (Int8) {
@@ -234,7 +252,10 @@ inline bool pool_chunk(const S* data, int64_t rows, int64_t row_stride, const fl
       const V x = Vec::load(row + v * Vec::W, v == NV - 1 ? last_mask : full);
       acc[v] = (Int8 || HasW) ? Vec::fmadd(x, vw, acc[v]) : Vec::add(acc[v], x);
     }
-  }
+  };
+  int64_t i = begin;
+  for (; i < unclamped_end; ++i) step(i, std::false_type{});
+  for (; i < end; ++i) step(i, std::true_type{});
   const int64_t cnt = end - begin;
   if (Int8) {
     const V vb = Vec::set1(bias);
@@ -248,7 +269,7 @@ inline bool pool_chunk(const S* data, int64_t rows, int64_t row_stride, const fl
   }
   #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) Vec::store(out + col0 + v * Vec::W, acc[v], v == NV - 1 ? last_mask : full);
-  return bad;
+  return false;
 }
 
 template <typename S, bool Int8, bool HasW, bool Far, typename IdxT>
