@@ -219,6 +219,9 @@ def test_concurrent_recommend_and_feedback_see_whole_versions(model):
     errors = []
     observed = []  # (user, version, vector bytes, ids, scores)
     barrier = threading.Barrier(8)
+    writers_left = [4]
+    writers_done = threading.Event()
+    lock = threading.Lock()
 
     def writer(w):
         rng = np.random.default_rng(100 + w)
@@ -229,6 +232,11 @@ def test_concurrent_recommend_and_feedback_see_whole_versions(model):
                 st.feedback([(u, int(rng.integers(model.n_items)), float(rng.integers(2)), 0.2)])
         except Exception as e:  # noqa: BLE001 - surfaced by the assert below
             errors.append(e)
+        finally:
+            with lock:
+                writers_left[0] -= 1
+                if writers_left[0] == 0:
+                    writers_done.set()
 
     def reader(r):
         rng = np.random.default_rng(200 + r)
@@ -236,11 +244,14 @@ def test_concurrent_recommend_and_feedback_see_whole_versions(model):
         try:
             barrier.wait()
             got = 0
-            while got < n_reads:
+            # Read for as long as the writers write (a read is far quicker than a write:
+            # readers that stopped after n_reads could all finish before the writers got
+            # going on a loaded machine), and at least n_reads times.
+            while got < n_reads or not writers_done.is_set():
                 u = users[int(rng.integers(len(users)))]
                 cur = st.current(u)
+                time.sleep(0.0005)
                 if cur is None:
-                    time.sleep(0.001)
                     continue
                 got += 1
                 recs = model.recommend(cur.state, k=5)
@@ -283,7 +294,7 @@ def test_concurrent_recommend_and_feedback_see_whole_versions(model):
             mismatches += 1
     print(f"concurrency: 8 threads, {4 * n_writes} feedback + {len(observed)} checked recommend calls, "
           f"{mismatches} mismatches")
-    assert len(observed) == 4 * n_reads
+    assert len(observed) >= 4 * n_reads
     assert len({(u, v) for u, v, *_ in observed}) >= 10  # readers saw many versions while writers ran
     assert mismatches == 0
 

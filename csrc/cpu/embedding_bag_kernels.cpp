@@ -158,6 +158,19 @@ struct Vec {
 };
 #endif
 
+/// Whether every id of idx[begin, end) is in [0, rows): a min / max reduction the compiler
+/// vectorises, once per work item (up to kBagsPerItem bags) before any of its rows is read:
+/// cheaper than a test per row inside the gather loop, or one per bag.
+template <typename IdxT>
+inline bool ids_in_range(const IdxT* idx, int64_t begin, int64_t end, int64_t rows) {
+  IdxT lo = 0, hi = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    lo = std::min(lo, idx[i]);
+    hi = std::max(hi, idx[i]);
+  }
+  return lo >= 0 && (end == begin || static_cast<int64_t>(hi) < rows);
+}
+
 #ifdef RECMETA_EB_SIMD
 // =========================================================================================
 // Forward, SIMD variants.
@@ -183,19 +196,6 @@ inline void prefetch_lines(const char* p, int64_t bytes) {
   }
 }
 
-/// Whether every id of the bag idx[begin, end) is in [0, rows): a min / max reduction the
-/// compiler vectorises, once per bag before any of its rows is read (cheaper than a test per
-/// row inside the gather loop).
-template <typename IdxT>
-inline bool bag_ids_ok(const IdxT* idx, int64_t begin, int64_t end, int64_t rows) {
-  IdxT lo = 0, hi = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    lo = std::min(lo, idx[i]);
-    hi = std::max(hi, idx[i]);
-  }
-  return lo >= 0 && (end == begin || static_cast<int64_t>(hi) < rows);
-}
-
 template <int NV, typename S, bool Int8, bool HasW, bool Far, typename IdxT, int PfLines = -1>
 inline bool pool_chunk(const S* data, int64_t rows, int64_t row_stride, const float* row_scale,
                        const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
@@ -207,9 +207,7 @@ inline bool pool_chunk(const S* data, int64_t rows, int64_t row_stride, const fl
   #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) acc[v] = Vec::zero();
   float bias = 0.f;
-  // The ids' range check, fused: the bag's ids are checked before any row is read; a bag
-  // with a bad id reads nothing and is reported (the caller then names the id).
-  if (!bag_ids_ok(idx, begin, end, rows)) return true;
+  (void)rows;  // the ids were checked by the caller (ids_in_range)
   const S* base = data + col0;
   // Rows far enough from the end of the table's ids prefetch without clamping the position.
   const int64_t reach = Far ? kPrimeDistance : kPrefetchDistance;
@@ -470,6 +468,9 @@ void forward_impl(const EmbeddingBagForwardArgs& a) {
     const int64_t span_lo = a.offsets[t * B], span_hi = a.offsets[(t + 1) * B];
     bool bad = off[0] < span_lo || off[nbags] > span_hi;
     for (int64_t p = 0; p < nbags; ++p) bad |= off[p + 1] < off[p];
+    // The range's ids checked in one pass before any row is read (the SIMD kernels rely on
+    // it; the generic one checks each id again as it reads it).
+    bad = bad || !ids_in_range(idx, off[0], off[nbags], tab.rows);
     if (bad) {
       __atomic_store_n(a.bad_input, 1, __ATOMIC_RELAXED);
       return;
