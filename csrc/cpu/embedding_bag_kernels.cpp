@@ -197,7 +197,7 @@ inline void prefetch_lines(const char* p, int64_t bytes) {
 }
 
 template <int NV, typename S, bool Int8, bool HasW, bool Far, typename IdxT, int PfLines = -1>
-inline bool pool_chunk(const S* data, int64_t rows, int64_t row_stride, const float* row_scale,
+inline void pool_chunk(const S* data, int64_t row_stride, const float* row_scale,
                        const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
                        int64_t pf_last, int64_t pf_bytes, const float* psw, bool mean,
                        int64_t col0, typename Vec::M last_mask, float* out) {
@@ -207,7 +207,6 @@ inline bool pool_chunk(const S* data, int64_t rows, int64_t row_stride, const fl
   #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) acc[v] = Vec::zero();
   float bias = 0.f;
-  (void)rows;  // the ids were checked by the caller (ids_in_range)
   const S* base = data + col0;
   // Rows far enough from the end of the table's ids prefetch without clamping the position.
   const int64_t reach = Far ? kPrimeDistance : kPrefetchDistance;
@@ -267,14 +266,12 @@ inline bool pool_chunk(const S* data, int64_t rows, int64_t row_stride, const fl
   }
   #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) Vec::store(out + col0 + v * Vec::W, acc[v], v == NV - 1 ? last_mask : full);
-  return false;
 }
 
 template <typename S, bool Int8, bool HasW, bool Far, typename IdxT>
-inline bool pool_bag(const S* data, int64_t rows, int64_t row_stride, int64_t dim, const float* row_scale,
+inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float* row_scale,
                      const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
                      int64_t pf_last, const float* psw, bool mean, float* out) {
-  bool bad = false;
   const int64_t chunk = static_cast<int64_t>(kMaxVecs) * Vec::W;
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(S));
   for (int64_t col0 = 0; col0 < dim; col0 += chunk) {
@@ -285,8 +282,8 @@ inline bool pool_bag(const S* data, int64_t rows, int64_t row_stride, int64_t di
     const int64_t pf = col0 == 0 ? row_bytes : 0;
 #define RECMETA_EB_CASE(K)                                                                        \
   case K:                                                                                         \
-    bad |= pool_chunk<K, S, Int8, HasW, Far, IdxT>(data, rows, row_stride, row_scale, row_min, idx, \
-                                              begin, end, pf_last, pf, psw, mean, col0, last, out); \
+    pool_chunk<K, S, Int8, HasW, Far, IdxT>(data, row_stride, row_scale, row_min, idx, begin, end, \
+                                            pf_last, pf, psw, mean, col0, last, out);                  \
     break;
     switch (nv) {
       RECMETA_EB_CASE(1)
@@ -301,36 +298,29 @@ inline bool pool_bag(const S* data, int64_t rows, int64_t row_stride, int64_t di
     }
 #undef RECMETA_EB_CASE
   }
-  return bad;
 }
 
 /// Pool the bags [p0, p1) of one table (consecutive pairs of the same table; bag p writes
 /// output row p - p0). `off` holds the p1 - p0 + 1 offsets of the range as int64. Dims up to
 /// kMaxVecs * W dispatch on the register count once per range instead of once per bag.
 template <typename S, bool Int8, bool HasW, typename IdxT>
-inline bool pool_range(const TableView& tab, const IdxT* idx, const int64_t* off, int64_t nbags,
+inline void pool_range(const TableView& tab, const IdxT* idx, const int64_t* off, int64_t nbags,
                        int64_t pf_last, bool far, const float* psw, bool mean, float* out,
                        int64_t out_stride) {
   const S* data = static_cast<const S*>(tab.data);
   const int64_t dim = tab.dim;
-  const int64_t rows = tab.rows;
-  bool bad = false;
-  if (dim == 0) {  // nothing is read, but the ids are still checked
-    for (int64_t i = off[0]; i < off[nbags]; ++i)
-      bad |= static_cast<uint64_t>(static_cast<int64_t>(idx[i])) >= static_cast<uint64_t>(rows);
-    return bad;
-  }
+  if (dim == 0) return;
   const int64_t nv = (dim + Vec::W - 1) / Vec::W;
   if (nv > kMaxVecs) {
     for (int64_t p = 0; p < nbags; ++p) {
       if (far)
-        bad |= pool_bag<S, Int8, HasW, true, IdxT>(data, rows, tab.row_stride, dim, tab.row_scale, tab.row_min,
-                                                   idx, off[p], off[p + 1], pf_last, psw, mean, out + p * out_stride);
+        pool_bag<S, Int8, HasW, true, IdxT>(data, tab.row_stride, dim, tab.row_scale, tab.row_min, idx, off[p],
+                                            off[p + 1], pf_last, psw, mean, out + p * out_stride);
       else
-        bad |= pool_bag<S, Int8, HasW, false, IdxT>(data, rows, tab.row_stride, dim, tab.row_scale, tab.row_min,
-                                                    idx, off[p], off[p + 1], pf_last, psw, mean, out + p * out_stride);
+        pool_bag<S, Int8, HasW, false, IdxT>(data, tab.row_stride, dim, tab.row_scale, tab.row_min, idx, off[p],
+                                             off[p + 1], pf_last, psw, mean, out + p * out_stride);
     }
-    return bad;
+    return;
   }
   const typename Vec::M last = Vec::mask(dim - (nv - 1) * Vec::W);
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(S));
@@ -340,13 +330,13 @@ inline bool pool_range(const TableView& tab, const IdxT* idx, const int64_t* off
   case K:                                                                                               \
     if (far)                                                                                            \
       for (int64_t p = 0; p < nbags; ++p)                                                               \
-        bad |= pool_chunk<K, S, Int8, HasW, true, IdxT, RECMETA_EB_LINES(K)>(                           \
-            data, rows, tab.row_stride, tab.row_scale, tab.row_min, idx, off[p], off[p + 1], pf_last,   \
+        pool_chunk<K, S, Int8, HasW, true, IdxT, RECMETA_EB_LINES(K)>(                                  \
+            data, tab.row_stride, tab.row_scale, tab.row_min, idx, off[p], off[p + 1], pf_last,   \
             row_bytes, psw, mean, 0, last, out + p * out_stride);                                       \
     else                                                                                                \
       for (int64_t p = 0; p < nbags; ++p)                                                               \
-        bad |= pool_chunk<K, S, Int8, HasW, false, IdxT, RECMETA_EB_LINES(K)>(                          \
-            data, rows, tab.row_stride, tab.row_scale, tab.row_min, idx, off[p], off[p + 1], pf_last,   \
+        pool_chunk<K, S, Int8, HasW, false, IdxT, RECMETA_EB_LINES(K)>(                                 \
+            data, tab.row_stride, tab.row_scale, tab.row_min, idx, off[p], off[p + 1], pf_last,   \
             row_bytes, psw, mean, 0, last, out + p * out_stride);                                       \
     break;
   switch (nv) {
@@ -362,7 +352,6 @@ inline bool pool_range(const TableView& tab, const IdxT* idx, const int64_t* off
   }
 #undef RECMETA_EB_RANGE
 #undef RECMETA_EB_LINES
-  return bad;
 }
 #else
 // =========================================================================================
@@ -378,13 +367,12 @@ template <>
 inline float to_float<uint8_t>(uint8_t x) { return static_cast<float>(x); }
 
 template <typename S, bool Int8, bool HasW, typename IdxT>
-inline bool pool_bag(const S* data, int64_t rows, int64_t row_stride, int64_t dim, const float* row_scale,
+inline void pool_bag(const S* data, int64_t row_stride, int64_t dim, const float* row_scale,
                      const float* row_min, const IdxT* idx, int64_t begin, int64_t end,
                      int64_t pf_last, const float* psw, bool mean, float* out) {
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(S));
   for (int64_t j = 0; j < dim; ++j) out[j] = 0.f;
   float bias = 0.f;
-  bool bad = false;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t pr = static_cast<int64_t>(idx[std::min(i + kPrefetchDistance, pf_last)]);
     prefetch_row(reinterpret_cast<const char*>(data + pr * row_stride), row_bytes);
@@ -392,10 +380,7 @@ inline bool pool_bag(const S* data, int64_t rows, int64_t row_stride, int64_t di
       __builtin_prefetch(row_scale + pr, 0, 3);
       __builtin_prefetch(row_min + pr, 0, 3);
     }
-    const int64_t r0 = static_cast<int64_t>(idx[i]);
-    const bool ok = static_cast<uint64_t>(r0) < static_cast<uint64_t>(rows);
-    bad |= !ok;
-    const int64_t r = ok ? r0 : 0;
+    const int64_t r = static_cast<int64_t>(idx[i]);
     const S* row = data + r * row_stride;
     float w = HasW ? psw[i] : 1.f;
     if (Int8) {
@@ -411,20 +396,17 @@ inline bool pool_bag(const S* data, int64_t rows, int64_t row_stride, int64_t di
     const float c = static_cast<float>(cnt);
     for (int64_t j = 0; j < dim; ++j) out[j] /= c;
   }
-  return bad;
 }
 
 template <typename S, bool Int8, bool HasW, typename IdxT>
-inline bool pool_range(const TableView& tab, const IdxT* idx, const int64_t* off, int64_t nbags,
+inline void pool_range(const TableView& tab, const IdxT* idx, const int64_t* off, int64_t nbags,
                        int64_t pf_last, bool far, const float* psw, bool mean, float* out,
                        int64_t out_stride) {
   (void)far;  // one prefetch stage in the generic variant
-  bool bad = false;
   for (int64_t p = 0; p < nbags; ++p)
-    bad |= pool_bag<S, Int8, HasW, IdxT>(static_cast<const S*>(tab.data), tab.rows, tab.row_stride, tab.dim,
-                                         tab.row_scale, tab.row_min, idx, off[p], off[p + 1], pf_last, psw,
-                                         mean, out + p * out_stride);
-  return bad;
+    pool_bag<S, Int8, HasW, IdxT>(static_cast<const S*>(tab.data), tab.row_stride, tab.dim, tab.row_scale,
+                                  tab.row_min, idx, off[p], off[p + 1], pf_last, psw, mean,
+                                  out + p * out_stride);
 }
 #endif
 
@@ -438,7 +420,7 @@ void forward_impl(const EmbeddingBagForwardArgs& a) {
   // Work items: ranges of up to kBagsPerItem bags of one table.
   const int64_t per_table = (B + kBagsPerItem - 1) / kBagsPerItem;
   const int64_t items = T * per_table;
-  // Two-stage prefetch when the call's tables together exceed what the caches keep between
+  // Three-stage prefetch when the call's tables together exceed what the caches keep between
   // calls (see far_table_bytes()).
   int64_t table_bytes = 0;
   for (int64_t t = 0; t < T; ++t) {
@@ -468,8 +450,7 @@ void forward_impl(const EmbeddingBagForwardArgs& a) {
     const int64_t span_lo = a.offsets[t * B], span_hi = a.offsets[(t + 1) * B];
     bool bad = off[0] < span_lo || off[nbags] > span_hi;
     for (int64_t p = 0; p < nbags; ++p) bad |= off[p + 1] < off[p];
-    // The range's ids checked in one pass before any row is read (the SIMD kernels rely on
-    // it; the generic one checks each id again as it reads it).
+    // The range's ids checked in one pass before any of its rows is read.
     bad = bad || !ids_in_range(idx, off[0], off[nbags], tab.rows);
     if (bad) {
       __atomic_store_n(a.bad_input, 1, __ATOMIC_RELAXED);
@@ -478,11 +459,11 @@ void forward_impl(const EmbeddingBagForwardArgs& a) {
     const int64_t pf_last = span_hi - 1;
     float* out = a.out + b0 * a.out_stride + a.col_offsets[t];
     const float* psw = a.per_sample_weights;
-#define RECMETA_EB_TYPED(S, I8)                                                                            \
-  if (psw != nullptr)                                                                                      \
-    bad = pool_range<S, I8, true, IdxT>(tab, idx, off, nbags, pf_last, far, psw, mean, out, a.out_stride);  \
-  else                                                                                                     \
-    bad = pool_range<S, I8, false, IdxT>(tab, idx, off, nbags, pf_last, far, psw, mean, out, a.out_stride);
+#define RECMETA_EB_TYPED(S, I8)                                                                     \
+  if (psw != nullptr)                                                                               \
+    pool_range<S, I8, true, IdxT>(tab, idx, off, nbags, pf_last, far, psw, mean, out, a.out_stride); \
+  else                                                                                              \
+    pool_range<S, I8, false, IdxT>(tab, idx, off, nbags, pf_last, far, psw, mean, out, a.out_stride);
     switch (tab.type) {
       case TableType::F32:
         RECMETA_EB_TYPED(float, false)
@@ -495,7 +476,6 @@ void forward_impl(const EmbeddingBagForwardArgs& a) {
         break;
     }
 #undef RECMETA_EB_TYPED
-    if (bad) __atomic_store_n(a.bad_input, 1, __ATOMIC_RELAXED);
   };
   int64_t max_dim = 0;
   for (int64_t t = 0; t < T; ++t) max_dim = std::max(max_dim, a.tables[t].dim);

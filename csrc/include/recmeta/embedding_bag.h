@@ -124,11 +124,12 @@ struct EmbeddingBagForwardArgs {
   const int64_t* col_offsets = nullptr;  ///< num_tables: first output column of each table
   float* out = nullptr;                  ///< B * out_stride
   int64_t out_stride = 0;
-  /// Set (to 1) by the kernel when a range of offsets decreases or leaves its table's span, or
-  /// an id is outside [0, rows): the kernel checks ids and offsets as it reads them (no pass of
-  /// its own), reads row 0 in place of a bad id and skips a bad range, so it never reads outside
-  /// its buffers; the caller then names the bad value. The offsets at the tables' boundaries
-  /// (offsets[t*B], t = 0..T) must be checked before the call: within [0, nnz], non-decreasing.
+  /// Set (to 1) by the kernel when, in one of its work items (up to 64 bags of one table), the
+  /// offsets decrease or leave the table's span or an id is outside [0, rows): each work item
+  /// checks its offsets and ids (one pass over them, in cache) before it reads any row, and
+  /// skips itself if one is bad, so the kernel never reads outside its buffers; the caller then
+  /// names the bad value. The offsets at the tables' boundaries (offsets[t*B], t = 0..T) must be
+  /// checked before the call: within [0, nnz], non-decreasing.
   int* bad_input = nullptr;
 };
 
