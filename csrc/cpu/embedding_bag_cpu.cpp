@@ -232,8 +232,9 @@ void embedding_bag_forward(const TableView* tables, int64_t num_tables, IndexVie
   RECMETA_CHECK(out_stride >= total, "out: row stride ", out_stride, " < total dim ", total);
   RECMETA_CHECK(out != nullptr || B * total == 0, "out: null data");
   // Before the kernel, only what it relies on: the offsets at the tables' boundaries. The ids
-  // and the offsets inside each table are checked by the kernel as it reads them (no pass of
-  // their own); on a bad one it sets `bad` and the full checks below name it.
+  // and the offsets inside each table are checked by the kernel, work item by work item, just
+  // before it reads their rows (no pass over the whole input of their own); on a bad one it
+  // sets `bad` and the full checks below name it.
   const int64_t nnz = indices.size;
   bool bounds_ok = offsets[0] == 0 && offsets[offsets.size - 1] == nnz;
   for (int64_t t = 1; t <= num_tables && bounds_ok; ++t) {
