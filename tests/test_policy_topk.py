@@ -280,7 +280,8 @@ import numpy as np, torch
 from recmeta_sdk import _core, ops, reference as R
 assert _core.cpu_isa() == sys.argv[1], (_core.cpu_isa(), sys.argv[1])
 rng = np.random.default_rng(5)
-for B, N, d in ((1, 3001, 64), (2, 1499, 7), (5, 2053, 70), (8, 1100, 33), (13, 517, 16)):
+for B, N, d in ((1, 3001, 64), (2, 1499, 7), (1, 1003, 70), (2, 999, 37), (5, 2053, 70), (8, 1100, 33),
+                (13, 517, 16)):
     u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
     w = torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32))
     b = torch.from_numpy(rng.standard_normal(N).astype(np.float32))
@@ -298,6 +299,14 @@ for B, N, d in ((1, 3001, 64), (2, 1499, 7), (5, 2053, 70), (8, 1100, 33), (13, 
         np.testing.assert_allclose(sc.numpy(), s.gather(1, ids).numpy(), rtol=2e-5, atol=2e-4)
         sids = ops.policy_sample(u, tab, 5, seed=3, bias=b, exclude=exc, backend="cpp")[0]
         assert torch.equal(sids, R.policy_sample(u, tab, 5, 3, b, exc, None, 1.0)[0])
+        # per-user candidate lists (the row kernels read rows by id)
+        cc = rng.integers(1, 60, B)
+        coff = torch.from_numpy(np.concatenate([[0], np.cumsum(cc)]).astype(np.int64))
+        cand = (coff, torch.from_numpy(rng.integers(0, N, int(cc.sum())).astype(np.int64)))
+        ids, sc, ln = ops.policy_topk(u, tab, 9, bias=b, exclude=exc, candidates=cand, backend="cpp")
+        rids, rsc, rln = R.policy_topk(u, tab, 9, b, exc, cand, 1.0)
+        np.testing.assert_allclose(sc.numpy(), rsc.numpy(), rtol=2e-5, atol=2e-4)
+        np.testing.assert_allclose(ln.numpy(), rln.numpy(), rtol=1e-5, atol=1e-5)
 print("ok", _core.cpu_isa())
 """
 

@@ -5,8 +5,8 @@
 // slice) that stays in L1/L2, then every user of a tile of up to 64 users is scored against
 // it with a register-blocked micro-kernel (MU users x SW items held in vector registers,
 // lanes over items). Tiles of at most two users (B <= 2, and the per-user candidate lists)
-// skip the packing on AVX-512: a row kernel reads each row front to back with lanes over
-// the dim and reduces 16 rows at a time with a shuffle tree (int8 rows as
+// skip the packing on AVX-512 and AVX2: a row kernel reads each row front to back with lanes
+// over the dim and reduces 16 (AVX2: 8) rows at a time with a shuffle tree (int8 rows as
 // scale * (u . codes) + min * sum(u); for d = 32 / 64 / 128, u stays in registers). Tiles of 3 to 8 users skip it too: the small-tile
 // kernel reads every row once for all of them (lanes over (user, dim parity), a 64-bit
 // broadcast of two dims per FMA, an 8 x 8 transpose to per-user scores). The scores of one
@@ -708,6 +708,135 @@ void users8_kernel(const TableView& t, int64_t row0, int64_t n, const float* UT,
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__)
+// ---------------------------------------------------------------------------------------
+// Few users (<= kRowsKernelMaxUsers) on AVX2: no packing, as on AVX-512 with 8 lanes. Lanes
+// run over the dim; each group of 8 items gives 8 accumulators that a horizontal-add tree
+// reduces to one vector of 8 scores. Each row is read front to back once per group.
+// ---------------------------------------------------------------------------------------
+constexpr int64_t kRowsKernelMaxUsers = 2;
+
+/// 8 full elements (c .. c+7) of a row, as floats (int8: the raw codes).
+template <TableType TT>
+inline __m256 load8_at(const void* row, int64_t c) {
+  if constexpr (TT == TableType::F16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + c)));
+  } else if constexpr (TT == TableType::I8Rowwise) {
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(row) + c))));
+  } else {
+    return _mm256_loadu_ps(static_cast<const float*>(row) + c);
+  }
+}
+
+/// The last n (< 8) elements c .. c+n-1 of a row, the other lanes zero (no read past the row).
+template <TableType TT>
+inline __m256 load8_tail_at(const void* row, int64_t c, int n) {
+  alignas(32) float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int i = 0; i < n; ++i) {
+    if constexpr (TT == TableType::F16) v[i] = half_to_float(static_cast<const uint16_t*>(row)[c + i]);
+    else if constexpr (TT == TableType::I8Rowwise) v[i] = static_cast<float>(static_cast<const uint8_t*>(row)[c + i]);
+    else v[i] = static_cast<const float*>(row)[c + i];
+  }
+  return _mm256_load_ps(v);
+}
+
+/// out[q] = sum of the 8 lanes of a[q], q < 8, in a fixed order.
+inline __m256 reduce8(const __m256 a[8]) {
+  const __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  // g0: lanes 0-3 the low halves' sums of a[0..3], lanes 4-7 their high halves' (g1: a[4..7])
+  return _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31));
+}
+
+/// S[m * lds + j] = bias[row j] + U[m] . row j for m < nu, j < round_up(n, 8) (rows past n
+/// repeat a valid row; their scores are ignored). Rows are rows[j] or row0 + j. For int8
+/// rows the dot product with the codes is scaled: scale * (u . q) + min * sum(u).
+template <TableType TT>
+void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, const float* U,
+                   int64_t nu, const float* bias, float* S, int64_t lds) {
+  const int64_t d = t.dim;
+  const int64_t d8 = d / 8 * 8;
+  const int tail = static_cast<int>(d - d8);
+  const char* const base = static_cast<const char*>(t.data);
+  const int64_t row_bytes = t.row_stride * table_elem_size(t.type);
+  const float* const row_scale = t.row_scale;
+  const float* const row_min = t.row_min;
+  float usum[kRowsKernelMaxUsers] = {};
+  alignas(32) float utail[kRowsKernelMaxUsers][8] = {};
+  for (int64_t m = 0; m < nu; ++m) {
+    if constexpr (TT == TableType::I8Rowwise)
+      for (int64_t c = 0; c < d; ++c) usum[m] += U[m * d + c];
+    for (int i = 0; i < tail; ++i) utail[m][i] = U[m * d + d8 + i];
+  }
+  // Rows this far ahead are prefetched into L2 (about 16 KB, as on AVX-512).
+  constexpr int64_t kAhead = TT == TableType::F32 ? 64 : (TT == TableType::F16 ? 128 : 512);
+  const int64_t lines = (row_bytes + 63) / 64;
+  for (int64_t j = 0; j < n; j += 8) {
+    const int64_t cnt = std::min<int64_t>(8, n - j);
+    const char* rp[8];
+    int64_t r[8];
+    for (int q = 0; q < 8; ++q) {
+      r[q] = rows ? rows[j + (q < cnt ? q : 0)] : row0 + j + (q < cnt ? q : 0);
+      rp[q] = base + r[q] * row_bytes;
+    }
+    // The 8 rows kAhead ahead (contiguous) are prefetched a few lines per step of the first
+    // user's loop over the dim, not in one burst that would stall on the fill buffers.
+    const char* pf = base + (row0 + j + kAhead) * row_bytes;
+    const char* const pf_end = rows == nullptr ? pf + 8 * 64 * lines : pf;
+    const int64_t pf_step = d8 > 0 ? 64 * ((8 * lines + d8 / 8 - 1) / (d8 / 8)) : 0;
+    if (rows == nullptr) {
+      if (bias != nullptr) _mm_prefetch(reinterpret_cast<const char*>(bias + row0 + j + kAhead), _MM_HINT_T0);
+      if constexpr (TT == TableType::I8Rowwise) {
+        _mm_prefetch(reinterpret_cast<const char*>(row_scale + row0 + j + kAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(row_min + row0 + j + kAhead), _MM_HINT_T0);
+      }
+    }
+    auto gather8 = [&](const float* v) {
+      if (rows == nullptr && cnt == 8) return _mm256_loadu_ps(v + row0 + j);
+      alignas(32) float tmp[8];
+      for (int q = 0; q < 8; ++q) tmp[q] = v[r[q]];
+      return _mm256_load_ps(tmp);
+    };
+    const __m256 bias_v = bias ? gather8(bias) : _mm256_setzero_ps();
+    __m256 scale_v = _mm256_setzero_ps(), min_v = _mm256_setzero_ps();
+    if constexpr (TT == TableType::I8Rowwise) {
+      scale_v = gather8(row_scale);
+      min_v = gather8(row_min);
+    }
+    for (int64_t m = 0; m < nu; ++m) {
+      const float* u = U + m * d;
+      __m256 acc[8];
+      for (int q = 0; q < 8; ++q) acc[q] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < d8; c += 8) {
+        for (const char* e = std::min(pf_end, pf + pf_step); pf < e; pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+        const __m256 uc = _mm256_loadu_ps(u + c);
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q) acc[q] = _mm256_fmadd_ps(uc, load8_at<TT>(rp[q], c), acc[q]);
+      }
+      for (; pf < pf_end; pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+      if (tail) {
+        const __m256 uc = _mm256_load_ps(utail[m]);
+        for (int q = 0; q < 8; ++q) acc[q] = _mm256_fmadd_ps(uc, load8_tail_at<TT>(rp[q], d8, tail), acc[q]);
+      }
+      __m256 dots = reduce8(acc);
+      if constexpr (TT == TableType::I8Rowwise)
+        dots = _mm256_fmadd_ps(scale_v, dots, _mm256_mul_ps(min_v, _mm256_set1_ps(usum[m])));
+      _mm256_storeu_ps(S + m * lds + j, _mm256_add_ps(bias_v, dots));
+    }
+  }
+}
+
+void rows_kernel(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, const float* U,
+                 int64_t nu, const float* bias, float* S, int64_t lds) {
+  switch (t.type) {
+    case TableType::F16: rows_kernel_t<TableType::F16>(t, row0, rows, n, U, nu, bias, S, lds); break;
+    case TableType::I8Rowwise: rows_kernel_t<TableType::I8Rowwise>(t, row0, rows, n, U, nu, bias, S, lds); break;
+    default: rows_kernel_t<TableType::F32>(t, row0, rows, n, U, nu, bias, S, lds); break;
+  }
+}
+#endif
+
 /// Micro-kernel: S[m * lds + i] = Pb[i] + sum_c U[m * ldu + c] * Pslice[c * SW + i] for m < M
 /// and i < SW (Pb nullptr: 0 + ...); the sum runs over c in order (the same for every M, so a user's score does not
 /// depend on its place in a tile). Pslice is 64-byte aligned.
@@ -906,10 +1035,13 @@ void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, in
         bad = bad || !all_finite(a.items.row_scale + i0, n) || !all_finite(a.items.row_min + i0, n);
       if (bad) __atomic_store_n(&c.checks->failed, true, __ATOMIC_RELAXED);
     }
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
     if (nu <= kRowsKernelMaxUsers) {
       rows_kernel(a.items, i0, nullptr, n, c.users + u0 * d, nu, c.bias, w.S.p, NB);
-    } else if (users8) {
+    } else
+#endif
+#if defined(__AVX512F__)
+    if (users8) {
       users8_kernel(a.items, i0, n, w.UT.p, nu, c.bias, w.S.p, NB, w.R.p);
     } else
 #endif
@@ -1064,7 +1196,7 @@ void run_candidates(const Ctx& c, const PolicyLists& cand) {
       double s = 0.0;
       for (int64_t j0 = 0; j0 < L; j0 += NB) {
         const int64_t n = std::min(NB, L - j0);
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
         rows_kernel(a.items, 0, ids + j0, n, c.users + row * d, 1, c.bias, w.S.p, NB);
 #else
         pack_block(a.items, 0, ids + j0, n, w.P.p, c.bias, w.Pb.p);
