@@ -1031,6 +1031,64 @@ def test_forward_fused_checks_name_the_bad_value(threads, id_dtype, where, kind,
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", ["f32", "fp16", "int8"])
+@pytest.mark.parametrize("T", [1, 2])
+def test_forward_small_calls_split_over_threads_give_the_same_bags(dtype, T):
+    """A call with work enough for the threads but fewer than 2 * threads ranges of 64 bags is
+    split into ranges of down to 8 bags. Every batch size around those boundaries gives, on 2
+    threads, bit for bit the 1-thread output and the reference's; a bad id in the last, partial
+    range of a split call is found and named; with bags of very different lengths per table, the
+    threads' runs (balanced by cost) still give the 1-thread output bit for bit."""
+    from recmeta_sdk import _core
+
+    rng = np.random.default_rng(zlib.crc32(f"split{dtype}{T}".encode()))
+    rows, d = 3001, 128
+    tabs = [rng.standard_normal((rows, d)).astype(np.float32) for _ in range(T)]
+    qtabs = tabs if dtype == "f32" else [ops.quantize(w, dtype) for w in tabs]
+    old = _core.get_num_threads()
+    try:
+        for B in (1, 7, 8, 9, 17, 20, 31, 33, 40, 63, 64, 65, 100, 127, 129):
+            lens = rng.integers(18, 31, size=T * B)  # bags of about 24 ids: B >= 11 is split
+            lens[B // 2] = 0  # an empty bag
+            off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+            idx = rng.integers(0, rows, size=int(off[-1])).astype(np.int64)
+            want = ops.embedding_bag(qtabs if T > 1 else qtabs[0], idx, off, backend="torch")
+            outs = []
+            for threads in (1, 2):
+                _core.set_num_threads(threads)
+                outs.append(ops.embedding_bag(qtabs if T > 1 else qtabs[0], idx, off, backend="cpp"))
+            assert np.array_equal(outs[0], outs[1]), f"B={B}: 1 and 2 threads differ"
+            # int8 rows are summed as sum(s_i q_i) + sum(m_i) (a documented reordering) whose
+            # intermediates reach about 24 ids x 3: a few of their float32 ulps
+            np.testing.assert_allclose(outs[1], want, rtol=1e-5, atol=1e-4 if dtype == "int8" else 1e-5,
+                                       err_msg=f"B={B}")
+            assert not outs[1][B // 2, :d].any()
+        if T == 2:  # runs balanced by cost: table 0's bags hold 60 ids, table 1's one id
+            B = 300
+            lens = np.concatenate([rng.integers(55, 66, size=B), np.ones(B, dtype=np.int64)])
+            off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+            idx = rng.integers(0, rows, size=int(off[-1])).astype(np.int64)
+            outs = []
+            for threads in (1, 2):
+                _core.set_num_threads(threads)
+                outs.append(ops.embedding_bag(qtabs, idx, off, backend="cpp"))
+            assert np.array_equal(outs[0], outs[1])
+            np.testing.assert_allclose(outs[1], ops.embedding_bag(qtabs, idx, off, backend="torch"),
+                                       rtol=1e-5, atol=2e-4 if dtype == "int8" else 2e-5)
+        # 40 bags per table (ranges of 8 bags on 2 threads); a bad id at the very end
+        B = 40
+        off = np.concatenate([[0], np.cumsum(rng.integers(18, 31, size=T * B))]).astype(np.int64)
+        idx = rng.integers(0, rows, size=int(off[-1])).astype(np.int64)
+        idx[-1] = rows + 5
+        name = "indices" if T == 1 else f"indices of table {T - 1}"
+        _core.set_num_threads(2)
+        with pytest.raises(ValueError, match=rf"{name}: id {rows + 5} at position {len(idx) - 1} is out of range"):
+            ops.embedding_bag(qtabs if T > 1 else qtabs[0], idx, off, backend="cpp")
+    finally:
+        _core.set_num_threads(old)
+
+
+@needs_cpp
 @pytest.mark.parametrize("table_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("ids_dtype, offs_dtype", [(torch.int64, torch.int64), (torch.int32, torch.int64),
                                                    (torch.int64, torch.int32), (torch.int32, torch.int32)])
