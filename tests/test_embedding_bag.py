@@ -1084,6 +1084,13 @@ def test_forward_small_calls_split_over_threads_give_the_same_bags(dtype, T):
         _core.set_num_threads(2)
         with pytest.raises(ValueError, match=rf"{name}: id {rows + 5} at position {len(idx) - 1} is out of range"):
             ops.embedding_bag(qtabs if T > 1 else qtabs[0], idx, off, backend="cpp")
+        # hostile inner offsets (the split reads them before any check): refused, named
+        idx[-1] = 0
+        for v in (2**60, -(2**60)):
+            bad = off.copy()
+            bad[B // 2 + 3] = v
+            with pytest.raises(ValueError, match=r"offsets decrease at position"):
+                ops.embedding_bag(qtabs if T > 1 else qtabs[0], idx, bad, backend="cpp")
     finally:
         _core.set_num_threads(old)
 
