@@ -30,7 +30,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pandas as pd
@@ -38,7 +38,7 @@ import torch
 
 from . import backends, ops, reference
 from .evaluate import beyond_accuracy, ranking_metrics
-from .io import FORMAT_VERSION, ModelFileError, read_model_file, write_model_file
+from .io import ModelFileError, read_model_file, write_model_file
 from .meta_tasks import parse_tasks, task_sampler
 from .meta_tasks import task_phi as _task_phi
 from .model import Config, ItemFeatures, RecMetaNet

@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import tempfile
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd

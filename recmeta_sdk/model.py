@@ -24,8 +24,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Dict, Optional, Tuple
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Tuple
 
 import numpy as np
 import torch

@@ -70,7 +70,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Optional
 
 import numpy as np
 import pandas as pd
