@@ -449,10 +449,17 @@ void forward_impl(const EmbeddingBagForwardArgs& a) {
     table_bytes += tb.rows * tb.row_stride * elem_size(tb.type);
   }
   const bool far = table_bytes > far_table_bytes();
-  auto run = [&](int64_t it) {
+  // Item it: table t, bags [b0, b1) of it.
+  struct ItemRange {
+    int64_t t, b0, b1;
+  };
+  auto item_range = [&](int64_t it) {
     const int64_t t = it / per_table;
     const int64_t b0 = (it - t * per_table) * bags_per_item;
-    const int64_t b1 = std::min(B, b0 + bags_per_item);
+    return ItemRange{t, b0, std::min(B, b0 + bags_per_item)};
+  };
+  auto run = [&](int64_t it) {
+    const auto [t, b0, b1] = item_range(it);
     const TableView& tab = a.tables[t];
     const int64_t p0 = t * B + b0;
     const int64_t nbags = b1 - b0;
@@ -510,9 +517,7 @@ void forward_impl(const EmbeddingBagForwardArgs& a) {
     // positive and the prefix sums rise, so the runs cover each item exactly once.
     std::vector<double> cum(static_cast<size_t>(items) + 1, 0.0);
     for (int64_t it = 0; it < items; ++it) {
-      const int64_t t = it / per_table;
-      const int64_t b0 = (it - t * per_table) * bags_per_item;
-      const int64_t b1 = std::min(B, b0 + bags_per_item);
+      const auto [t, b0, b1] = item_range(it);
       const int64_t lo = a.offsets[t * B], hi = a.offsets[(t + 1) * B];
       const int64_t ids = std::clamp(a.offsets[t * B + b1], lo, hi) - std::clamp(a.offsets[t * B + b0], lo, hi);
       cum[it + 1] = cum[it] + static_cast<double>(std::max<int64_t>(ids, 0) + (b1 - b0)) *
