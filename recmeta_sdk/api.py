@@ -43,7 +43,8 @@ from .meta_tasks import parse_tasks, task_sampler
 from .meta_tasks import task_phi as _task_phi
 from .model import Config, ItemFeatures, RecMetaNet
 from .train import (
-    build_schema, encode_features, fit, history_tensors, item_features, prepare, schema_names,
+    build_schema, check_log, encode_features, fit, history_tensors, item_features, positive_threshold,
+    prepare, schema_names,
 )
 
 logger = logging.getLogger("recmeta")
@@ -1186,7 +1187,16 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
     Parameters
     ----------
     interactions : DataFrame with ``user``, ``item`` and optional ``timestamp``, ``reward``,
-        ``propensity`` (as returned by :func:`recmeta_sdk.datasets.load`)
+        ``propensity`` (as returned by :func:`recmeta_sdk.datasets.load`). Rewards: a row
+        is a *positive* when its reward reaches ``config["positive_threshold"]`` (default:
+        decided from the data and logged: 4 of 5 stars for star-rating-like rewards, else
+        reward > 0; without a ``reward`` column every row is a positive). Positives are the
+        supervised targets and the history the user state reads; the other rows (e.g.
+        impressions with reward 0) are never targets, they are logged actions for the
+        off-policy RL term and the behaviour estimate, so the model does not imitate the
+        logging policy. A reward-like column under another name (``rating``, ``click``, ...)
+        is ignored with a warning; duplicate (user, item) rows are kept as repeats with a
+        warning; an id column mixing types (``1`` and ``"1"``) raises TypeError.
     users, items : side features indexed by external user / item id, optional; every item
         in ``items`` joins the catalogue (items without interactions can be recommended
         through their features). Item columns may be categorical (``|``-separated or
@@ -1214,13 +1224,30 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
         raise TypeError(f"users must be a DataFrame indexed by user id, got {type(users).__name__}")
     if not isinstance(interactions, pd.DataFrame):
         raise TypeError(f"interactions must be a pandas DataFrame, got {type(interactions).__name__}")
-    item_ids = pd.unique(interactions["item"].to_numpy()) if "item" in interactions.columns else None
+    for col in ("user", "item"):
+        if col not in interactions.columns:
+            raise ValueError(f"interactions needs a {col!r} column; it has {list(interactions.columns)}")
+    check_log(interactions)
+    item_ids = pd.unique(interactions["item"].to_numpy())
     if item_ids is not None and items is not None:
         item_ids = np.union1d(item_ids, items.index.to_numpy())
     elif item_ids is not None:
         item_ids = np.sort(item_ids)
     prep = prepare(interactions, item_ids)
-    pos_r = prep.rewards[prep.rewards > 0]
+    thr, strict, why = positive_threshold(prep.rewards, cfg.positive_threshold)
+    positive = prep.rewards > thr if strict else prep.rewards >= thr
+    if "reward" in interactions.columns:
+        logger.info("positives: reward %s %g (%s): %d of %d rows; the others are logged actions only "
+                    "(no supervised target)", ">" if strict else ">=", thr, why, int(positive.sum()),
+                    len(positive))
+    if not strict:
+        cfg.positive_threshold = float(thr)
+    if not positive.any():
+        raise ValueError(f"no interaction is a positive (reward {'>' if strict else '>='} {thr:g}): "
+                         f"nothing to learn from; set config positive_threshold")
+    prep.rewards = np.where(positive, prep.rewards, 0.0).astype(np.float32)
+    prep.item_count = np.bincount(prep.items[prep.rewards > 0], minlength=len(prep.item_ids)).astype(np.int64)
+    pos_r = prep.rewards[positive]
     reward_scale = float(pos_r.mean()) if len(pos_r) else 1.0
     prep.rewards = prep.rewards / reward_scale
     item_schema = build_schema(items, cfg.year_bucket)
@@ -1241,6 +1268,11 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
     batches = None if spec.kind == "user" else task_sampler(spec, interactions, prep, cfg, users, items,
                                                             reward_scale)
     fit(net, prep, cfg, (uf_off, uf_idx) if n_uf else None, progress=progress, batches=batches)
-    return Recommender(net, cfg, prep.item_ids, prep.user_ids, prep.offsets, prep.items,
-                       prep.rewards * reward_scale, prep.item_count, item_schema, user_schema,
+    # the served history of a known user is their positives (what the encoder read in training)
+    keep = prep.rewards > 0
+    counts = np.bincount(np.repeat(np.arange(len(prep.user_ids)), np.diff(prep.offsets))[keep],
+                         minlength=len(prep.user_ids))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return Recommender(net, cfg, prep.item_ids, prep.user_ids, offsets, prep.items[keep],
+                       prep.rewards[keep] * reward_scale, prep.item_count, item_schema, user_schema,
                        uf_off, uf_idx, reward_scale)

@@ -102,6 +102,14 @@ class Config:
     Defaults chosen on an inner replay of existing MovieLens users (see
     ``bench/bench_online.py``).
 
+    Rewards: ``positive_threshold`` is the reward at or above which a logged row is a
+    positive (a supervised target and part of the history the encoder reads); rows below it
+    (impressions with reward 0, low ratings) are logged actions only, for the off-policy RL
+    term and the behaviour estimate. ``None`` (default): decided from the data by
+    :func:`recmeta_sdk.train.positive_threshold` (star-rating-like rewards: 0.8 x the
+    maximum, i.e. 4 of 5 stars; otherwise reward > 0) and logged; the trained model's config
+    records the value used.
+
     ``seed`` makes training reproducible.
     """
 
@@ -147,6 +155,7 @@ class Config:
     feedback_posterior: float = 40.0
     feedback_reg: float = 0.1
     feedback_window: int = 200
+    positive_threshold: Optional[float] = None
     seed: int = 0
 
     def validate(self) -> "Config":
@@ -192,6 +201,9 @@ class Config:
         if (isinstance(self.query_weight, bool) or not isinstance(self.query_weight, (int, float))
                 or not -1.0 <= self.query_weight <= 1.0):
             raise ValueError(f"config.query_weight must be a number in [-1, 1], got {self.query_weight!r}")
+        t = self.positive_threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
+            raise ValueError(f"config.positive_threshold must be None or a finite number, got {t!r}")
         if self.meta not in ("fomaml", "none"):
             raise ValueError(f"config.meta must be 'fomaml' or 'none', got {self.meta!r}")
         if self.encoder == "transformer" and self.dim % self.heads:

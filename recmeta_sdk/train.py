@@ -315,6 +315,86 @@ class Prepared:
     item_count: np.ndarray     # (N,) training popularity
 
 
+#: columns that look like a reward under another name: :func:`check_log` warns when one is
+#: present without a ``reward`` column (it would be ignored)
+REWARD_LIKE = ("rating", "ratings", "score", "stars", "click", "clicks", "clicked", "label",
+               "watch_time", "watchtime", "dwell", "dwell_time", "purchase", "purchased", "like", "liked")
+
+
+def _id_types(values: np.ndarray) -> set:
+    """The Python types of an object-dtype id column (numpy scalars by kind)."""
+    kinds = set()
+    for v in values:
+        if isinstance(v, (bool, np.bool_)):
+            kinds.add("bool")
+        elif isinstance(v, (int, np.integer)):
+            kinds.add("int")
+        elif isinstance(v, (float, np.floating)):
+            kinds.add("float")
+        elif isinstance(v, str):
+            kinds.add("str")
+        else:
+            kinds.add(type(v).__name__)
+    return kinds
+
+
+def check_log(interactions: pd.DataFrame) -> None:
+    """Refuse or warn about logs whose meaning would otherwise be guessed silently.
+
+    * an id column mixing types (e.g. ``1`` and ``"1"``): :class:`TypeError` naming both
+      types and an example of each (they would be two different ids);
+    * a reward-like column (:data:`REWARD_LIKE`, e.g. ``rating``) without a ``reward``
+      column: a :class:`UserWarning` (it is ignored: every row counts as a positive);
+    * duplicate (user, item) rows: a :class:`UserWarning` with their count (they are kept as
+      repeated interactions).
+    """
+    import warnings
+
+    for col in ("user", "item"):
+        v = interactions[col].to_numpy()
+        if v.dtype == object and len(v):
+            kinds = _id_types(pd.unique(v))
+            if len(kinds) > 1:
+                ex = {}
+                for x in pd.unique(v):
+                    ex.setdefault(sorted(_id_types([x]))[0], x)
+                    if len(ex) == len(kinds):
+                        break
+                shown = ", ".join(f"{k} {ex[k]!r}" for k in sorted(ex))
+                raise TypeError(f"interactions.{col} mixes id types ({shown}); ids of different "
+                                f"types are different ids: convert the column to one type first")
+    if "reward" not in interactions.columns:
+        like = [c for c in interactions.columns if str(c).lower() in REWARD_LIKE]
+        if like:
+            warnings.warn(f"interactions has a {like[0]!r} column but no 'reward' column: {like[0]!r} is "
+                          f"ignored and every row counts as a positive interaction (rename it to "
+                          f"'reward' to learn from it)", UserWarning, stacklevel=3)
+    dup = int(interactions.duplicated(subset=["user", "item"]).sum())
+    if dup:
+        warnings.warn(f"interactions has {dup} duplicate (user, item) rows: they are kept as repeated "
+                      f"interactions (drop_duplicates(['user', 'item']) to count each pair once)",
+                      UserWarning, stacklevel=3)
+
+
+def positive_threshold(rewards: np.ndarray, threshold: Optional[float]) -> tuple:
+    """The reward at or above which a row is a positive, and why (see :class:`Config`).
+
+    ``threshold`` given: it is used. ``None`` (the default): rewards that look like star
+    ratings (multiples of 0.5, all > 0, at least 3 distinct values, maximum 5 or 10) use
+    ``0.8 * max`` (4 of 5 stars, 8 of 10); any other reward column uses "greater than 0"
+    (returned as ``0.0`` with ``strict`` True). Returns ``(threshold, strict, reason)``:
+    a row is positive when ``reward > threshold`` (strict) or ``reward >= threshold``.
+    """
+    if threshold is not None:
+        return float(threshold), False, "given"
+    r = np.asarray(rewards, np.float64)
+    if len(r) and r.min() > 0 and np.all(np.mod(r * 2.0, 1.0) == 0.0):
+        top = float(r.max())
+        if top in (5.0, 10.0) and len(np.unique(r)) >= 3:
+            return 0.8 * top, False, f"rewards look like 1-{top:g} star ratings"
+    return 0.0, True, "rewards > 0"
+
+
 def prepare(interactions: pd.DataFrame, item_ids: Optional[np.ndarray] = None) -> Prepared:
     if not isinstance(interactions, pd.DataFrame):
         raise TypeError(f"interactions must be a pandas DataFrame, got {type(interactions).__name__}")
@@ -433,7 +513,11 @@ def make_batch(prep: Prepared, users: np.ndarray, cfg: Config, rng: np.random.Ge
                 keep[rng.integers(n)] = False
             if not keep.any():
                 keep[rng.integers(n)] = True
-        sup.append(seq[keep]); sup_r.append(rew[keep])
+        # the support (what the encoder reads) is the kept positives; non-positive rows
+        # (impressions, low ratings: reward 0 after train's threshold) stay in the query as
+        # logged actions for the behaviour estimate and the RL term, never as CE targets
+        sk = keep & (rew > 0)
+        sup.append(seq[sk]); sup_r.append(rew[sk])
         q.append(seq[~keep]); q_r.append(rew[~keep])
         if prop is not None:
             q_p.append(prop[~keep])
@@ -550,8 +634,16 @@ def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[t
         bl = net.beta_map(h.detach()) @ Vc.detach().T + net.beta_bias[cand] - corr
         blogp = torch.log_softmax(bl, 1)[batch.q_rows, qpos]
         ent = -(logp_all.exp() * logp_all).sum(1).mean() if cfg.entropy > 0 else torch.zeros(())
-    uw = _user_weights(batch.q_rows, B, cfg.query_weight)
-    ce = (uw * _segment_mean(-logp, batch.q_rows, B)).sum()
+    # supervised targets: the positive query rows only (reward > 0; see train's
+    # positive_threshold); the others inform the RL term and the behaviour estimate
+    pos = batch.q_reward > 0
+    if bool(pos.all()):
+        uw = _user_weights(batch.q_rows, B, cfg.query_weight)
+        ce = (uw * _segment_mean(-logp, batch.q_rows, B)).sum()
+    else:
+        prow = batch.q_rows[pos]
+        ce = (_user_weights(prow, B, cfg.query_weight) * _segment_mean(-logp[pos], prow, B)).sum()
+        uw = _user_weights(batch.q_rows, B, cfg.query_weight)
     loss = cfg.ce_weight * ce
     if cfg.rl_weight > 0:
         beta = batch.q_prop if batch.q_prop is not None else torch.exp(blogp.detach())
@@ -580,10 +672,12 @@ def ease_weights(X: torch.Tensor, reg: float) -> torch.Tensor:
 
 
 def _interaction_matrix(prep: Prepared) -> torch.Tensor:
+    """(U, N) float64 multi-hot matrix of the positive rows (reward > 0)."""
     U, N = len(prep.user_ids), len(prep.item_ids)
     users = np.repeat(np.arange(U), np.diff(prep.offsets))
+    pos = prep.rewards > 0
     X = torch.zeros(U, N, dtype=torch.float64)
-    X[torch.from_numpy(users), torch.from_numpy(prep.items)] = 1.0
+    X[torch.from_numpy(users[pos]), torch.from_numpy(prep.items[pos])] = 1.0
     return X
 
 
@@ -753,9 +847,12 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
         prep = cal[0]
     cross = fit_wide(net, prep, cfg, rng)
     n_per_user = np.diff(prep.offsets)
-    eligible = np.flatnonzero(n_per_user >= 2)
+    users_of_row = np.repeat(np.arange(len(n_per_user)), n_per_user)
+    n_pos = np.bincount(users_of_row[prep.rewards > 0], minlength=len(n_per_user))
+    eligible = np.flatnonzero((n_per_user >= 2) & (n_pos >= 1))
     if len(eligible) == 0:
-        raise ValueError("no user has 2 or more interactions: nothing to train on")
+        raise ValueError("no user has 2 or more interactions with at least one positive "
+                         "(reward above the positive threshold): nothing to train on")
     scalar_names = ("wide_coef", "log_lr") if cfg.meta_scalar else ("wide_coef",)
     named = [(n, p) for n, p in net.named_parameters() if cfg.meta == "fomaml" or n != "log_lr"]
     params = [p for _, p in named]
