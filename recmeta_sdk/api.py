@@ -233,6 +233,9 @@ class Recommender:
         self._feature_names = schema_names(item_schema)
         self._int_ids = np.issubdtype(self.item_ids.dtype, np.integer)
         self._log_pop = torch.log1p(torch.as_tensor(self._item_count, dtype=torch.float32))
+        #: the training history (loss and validation score per epoch, the choices made on
+        #: the validation set; see :func:`recmeta_sdk.train.fit`); empty for a loaded model
+        self.history: dict = {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -1181,7 +1184,8 @@ def load(path) -> Recommender:
 
 def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
           items: Optional[pd.DataFrame] = None, config=None, tasks: str = "user",
-          progress: Optional[bool] = None, resume: Optional[Recommender] = None) -> Recommender:
+          progress: Optional[bool] = None, resume: Optional[Recommender] = None,
+          validation: Optional[pd.DataFrame] = None, num_threads: Optional[int] = None) -> Recommender:
     """Meta-train a recommender on an interaction log.
 
     Parameters
@@ -1211,7 +1215,37 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
     resume : a Recommender to update incrementally (off-policy, logged propensities as beta)
         from ``interactions`` (feedback events; None: its feedback log); see
         :func:`recmeta_sdk.online.resume_train`
+    validation : DataFrame of held-out interactions (``user``, ``item``, optional ``reward``)
+        of users in ``interactions``, optional. The defaults choose on a validation set: the
+        EASE ridge of the wide part, the number of epochs (early stopping after
+        ``config["patience"]`` epochs without improvement, up to ``config["epochs"]``), the
+        wide part's weight per history length and the temperature (see
+        :func:`recmeta_sdk.train.fit`). Without ``validation`` one is carved from
+        ``interactions``: ``calib_holdout`` (20%) of the interactions of a fraction
+        ``config["validation"]`` (20%, at most 2,000) of the users with 5 or more; 0 turns
+        that off. The returned model's ``history`` holds the loss and validation score per
+        epoch and the choices made.
+    num_threads : threads for training (``torch.set_num_threads`` for the call, restored
+        after; default: torch's current setting)
+
+    Returns
+    -------
+    Recommender (``.history``: the training history)
     """
+    if num_threads is not None:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
+            raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+        before = torch.get_num_threads()
+        torch.set_num_threads(int(num_threads))
+        try:
+            return train(interactions, users=users, items=items, config=config, tasks=tasks, progress=progress,
+                         resume=resume, validation=validation)
+        finally:
+            torch.set_num_threads(before)
+    if validation is not None and not isinstance(validation, pd.DataFrame):
+        raise TypeError(f"validation must be a DataFrame of held-out interactions, got {type(validation).__name__}")
+    if validation is not None and (resume is not None or parse_tasks(tasks).kind != "user"):
+        raise ValueError("validation= is supported for per-user tasks without resume")
     if resume is not None:
         from .online import resume_train
 
@@ -1267,12 +1301,15 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
         net.item_bias.copy_(lp - lp.mean())
     batches = None if spec.kind == "user" else task_sampler(spec, interactions, prep, cfg, users, items,
                                                             reward_scale)
-    fit(net, prep, cfg, (uf_off, uf_idx) if n_uf else None, progress=progress, batches=batches)
+    history = fit(net, prep, cfg, (uf_off, uf_idx) if n_uf else None, progress=progress, batches=batches,
+                  validation=validation, tune=True)
     # the served history of a known user is their positives (what the encoder read in training)
     keep = prep.rewards > 0
     counts = np.bincount(np.repeat(np.arange(len(prep.user_ids)), np.diff(prep.offsets))[keep],
                          minlength=len(prep.user_ids))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return Recommender(net, cfg, prep.item_ids, prep.user_ids, offsets, prep.items[keep],
-                       prep.rewards[keep] * reward_scale, prep.item_count, item_schema, user_schema,
-                       uf_off, uf_idx, reward_scale)
+    model = Recommender(net, cfg, prep.item_ids, prep.user_ids, offsets, prep.items[keep],
+                        prep.rewards[keep] * reward_scale, prep.item_count, item_schema, user_schema,
+                        uf_off, uf_idx, reward_scale)
+    model.history = history
+    return model

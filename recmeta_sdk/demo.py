@@ -46,8 +46,10 @@ logger = logging.getLogger("recmeta")
 
 __all__ = ["run", "DEFAULT_CONFIG"]
 
-#: The configuration the demo trains with (the library defaults).
-DEFAULT_CONFIG: dict = {}
+#: The configuration the demo trains with: the library defaults, with the protocols'
+#: definition of a positive (RecBole's implicit MovieLens-100K: every rating is one, so the
+#: star-rating threshold the library would choose for the 1-5 ratings is set to 1).
+DEFAULT_CONFIG: dict = {"positive_threshold": 1.0}
 
 #: Extra settings of the warm (known-user) model, chosen on the validation part of the warm
 #: split: the wide part's mixing weight calibrated on held-out interactions of training users

@@ -142,7 +142,7 @@ class Config:
     inner_lr: float = 0.5
     year_bucket: int = 5
     wide: str = "ease"
-    wide_reg: float = 250.0
+    wide_reg: Optional[float] = None
     wide_max_items: int = 20000
     wide_init: float = -8.0
     wide_slope: float = 4.0
@@ -152,6 +152,8 @@ class Config:
     query_weight: float = 0.5
     calib_users: float = 0.0
     calib_holdout: float = 0.2
+    validation: float = 0.2
+    patience: int = 3
     feedback_posterior: float = 40.0
     feedback_reg: float = 0.1
     feedback_window: int = 200
@@ -161,7 +163,7 @@ class Config:
     def validate(self) -> "Config":
         pos_int = ("dim", "hidden", "layers", "heads", "seq_len", "epochs", "batch_size",
                    "max_prefix", "topk_k", "full_softmax_max", "n_negatives", "year_bucket",
-                   "feedback_window")
+                   "feedback_window", "patience")
         for name in pos_int:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -170,7 +172,7 @@ class Config:
             raise ValueError(f"config.inner_steps must be an int >= 0, got {self.inner_steps!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"config.seed must be an int, got {self.seed!r}")
-        for name in ("dropout", "input_dropout", "prefix_prob", "user_feature_dropout", "calib_users",
+        for name in ("dropout", "input_dropout", "prefix_prob", "user_feature_dropout", "calib_users", "validation",
                      "calib_holdout"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0 + (name == "prefix_prob"):
@@ -190,8 +192,9 @@ class Config:
             raise ValueError(f"config.encoder must be 'transformer', 'gru' or 'none', got {self.encoder!r}")
         if self.wide not in ("ease", "none"):
             raise ValueError(f"config.wide must be 'ease' or 'none', got {self.wide!r}")
-        if not isinstance(self.wide_reg, (int, float)) or not self.wide_reg > 0:
-            raise ValueError(f"config.wide_reg must be > 0, got {self.wide_reg!r}")
+        if self.wide_reg is not None and (isinstance(self.wide_reg, bool) or not isinstance(self.wide_reg, (int, float))
+                                          or not math.isfinite(self.wide_reg) or not self.wide_reg > 0):
+            raise ValueError(f"config.wide_reg must be None (tuned) or a finite number > 0, got {self.wide_reg!r}")
         if isinstance(self.wide_max_items, bool) or not isinstance(self.wide_max_items, int) or self.wide_max_items < 0:
             raise ValueError(f"config.wide_max_items must be an int >= 0, got {self.wide_max_items!r}")
         if not isinstance(self.meta_scalar, bool):

@@ -571,7 +571,8 @@ def _user_weights(rows, B, power: float) -> torch.Tensor:
 
 
 def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[torch.Tensor] = None,
-               gen: Optional[torch.Generator] = None, meta: Optional[bool] = None, cross=None):
+               gen: Optional[torch.Generator] = None, meta: Optional[bool] = None, cross=None,
+               use_wide: bool = True):
     """The training objective on one batch (see the module docstring). Returns (loss, stats)."""
     meta = (cfg.meta == "fomaml") if meta is None else meta
     X, V = net.item_vectors()
@@ -588,8 +589,10 @@ def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[t
             sel = fold_of_item == f
             if sel.any():
                 offset = offset + net.wide_offset(batch.sup_rows[sel], batch.sup_items[sel], B, W_other)
-    else:
+    elif use_wide:
         offset = net.wide_offset(batch.sup_rows, batch.sup_items, B)
+    else:  # the deep part alone (the wide part is weighed in after training: tune_fusion)
+        offset = None
     if meta and cfg.inner_steps > 0 and batch.groups is not None:
         gamma, delta = net.adapt_phi(h, V, *batch.inner, cfg.inner_steps, offset=offset, groups=batch.groups)
     elif meta and cfg.inner_steps > 0:
@@ -664,8 +667,16 @@ def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[t
 def ease_weights(X: torch.Tensor, reg: float) -> torch.Tensor:
     """Closed-form EASE weights (N, N), zero diagonal, of a (U, N) float64 interaction matrix."""
     G = X.T @ X
-    G += reg * torch.eye(X.shape[1], dtype=torch.float64)
-    P = torch.linalg.inv(G)
+    return ease_from_gram(G, reg)
+
+
+def ease_from_gram(G: torch.Tensor, reg: float) -> torch.Tensor:
+    """EASE weights (N, N) float32 from the (N, N) float64 Gram matrix ``X^T X`` (not changed).
+
+    ``G + reg I`` is symmetric positive definite: its inverse by Cholesky costs half of a
+    general (LU) inverse."""
+    G = G + reg * torch.eye(G.shape[0], dtype=torch.float64)
+    P = torch.cholesky_inverse(torch.linalg.cholesky(G))
     W = -P / torch.diag(P)[None, :]
     W.fill_diagonal_(0.0)
     return W.to(torch.float32)
@@ -700,14 +711,22 @@ def fit_wide(net: RecMetaNet, prep: Prepared, cfg: Config, rng: np.random.Genera
     return fold, others
 
 
-def calibration_split(prep: Prepared, cfg: Config, rng: np.random.Generator):
+#: the EASE ridge used when none is given and there is no validation set to tune it on
+DEFAULT_WIDE_REG = 250.0
+#: at most this many users are held out for the validation set carved from the log
+MAX_VAL_USERS = 2000
+
+
+def calibration_split(prep: Prepared, cfg: Config, rng: np.random.Generator, users: Optional[float] = None):
     """Hold out ``calib_holdout`` of the interactions (at least one) of a random fraction
     ``calib_users`` of the users with 5 or more interactions. Returns (the remaining log as
     a :class:`Prepared`, held-out users (C,), held-out item sets) or None when no user
     qualifies."""
     n = np.diff(prep.offsets)
     cand = np.flatnonzero(n >= 5)
-    n_cal = int(round(cfg.calib_users * len(cand)))
+    n_cal = int(round((cfg.calib_users if users is None else users) * len(cand)))
+    if users is not None:
+        n_cal = min(n_cal, MAX_VAL_USERS)
     if n_cal < 1:
         return None
     cal_users = np.sort(rng.choice(cand, n_cal, replace=False))
@@ -831,21 +850,304 @@ def _ndcg_plus_recall(top: np.ndarray, truth: list, k: int) -> np.ndarray:
     return out
 
 
+# ---------------------------------------------------------------------------- validation
+
+#: support sizes of the short-history validation samples (see :class:`Validation`)
+VAL_PREFIXES = (5, 10, 20)
+#: EASE ridge values tried first by :func:`tune_wide_reg` (then refined around the best)
+WIDE_REG_GRID = (30.0, 100.0, 300.0, 1000.0, 3000.0)
+#: wide-part weights tried per history length by :func:`tune_fusion`
+FUSION_GRID = tuple(float(2.0 ** e) for e in np.arange(-4.0, 10.01, 0.5))
+
+
+class Validation:
+    """Held-out interactions of some training users, scored as served.
+
+    For each user: the history the model reads (the user's remaining training rows, time
+    order) and the held-out positive items (the truth). Besides the whole history ("warm"),
+    each user also gives the short-history samples of its first 5, 10 and 20 items
+    (:data:`VAL_PREFIXES`), so that choices depending on how much is known of a user (the
+    wide part's weight) are made for new users too.
+    """
+
+    def __init__(self, prep: Prepared, users: np.ndarray, truth: list, user_feats=None):
+        self.users = np.asarray(users, np.int64)
+        self.truth = truth
+        self.samples = []  # (name, n, hists, rews, ufeats, truth)
+        hists, rews, ufs = [], [], []
+        for u in self.users:
+            lo, hi = prep.offsets[u], prep.offsets[u + 1]
+            pos = prep.rewards[lo:hi] > 0
+            hists.append(prep.items[lo:hi][pos])
+            rews.append(prep.rewards[lo:hi][pos])
+            ufs.append(np.zeros(0, np.int64) if user_feats is None
+                       else user_feats[1][user_feats[0][u]:user_feats[0][u + 1]])
+        self.add("warm", hists, rews, ufs, truth)
+        for k in VAL_PREFIXES:
+            sel = [j for j, h in enumerate(hists) if len(h) > k]
+            if len(sel) >= 10:
+                self.add(f"first {k}", [hists[j][:k] for j in sel], [rews[j][:k] for j in sel],
+                         [ufs[j] for j in sel], [truth[j] for j in sel])
+
+    def add(self, name, hists, rews, ufs, truth):
+        n = float(np.mean([len(np.unique(h)) for h in hists]))
+        self.samples.append((name, n, hists, rews, ufs, truth))
+
+    @property
+    def warm(self):
+        return self.samples[0]
+
+
+def _val_deep_logits(net: RecMetaNet, cfg: Config, hists, rews, ufs) -> torch.Tensor:
+    """(B, N) deep logits (no wide part, before the temperature) as served: adapted on the
+    history (``cfg.inner_steps``), history items set to -inf."""
+    N = net.n_items
+    B = len(hists)
+    bi, bo, bw, sq, sl = history_tensors(hists, cfg.seq_len, N)
+    uo = np.concatenate([[0], np.cumsum([len(r) for r in ufs])]).astype(np.int64)
+    ui = np.concatenate(ufs).astype(np.int64) if uo[-1] else np.zeros(0, np.int64)
+    rows = torch.from_numpy(np.repeat(np.arange(B), [len(x) for x in hists]))
+    w = torch.from_numpy(np.maximum(np.concatenate(rews), 0.0).astype(np.float32))
+    lr = None if cfg.meta == "fomaml" else cfg.inner_lr
+    with torch.no_grad():
+        X, V = net.item_vectors()
+        h = net.user_state(X, bi, bo, bw, sq, sl, torch.from_numpy(ui), torch.from_numpy(uo))
+        gamma, delta = net.adapt_phi(h, V, rows, bi, w, cfg.inner_steps, lr=lr)
+        sc = net.logits(net.apply_phi(h, gamma, delta), V)
+        sc[rows, bi] = -float("inf")
+    return sc
+
+
+def _wide_scores(W: torch.Tensor, hists) -> torch.Tensor:
+    """(B, N) ``x W`` of the multi-hot (distinct) histories."""
+    B, N = len(hists), W.shape[0]
+    x = torch.zeros(B, N)
+    for b, hh in enumerate(hists):
+        x[b, torch.from_numpy(np.asarray(hh, np.int64))] = 1.0
+    return x @ W
+
+
+def _val_score(sc: torch.Tensor, truth: list, k: int = 10) -> float:
+    top = torch.topk(sc, min(k, sc.shape[1]), dim=1).indices.numpy()
+    return float(_ndcg_plus_recall(top, truth, k).mean())
+
+
+def tune_wide_reg(G: torch.Tensor, val: Validation) -> tuple:
+    """The EASE ridge with the best NDCG@10 + Recall@10 of the wide part alone on the
+    validation users (warm and short histories, equally weighted): :data:`WIDE_REG_GRID`,
+    then the geometric midpoints around the best. Returns ``(reg, W, {reg: score})``."""
+    scores, Ws = {}, {}
+
+    def at(reg):
+        if reg not in scores:
+            W = ease_from_gram(G, reg)
+            tot = 0.0
+            for _, _, hists, _, _, truth in val.samples:
+                sc = _wide_scores(W, hists)
+                for b, hh in enumerate(hists):
+                    sc[b, torch.from_numpy(np.asarray(hh, np.int64))] = -float("inf")
+                tot += _val_score(sc, truth)
+            scores[reg], Ws[reg] = tot / len(val.samples), W
+        return scores[reg]
+
+    for reg in WIDE_REG_GRID:
+        at(reg)
+    best = max(scores, key=scores.get)
+    for reg in (best / math.sqrt(10.0 / 3.0), best * math.sqrt(10.0 / 3.0)):
+        at(float(reg))
+    best = max(scores, key=scores.get)
+    keep = Ws[best]
+    Ws.clear()
+    return best, keep, scores
+
+
+def tune_fusion(net: RecMetaNet, cfg: Config, val: Validation, W: torch.Tensor) -> dict:
+    """Weigh the wide part against the deep part on the validation users, per history length.
+
+    For each validation sample set (warm; first 5 / 10 / 20 items) the weight ``a`` of
+    ``deep + a (x W)`` with the best NDCG@10 + Recall@10 is found on :data:`FUSION_GRID`
+    (0, the deep part alone, included); ``alpha(n) = softplus(c0 + c1 log(1 + n))`` is then
+    fitted to those weights at the sets' mean history lengths (least squares on
+    ``softplus^-1``) and written to ``net.wide_coef`` (``wide_scale`` reset to 1). The
+    temperature is then re-fit by the held-out log-likelihood of the warm set. Returns
+    ``{set name: (mean n, best a, score at a, score of the deep part alone)}``."""
+    out = {}
+    logits = {}
+    for name, n, hists, rews, ufs, truth in val.samples:
+        D = _val_deep_logits(net, cfg, hists, rews, ufs)
+        E = _wide_scores(W, hists)
+        res = {0.0: _val_score(D, truth)}
+        for a in FUSION_GRID:
+            res[a] = _val_score(D + a * E, truth)
+        best = max(res, key=lambda a: (res[a], -a))
+        out[name] = (n, best, res[best], res[0.0])
+        logits[name] = (D, E, truth)
+    ns = np.array([v[0] for v in out.values()])
+    a = np.array([max(v[1], 2.0 ** -6) for v in out.values()])
+    y = np.log(np.expm1(a))  # softplus^-1
+    xs = np.log1p(ns)
+    if len(xs) > 1 and np.ptp(xs) > 0:
+        c1, c0 = np.polyfit(xs, y, 1)
+    else:
+        c0, c1 = float(y.mean()), 0.0
+    with torch.no_grad():
+        net.wide_coef.copy_(torch.tensor([float(c0), float(c1)]))
+        net.wide_scale.copy_(torch.tensor([0.0, 1.0, 2.0]))
+        D, E, truth = logits["warm"]
+        n_w = torch.tensor([out["warm"][0]])
+        sc = D + net.wide_alpha(n_w)[0] * E
+        t_rows = torch.from_numpy(np.repeat(np.arange(len(truth)), [len(t) for t in truth]))
+        t_items = torch.from_numpy(np.concatenate([sorted(t) for t in truth]).astype(np.int64))
+        nll = {t: float(-torch.log_softmax(sc / t, 1)[t_rows, t_items].mean()) for t in TEMPERATURE_GRID}
+    tau = min(nll, key=nll.get)
+    cfg.temperature = float(tau)
+    logger.info("wide part weighed on %d validation users: %s; alpha(n) = softplus(%.3g + %.3g log(1 + n)); "
+                "temperature %.3g", len(val.users),
+                ", ".join(f"{k} (n {v[0]:.0f}): a {v[1]:.3g}, {v[2]:.4f} vs deep alone {v[3]:.4f}"
+                          for k, v in out.items()), c0, c1, tau)
+    return out
+
+
+def validation_from_frame(prep: Prepared, frame: pd.DataFrame, user_feats=None) -> Validation:
+    """A :class:`Validation` from held-out interactions (``user``, ``item``, optional
+    ``reward``) of users in the training log: their histories are their training rows."""
+    for col in ("user", "item"):
+        if col not in frame.columns:
+            raise ValueError(f"validation needs a {col!r} column; it has {list(frame.columns)}")
+    uc = pd.Index(prep.user_ids).get_indexer(frame["user"].to_numpy())
+    ic = pd.Index(prep.item_ids).get_indexer(frame["item"].to_numpy())
+    ok = (uc >= 0) & (ic >= 0)
+    if "reward" in frame.columns:
+        ok &= frame["reward"].to_numpy(dtype=np.float64) > 0
+    if not ok.any():
+        raise ValueError("validation has no positive interaction of a user and an item of the training log")
+    users = np.unique(uc[ok])
+    pos = {u: j for j, u in enumerate(users)}
+    truth = [set() for _ in users]
+    for u, i in zip(uc[ok], ic[ok]):
+        truth[pos[u]].add(int(i))
+    for j, u in enumerate(users):  # items already in the history are not held-out targets
+        truth[j] -= set(prep.items[prep.offsets[u]:prep.offsets[u + 1]].tolist())
+    keep = [j for j, t in enumerate(truth) if t]
+    if not keep:
+        raise ValueError("validation holds only items its users already have in the training log")
+    return Validation(prep, users[keep], [truth[j] for j in keep], user_feats)
+
+
 # ---------------------------------------------------------------------------- loop
 
+class AdamW:
+    """AdamW (Loshchilov & Hutter; torch.optim.AdamW's update, betas (0.9, 0.999), eps
+    1e-8, decoupled weight decay) over param groups ``{"params", "base_lr", "lr",
+    "weight_decay"}``.
+
+    Ours because constructing any ``torch.optim`` optimizer imports ``torch._dynamo``: about
+    2.7 CPU-seconds on this machine, a fifth of the whole training budget on MovieLens-100K.
+    """
+
+    def __init__(self, groups: list, lr: float, weight_decay: float = 0.0,
+                 betas: tuple = (0.9, 0.999), eps: float = 1e-8):
+        self.param_groups = [dict({"lr": lr, "weight_decay": weight_decay}, **g) for g in groups]
+        self.betas, self.eps, self.t = betas, eps, 0
+        self.state = {id(p): (torch.zeros_like(p), torch.zeros_like(p))
+                      for g in self.param_groups for p in g["params"]}
+
+    def zero_grad(self) -> None:
+        for g in self.param_groups:
+            for p in g["params"]:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1.0 - b1 ** self.t, math.sqrt(1.0 - b2 ** self.t)
+        for g in self.param_groups:
+            lr, wd = g["lr"], g["weight_decay"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                m, v = self.state[id(p)]
+                if wd:
+                    p.mul_(1.0 - lr * wd)
+                m.lerp_(p.grad, 1.0 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1.0 - b2)
+                p.addcdiv_(m, v.sqrt().div_(c2).add_(self.eps), value=-lr / c1)
+
+
+def clip_grad_norm(params: list, max_norm: float) -> None:
+    """Scale the gradients so that their joint L2 norm is at most ``max_norm``."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    total = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+    scale = max_norm / (float(total) + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+
+
 def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress: Optional[bool] = None,
-        batches=None) -> dict:
-    """Train ``net`` in place. Returns a small history dict (loss per epoch, seconds).
+        batches=None, validation=None, tune: bool = False) -> dict:
+    """Train ``net`` in place. Returns the history: ``loss`` per epoch, ``validation`` (the
+    validation NDCG@10 + Recall@10 per epoch, when there is a validation set), ``best_epoch``,
+    ``wide_reg``, ``fusion`` and ``seconds``.
 
     ``batches``: None (per-user tasks) or a sampler of group-task meta-batches with
-    ``steps_per_epoch`` and ``draw(rng, user_feats) -> Batch`` (see :mod:`recmeta_sdk.meta_tasks`)."""
+    ``steps_per_epoch`` and ``draw(rng, user_feats) -> Batch`` (see :mod:`recmeta_sdk.meta_tasks`).
+
+    ``tune`` (per-user tasks only): choose on a validation set, as :func:`recmeta_sdk.train`
+    does by default. The validation set is ``validation`` (a DataFrame of held-out
+    interactions of training users) or, with ``cfg.validation > 0``, carved from ``prep``
+    (``calib_holdout`` of the interactions of a fraction ``cfg.validation`` of the users with
+    5 or more). Then: the EASE ridge (``cfg.wide_reg`` None) is tuned on it
+    (:func:`tune_wide_reg`); the deep part is trained alone, its epochs stopped early when
+    the validation score has not improved for ``cfg.patience`` epochs (the best epoch's
+    weights are kept); the wide part's weight ``alpha(n)`` and the temperature are fitted
+    on it (:func:`tune_fusion`); the served EASE weights are refit on the whole log. Without
+    a validation set (``tune`` False, or too few users) the wide part's weight is learned
+    during training against cross-fitted EASE weights (:func:`fit_wide`)."""
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
+    t0 = time.perf_counter()
     full = prep
-    cal = calibration_split(prep, cfg, rng) if net.has_wide and cfg.calib_users > 0 else None
-    if cal is not None:
-        prep = cal[0]
-    cross = fit_wide(net, prep, cfg, rng)
+    hist = {"loss": []}
+    val = None
+    if tune and batches is None:
+        if validation is not None:
+            val = validation_from_frame(prep, validation, user_feats)
+        elif cfg.validation > 0:
+            cal = calibration_split(prep, cfg, rng, users=cfg.validation)
+            if cal is not None and len(cal[1]) >= 10:
+                prep = cal[0]
+                val = Validation(prep, cal[1], cal[2], user_feats)
+    cal = None
+    if val is None and net.has_wide and cfg.calib_users > 0:
+        cal = calibration_split(prep, cfg, rng)
+        if cal is not None:
+            prep = cal[0]
+    W_train = None
+    if val is not None:
+        cross = None
+        if net.has_wide:
+            G = _interaction_matrix(prep)
+            G = G.T @ G
+            if cfg.wide_reg is None:
+                reg, W_train, reg_scores = tune_wide_reg(G, val)
+                cfg.wide_reg = float(reg)
+                logger.info("EASE ridge %.4g chosen on %d validation users (%s)", reg, len(val.users),
+                            ", ".join(f"{k:.3g}: {v:.4f}" for k, v in sorted(reg_scores.items())))
+                hist["wide_reg_scores"] = reg_scores
+            else:
+                W_train = ease_from_gram(G, cfg.wide_reg)
+            del G
+            with torch.no_grad():
+                net.wide.copy_(W_train)
+    else:
+        if cfg.wide_reg is None:
+            cfg.wide_reg = DEFAULT_WIDE_REG
+        cross = fit_wide(net, prep, cfg, rng)
+    hist["wide_reg"] = cfg.wide_reg
     n_per_user = np.diff(prep.offsets)
     users_of_row = np.repeat(np.arange(len(n_per_user)), n_per_user)
     n_pos = np.bincount(users_of_row[prep.rewards > 0], minlength=len(n_per_user))
@@ -855,10 +1157,12 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
                          "(reward above the positive threshold): nothing to train on")
     scalar_names = ("wide_coef", "log_lr") if cfg.meta_scalar else ("wide_coef",)
     named = [(n, p) for n, p in net.named_parameters() if cfg.meta == "fomaml" or n != "log_lr"]
+    if val is not None:  # the wide part's weight is fitted after training (tune_fusion)
+        named = [(n, p) for n, p in named if n != "wide_coef"]
     params = [p for _, p in named]
     groups = [{"params": [p for n, p in named if n not in scalar_names], "base_lr": cfg.lr},
               {"params": [p for n, p in named if n in scalar_names], "base_lr": cfg.scalar_lr, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
     logq = torch.log(torch.as_tensor(prep.item_count + 1.0, dtype=torch.float32))
     logq = logq - torch.logsumexp(logq, 0)
     show = sys.stderr.isatty() if progress is None else progress
@@ -873,9 +1177,13 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
 
             bar = tqdm(total=total, desc="recmeta train", file=sys.stderr)
         except ImportError:
+            if progress:
+                logger.warning("progress=True: tqdm is not installed (pip install tqdm, or the "
+                               "'progress' extra); progress is logged per epoch instead")
             bar = None
-    hist = {"loss": []}
-    t0 = time.perf_counter()
+    if val is not None:
+        hist["validation"] = []
+        best_score, best_state, best_epoch = -1.0, None, -1
     net.train()
     # dropout (nn.Dropout and the transformer layer's) takes no generator: it draws from the
     # global RNG, so it runs inside fork_rng, seeded from this run's rng (reproducible) and
@@ -891,22 +1199,45 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             for s in range(steps_per_epoch):
                 users = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
                 batch = make_batch(prep, users, cfg, rng, user_feats) if batches is None else batches.draw(rng, user_feats)
-                loss, _ = batch_loss(net, batch, cfg, logq, gen, cross=cross)
-                opt.zero_grad(set_to_none=True)
+                loss, _ = batch_loss(net, batch, cfg, logq, gen, cross=cross, use_wide=val is None)
+                opt.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 5.0)
+                clip_grad_norm(params, 5.0)
                 opt.step()
                 tot += float(loss.detach())
                 if bar is not None:
                     bar.update(1)
             hist["loss"].append(tot / steps_per_epoch)
-            if epoch % 10 == 0 or epoch == cfg.epochs - 1:
-                logger.info("epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.epochs,
-                            hist["loss"][-1], time.perf_counter() - t0)
+            msg = ""
+            if val is not None:
+                net.eval()
+                _, _, vh, vr, vu, vt = val.warm
+                score = _val_score(_val_deep_logits(net, cfg, vh, vr, vu), vt)
+                net.train()
+                hist["validation"].append(score)
+                msg = f" validation NDCG+Recall@10 {score:.4f}"
+                if score > best_score:
+                    best_score, best_epoch = score, epoch
+                    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            if show and bar is None or epoch % 10 == 0 or epoch == cfg.epochs - 1:
+                logger.info("epoch %d/%d loss %.4f%s (%.1fs)", epoch + 1, cfg.epochs,
+                            hist["loss"][-1], msg, time.perf_counter() - t0)
+            if val is not None and epoch - best_epoch >= cfg.patience:
+                logger.info("early stop after epoch %d: best validation score %.4f at epoch %d",
+                            epoch + 1, best_score, best_epoch + 1)
+                break
     if bar is not None:
         bar.close()
     net.eval()
-    if cal is not None:
+    if val is not None:
+        net.load_state_dict(best_state)
+        hist["best_epoch"] = best_epoch + 1
+        if net.has_wide:
+            hist["fusion"] = tune_fusion(net, cfg, val, W_train)
+            del W_train
+            with torch.no_grad():  # the served weights: EASE on the whole log
+                net.wide.copy_(ease_weights(_interaction_matrix(full), cfg.wide_reg))
+    elif cal is not None:
         hist["calibration"] = calibrate_wide(net, prep, cal[1], cal[2], cross, cfg, user_feats)
         with torch.no_grad():  # the served weights: EASE on the whole log
             net.wide.copy_(ease_weights(_interaction_matrix(full), cfg.wide_reg))
