@@ -1132,9 +1132,16 @@ def _config_from_file(d, path, limits: LoadLimits) -> Config:
             raise ModelFileError(f"{path}: config.{name} has an invalid value {_short(v)} "
                                  f"(expected {kind.__name__})")
     try:
-        return Config.from_dict(d)
+        cfg = Config.from_dict(d)
     except (TypeError, ValueError) as e:
         raise ModelFileError(f"{path}: invalid config ({e})") from None
+    if cfg.temperature < limits.min_temperature:
+        raise ModelFileError(f"{path}: config.temperature = {cfg.temperature!r} is below min_temperature="
+                             f"{limits.min_temperature:g}")
+    if abs(math.log(cfg.inner_lr)) > limits.max_log_step:
+        raise ModelFileError(f"{path}: config.inner_lr = {cfg.inner_lr!r}: its log is beyond max_log_step="
+                             f"{limits.max_log_step:g}")
+    return cfg
 
 
 def _schema_from_file(schema, path, what: str, limits: LoadLimits) -> list:
@@ -1326,20 +1333,19 @@ def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recomm
 
 
 def _probe(model: Recommender, path) -> None:
-    """Serve one new user (empty history) and the first known user; a model whose scores are
-    not finite is refused at load rather than at its first ``recommend``."""
-    k = min(model.n_items, 10)
-    states = [model.adapt([])]
+    """Serve the first known user (else a new user with an empty history) once: a model
+    whose scores are not finite is refused at load rather than at its first ``recommend``."""
     if len(model.user_ids):
-        states.append(model.user_state(model.user_ids[0].item() if hasattr(model.user_ids[0], "item")
-                                       else model.user_ids[0]))
-    for s in states:
-        try:
-            r = model.recommend(s, k=k, exclude_seen=False)
-        except (ValueError, RuntimeError, FloatingPointError) as e:
-            raise ModelFileError(f"{path}: the model cannot serve ({e})") from None
-        if not np.isfinite(r.scores[r.valid]).all() or not np.isfinite(s.vector).all():
-            raise ModelFileError(f"{path}: the model's scores are not finite (weights out of range)")
+        u = model.user_ids[0]
+        s = model.user_state(u.item() if hasattr(u, "item") else u)
+    else:
+        s = model.adapt([])
+    try:
+        r = model.recommend(s, k=min(model.n_items, 10), exclude_seen=False)
+    except (ValueError, RuntimeError, FloatingPointError) as e:
+        raise ModelFileError(f"{path}: the model cannot serve ({e})") from None
+    if not np.isfinite(r.scores[r.valid]).all() or not np.isfinite(s.vector).all():
+        raise ModelFileError(f"{path}: the model's scores are not finite (weights out of range)")
 
 
 def load(path, *, limits: Optional[LoadLimits] = None) -> Recommender:

@@ -125,8 +125,10 @@ class LoadLimits:
         dense features, rewards), which must be finite (NaN marks a missing propensity or
         timestamp in the feedback log, the only place it is allowed).
     max_log_step : float
-        Bound of the absolute value of the entries that are exponentiated: the log step sizes
-        ``log_lr`` and the wide part's log multiplier.
+        Bound of the absolute value of the logarithms of the adaptation step sizes (the
+        tensor ``log_lr``, and ``config.inner_lr``) and of the wide part's multiplier.
+    min_temperature : float
+        Lower bound of ``config.temperature`` (the scores are divided by it).
     max_feedback_events : int
         Events of the saved online feedback log.
     """
@@ -151,7 +153,8 @@ class LoadLimits:
     max_config_int: int = 2**31 - 1
     max_config_float: float = 1e12
     max_abs_weight: float = 1e6
-    max_log_step: float = 30.0
+    max_log_step: float = 10.0
+    min_temperature: float = 1e-3
     max_feedback_events: int = 100_000_000
 
     def __post_init__(self):
