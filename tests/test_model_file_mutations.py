@@ -120,6 +120,7 @@ class Harness:
         self.worst_served = (0.0, "")  # load and serve
 
     def run(self, label: str, blob: bytes) -> None:
+        self.path.unlink(missing_ok=True)  # (a new file: much cheaper than truncating one on ext4)
         self.path.write_bytes(blob)
         self.cases += 1
         old = signal.signal(signal.SIGALRM, _alarm)
@@ -201,14 +202,14 @@ def test_mutation_suite(saved, tmp_path):
     hlen = struct.unpack("<Q", blob[:8])[0]
 
     # 1. truncation: at every byte of the length prefix and header (stride 1 up to 1 KiB,
-    #    then every 5th), and at random points of the data
-    for cut in list(range(0, min(8 + hlen, 1024))) + list(range(1024, 8 + hlen, 5)):
+    #    then every 9th), and at random points of the data
+    for cut in list(range(0, min(8 + hlen, 1024))) + list(range(1024, 8 + hlen, 9)):
         h.run(f"truncate@{cut}", blob[:cut])
     for cut in rng.integers(8 + hlen, len(blob), 60):
         h.run(f"truncate@{cut}", blob[:int(cut)])
 
     # 2. byte flips anywhere (one to three bytes per mutant)
-    for j in range(700):
+    for j in range(500):
         bad = bytearray(blob)
         for pos in rng.integers(0, len(blob), int(rng.integers(1, 4))):
             bad[int(pos)] ^= int(rng.integers(1, 256))
@@ -224,7 +225,7 @@ def test_mutation_suite(saved, tmp_path):
                                      [2**32, 2**32], [0, 2**62], [10**5000 % 10**30])]
              + [("dtype", v) for v in ("F16", "F64", "I32", "BOOL", ["F32"], None, 7, "")]
              + [("data_offsets", v) for v in ([0, 2**64], [-8, 0], [0], [0, 0, 0], "x", [1.0, 2.0], [True, 5])])
-    for name in names:
+    for name in rng.choice(names, size=min(len(names), 24), replace=False).tolist():
         for field, value in edits:
             hd = json.loads(json.dumps(header))
             hd[name][field] = value
