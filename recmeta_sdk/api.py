@@ -1111,6 +1111,10 @@ def _config_from_file(d, path, limits: LoadLimits) -> Config:
         if f is None:
             raise ModelFileError(f"{path}: unknown config key {_short(name)}")
         kind = type(f.default)
+        if f.default is None:  # an optional value (e.g. Optional[float]): None or a bounded number
+            kind = float if "float" in str(f.type) or "int" in str(f.type) else None
+            if v is None or kind is None:  # (other kinds: Config.validate checks them)
+                continue
         if kind is bool:
             ok = isinstance(v, bool)
         elif kind is int:
