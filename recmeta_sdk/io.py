@@ -10,35 +10,50 @@ File layout (a standard safetensors file, readable by any safetensors reader)::
 The model metadata holds ``format`` (``"recmeta-model"``), ``format_version``, the
 config, the external id maps (items and users, with their kind ``int`` or ``str``), the
 feature schemas, optionally (version 2) the online ``feedback`` log's metadata (its
-tensors are ``feedback.*``; see :func:`recmeta_sdk.online.log_to_file`) and ``sha256``: the SHA-256 of the canonical metadata JSON (without
-``sha256``) followed by, for every tensor in name order, its name, dtype, shape and raw
-bytes.
+tensors are ``feedback.*``; see :func:`recmeta_sdk.online.log_to_file`), the versions of
+the library and of torch that wrote the file (``library_version``, ``torch_version``;
+informative, absent from older files) and ``sha256``: the SHA-256 of the canonical
+metadata JSON (without ``sha256``) followed by, for every tensor in name order, its name,
+dtype, shape and raw bytes.
 
-Loading reads and validates the header (size bounds, JSON, known dtypes, shapes and
-offsets that tile the data area exactly, the format version) *before* any tensor is
-allocated, then checks the SHA-256, then the consistency of tensors, ids and config.
-Any failure raises :class:`ModelFileError` (a ``ValueError``), the one documented
-exception for a tampered, truncated or inconsistent file. Nothing is ever unpickled.
+Loading reads and validates the header *before* any tensor is allocated: the file and
+header sizes, the JSON's nesting depth, number of values and literal lengths (checked on
+the raw bytes before it is parsed), the dtypes, shapes and offsets (which must tile the data
+area exactly), the format version; then it checks the SHA-256. Every size is bounded by a
+:class:`LoadLimits` (overridable by the caller). The SHA-256 is an integrity check, not
+authentication: whoever edits a file can recompute it, so :func:`recmeta_sdk.api.load`
+then checks every count and config value against the limits and the consistency of
+tensors, ids and config before it builds the model. Any failure raises
+:class:`ModelFileError` (a ``ValueError``), the one documented exception for a tampered,
+truncated, inconsistent or oversized file. Nothing is ever unpickled.
 
-Saving writes to a temporary file in the destination directory, flushes and fsyncs it,
-renames it over the destination with :func:`os.replace` and fsyncs the directory, so a
-crash leaves either the old file or the new one, never a torn one.
+Saving writes to a temporary file ``.<name>.<pid>-<random>.tmp`` in the destination
+directory, flushes and fsyncs it, renames it over the destination with :func:`os.replace`
+and fsyncs the directory, so a crash leaves either the old file or the new one, never a
+torn one. The temporary files that a killed writer left behind are removed by the next
+save or load of the same path (:func:`remove_stale_temp_files`).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
+import stat
 import struct
 import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["ModelFileError", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "write_model_file",
-           "read_model_file"]
+__all__ = ["ModelFileError", "LoadLimits", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS",
+           "write_model_file", "read_model_file", "remove_stale_temp_files"]
 
 FORMAT = "recmeta-model"
 #: the version written. 2 adds the optional feedback log (``feedback.*`` tensors and the
@@ -46,7 +61,8 @@ FORMAT = "recmeta-model"
 #: file is a version-2 file without a log, so both are read.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-MAX_HEADER = 256 * 1024 * 1024
+#: the default bound of the header length (the one safetensors itself applies)
+MAX_HEADER = 100_000_000
 
 _DTYPES = {"F32": (np.float32, torch.float32), "I64": (np.int64, torch.int64),
            "F64": (np.float64, torch.float64), "I32": (np.int32, torch.int32),
@@ -55,8 +71,105 @@ _TORCH_TO_ST = {v[1]: k for k, v in _DTYPES.items()}
 
 
 class ModelFileError(ValueError):
-    """A model file is unreadable: truncated, tampered with, inconsistent or of an unknown format."""
+    """A model file is unreadable: truncated, tampered with, inconsistent, oversized or of an unknown format."""
 
+
+@dataclasses.dataclass(frozen=True)
+class LoadLimits:
+    """Bounds on everything a model file declares, checked before anything is allocated.
+
+    Pass one to :func:`recmeta_sdk.load` (``limits=``) to load a file beyond a default,
+    e.g. ``rm.load(p, limits=rm.LoadLimits(max_file_bytes=2**40))``; every bound is
+    inclusive and each violation raises :class:`ModelFileError` naming the value and the
+    limit. The defaults admit any model :func:`recmeta_sdk.train` builds with sane settings.
+
+    Attributes
+    ----------
+    max_file_bytes : int
+        Size of the file (its tensors are read into memory, then copied once).
+    max_header_bytes : int
+        Length of the JSON header (metadata and id maps included).
+    max_json_depth : int
+        Nesting depth of ``[`` / ``{`` in the header and in the metadata JSON, checked on the
+        raw bytes before parsing (the files written have depth 5 or less).
+    max_json_values : int
+        Number of JSON values (counted as commas) in the header beyond one per 16 bytes of
+        tensor data: every id, name or number of the metadata describes tensor rows, so a
+        header cannot list much more than its tensors hold. Bounds the parse time.
+    max_int_digits : int
+        Digits of an integer literal (int64 and uint64 need 20 at most).
+    max_float_chars : int
+        Characters of a floating-point literal.
+    max_tensors : int
+        Number of tensors.
+    max_rank : int
+        Dimensions of a tensor.
+    max_items, max_users : int
+        Entries of the item and user id maps (each also bounded by the tensor shapes).
+    max_id_chars : int
+        Length of a string id, feature column or value.
+    max_dim, max_hidden, max_layers, max_heads, max_seq_len : int
+        Bounds of ``config.dim``, ``hidden``, ``layers``, ``heads``, ``seq_len`` (the
+        network's shapes must also match the tensors in the file).
+    max_inner_steps : int
+        Bound of ``config.inner_steps``: the adaptation steps every ``recommend`` of a known
+        user and every ``adapt`` runs by default.
+    max_config_int : int
+        Bound of the absolute value of the other integer config values (``epochs``,
+        ``batch_size``, ``wide_max_items``, ``feedback_window``, ...); ``seed`` must be a
+        valid torch seed.
+    max_config_float : float
+        Bound of the absolute value of the floating-point config values, which must be finite.
+    max_abs_weight : float
+        Bound of the absolute value of every floating-point tensor entry (weights, biases,
+        dense features, rewards), which must be finite (NaN marks a missing propensity or
+        timestamp in the feedback log, the only place it is allowed).
+    max_log_step : float
+        Bound of the absolute value of the logarithms of the adaptation step sizes (the
+        tensor ``log_lr``, and ``config.inner_lr``) and of the wide part's multiplier.
+    min_temperature : float
+        Lower bound of ``config.temperature`` (the scores are divided by it).
+    max_feedback_events : int
+        Events of the saved online feedback log.
+    """
+
+    max_file_bytes: int = 16 * 2**30
+    max_header_bytes: int = MAX_HEADER
+    max_json_depth: int = 32
+    max_json_values: int = 65536
+    max_int_digits: int = 20
+    max_float_chars: int = 64
+    max_tensors: int = 4096
+    max_rank: int = 4
+    max_items: int = 50_000_000
+    max_users: int = 500_000_000
+    max_id_chars: int = 4096
+    max_dim: int = 8192
+    max_hidden: int = 65536
+    max_layers: int = 64
+    max_heads: int = 256
+    max_seq_len: int = 8192
+    max_inner_steps: int = 100
+    max_config_int: int = 2**31 - 1
+    max_config_float: float = 1e12
+    max_abs_weight: float = 1e6
+    max_log_step: float = 10.0
+    min_temperature: float = 1e-3
+    max_feedback_events: int = 100_000_000
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                  and (not isinstance(v, float) or math.isfinite(v)))
+            if not ok:
+                raise ValueError(f"LoadLimits.{f.name} must be a finite number >= 0, got {v!r}")
+
+
+DEFAULT_LIMITS = LoadLimits()
+
+
+# ---------------------------------------------------------------------------- digest, writer
 
 def _digest(meta: dict, arrays: Dict[str, Tuple[str, tuple, memoryview]]) -> str:
     h = hashlib.sha256()
@@ -69,8 +182,96 @@ def _digest(meta: dict, arrays: Dict[str, Tuple[str, tuple, memoryview]]) -> str
     return h.hexdigest()
 
 
+# temp files this process is writing now (never removed by its own clean-ups)
+_IN_FLIGHT: set = set()
+_IN_FLIGHT_LOCK = threading.Lock()
+#: a temp file named without a writer pid (written by recmeta 0.1.0) is removed once it is
+#: this many seconds old: its writer cannot be asked whether it still runs
+LEGACY_TEMP_AGE_S = 60.0
+
+
+def _temp_patterns(name: str):
+    esc = re.escape(f".{name}.")
+    return re.compile(esc + r"(\d{1,10})-[a-z0-9_]{8}\.tmp"), re.compile(esc + r"[a-z0-9_]{8}\.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a pid we wrote: keep the file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temp_files(path) -> list:
+    """Remove the temporary files that interrupted saves of ``path`` left behind.
+
+    Only regular files in ``path``'s directory named as this module's atomic writer names
+    its temp files for ``path`` are candidates: ``.<name>.<pid>-<8 chars>.tmp``, removed
+    when the process ``pid`` no longer exists (or is this process and is not writing it now),
+    and ``.<name>.<8 chars>.tmp`` (the name used by recmeta 0.1.0, without a pid), removed
+    once older than :data:`LEGACY_TEMP_AGE_S`. Other files are never touched; errors
+    (a read-only directory, a race with another clean-up) are ignored.
+
+    Returns
+    -------
+    list of str
+        The names removed.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    with_pid, legacy = _temp_patterns(path.name)
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    me = os.getpid()
+    now = time.time()
+    for e in entries:
+        m = with_pid.fullmatch(e.name)
+        old = m is None and legacy.fullmatch(e.name) is not None
+        if m is None and not old:
+            continue
+        try:
+            st = e.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        full = os.path.join(directory, e.name)
+        with _IN_FLIGHT_LOCK:
+            if old:
+                stale = now - st.st_mtime > LEGACY_TEMP_AGE_S
+            else:
+                pid = int(m.group(1))
+                stale = (full not in _IN_FLIGHT) if pid == me else not _pid_alive(pid)
+            if not stale:
+                continue
+            try:
+                os.unlink(full)
+            except OSError:
+                continue
+        removed.append(e.name)
+    return removed
+
+
+def _versions() -> dict:
+    from . import __version__
+
+    return {"library_version": str(__version__), "torch_version": str(torch.__version__)}
+
+
 def write_model_file(path, tensors: Dict[str, torch.Tensor], meta: dict) -> None:
-    """Write tensors + metadata atomically (see the module docstring)."""
+    """Write tensors + metadata atomically (see the module docstring).
+
+    ``meta`` gets ``format``, ``format_version``, ``library_version``, ``torch_version`` and
+    ``sha256``. The temp files of earlier interrupted saves of ``path`` are removed first.
+    """
     from safetensors.torch import save
 
     path = Path(path)
@@ -82,13 +283,17 @@ def write_model_file(path, tensors: Dict[str, torch.Tensor], meta: dict) -> None
             raise TypeError(f"tensor {name!r}: unsupported dtype {t.dtype}")
         clean[name] = t
         arrays[name] = (_TORCH_TO_ST[t.dtype], tuple(t.shape), memoryview(t.numpy().tobytes()))
-    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION)
+    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, **_versions())
     meta["sha256"] = _digest(meta, arrays)
     blob = save(clean, metadata={"recmeta": json.dumps(meta, sort_keys=True)})
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise ValueError(f"cannot save to {str(path)!r}: directory {str(directory)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    remove_stale_temp_files(path)
+    with _IN_FLIGHT_LOCK:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=directory)
+        tmp = os.path.join(directory, os.path.basename(tmp))
+        _IN_FLIGHT.add(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
@@ -101,6 +306,9 @@ def write_model_file(path, tensors: Dict[str, torch.Tensor], meta: dict) -> None
         except OSError:
             pass
         raise
+    finally:
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT.discard(tmp)
     try:
         dfd = os.open(directory, os.O_RDONLY)
         try:
@@ -111,58 +319,169 @@ def write_model_file(path, tensors: Dict[str, torch.Tensor], meta: dict) -> None
         pass
 
 
-def read_model_file(path) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """Read and verify a model file; returns (tensors, metadata). Raises ModelFileError."""
+# ---------------------------------------------------------------------------- bounded JSON
+
+def _json_depth(a: np.ndarray, folded: np.ndarray) -> int:
+    """The maximal nesting depth of ``[`` / ``{`` outside strings in JSON text ``a`` (uint8;
+    ``folded = a & 0xDF`` maps ``{`` onto ``[`` and ``}`` onto ``]``). Vectorised: escapes are
+    blanked out, then a bracket is inside a string when an odd number of quotes precede it."""
+    pos = np.flatnonzero((folded == 0x5B) | (folded == 0x5D))
+    if not len(pos):
+        return 0
+    if (a == 0x5C).any():
+        # in JSON a backslash escapes the next character; left-to-right replacement of "\\\\"
+        # then of '\\"' pairs them exactly as a parser does
+        a = np.frombuffer(a.tobytes().replace(b"\\\\", b"__").replace(b'\\"', b"__"), np.uint8)
+    quotes = np.flatnonzero(a == 0x22)
+    if len(quotes):
+        pos = pos[(np.searchsorted(quotes, pos) % 2) == 0]
+    if not len(pos):
+        return 0
+    return int(np.cumsum(np.where(folded[pos] == 0x5B, 1, -1), dtype=np.int64).max())
+
+
+def _bounded_json(raw: bytes, what: str, path, limits: LoadLimits, extra_values: int):
+    """``json.loads`` of ``raw`` after checks on the raw bytes that bound its cost: the number
+    of values (commas and brackets), the nesting depth and (while parsing) the length of every
+    number literal. Each check is a few vectorised passes over the bytes."""
+    a = np.frombuffer(raw, np.uint8)
+    folded = a & 0xDF  # "{" -> "[", "}" -> "]"
+    n_open = int(np.count_nonzero(folded == 0x5B))
+    n_values = int(np.count_nonzero(a == 0x2C)) + n_open
+    if n_values > limits.max_json_values + extra_values:
+        raise ModelFileError(f"{path}: {what} has {n_values} JSON values, more than its {extra_values * 16} "
+                             f"bytes of tensor data can describe (limit max_json_values={limits.max_json_values} "
+                             f"plus one per 16 bytes of tensor data)")
+    if n_open > limits.max_json_depth:
+        depth = _json_depth(a, folded)
+        if depth > limits.max_json_depth:
+            raise ModelFileError(f"{path}: {what} nests {depth} levels deep (limit max_json_depth="
+                                 f"{limits.max_json_depth})")
+    del a, folded
+
+    def parse_int(s: str) -> int:
+        if len(s) > limits.max_int_digits + 1 and len(s.lstrip("-")) > limits.max_int_digits:
+            raise ModelFileError(f"{path}: {what} has an integer of {len(s)} digits "
+                                 f"(limit max_int_digits={limits.max_int_digits}): {s[:24]}...")
+        return int(s)
+
+    def parse_float(s: str) -> float:
+        if len(s) > limits.max_float_chars:
+            raise ModelFileError(f"{path}: {what} has a number literal of {len(s)} characters "
+                                 f"(limit max_float_chars={limits.max_float_chars}): {s[:24]}...")
+        return float(s)
+
+    try:
+        return json.loads(raw.decode("utf-8"), parse_int=parse_int, parse_float=parse_float)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path}: {what} is not valid JSON ({e})") from None
+    except RecursionError:  # pragma: no cover - the depth check runs first
+        raise ModelFileError(f"{path}: {what} nests too deep") from None
+
+
+def _check_int(v, name: str, path, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ModelFileError(f"{path}: {name} must be an int in [{lo}, {hi}], got {_short(v)}")
+    return v
+
+
+def _short(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+# ---------------------------------------------------------------------------- reader
+
+def read_model_file(path, limits: Optional[LoadLimits] = None) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Read and verify a model file; returns (tensors, metadata).
+
+    Parameters
+    ----------
+    path : str or Path
+    limits : LoadLimits, optional
+        The bounds (default :class:`LoadLimits` ()).
+
+    Raises
+    ------
+    FileNotFoundError
+        if there is no file at ``path``.
+    ModelFileError
+        if the file is truncated, malformed, exceeds a limit or fails its SHA-256.
+    """
+    limits = DEFAULT_LIMITS if limits is None else limits
+    if not isinstance(limits, LoadLimits):
+        raise TypeError(f"limits must be a LoadLimits, got {type(limits).__name__}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {str(path)!r}")
-    size = path.stat().st_size
+    remove_stale_temp_files(path)
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limits.max_file_bytes:
+            raise ModelFileError(f"{path}: the file has {size} bytes (limit max_file_bytes={limits.max_file_bytes})")
         head = f.read(8)
         if len(head) < 8:
             raise ModelFileError(f"{path}: truncated ({size} bytes, no header)")
         (hlen,) = struct.unpack("<Q", head)
-        if hlen > MAX_HEADER or 8 + hlen > size:
-            raise ModelFileError(f"{path}: header length {hlen} does not fit the file ({size} bytes): truncated or corrupt")
+        if hlen > limits.max_header_bytes or 8 + hlen > size:
+            raise ModelFileError(f"{path}: header length {hlen} does not fit the file ({size} bytes) or exceeds "
+                                 f"max_header_bytes={limits.max_header_bytes}: truncated or corrupt")
         raw = f.read(hlen)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelFileError(f"{path}: header is not valid JSON ({e})") from None
+        if len(raw) != hlen:
+            raise ModelFileError(f"{path}: truncated while reading the header")
+        data_len = size - 8 - hlen
+        if not raw.startswith(b"{"):
+            raise ModelFileError(f"{path}: header does not start with '{{': not a safetensors file")
+        header = _bounded_json(raw, "header", path, limits, data_len // 16)
         if not isinstance(header, dict):
             raise ModelFileError(f"{path}: header is not a JSON object")
         md = header.pop("__metadata__", None)
         if not isinstance(md, dict) or not isinstance(md.get("recmeta"), str):
             raise ModelFileError(f"{path}: not a recmeta model file (no recmeta metadata)")
         try:
-            meta = json.loads(md["recmeta"])
-        except json.JSONDecodeError as e:
-            raise ModelFileError(f"{path}: metadata is not valid JSON ({e})") from None
+            meta_raw = md["recmeta"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise ModelFileError(f"{path}: metadata is not valid UTF-8") from None
+        meta = _bounded_json(meta_raw, "metadata", path, limits, data_len // 16)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ModelFileError(f"{path}: not a recmeta model file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+            fmt = meta.get("format") if isinstance(meta, dict) else None
+            raise ModelFileError(f"{path}: not a recmeta model file (format {_short(fmt)})")
         fv = meta.get("format_version")
-        if isinstance(fv, bool) or fv not in READABLE_VERSIONS:
-            raise ModelFileError(f"{path}: unsupported format_version {fv!r} "
+        if isinstance(fv, bool) or not isinstance(fv, int) or fv not in READABLE_VERSIONS:
+            raise ModelFileError(f"{path}: unsupported format_version {_short(fv)} "
                                  f"(this version reads {', '.join(map(str, READABLE_VERSIONS))})")
-        data_len = size - 8 - hlen
+        if not isinstance(meta.get("sha256"), str):
+            raise ModelFileError(f"{path}: sha256 is missing or not a string")
+        for key in ("library_version", "torch_version"):
+            v = meta.get(key)
+            if v is not None and (not isinstance(v, str) or len(v) > 256):
+                raise ModelFileError(f"{path}: {key} must be a short string, got {_short(v)}")
+        if len(header) > limits.max_tensors:
+            raise ModelFileError(f"{path}: {len(header)} tensors (limit max_tensors={limits.max_tensors})")
         spans = []
         for name, info in header.items():
-            if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
-                raise ModelFileError(f"{path}: tensor {name!r} has an unknown dtype")
+            if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in _DTYPES:
+                dt = info.get("dtype") if isinstance(info, dict) else info
+                raise ModelFileError(f"{path}: tensor {name!r} has an unknown dtype {_short(dt)}")
             shape, offs = info.get("shape"), info.get("data_offsets")
-            if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
-                    or not isinstance(offs, list) or len(offs) != 2
-                    or not all(isinstance(o, int) for o in offs)):
-                raise ModelFileError(f"{path}: tensor {name!r} has a malformed shape or offsets")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[info["dtype"]][0]).itemsize
-            if offs[0] < 0 or offs[1] - offs[0] != nbytes or offs[1] > data_len:
-                raise ModelFileError(f"{path}: tensor {name!r} does not fit the data area (truncated or inconsistent)")
+            if (not isinstance(shape, list) or len(shape) > limits.max_rank
+                    or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= data_len for s in shape)):
+                raise ModelFileError(f"{path}: tensor {name!r} has a malformed shape {_short(shape)} "
+                                     f"(a list of at most {limits.max_rank} ints in [0, {data_len}])")
+            if (not isinstance(offs, list) or len(offs) != 2
+                    or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o <= data_len for o in offs)):
+                raise ModelFileError(f"{path}: tensor {name!r} has malformed data_offsets {_short(offs)} "
+                                     f"(two ints in [0, {data_len}])")
+            nbytes = math.prod(shape) * np.dtype(_DTYPES[info["dtype"]][0]).itemsize  # exact: Python ints
+            if offs[1] - offs[0] != nbytes:
+                raise ModelFileError(f"{path}: tensor {name!r} of shape {shape} {info['dtype']} needs {nbytes} bytes: "
+                                     f"it does not fit the data area at data_offsets {offs} (truncated or inconsistent)")
             spans.append((offs[0], offs[1]))
         spans.sort()
         pos = 0
         for a, b in spans:
             if a != pos:
-                raise ModelFileError(f"{path}: tensor data areas overlap or leave gaps")
+                raise ModelFileError(f"{path}: tensor data areas overlap or leave gaps (at byte {min(a, pos)})")
             pos = b
         if pos != data_len:
             raise ModelFileError(f"{path}: {data_len - pos} unexpected bytes after the tensors")
@@ -172,7 +491,11 @@ def read_model_file(path) -> Tuple[Dict[str, torch.Tensor], dict]:
     view = memoryview(data)
     arrays = {name: (info["dtype"], tuple(info["shape"]), view[info["data_offsets"][0]:info["data_offsets"][1]])
               for name, info in header.items()}
-    if _digest(meta, arrays) != meta.get("sha256"):
+    try:
+        digest = _digest(meta, arrays)
+    except ValueError as e:  # e.g. NaN or an unhashable value json.dumps refuses
+        raise ModelFileError(f"{path}: metadata cannot be hashed ({e})") from None
+    if digest != meta["sha256"]:
         raise ModelFileError(f"{path}: SHA-256 mismatch: the file was modified or corrupted")
     tensors = {}
     for name, (dt, shape, buf) in arrays.items():

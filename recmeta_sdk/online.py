@@ -573,15 +573,19 @@ def log_to_file(model) -> tuple[dict, dict | None]:
     return tensors, {"users": user_list, "encode": st.encode, "update": st.update}
 
 
-def log_from_file(model, tensors: dict, meta, path) -> None:
+def log_from_file(model, tensors: dict, meta, path, limits=None) -> None:
     """Give ``model`` (just loaded) the online store saved by :func:`log_to_file`: its log
     and options, the users' states rebuilt from the log on first use (as after ``resume``).
 
-    ``meta`` is the file's ``feedback`` entry (None: no log, as in a version-1 file).
-    Raises :class:`~recmeta_sdk.io.ModelFileError` if the parts are inconsistent.
+    ``meta`` is the file's ``feedback`` entry (None: no log, as in a version-1 file);
+    ``limits`` a :class:`~recmeta_sdk.io.LoadLimits` (default ``LoadLimits()``) bounding the
+    number of events and users, the length of string ids and the rewards (divided by the
+    model's reward scale). Raises :class:`~recmeta_sdk.io.ModelFileError`, naming the field,
+    if the parts are inconsistent or out of bounds.
     """
-    from .io import ModelFileError
+    from .io import DEFAULT_LIMITS, ModelFileError
 
+    limits = DEFAULT_LIMITS if limits is None else limits
     present = [k for k in tensors if k.startswith("feedback.")]
     if meta is None:
         if present:
@@ -590,15 +594,22 @@ def log_from_file(model, tensors: dict, meta, path) -> None:
     if not isinstance(meta, dict) or set(meta) != {"users", "encode", "update"}:
         raise ModelFileError(f"{path}: malformed feedback metadata")
     users = meta["users"]
-    if (not isinstance(users, list) or not all(type(u) in (int, str) for u in users)
+    if (not isinstance(users, list) or len(users) > limits.max_users
+            or not all((type(u) is int and -(2**63) <= u < 2**63)
+                       or (type(u) is str and len(u) <= limits.max_id_chars) for u in users)
             or len({(type(u), u) for u in users}) != len(users)):
-        raise ModelFileError(f"{path}: the feedback log's user ids must be distinct ints or strings")
-    if meta["encode"] not in ("positive", "all") or meta["update"] not in ("step", "readapt"):
-        raise ModelFileError(f"{path}: feedback options {meta['encode']!r} / {meta['update']!r} unknown")
+        raise ModelFileError(f"{path}: the feedback log's user ids must be distinct int64s or strings "
+                             f"(at most {limits.max_users} of them)")
+    if (not isinstance(meta["encode"], str) or not isinstance(meta["update"], str)
+            or meta["encode"] not in ("positive", "all") or meta["update"] not in ("step", "readapt")):
+        raise ModelFileError(f"{path}: feedback options {meta['encode']!r:.40} / {meta['update']!r:.40} unknown")
     if sorted(present) != sorted(LOG_TENSORS):
-        raise ModelFileError(f"{path}: feedback tensors {sorted(present)} do not match {sorted(LOG_TENSORS)}")
+        raise ModelFileError(f"{path}: feedback tensors {sorted(present)[:8]} do not match {sorted(LOG_TENSORS)}")
     want = {"feedback.user": torch.int64, "feedback.item": torch.int64, "feedback.position": torch.int64}
     n = tensors["feedback.user"].numel()
+    if n > limits.max_feedback_events:
+        raise ModelFileError(f"{path}: the feedback log has {n} events (limit max_feedback_events="
+                             f"{limits.max_feedback_events})")
     for name in LOG_TENSORS:
         t = tensors[name]
         if t.dim() != 1 or t.numel() != n or t.dtype != want.get(name, torch.float64):
@@ -608,16 +619,24 @@ def log_from_file(model, tensors: dict, meta, path) -> None:
     it = tensors["feedback.item"].numpy()
     if n == 0 or u.min() < 0 or u.max() >= len(users) or it.min() < 0 or it.max() >= model.n_items:
         raise ModelFileError(f"{path}: the feedback log's user or item indices are out of range")
+    reward = tensors["feedback.reward"].numpy()
+    scaled = reward / model._reward_scale
+    if not np.isfinite(scaled).all() or np.abs(scaled).max() > limits.max_abs_weight:
+        raise ModelFileError(f"{path}: feedback.reward holds {reward[~np.isfinite(scaled) | (np.abs(scaled) > limits.max_abs_weight)][0]!r}: "
+                             f"rewards must be finite and at most {limits.max_abs_weight:g} reward scales")
+    ts = tensors["feedback.timestamp"].numpy()
+    if np.isinf(ts).any():
+        raise ModelFileError(f"{path}: feedback.timestamp holds an infinite timestamp")
     user_col = np.empty(n, dtype=object)
     user_col[:] = [users[j] for j in u.tolist()]
     log = pd.DataFrame({"user": user_col, "item": model.item_ids[it],
-                        "reward": tensors["feedback.reward"].numpy(),
+                        "reward": reward,
                         "propensity": tensors["feedback.propensity"].numpy(),
-                        "timestamp": tensors["feedback.timestamp"].numpy(),
+                        "timestamp": ts,
                         "position": tensors["feedback.position"].numpy()})
     try:
         model._online_store = OnlineStore(model, encode=meta["encode"], update=meta["update"], log=log)
-    except ValueError as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ModelFileError(f"{path}: invalid feedback log ({e})") from None
 
 
