@@ -153,6 +153,7 @@ class Config:
     calib_users: float = 0.0
     calib_holdout: float = 0.2
     validation: float = 0.2
+    wide_train: str = "residual"
     patience: int = 3
     feedback_posterior: float = 40.0
     feedback_reg: float = 0.1
@@ -207,6 +208,8 @@ class Config:
         t = self.positive_threshold
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
             raise ValueError(f"config.positive_threshold must be None or a finite number, got {t!r}")
+        if self.wide_train not in ("residual", "none"):
+            raise ValueError(f"config.wide_train must be 'residual' or 'none', got {self.wide_train!r}")
         if self.meta not in ("fomaml", "none"):
             raise ValueError(f"config.meta must be 'fomaml' or 'none', got {self.meta!r}")
         if self.encoder == "transformer" and self.dim % self.heads:

@@ -857,7 +857,7 @@ VAL_PREFIXES = (5, 10, 20)
 #: EASE ridge values tried first by :func:`tune_wide_reg` (then refined around the best)
 WIDE_REG_GRID = (30.0, 100.0, 300.0, 1000.0, 3000.0)
 #: wide-part weights tried per history length by :func:`tune_fusion`
-FUSION_GRID = tuple(float(2.0 ** e) for e in np.arange(-4.0, 10.01, 0.5))
+FUSION_GRID = tuple(float(2.0 ** e) for e in np.arange(-4.0, 8.01, 0.5))
 
 
 class Validation:
@@ -959,6 +959,19 @@ def tune_wide_reg(G: torch.Tensor, val: Validation) -> tuple:
     keep = Ws[best]
     Ws.clear()
     return best, keep, scores
+
+
+def _fit_wide_weight(W: torch.Tensor, val: Validation) -> float:
+    """The weight a of the wide part alone, ``softmax(a x W)``, with the best held-out
+    log-likelihood on the warm validation set (a grid of powers of 2)."""
+    _, _, hists, _, _, truth = val.warm
+    E = _wide_scores(W, hists)
+    for b, hh in enumerate(hists):
+        E[b, torch.from_numpy(np.asarray(hh, np.int64))] = -float("inf")
+    t_rows = torch.from_numpy(np.repeat(np.arange(len(truth)), [len(t) for t in truth]))
+    t_items = torch.from_numpy(np.concatenate([sorted(t) for t in truth]).astype(np.int64))
+    nll = {a: float(-torch.log_softmax(a * E, 1)[t_rows, t_items].mean()) for a in FUSION_GRID}
+    return min(nll, key=nll.get)
 
 
 def tune_fusion(net: RecMetaNet, cfg: Config, val: Validation, W: torch.Tensor) -> dict:
@@ -1143,6 +1156,14 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             del G
             with torch.no_grad():
                 net.wide.copy_(W_train)
+            if cfg.wide_train == "residual":
+                # the deep part learns what EASE misses: EASE enters the training logits at a
+                # fixed weight, the one whose softmax fits the validation items best
+                a = _fit_wide_weight(W_train, val)
+                with torch.no_grad():
+                    net.wide_coef.copy_(torch.tensor([math.log(math.expm1(a)), 0.0]))
+                    net.wide_scale.copy_(torch.tensor([0.0, 1.0, 2.0]))
+                hist["wide_train_weight"] = a
     else:
         if cfg.wide_reg is None:
             cfg.wide_reg = DEFAULT_WIDE_REG
@@ -1199,7 +1220,8 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             for s in range(steps_per_epoch):
                 users = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
                 batch = make_batch(prep, users, cfg, rng, user_feats) if batches is None else batches.draw(rng, user_feats)
-                loss, _ = batch_loss(net, batch, cfg, logq, gen, cross=cross, use_wide=val is None)
+                loss, _ = batch_loss(net, batch, cfg, logq, gen, cross=cross,
+                                     use_wide=val is None or cfg.wide_train == "residual")
                 opt.zero_grad()
                 loss.backward()
                 clip_grad_norm(params, 5.0)
