@@ -131,6 +131,9 @@ def _is_scalar_id(x) -> bool:
 
 
 _U64 = (1 << 64) - 1
+#: The most adaptation steps ``adapt`` / ``adapt_task`` / ``user_state`` accept per call (a
+#: bound on the time of one call; training configs use a handful).
+MAX_ADAPT_STEPS = 1000
 _TABLE_LOCK = threading.Lock()
 _CORE: list = []  # [the compiled core module or None], filled on first use
 
@@ -526,6 +529,9 @@ class Recommender:
             return self.config.inner_steps if task is None else 0
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
             raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        if steps > MAX_ADAPT_STEPS:
+            raise ValueError(f"steps must be <= {MAX_ADAPT_STEPS} (recmeta_sdk.api.MAX_ADAPT_STEPS: "
+                             f"adaptation takes a few steps; each costs a forward and backward), got {steps!r}")
         return int(steps)
 
     # ------------------------------------------------------------------ public
@@ -537,7 +543,8 @@ class Recommender:
         ----------
         history : sequence of item ids (time order), or a dict / DataFrame with ``item`` and
             optional ``reward`` and ``timestamp`` (sorted by it)
-        steps : adaptation steps on the history (default ``config.inner_steps``; 0 = none)
+        steps : adaptation steps on the history (default ``config.inner_steps``; 0 = none; at
+            most :data:`MAX_ADAPT_STEPS`, 1000, else ValueError)
         features : the user's side features (dict), optional
         unknown : ``"error"`` (default: ValueError naming unknown items) or ``"drop"``
             (ignore them; they are listed in ``UserState.dropped``)
