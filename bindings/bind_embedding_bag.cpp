@@ -355,13 +355,31 @@ py::array_t<float> forward_one(uintptr_t w, int64_t code, int64_t rows, int64_t 
 }  // namespace
 
 void bind_embedding_bag(py::module_& m) {
-  m.def("embedding_bag_forward_one", &forward_one, py::arg("weight"), py::arg("code"), py::arg("rows"),
-        py::arg("dim"), py::arg("indices"), py::arg("indices_code"), py::arg("nnz"), py::arg("offsets"),
-        py::arg("offsets_code"), py::arg("num_offsets"), py::arg("mean"),
-        R"doc(One contiguous float32 (code 0) / float16 (code 1) table at address `weight`, ids and
+  // The fast path takes raw addresses (converting three torch tensors to numpy arrays would
+  // double the cost of a small call), so it is not a module function: the SDK claims the one
+  // handle to it, once per process, when it first needs it (recmeta_sdk._op_embedding_bag
+  // ._init_fast_core), and a second claim raises. Nothing on the module surface accepts an
+  // address to read from this way.
+  m.def(
+      "_claim_embedding_bag_fast_forward",
+      []() {
+        static bool claimed = false;  // the GIL is held
+        if (claimed)
+          throw std::runtime_error(
+              "_claim_embedding_bag_fast_forward: the fast path is already claimed by recmeta_sdk "
+              "(use recmeta_sdk.ops.embedding_bag)");
+        claimed = true;
+        return py::cpp_function(
+            &forward_one, py::name("embedding_bag_forward_one"), py::arg("weight"), py::arg("code"),
+            py::arg("rows"), py::arg("dim"), py::arg("indices"), py::arg("indices_code"), py::arg("nnz"),
+            py::arg("offsets"), py::arg("offsets_code"), py::arg("num_offsets"), py::arg("mean"),
+            R"doc(One contiguous float32 (code 0) / float16 (code 1) table at address `weight`, ids and
 offsets at the given addresses (code 0 = int32, 1 = int64), no per-sample weights: the forward
 of embedding_bag_forward with every argument a plain int (the SDK's fast path for small calls).
 The caller keeps the memory alive; values (ids, offsets) are checked as in embedding_bag_forward.)doc");
+      },
+      R"doc(Private: hand out the SDK's raw-address embedding-bag fast path, once per process (a
+second call raises RuntimeError). Not for use outside recmeta_sdk._op_embedding_bag.)doc");
   m.def("embedding_bag_forward", &forward, py::arg("tables"), py::arg("indices"), py::arg("offsets"),
         py::arg("per_sample_weights") = py::none(), py::arg("mode") = "sum",
         R"doc(Table-batched embedding-bag forward (T = 1: a plain embedding bag).

@@ -1,6 +1,7 @@
 // Binding of the fused policy scoring ops (policy_topk, policy_sample): numpy buffers in
 // (torch CPU tensors arrive as zero-copy numpy views), numpy arrays out, GIL released
 // while the core works.
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -70,13 +71,15 @@ recmeta::PolicyArgs make_args(const py::array& users, const py::array& items, in
     throw py::type_error("items: table must be float32, float16 or uint8 (row-wise int8), got " + dtype_str(items));
   }
   const int64_t isz = items.itemsize();
-  if (d > 1 && items.strides(1) != isz) throw py::value_error("items: rows must be contiguous");
-  if (N > 1 && (items.strides(0) % isz != 0 || items.strides(0) / isz < d))
+  // An empty table (N = 0 or d = 0) is never read: numpy / torch give such arrays any strides.
+  const bool empty = N == 0 || d == 0;
+  if (!empty && d > 1 && items.strides(1) != isz) throw py::value_error("items: rows must be contiguous");
+  if (!empty && N > 1 && (items.strides(0) % isz != 0 || items.strides(0) / isz < d))
     throw py::value_error("items: unsupported row stride");
   a.items.data = items.data();
   a.items.rows = N;
   a.items.dim = d;
-  a.items.row_stride = N > 1 ? items.strides(0) / isz : d;
+  a.items.row_stride = (!empty && N > 1) ? items.strides(0) / isz : d;
   if (a.items.type == recmeta::TableType::I8Rowwise) {
     if (!row_scale || !row_min) throw py::value_error("items: a uint8 table needs row_scale and row_min");
     a.items.row_scale = float_vector(row_scale, "row_scale", N);
@@ -105,8 +108,8 @@ recmeta::PolicyArgs make_args(const py::array& users, const py::array& items, in
     a.candidate_ids = index_view(*candidate_ids, "candidates ids");
   }
   a.temperature = static_cast<float>(temperature);
-  a.k = k;
   if (k < 0) throw py::value_error("k must be >= 0, got " + std::to_string(k));
+  a.k = std::min(k, N);  // at most N columns: k above the catalogue pads up to N, no more
   return a;
 }
 
@@ -115,14 +118,17 @@ py::tuple run(recmeta::PolicyArgs a, bool sample) {
   py::array_t<int64_t> ids({B, k});
   py::array_t<float> scores({B, k});
   py::array_t<float> lognorm(B);
+  py::array_t<double> logtail(sample ? B : 0);
   a.out_ids = ids.mutable_data();
   a.out_scores = scores.mutable_data();
   a.out_lognorm = lognorm.mutable_data();
+  if (sample) a.out_logtail = logtail.mutable_data();
   {
     py::gil_scoped_release release;
     if (sample) recmeta::policy_sample(a);
     else recmeta::policy_topk(a);
   }
+  if (sample) return py::make_tuple(ids, scores, lognorm, logtail);
   return py::make_tuple(ids, scores, lognorm);
 }
 
@@ -149,7 +155,9 @@ void bind_policy_topk(py::module_& m) {
       "row_min (N,) float32 (value = code * row_scale + row_min); bias (N,) float32; exclude_* and\n"
       "candidate_* CSR pairs (B+1 offsets, ids in [0, N), int32 or int64). One streaming pass;\n"
       "the GIL is released. Returns (ids (B, k) int64, scores (B, k) float32, log_normalizer (B,)\n"
-      "float32), best first, ties broken by the smaller id, padded with -1 / -inf.");
+      "float32), best first, ties broken by the smaller id, padded with -1 / -inf; k is capped at N\n"
+      "(min(k, N) columns). A -inf bias masks an item; a NaN / inf item value in a row read, or a\n"
+      "score overflowing float32, raises ValueError naming the row.");
   m.def(
       "policy_sample",
       [](const py::array& user_states, const py::array& items, int64_t k, uint64_t seed,
@@ -170,8 +178,9 @@ void bind_policy_topk(py::module_& m) {
       "Gumbel-top-k sample of k distinct items per user from softmax(s), s as in policy_topk, with\n"
       "the counter-based noise of reference.gumbel_noise keyed by (seed mod 2**64, row, item).\n"
       "Same arguments as policy_topk plus seed (0 <= seed < 2**64). Returns (ids (B, k) int64,\n"
-      "the unperturbed scores s (B, k) float32, log_normalizer (B,) float32); the result depends\n"
-      "only on the inputs and the seed, never on the thread count.");
+      "the unperturbed scores s (B, k) float32, log_normalizer (B,) float32, log_tail (B,) float64:\n"
+      "the log of the mass of the eligible items outside the slate, summed directly); the result\n"
+      "depends only on the inputs and the seed, never on the thread count.");
   m.def(
       "gumbel_uniform",
       [](uint64_t seed, int64_t row, int64_t item) { return recmeta::gumbel_uniform(seed, row, item); },

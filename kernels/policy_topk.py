@@ -293,7 +293,9 @@ def policy_stage1(user_states, items, k: int, bias=None, exclude=None, candidate
 
 def policy_topk(user_states, items, k: int, bias=None, exclude=None, candidates=None,
                 temperature: float = 1.0, **overrides):
-    """(ids (B, k) int64, scores (B, k) float32, log_normalizer (B,) float32)."""
+    """(ids (B, min(k, N)) int64, scores (B, min(k, N)) float32, log_normalizer (B,) float32),
+    best first, ties broken by the smaller id (the packed keys' order)."""
+    k = min(int(k), _table_parts(items)[0].shape[0])  # at most N columns, as every backend
     keys, mx, sm = policy_stage1(user_states, items, k, bias, exclude, candidates, temperature,
                                  None, **overrides)
     ids, vals = merge_topk(keys, k)
@@ -301,13 +303,27 @@ def policy_topk(user_states, items, k: int, bias=None, exclude=None, candidates=
 
 
 def policy_sample(user_states, items, k: int, seed: int, bias=None, exclude=None,
-                  candidates=None, temperature: float = 1.0, **overrides):
-    """(ids, scores, propensities, slate_log_prob): Gumbel-top-k with the shared hash."""
-    from recmeta_sdk.reference import _slate_probabilities
+                  candidates=None, temperature: float = 1.0, exact_tail=None, screen=None,
+                  **overrides):
+    """(ids, scores, propensities, slate_log_prob): Gumbel-top-k with the shared hash.
 
+    The slate probability needs the mass outside the slate; the kernel returns only the
+    log-normaliser, so it is ``Z - slate`` (:func:`recmeta_sdk.reference.logtail_from_lognorm`),
+    recomputed by ``exact_tail(ids)(rows)`` where that difference cancels. A -inf score (a
+    -inf bias's mask) is never drawn: such slots become padding. ``screen(ids, values,
+    lognorm) -> (ids, values)``: the caller's check of the merged result (it raises on a
+    non-finite score), optional."""
+    from recmeta_sdk.reference import _slate_probabilities, logtail_from_lognorm
+
+    k = min(int(k), _table_parts(items)[0].shape[0])  # at most N columns, as every backend
     keys, mx, sm = policy_stage1(user_states, items, k, bias, exclude, candidates, temperature,
                                  int(seed), **overrides)
-    ids, _ = merge_topk(keys, k)
+    ids, vals = merge_topk(keys, k)
     lognorm = merge_lse(mx, sm)
+    if screen is not None:
+        ids, vals = screen(ids, vals, lognorm)
+    ids = ids.masked_fill(torch.isneginf(vals), -1)
     sc = gather_scores(user_states, items, ids, bias, temperature)
-    return (ids, sc) + _slate_probabilities(sc, ids >= 0, lognorm)
+    valid = ids >= 0
+    logtail = logtail_from_lognorm(sc, valid, lognorm, None if exact_tail is None else exact_tail(ids))
+    return (ids, sc) + _slate_probabilities(sc, valid, logtail)

@@ -405,8 +405,9 @@ def _prepare_policy(user_states, items, k, bias, exclude, candidates, temperatur
     if u.device.type != "cuda":
         raise ValueError(f"user_states: expected a CUDA tensor, got device {u.device}")
     check_float(u, "user_states", (None, d))
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"k must be a non-negative int, got {k!r}")
+    from ._op_policy import _check_bias_finite, as_count
+
+    k = min(as_count(k), N)  # at most N columns (see ops.policy_topk)
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     b = None
@@ -414,17 +415,51 @@ def _prepare_policy(user_states, items, k, bias, exclude, candidates, temperatur
         b, _ = as_tensor(bias, "bias")
         if b.dtype != torch.float32:
             raise TypeError(f"bias: expected float32, got {b.dtype}")
-        check_float(b, "bias", (N,))
+        check_float(b, "bias", (N,), finite=False)
+        _check_bias_finite(b)  # -inf masks an item; NaN / +inf refused
         b = b.contiguous()
     B = u.shape[0]
     exc = check_csr(exclude, "exclude", B, N)
     cand = check_csr(candidates, "candidates", B, N)
     _check_device(u.device, [("items", tab), ("bias", b)])
-    return u, tab, b, exc, cand
+    return u, tab, b, exc, cand, k
+
+
+def _cpu_args(u, tab, b, exc, cand):
+    mv = lambda p: None if p is None else (p[0].cpu(), p[1].cpu())  # noqa: E731
+    return u.cpu(), _tab_cpu(tab), None if b is None else b.cpu(), mv(exc), mv(cand)
+
+
+def _screen_gpu_result(u, tab, b, exc, cand, temperature, ids, vals, lognorm):
+    """The fused GPU kernels do not screen scores as they read: a NaN / +inf score makes its
+    user's log-normaliser NaN / +inf, so one look at the (B,) log-normalisers finds it and
+    the reference (on the CPU, only in that error case) names the row. A -inf score (a -inf
+    bias's mask) is never returned: such slots become padding."""
+    if not bool((torch.isfinite(lognorm) | torch.isneginf(lognorm)).all()):
+        cu, ct, cb, ce, cc = _cpu_args(u, tab, b, exc, cand)
+        reference.policy_topk(cu, ct, 0, cb, ce, cc, float(temperature))  # raises, naming the row
+        raise ValueError("policy scores: a non-finite score was found")  # not reached
+    masked = torch.isneginf(vals)
+    return ids.masked_fill(masked, -1), vals
+
+
+def _exact_logtail(u, tab, b, exc, cand, temperature, ids):
+    """exact(rows) for reference.logtail_from_lognorm: the mass outside the slate summed
+    directly (on the CPU, for the rows whose slate holds nearly all of the mass)."""
+    def exact(rows):
+        cu, ct, cb, ce, cc = _cpu_args(u, tab, b, exc, cand)
+        s = reference._scores(cu, ct, cb, temperature).to(torch.float64)
+        mask = reference.eligible_mask(cu.shape[0], ct.shape[0], ce, cc) & (s > float("-inf"))
+        ic = ids.cpu()
+        r = torch.arange(ic.shape[0])[:, None].expand_as(ic)
+        v = ic >= 0
+        mask[r[v], ic[v]] = False
+        return torch.logsumexp(s.masked_fill(~mask, float("-inf")), dim=1)[rows.cpu()]
+    return exact
 
 
 def _policy(user_states, items, k, seed, bias, exclude, candidates, temperature, backend):
-    u, tab, b, exc, cand = _prepare_policy(user_states, items, k, bias, exclude, candidates, temperature)
+    u, tab, b, exc, cand, k = _prepare_policy(user_states, items, k, bias, exclude, candidates, temperature)
     return _policy_run(_resolve(backend), u, tab, k, seed, b, exc, cand, temperature)
 
 
@@ -449,8 +484,13 @@ def _policy_run(name, u, tab, k, seed, b, exc, cand, temperature):
     if name == "triton":
         PT = load_kernel_module("policy_topk")
         if seed is None:
-            return PT.policy_topk(u, tab, k, b, exc, cand, float(temperature))
-        return PT.policy_sample(u, tab, k, seed, b, exc, cand, float(temperature))
+            ids, vals, lognorm = PT.policy_topk(u, tab, k, b, exc, cand, float(temperature))
+            ids, vals = _screen_gpu_result(u, tab, b, exc, cand, temperature, ids, vals, lognorm)
+            return ids, vals, lognorm
+        return PT.policy_sample(
+            u, tab, k, seed, b, exc, cand, float(temperature),
+            exact_tail=lambda ids: _exact_logtail(u, tab, b, exc, cand, temperature, ids),
+            screen=lambda ids, vals, ln: _screen_gpu_result(u, tab, b, exc, cand, temperature, ids, vals, ln))
     return _cuda_policy(u, tab, k, seed, b, exc, cand, float(temperature))
 
 
@@ -485,10 +525,14 @@ def _cuda_policy(u, tab, k, seed, b, exc, cand, temperature):
             keys.data_ptr(), mx.data_ptr(), sm.data_ptr(), splits, per, kb, _stream(dev))
     ids, vals = C.merge_topk(keys, k)
     lognorm = C.merge_lse(mx, sm)
+    ids, vals = _screen_gpu_result(u, tab, b, exc, cand, temperature, ids, vals, lognorm)
     if seed is None:
         return ids, vals, lognorm
     sc = C.gather_scores(u, tab, ids, b, temperature)
-    return (ids, sc) + reference._slate_probabilities(sc, ids >= 0, lognorm)
+    valid = ids >= 0
+    logtail = reference.logtail_from_lognorm(sc, valid, lognorm,
+                                             _exact_logtail(u, tab, b, exc, cand, temperature, ids))
+    return (ids, sc) + reference._slate_probabilities(sc, valid, logtail)
 
 
 def gpu_policy_topk(user_states, items, k, bias=None, exclude=None, candidates=None,
@@ -504,6 +548,6 @@ def gpu_policy_sample(user_states, items, k, seed, bias=None, exclude=None, cand
                       temperature: float = 1.0, backend: Optional[str] = None):
     """Gumbel-top-k sampling on CUDA tensors → (ids, scores, propensities, slate_log_prob);
     the same slates as the CPU backends for the same seed (same counter-based hash)."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    return _policy(user_states, items, k, int(seed), bias, exclude, candidates, temperature, backend)
+    from ._op_policy import as_seed
+
+    return _policy(user_states, items, k, as_seed(seed), bias, exclude, candidates, temperature, backend)

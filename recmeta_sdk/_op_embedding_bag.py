@@ -478,11 +478,42 @@ def _fast_forward(w, indices, offsets, mode):
                             offsets.data_ptr(), oc, offsets.numel(), mode == "mean"))
 
 
+def _check_adagrad_state(state) -> None:
+    """A row-wise Adagrad state is a sum of squares: every value finite and >= 0 (a negative
+    one would make sqrt(state) NaN); ValueError naming the first bad row (and table)."""
+    states = state if isinstance(state, (list, tuple)) else [state]
+    for t, st in enumerate(states):
+        if not isinstance(st, (np.ndarray, torch.Tensor)):
+            continue  # type errors are reported by the checks that follow
+        v = torch.as_tensor(st) if isinstance(st, np.ndarray) else st.detach()
+        if not v.is_floating_point() or v.numel() == 0:
+            continue  # dtype and shape errors are reported by the checks that follow
+        bad = ~torch.isfinite(v) | (v < 0)
+        if bool(bad.any()):
+            r = int(torch.nonzero(bad.reshape(-1))[0, 0])
+            where = f"states[{t}] " if isinstance(state, (list, tuple)) else "state "
+            raise ValueError(f"{where}row {r}: row-wise Adagrad state must be finite and >= 0, "
+                             f"got {float(v.reshape(-1)[r])}")
+
+
 def _init_fast_core():
     """The core's one-table forward when the default CPU backend is the compiled core (None
-    otherwise: the fast path is then skipped). Looked up once, at the first call."""
-    global _FAST_CORE
-    _FAST_CORE = _core().embedding_bag_forward_one if _default_cpu_backend() == "cpp" else None
+    otherwise: the fast path is then skipped). Looked up once, at the first call.
+
+    The fast forward takes raw addresses, so the core does not expose it as a module
+    function: it hands out one handle per process (``_claim_embedding_bag_fast_forward``),
+    kept here; if something else claimed it first, the fast path stays off (every call then
+    takes the general path, which converts and checks its arrays)."""
+    global _FAST_CORE, _FAST_HANDLE
+    if _default_cpu_backend() != "cpp":
+        _FAST_CORE = None
+        return None
+    if _FAST_HANDLE is _UNSET:
+        try:
+            _FAST_HANDLE = _core()._claim_embedding_bag_fast_forward()
+        except (AttributeError, RuntimeError):
+            _FAST_HANDLE = None
+    _FAST_CORE = _FAST_HANDLE
     return _FAST_CORE
 
 
@@ -491,6 +522,7 @@ _is_compiling = torch.compiler.is_compiling
 _from_numpy = torch.from_numpy
 _UNSET = object()
 _FAST_CORE = _UNSET
+_FAST_HANDLE = _UNSET  # the core's raw-address forward, claimed once (see _init_fast_core)
 
 
 def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: str = "sum",
@@ -722,6 +754,8 @@ def embedding_bag_backward(weight, indices, offsets, grad_output, *, per_sample_
         raise ValueError(f"eps: must be a finite number >= 0, got {eps!r}")
     if optimizer == "rowwise_adagrad" and state is None:
         raise ValueError("state: rowwise_adagrad needs a (N,) float32 state")
+    if optimizer == "rowwise_adagrad":
+        _check_adagrad_state(state)
     if table_offsets is not None or isinstance(weight, (list, tuple)):
         is_cuda = isinstance(indices, torch.Tensor) and indices.is_cuda
         be = backends.resolve(backend, "cuda" if is_cuda else "cpu")

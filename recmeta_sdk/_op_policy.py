@@ -9,8 +9,10 @@ public functions call the same implementation directly, without the dispatcher's
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from . import backends, reference
@@ -20,6 +22,30 @@ from .reference import QuantizedTable
 __all__ = ["policy_topk", "policy_sample"]
 
 _U64 = (1 << 64) - 1
+
+
+def as_count(k, name: str = "k") -> int:
+    """``k`` as an int: any integral (``int``, numpy integers), not a bool or a float
+    (TypeError naming it), >= 0 (ValueError)."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"{name} must be an integer (int or numpy integer), got {k!r} "
+                        f"of type {type(k).__name__}")
+    k = int(k)
+    if k < 0:
+        raise ValueError(f"{name} must be >= 0, got {k}")
+    return k
+
+
+def as_seed(seed) -> int:
+    """``seed`` as an int in [0, 2**64): any integral, not a bool or a float (TypeError);
+    outside that range a ValueError (seeds are not wrapped modulo 2**64)."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer (int or numpy integer), got {seed!r} "
+                        f"of type {type(seed).__name__}")
+    seed = int(seed)
+    if not 0 <= seed <= _U64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return seed
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
@@ -41,8 +67,7 @@ def _prepare(user_states, items, k, bias, exclude, candidates, temperature):
     if u.dtype != torch.float32:
         raise TypeError(f"user_states: expected float32, got {u.dtype}")
     check_float(u, "user_states", (None, d))
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"k must be a non-negative int, got {k!r}")
+    k = min(as_count(k), N)  # at most N columns: k above the catalogue pads up to N
     if isinstance(temperature, bool) or not (
             isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
@@ -55,13 +80,19 @@ def _prepare(user_states, items, k, bias, exclude, candidates, temperature):
     B = u.shape[0]
     exc = check_csr(exclude, "exclude", B, N)
     cand = check_csr(candidates, "candidates", B, N)
-    return u, tab, b, exc, cand, kind
+    return u, tab, b, exc, cand, kind, k
 
 
 def _check_bias_finite(b) -> None:
-    """The bias check for the backends that do not screen it themselves (torch, GPU)."""
-    if b is not None:
-        _check_finite(b, "bias")
+    """The bias check for the backends that do not screen it themselves (torch, GPU): no
+    NaN, no +inf (-inf masks an item). Fast path: a sum that is not NaN / +inf implies it."""
+    if b is not None and b.numel():
+        t = float(b.sum(dtype=torch.float64))
+        if math.isnan(t) or t == math.inf:
+            bad = torch.isnan(b) | (b == math.inf)
+            pos = int(torch.nonzero(bad.reshape(-1))[0, 0])
+            raise ValueError(f"bias: non-finite value {float(b.reshape(-1)[pos])} at position {pos} "
+                             f"(-inf masks an item; NaN and +inf are refused)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,12 +126,12 @@ def _sample_cpp(user_states, items, k, seed, row_scale, row_min, bias, exclude_o
                 candidate_offsets, candidate_ids, temperature):
     from . import _core
 
-    ids, scores, lognorm = _core.policy_sample(
+    ids, scores, _, logtail = _core.policy_sample(
         _np(user_states), _np(items), int(k), int(seed) & _U64,
         **_core_kwargs(row_scale, row_min, bias, exclude_offsets, exclude_ids, candidate_offsets,
                        candidate_ids, temperature))
     ids_t, sc_t = torch.from_numpy(ids), torch.from_numpy(scores)
-    prop, slate = reference._slate_probabilities(sc_t, ids_t >= 0, torch.from_numpy(lognorm))
+    prop, slate = reference._slate_probabilities(sc_t, ids_t >= 0, torch.from_numpy(logtail))
     return ids_t, sc_t, prop, slate
 
 
@@ -119,7 +150,7 @@ def _policy_topk_op(user_states: torch.Tensor, items: torch.Tensor, k: int,
 @_policy_topk_op.register_fake
 def _(user_states, items, k, row_scale, row_min, bias, exclude_offsets, exclude_ids,
       candidate_offsets, candidate_ids, temperature):
-    B = user_states.shape[0]
+    B, k = user_states.shape[0], min(k, items.shape[0])
     return (user_states.new_empty((B, k), dtype=torch.int64),
             user_states.new_empty((B, k), dtype=torch.float32),
             user_states.new_empty((B,), dtype=torch.float32))
@@ -140,7 +171,7 @@ def _policy_sample_op(user_states: torch.Tensor, items: torch.Tensor, k: int, se
 @_policy_sample_op.register_fake
 def _(user_states, items, k, seed, row_scale, row_min, bias, exclude_offsets, exclude_ids,
       candidate_offsets, candidate_ids, temperature):
-    B = user_states.shape[0]
+    B, k = user_states.shape[0], min(k, items.shape[0])
     return (user_states.new_empty((B, k), dtype=torch.int64),
             user_states.new_empty((B, k), dtype=torch.float32),
             user_states.new_empty((B, k), dtype=torch.float32),
@@ -166,14 +197,34 @@ def _op_args(u, tab, b, exc, cand):
 # ---------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------
+_SEMANTICS = """
+    Semantics shared by :func:`policy_topk` and :func:`policy_sample` (every backend):
+
+    * ``k``: an integer (``int`` or a numpy integer; a bool or a float is a TypeError),
+      ``>= 0``. The results have ``min(k, N)`` columns: ``k`` above the catalogue is capped
+      at N (no more memory than the catalogue), and slots beyond the eligible items are
+      padding (id -1, score -inf, propensity 0). An empty table (N = 0) gives (B, 0) results
+      and a log-normaliser of -inf.
+    * Order: best first; among equal scores (sampling: equal perturbed scores) the smaller
+      id comes first.
+    * ``bias``: -inf masks an item (never returned, zero probability, no mass in the
+      log-normaliser); NaN and +inf raise ValueError naming the position.
+    * NaN / inf values: in ``user_states`` a ValueError naming the position; in an item row
+      that the op reads (every row; with ``candidates``, the eligible ones) a ValueError
+      naming the row. Finite inputs whose score overflows float32 (``|s| > 3.4e38``) raise a
+      ValueError naming the item row: no result holds an inf or NaN score.
+"""
+
+
 def policy_topk(user_states, items, k, *, bias=None, exclude=None, candidates=None,
                 temperature: float = 1.0, backend: Optional[str] = None):
     """Top-k items of the softmax policy ``s = (U @ I.T + b) / temperature`` and its log-normaliser.
 
-    Returns ``(ids (B, k) int64, scores (B, k) float32, log_normalizer (B,) float32)``.
+    Returns ``(ids (B, min(k, N)) int64, scores (B, min(k, N)) float32, log_normalizer (B,)
+    float32)``, best first, ties broken by the smaller id.
     See :func:`recmeta_sdk.reference.policy_topk` for the exact semantics.
     """
-    u, tab, b, exc, cand, kind = _prepare(user_states, items, k, bias, exclude, candidates, temperature)
+    u, tab, b, exc, cand, kind, k = _prepare(user_states, items, k, bias, exclude, candidates, temperature)
     be = backends.resolve(backend, u.device.type)
     if be != "cpp":
         _check_bias_finite(b)
@@ -195,12 +246,14 @@ def policy_sample(user_states, items, k, *, seed, bias=None, exclude=None, candi
                   temperature: float = 1.0, backend: Optional[str] = None):
     """Draw k distinct items per user from the policy (Gumbel-top-k) with their propensities.
 
-    Returns ``(ids, scores, propensities, slate_log_prob)``.
+    Returns ``(ids, scores, propensities, slate_log_prob)`` with ``min(k, N)`` columns;
+    ``slate_log_prob`` (B,) is the Plackett-Luce log-probability of the slate, computed in
+    float64 from the mass outside the slate (exact also when the slate holds nearly all of
+    it). ``seed``: an integer in [0, 2**64) (TypeError / ValueError otherwise).
     See :func:`recmeta_sdk.reference.policy_sample` for the exact semantics.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    u, tab, b, exc, cand, kind = _prepare(user_states, items, k, bias, exclude, candidates, temperature)
+    seed = as_seed(seed)
+    u, tab, b, exc, cand, kind, k = _prepare(user_states, items, k, bias, exclude, candidates, temperature)
     be = backends.resolve(backend, u.device.type)
     if be != "cpp":
         _check_bias_finite(b)
@@ -214,3 +267,7 @@ def policy_sample(user_states, items, k, *, seed, bias=None, exclude=None, candi
     else:
         out = reference.policy_sample(u, tab, k, seed, b, exc, cand, float(temperature))
     return to_kind(kind, *out)
+
+
+policy_topk.__doc__ += _SEMANTICS
+policy_sample.__doc__ += _SEMANTICS

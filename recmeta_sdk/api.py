@@ -132,6 +132,9 @@ def _is_scalar_id(x) -> bool:
 
 
 _U64 = (1 << 64) - 1
+#: The most adaptation steps ``adapt`` / ``adapt_task`` / ``user_state`` accept per call (a
+#: bound on the time of one call; training configs use a handful).
+MAX_ADAPT_STEPS = 1000
 _TABLE_LOCK = threading.Lock()
 _CORE: list = []  # [the compiled core module or None], filled on first use
 
@@ -507,9 +510,9 @@ class Recommender:
                         return i, sc, None
                     ids[b], scores[b] = i[0], sc[0]
                 else:
-                    i, sc, lognorm = _core.policy_sample(u, V, k, (int(seed) + b) & _U64, **kw)
+                    i, sc, _, logtail = _core.policy_sample(u, V, k, (int(seed) + b) & _U64, **kw)
                     pr, _ = reference._slate_probabilities(torch.from_numpy(sc), torch.from_numpy(i >= 0),
-                                                           torch.from_numpy(lognorm))
+                                                           torch.from_numpy(logtail))
                     ids[b], scores[b], props[b] = i[0], sc[0], pr[0].numpy()
             else:
                 tex = None if ex is None else tuple(torch.from_numpy(x) for x in (ex[0], np.unique(ex[1])))
@@ -519,7 +522,7 @@ class Recommender:
                     i, sc, _ = ops.policy_topk(tu, self._V, k, bias=tb, exclude=tex, candidates=tca,
                                                temperature=tau)
                 else:
-                    i, sc, pr, _ = ops.policy_sample(tu, self._V, k, seed=int(seed) + b, bias=tb,
+                    i, sc, pr, _ = ops.policy_sample(tu, self._V, k, seed=(int(seed) + b) & _U64, bias=tb,
                                                      exclude=tex, candidates=tca, temperature=tau)
                     props[b] = pr[0].numpy()
                 ids[b], scores[b] = i[0].numpy(), sc[0].numpy()
@@ -530,6 +533,9 @@ class Recommender:
             return self.config.inner_steps if task is None else 0
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
             raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        if steps > MAX_ADAPT_STEPS:
+            raise ValueError(f"steps must be <= {MAX_ADAPT_STEPS} (recmeta_sdk.api.MAX_ADAPT_STEPS: "
+                             f"adaptation takes a few steps; each costs a forward and backward), got {steps!r}")
         return int(steps)
 
     # ------------------------------------------------------------------ public
@@ -541,7 +547,8 @@ class Recommender:
         ----------
         history : sequence of item ids (time order), or a dict / DataFrame with ``item`` and
             optional ``reward`` and ``timestamp`` (sorted by it)
-        steps : adaptation steps on the history (default ``config.inner_steps``; 0 = none)
+        steps : adaptation steps on the history (default ``config.inner_steps``; 0 = none; at
+            most :data:`MAX_ADAPT_STEPS`, 1000, else ValueError)
         features : the user's side features (dict), optional
         unknown : ``"error"`` (default: ValueError naming unknown items) or ``"drop"``
             (ignore them; they are listed in ``UserState.dropped``)
@@ -660,11 +667,20 @@ class Recommender:
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
-        k = int(k)
+        # k above the catalogue is capped at n_items (padding beyond the eligible items)
+        k = min(int(k), self.n_items)
         if explore not in (None, "sample", "epsilon"):
             raise ValueError(f"explore must be None, 'sample' or 'epsilon', got {explore!r}")
         if explore is not None and (seed is None or isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise ValueError(f"explore={explore!r} needs an int seed=, got {seed!r}")
+        if seed is not None and not isinstance(seed, bool) and isinstance(seed, (int, np.integer)) \
+                and not 0 <= int(seed) <= _U64:
+            raise ValueError(f"seed must be in [0, 2**64), got {seed!r}")
+        if not (isinstance(users_or_states, (UserState, list, tuple, np.ndarray, range))
+                or _is_scalar_id(users_or_states)):
+            raise TypeError(f"recommend: users_or_states must be a user id (int, numpy integer or str), "
+                            f"a UserState, or a list of them, got {users_or_states!r} "
+                            f"of type {type(users_or_states).__name__}")
         tau = self.config.temperature if temperature is None else temperature
         if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")

@@ -157,9 +157,12 @@ def parse_events(model, events) -> pd.DataFrame:
         reward = pd.to_numeric(df["reward"], errors="raise").to_numpy(dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"event rewards must be numbers, got {df['reward'].tolist()[:5]}") from None
-    if not np.isfinite(reward).all():
-        i = int(np.flatnonzero(~np.isfinite(reward))[0])
-        raise ValueError(f"event reward must be finite; row {i} has {reward[i]}")
+    # finite in float32 too: the online state stores rewards as float32 (1e300 would be inf)
+    with np.errstate(over="ignore"):
+        finite32 = np.isfinite(reward.astype(np.float32))
+    if not finite32.all():
+        i = int(np.flatnonzero(~finite32)[0])
+        raise ValueError(f"event reward must be finite (in float32, |reward| <= 3.4e38); row {i} has {reward[i]}")
     prop = (pd.to_numeric(df["propensity"], errors="coerce").to_numpy(dtype=np.float64)
             if "propensity" in df.columns else np.full(n, np.nan))
     if "propensity" in df.columns:
@@ -168,15 +171,31 @@ def parse_events(model, events) -> pd.DataFrame:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise ValueError(f"event propensity must be in (0, 1]; row {i} has {df['propensity'].iloc[i]!r}")
-    ts = (pd.to_numeric(df["timestamp"], errors="coerce").to_numpy(dtype=np.float64)
-          if "timestamp" in df.columns else np.full(n, np.nan))
-    pos = df["position"].fillna(0).to_numpy() if "position" in df.columns else np.zeros(n)
-    try:
-        pos = pos.astype(np.int64)
-    except (TypeError, ValueError):
-        raise ValueError(f"event positions must be integers, got {list(pos[:5])}") from None
-    if (pos < 0).any():
-        raise ValueError(f"event positions must be >= 0, got {int(pos.min())}")
+    ts = np.full(n, np.nan)
+    if "timestamp" in df.columns:
+        given = df["timestamp"].notna().to_numpy()
+        ts = pd.to_numeric(df["timestamp"], errors="coerce").to_numpy(dtype=np.float64)
+        bad = given & ~np.isfinite(ts)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"event timestamp must be a finite number; row {i} has "
+                             f"{df['timestamp'].iloc[i]!r}")
+    pos = np.zeros(n, np.int64)
+    if "position" in df.columns:
+        raw = df["position"].to_numpy(dtype=object)
+        for i, p in enumerate(raw):
+            if p is None or (isinstance(p, float) and np.isnan(p)):
+                continue  # not given: 0
+            if isinstance(p, (bool, np.bool_)):
+                raise TypeError(f"event position must be an integer; row {i} has {p!r}")
+            if isinstance(p, (int, np.integer)):
+                pos[i] = int(p)
+            elif isinstance(p, (float, np.floating)) and float(p).is_integer():
+                pos[i] = int(p)  # 2.0 from a float column of whole numbers
+            else:
+                raise ValueError(f"event position must be an integer; row {i} has {p!r}")
+        if (pos < 0).any():
+            raise ValueError(f"event positions must be >= 0, got {int(pos.min())}")
     return pd.DataFrame({"user": users, "item": items, "reward": reward, "propensity": prop,
                          "timestamp": ts, "position": pos, "_idx": idx.astype(np.int64)})
 
@@ -447,22 +466,43 @@ class OnlineStore:
         return st
 
     def feedback(self, events) -> dict[Any, OnlineUser]:
-        """Apply events in their order (per user); returns each touched user's new version."""
+        """Apply events in their order (per user); returns each touched user's new version.
+
+        Atomic: every event is validated (:func:`parse_events`) before any is applied, and the
+        new versions of all the call's users are computed before any is published; if one
+        fails (ValueError naming the event, also for a state that would not be finite),
+        nothing of the call is published or logged."""
         ev = parse_events(self.model, events)
-        out: dict[Any, OnlineUser] = {}
-        for user, grp in ev.groupby("user", sort=False):
+        groups = list(ev.groupby("user", sort=False))
+        for user, _ in groups:
             if user in self._pending:
                 self._materialise(user)
-            cols = [grp[c].to_numpy() for c in ("_idx", "item", "reward", "propensity", "timestamp", "position")]
-            with self._lock(user):
+        # the users' locks, in one global order (no deadlock between concurrent calls), held
+        # while the new versions are computed and published
+        locks = sorted(((type(u).__name__, str(u), self._lock(u)) for u, _ in groups), key=lambda t: t[:2])
+        new: dict[Any, OnlineUser] = {}
+        logs: list[tuple] = []
+        for _, _, lk in locks:
+            lk.acquire()
+        try:
+            for user, grp in groups:
+                cols = [grp[c].to_numpy() for c in ("_idx", "item", "reward", "propensity", "timestamp", "position")]
                 cur = self._states.get(user)
-                for idx, item, r, p, t, pos in zip(*cols):
+                for row, (idx, item, r, p, t, pos) in zip(grp.index, zip(*cols)):
                     cur = self._apply(cur, user, int(idx), float(r))
-                    self._log.append((user, item.item() if hasattr(item, "item") else item,
-                                      float(r), float(p), float(t), int(pos)))
-                    self._states[user] = cur  # atomic publish of the whole new version
-            out[user] = cur
-        return out
+                    if not np.isfinite(cur.state.vector).all():
+                        raise ValueError(f"feedback event {row} (user {user!r}, reward {float(r)!r}) would "
+                                         f"make the user's state non-finite; nothing of this call was applied")
+                    logs.append((user, item.item() if hasattr(item, "item") else item,
+                                 float(r), float(p), float(t), int(pos)))
+                new[user] = cur
+            for user, cur in new.items():
+                self._states[user] = cur  # atomic publish of each whole new version
+            self._log.extend(logs)
+        finally:
+            for _, _, lk in reversed(locks):
+                lk.release()
+        return new
 
     def log(self) -> pd.DataFrame:
         """The feedback log so far (a copy), columns :data:`EVENT_COLUMNS`."""

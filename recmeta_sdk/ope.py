@@ -338,6 +338,18 @@ def expected_reward(q_full, action_dist, positions=None) -> np.ndarray:
     pi = np.asarray(action_dist, dtype=np.float64)
     if q.shape != pi.shape:
         raise ValueError(f"q_full shape {q.shape} differs from action_dist shape {pi.shape}")
+    if pi.ndim >= 2 and pi.size:
+        # a distribution over the actions (axis 1) in each round (and position)
+        bad = ~np.isfinite(pi) | (pi < 0)
+        if bad.any():
+            at = tuple(int(x) for x in np.argwhere(bad)[0])
+            raise ValueError(f"action_dist must hold finite probabilities >= 0; {pi[at]} at {at}")
+        tot = pi.sum(axis=1)
+        off = np.abs(tot - 1.0) > 1e-6 * max(1, pi.shape[1])
+        if off.any():
+            at = tuple(int(x) for x in np.argwhere(off)[0])
+            where = f"round {at[0]}" + (f", position {at[1]}" if len(at) > 1 else "")
+            raise ValueError(f"action_dist must sum to 1 over the actions; {where} sums to {tot[at]}")
     n = q.shape[0]
     q, pos = _full_index("q_full", q, positions, n)
     if pos is None:
@@ -362,8 +374,16 @@ def logged_reward(q_full, actions, positions=None) -> np.ndarray:
     q = np.asarray(q_full, dtype=np.float64)
     n = q.shape[0]
     q, pos = _full_index("q_full", q, positions, n)
-    a = np.asarray(actions, dtype=np.int64)
-    if a.shape != (n,) or a.min() < 0 or a.max() >= q.shape[1]:
+    raw = np.asarray(actions)
+    if raw.dtype == bool or not (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)):
+        raise TypeError(f"actions must be integers, got dtype {raw.dtype}")
+    if np.issubdtype(raw.dtype, np.floating):
+        frac = ~np.isfinite(raw) | (raw != np.floor(raw))
+        if frac.any():
+            i = int(np.flatnonzero(frac.reshape(-1))[0])
+            raise ValueError(f"actions must be integers (action indices), got {float(raw.reshape(-1)[i])!r} at row {i}")
+    a = raw.astype(np.int64)
+    if a.shape != (n,) or (n and (a.min() < 0 or a.max() >= q.shape[1])):
         raise ValueError(f"actions must be (n,) ints in [0, {q.shape[1]}), got shape {a.shape}")
     rows = np.arange(n)
     return q[rows, a] if pos is None else q[rows, a, pos]

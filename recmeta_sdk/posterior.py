@@ -36,7 +36,7 @@ import numpy as np
 
 __all__ = ["RewardPosterior", "of_model", "score_scale"]
 
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: score_scale runs model code under it
 
 
 class RewardPosterior:
@@ -176,11 +176,18 @@ def score_scale(model) -> float:
     a user with no history, the unit of ``config.feedback_posterior`` (computed once per model)."""
     sc = model.__dict__.get("_feedback_score_scale")
     if sc is None:
-        st = model.adapt([])
-        z = model._V.numpy() @ st.vector + model._bias.numpy()
-        extra = model._state_bias(st)  # the state's wide part, if the model has one
-        if extra is not None:
-            z = z + extra
-        sc = float(np.std(z.astype(np.float64))) or 1.0
-        model._feedback_score_scale = sc
+        # Under the lock, once: concurrent first feedback calls must all use one value (each
+        # computing its own could differ in the last bits, e.g. a BLAS product run on another
+        # number of threads, and a state built with a value later overwritten would not match
+        # a replay of the log: the "1 of 1,898 online results" of issue 18).
+        with _LOCK:
+            sc = model.__dict__.get("_feedback_score_scale")
+            if sc is None:
+                st = model.adapt([])
+                z = model._V.numpy() @ st.vector + model._bias.numpy()
+                extra = model._state_bias(st)  # the state's wide part, if the model has one
+                if extra is not None:
+                    z = z + extra
+                sc = float(np.std(z.astype(np.float64))) or 1.0
+                model._feedback_score_scale = sc
     return sc

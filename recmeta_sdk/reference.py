@@ -386,18 +386,66 @@ def _scores(user_states, items, bias, temperature) -> torch.Tensor:
 
 
 def _masked_topk(values: torch.Tensor, mask: torch.Tensor, k: int):
-    """Top-k of ``values`` over ``mask`` with (-1, -inf) padding; returns ids and values."""
+    """Top-k of ``values`` over ``mask`` with (-1, -inf) padding; returns ids and values.
+
+    Order (every backend's): value descending, then id ascending among equal values. ``k``
+    is the number of output columns (callers cap it at N)."""
     B, N = values.shape
     v = values.masked_fill(~mask, float("-inf"))
     kk = min(k, N)
-    top_v, top_i = torch.topk(v, kk, dim=1, sorted=True) if kk > 0 else (
-        torch.empty(B, 0), torch.empty(B, 0, dtype=torch.int64))
-    valid = torch.gather(mask, 1, top_i) if kk > 0 else torch.empty(B, 0, dtype=torch.bool)
     ids = torch.full((B, k), -1, dtype=torch.int64)
     out_v = torch.full((B, k), float("-inf"), dtype=torch.float32)
+    if kk == 0 or B == 0:
+        return ids, out_v
+    # torch.topk breaks ties in no documented order: take every value above the k-th one,
+    # and of the values equal to it the ones with the smallest ids, then sort the kk chosen
+    # (stable, so equal values stay in id order).
+    kth = torch.topk(v, kk, dim=1, sorted=True).values[:, -1:]
+    above = v > kth
+    tie = v == kth
+    need = kk - above.sum(dim=1, keepdim=True)
+    chosen = above | (tie & (torch.cumsum(tie.to(torch.int64), dim=1) <= need))
+    sel = torch.nonzero(chosen)[:, 1].reshape(B, kk)  # ids ascending in each row
+    sel_v = torch.gather(v, 1, sel)
+    order = torch.sort(sel_v, dim=1, descending=True, stable=True).indices
+    top_i = torch.gather(sel, 1, order)
+    top_v = torch.gather(sel_v, 1, order)
+    valid = torch.gather(mask, 1, top_i)
     ids[:, :kk] = torch.where(valid, top_i, torch.full_like(top_i, -1))
     out_v[:, :kk] = torch.where(valid, top_v, torch.full_like(top_v, float("-inf")))
     return ids, out_v
+
+
+def item_error(items: Table, row: int) -> ValueError:
+    """The error for item ``row`` whose score is not finite (the compiled core's message): a
+    non-finite value in the row, or finite values whose score overflows float32."""
+    vals = dequantize(items, torch.tensor([row]))[0]
+    bad = torch.nonzero(~torch.isfinite(vals))
+    if bad.numel():
+        c = int(bad[0, 0])
+        return ValueError(f"items: non-finite value {float(vals[c])} at row {row}, column {c}")
+    return ValueError(
+        f"policy scores overflow float32 at item row {row}: (user_states . items[{row}] + bias) / "
+        f"temperature is not finite although every input is; scale the user states, items or bias "
+        f"down (or raise the temperature)")
+
+
+def _screened_mask(s: torch.Tensor, items: Table, bias, mask: torch.Tensor, candidates) -> torch.Tensor:
+    """Check the scores as the compiled core does while it reads them and return the mask
+    of the items that can be returned.
+
+    A score of -inf is an item masked by a -inf bias when its bias is -inf; any other
+    non-finite score (NaN / inf item values, or an overflow of float32) raises ValueError
+    naming the smallest such item row, over the rows the core reads: every row without
+    ``candidates``, the eligible ones with them."""
+    bad = ~torch.isfinite(s)
+    if bias is not None:
+        bad &= ~((s == float("-inf")) & (bias == float("-inf"))[None, :])
+    if candidates is not None:
+        bad &= mask
+    if bool(bad.any()):
+        raise item_error(items, int(torch.nonzero(bad.any(dim=0))[0, 0]))
+    return mask & (s > float("-inf"))
 
 
 def policy_topk(
@@ -422,16 +470,21 @@ def policy_topk(
 
     Returns
     -------
-    ids : (B, k) int64, best first; -1 where fewer than k items are eligible
-    scores : (B, k) float32; -inf in padded slots
+    ids : (B, min(k, N)) int64, best first (score descending, then id ascending among equal
+        scores); -1 where fewer items are eligible. ``k`` above N is capped at N columns.
+    scores : (B, min(k, N)) float32; -inf in padded slots
     log_normalizer : (B,) float32, ``logsumexp`` of s over the eligible items (-inf if none),
         so that ``pi(a|s) = exp(score - log_normalizer)``.
+
+    An item whose bias is -inf is masked (never returned, no mass). A NaN / inf item value
+    in a row read (every row; with ``candidates``, the eligible ones), or a score that
+    overflows float32, raises ValueError naming the row (:func:`item_error`).
     """
     B = user_states.shape[0]
     N = items.shape[0]
     s = _scores(user_states, items, bias, temperature)
-    mask = eligible_mask(B, N, exclude, candidates)
-    ids, scores = _masked_topk(s, mask, k)
+    mask = _screened_mask(s, items, bias, eligible_mask(B, N, exclude, candidates), candidates)
+    ids, scores = _masked_topk(s, mask, min(k, N))
     lognorm = torch.logsumexp(s.masked_fill(~mask, float("-inf")), dim=1)
     return ids, scores, lognorm.to(torch.float32)
 
@@ -498,32 +551,71 @@ def policy_sample(
 
     Returns
     -------
-    ids : (B, k) int64 (-1 padding)
-    scores : (B, k) float32, the unperturbed policy scores s of the drawn items (-inf padding)
-    propensities : (B, k) float32, ``pi(a|s) = exp(s_a - logZ)`` of each drawn item (0 padding)
+    ids : (B, min(k, N)) int64 (-1 padding), in draw order (perturbed score descending, then
+        id ascending among equal perturbed scores)
+    scores : (B, min(k, N)) float32, the unperturbed policy scores s of the drawn items
+        (-inf padding)
+    propensities : (B, min(k, N)) float32, ``pi(a|s) = exp(s_a - logZ)`` of each drawn item
+        (0 padding)
     slate_log_prob : (B,) float32, Plackett-Luce log-probability of the ranked slate of valid
-        items: ``sum_j [s_j - log(Z - sum_{i<j} exp(s_i))]`` (0.0 for an empty slate)
+        items: ``sum_j [s_j - log(Z - sum_{i<j} exp(s_i))]`` (0.0 for an empty slate),
+        computed in float64 from the mass outside the slate (see :func:`_slate_probabilities`)
+
+    Masking (-inf bias), non-finite rows and overflow as in :func:`policy_topk`.
     """
     B = user_states.shape[0]
     N = items.shape[0]
     s = _scores(user_states, items, bias, temperature)
-    mask = eligible_mask(B, N, exclude, candidates)
+    mask = _screened_mask(s, items, bias, eligible_mask(B, N, exclude, candidates), candidates)
     rows = torch.arange(B)[:, None]
     cols = torch.arange(N)[None, :]
     perturbed = s + gumbel_noise(seed, rows, cols)
-    ids, _ = _masked_topk(perturbed, mask, k)
-    lognorm = torch.logsumexp(s.masked_fill(~mask, float("-inf")), dim=1)
+    ids, _ = _masked_topk(perturbed, mask, min(k, N))
     valid = ids >= 0
     safe = ids.clamp(min=0)
     sc = torch.gather(s, 1, safe).masked_fill(~valid, float("-inf"))
-    return (ids, sc) + _slate_probabilities(sc, valid, lognorm)
+    drawn = torch.zeros_like(mask)
+    drawn[rows.expand_as(ids)[valid], ids[valid]] = True
+    tail = mask & ~drawn  # the eligible items not drawn
+    logtail = torch.logsumexp(s.to(torch.float64).masked_fill(~tail, float("-inf")), dim=1)
+    return (ids, sc) + _slate_probabilities(sc, valid, logtail)
 
 
-def _slate_probabilities(sc: torch.Tensor, valid: torch.Tensor, lognorm: torch.Tensor):
-    """Per-item propensities and the Plackett-Luce slate log-probability (float64 inside)."""
-    logp = (sc.to(torch.float64) - lognorm.to(torch.float64)[:, None])
+def _slate_probabilities(sc: torch.Tensor, valid: torch.Tensor, logtail: torch.Tensor):
+    """Per-item propensities and the Plackett-Luce slate log-probability, in float64.
+
+    ``sc`` (B, k) are the drawn items' scores (valid ones first), ``logtail`` (B,) the log of
+    the mass of the eligible items *not* drawn, summed directly (never Z minus the slate's
+    mass, which cancels when the slate holds nearly all of it). The mass left before
+    position j is the tail plus the drawn items from j on, a sum of positive terms:
+    ``log p = sum_j [s_j - logsumexp(s_j, ..., s_{k-1}, logtail)]``, exact in float64 for
+    every slate; the propensities are ``exp(s_j - logZ)`` with ``logZ`` that sum at j = 0."""
+    x = torch.cat([sc.to(torch.float64).masked_fill(~valid, float("-inf")),
+                   logtail.to(torch.float64)[:, None]], dim=1)
+    suffix = torch.logcumsumexp(x.flip(1), dim=1).flip(1)  # suffix[:, j] = logsumexp(x[:, j:])
+    k = sc.shape[1]
+    logp = x[:, :k] - suffix[:, :1]
     p = torch.where(valid, torch.exp(logp), torch.zeros_like(logp))
-    before = torch.cumsum(p, dim=1) - p  # mass removed before position j
-    remaining = torch.clamp(1.0 - before, min=1e-300)
-    terms = torch.where(valid, logp - torch.log(remaining), torch.zeros_like(logp))
+    terms = torch.where(valid, x[:, :k] - suffix[:, :k], torch.zeros_like(logp))
     return p.to(torch.float32), terms.sum(dim=1).to(torch.float32)
+
+
+def logtail_from_lognorm(sc: torch.Tensor, valid: torch.Tensor, lognorm: torch.Tensor,
+                         exact=None) -> torch.Tensor:
+    """(B,) float64 log of the mass outside the slate, ``log(Z - sum_j exp(s_j))``, for the
+    backends whose kernels return only the float32 log-normaliser (Triton, CUDA).
+
+    Where the slate holds more than 1 - 2**-8 of Z the difference has lost most of the
+    float32 ``lognorm``'s bits; those rows are recomputed by ``exact(rows) -> (len(rows),)``
+    float64 (a direct sum over the tail items) when given."""
+    lz = lognorm.to(torch.float64)
+    ls = torch.logsumexp(sc.to(torch.float64).masked_fill(~valid, float("-inf")), dim=1)
+    frac = torch.exp(ls - lz).nan_to_num(0.0)  # slate share of Z (0 for an empty slate)
+    tail = torch.where(frac < 1.0, lz + torch.log1p(-frac.clamp(max=1.0)), torch.full_like(lz, float("-inf")))
+    tail = torch.where(torch.isneginf(lz), lz, tail)
+    bad = (frac > 1.0 - 2.0 ** -8) & torch.isfinite(lz)
+    if exact is not None and bool(bad.any()):
+        rows = torch.nonzero(bad)[:, 0]
+        tail = tail.clone()
+        tail[rows] = exact(rows).to(tail.device, torch.float64)
+    return tail

@@ -378,3 +378,34 @@ def test_recommend_epsilon_matches_epsilon_slate(model):
     assert (batch.propensities > 0).all() and (batch.propensities <= 1).all()
     with pytest.raises(ValueError, match="seed"):
         model.recommend(st, k=5, explore="epsilon")
+
+
+def test_first_concurrent_feedback_calls_share_one_score_scale(model, monkeypatch):
+    """The posterior's score unit is computed once per model, under a lock: 8 threads giving
+    a model its first feedback at once all use one value (before, each computed its own, and a
+    state built with a value later overwritten did not match a replay of the log)."""
+    from recmeta_sdk import posterior
+
+    monkeypatch.delitem(model.__dict__, "_feedback_score_scale", raising=False)
+    calls = []
+    real_adapt = model.adapt
+
+    def slow_adapt(*a, **kw):
+        calls.append(1)
+        time.sleep(0.05)  # widen the window in which other threads see no value yet
+        return real_adapt(*a, **kw)
+
+    monkeypatch.setattr(model, "adapt", slow_adapt)
+    barrier = threading.Barrier(8)
+    out = []
+
+    def run():
+        barrier.wait()
+        out.append(posterior.score_scale(model))
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(out)) == 1 and len(out) == 8

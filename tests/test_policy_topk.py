@@ -57,6 +57,7 @@ def check_topk(ids, scores, keys_full, mask, k, ref_sorted_keys, key_of_ids=None
     keys_full = keys_full.numpy().astype(np.float64)
     mask = mask.numpy()
     B = ids.shape[0]
+    k = min(k, keys_full.shape[1])  # k above the catalogue is capped at N columns
     assert ids.shape == (B, k) and scores.shape == (B, k)
     assert ids.dtype == np.int64 and scores.dtype == np.float32
     ours_key = scores if key_of_ids is None else np.asarray(key_of_ids)
@@ -425,9 +426,9 @@ def test_sample_reproducible_and_seed_dependent(rng, threads):
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     assert not torch.equal(a[0], c[0])
-    # seeds are taken modulo 2**64
-    d_ = ops.policy_sample(u, w, 10, seed=42 + 2**64)
-    assert torch.equal(a[0], d_[0])
+    # seeds outside [0, 2**64) are refused, not wrapped (test_k_and_seed_types)
+    with pytest.raises(ValueError, match="seed must be in"):
+        ops.policy_sample(u, w, 10, seed=42 + 2**64)
 
 
 def test_sampler_first_two_positions_follow_softmax():
@@ -546,8 +547,10 @@ def test_bad_values_rejected(rng):
             ops.policy_topk(u, w, 2, temperature=t)
         with pytest.raises(ValueError, match="temperature"):
             _core.policy_topk(u, w, 2, temperature=t)
-    for k in (-1, 2.0, True):
-        with pytest.raises(ValueError, match="k must"):
+    with pytest.raises(ValueError, match="k must"):
+        ops.policy_topk(u, w, -1)
+    for k in (2.0, True):  # not integers: TypeError (test_k_and_seed_types)
+        with pytest.raises(TypeError, match="k must"):
             ops.policy_topk(u, w, k)
     with pytest.raises(ValueError, match="-3"):
         _core.policy_topk(u, w, -3)
@@ -588,7 +591,7 @@ def test_non_finite_bias_and_scales_found_by_the_streaming_pass(rng, threads, B,
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B", [0, 1, 4])
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])  # -inf masks an item (test_neg_inf_bias_masks_items)
 def test_public_functions_reject_non_finite_bias_on_every_backend(rng, backend, dtype, B, bad):
     """The public functions skip their own bias scan on the cpp backend (the core screens the
     bias during the pass): a bad value must still raise a ValueError naming the bias and the
@@ -731,3 +734,211 @@ def test_property_hostile_offsets(offs):
             ops.policy_topk(u, w, 2, exclude=(o, ids))
         with pytest.raises(ValueError):
             _core.policy_topk(u, w, 2, exclude_offsets=o, exclude_ids=ids)
+
+
+# ---------------------------------------------------------------------------------------
+# hardening (issue 18): slate probability, non-finite rows, overflow, ties, N = 0, -inf
+# bias, k above the catalogue, integral k / seed; every CPU backend
+# ---------------------------------------------------------------------------------------
+BACKENDS = ["cpp", "torch"]
+
+
+def _exact_slate_log_prob(s, ids, eligible):
+    """Plackett-Luce log-probability of the slate `ids` under scores `s` (float64 numpy,
+    direct sums over the remaining items)."""
+    s = np.asarray(s, np.float64)
+    left = set(np.flatnonzero(eligible).tolist())
+    lp = 0.0
+    for i in ids:
+        if i < 0:
+            break
+        rem = np.array(sorted(left))
+        m = s[rem].max()
+        lp += s[i] - (m + np.log(np.exp(s[rem] - m).sum()))
+        left.discard(int(i))
+    return lp
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slate_log_prob_exact_when_the_slate_holds_nearly_all_the_mass(backend):
+    """The issue's case: s = [20, 0, 0], k = 2: after item 0 the remaining mass is 2e-9 of Z;
+    subtracting in float32 gave 670.78 (exact: log(1 / (1 + 2e-9)) + log(1/2))."""
+    u = np.array([[20.0]], np.float32)
+    w = np.array([[1.0], [0.0], [0.0]], np.float32)
+    ids, sc, prop, slate = ops.policy_sample(u, w, 2, seed=0, backend=backend)
+    assert ids[0, 0] == 0
+    want = _exact_slate_log_prob([20.0, 0.0, 0.0], ids[0], np.ones(3, bool))
+    assert abs(want - np.log(0.5)) < 1e-6
+    np.testing.assert_allclose(slate[0], want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(prop[0], np.exp(np.array([20.0, 0.0]) - np.logaddexp(20, np.log(2))), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slate_log_prob_matches_direct_sums_on_random_sharp_policies(rng, backend):
+    """Random slates of sharp and flat policies, with exclusions and masks, odd sizes: the
+    slate log-probability equals the direct float64 sums (within float32 rounding of the
+    scores) on every backend, and the backends agree."""
+    for trial in range(12):
+        N, d, B = int(rng.integers(3, 300)), int(rng.integers(1, 9)), int(rng.integers(1, 5))
+        scale = [0.1, 3.0, 30.0][trial % 3]
+        u = (rng.standard_normal((B, d)) * scale).astype(np.float32)
+        w = rng.standard_normal((N, d)).astype(np.float32)
+        b = rng.standard_normal(N).astype(np.float32)
+        b[rng.integers(0, N, 2)] = -np.inf
+        k = int(rng.integers(1, N + 2))
+        ids, sc, prop, slate = ops.policy_sample(u, w, k, seed=trial, bias=b, backend=backend)
+        s = (u.astype(np.float64) @ w.T.astype(np.float64)) + b
+        for r in range(B):
+            want = _exact_slate_log_prob(s[r], ids[r], np.isfinite(s[r]))
+            np.testing.assert_allclose(slate[r], want, rtol=1e-5, atol=1e-4 * max(1.0, scale))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_item_row_raises_naming_the_row(rng, backend, dtype, bad):
+    N, d, B = 2049, 5, 3
+    w = rng.standard_normal((N, d)).astype(np.float32)
+    for row in (0, 1500, N - 1):
+        w2 = w.copy()
+        w2[row, 2] = bad
+        w2[N - 1 if row != N - 1 else 0, 4] = np.nan  # a second, later-named bad row
+        tab = w2 if dtype == "fp32" else w2.astype(np.float16)
+        first = min(row, N - 1 if row != N - 1 else 0)
+        u = rng.standard_normal((B, d)).astype(np.float32)
+        with pytest.raises(ValueError, match=rf"items: non-finite value \S+ at row {first}\b"):
+            ops.policy_topk(u, tab, 4, backend=backend)
+        with pytest.raises(ValueError, match=rf"at row {first}\b"):
+            ops.policy_sample(u, tab, 4, seed=1, backend=backend)
+        # excluded rows are still read (and refused) without candidate lists
+        exc = (np.arange(B + 1, dtype=np.int64), np.full(B, row, np.int64))
+        with pytest.raises(ValueError, match=rf"at row {first}\b"):
+            ops.policy_topk(u, tab, 4, exclude=exc, backend=backend)
+    # with candidate lists only the listed rows are read
+    w2 = w.copy()
+    w2[7, 0] = bad
+    cand = (np.array([0, 2], np.int64), np.array([3, 9], np.int64))
+    ids, _, _ = ops.policy_topk(rng.standard_normal((1, d)).astype(np.float32), w2, 2, candidates=cand,
+                                backend=backend)
+    assert sorted(ids[0].tolist()) == [3, 9]
+    with pytest.raises(ValueError, match="at row 7"):
+        ops.policy_topk(rng.standard_normal((1, d)).astype(np.float32), w2, 2,
+                        candidates=(np.array([0, 2], np.int64), np.array([3, 7], np.int64)), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overflowing_scores_raise_a_clear_error(backend):
+    """A table of 1e38 (finite) gives scores of inf in float32: a ValueError naming the row,
+    never inf scores, a NaN log-normaliser or propensities [1, 1, 1]."""
+    u = np.ones((1, 4), np.float32)
+    w = np.full((3, 4), 1e38, np.float32)
+    with pytest.raises(ValueError, match="overflow float32 at item row 0"):
+        ops.policy_topk(u, w, 3, backend=backend)
+    with pytest.raises(ValueError, match="overflow float32 at item row 0"):
+        ops.policy_sample(u, w, 3, seed=0, backend=backend)
+    w = np.ones((3, 4), np.float32)
+    w[1] = -1e38  # -inf by overflow is not a mask either
+    with pytest.raises(ValueError, match="overflow float32 at item row 1"):
+        ops.policy_topk(u, w, 3, backend=backend)
+    with pytest.raises(ValueError, match="overflow float32 at item row 2"):  # via the temperature
+        ops.policy_topk(u, np.array([[0.0] * 4, [1.0] * 4, [1e30] * 4], np.float32), 1,
+                        temperature=1e-20, backend=backend)
+
+
+def _tie_case():
+    u = np.array([[1.0, 0.0], [0.0, 0.0]], np.float32)
+    w = np.array([[1.0, 5.0], [2.0, 0.0], [1.0, 1.0], [2.0, 3.0], [0.5, 0.0], [1.0, -2.0], [2.0, 1.0]],
+                 np.float32)
+    return u, w
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tie_order_is_score_descending_then_id_ascending(backend):
+    u, w = _tie_case()
+    ids, sc, _ = ops.policy_topk(u, w, 5, backend=backend)
+    np.testing.assert_array_equal(ids[0], [1, 3, 6, 0, 2])
+    np.testing.assert_array_equal(ids[1], [0, 1, 2, 3, 4])  # all scores 0
+    big = np.zeros((1, 3), np.float32)
+    ids, _, _ = ops.policy_topk(big, np.ones((3001, 3), np.float32), 7, backend=backend)
+    np.testing.assert_array_equal(ids[0], np.arange(7))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [0, 3, 10])
+def test_empty_table_gives_empty_results(backend, k):
+    u = np.ones((2, 4), np.float32)
+    w = np.zeros((0, 4), np.float32)
+    for tab in (w, torch.zeros((0, 4)), torch.zeros((0, 4))[:, :4]):
+        ids, sc, ln = ops.policy_topk(u, tab, k, backend=backend)
+        assert tuple(ids.shape) == (2, 0) and tuple(sc.shape) == (2, 0)
+        assert np.isneginf(np.asarray(ln)).all()
+        ids, sc, pr, sl = ops.policy_sample(u, tab, k, seed=3, backend=backend)
+        assert tuple(ids.shape) == (2, 0) and tuple(pr.shape) == (2, 0)
+        np.testing.assert_array_equal(np.asarray(sl), 0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_neg_inf_bias_masks_items(rng, backend):
+    N, d, B = 1031, 6, 3
+    u = rng.standard_normal((B, d)).astype(np.float32)
+    w = rng.standard_normal((N, d)).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    masked = rng.choice(N, 500, replace=False)
+    b[masked] = -np.inf
+    ids, sc, ln = ops.policy_topk(u, w, N, bias=b, backend=backend)
+    s = u @ w.T + b
+    keep = np.isfinite(s)
+    for r in range(B):
+        got = ids[r][ids[r] >= 0]
+        assert len(got) == N - 500 and not set(got.tolist()) & set(masked.tolist())
+        assert np.isfinite(sc[r][: len(got)]).all() and np.isneginf(sc[r][len(got):]).all()
+        np.testing.assert_allclose(ln[r], np.logaddexp.reduce(s[r][keep[r]].astype(np.float64)), rtol=1e-5)
+    ids, sc, pr, _ = ops.policy_sample(u, w, 600, seed=5, bias=b, backend=backend)
+    assert not set(ids[ids >= 0].tolist()) & set(masked.tolist())
+    assert (ids >= 0).sum(axis=1).tolist() == [N - 500] * B
+    assert (pr[ids < 0] == 0).all()
+    all_masked = np.full(N, -np.inf, np.float32)
+    ids, sc, ln = ops.policy_topk(u, w, 4, bias=all_masked, backend=backend)
+    assert (ids == -1).all() and np.isneginf(ln).all()
+    for bad in (np.nan, np.inf):
+        b2 = b.copy()
+        b2[9] = bad
+        with pytest.raises(ValueError, match="bias: non-finite value .* at position 9"):
+            ops.policy_topk(u, w, 4, bias=b2, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_above_the_catalogue_is_capped(rng, backend):
+    u = rng.standard_normal((2, 3)).astype(np.float32)
+    w = rng.standard_normal((5, 3)).astype(np.float32)
+    exc = (np.array([0, 2, 2], np.int64), np.array([1, 3], np.int64))
+    ids, sc, ln = ops.policy_topk(u, w, 2**40, exclude=exc, backend=backend)
+    assert ids.shape == (2, 5)
+    assert (ids[0, 3:] == -1).all() and np.isneginf(sc[0, 3:]).all() and (ids[1] >= 0).all()
+    ids, sc, pr, sl = ops.policy_sample(u, w, np.int64(2**40), seed=np.uint64(2**64 - 1), backend=backend)
+    assert ids.shape == (2, 5) and (ids >= 0).all()
+    np.testing.assert_allclose(pr.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_and_seed_types(rng, backend):
+    u = rng.standard_normal((1, 3)).astype(np.float32)
+    w = rng.standard_normal((5, 3)).astype(np.float32)
+    want = ops.policy_topk(u, w, 2, backend=backend)
+    for k in (np.int64(2), np.int32(2), np.uint8(2)):
+        np.testing.assert_array_equal(ops.policy_topk(u, w, k, backend=backend)[0], want[0])
+    a = ops.policy_sample(u, w, 2, seed=7, backend=backend)
+    b = ops.policy_sample(u, w, np.int64(2), seed=np.int64(7), backend=backend)
+    np.testing.assert_array_equal(a[0], b[0])
+    for bad in (2.0, True, np.float64(2), "2", None, np.bool_(True)):
+        with pytest.raises(TypeError, match="k must be an integer"):
+            ops.policy_topk(u, w, bad, backend=backend)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        ops.policy_topk(u, w, -1, backend=backend)
+    for bad in (1.0, True, "1", None):
+        with pytest.raises(TypeError, match="seed must be an integer"):
+            ops.policy_sample(u, w, 2, seed=bad, backend=backend)
+    for bad in (-1, 2**64, -(2**63)):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
+            ops.policy_sample(u, w, 2, seed=bad, backend=backend)
+    ops.policy_sample(u, w, 2, seed=2**64 - 1, backend=backend)

@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
+#include "recmeta/half.h"
 #include "recmeta/policy_topk.h"
 
 namespace recmeta {
@@ -32,6 +34,35 @@ int64_t first_non_finite(const float* x, int64_t n) {
   return -1;
 }
 
+/// Index of the first NaN or +inf of x[0, n) (-inf allowed: a bias's mask), or -1.
+int64_t first_bad_bias(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isnan(x[i]) || x[i] == std::numeric_limits<float>::infinity()) return i;
+  return -1;
+}
+
+/// The value of item row r, column c, as float32.
+float item_value(const TableView& t, int64_t r, int64_t c) {
+  const int64_t at = r * t.row_stride + c;
+  if (t.type == TableType::F32) return static_cast<const float*>(t.data)[at];
+  if (t.type == TableType::F16) return detail::half_to_float_portable(static_cast<const uint16_t*>(t.data)[at]);
+  return static_cast<float>(static_cast<const uint8_t*>(t.data)[at]) * t.row_scale[r] + t.row_min[r];
+}
+
+/// Throw the error for item row r, whose score was not finite: a non-finite value in the row,
+/// or finite values whose score overflows float32.
+[[noreturn]] void throw_bad_item(const PolicyArgs& a, int64_t r) {
+  const TableView& t = a.items;
+  for (int64_t c = 0; c < t.dim; ++c) {
+    const float v = item_value(t, r, c);
+    RECMETA_CHECK(std::isfinite(v), "items: non-finite value ", v, " at row ", r, ", column ", c);
+  }
+  RECMETA_CHECK(false, "policy scores overflow float32 at item row ", r,
+                ": (user_states . items[", r, "] + bias) / temperature is not finite although every "
+                "input is; scale the user states, items or bias down (or raise the temperature)");
+  throw InvalidArgument("unreachable");
+}
+
 void check_table(const TableView& t) {
   RECMETA_CHECK(t.rows >= 0, "items: number of rows must be >= 0, got ", t.rows);
   RECMETA_CHECK(t.dim >= 0, "items: dim must be >= 0, got ", t.dim);
@@ -56,8 +87,9 @@ void check_values(const PolicyArgs& a) {
                   bad_scale < 0 ? bad_min : (bad_min < 0 ? bad_scale : std::min(bad_scale, bad_min)));
   }
   if (a.bias != nullptr && t.rows > 0) {
-    const int64_t i = first_non_finite(a.bias, t.rows);
-    RECMETA_CHECK(i < 0, "bias: non-finite value ", i < 0 ? 0.0f : a.bias[i], " at position ", i);
+    const int64_t i = first_non_finite(a.bias, t.rows) < 0 ? -1 : first_bad_bias(a.bias, t.rows);
+    RECMETA_CHECK(i < 0, "bias: non-finite value ", i < 0 ? 0.0f : a.bias[i], " at position ", i,
+                  " (-inf masks an item; NaN and +inf are refused)");
   }
 }
 
@@ -160,6 +192,7 @@ void run(const PolicyArgs& args) {
     check_values(args);  // throws, naming the first bad value
     RECMETA_CHECK(false, "policy: a non-finite bias / row_scale / row_min was seen");  // unreachable
   }
+  if (checks.bad_item != std::numeric_limits<int64_t>::max()) throw_bad_item(args, checks.bad_item);
 }
 
 }  // namespace

@@ -171,6 +171,17 @@ inline bool all_finite(const float* x, int64_t n) {
   return bad == 0;
 }
 
+/// Whether x[0, n) holds no NaN and no +inf (-inf, a bias's mask, is allowed).
+inline bool bias_ok(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    bad |= static_cast<uint32_t>((bits & 0x7F800000u) == 0x7F800000u && bits != 0xFF800000u);
+  }
+  return bad == 0;
+}
+
 // ---------------------------------------------------------------------------------------
 // Aligned scratch
 // ---------------------------------------------------------------------------------------
@@ -919,16 +930,22 @@ struct Heap {
   int64_t cap = 0;
   float thresh() const { return size < cap ? -kInf : e[0].key; }
   bool full() const { return size == cap; }
-  // Heap ordered by `better`: e[0] is the worst kept entry.
-  void push(const Entry& x) {
+  // Heap ordered by `better`: e[0] is the worst kept entry. Returns 0 when x is not kept,
+  // 1 when it is kept and nothing left, 2 when it is kept and `evicted` left the heap.
+  int push(const Entry& x, Entry& evicted) {
     if (size < cap) {
       e[size++] = x;
       std::push_heap(e, e + size, better);
-    } else if (better(x, e[0])) {
+      return 1;
+    }
+    if (better(x, e[0])) {
+      evicted = e[0];
       std::pop_heap(e, e + size, better);
       e[size - 1] = x;
       std::push_heap(e, e + size, better);
+      return 2;
     }
+    return 0;
   }
 };
 
@@ -943,6 +960,9 @@ inline void lse_combine(float& M, double& S, float m, double s) {
   }
 }
 
+/// Fold one value x (a score) into the running (M, S).
+inline void lse_add(float& M, double& S, float x) { lse_combine(M, S, x, 1.0); }
+
 struct Ctx {
   const PolicyArgs* a;
   const PolicyLists* ex;
@@ -950,23 +970,91 @@ struct Ctx {
   const float* bias;   // (N,) bias divided by the temperature, or nullptr
   uint32_t key;
   float gmax;  // an upper bound of the Gumbel noise
-  ValueChecks* checks;  // screen bias / row_scale / row_min blocks (nullptr: checked already)
+  ValueChecks* checks;  // checks->enabled: screen bias / row_scale / row_min blocks; always:
+                        // record non-finite scores (checks->bad_item)
   int64_t d, NB, CH, cap;
 };
+
+/// Record the non-finite scores of x[0, n) (item j has id ids[j] or i0 + j): a score of
+/// -inf is an item masked by a -inf bias when its bias is -inf, anything else non-finite
+/// (NaN, +inf, -inf without a -inf bias: a non-finite item value or an overflow) is recorded
+/// in checks->bad_item (the smallest such id, whatever the thread) and its lane set to -inf
+/// so the pass goes on with well-ordered values; the entry point then raises. Rare: only
+/// blocks holding a non-finite score come here.
+void screen_scores(const Ctx& c, float* x, int64_t n, const int64_t* ids, int64_t i0) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = x[j];
+    if (std::isfinite(v)) continue;
+    const int64_t id = ids ? ids[j] : i0 + j;
+    if (v == -kInf && c.a->bias != nullptr && c.a->bias[id] == -kInf) continue;  // masked
+    x[j] = -kInf;
+    int64_t cur = __atomic_load_n(&c.checks->bad_item, __ATOMIC_RELAXED);
+    while (id < cur &&
+           !__atomic_compare_exchange_n(&c.checks->bad_item, &cur, id, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+  }
+}
 
 /// Fold one block of raw dot products x[0..n) of one user (batch row `row`) into its chunk
 /// partial (m, s) and its heap. Item j has id ids[j] (ids != nullptr) or i0 + j. ex_b..ex_e
 /// are the user's excluded ids inside [i0, i0 + n) (dense path only). x has room for
-/// round_up(n, VW) floats.
+/// round_up(n, VW) floats and is scratch (overwritten).
+///
+/// (m, s) is the log-sum-exp of the *tail*: the eligible items that are not in the heap
+/// (never kept, or evicted since). An item kept by the heap is left out of it (its lane is
+/// set to -inf after the push) and an evicted one is added back, so at the end the tail and
+/// the heap partition the eligible items: Z = tail + sum of the kept items' exp(s) is a sum
+/// of positive terms, and the tail mass of a slate (what policy_sample's slate probability
+/// needs) is exact, never the difference Z - sum over the slate (which cancels when the
+/// slate holds nearly all the mass).
 void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* ids, int64_t i0,
                 const int64_t* ex_b, const int64_t* ex_e, float& m, double& s, Heap& h) {
+  if (!all_finite(x, n)) screen_scores(c, x, n, ids, i0);
   for (const int64_t* p = ex_b; p < ex_e; ++p) x[*p - i0] = -kInf;
   const int64_t n_round = (n + VW - 1) / VW * VW;
   for (int64_t j = n; j < n_round; ++j) x[j] = -kInf;
   vf vm = splat(-kInf);
   for (int64_t j = 0; j < n_round; j += VW) vm = vmax(vm, loadu(x + j));
-  const float bm = hmax(vm);
+  float bm = hmax(vm);
   if (bm == -kInf) return;  // nothing eligible in this block
+  // Vectorised threshold test: only the lanes at or above the current k-th best key (an
+  // upper bound of it when sampling) reach the scalar code; the threshold only rises, so
+  // each candidate is checked again against the current one before the heap sees it.
+  const float shift = c.a->sample ? c.gmax : 0.0f;
+  if (h.cap > 0 && !(h.full() && bm + shift < h.thresh())) {
+    const uint32_t rk = c.a->sample ? row_key(c.key, row) : 0u;
+    bool kept_any = false;
+    float em = -kInf;  // log-sum-exp of the evicted entries' scores
+    double es = 0.0;
+    Entry ev;
+    for (int64_t j0 = 0; j0 < n_round; j0 += VW) {
+      uint32_t bits = candidate_lanes(loadu(x + j0) + shift, h.thresh());
+      while (bits != 0) {
+        const int64_t j = j0 + __builtin_ctz(bits);
+        bits &= bits - 1;
+        const float v = x[j];  // > -inf (padding lanes are -inf, never candidates)
+        if (v + shift < h.thresh()) continue;
+        const int64_t id = ids ? ids[j] : i0 + j;
+        float key = v;
+        if (c.a->sample) {
+          key = v + gumbel(rk, id);
+          if (key < h.thresh()) continue;
+        }
+        const int r = h.push(Entry{key, v, id}, ev);
+        if (r == 0) continue;
+        x[j] = -kInf;  // kept: not in the tail
+        kept_any = true;
+        if (r == 2) lse_add(em, es, ev.score);
+      }
+    }
+    if (em != -kInf) lse_combine(m, s, em, es);
+    if (kept_any) {
+      vm = splat(-kInf);
+      for (int64_t j = 0; j < n_round; j += VW) vm = vmax(vm, loadu(x + j));
+      bm = hmax(vm);
+      if (bm == -kInf) return;
+    }
+  }
   const float m2 = bm > m ? bm : m;
   vf acc = splat(0.0f);
   for (int64_t j = 0; j < n_round; j += VW) acc += vexp(loadu(x + j) - m2);
@@ -974,30 +1062,6 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
   if (m2 != m) s = (m == -kInf ? 0.0 : s * std::exp(static_cast<double>(m) - static_cast<double>(m2)));
   s += bs;
   m = m2;
-  if (h.cap == 0) return;
-  // Vectorised threshold test: only the lanes at or above the current k-th best key (an
-  // upper bound of it when sampling) reach the scalar code; the threshold only rises, so
-  // each candidate is checked again against the current one before the heap sees it.
-  const float shift = c.a->sample ? c.gmax : 0.0f;
-  if (h.full() && bm + shift < h.thresh()) return;
-  const uint32_t rk = c.a->sample ? row_key(c.key, row) : 0u;
-  for (int64_t j0 = 0; j0 < n_round; j0 += VW) {
-    uint32_t bits = candidate_lanes(loadu(x + j0) + shift, h.thresh());
-    while (bits != 0) {
-      const int64_t j = j0 + __builtin_ctz(bits);
-      bits &= bits - 1;
-      const float v = x[j];  // > -inf (padding lanes are -inf, never candidates)
-      if (v + shift < h.thresh()) continue;
-      const int64_t id = ids ? ids[j] : i0 + j;
-      if (!c.a->sample) {
-        h.push(Entry{v, v, id});
-      } else {
-        const float key = v + gumbel(rk, id);
-        if (key < h.thresh()) continue;
-        h.push(Entry{key, v, id});
-      }
-    }
-  }
 }
 
 /// Per-thread scratch of the dense path.
@@ -1029,8 +1093,8 @@ void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, in
 #endif
   for (int64_t i0 = c0; i0 < c1; i0 += NB) {
     const int64_t n = std::min(NB, c1 - i0);
-    if (c.checks != nullptr && u0 == 0) {  // the first user tile screens each block once
-      bool bad = a.bias != nullptr && !all_finite(a.bias + i0, n);
+    if (c.checks->enabled && u0 == 0) {  // the first user tile screens each block once
+      bool bad = a.bias != nullptr && !bias_ok(a.bias + i0, n);
       if (a.items.type == TableType::I8Rowwise)
         bad = bad || !all_finite(a.items.row_scale + i0, n) || !all_finite(a.items.row_min + i0, n);
       if (bad) __atomic_store_n(&c.checks->failed, true, __ATOMIC_RELAXED);
@@ -1072,6 +1136,8 @@ void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, in
   }
 }
 
+/// Write user `row`'s slate (the heap, best first, padded with -1 / -inf), its
+/// log-normaliser log(tail + sum over the heap of exp(s)) and, when asked, the log tail mass.
 void write_user(const PolicyArgs& a, int64_t row, float M, double S, Heap& h) {
   std::sort(h.e, h.e + h.size, better);
   int64_t* oi = a.out_ids + row * a.k;
@@ -1085,8 +1151,29 @@ void write_user(const PolicyArgs& a, int64_t row, float M, double S, Heap& h) {
       os[j] = -kInf;
     }
   }
-  a.out_lognorm[row] =
-      M == -kInf ? -kInf : static_cast<float>(static_cast<double>(M) + std::log(S));
+  const double tail = (M == -kInf || !(S > 0.0)) ? -static_cast<double>(kInf)
+                                                  : static_cast<double>(M) + std::log(S);
+  if (a.out_logtail != nullptr) a.out_logtail[row] = tail;
+  double mz = tail;
+  for (int64_t j = 0; j < h.size; ++j) mz = std::max(mz, static_cast<double>(h.e[j].score));
+  if (mz == -static_cast<double>(kInf)) {
+    a.out_lognorm[row] = -kInf;
+    return;
+  }
+  double sz = tail == -static_cast<double>(kInf) ? 0.0 : std::exp(tail - mz);
+  for (int64_t j = 0; j < h.size; ++j) sz += std::exp(static_cast<double>(h.e[j].score) - mz);
+  a.out_lognorm[row] = static_cast<float>(mz + std::log(sz));
+}
+
+/// Push a chunk's kept entries e[0, n) into the user's heap h; what h drops (an entry not
+/// kept, or one evicted) joins the tail (M, S).
+void merge_heap(Heap& h, const Entry* e, int64_t n, float& M, double& S) {
+  Entry ev;
+  for (int64_t q = 0; q < n; ++q) {
+    const int r = h.push(e[q], ev);
+    if (r == 0) lse_add(M, S, e[q].score);
+    else if (r == 2) lse_add(M, S, ev.score);
+  }
 }
 
 int num_threads() {
@@ -1117,8 +1204,10 @@ void run_dense(const Ctx& c) {
 #pragma omp parallel if (big)
     {
       Scratch w(c.NB, c.d);
-      std::vector<Entry> ebuf(static_cast<size_t>(UT * cap));
-      std::vector<Heap> heaps(static_cast<size_t>(UT));
+      // Each chunk fills its own heaps, merged into the users' heaps in chunk order exactly
+      // as the chunk-parallel path merges its partials, so both give the same bits.
+      std::vector<Entry> ebuf(static_cast<size_t>(UT * cap)), cbuf(static_cast<size_t>(UT * cap));
+      std::vector<Heap> heaps(static_cast<size_t>(UT)), cheaps(static_cast<size_t>(UT));
       std::vector<float> M(UT), cm(UT);
       std::vector<double> S(UT), cs(UT);
 #pragma omp for schedule(dynamic, 1)
@@ -1131,8 +1220,12 @@ void run_dense(const Ctx& c) {
         }
         for (int64_t ch = 0; ch < nchunks; ++ch) {
           const int64_t c0 = ch * c.CH, c1 = std::min(N, c0 + c.CH);
-          scan_chunk(c, w, u0, nu, c0, c1, cm.data(), cs.data(), heaps.data());
-          for (int64_t i = 0; i < nu; ++i) lse_combine(M[i], S[i], cm[i], cs[i]);
+          for (int64_t i = 0; i < nu; ++i) cheaps[i] = Heap{cbuf.data() + i * cap, 0, cap};
+          scan_chunk(c, w, u0, nu, c0, c1, cm.data(), cs.data(), cheaps.data());
+          for (int64_t i = 0; i < nu; ++i) {
+            lse_combine(M[i], S[i], cm[i], cs[i]);
+            merge_heap(heaps[i], cheaps[i].e, cheaps[i].size, M[i], S[i]);
+          }
         }
         for (int64_t i = 0; i < nu; ++i) write_user(a, u0 + i, M[i], S[i], heaps[i]);
       }
@@ -1169,8 +1262,7 @@ void run_dense(const Ctx& c) {
       for (int64_t ch = 0; ch < nchunks; ++ch) {
         const int64_t idx = ch * B + row;
         lse_combine(M, S, pm[idx], ps[idx]);
-        const Entry* e = pe.data() + idx * cap;
-        for (int64_t q = 0; q < psize[idx]; ++q) h.push(e[q]);
+        merge_heap(h, pe.data() + idx * cap, psize[idx], M, S);
       }
       write_user(a, row, M, S, h);
     }
@@ -1222,7 +1314,7 @@ void policy_run(const PolicyArgs& args, const PolicyLists& exclude, const Policy
   Ctx c;
   c.a = &args;
   c.ex = &exclude;
-  c.checks = checks.enabled ? &checks : nullptr;
+  c.checks = &checks;
   // s = (U.I + b) / t is computed as (U / t).I + b / t (the same up to rounding).
   std::vector<float> scaled_users, scaled_bias;
   c.users = args.users;

@@ -3,6 +3,7 @@
 // each user, with a running top-k (or Gumbel-top-k sample) and an online log-sum-exp, in one
 // streaming pass over the item table. The B x N score matrix is never materialised.
 #include <cstdint>
+#include <limits>
 
 #include "recmeta/common.h"
 #include "recmeta/cpu_features.h"
@@ -17,7 +18,8 @@ struct PolicyArgs {
   int64_t batch = 0;
   /// (rows = N, dim) item table in any TableType.
   TableView items;
-  /// (N,) float32 item bias, or nullptr.
+  /// (N,) float32 item bias, or nullptr. -inf masks an item (never returned, no mass in
+  /// the log-normaliser); NaN and +inf are refused.
   const float* bias = nullptr;
   /// Excluded ids per user (CSR): offsets has batch+1 entries, ids has offsets[batch]
   /// entries in [0, N); both nullptr-data views when absent (has_exclude = false).
@@ -34,10 +36,14 @@ struct PolicyArgs {
   bool sample = false;
   uint64_t seed = 0;
   /// Outputs: out_ids (batch*k) int64, out_scores (batch*k) float32 (the unperturbed s),
-  /// out_lognorm (batch) float32.
+  /// out_lognorm (batch) float32, and optionally out_logtail (batch) float64: log of the
+  /// sum of exp(s) over the eligible items that are not returned (-inf if none), computed
+  /// as a sum of its own terms (never as Z minus the slate's mass), so that the
+  /// Plackett-Luce probability of a slate is exact even when the slate holds nearly all of Z.
   int64_t* out_ids = nullptr;
   float* out_scores = nullptr;
   float* out_lognorm = nullptr;
+  double* out_logtail = nullptr;
 };
 
 /// Per-user lists prepared by the entry point (sorted, unique, int64).
@@ -50,11 +56,16 @@ struct PolicyLists {
 
 /// Top-k of s over the eligible items, best first (ties broken by the smaller id), padded
 /// with id -1 / score -inf, and log sum exp(s) over the eligible items (-inf if none).
+/// `k` is the number of output columns (the caller caps it at the number of rows). An item
+/// whose bias is -inf is not eligible.
 /// Validates every argument (throws InvalidArgument naming the bad value) before any work,
 /// except the finiteness of `bias` and of an int8 table's row_scale / row_min without
 /// candidate lists: the streaming pass screens those blocks as it reads them (so they come
 /// from memory once) and throws after the pass; the outputs then hold unspecified values.
-/// The results do not depend on the number of threads.
+/// Likewise a score that is not finite (a NaN / inf item value in a row the pass reads: every
+/// row without candidate lists, the listed candidates that are not excluded with them; or
+/// finite values whose score overflows float32) throws after the pass, naming the smallest
+/// such item row. The results do not depend on the number of threads.
 void policy_topk(const PolicyArgs& args);
 
 /// Gumbel-top-k sample: the top-k of s + G with G = -log(-log(u)), u = hash_uniform(seed,
@@ -73,6 +84,9 @@ namespace cpu {
 struct ValueChecks {
   bool enabled = false;
   bool failed = false;  ///< written with __atomic_store_n by any thread
+  /// Always on: the smallest item id whose score was not finite (and not a -inf bias's
+  /// mask), INT64_MAX if none; lowered with atomic compare-exchange by any thread.
+  int64_t bad_item = INT64_MAX;
 };
 
 /// Kernel entry per ISA: `args` validated (but see ValueChecks); `exclude` holds sorted
