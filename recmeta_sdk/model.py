@@ -154,6 +154,7 @@ class Config:
     calib_holdout: float = 0.2
     validation: float = 0.2
     wide_train: str = "residual"
+    validation_holdout: str = "random"
     patience: int = 3
     feedback_posterior: float = 40.0
     feedback_reg: float = 0.1
@@ -208,6 +209,9 @@ class Config:
         t = self.positive_threshold
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
             raise ValueError(f"config.positive_threshold must be None or a finite number, got {t!r}")
+        if self.validation_holdout not in ("random", "latest", "mixed"):
+            raise ValueError(f"config.validation_holdout must be 'random', 'latest' or 'mixed', got "
+                             f"{self.validation_holdout!r}")
         if self.wide_train not in ("residual", "none"):
             raise ValueError(f"config.wide_train must be 'residual' or 'none', got {self.wide_train!r}")
         if self.meta not in ("fomaml", "none"):

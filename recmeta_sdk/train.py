@@ -717,7 +717,8 @@ DEFAULT_WIDE_REG = 250.0
 MAX_VAL_USERS = 2000
 
 
-def calibration_split(prep: Prepared, cfg: Config, rng: np.random.Generator, users: Optional[float] = None):
+def calibration_split(prep: Prepared, cfg: Config, rng: np.random.Generator, users: Optional[float] = None,
+                      holdout: str = "random"):
     """Hold out ``calib_holdout`` of the interactions (at least one) of a random fraction
     ``calib_users`` of the users with 5 or more interactions. Returns (the remaining log as
     a :class:`Prepared`, held-out users (C,), held-out item sets) or None when no user
@@ -735,7 +736,12 @@ def calibration_split(prep: Prepared, cfg: Config, rng: np.random.Generator, use
     for u in cal_users:
         lo, hi = prep.offsets[u], prep.offsets[u + 1]
         m = max(1, int(round(cfg.calib_holdout * (hi - lo))))
-        pos = lo + rng.choice(hi - lo, m, replace=False)
+        if holdout == "latest":  # the user's future: the last m interactions by time
+            pos = np.arange(hi - m, hi)
+        elif holdout == "mixed":  # half of the users their future, half a random share
+            pos = np.arange(hi - m, hi) if rng.random() < 0.5 else lo + rng.choice(hi - lo, m, replace=False)
+        else:
+            pos = lo + rng.choice(hi - lo, m, replace=False)
         keep[pos] = False
         truth.append(set(prep.items[pos][prep.rewards[pos] > 0].tolist()))  # positive feedback only
     # an item held out and also kept (a repeat) is not a held-out target
@@ -983,7 +989,8 @@ def tune_fusion(net: RecMetaNet, cfg: Config, val: Validation, W: torch.Tensor) 
     fitted to those weights at the sets' mean history lengths (least squares on
     ``softplus^-1``) and written to ``net.wide_coef`` (``wide_scale`` reset to 1). The
     temperature is then re-fit by the held-out log-likelihood of the warm set. Returns
-    ``{set name: (mean n, best a, score at a, score of the deep part alone)}``."""
+    ``{set name: (mean n, best a, score at a, score of the deep part alone, of the wide part
+    alone)}``."""
     out = {}
     logits = {}
     for name, n, hists, rews, ufs, truth in val.samples:
@@ -993,7 +1000,7 @@ def tune_fusion(net: RecMetaNet, cfg: Config, val: Validation, W: torch.Tensor) 
         for a in FUSION_GRID:
             res[a] = _val_score(D + a * E, truth)
         best = max(res, key=lambda a: (res[a], -a))
-        out[name] = (n, best, res[best], res[0.0])
+        out[name] = (n, best, res[best], res[0.0], _val_score(E.masked_fill(torch.isinf(D), -float("inf")), truth))
         logits[name] = (D, E, truth)
     ns = np.array([v[0] for v in out.values()])
     a = np.array([max(v[1], 2.0 ** -6) for v in out.values()])
@@ -1016,7 +1023,7 @@ def tune_fusion(net: RecMetaNet, cfg: Config, val: Validation, W: torch.Tensor) 
     cfg.temperature = float(tau)
     logger.info("wide part weighed on %d validation users: %s; alpha(n) = softplus(%.3g + %.3g log(1 + n)); "
                 "temperature %.3g", len(val.users),
-                ", ".join(f"{k} (n {v[0]:.0f}): a {v[1]:.3g}, {v[2]:.4f} vs deep alone {v[3]:.4f}"
+                ", ".join(f"{k} (n {v[0]:.0f}): a {v[1]:.3g}, {v[2]:.4f} vs deep alone {v[3]:.4f}, wide alone {v[4]:.4f}"
                           for k, v in out.items()), c0, c1, tau)
     return out
 
@@ -1130,7 +1137,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
         if validation is not None:
             val = validation_from_frame(prep, validation, user_feats)
         elif cfg.validation > 0:
-            cal = calibration_split(prep, cfg, rng, users=cfg.validation)
+            cal = calibration_split(prep, cfg, rng, users=cfg.validation, holdout=cfg.validation_holdout)
             if cal is not None and len(cal[1]) >= 10:
                 prep = cal[0]
                 val = Validation(prep, cal[1], cal[2], user_feats)
