@@ -47,6 +47,11 @@ from .reference import QuantizedTable
 __all__ = ["embedding_bag", "embedding_bag_backward"]
 
 _MODES = ("sum", "mean")
+_FWD_MODES = ("sum", "mean", "max")
+# Table dtypes of the autograd op; float32 / float16 / uint8 (int8 codes) run on the compiled
+# core, bfloat16 / float64 (and mode "max") on the reference (see _forward_reference).
+_FLOAT_TABLES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_CORE_TABLES = (torch.float32, torch.float16, torch.uint8)
 _OPTIMIZERS = ("sgd", "rowwise_adagrad")
 
 
@@ -187,8 +192,9 @@ def _table_parts(w, name: str):
             return data, sc, mn
         return data, data.new_empty(0, dtype=torch.float32), data.new_empty(0, dtype=torch.float32)
     t = w if isinstance(w, torch.Tensor) else torch.from_numpy(np.asarray(w))
-    if t.dtype not in (torch.float32, torch.float16):
-        raise TypeError(f"{name}: tables must be float32 or float16 (or quantize() them), got {t.dtype}")
+    if t.dtype not in _FLOAT_TABLES:
+        raise TypeError(f"{name}: tables must be float32, float16, bfloat16 or float64 (or quantize() them), "
+                        f"got {t.dtype}")
     e = t.new_empty(0, dtype=torch.float32)
     return t, e, e
 
@@ -210,37 +216,132 @@ def _parts_to_table(w: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor):
 # ---------------------------------------------------------------------------------------------
 # torch custom ops
 # ---------------------------------------------------------------------------------------------
+def _out_dtype(weights) -> torch.dtype:
+    """The pooled output's dtype: float64 where a table is float64 (as torch), else float32."""
+    return torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+
+
+def _padding_per_position(rows: List[int], offsets: torch.Tensor, nnz: int, padding_idx: int):
+    """padding_idx as the local id of each table (``N_t + padding_idx`` if negative, checked to
+    lie in [-N_t, N_t)): an int for one table, else one per position ((nnz,) int64)."""
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)):
+        raise TypeError(f"padding_idx: expected an int or None, got {type(padding_idx).__name__}")
+    padding_idx = int(padding_idx)
+    pads = []
+    for t, n in enumerate(rows):
+        if not -n <= padding_idx < n:
+            where = "" if len(rows) == 1 else f" of table {t}"
+            raise ValueError(f"padding_idx: {padding_idx} is outside the rows{where} [-{n}, {n})")
+        pads.append(padding_idx + n if padding_idx < 0 else padding_idx)
+    if len(rows) == 1:
+        return pads[0]
+    T = len(rows)
+    B = (offsets.numel() - 1) // T
+    off = offsets.to(torch.int64)
+    ends = off[torch.arange(T + 1, device=off.device) * B]
+    return torch.repeat_interleave(torch.tensor(pads, dtype=torch.int64, device=off.device), ends[1:] - ends[:-1],
+                                   output_size=nnz)
+
+
+def _nonfinite_row(tables, indices: torch.Tensor, offsets: torch.Tensor) -> None:
+    """Raise the core's ValueError naming the first table row (in the order of the indices)
+    that holds a NaN / inf (int8: a non-finite row_scale / row_min); return if none does."""
+    T = len(tables)
+    B = (offsets.numel() - 1) // T
+    idx = indices.to(torch.int64)
+    for t, tab in enumerate(tables):
+        name = "weight" if T == 1 else f"weight[{t}]"
+        lo, hi = int(offsets[t * B]), int(offsets[(t + 1) * B])
+        ids = idx[lo:hi]
+        if isinstance(tab, QuantizedTable) and tab.dtype == "int8":
+            for part, vals in (("row_scale", tab.row_scale), ("row_min", tab.row_min)):
+                v = torch.as_tensor(vals)[ids.to(torch.as_tensor(vals).device)]
+                bad = ~torch.isfinite(v)
+                if bool(bad.any()):
+                    p = int(torch.nonzero(bad)[0, 0])
+                    raise ValueError(f"{name}: row {int(ids[p])} has a non-finite {part} ({float(v[p])}), "
+                                     f"read at position {lo + p} of indices")
+            continue
+        rows = reference.dequantize(tab, ids).detach()
+        bad = ~torch.isfinite(rows)
+        if bool(bad.any()):
+            p, c = (int(x) for x in torch.nonzero(bad)[0])
+            raise ValueError(f"{name}: row {int(ids[p])} holds a non-finite value ({float(rows[p, c])} at column {c}), "
+                             f"read at position {lo + p} of indices")
+
+
+def _check_pooled(out: torch.Tensor, tables, indices: torch.Tensor, offsets: torch.Tensor, mode: str) -> None:
+    """The torch paths' check of the table rows read, as the core's kernel checks them: a NaN /
+    inf row shows in a sum or mean (one isfinite over the output), not always in a max (the
+    rows are then checked)."""
+    if mode == "max" or (out.numel() and not bool(torch.isfinite(out).all())):
+        _nonfinite_row(tables, indices, offsets)
+
+
+def _forward_reference(weights, row_scales, row_mins, indices, offsets, psw, mode):
+    """The op's forward on the reference (mode "max", bfloat16 / float64 tables), checked."""
+    tabs = [_parts_to_table(w.detach(), s, m) for w, s, m in zip(weights, row_scales, row_mins)]
+    with torch.no_grad():
+        out = reference.embedding_bag_tbe(tabs, indices, offsets, None if psw is None else psw.detach(), mode)
+    _check_pooled(out, tabs, indices, offsets, mode)
+    return out
+
+
+def _op_inputs(weights, indices, offsets, per_sample_weights, padding_idx):
+    """The op's inputs with the padding positions dropped (as reference.drop_padding)."""
+    if padding_idx is None:
+        return indices, offsets, per_sample_weights
+    pad = _padding_per_position([int(w.shape[0]) for w in weights], offsets, indices.numel(), padding_idx)
+    idx, off, psw, _ = reference.drop_padding(indices, offsets, per_sample_weights, pad)
+    return idx, off, psw
+
+
 @torch.library.custom_op("recmeta::embedding_bag_forward", mutates_args=(), device_types="cpu")
 def _forward_op(weights: List[torch.Tensor], row_scales: List[torch.Tensor], row_mins: List[torch.Tensor],
                 indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
-                mode: str) -> torch.Tensor:
+                mode: str, padding_idx: Optional[int] = None, scale_grad_by_freq: bool = False) -> torch.Tensor:
     """Table-batched embedding bag on the compiled core; uint8 tables are row-wise int8 with
-    their row_scales / row_mins (empty tensors for float tables)."""
+    their row_scales / row_mins (empty tensors for float tables). ``mode`` is "sum", "mean" or
+    "max"; ``padding_idx`` (a local id of every table) and ``scale_grad_by_freq`` as in
+    :func:`recmeta_sdk.reference.embedding_bag` (the latter changes only the gradient). Mode
+    "max" and bfloat16 / float64 tables run on the reference."""
+    indices, offsets, psw = _op_inputs(weights, indices, offsets, per_sample_weights, padding_idx)
+    if mode == "max" or any(w.dtype not in _CORE_TABLES for w in weights):
+        return _forward_reference(weights, row_scales, row_mins, indices, offsets, psw, mode)
     tabs = [_parts_to_core(w, s, m, f"weight[{t}]") for t, (w, s, m) in enumerate(zip(weights, row_scales, row_mins))]
-    psw = None if per_sample_weights is None else _np(per_sample_weights, "per_sample_weights")
+    psw = None if psw is None else _np(psw, "per_sample_weights")
     out = _core().embedding_bag_forward(tabs, _np(indices, "indices"), _np(offsets, "offsets"), psw, mode)
     return torch.from_numpy(out)
 
 
 @_forward_op.register_fake
-def _forward_fake(weights, row_scales, row_mins, indices, offsets, per_sample_weights, mode):
+def _forward_fake(weights, row_scales, row_mins, indices, offsets, per_sample_weights, mode, padding_idx=None,
+                  scale_grad_by_freq=False):
     T = len(weights)
     B = (offsets.shape[0] - 1) // T
     D = sum(w.shape[1] for w in weights)
-    return indices.new_empty((B, D), dtype=torch.float32)
+    return indices.new_empty((B, D), dtype=_out_dtype(weights))
 
 
 @torch.library.custom_op("recmeta::embedding_bag_grad", mutates_args=(), device_types=("cpu", "cuda"))
 def _grad_op(grad: torch.Tensor, weights: List[torch.Tensor], row_scales: List[torch.Tensor],
              row_mins: List[torch.Tensor], indices: torch.Tensor, offsets: torch.Tensor,
              per_sample_weights: Optional[torch.Tensor], mode: str, need_weight_grad: List[bool],
-             need_psw_grad: bool) -> List[torch.Tensor]:
-    """Gradients of ``recmeta::embedding_bag_forward``: a dense (N_t, d_t) gradient for each
-    table with ``need_weight_grad[t]`` (an empty tensor otherwise), then the (nnz,) gradient of
-    the per-sample weights (empty unless ``need_psw_grad``). Plain torch code: the same
-    implementation serves CPU and CUDA tensors."""
+             need_psw_grad: bool, padding_idx: Optional[int] = None,
+             scale_grad_by_freq: bool = False) -> List[torch.Tensor]:
+    """Gradients of ``recmeta::embedding_bag_forward``: a dense (N_t, d_t) gradient (of the
+    table's dtype) for each table with ``need_weight_grad[t]`` (an empty tensor otherwise), then
+    the (nnz,) gradient of the per-sample weights (empty unless ``need_psw_grad``; zero at
+    padding positions). Plain torch code: the same implementation serves CPU and CUDA tensors.
+    Mode "max" sends each bag's gradient, column by column, to the first position holding the
+    maximum (reference.max_positions)."""
     dev = grad.device
     T = len(weights)
+    nnz_all = indices.numel()
+    keep = None
+    if padding_idx is not None:
+        pad = _padding_per_position([int(w.shape[0]) for w in weights], offsets, nnz_all, padding_idx)
+        indices, offsets, per_sample_weights, keep = reference.drop_padding(indices, offsets, per_sample_weights, pad)
     nnz = indices.numel()
     B = (offsets.numel() - 1) // T
     off = offsets.to(torch.int64)
@@ -248,11 +349,12 @@ def _grad_op(grad: torch.Tensor, weights: List[torch.Tensor], row_scales: List[t
     counts = off[1:] - off[:-1]
     bag = torch.repeat_interleave(torch.arange(T * B, device=dev), counts, output_size=nnz)
     sample = bag % B if B > 0 else bag
-    scale = torch.ones(nnz, dtype=torch.float32, device=dev)
+    acc = _out_dtype(weights)
+    scale = torch.ones(nnz, dtype=acc, device=dev)
     if mode == "mean":
-        scale = 1.0 / counts.clamp(min=1).to(torch.float32)[bag]
-    coef = scale if per_sample_weights is None else per_sample_weights.to(torch.float32) * scale
-    g = grad.to(torch.float32)
+        scale = 1.0 / counts.clamp(min=1).to(acc)[bag]
+    coef = scale if per_sample_weights is None else per_sample_weights.to(acc) * scale
+    g = grad.to(acc)
     outs: List[torch.Tensor] = []
     psw_grad = torch.zeros(nnz if need_psw_grad else 0, dtype=torch.float32, device=dev)
     col = 0
@@ -260,35 +362,53 @@ def _grad_op(grad: torch.Tensor, weights: List[torch.Tensor], row_scales: List[t
         w = weights[t]
         d = int(w.shape[1])
         lo, hi = int(off[t * B]), int(off[(t + 1) * B])
-        g_rows = g[sample[lo:hi], col:col + d]
         if need_weight_grad[t]:
-            gw = torch.zeros(w.shape[0], d, dtype=torch.float32, device=dev)
-            gw.index_add_(0, idx[lo:hi], g_rows * coef[lo:hi, None])
-            outs.append(gw)
+            gw = torch.zeros(w.shape[0], d, dtype=acc, device=dev)
+            if mode == "max":
+                rows = reference.dequantize(_parts_to_table(w, row_scales[t], row_mins[t]), idx[lo:hi])
+                arg = reference.max_positions(rows, bag[lo:hi] - t * B, B)  # (B, d), hi - lo where empty
+                hit = arg < hi - lo
+                ids = torch.cat([idx[lo:hi], idx.new_zeros(1)])[arg]
+                cols = torch.arange(d, device=dev).expand(B, d)
+                gw.index_put_((ids[hit], cols[hit]), g[:, col:col + d][hit], accumulate=True)
+            else:
+                c = coef[lo:hi]
+                if scale_grad_by_freq:
+                    c = c * reference.inverse_frequency(idx[lo:hi]).to(acc)
+                gw.index_add_(0, idx[lo:hi], g[sample[lo:hi], col:col + d] * c[:, None])
+            outs.append(gw.to(w.dtype))
         else:
             outs.append(torch.empty(0, dtype=torch.float32, device=dev))
         if need_psw_grad:
             rows = reference.dequantize(_parts_to_table(w, row_scales[t], row_mins[t]), idx[lo:hi])
-            psw_grad[lo:hi] = (rows * g_rows).sum(dim=1) * scale[lo:hi]
+            psw_grad[lo:hi] = ((rows * g[sample[lo:hi], col:col + d]).sum(dim=1) * scale[lo:hi]).to(torch.float32)
         col += d
+    if keep is not None and need_psw_grad:
+        full = torch.zeros(nnz_all, dtype=torch.float32, device=dev)
+        full[keep] = psw_grad
+        psw_grad = full
     outs.append(psw_grad)
     return outs
 
 
 @_grad_op.register_fake
 def _grad_fake(grad, weights, row_scales, row_mins, indices, offsets, per_sample_weights, mode,
-               need_weight_grad, need_psw_grad):
-    outs = [grad.new_empty(tuple(w.shape) if need else (0,), dtype=torch.float32)
+               need_weight_grad, need_psw_grad, padding_idx=None, scale_grad_by_freq=False):
+    outs = [grad.new_empty(tuple(w.shape), dtype=w.dtype) if need else grad.new_empty((0,), dtype=torch.float32)
             for w, need in zip(weights, need_weight_grad)]
     outs.append(grad.new_empty((indices.shape[0],) if need_psw_grad else (0,), dtype=torch.float32))
     return outs
 
 
 def _forward_setup(ctx, inputs, output):
-    weights, row_scales, row_mins, indices, offsets, psw, mode = inputs
-    ctx.need_w = [bool(w.requires_grad) and w.dtype == torch.float32 for w in weights]
+    weights, row_scales, row_mins, indices, offsets, psw, mode, padding_idx, scale_grad_by_freq = (
+        tuple(inputs) + (None, False)[len(inputs) - 7:])
+    # Every floating table gets its gradient (float16 ones too: they once got None silently).
+    ctx.need_w = [bool(w.requires_grad) and w.dtype in _FLOAT_TABLES for w in weights]
     ctx.need_psw = psw is not None and bool(psw.requires_grad)
     ctx.mode = mode
+    ctx.padding_idx = padding_idx
+    ctx.scale_grad_by_freq = scale_grad_by_freq
     ctx.T = len(weights)
     ctx.has_psw = psw is not None
     ctx.save_for_backward(indices, offsets, psw if psw is not None else indices.new_empty(0),
@@ -303,21 +423,29 @@ def _forward_backward(ctx, grad):
     scales = list(saved[3 + T:3 + 2 * T])
     mins = list(saved[3 + 2 * T:3 + 3 * T])
     grads = _grad_op(grad, weights, scales, mins, indices, offsets, psw if ctx.has_psw else None,
-                     ctx.mode, ctx.need_w, ctx.need_psw)
+                     ctx.mode, ctx.need_w, ctx.need_psw, ctx.padding_idx, ctx.scale_grad_by_freq)
     wgrads = [grads[t] if ctx.need_w[t] else None for t in range(T)]
-    return wgrads, [None] * T, [None] * T, None, None, (grads[T] if ctx.need_psw else None), None
+    out = (wgrads, [None] * T, [None] * T, None, None, (grads[T] if ctx.need_psw else None), None, None, None)
+    # Trailing arguments left at their defaults are not among the inputs the returned gradients
+    # must match (ctx.needs_input_grad has their structure).
+    return out[:len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd("recmeta::embedding_bag_forward", _forward_backward, setup_context=_forward_setup)
 
 
 @_forward_op.register_kernel("cuda")
-def _forward_op_cuda(weights, row_scales, row_mins, indices, offsets, per_sample_weights, mode):
+def _forward_op_cuda(weights, row_scales, row_mins, indices, offsets, per_sample_weights, mode, padding_idx=None,
+                     scale_grad_by_freq=False):
     """CUDA tensors: the Triton or CUDA kernels (see :mod:`recmeta_sdk._gpu`), so a model on
-    the GPU trains through the same op; its gradient op is device-agnostic."""
+    the GPU trains through the same op; its gradient op is device-agnostic. Padding is dropped
+    first; mode "max" and bfloat16 / float64 tables run on the reference (torch on the GPU)."""
     from ._gpu import _forward_op_cuda as run
 
-    return run(weights, row_scales, row_mins, indices, offsets, per_sample_weights, mode)
+    indices, offsets, psw = _op_inputs(weights, indices, offsets, per_sample_weights, padding_idx)
+    if mode == "max" or any(w.dtype not in _CORE_TABLES for w in weights):
+        return _forward_reference(weights, row_scales, row_mins, indices, offsets, psw, mode)
+    return run(weights, row_scales, row_mins, indices, offsets, psw, mode)
 
 
 @torch.library.custom_op("recmeta::embedding_bag_backward", mutates_args=("weight", "state"), device_types="cpu")
@@ -525,39 +653,153 @@ _FAST_CORE = _UNSET
 _FAST_HANDLE = _UNSET  # the core's raw-address forward, claimed once (see _init_fast_core)
 
 
-def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: str = "sum",
-                  backend: Optional[str] = None, table_offsets=None):
+def _is_wide(w) -> bool:
+    """A bfloat16 / float64 table (the reference path: the compiled core reads float32 /
+    float16 / int8)."""
+    if isinstance(w, torch.Tensor):
+        return w.dtype is torch.float64 or w.dtype is torch.bfloat16
+    return isinstance(w, np.ndarray) and w.dtype == np.float64
+
+
+def _torch_table(w, name: str):
+    """A table as the reference takes it (bfloat16 / float64 tensors and float64 numpy arrays
+    as they are, the rest through as_table)."""
+    if _is_wide(w):
+        t = torch.from_numpy(w) if isinstance(w, np.ndarray) else w
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D (N, d) table, got shape {tuple(t.shape)}")
+        return t
+    return as_table(w, name)[0]
+
+
+def _csr_inputs(indices, offsets, psw, include_last_offset):
+    """(indices, offsets, per_sample_weights) in the CSR form: torch's 2-D (B, L) indices with
+    offsets=None become B bags of L; with include_last_offset=False the (B,) bag starts get nnz
+    appended. Arrays stay numpy or torch, as given."""
+    if not isinstance(include_last_offset, bool):
+        raise TypeError(f"include_last_offset: expected a bool, got {type(include_last_offset).__name__}")
+    if not isinstance(indices, (np.ndarray, torch.Tensor)):
+        return indices, offsets, psw  # refused, naming the argument, by the checks downstream
+    if offsets is None:
+        if indices.ndim != 2:
+            raise ValueError(f"offsets: required for 1-D indices (None only with 2-D (B, L) indices), "
+                             f"got indices of shape {tuple(indices.shape)}")
+        B, L = (int(v) for v in indices.shape)
+        if psw is not None:
+            if tuple(psw.shape) != (B, L):
+                raise ValueError(f"per_sample_weights: expected the shape of the indices {(B, L)}, "
+                                 f"got {tuple(psw.shape)}")
+            psw = psw.reshape(-1)
+        if isinstance(indices, torch.Tensor):
+            off = torch.arange(B + 1, dtype=torch.int64, device=indices.device) * L
+            return indices.reshape(-1), off, psw
+        return indices.reshape(-1), np.arange(B + 1, dtype=np.int64) * L, psw
+    if indices.ndim == 2:
+        raise ValueError(f"indices: expected a 1-D array with offsets (2-D (B, L) indices take offsets=None, as "
+                         f"in torch), got shape {tuple(indices.shape)}")
+    if include_last_offset:
+        return indices, offsets, psw
+    if not isinstance(offsets, (np.ndarray, torch.Tensor)) or offsets.ndim != 1:
+        raise ValueError(f"offsets: expected a 1-D array of bag starts, got "
+                         f"{getattr(offsets, 'shape', type(offsets).__name__)}")
+    nnz = int(indices.shape[0]) if indices.ndim else 1
+    if isinstance(offsets, torch.Tensor):
+        return indices, reference.csr_offsets(offsets, nnz, False), psw
+    return indices, np.concatenate([offsets, np.array([nnz], dtype=offsets.dtype)]), psw
+
+
+def _drop_padding(tables, indices, offsets, psw, padding_idx):
+    """The inputs with the positions holding padding_idx (a local id of every table) removed
+    (reference.drop_padding), after the checks that name bad ids and offsets by their
+    positions in the caller's arrays. Arrays stay numpy or torch, as given."""
+    idx, kind = as_tensor(indices, "indices")
+    off, _ = as_tensor(offsets, "offsets")
+    p = None if psw is None else as_tensor(psw, "per_sample_weights")[0]
+    off = _check_torch_path(tables, idx, off, p)
+    rows = [int(t.shape[0]) for t in tables]
+    pad = _padding_per_position(rows, off, idx.numel(), padding_idx)
+    idx, off, p, _ = reference.drop_padding(idx, off, p, pad)
+    if kind == "numpy":
+        return idx.numpy(), off.numpy(), None if p is None else p.detach().numpy()
+    if psw is not None and not isinstance(psw, torch.Tensor):
+        p = p.numpy()
+    return idx, off, p
+
+
+def embedding_bag(weight, indices, offsets=None, *, per_sample_weights=None, mode: str = "sum",
+                  backend: Optional[str] = None, table_offsets=None, padding_idx: Optional[int] = None,
+                  include_last_offset: bool = True, max_norm: Optional[float] = None, norm_type: float = 2.0,
+                  scale_grad_by_freq: bool = False):
     """Pooled lookup of bags of table rows (one table, or a list of tables: TBE).
 
     Parameters
     ----------
-    weight : (N, d) float32 / float16 array or tensor, QuantizedTable, or a list of T such
-        tables (possibly of different N_t and d_t); with ``table_offsets``, one
+    weight : (N, d) float32 / float16 / bfloat16 / float64 array or tensor, QuantizedTable, or
+        a list of T such tables (possibly of different N_t and d_t); with ``table_offsets``, one
         (sum_t N_t, d) table of any of these kinds holding the T tables' rows one after the other
-    indices : (nnz,) int32 or int64, row ids (local to their table: in [0, N_t))
+    indices : (nnz,) int32 or int64, row ids (local to their table: in [0, N_t)); or, with
+        ``offsets=None``, (B, L): B bags of L ids (torch's 2-D form)
     offsets : (B+1,) CSR offsets (``(T*B+1,)`` table-major for T tables: bag ``t*B+b``
-        is sample b of table t), like ``include_last_offset=True``
-    per_sample_weights : (nnz,) float32, optional
-    mode : {"sum", "mean"}; an empty bag gives a zero row
+        is sample b of table t), like torch's ``include_last_offset=True``; with
+        ``include_last_offset=False``, the (B,) (``(T*B,)``) bag starts of torch's default form.
+        Unlike torch, the last offset must equal nnz (torch lets trailing ids join the last bag).
+    per_sample_weights : (nnz,) float32, optional ((B, L) with 2-D indices); not with ``"max"``
+    mode : {"sum", "mean", "max"}; an empty bag gives a zero row. ``max`` takes each column's
+        maximum over the bag's rows; its gradient goes to the first position holding it, per
+        bag and column (as torch).
     backend : {"cpp", "torch"} or None (``RECMETA_BACKEND`` or the default)
     table_offsets : (T+1,) int32 / int64 cumulative row offsets, optional (FBGEMM's
         ``hash_size_cumsum``): table t is rows ``table_offsets[t] .. table_offsets[t+1]-1`` of
         ``weight``; ``table_offsets[0] == 0`` and ``table_offsets[T]`` is the number of rows.
         The tables are views of ``weight``, nothing is copied.
+    padding_idx : int, optional
+        Ids equal to ``padding_idx`` (``N_t + padding_idx`` if negative; it must lie in
+        [-N_t, N_t) for each table, a local id of every table) are skipped: not pooled, not
+        counted by ``mean``, no gradient to their row (as torch). Their positions are dropped
+        before the kernels run (one pass over the ids).
+    include_last_offset : bool, default True (recmeta's CSR offsets); False for torch's default
+    max_norm, norm_type : not supported: torch renormalises the table's rows in place during
+        the forward; a ``max_norm`` raises ValueError (renormalise the table before the call)
+    scale_grad_by_freq : bool
+        Divide each row's gradient by the number of positions holding its id (within its
+        table), as documented for torch (see :func:`recmeta_sdk.reference.embedding_bag`).
+        Not with ``"max"``.
 
     Returns
     -------
-    (B, d) float32 (``(B, sum_t d_t)`` for a list, ``(B, T*d)`` with ``table_offsets``), numpy
-    if the indices were numpy, else a torch tensor, differentiable with respect to float32
-    tables (the whole table with ``table_offsets``) and the per-sample weights.
+    (B, d) float32 (``(B, sum_t d_t)`` for a list, ``(B, T*d)`` with ``table_offsets``);
+    float64 where a table is float64 (as torch); numpy if the indices were numpy, else a torch
+    tensor, differentiable with respect to floating tables (float32, float16, bfloat16,
+    float64: the gradient has the table's dtype; the whole table with ``table_offsets``) and
+    the per-sample weights.
+
+    Backends: the compiled core pools float32 / float16 / int8 tables in sum and mean mode and
+    checks each bag's rows as it reads them. Mode ``"max"`` and bfloat16 / float64 tables run
+    the torch reference (:mod:`recmeta_sdk.reference`, also on CUDA tensors), which gathers
+    the (nnz, d) rows. A table row holding NaN or inf that a bag reads (an int8 row with a
+    non-finite scale or minimum) raises ValueError naming the table, the row and its position
+    in ``indices``, on every CPU backend.
     """
     if (type(weight) is _Tensor and type(indices) is _Tensor and type(offsets) is _Tensor
-            and per_sample_weights is None and backend is None and table_offsets is None):
+            and per_sample_weights is None and backend is None and table_offsets is None
+            and padding_idx is None and include_last_offset is True and max_norm is None
+            and scale_grad_by_freq is False):
         out = _fast_forward(weight, indices, offsets, mode)
         if out is not None:
             return out
-    if mode != "sum" and mode != "mean":
-        raise ValueError(f"embedding_bag: mode must be 'sum' or 'mean', got {mode!r}")
+    if mode not in _FWD_MODES:
+        raise ValueError(f"embedding_bag: mode must be 'sum', 'mean' or 'max', got {mode!r}")
+    if max_norm is not None:
+        raise ValueError(f"max_norm: not supported (got {max_norm!r}): torch renormalises the rows it reads in "
+                         "place, during the forward; renormalise the table before the call (e.g. with "
+                         "torch.embedding_renorm_) and pass max_norm=None")
+    if not isinstance(scale_grad_by_freq, bool):
+        raise TypeError(f"scale_grad_by_freq: expected a bool, got {type(scale_grad_by_freq).__name__}")
+    if mode == "max" and per_sample_weights is not None:
+        raise ValueError("per_sample_weights: not supported with mode='max' (as in torch)")
+    if mode == "max" and scale_grad_by_freq:
+        raise ValueError("scale_grad_by_freq: not supported with mode='max' (as in torch)")
+    indices, offsets, per_sample_weights = _csr_inputs(indices, offsets, per_sample_weights, include_last_offset)
     whole = None
     if table_offsets is not None:
         whole = weight
@@ -567,12 +809,16 @@ def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: st
         tables = weight if isinstance(weight, (list, tuple)) else (weight,)
     if not tables:
         raise ValueError("embedding_bag: the list of tables is empty")
+    if padding_idx is not None:
+        indices, offsets, per_sample_weights = _drop_padding(tables, indices, offsets, per_sample_weights,
+                                                             padding_idx)
+    use_ref = mode == "max" or any(_is_wide(w) for w in tables)
     is_torch = isinstance(indices, torch.Tensor)
     if backend is None and not _env_backend_set() and not (is_torch and indices.is_cuda):
         be = _default_cpu_backend()  # what backends.resolve answers here, without its look-ups
     else:
         be = backends.resolve(backend, "cuda" if is_torch and indices.is_cuda else "cpu")
-    if be == "triton" or be == "cuda":
+    if (be == "triton" or be == "cuda") and not (use_ref or scale_grad_by_freq):
         if whole is not None:
             raise ValueError(f"embedding_bag: table_offsets is supported by the 'cpp' and 'torch' backends, not {be!r}")
         from ._gpu import gpu_embedding_bag
@@ -597,20 +843,23 @@ def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: st
             psw = per_sample_weights
             if psw is not None and not isinstance(psw, torch.Tensor):
                 raise TypeError(f"per_sample_weights: expected a torch tensor, got {type(psw).__name__}")
+            if use_ref:  # the op runs the reference without checks of its own
+                _check_torch_path([p[0] for p in parts], indices, offsets, psw)
             return _forward_op([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
-                               indices, offsets, psw, mode)
-        if is_torch:
-            out = _core().embedding_bag_forward(
-                [_table_arg(w, t) for t, w in enumerate(tables)], _ids_arg(indices, "indices"),
-                _ids_arg(offsets, "offsets"), _weights_arg(per_sample_weights, "per_sample_weights"), mode)
-            return torch.from_numpy(out)
-        tabs = [_core_table(w, t) for t, w in enumerate(tables)]
-        psw = None if per_sample_weights is None else _np(per_sample_weights, "per_sample_weights")
-        return _core().embedding_bag_forward(tabs, _np(indices, "indices"), _np(offsets, "offsets"), psw, mode)
-    # torch reference backend
+                               indices, offsets, psw, mode, None, scale_grad_by_freq)
+        if not use_ref:
+            if is_torch:
+                out = _core().embedding_bag_forward(
+                    [_table_arg(w, t) for t, w in enumerate(tables)], _ids_arg(indices, "indices"),
+                    _ids_arg(offsets, "offsets"), _weights_arg(per_sample_weights, "per_sample_weights"), mode)
+                return torch.from_numpy(out)
+            tabs = [_core_table(w, t) for t, w in enumerate(tables)]
+            psw = None if per_sample_weights is None else _np(per_sample_weights, "per_sample_weights")
+            return _core().embedding_bag_forward(tabs, _np(indices, "indices"), _np(offsets, "offsets"), psw, mode)
+    # torch reference backend (also mode "max" and bfloat16 / float64 tables on every backend)
     idx, kind = as_tensor(indices, "indices")
     off, _ = as_tensor(offsets, "offsets")
-    tabs = [as_table(w, f"weight[{t}]")[0] for t, w in enumerate(tables)]
+    tabs = [_torch_table(w, f"weight[{t}]") for t, w in enumerate(tables)]
     psw = None
     if per_sample_weights is not None:
         psw, _ = as_tensor(per_sample_weights, "per_sample_weights")
@@ -618,11 +867,13 @@ def embedding_bag(weight, indices, offsets, *, per_sample_weights=None, mode: st
     if whole is not None:
         bounds = torch.tensor([0] + [0] * len(tabs), dtype=torch.int64)
         bounds[1:] = torch.cumsum(torch.tensor([t.shape[0] for t in tabs], dtype=torch.int64), 0)
-        out = reference.embedding_bag_table_offsets(as_table(whole, "weight")[0], bounds, idx, off, psw, mode)
+        out = reference.embedding_bag_table_offsets(_torch_table(whole, "weight"), bounds, idx, off, psw, mode,
+                                                    scale_grad_by_freq=scale_grad_by_freq)
     elif len(tabs) == 1 and not isinstance(weight, (list, tuple)):
-        out = reference.embedding_bag(tabs[0], idx, off, psw, mode)
+        out = reference.embedding_bag(tabs[0], idx, off, psw, mode, scale_grad_by_freq=scale_grad_by_freq)
     else:
-        out = reference.embedding_bag_tbe(tabs, idx, off, psw, mode)
+        out = reference.embedding_bag_tbe(tabs, idx, off, psw, mode, scale_grad_by_freq=scale_grad_by_freq)
+    _check_pooled(out.detach(), tabs, idx, off, mode)
     return to_kind(kind, out)
 
 

@@ -30,6 +30,10 @@ import torch
 
 __all__ = [
     "QuantizedTable",
+    "csr_offsets",
+    "drop_padding",
+    "inverse_frequency",
+    "max_positions",
     "quantize",
     "dequantize",
     "embedding_bag",
@@ -106,7 +110,8 @@ def quantize(weight: torch.Tensor, dtype: str) -> QuantizedTable:
 
 
 def dequantize(table: Table, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Float32 values of a table (optionally only of the given rows)."""
+    """Float32 values of a table (optionally only of the given rows); a float64 table's values
+    stay float64."""
     if isinstance(table, QuantizedTable):
         data = table.data if rows is None else table.data[rows]
         if table.dtype == "fp16":
@@ -115,7 +120,7 @@ def dequantize(table: Table, rows: Optional[torch.Tensor] = None) -> torch.Tenso
         rmin = table.row_min if rows is None else table.row_min[rows]
         return data.to(torch.float32) * scale[:, None] + rmin[:, None]
     data = table if rows is None else table[rows]
-    return data.to(torch.float32)
+    return data.to(torch.float64 if data.dtype == torch.float64 else torch.float32)
 
 
 def _bag_ids(offsets: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -124,45 +129,147 @@ def _bag_ids(offsets: torch.Tensor, nnz: int) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel()), counts, output_size=nnz)
 
 
+def csr_offsets(offsets: torch.Tensor, nnz: int, include_last_offset: bool = True) -> torch.Tensor:
+    """The (B+1,) CSR form of ``offsets``: as given with ``include_last_offset=True`` (recmeta's
+    form), else torch's default form of B bag starts, to which ``nnz`` is appended."""
+    if include_last_offset:
+        return offsets
+    return torch.cat([offsets, torch.full((1,), nnz, dtype=offsets.dtype, device=offsets.device)])
+
+
+def drop_padding(indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
+                 padding_idx):
+    """The bags with every position whose id equals ``padding_idx`` removed (torch's
+    ``padding_idx``: such rows are skipped in the pooling, in mean's count and in the gradient).
+
+    Parameters
+    ----------
+    indices : (nnz,) int; offsets : (B+1,) CSR offsets; per_sample_weights : (nnz,) or None
+    padding_idx : a non-negative id, or a (nnz,) tensor of one per position (TBE: each table's)
+
+    Returns
+    -------
+    (indices, offsets, per_sample_weights, keep): the kept positions' ids, the CSR offsets of
+    the same bags over them (offsets' dtype), their weights, and the (nnz,) bool mask of kept
+    positions. Indexing with the mask is differentiable in ``per_sample_weights``.
+    """
+    keep = indices != padding_idx
+    before = torch.zeros(keep.numel() + 1, dtype=torch.int64, device=indices.device)
+    torch.cumsum(keep.to(torch.int64), 0, out=before[1:])
+    off = before[offsets.to(torch.int64)].to(offsets.dtype)
+    psw = None if per_sample_weights is None else per_sample_weights[keep]
+    return indices[keep], off, psw, keep
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in the forward; multiplies the gradient of its (n, d) input by the (n,) scale."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(scale)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        return grad * scale.to(grad.dtype)[:, None], None
+
+
+def inverse_frequency(indices: torch.Tensor) -> torch.Tensor:
+    """(nnz,) float32: 1 / (the number of positions of ``indices`` holding the same id)."""
+    if indices.numel() == 0:
+        return torch.ones(0, dtype=torch.float32, device=indices.device)
+    _, inv, counts = torch.unique(indices, return_inverse=True, return_counts=True)
+    return 1.0 / counts.to(torch.float32)[inv]
+
+
+def max_positions(rows: torch.Tensor, bag: torch.Tensor, num_bags: int) -> torch.Tensor:
+    """(B, d) int64: for each bag and column, the first position (in the order of the indices)
+    whose row holds the bag's maximum there; ``nnz`` for an empty bag.
+
+    rows : (nnz, d) the bags' rows in position order; bag : (nnz,) int64 bag of each position.
+    """
+    nnz, d = rows.shape
+    with torch.no_grad():
+        where = bag.to(rows.device)[:, None].expand(nnz, d)
+        best = torch.full((num_bags, d), float("-inf"), dtype=rows.dtype, device=rows.device)
+        best = best.scatter_reduce(0, where, rows, "amax", include_self=True)
+        pos = torch.arange(nnz, device=rows.device)[:, None].expand(nnz, d)
+        cand = torch.where(rows == best[bag.to(rows.device)], pos, torch.full_like(pos, nnz))
+        arg = torch.full((num_bags, d), nnz, dtype=torch.int64, device=rows.device)
+        return arg.scatter_reduce(0, where, cand, "amin", include_self=True)
+
+
 def embedding_bag(
     weight: Table,
     indices: torch.Tensor,
     offsets: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor] = None,
     mode: str = "sum",
+    padding_idx: Optional[int] = None,
+    include_last_offset: bool = True,
+    scale_grad_by_freq: bool = False,
 ) -> torch.Tensor:
     """Pooled lookup of bags of rows of one table.
 
     Parameters
     ----------
-    weight : (N, d) float32 tensor or QuantizedTable
+    weight : (N, d) float32 / float16 / bfloat16 / float64 tensor or QuantizedTable
     indices : (nnz,) int32 or int64, each in [0, N)
     offsets : (B+1,) int32 or int64, non-decreasing, offsets[0] == 0, offsets[B] == nnz
-        Bag b is ``indices[offsets[b]:offsets[b+1]]`` (CSR).
-    per_sample_weights : (nnz,) float32, optional
-    mode : {"sum", "mean"}
-        ``mean`` divides the (weighted) sum by the number of indices in the bag.
-        An empty bag gives a zero row in both modes.
+        Bag b is ``indices[offsets[b]:offsets[b+1]]`` (CSR); with ``include_last_offset=False``
+        the (B,) bag starts of torch's default form (the last bag ends at nnz).
+    per_sample_weights : (nnz,) float32, optional (not with ``"max"``)
+    mode : {"sum", "mean", "max"}
+        ``mean`` divides the (weighted) sum by the number of indices in the bag; ``max`` takes
+        the column-wise maximum of the bag's rows, and its gradient goes, for each bag and
+        column, to the first position of the bag holding that maximum (as torch on the CPU).
+        An empty bag gives a zero row in every mode.
+    padding_idx : int in [-N, N), optional
+        Positions whose id is ``padding_idx`` (``N + padding_idx`` if negative) are skipped: not
+        pooled, not counted by ``mean``, no gradient (see :func:`drop_padding`).
+    include_last_offset : bool, the form of ``offsets`` (see above)
+    scale_grad_by_freq : bool
+        The gradient of each row is divided by the number of positions of ``indices`` (after
+        padding is dropped) holding its id, as documented for torch (torch 2.13's CPU
+        ``embedding_bag`` divides some rows by another id's count, pytorch#190063; its
+        ``embedding`` and CUDA kernels divide as here). Not with ``"max"``.
 
     Returns
     -------
-    (B, d) float32. Differentiable with respect to a float32 ``weight`` tensor.
+    (B, d) float32 (float64 for a float64 table). Differentiable with respect to a floating
+    ``weight`` tensor and the per-sample weights.
     """
+    offsets = csr_offsets(offsets, indices.numel(), include_last_offset)
+    if padding_idx is not None:
+        n = weight.shape[0]
+        pad = padding_idx + n if padding_idx < 0 else padding_idx
+        indices, offsets, per_sample_weights, _ = drop_padding(indices, offsets, per_sample_weights, pad)
     B = offsets.numel() - 1
     nnz = indices.numel()
     idx = indices.to(torch.int64)
     off = offsets.to(torch.int64)
     rows = dequantize(weight, idx)  # (nnz, d)
+    if scale_grad_by_freq:
+        if mode == "max":
+            raise ValueError("scale_grad_by_freq: not supported with mode='max' (as in torch)")
+        rows = _ScaleGrad.apply(rows, inverse_frequency(idx))
     if per_sample_weights is not None:
-        rows = rows * per_sample_weights.to(torch.float32)[:, None]
+        if mode == "max":
+            raise ValueError("per_sample_weights: not supported with mode='max' (as in torch)")
+        rows = rows * per_sample_weights.to(rows.dtype)[:, None]
     bag = _bag_ids(off, nnz)
-    out = torch.zeros(B, rows.shape[1], dtype=torch.float32, device=rows.device)
+    if mode == "max":
+        arg = max_positions(rows, bag, B)
+        ext = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+        return ext.gather(0, arg)
+    out = torch.zeros(B, rows.shape[1], dtype=rows.dtype, device=rows.device)
     out = out.index_add(0, bag.to(rows.device), rows)
     if mode == "mean":
-        counts = (off[1:] - off[:-1]).clamp(min=1).to(torch.float32).to(rows.device)
+        counts = (off[1:] - off[:-1]).clamp(min=1).to(rows.dtype).to(rows.device)
         out = out / counts[:, None]
     elif mode != "sum":
-        raise ValueError(f"embedding_bag: mode must be 'sum' or 'mean', got {mode!r}")
+        raise ValueError(f"embedding_bag: mode must be 'sum', 'mean' or 'max', got {mode!r}")
     return out
 
 
@@ -172,6 +279,9 @@ def embedding_bag_tbe(
     offsets: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor] = None,
     mode: str = "sum",
+    padding_idx: Optional[int] = None,
+    include_last_offset: bool = True,
+    scale_grad_by_freq: bool = False,
 ) -> torch.Tensor:
     """Table-batched embedding bag (FBGEMM's TBE layout).
 
@@ -180,13 +290,19 @@ def embedding_bag_tbe(
     weights : list of T tables, table t of shape (N_t, d_t)
     indices : (nnz,) int32 or int64; row ids local to their table
     offsets : (T*B+1,) CSR offsets, table-major: bag ``t*B + b`` is sample b of table t
+        (``(T*B,)`` bag starts with ``include_last_offset=False``)
     per_sample_weights : (nnz,) float32, optional
-    mode : {"sum", "mean"}
+    mode : {"sum", "mean", "max"}
+    padding_idx : int, optional, a local id applied to every table (``N_t + padding_idx`` if
+        negative; in [-N_t, N_t) for each table)
+    scale_grad_by_freq : bool, frequencies counted within each table
 
     Returns
     -------
-    (B, sum_t d_t) float32: the T pooled vectors of each sample, concatenated in table order.
+    (B, sum_t d_t) float32: the T pooled vectors of each sample, concatenated in table order
+    (see :func:`embedding_bag` for each option).
     """
+    offsets = csr_offsets(offsets, indices.numel(), include_last_offset)
     T = len(weights)
     B = (offsets.numel() - 1) // T
     outs = []
@@ -194,7 +310,8 @@ def embedding_bag_tbe(
         lo, hi = int(offsets[t * B]), int(offsets[(t + 1) * B])
         off = offsets[t * B : (t + 1) * B + 1].to(torch.int64) - lo
         psw = None if per_sample_weights is None else per_sample_weights[lo:hi]
-        outs.append(embedding_bag(w, indices[lo:hi], off, psw, mode))
+        outs.append(embedding_bag(w, indices[lo:hi], off, psw, mode, padding_idx=padding_idx,
+                                  scale_grad_by_freq=scale_grad_by_freq))
     return torch.cat(outs, dim=1)
 
 
@@ -217,6 +334,7 @@ def embedding_bag_table_offsets(
     offsets: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor] = None,
     mode: str = "sum",
+    scale_grad_by_freq: bool = False,
 ) -> torch.Tensor:
     """Table-batched embedding bag over one table holding T tables' rows (FBGEMM's
     ``hash_size_cumsum`` form).
@@ -230,7 +348,9 @@ def embedding_bag_table_offsets(
     indices : (nnz,) int32 or int64, row ids local to their table (in [0, N_t))
     offsets : (T*B+1,) CSR offsets, table-major as in :func:`embedding_bag_tbe`
     per_sample_weights : (nnz,) float32, optional
-    mode : {"sum", "mean"}
+    mode : {"sum", "mean", "max"}
+    scale_grad_by_freq : bool (the tables' row ranges are disjoint: a global id's frequency is
+        its local id's within its table)
 
     Returns
     -------
@@ -239,7 +359,8 @@ def embedding_bag_table_offsets(
     T = table_offsets.numel() - 1
     B = (offsets.numel() - 1) // T
     # One embedding bag over the whole table with global ids: bag t*B+b -> row t*B+b ...
-    pooled = embedding_bag(weight, _global_ids(indices, offsets, table_offsets), offsets, per_sample_weights, mode)
+    pooled = embedding_bag(weight, _global_ids(indices, offsets, table_offsets), offsets, per_sample_weights, mode,
+                           scale_grad_by_freq=scale_grad_by_freq)
     d = pooled.shape[1]
     # ... then (T, B, d) -> (B, T*d).
     return pooled.reshape(T, B, d).permute(1, 0, 2).reshape(B, T * d)

@@ -528,14 +528,14 @@ def _valid(rng):
     ("offsets_first", ValueError, r"offsets\[0\] must be 0, got 1"),
     ("float_ids", TypeError, r"indices.*int32 or int64.*float"),
     ("float_offsets", TypeError, r"offsets.*int32 or int64.*float"),
-    ("float64_table", TypeError, r"float64"),
+    ("float16_numpy_ids", TypeError, r"indices.*int32 or int64.*float16"),
     ("int_table", TypeError, r"int64"),
     ("table_1d", ValueError, r"2-D"),
     ("ids_2d", ValueError, r"indices.*1-D"),
     ("psw_nan", ValueError, r"per_sample_weights: non-finite value nan at flat position 3"),
     ("psw_shape", ValueError, r"per_sample_weights"),
     ("psw_dtype", TypeError, r"per_sample_weights"),
-    ("bad_mode", ValueError, r"mode must be 'sum' or 'mean', got 'max'"),
+    ("bad_mode", ValueError, r"mode must be 'sum', 'mean' or 'max', got 'median'"),
     ("tbe_not_multiple", ValueError, r"3 bags is not a multiple of the 2 tables"),
     ("tbe_id_range", ValueError, r"indices of table 1: id 10 at position"),
 ])
@@ -558,8 +558,8 @@ def test_forward_rejects_bad_input(backend, case, exc, match):
         idx = idx.astype(np.float32)
     elif case == "float_offsets":
         off = off.astype(np.float32)
-    elif case == "float64_table":
-        w = w.astype(np.float64)
+    elif case == "float16_numpy_ids":
+        idx = idx.astype(np.float16)
     elif case == "int_table":
         w = w.astype(np.int64)
     elif case == "table_1d":
@@ -573,7 +573,7 @@ def test_forward_rejects_bad_input(backend, case, exc, match):
     elif case == "psw_dtype":
         kw["per_sample_weights"] = np.ones(5, dtype=np.int32)
     elif case == "bad_mode":
-        mode = "max"
+        mode = "median"
     elif case == "tbe_not_multiple":
         w = [w, w]
     elif case == "tbe_id_range":

@@ -79,6 +79,64 @@ void check_table(const TableView& t, int64_t i) {
                   "weight[", i, "]: int8 tables need row_scale and row_min");
 }
 
+/// The first non-finite value of row r of a table: its column (>= 0), -1 for a non-finite
+/// row_scale, -2 for a non-finite row_min (int8 tables), or -3 when the row is finite; the
+/// value in *value.
+int64_t nonfinite_column(const TableView& t, int64_t r, float* value) {
+  switch (t.type) {
+    case TableType::F32: {
+      const float* p = static_cast<const float*>(t.data) + r * t.row_stride;
+      for (int64_t j = 0; j < t.dim; ++j)
+        if (!std::isfinite(p[j])) {
+          *value = p[j];
+          return j;
+        }
+      return -3;
+    }
+    case TableType::F16: {
+      const uint16_t* p = static_cast<const uint16_t*>(t.data) + r * t.row_stride;
+      for (int64_t j = 0; j < t.dim; ++j)
+        if ((p[j] & 0x7C00u) == 0x7C00u) {
+          *value = (p[j] & 0x3FFu) != 0 ? NAN : ((p[j] & 0x8000u) ? -INFINITY : INFINITY);
+          return j;
+        }
+      return -3;
+    }
+    case TableType::I8Rowwise:
+      if (!std::isfinite(t.row_scale[r])) {
+        *value = t.row_scale[r];
+        return -1;
+      }
+      if (!std::isfinite(t.row_min[r])) {
+        *value = t.row_min[r];
+        return -2;
+      }
+      return -3;
+  }
+  return -3;
+}
+
+/// After the kernel flagged a non-finite pooled value: throw naming the first table row (in
+/// the order of `indices`) that holds a non-finite value; return if there is none (the
+/// pooled value of finite rows overflowed float32, which stays inf as in torch).
+void name_nonfinite_row(const TableView* tables, int64_t num_tables, IndexView indices, IndexView offsets,
+                        int64_t B) {
+  for (int64_t t = 0; t < num_tables; ++t) {
+    const std::string name = num_tables == 1 ? std::string("weight") : "weight[" + std::to_string(t) + "]";
+    for (int64_t i = offsets[t * B]; i < offsets[(t + 1) * B]; ++i) {
+      const int64_t r = indices[i];
+      float v = 0.f;
+      const int64_t c = nonfinite_column(tables[t], r, &v);
+      if (c == -3) continue;
+      if (c >= 0)
+        RECMETA_CHECK(false, name, ": row ", r, " holds a non-finite value (", v, " at column ", c,
+                      "), read at position ", i, " of indices");
+      RECMETA_CHECK(false, name, ": row ", r, " has a non-finite ", c == -1 ? "row_scale" : "row_min", " (", v,
+                    "), read at position ", i, " of indices");
+    }
+  }
+}
+
 template <typename T>
 std::unique_ptr<T[]> uninit(int64_t n) {
   return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
@@ -244,7 +302,7 @@ void embedding_bag_forward(const TableView* tables, int64_t num_tables, IndexVie
   if (!bounds_ok) check_offsets(offsets, nnz);  // throws, naming the bad offset
   check_finite(per_sample_weights, 1, indices.size, indices.size, "per_sample_weights");
 
-  int bad = 0;
+  int bad = 0, bad_value = 0;
   cpu::EmbeddingBagForwardArgs a;
   a.tables = tables;
   a.num_tables = num_tables;
@@ -257,12 +315,14 @@ void embedding_bag_forward(const TableView* tables, int64_t num_tables, IndexVie
   a.out = out;
   a.out_stride = out_stride;
   a.bad_input = &bad;
+  a.bad_value = &bad_value;
   RECMETA_DISPATCH_ISA(embedding_bag_forward_kernel, a);
   if (bad) {
     check_offsets(offsets, nnz);
     check_table_ids(tables, num_tables, indices, offsets, B);
     RECMETA_CHECK(false, "embedding_bag: the kernel flagged a bad id or offset that the checks did not find");
   }
+  if (bad_value) name_nonfinite_row(tables, num_tables, indices, offsets, B);
 }
 
 void embedding_bag_backward(float* weight, int64_t rows, int64_t dim, int64_t row_stride,

@@ -415,6 +415,22 @@ inline void pool_range(const TableView& tab, const IdxT* idx, const int64_t* off
 }
 #endif
 
+/// Whether every one of rows x cols floats (row stride `stride`) is finite: an OR-reduction of
+/// "exponent all ones" over the bits, which the compiler vectorises (a float reduction it may
+/// not reorder without -ffast-math). Run over a work item's output block while it is in L1.
+inline bool block_finite(const float* x, int64_t rows, int64_t cols, int64_t stride) {
+  uint32_t bad = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = x + r * stride;
+    for (int64_t j = 0; j < cols; ++j) {
+      uint32_t b;
+      std::memcpy(&b, p + j, sizeof(b));
+      bad |= static_cast<uint32_t>((b & 0x7F800000u) == 0x7F800000u);
+    }
+  }
+  return bad == 0;
+}
+
 template <typename IdxT>
 void forward_impl(const EmbeddingBagForwardArgs& a) {
   const IdxT* idx = static_cast<const IdxT*>(a.indices.data);
@@ -504,6 +520,10 @@ void forward_impl(const EmbeddingBagForwardArgs& a) {
         break;
     }
 #undef RECMETA_EB_TYPED
+    // NaN / inf rows show in the pooled bags (they propagate through the sums): one flag per
+    // item, the caller then names the row.
+    if (a.bad_value != nullptr && !block_finite(out, nbags, tab.dim, a.out_stride))
+      __atomic_store_n(a.bad_value, 1, __ATOMIC_RELAXED);
   };
   const bool parallel = items > 1 && enough_work;
 #ifdef RECMETA_HAVE_OPENMP

@@ -24,7 +24,11 @@ enum class SparseOptimizer : int32_t {
 /// Table-batched embedding-bag forward (FBGEMM's TBE layout); T = 1 is a plain embedding bag.
 ///
 /// Every argument is validated (ids in range, offsets well formed, weights finite) before any
-/// row is read; a violation throws InvalidArgument naming the bad value.
+/// row is read; a violation throws InvalidArgument naming the bad value. Table rows are checked
+/// as they are read: a row holding NaN or +-inf (for int8 tables: a non-finite row_scale or
+/// row_min) that a bag reads throws InvalidArgument naming the table, the row and the position
+/// in `indices` (after `out` was written). A finite bag whose pooled value overflows float32
+/// stays inf, as in torch.
 ///
 /// @param tables      pointer to `num_tables` TableView; table t has rows_t x dim_t entries.
 /// @param num_tables  T >= 1.
@@ -131,6 +135,11 @@ struct EmbeddingBagForwardArgs {
   /// names the bad value. The offsets at the tables' boundaries (offsets[t*B], t = 0..T) must be
   /// checked before the call: within [0, nnz], non-decreasing.
   int* bad_input = nullptr;
+  /// Set (to 1) by the kernel when a pooled bag of one of its work items holds a non-finite
+  /// value: each work item checks its output block (in L1, one pass over it) after pooling, as
+  /// a cheap flag reduction instead of a test per row read. The caller then looks for the
+  /// non-finite table row that the bags read and names it.
+  int* bad_value = nullptr;
 };
 
 /// Arguments of the per-row backward update (after the sort).
