@@ -619,9 +619,10 @@ def _check_adagrad_state(state) -> None:
         bad = ~torch.isfinite(v) | (v < 0)
         if bool(bad.any()):
             r = int(torch.nonzero(bad.reshape(-1))[0, 0])
-            where = f"states[{t}] " if isinstance(state, (list, tuple)) else "state "
-            raise ValueError(f"{where}row {r}: row-wise Adagrad state must be finite and >= 0, "
-                             f"got {float(v.reshape(-1)[r])}")
+            where = f"state[{t}]" if isinstance(state, (list, tuple)) else "state"
+            x = float(v.reshape(-1)[r])
+            what = "non-finite value" if not math.isfinite(x) else "negative value"
+            raise ValueError(f"{where}: {what} {x} at row {r} (a row-wise Adagrad state must be finite and >= 0)")
 
 
 def _init_fast_core():

@@ -416,8 +416,15 @@ class Recommender:
             return None
         if not t.has_core or backends.resolve(None, "cpu") != "cpp":
             return self._wide_bias([np.asarray(history, np.int64)])[0].numpy()
-        items = np.unique(np.asarray(history, np.int64))
-        base = _core_module().embedding_bag_forward([t.W], items, np.array([0, len(items)], np.int64), None, "sum")
+        h = np.asarray(history, np.int64)
+        items, last_rev = np.unique(h[::-1], return_index=True)  # first index in reverse = latest
+        g = self.config.wide_recency
+        w = None
+        if g:  # the network's recency weights (RecMetaNet.wide_offset), in float32 as there
+            rank = last_rev.astype(np.float32)
+            w = (np.float32(1.0) + np.float32(g) * np.exp(np.float32(-float(self.config.wide_recency_decay)) * rank)
+                 ).astype(np.float32)
+        base = _core_module().embedding_bag_forward([t.W], items, np.array([0, len(items)], np.int64), w, "sum")
         return base[0] * t.alpha(len(items))
 
     def _serving_cache(self, history: np.ndarray, wide) -> tuple:
@@ -1440,15 +1447,16 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
         from ``interactions`` (feedback events; None: its feedback log); see
         :func:`recmeta_sdk.online.resume_train`
     validation : DataFrame of held-out interactions (``user``, ``item``, optional ``reward``)
-        of users in ``interactions``, optional. The defaults choose on a validation set: the
-        EASE ridge of the wide part, the number of epochs (early stopping after
-        ``config["patience"]`` epochs without improvement, up to ``config["epochs"]``), the
-        wide part's weight per history length and the temperature (see
-        :func:`recmeta_sdk.train.fit`). Without ``validation`` one is carved from
-        ``interactions``: ``calib_holdout`` (20%) of the interactions of a fraction
-        ``config["validation"]`` (20%, at most 2,000) of the users with 5 or more; 0 turns
-        that off. The returned model's ``history`` holds the loss and validation score per
-        epoch and the choices made.
+        of users in ``interactions``, optional. With a validation set training chooses on
+        it: the wide part (EASE ridge, recency and popularity weights), the number of epochs
+        (early stopping after ``config["patience"]`` epochs without improvement, up to
+        ``config["epochs"]``), the wide part's weight per history length and the temperature
+        (see :func:`recmeta_sdk.train.fit`). ``config["validation"] > 0`` carves one from
+        ``interactions`` instead (``calib_holdout`` of the interactions of that fraction of
+        the users with 5 or more, at most 2,000). Neither is the default: see
+        :class:`~recmeta_sdk.model.Config` for what it measures. The returned model's
+        ``history`` holds the loss per epoch and, with a validation set, the validation
+        score per epoch and the choices made.
     num_threads : threads for training (``torch.set_num_threads`` for the call, restored
         after; default: torch's current setting)
 

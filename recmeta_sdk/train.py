@@ -733,13 +733,13 @@ def calibration_split(prep: Prepared, cfg: Config, rng: np.random.Generator, use
     cal_users = np.sort(rng.choice(cand, n_cal, replace=False))
     keep = np.ones(len(prep.items), bool)
     truth = []
-    for u in cal_users:
+    latest = (np.zeros(n_cal, bool) if holdout == "random" else np.ones(n_cal, bool) if holdout == "latest"
+              else rng.permutation(n_cal) < n_cal // 2)  # mixed: half the users each way
+    for j, u in enumerate(cal_users):
         lo, hi = prep.offsets[u], prep.offsets[u + 1]
         m = max(1, int(round(cfg.calib_holdout * (hi - lo))))
-        if holdout == "latest":  # the user's future: the last m interactions by time
+        if latest[j]:  # the user's future: the last m interactions by time
             pos = np.arange(hi - m, hi)
-        elif holdout == "mixed":  # half of the users their future, half a random share
-            pos = np.arange(hi - m, hi) if rng.random() < 0.5 else lo + rng.choice(hi - lo, m, replace=False)
         else:
             pos = lo + rng.choice(hi - lo, m, replace=False)
         keep[pos] = False
@@ -754,7 +754,7 @@ def calibration_split(prep: Prepared, cfg: Config, rng: np.random.Generator, use
                     prep.propensity[keep] if prep.propensity is not None else None,
                     np.bincount(prep.items[keep], minlength=len(prep.item_ids)).astype(np.int64))
     ok = np.array([len(t) > 0 for t in truth])
-    return rest, cal_users[ok], [t for t, o in zip(truth, ok) if o]
+    return rest, cal_users[ok], [t for t, o in zip(truth, ok) if o], latest[ok]
 
 
 #: multipliers of alpha tried by :func:`calibrate_wide`
@@ -862,6 +862,10 @@ def _ndcg_plus_recall(top: np.ndarray, truth: list, k: int) -> np.ndarray:
 VAL_PREFIXES = (5, 10, 20)
 #: EASE ridge values tried first by :func:`tune_wide_reg` (then refined around the best)
 WIDE_REG_GRID = (30.0, 100.0, 300.0, 1000.0, 3000.0)
+#: (weight g, decay d) of the wide part's recency term tried by :func:`tune_wide` ((0, 1): none)
+WIDE_RECENCY_GRID = ((0.0, 1.0),) + tuple((g, d) for g in (0.5, 1.0, 2.0, 4.0) for d in (0.1, 0.3, 1.0))
+#: popularity exponents of the wide part tried by :func:`tune_wide`
+WIDE_POP_GRID = (0.0, 0.1, 0.2)
 #: wide-part weights tried per history length by :func:`tune_fusion`
 FUSION_GRID = tuple(float(2.0 ** e) for e in np.arange(-4.0, 8.01, 0.5))
 
@@ -876,9 +880,12 @@ class Validation:
     wide part's weight) are made for new users too.
     """
 
-    def __init__(self, prep: Prepared, users: np.ndarray, truth: list, user_feats=None):
+    def __init__(self, prep: Prepared, users: np.ndarray, truth: list, user_feats=None, groups=None):
         self.users = np.asarray(users, np.int64)
         self.truth = truth
+        # the kind of holdout of each user (True: their latest interactions); the wide part is
+        # chosen to do well on every kind present (see tune_wide)
+        self.groups = (np.zeros(len(self.users), bool) if groups is None else np.asarray(groups, bool))
         self.samples = []  # (name, n, hists, rews, ufeats, truth)
         hists, rews, ufs = [], [], []
         for u in self.users:
@@ -924,12 +931,31 @@ def _val_deep_logits(net: RecMetaNet, cfg: Config, hists, rews, ufs) -> torch.Te
     return sc
 
 
-def _wide_scores(W: torch.Tensor, hists) -> torch.Tensor:
-    """(B, N) ``x W`` of the multi-hot (distinct) histories."""
-    B, N = len(hists), W.shape[0]
+def _wide_inputs(hists, N: int, decays=()) -> tuple:
+    """(B, N) inputs of the wide part: the multi-hot of the distinct history items, and for
+    each recency decay d the matrix of ``exp(-d r)``, ``r`` the rank of the item's latest
+    occurrence from the end of the history (0: the last)."""
+    B = len(hists)
     x = torch.zeros(B, N)
+    rec = {d: torch.zeros(B, N) for d in decays}
     for b, hh in enumerate(hists):
-        x[b, torch.from_numpy(np.asarray(hh, np.int64))] = 1.0
+        h = np.asarray(hh, np.int64)
+        items, last_rev = np.unique(h[::-1], return_index=True)
+        it = torch.from_numpy(items)
+        x[b, it] = 1.0
+        for d in decays:
+            rec[d][b, it] = torch.exp(-d * torch.from_numpy(last_rev.astype(np.float32)))
+    return x, rec
+
+
+def _wide_scores(W: torch.Tensor, hists, cfg: Optional[Config] = None) -> torch.Tensor:
+    """(B, N) ``x W`` of the histories, with the recency weights of ``cfg`` (see
+    :meth:`RecMetaNet.wide_offset`; none without ``cfg``)."""
+    g = cfg.wide_recency if cfg is not None else None
+    d = float(cfg.wide_recency_decay) if g else None
+    x, rec = _wide_inputs(hists, W.shape[0], (d,) if g else ())
+    if g:
+        x = torch.where(x > 0, 1.0 + g * rec[d], x)
     return x @ W
 
 
@@ -938,40 +964,99 @@ def _val_score(sc: torch.Tensor, truth: list, k: int = 10) -> float:
     return float(_ndcg_plus_recall(top, truth, k).mean())
 
 
-def tune_wide_reg(G: torch.Tensor, val: Validation) -> tuple:
-    """The EASE ridge with the best NDCG@10 + Recall@10 of the wide part alone on the
-    validation users (warm and short histories, equally weighted): :data:`WIDE_REG_GRID`,
-    then the geometric midpoints around the best. Returns ``(reg, W, {reg: score})``."""
-    scores, Ws = {}, {}
-
-    def at(reg):
-        if reg not in scores:
-            W = ease_from_gram(G, reg)
-            tot = 0.0
-            for _, _, hists, _, _, truth in val.samples:
-                sc = _wide_scores(W, hists)
-                for b, hh in enumerate(hists):
-                    sc[b, torch.from_numpy(np.asarray(hh, np.int64))] = -float("inf")
-                tot += _val_score(sc, truth)
-            scores[reg], Ws[reg] = tot / len(val.samples), W
-        return scores[reg]
-
-    for reg in WIDE_REG_GRID:
-        at(reg)
-    best = max(scores, key=scores.get)
-    for reg in (best / math.sqrt(10.0 / 3.0), best * math.sqrt(10.0 / 3.0)):
-        at(float(reg))
-    best = max(scores, key=scores.get)
-    keep = Ws[best]
-    Ws.clear()
-    return best, keep, scores
+def _pop_scale(G: torch.Tensor, p: float) -> torch.Tensor:
+    """(N,) column scale ``(count + 1)^-p`` of the wide weights (popularity penalty)."""
+    return (torch.diagonal(G).to(torch.float32) + 1.0).pow(-p)
 
 
-def _fit_wide_weight(W: torch.Tensor, val: Validation) -> float:
+def tune_wide(G: torch.Tensor, val: Validation, cfg: Config) -> tuple:
+    """Tune the wide part on the validation users' whole histories by NDCG@10 + Recall@10:
+    the EASE ridge of plain EASE on every validation user (``cfg.wide_reg`` None:
+    :data:`WIDE_REG_GRID`, then the geometric midpoints around the best), then at that ridge
+    the recency weight and decay (``wide_recency`` None: :data:`WIDE_RECENCY_GRID`) and the
+    popularity exponent (``wide_pop_exp`` None: :data:`WIDE_POP_GRID`). Values given in
+    ``cfg`` are kept.
+
+    The validation users come in kinds (a random share held out, or their latest
+    interactions: see :class:`Validation`). What is best differs between them (recency helps
+    predict a user's next items and hurts on items drawn from anywhere in their history), and
+    the model should do well on both, so a setting's score is its worst ratio, over the kinds,
+    to plain EASE's best score on that kind (no recency, no popularity exponent, the best
+    ridge of the grid for that kind): the setting that gains the most where it gains least. Writes the choices to ``cfg`` and returns
+    ``(W, {setting: score})`` with ``W`` the float32 EASE weights of ``G`` at the chosen
+    values, popularity-scaled."""
+    _, _, hists, _, _, truth = val.warm
+    kinds = [np.flatnonzero(val.groups == k) for k in (False, True)]
+    kinds = [k for k in kinds if len(k)]
+    N = G.shape[0]
+    g_given, p_given = cfg.wide_recency is not None, cfg.wide_pop_exp is not None
+    recs = WIDE_RECENCY_GRID if not g_given else (
+        (float(cfg.wide_recency), float(cfg.wide_recency_decay if cfg.wide_recency_decay is not None else 1.0)),)
+    pops = WIDE_POP_GRID if not p_given else (float(cfg.wide_pop_exp),)
+    if (0.0, 1.0) not in recs:  # plain EASE is the reference (see robust)
+        recs = ((0.0, 1.0),) + tuple(recs)
+    if 0.0 not in pops:
+        pops = (0.0,) + tuple(pops)
+    decays = sorted({d for g, d in recs if g})
+    x, rec = _wide_inputs(hists, N, decays)
+    seen = x > 0
+    G32 = G.to(torch.float32)
+    scales = {p: _pop_scale(G, p) for p in pops}
+    per_kind = {}  # (reg, g, d, p) -> mean score of each kind
+
+    def ease32(reg):
+        P = torch.cholesky_inverse(torch.linalg.cholesky(G32 + reg * torch.eye(N)))
+        B = -P / torch.diag(P)[None, :]
+        B.fill_diagonal_(0.0)
+        return B
+
+    def run(reg):
+        B = ease32(reg)
+        base = {0.0: x @ B}
+        for d in decays:
+            base[d] = rec[d].masked_fill(~seen, 0.0) @ B
+        for g, d in recs:
+            sc0 = base[0.0] + g * base[d] if g else base[0.0]
+            for p in pops:
+                sc = (sc0 * scales[p]).masked_fill(seen, -float("inf"))
+                top = torch.topk(sc, min(10, N), dim=1).indices.numpy()
+                u = _ndcg_plus_recall(top, truth, 10)
+                per_kind[(reg, g, d, p)] = [float(u[k].mean()) for k in kinds]
+        return B
+
+    def score_plain(reg):
+        top = torch.topk((x @ ease32(reg)).masked_fill(seen, -float("inf")), min(10, N), dim=1).indices.numpy()
+        return float(_ndcg_plus_recall(top, truth, 10).mean())
+
+    def robust():
+        # each kind's reference: plain EASE (no recency, no popularity exponent) at its best ridge
+        plain = np.array([v for k, v in per_kind.items() if k[1] == 0 and k[3] == 0] or list(per_kind.values()))
+        best = plain.max(axis=0)
+        return {key: min(v / max(b, 1e-12) for v, b in zip(vals, best)) for key, vals in per_kind.items()}
+
+    if cfg.wide_reg is None:  # the ridge of plain EASE, on every validation user
+        pooled = {}
+        for reg in WIDE_REG_GRID:
+            pooled[reg] = score_plain(reg)
+        reg0 = max(pooled, key=pooled.get)
+        for reg in (reg0 / math.sqrt(10.0 / 3.0), reg0 * math.sqrt(10.0 / 3.0)):
+            pooled[float(reg)] = score_plain(float(reg))
+        cfg.wide_reg = float(max(pooled, key=pooled.get))
+    run(float(cfg.wide_reg))
+    sc = robust()
+    if g_given or p_given:
+        sc = {k: v for k, v in sc.items() if (not g_given or k[1] == float(cfg.wide_recency))
+              and (not p_given or k[3] == float(cfg.wide_pop_exp))}
+    reg, g, d, p = max(sc, key=lambda k: (sc[k], -k[1], -k[3]))
+    cfg.wide_reg, cfg.wide_recency, cfg.wide_recency_decay, cfg.wide_pop_exp = float(reg), float(g), float(d), float(p)
+    return ease32(reg) * scales[p], sc
+
+
+def _fit_wide_weight(W: torch.Tensor, val: Validation, cfg: Config) -> float:
     """The weight a of the wide part alone, ``softmax(a x W)``, with the best held-out
     log-likelihood on the warm validation set (a grid of powers of 2)."""
     _, _, hists, _, _, truth = val.warm
-    E = _wide_scores(W, hists)
+    E = _wide_scores(W, hists, cfg)
     for b, hh in enumerate(hists):
         E[b, torch.from_numpy(np.asarray(hh, np.int64))] = -float("inf")
     t_rows = torch.from_numpy(np.repeat(np.arange(len(truth)), [len(t) for t in truth]))
@@ -980,51 +1065,66 @@ def _fit_wide_weight(W: torch.Tensor, val: Validation) -> float:
     return min(nll, key=nll.get)
 
 
-def tune_fusion(net: RecMetaNet, cfg: Config, val: Validation, W: torch.Tensor) -> dict:
-    """Weigh the wide part against the deep part on the validation users, per history length.
+#: exponents p of the wide part's weight ``alpha(n) = a (1 + n)^p`` tried by :func:`tune_fusion`
+FUSION_POWERS = (-0.5, 0.0, 0.5, 1.0)
+#: the power law ``alpha(n) = a (1 + n)^p`` holds up to this history length (constant beyond)
+_POWER_N_HI = 10000.0
 
-    For each validation sample set (warm; first 5 / 10 / 20 items) the weight ``a`` of
-    ``deep + a (x W)`` with the best NDCG@10 + Recall@10 is found on :data:`FUSION_GRID`
-    (0, the deep part alone, included); ``alpha(n) = softplus(c0 + c1 log(1 + n))`` is then
-    fitted to those weights at the sets' mean history lengths (least squares on
-    ``softplus^-1``) and written to ``net.wide_coef`` (``wide_scale`` reset to 1). The
-    temperature is then re-fit by the held-out log-likelihood of the warm set. Returns
-    ``{set name: (mean n, best a, score at a, score of the deep part alone, of the wide part
-    alone)}``."""
-    out = {}
-    logits = {}
+
+def tune_fusion(net: RecMetaNet, cfg: Config, val: Validation, W: torch.Tensor) -> dict:
+    """Weigh the wide part against the deep part on the validation users.
+
+    The served policy is ``deep + alpha(n) (x W)``. ``alpha(n) = a (1 + n)^p`` is chosen
+    on the grid :data:`FUSION_GRID` x :data:`FUSION_POWERS` by the mean NDCG@10 + Recall@10
+    over the validation sample sets (whole histories; their first 5 / 10 / 20 items), so
+    that users with short and long histories both count; ``a`` is the weight at the warm
+    set's mean history length. It is written to the network's own form of alpha,
+    ``softplus(c0 + c1 log(1 + n)) * m ** ramp(n)``: ``c1 = 0`` and ``softplus(c0) =
+    alpha(0)``, the ramp log-linear from n = 0 to :data:`_POWER_N_HI` and
+    ``log m = p log(1 + _POWER_N_HI)``, which is ``a (1 + n)^p / (1 + n_warm)^p`` up to
+    that length. The temperature is then re-fit by the held-out log-likelihood of the warm set.
+    Returns ``{set name: (mean n, weight at that n, score, score of the deep part alone,
+    score of the wide part alone)}`` plus ``"alpha": (a, p)``."""
+    sets = []
     for name, n, hists, rews, ufs, truth in val.samples:
         D = _val_deep_logits(net, cfg, hists, rews, ufs)
-        E = _wide_scores(W, hists)
-        res = {0.0: _val_score(D, truth)}
+        E = _wide_scores(W, hists, cfg)
+        lens = torch.tensor([len(np.unique(h)) for h in hists], dtype=torch.float32)
+        sets.append((name, n, D, E, torch.log1p(lens), truth))
+    n_w = sets[0][1]
+    best, best_score, table = None, -1.0, {}
+    for p in FUSION_POWERS:
         for a in FUSION_GRID:
-            res[a] = _val_score(D + a * E, truth)
-        best = max(res, key=lambda a: (res[a], -a))
-        out[name] = (n, best, res[best], res[0.0], _val_score(E.masked_fill(torch.isinf(D), -float("inf")), truth))
-        logits[name] = (D, E, truth)
-    ns = np.array([v[0] for v in out.values()])
-    a = np.array([max(v[1], 2.0 ** -6) for v in out.values()])
-    y = np.log(np.expm1(a))  # softplus^-1
-    xs = np.log1p(ns)
-    if len(xs) > 1 and np.ptp(xs) > 0:
-        c1, c0 = np.polyfit(xs, y, 1)
-    else:
-        c0, c1 = float(y.mean()), 0.0
+            scores = []
+            for _, _, D, E, ln, truth in sets:
+                alpha = a * torch.exp(p * (ln - math.log1p(n_w)))
+                scores.append(_val_score(D + alpha[:, None] * E, truth))
+            table[(a, p)] = scores
+            if float(np.mean(scores)) > best_score:
+                best, best_score = (a, p), float(np.mean(scores))
+    a, p = best
+    out = {}
+    for j, (name, n, D, E, ln, truth) in enumerate(sets):
+        wide_only = _val_score(E.masked_fill(torch.isinf(D), -float("inf")), truth)
+        out[name] = (n, a * ((1.0 + n) / (1.0 + n_w)) ** p, table[best][j], _val_score(D, truth), wide_only)
+    base = a / (1.0 + n_w) ** p  # alpha(0)
     with torch.no_grad():
-        net.wide_coef.copy_(torch.tensor([float(c0), float(c1)]))
-        net.wide_scale.copy_(torch.tensor([0.0, 1.0, 2.0]))
-        D, E, truth = logits["warm"]
-        n_w = torch.tensor([out["warm"][0]])
-        sc = D + net.wide_alpha(n_w)[0] * E
+        # softplus^-1(base) = base + log(1 - exp(-base)), stable for large and small base
+        net.wide_coef.copy_(torch.tensor([base + math.log(-math.expm1(-base)), 0.0]))
+        net.wide_scale.copy_(torch.tensor([p * math.log1p(_POWER_N_HI), 0.0, _POWER_N_HI]))
+        _, _, D, E, ln, truth = sets[0]
+        alpha = net.wide_alpha(torch.expm1(ln).round().to(torch.int64))
+        sc = D + alpha[:, None] * E
         t_rows = torch.from_numpy(np.repeat(np.arange(len(truth)), [len(t) for t in truth]))
         t_items = torch.from_numpy(np.concatenate([sorted(t) for t in truth]).astype(np.int64))
         nll = {t: float(-torch.log_softmax(sc / t, 1)[t_rows, t_items].mean()) for t in TEMPERATURE_GRID}
     tau = min(nll, key=nll.get)
     cfg.temperature = float(tau)
-    logger.info("wide part weighed on %d validation users: %s; alpha(n) = softplus(%.3g + %.3g log(1 + n)); "
-                "temperature %.3g", len(val.users),
-                ", ".join(f"{k} (n {v[0]:.0f}): a {v[1]:.3g}, {v[2]:.4f} vs deep alone {v[3]:.4f}, wide alone {v[4]:.4f}"
-                          for k, v in out.items()), c0, c1, tau)
+    out["alpha"] = (a, p)
+    logger.info("wide part weighed on %d validation users: alpha(n) = %.3g ((1 + n) / %.0f)^%g; %s; "
+                "temperature %.3g", len(val.users), a, 1.0 + n_w, p,
+                ", ".join(f"{k} (n {v[0]:.0f}): alpha {v[1]:.3g}, {v[2]:.4f} vs deep alone {v[3]:.4f}, "
+                          f"wide alone {v[4]:.4f}" for k, v in out.items() if k != "alpha"), tau)
     return out
 
 
@@ -1120,13 +1220,16 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     does by default. The validation set is ``validation`` (a DataFrame of held-out
     interactions of training users) or, with ``cfg.validation > 0``, carved from ``prep``
     (``calib_holdout`` of the interactions of a fraction ``cfg.validation`` of the users with
-    5 or more). Then: the EASE ridge (``cfg.wide_reg`` None) is tuned on it
-    (:func:`tune_wide_reg`); the deep part is trained alone, its epochs stopped early when
-    the validation score has not improved for ``cfg.patience`` epochs (the best epoch's
-    weights are kept); the wide part's weight ``alpha(n)`` and the temperature are fitted
-    on it (:func:`tune_fusion`); the served EASE weights are refit on the whole log. Without
-    a validation set (``tune`` False, or too few users) the wide part's weight is learned
-    during training against cross-fitted EASE weights (:func:`fit_wide`)."""
+    5 or more; by ``cfg.validation_holdout`` a random share, their latest interactions, or
+    half the users each way). On it: the wide part (EASE ridge, recency weight and decay,
+    popularity exponent: those left None in ``cfg``) is tuned (:func:`tune_wide`); the deep
+    part is trained (``cfg.wide_train``: alone, or as a residual on EASE at a fixed weight),
+    its epochs stopped early when the validation score has not improved for ``cfg.patience``
+    epochs (the best epoch's weights are kept); the wide part's weight ``alpha(n)`` and the
+    temperature are fitted (:func:`tune_fusion`); the served EASE weights are refit on the
+    whole log. Without a validation set (``tune`` False, or fewer than 10 validation users)
+    the wide part's weight is learned during training against cross-fitted EASE weights
+    (:func:`fit_wide`)."""
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     t0 = time.perf_counter()
@@ -1140,7 +1243,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             cal = calibration_split(prep, cfg, rng, users=cfg.validation, holdout=cfg.validation_holdout)
             if cal is not None and len(cal[1]) >= 10:
                 prep = cal[0]
-                val = Validation(prep, cal[1], cal[2], user_feats)
+                val = Validation(prep, cal[1], cal[2], user_feats, groups=cal[3])
     cal = None
     if val is None and net.has_wide and cfg.calib_users > 0:
         cal = calibration_split(prep, cfg, rng)
@@ -1152,23 +1255,21 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
         if net.has_wide:
             G = _interaction_matrix(prep)
             G = G.T @ G
-            if cfg.wide_reg is None:
-                reg, W_train, reg_scores = tune_wide_reg(G, val)
-                cfg.wide_reg = float(reg)
-                logger.info("EASE ridge %.4g chosen on %d validation users (%s)", reg, len(val.users),
-                            ", ".join(f"{k:.3g}: {v:.4f}" for k, v in sorted(reg_scores.items())))
-                hist["wide_reg_scores"] = reg_scores
-            else:
-                W_train = ease_from_gram(G, cfg.wide_reg)
+            W_train, report = tune_wide(G, val, cfg)
+            hist["wide_tuning"] = {str(k): v for k, v in report.items()}
+            logger.info("wide part chosen on %d validation users: EASE ridge %.4g, recency %.3g (decay %.3g), "
+                        "popularity exponent %.3g (worst ratio to the best of each kind of holdout %.4f)",
+                        len(val.users), cfg.wide_reg, cfg.wide_recency, cfg.wide_recency_decay, cfg.wide_pop_exp,
+                        max(report.values()))
             del G
             with torch.no_grad():
                 net.wide.copy_(W_train)
             if cfg.wide_train == "residual":
                 # the deep part learns what EASE misses: EASE enters the training logits at a
                 # fixed weight, the one whose softmax fits the validation items best
-                a = _fit_wide_weight(W_train, val)
+                a = _fit_wide_weight(W_train, val, cfg)
                 with torch.no_grad():
-                    net.wide_coef.copy_(torch.tensor([math.log(math.expm1(a)), 0.0]))
+                    net.wide_coef.copy_(torch.tensor([a + math.log(-math.expm1(-a)), 0.0]))
                     net.wide_scale.copy_(torch.tensor([0.0, 1.0, 2.0]))
                 hist["wide_train_weight"] = a
     else:
@@ -1265,7 +1366,11 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             hist["fusion"] = tune_fusion(net, cfg, val, W_train)
             del W_train
             with torch.no_grad():  # the served weights: EASE on the whole log
-                net.wide.copy_(ease_weights(_interaction_matrix(full), cfg.wide_reg))
+                X = _interaction_matrix(full)
+                G = X.T @ X
+                del X
+                net.wide.copy_(ease_from_gram(G, cfg.wide_reg) * _pop_scale(G, cfg.wide_pop_exp or 0.0))
+                del G
     elif cal is not None:
         hist["calibration"] = calibrate_wide(net, prep, cal[1], cal[2], cross, cfg, user_feats)
         with torch.no_grad():  # the served weights: EASE on the whole log

@@ -117,3 +117,93 @@ def test_mixed_id_types_raise():
     log.loc[3, "item"] = str(log.loc[3, "item"])
     with pytest.raises(TypeError, match=r"interactions.item mixes id types \(int .*str"):
         rm.train(log, config={**SMALL, "epochs": 1})
+
+
+# ---------------------------------------------------------------------------- tuned defaults
+
+def _warm_log(seed=0, n_users=150, n_items=60):
+    """Users with two tastes (items 0-29 or 30-59), each consuming 20 of their kind in time order."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        lo = 0 if u % 2 else 30
+        for t, i in enumerate(rng.choice(np.arange(lo, lo + 30), 20, replace=False)):
+            rows.append((u, int(i), t))
+    return pd.DataFrame(rows, columns=["user", "item", "timestamp"])
+
+
+TUNED = {"dim": 16, "hidden": 32, "encoder": "none", "epochs": 6, "batch_size": 32, "seed": 0, "validation": 0.5}
+
+
+def test_validation_tuning_is_recorded_in_history_and_config():
+    model = rm.train(_warm_log(), config=TUNED)
+    h = model.history
+    assert len(h["loss"]) == len(h["validation"]) >= 1
+    assert 1 <= h["best_epoch"] <= len(h["loss"])
+    assert h["validation"][h["best_epoch"] - 1] == max(h["validation"])
+    # the wide part's choices are recorded in the config (saved with the model)
+    cfg = model.config
+    assert cfg.wide_reg is not None and cfg.wide_reg > 0
+    assert cfg.wide_recency is not None and cfg.wide_pop_exp is not None
+    assert "fusion" in h and "alpha" in h["fusion"]
+    # the served policy separates the two tastes
+    top = model.recommend([1, 2], k=5).ids
+    assert np.isin(top[0], model.item_ids[:30]).all() and np.isin(top[1], model.item_ids[30:]).all()
+
+
+def test_early_stopping_stops_before_the_maximum():
+    model = rm.train(_warm_log(), config={**TUNED, "epochs": 40, "patience": 1})
+    h = model.history
+    assert len(h["loss"]) <= h["best_epoch"] + 1 < 41
+
+
+def test_explicit_validation_frame():
+    log = _warm_log()
+    last = log.groupby("user").tail(3)
+    model = rm.train(log.drop(last.index), config={**TUNED, "validation": 0.0}, validation=last)
+    assert len(model.history["validation"]) >= 1
+    with pytest.raises(ValueError, match="no positive interaction"):
+        rm.train(log.drop(last.index), config=TUNED, validation=last.assign(user=-5))
+    with pytest.raises(TypeError, match="validation must be a DataFrame"):
+        rm.train(log, config=TUNED, validation=[1, 2])
+
+
+def test_given_wide_settings_are_kept():
+    cfg = {**TUNED, "wide_reg": 77.0, "wide_recency": 0.0, "wide_pop_exp": 0.0}
+    model = rm.train(_warm_log(), config=cfg)
+    assert model.config.wide_reg == 77.0
+    assert model.config.wide_recency == 0.0 and model.config.wide_pop_exp == 0.0
+
+
+def test_wide_recency_matches_between_serving_paths():
+    """The recency-weighted wide part: the compiled core's one-user path and the network's
+    batched path give the same scores."""
+    model = rm.train(_warm_log(), config={**TUNED, "wide_recency": 2.0, "wide_recency_decay": 0.5})
+    hist = np.array([3, 7, 3, 11, 5], np.int64)  # a repeat: its latest occurrence counts
+    one = model._wide_one(hist)
+    batched = model._wide_bias([hist])[0].numpy()
+    np.testing.assert_allclose(one, batched, rtol=1e-5, atol=1e-5)
+    plain = rm.train(_warm_log(), config={**TUNED, "wide_recency": 0.0, "wide_reg": model.config.wide_reg})
+    assert not np.allclose(plain._wide_one(hist) / max(abs(plain._wide_one(hist)).max(), 1e-9),
+                           one / max(abs(one).max(), 1e-9))
+
+
+def test_default_training_has_no_validation_set():
+    model = rm.train(_warm_log(), config={k: v for k, v in TUNED.items() if k != "validation"})
+    assert "validation" not in model.history and len(model.history["loss"]) == TUNED["epochs"]
+    assert model.config.wide_reg == 250.0  # the documented default without a validation set
+
+
+def test_num_threads_and_progress_without_tqdm(monkeypatch, caplog):
+    import sys
+
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm fails
+    with caplog.at_level(logging.WARNING, logger="recmeta"):
+        rm.train(_warm_log(), config={**TUNED, "epochs": 1}, num_threads=1, progress=True)
+    assert torch.get_num_threads() == before
+    assert any("tqdm is not installed" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="num_threads must be a positive int"):
+        rm.train(_warm_log(), config=TUNED, num_threads=0)
