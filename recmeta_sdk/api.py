@@ -1426,10 +1426,10 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
         is a *positive* when its reward reaches ``config["positive_threshold"]`` (default:
         decided from the data and logged: 4 of 5 stars for star-rating-like rewards, else
         reward > 0; without a ``reward`` column every row is a positive). Positives are the
-        supervised targets and the history the user state reads; the other rows (e.g.
-        impressions with reward 0) are never targets, they are logged actions for the
-        off-policy RL term and the behaviour estimate, so the model does not imitate the
-        logging policy. A reward-like column under another name (``rating``, ``click``, ...)
+        supervised targets; the other rows (e.g. impressions with reward 0) are never
+        targets: they are context in the history the user state reads (what the user was
+        shown) and logged actions for the off-policy RL term and the behaviour estimate, so
+        the model does not imitate the logging policy. A reward-like column under another name (``rating``, ``click``, ...)
         is ignored with a warning; duplicate (user, item) rows are kept as repeats with a
         warning; an id column mixing types (``1`` and ``"1"``) raises TypeError.
     users, items : side features indexed by external user / item id, optional; every item
@@ -1501,7 +1501,7 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
         item_ids = np.sort(item_ids)
     prep = prepare(interactions, item_ids)
     thr, strict, why = positive_threshold(prep.rewards, cfg.positive_threshold)
-    positive = prep.rewards > thr if strict else prep.rewards >= thr
+    positive = (prep.rewards > thr if strict else prep.rewards >= thr) & (prep.rewards > 0)
     if "reward" in interactions.columns:
         logger.info("positives: reward %s %g (%s): %d of %d rows; the others are logged actions only "
                     "(no supervised target)", ">" if strict else ">=", thr, why, int(positive.sum()),
@@ -1535,13 +1535,8 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
                                                             reward_scale)
     history = fit(net, prep, cfg, (uf_off, uf_idx) if n_uf else None, progress=progress, batches=batches,
                   validation=validation, tune=True)
-    # the served history of a known user is their positives (what the encoder read in training)
-    keep = prep.rewards > 0
-    counts = np.bincount(np.repeat(np.arange(len(prep.user_ids)), np.diff(prep.offsets))[keep],
-                         minlength=len(prep.user_ids))
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    model = Recommender(net, cfg, prep.item_ids, prep.user_ids, offsets, prep.items[keep],
-                        prep.rewards[keep] * reward_scale, prep.item_count, item_schema, user_schema,
+    model = Recommender(net, cfg, prep.item_ids, prep.user_ids, prep.offsets, prep.items,
+                        prep.rewards * reward_scale, prep.item_count, item_schema, user_schema,
                         uf_off, uf_idx, reward_scale)
     model.history = history
     return model

@@ -125,9 +125,10 @@ class Config:
     ``bench/bench_online.py``).
 
     Rewards: ``positive_threshold`` is the reward at or above which a logged row is a
-    positive (a supervised target and part of the history the encoder reads); rows below it
-    (impressions with reward 0, low ratings) are logged actions only, for the off-policy RL
-    term and the behaviour estimate. ``None`` (default): decided from the data by
+    positive (a reward <= 0 never is) (a supervised target, and the wide part's EASE matrix); rows below it
+    (impressions with reward 0, low ratings) are never targets: they are context in the
+    history the encoder reads and logged actions for the off-policy RL term and the
+    behaviour estimate. ``None`` (default): decided from the data by
     :func:`recmeta_sdk.train.positive_threshold` (star-rating-like rewards: 0.8 x the
     maximum, i.e. 4 of 5 stars; otherwise reward > 0) and logged; the trained model's config
     records the value used.

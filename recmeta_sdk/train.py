@@ -513,11 +513,10 @@ def make_batch(prep: Prepared, users: np.ndarray, cfg: Config, rng: np.random.Ge
                 keep[rng.integers(n)] = False
             if not keep.any():
                 keep[rng.integers(n)] = True
-        # the support (what the encoder reads) is the kept positives; non-positive rows
-        # (impressions, low ratings: reward 0 after train's threshold) stay in the query as
-        # logged actions for the behaviour estimate and the RL term, never as CE targets
-        sk = keep & (rew > 0)
-        sup.append(seq[sk]); sup_r.append(rew[sk])
+        # non-positive rows (impressions, low ratings: reward 0 after train's threshold) are
+        # context in the support (what the user was shown) and logged actions in the query
+        # (behaviour estimate, RL term), never CE targets (see batch_loss)
+        sup.append(seq[keep]); sup_r.append(rew[keep])
         q.append(seq[~keep]); q_r.append(rew[~keep])
         if prop is not None:
             q_p.append(prop[~keep])

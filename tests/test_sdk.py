@@ -243,7 +243,8 @@ def test_calibration_split_holds_out_positive_items_of_some_users():
     log = pd.DataFrame(rows, columns=["user", "item", "timestamp", "reward"])
     prep = prepare(log)
     cfg = Config.from_dict(dict(calib_users=0.3, calib_holdout=0.2))
-    rest, users, truth = calibration_split(prep, cfg, np.random.default_rng(0))
+    rest, users, truth, latest = calibration_split(prep, cfg, np.random.default_rng(0))
+    assert not latest.any()  # the default holdout: a random share of each user
     n, n_rest = np.diff(prep.offsets), np.diff(rest.offsets)
     assert 0 < len(users) <= round(0.3 * 37) and len(users) == len(truth)
     held = np.flatnonzero(n_rest < n)

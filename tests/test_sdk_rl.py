@@ -68,11 +68,15 @@ def test_offpolicy_reinforce_finds_the_rewarding_item(sampled):
         hist = [i + 10 * grp for i in (0, 1, 2, 4)]
         rec = model.recommend(model.adapt(hist, steps=0), k=1, exclude_seen=False)
         assert rec.ids[0] == best
-    # the supervised objective alone only imitates the uniform logging: no such preference
-    imit = rm.train(logs, config=dict(cfg, ce_weight=1.0, rl_weight=0.0))
+    # the supervised objective with every logged row a target (every reward 1) only imitates
+    # the uniform logging: no such preference
+    imit = rm.train(logs.assign(reward=1.0), config=dict(cfg, ce_weight=1.0, rl_weight=0.0))
     st = imit.adapt([0, 1, 2, 4], steps=0)
     pi = torch.softmax(torch.from_numpy(imit.recommend(st, k=20, exclude_seen=False).scores), 0)
     assert float(pi.max()) < 0.25
+    # by default only the rewarded rows are targets: the supervised objective finds the item too
+    sup = rm.train(logs, config=dict(cfg, ce_weight=1.0, rl_weight=0.0))
+    assert sup.recommend(sup.adapt([0, 1, 2, 4], steps=0), k=1, exclude_seen=False).ids[0] == 3
 
 
 def _reward_only_tasks(n_users=160, n_items=20, seed=0):
