@@ -179,7 +179,7 @@ def run_recmeta(train, test, ds, config=None):
     test_df = pd.DataFrame({"user": enc.users[enc.test_users].repeat([len(x) for x in enc.truth]),
                             "item": enc.items[np.concatenate([sorted(x) for x in enc.truth])]})
     m = model.evaluate(test_df, k=K)
-    return {"ndcg": m[f"ndcg@{K}"], "recall": m[f"recall@{K}"]}, fit, "defaults"
+    return {"ndcg": m[f"ndcg@{K}"], "recall": m[f"recall@{K}"]}, fit, f"config {config}" if config else "defaults"
 
 
 def main(argv=None) -> int:
