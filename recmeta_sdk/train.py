@@ -828,11 +828,7 @@ def calibrate_wide(net: RecMetaNet, prep: Prepared, cal_users: np.ndarray, truth
         net.wide_scale[0] = math.log(best)
         tau = nll = None
         if best != 1.0:
-            sc = logits_at(best) * cfg.temperature
-            t_rows = torch.from_numpy(np.repeat(np.arange(B), [len(t) for t in truth]))
-            t_items = torch.from_numpy(np.concatenate([sorted(t) for t in truth]).astype(np.int64))
-            nll = {t: float(-torch.log_softmax(sc / t, 1)[t_rows, t_items].mean())
-                   for t in TEMPERATURE_GRID + (float(cfg.temperature),)}
+            nll = _heldout_nll(logits_at(best) * cfg.temperature, truth, TEMPERATURE_GRID + (float(cfg.temperature),))
             tau = min(nll, key=lambda t: (nll[t], abs(math.log(t / cfg.temperature))))
     logger.info("wide part calibrated on %d held-out users: alpha x %.3g "
                 "(NDCG+Recall@%d %.4f; x1: %.4f; best x %.3g: %.4f, %.2f standard errors above x1)",
@@ -842,6 +838,14 @@ def calibrate_wide(net: RecMetaNet, prep: Prepared, cal_users: np.ndarray, truth
                     cfg.temperature, nll[float(cfg.temperature)])
         cfg.temperature = float(tau)
     return result
+
+
+def _heldout_nll(sc: torch.Tensor, truth: list, temperatures) -> dict:
+    """``{t: mean -log softmax(sc / t)[held-out item]}`` over every (user, held-out item) pair
+    of ``truth`` (one set per row of ``sc``), for each temperature ``t``."""
+    rows = torch.from_numpy(np.repeat(np.arange(len(truth)), [len(t) for t in truth]))
+    items = torch.from_numpy(np.concatenate([sorted(t) for t in truth]).astype(np.int64))
+    return {t: float(-torch.log_softmax(sc / t, 1)[rows, items].mean()) for t in temperatures}
 
 
 def _ndcg_plus_recall(top: np.ndarray, truth: list, k: int) -> np.ndarray:
@@ -1058,10 +1062,8 @@ def _fit_wide_weight(W: torch.Tensor, val: Validation, cfg: Config) -> float:
     E = _wide_scores(W, hists, cfg)
     for b, hh in enumerate(hists):
         E[b, torch.from_numpy(np.asarray(hh, np.int64))] = -float("inf")
-    t_rows = torch.from_numpy(np.repeat(np.arange(len(truth)), [len(t) for t in truth]))
-    t_items = torch.from_numpy(np.concatenate([sorted(t) for t in truth]).astype(np.int64))
-    nll = {a: float(-torch.log_softmax(a * E, 1)[t_rows, t_items].mean()) for a in FUSION_GRID}
-    return min(nll, key=nll.get)
+    nll = _heldout_nll(E, truth, [1.0 / a for a in FUSION_GRID])  # weight a = temperature 1 / a
+    return 1.0 / min(nll, key=nll.get)
 
 
 #: exponents p of the wide part's weight ``alpha(n) = a (1 + n)^p`` tried by :func:`tune_fusion`
@@ -1113,10 +1115,7 @@ def tune_fusion(net: RecMetaNet, cfg: Config, val: Validation, W: torch.Tensor) 
         net.wide_scale.copy_(torch.tensor([p * math.log1p(_POWER_N_HI), 0.0, _POWER_N_HI]))
         _, _, D, E, ln, truth = sets[0]
         alpha = net.wide_alpha(torch.expm1(ln).round().to(torch.int64))
-        sc = D + alpha[:, None] * E
-        t_rows = torch.from_numpy(np.repeat(np.arange(len(truth)), [len(t) for t in truth]))
-        t_items = torch.from_numpy(np.concatenate([sorted(t) for t in truth]).astype(np.int64))
-        nll = {t: float(-torch.log_softmax(sc / t, 1)[t_rows, t_items].mean()) for t in TEMPERATURE_GRID}
+        nll = _heldout_nll(D + alpha[:, None] * E, truth, TEMPERATURE_GRID)
     tau = min(nll, key=nll.get)
     cfg.temperature = float(tau)
     out["alpha"] = (a, p)
