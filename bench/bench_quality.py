@@ -16,6 +16,7 @@ Protocols (MovieLens-100K; every rating is one implicit interaction for every mo
 
 Usage::
 
+    pip install ".[bench]"   # implicit (ALS) and scipy
     PYTHONPATH=. .venv/bin/python bench/bench_quality.py [--protocols random,last,temporal]
         [--seeds 0,1,2] [--quick] [--models recmeta,ease,als,pop]
 
