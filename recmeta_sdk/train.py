@@ -678,7 +678,9 @@ def ease_from_gram(G: torch.Tensor, reg: float) -> torch.Tensor:
     P = torch.cholesky_inverse(torch.linalg.cholesky(G))
     W = -P / torch.diag(P)[None, :]
     W.fill_diagonal_(0.0)
-    return W.to(torch.float32)
+    # (the LAPACK inverse is column-major: made row-major once here, not copied by every
+    # embedding bag over its rows, 11 MB per fold per training step on MovieLens-100K)
+    return W.to(torch.float32).contiguous()
 
 
 def _interaction_matrix(prep: Prepared) -> torch.Tensor:
@@ -702,11 +704,16 @@ def fit_wide(net: RecMetaNet, prep: Prepared, cfg: Config, rng: np.random.Genera
         return None
     U = len(prep.user_ids)
     X = _interaction_matrix(prep)
+    G = X.T @ X
     with torch.no_grad():
-        net.wide.copy_(ease_weights(X, cfg.wide_reg))
+        net.wide.copy_(ease_from_gram(G, cfg.wide_reg))
     K = 5 if U >= 10 else 2
     fold = torch.from_numpy(rng.permutation(U) % K)
-    others = [ease_weights(X[fold != f], cfg.wide_reg) for f in range(K)]
+    # the Gram matrix without fold f: G minus fold f's own (integer counts in float64: exact)
+    others = []
+    for f in range(K):
+        Xf = X[fold == f]
+        others.append(ease_from_gram(G - Xf.T @ Xf, cfg.wide_reg))
     return fold, others
 
 
