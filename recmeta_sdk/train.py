@@ -870,7 +870,7 @@ def _ndcg_plus_recall(top: np.ndarray, truth: list, k: int) -> np.ndarray:
 
 #: support sizes of the short-history validation samples (see :class:`Validation`)
 VAL_PREFIXES = (5, 10, 20)
-#: EASE ridge values tried first by :func:`tune_wide_reg` (then refined around the best)
+#: EASE ridge values tried first by :func:`tune_wide` (then refined around the best)
 WIDE_REG_GRID = (30.0, 100.0, 300.0, 1000.0, 3000.0)
 #: (weight g, decay d) of the wide part's recency term tried by :func:`tune_wide` ((0, 1): none)
 WIDE_RECENCY_GRID = ((0.0, 1.0),) + tuple((g, d) for g in (0.5, 1.0, 2.0, 4.0) for d in (0.1, 0.3, 1.0))
