@@ -50,11 +50,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """The figures of tests/test_ops_fuzz.py (reliability.md, "Tests that prove it"):
     properties x examples run, and counterexamples (failed properties)."""
     figures = getattr(config, "_recmeta_fuzz_figures", None)
-    if not figures:
-        return
-    failed = [r for r in terminalreporter.stats.get("failed", []) if "test_ops_fuzz" in r.nodeid]
-    per = ", ".join(f"{k} {v}" for k, v in sorted(figures.items()))
-    terminalreporter.write_sep("-", "op fuzz figures")
-    terminalreporter.write_line(
-        f"op fuzz: {len(figures)} properties x examples run: {sum(figures.values())} ({per}); "
-        f"counterexamples: {len(failed)}")
+    if figures:  # (only when the fuzz ran)
+        failed = [r for r in terminalreporter.stats.get("failed", []) if "test_ops_fuzz" in r.nodeid]
+        per = ", ".join(f"{k} {v}" for k, v in sorted(figures.items()))
+        terminalreporter.write_sep("-", "op fuzz figures")
+        terminalreporter.write_line(
+            f"op fuzz: {len(figures)} properties x examples run: {sum(figures.values())} ({per}); "
+            f"counterexamples: {len(failed)}")
