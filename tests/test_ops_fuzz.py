@@ -452,6 +452,35 @@ def test_policy_ops_reject_invalid_inputs(B, N, d, hostile, op, dtype, id64, see
                               backend="cpp")
 
 
+def _hostile_bags(seed, id64, n, d, B):
+    """(rng, w (n, d), offsets, ids, big, pos): random bags of 1-4 ids over an fp32 table, the
+    largest value of the id dtype and a random position among the ids, for the hostile cases."""
+    rng = np.random.default_rng(seed)
+    idt = np.int64 if id64 else np.int32
+    w = _floats(rng, (n, d), False)
+    lens = rng.integers(1, 5, size=B)
+    off = np.concatenate([[0], np.cumsum(lens)]).astype(idt)
+    idx = rng.integers(0, n, size=int(off[-1])).astype(idt)
+    return rng, w, off, idx, np.iinfo(idt).max
+
+
+def _corrupt_ids_offsets(hostile, rng, idx, off, n, B, big, pos) -> bool:
+    """Apply the id / offset cases both embedding-bag ops share, in place; False for others."""
+    if hostile == "id_high":
+        idx[pos] = int(rng.integers(n, big))
+    elif hostile == "id_negative":
+        idx[pos] = -int(rng.integers(1, big))
+    elif hostile == "offsets_decrease":
+        off[1] = off[-1] + 1 if B > 1 else -1
+    elif hostile == "offsets_past_end":
+        off[-1] += int(rng.integers(1, 10**6))
+    elif hostile == "offsets_first":
+        off[0] = 1 if off[1] >= 1 else -1
+    else:
+        return False
+    return True
+
+
 EB_HOSTILE = ["id_high", "id_negative", "offsets_decrease", "offsets_past_end", "offsets_short_of_nnz",
               "offsets_first", "offsets_empty", "offsets_float", "ids_float", "ids_2d_bad", "psw_nan", "psw_shape",
               "row_nan", "row_inf", "int8_scale_nan", "table_int", "table_1d", "mode_bad", "tables_mismatch"]
@@ -463,28 +492,14 @@ EB_HOSTILE = ["id_high", "id_negative", "offsets_decrease", "offsets_past_end", 
        seed=SEEDS)
 def test_embedding_bag_rejects_invalid_inputs(n, d, B, hostile, dtype, id64, seed):
     _count("embedding_bag_invalid")
-    rng = np.random.default_rng(seed)
-    idt = np.int64 if id64 else np.int32
-    w = _floats(rng, (n, d), False)
-    lens = rng.integers(1, 5, size=B)
-    off = np.concatenate([[0], np.cumsum(lens)]).astype(idt)
-    idx = rng.integers(0, n, size=int(off[-1])).astype(idt)
+    rng, w, off, idx, big = _hostile_bags(seed, id64, n, d, B)
     psw, mode = None, "sum"
     weight = None
-    big = np.iinfo(idt).max
     pos = int(rng.integers(idx.size))
-    if hostile == "id_high":
-        idx[pos] = int(rng.integers(n, big))
-    elif hostile == "id_negative":
-        idx[pos] = -int(rng.integers(1, big))
-    elif hostile == "offsets_decrease":
-        off[1] = off[-1] + 1 if B > 1 else -1
-    elif hostile == "offsets_past_end":
-        off[-1] += int(rng.integers(1, 10**6))
+    if _corrupt_ids_offsets(hostile, rng, idx, off, n, B, big, pos):
+        pass
     elif hostile == "offsets_short_of_nnz":
         off[-1] -= 1
-    elif hostile == "offsets_first":
-        off[0] = 1 if off[1] >= 1 else -1
     elif hostile == "offsets_empty":
         off = off[:0]
     elif hostile == "offsets_float":
@@ -538,29 +553,15 @@ BWD_HOSTILE = ["id_high", "id_negative", "offsets_decrease", "offsets_past_end",
        hostile=st.sampled_from(BWD_HOSTILE), id64=st.booleans(), seed=SEEDS)
 def test_embedding_bag_backward_rejects_invalid_inputs(n, d, B, hostile, id64, seed):
     _count("embedding_bag_backward_invalid")
-    rng = np.random.default_rng(seed)
-    idt = np.int64 if id64 else np.int32
-    w = _floats(rng, (n, d), False)
+    rng, w, off, idx, big = _hostile_bags(seed, id64, n, d, B)
     before = w.copy()
-    lens = rng.integers(1, 5, size=B)
-    off = np.concatenate([[0], np.cumsum(lens)]).astype(idt)
-    idx = rng.integers(0, n, size=int(off[-1])).astype(idt)
     grad = rng.standard_normal((B, d)).astype(np.float32)
     psw, mode, optimizer, lr, eps = None, "sum", "rowwise_adagrad", 0.1, 1e-8
     state = np.zeros(n, np.float32)
-    big = np.iinfo(idt).max
     pos = int(rng.integers(idx.size))
     table = w
-    if hostile == "id_high":
-        idx[pos] = int(rng.integers(n, big))
-    elif hostile == "id_negative":
-        idx[pos] = -int(rng.integers(1, big))
-    elif hostile == "offsets_decrease":
-        off[1] = off[-1] + 1 if B > 1 else -1
-    elif hostile == "offsets_past_end":
-        off[-1] += int(rng.integers(1, 10**6))
-    elif hostile == "offsets_first":
-        off[0] = 1 if off[1] >= 1 else -1
+    if _corrupt_ids_offsets(hostile, rng, idx, off, n, B, big, pos):
+        pass
     elif hostile == "grad_nan":
         grad[rng.integers(B), rng.integers(d)] = np.nan
     elif hostile == "grad_shape":
