@@ -177,7 +177,7 @@ class _ServingTable:
         self.token = object()
         self.net = net
         self.W = _readonly(net.wide) if net.has_wide else None  # the wide (EASE) weights (N, N)
-        self._alpha: dict[int, np.float32] = {}
+        self._alpha: dict[tuple, np.float32] = {}
         self.has_core = _core_module() is not None
         # integer item ids in increasing order (the usual case) are looked up by binary search
         ids = np.asarray(item_ids)
@@ -190,13 +190,14 @@ class _ServingTable:
         # compiled core checks for)
         return (_ServingTable, self._src)
 
-    def alpha(self, n: int) -> np.float32:
-        """``alpha(n)`` of the wide part, by the network's own formula (memoised per n)."""
-        a = self._alpha.get(n)
+    def alpha(self, n: int, new: bool = False) -> np.float32:
+        """``alpha(n)`` of the wide part (of a new user's history with ``new``), by the
+        network's own formula (memoised)."""
+        a = self._alpha.get((n, new))
         if a is None:
             with torch.inference_mode():
-                a = np.float32(self.net.wide_alpha(torch.tensor([n], dtype=torch.int64))[0].item())
-            self._alpha[n] = a
+                a = np.float32(self.net.wide_alpha(torch.tensor([n], dtype=torch.int64), new)[0].item())
+            self._alpha[(n, new)] = a
         return a
 
 
@@ -342,10 +343,11 @@ class Recommender:
         return np.where(ids[pos] == items, pos, -1).astype(np.int64)
 
     def _adapted(self, hists: list[np.ndarray], rewards: list[np.ndarray], ufeats: list[np.ndarray],
-                 steps: int, task=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 steps: int, task=None, new: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(base states, adapted states) (B, d) and the wide part of the scores (B, N) or None,
-        for a batch of histories (the wide part is the one :meth:`_wide_bias` computes); with a
-        ``task`` (a :class:`~recmeta_sdk.meta_tasks.TaskState`) adaptation starts from its phi."""
+        for a batch of histories (the wide part is the one :meth:`_wide_bias` computes; ``new``:
+        new users' histories); with a ``task`` (a :class:`~recmeta_sdk.meta_tasks.TaskState`)
+        adaptation starts from its phi."""
         net = self._net
         N = self.n_items
         L = self.config.seq_len
@@ -381,41 +383,43 @@ class Recommender:
                  if B else torch.zeros(0))
             lr = None if self.config.meta == "fomaml" else self.config.inner_lr
             if B == 1:
-                wide = self._wide_one(hists[0])
+                wide = self._wide_one(hists[0], new)
                 offset = None if wide is None else torch.from_numpy(wide)[None]
             else:
-                offset = net.wide_offset(rows, bi, B)
+                offset = net.wide_offset(rows, bi, B, new=new)
             init = None if task is None else _task_phi(self, task)  # a task's phi (meta_tasks)
             gamma, delta = net.adapt_phi(h, self._V, rows, bi, w, steps, lr=lr, offset=offset, init=init)
             hp = net.apply_phi(h, gamma, delta)
         return h, hp, offset
 
     def _states(self, hists: list[np.ndarray], rewards: list[np.ndarray], ufeats: list[np.ndarray],
-                steps: int, task=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(base states, adapted states), each (B, d), for a batch of histories."""
-        h, hp, _ = self._adapted(hists, rewards, ufeats, steps, task)
+                steps: int, task=None, new: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base states, adapted states), each (B, d), for a batch of histories (``new``: new
+        users' histories)."""
+        h, hp, _ = self._adapted(hists, rewards, ufeats, steps, task, new)
         return h, hp
 
-    def _wide_bias(self, hists: list[np.ndarray]) -> torch.Tensor | None:
-        """Per-user wide part of the scores, ``alpha(n) * sum_{j in history} W[j, :]`` (B, N)."""
+    def _wide_bias(self, hists: list[np.ndarray], new: bool = False) -> torch.Tensor | None:
+        """Per-user wide part of the scores, ``alpha(n) * sum_{j in history} W[j, :]`` (B, N)
+        (``new``: of new users' histories, see :meth:`RecMetaNet.wide_alpha`)."""
         if not self._net.has_wide:
             return None
         rows = torch.from_numpy(np.repeat(np.arange(len(hists)), [len(x) for x in hists]))
         items = (torch.from_numpy(np.concatenate(hists).astype(np.int64)) if len(hists)
                  else torch.zeros(0, dtype=torch.int64))
         with torch.inference_mode():
-            return self._net.wide_offset(rows, items, len(hists))
+            return self._net.wide_offset(rows, items, len(hists), new=new)
 
-    def _wide_one(self, history: np.ndarray) -> np.ndarray | None:
+    def _wide_one(self, history: np.ndarray, new: bool = False) -> np.ndarray | None:
         """The wide part of one user's scores (N,) float32, or None: equal to
-        ``_wide_bias([history])[0]`` (the network's :meth:`~RecMetaNet.wide_offset`), computed on
-        the compiled core without torch ops: the sum of the W rows of the distinct history
+        ``_wide_bias([history], new)[0]`` (the network's :meth:`~RecMetaNet.wide_offset`), computed
+        on the compiled core without torch ops: the sum of the W rows of the distinct history
         items in increasing order (one fused bag), times ``alpha(number of distinct items)``."""
         t = self._table()
         if t.W is None:
             return None
         if not t.has_core or backends.resolve(None, "cpu") != "cpp":
-            return self._wide_bias([np.asarray(history, np.int64)])[0].numpy()
+            return self._wide_bias([np.asarray(history, np.int64)], new)[0].numpy()
         h = np.asarray(history, np.int64)
         items, last_rev = np.unique(h[::-1], return_index=True)  # first index in reverse = latest
         g = self.config.wide_recency
@@ -425,7 +429,7 @@ class Recommender:
             w = (np.float32(1.0) + np.float32(g) * np.exp(np.float32(-float(self.config.wide_recency_decay)) * rank)
                  ).astype(np.float32)
         base = _core_module().embedding_bag_forward([t.W], items, np.array([0, len(items)], np.int64), w, "sum")
-        return base[0] * t.alpha(len(items))
+        return base[0] * t.alpha(len(items), new)
 
     def _serving_cache(self, history: np.ndarray, wide) -> tuple:
         """The value of :attr:`UserState._serving` for a state of this model with ``history``."""
@@ -443,7 +447,7 @@ class Recommender:
         c = s._serving
         if c is not None and c[0] is t.token and c[1] is s.history and c[2] is not None:
             return c[2]
-        wide = self._wide_one(s.history)
+        wide = self._wide_one(s.history, s.user is None)
         object.__setattr__(s, "_serving", (t.token, s.history, wide))
         return wide
 
@@ -461,10 +465,10 @@ class Recommender:
 
     def _serve(self, vectors: torch.Tensor, hists: list[np.ndarray], k: int, bias: torch.Tensor,
                exc_lists: list[np.ndarray] | None, cand: np.ndarray | None, tau: float,
-               seed: int | None = None):
+               seed: int | None = None, new: bool = False):
         """Score and select with the fused policy kernel, one user per call (torch in and out;
-        the wide part is computed from ``hists``). See :meth:`_serve_np`."""
-        wide = self._wide_bias(hists)
+        the wide part is computed from ``hists``, new users' with ``new``). See :meth:`_serve_np`."""
+        wide = self._wide_bias(hists, new)
         wides = [None if wide is None else wide[b].numpy() for b in range(vectors.shape[0])]
         U = np.ascontiguousarray(vectors.detach().numpy(), dtype=np.float32)
         ids, scores, props = self._serve_np(U, wides, k, _readonly(bias), exc_lists, cand, tau, seed)
@@ -566,7 +570,7 @@ class Recommender:
         steps = self._check_steps(steps, task)
         idx, ext, rew, dropped = self._encode_history(history, unknown)
         uf = self._encode_user_features(features)
-        h, hp, wide = self._adapted([idx], [rew], [uf], steps, task)
+        h, hp, wide = self._adapted([idx], [rew], [uf], steps, task, new=True)
         wide = None if wide is None else wide[0]
         return UserState(hp[0].numpy().copy(), h[0].numpy().copy(), idx, (tuple(ext.tolist()) if ext.dtype != object else
                                                                      tuple(x.item() if hasattr(x, "item") else x for x in ext)),
@@ -589,9 +593,9 @@ class Recommender:
                 hs.append(idx)
                 rs.append(rew)
                 ufs.append(self._encode_user_features(features[j] if features is not None else None))
-            _, hp = self._states(hs, rs, ufs, steps)
+            _, hp = self._states(hs, rs, ufs, steps, new=True)
             ex = [np.unique(np.asarray(exclude[j], np.int64)) for j in range(s, s + len(hs))]
-            ids, _, _ = self._serve(hp, hs, int(k), self._bias, ex, None, float(self.config.temperature))
+            ids, _, _ = self._serve(hp, hs, int(k), self._bias, ex, None, float(self.config.temperature), new=True)
             out.append(ids.numpy())
         return np.concatenate(out)
 
@@ -834,14 +838,14 @@ class Recommender:
                 hists = [np.delete(H, j) for j in range(m)]
                 rews = [np.delete(R, j) for j in range(m)]
                 uf = self._encode_user_features(s.features) if s.features else np.zeros(0, np.int64)
-                _, hp = self._states(hists, rews, [uf] * m, s.steps)
-                _, full = self._states([H], [R], [uf], s.steps)
+                _, hp = self._states(hists, rews, [uf] * m, s.steps, new=s.user is None)
+                _, full = self._states([H], [R], [uf], s.steps, new=s.user is None)
                 Vi = self._V[items]
                 base = (full @ Vi.T)[0]
                 loo = hp @ Vi.T  # (m, len(items))
                 if self._net.has_wide:
-                    base = base + self._wide_bias([H])[0, items]
-                    loo = loo + self._wide_bias(hists)[:, items]
+                    base = base + self._wide_bias([H], s.user is None)[0, items]
+                    loo = loo + self._wide_bias(hists, s.user is None)[:, items]
                 hist_contrib = ((base[None, :] - loo) / tau).numpy()
             recs = []
             for j, a in enumerate(items):

@@ -327,12 +327,12 @@ class OnlineStore:
         w = torch.from_numpy(np.maximum(enc_rewards, 0.0).astype(np.float32)) / self.model._reward_scale
         return rows, torch.from_numpy(enc_items.astype(np.int64)), w
 
-    def _adapt(self, h, enc_items, enc_rewards, steps):
+    def _adapt(self, h, enc_items, enc_rewards, steps, known):
         m = self.model
         rows, it, w = self._support(enc_items, enc_rewards)
         lr = None if m.config.meta == "fomaml" else m.config.inner_lr
         with torch.no_grad():
-            return m._net.adapt_phi(h, m._V, rows, it, w, steps, lr=lr, **self._offset_kw(rows, it))
+            return m._net.adapt_phi(h, m._V, rows, it, w, steps, lr=lr, **self._offset_kw(rows, it, known))
 
     def _ufeat(self, user, known) -> np.ndarray:
         m = self.model
@@ -375,10 +375,11 @@ class OnlineStore:
             b = b + post.mu
         return (float(cfg.feedback_posterior) * posterior.score_scale(m) * b).astype(np.float32)
 
-    def _offset_kw(self, rows, items) -> dict:
-        """The wide (item-to-item) part of the logits, for models that have one."""
+    def _offset_kw(self, rows, items, known) -> dict:
+        """The wide (item-to-item) part of the logits, for models that have one (a new user's
+        weight for an unknown user, see :meth:`RecMetaNet.wide_alpha`)."""
         f = getattr(self.model._net, "wide_offset", None)
-        off = f(rows, items, 1) if f is not None else None
+        off = f(rows, items, 1, new=not known) if f is not None else None
         return {} if off is None else {"offset": off}
 
     def _prior(self, user) -> OnlineUser | None:
@@ -395,7 +396,7 @@ class OnlineStore:
         uf = self._ufeat(user, True)
         h = self._encode(items, uf)
         steps = m.config.inner_steps
-        g, d = self._adapt(h, items, rews, steps)
+        g, d = self._adapt(h, items, rews, steps, True)
         return self._publish(user, 0, h, g, d, items, rews, items, rews, True, steps, len(items))
 
     def _apply(self, cur: OnlineUser | None, user, idx: int, reward: float) -> OnlineUser:
@@ -428,14 +429,14 @@ class OnlineStore:
         h = self._encode(enc_i, uf)
         if new_user or self.update == "readapt":
             steps = m.config.inner_steps
-            g, d = self._adapt(h, enc_i, enc_r, steps)
+            g, d = self._adapt(h, enc_i, enc_r, steps, known)
             total = steps
         else:
             rows, it, w = self._support(enc_i, enc_r)
             g0 = torch.from_numpy(cur.gamma)[None]
             d0 = torch.from_numpy(cur.delta)[None]
             with torch.no_grad():
-                gg, gd = m._net.support_grad(h, g0, d0, m._V, rows, it, w, 1, **self._offset_kw(rows, it))
+                gg, gd = m._net.support_grad(h, g0, d0, m._V, rows, it, w, 1, **self._offset_kw(rows, it, known))
                 g = g0 - self._lr[0] * gg
                 d = d0 - self._lr[1] * gd
             total = steps0 + 1

@@ -855,21 +855,77 @@ def _heldout_nll(sc: torch.Tensor, truth: list, temperatures) -> dict:
     return {t: float(-torch.log_softmax(sc / t, 1)[rows, items].mean()) for t in temperatures}
 
 
+#: recent truth lists' dense forms (see _truth_matrix): {id(truth): (truth, (B, N) bool, (B,) sizes)}
+_TRUTH_CACHE: dict = {}
+
+
+def _truth_matrix(truth: list, n: int) -> tuple:
+    """``truth`` (a list of item sets) as a (B, n) bool membership matrix and the sets'
+    sizes, kept for the last few lists (the validation scores the same lists many times;
+    the list itself is held in the cache, so its id stays its own)."""
+    hit = _TRUTH_CACHE.get(id(truth))
+    if hit is not None and hit[0] is truth and hit[1].shape[1] >= n:
+        return hit[1], hit[2]
+    sizes = np.array([len(t) for t in truth], np.int64)
+    rows = np.repeat(np.arange(len(truth)), sizes)
+    cols = np.fromiter((i for t in truth for i in t), np.int64, count=int(sizes.sum()))
+    T = np.zeros((len(truth), max(n, int(cols.max()) + 1 if len(cols) else 0)), bool)
+    T[rows, cols] = True
+    if len(_TRUTH_CACHE) >= 16:
+        _TRUTH_CACHE.pop(next(iter(_TRUTH_CACHE)))
+    _TRUTH_CACHE[id(truth)] = (truth, T, sizes)
+    return T, sizes
+
+
 def _ndcg_plus_recall(top: np.ndarray, truth: list, k: int) -> np.ndarray:
     """Per-user NDCG@k + Recall@k (RecBole's definitions) of (B, k) top lists."""
+    top = np.asarray(top, np.int64)[:, :k]
+    T, sizes = _truth_matrix(truth, int(top.max()) + 1 if top.size else 0)
     disc = 1.0 / np.log2(np.arange(2, k + 2))
-    out = np.zeros(len(truth))
-    for b, t in enumerate(truth):
-        hit = np.array([int(i) in t for i in top[b, :k]], dtype=np.float64)
-        idcg = disc[:min(len(t), k)].sum()
-        out[b] = (hit * disc[:len(hit)]).sum() / idcg + hit.sum() / len(t)
-    return out
+    hit = np.take_along_axis(T, top, 1).astype(np.float64) if top.size else np.zeros((len(truth), 0))
+    idcg = np.cumsum(disc)[np.minimum(sizes, k) - 1]
+    return (hit * disc[:hit.shape[1]]).sum(1) / idcg + hit.sum(1) / sizes
 
 
 # ---------------------------------------------------------------------------- validation
 
 #: support sizes of the short-history validation samples (see :class:`Validation`)
 VAL_PREFIXES = (5, 10, 20)
+#: a held-out new user's truth is their positive items after this many interactions (the
+#: cold-start protocol of ``shared/design/quality.md``; see :meth:`Validation.add_cold`)
+COLD_QUERY_AFTER = 20
+#: at most this many users are held out whole by :func:`cold_split`
+MAX_COLD_USERS = 500
+
+
+def cold_split(prep: Prepared, fraction: float, rng: np.random.Generator, exclude=()) -> tuple:
+    """Hold out whole a random ``fraction`` (at most :data:`MAX_COLD_USERS`) of the users
+    with a positive among their first 5 interactions and one after their first
+    :data:`COLD_QUERY_AFTER`, drawn from those not in ``exclude``: they stand for new users when the wide
+    part's weight is fitted per history length (:meth:`Validation.add_cold`). Returns (the
+    log without their rows, the held-out users); (``prep``, empty) when fewer than 10 qualify."""
+    n = np.diff(prep.offsets)
+    ok = np.zeros(len(n), bool)
+    for u in np.flatnonzero(n > COLD_QUERY_AFTER):
+        r = prep.rewards[prep.offsets[u]:prep.offsets[u + 1]]
+        ok[u] = (r[:VAL_PREFIXES[0]] > 0).any() and (r[COLD_QUERY_AFTER:] > 0).any()
+    m = min(int(round(fraction * ok.sum())), MAX_COLD_USERS)
+    ok[np.asarray(exclude, np.int64)] = False
+    cand = np.flatnonzero(ok)
+    m = min(m, len(cand))
+    if m < 10:
+        return prep, np.zeros(0, np.int64)
+    users = np.sort(rng.choice(cand, m, replace=False))
+    keep = np.ones(len(prep.items), bool)
+    for u in users:
+        keep[prep.offsets[u]:prep.offsets[u + 1]] = False
+    counts = n.copy()
+    counts[users] = 0
+    rest = Prepared(prep.user_ids, prep.item_ids, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                    prep.items[keep], prep.rewards[keep],
+                    prep.propensity[keep] if prep.propensity is not None else None,
+                    np.bincount(prep.items[keep], minlength=len(prep.item_ids)).astype(np.int64))
+    return rest, users
 #: EASE ridge values tried first by :func:`tune_wide` (then refined around the best)
 WIDE_REG_GRID = (30.0, 100.0, 300.0, 1000.0, 3000.0)
 #: (weight g, decay d) of the wide part's recency term tried by :func:`tune_wide` ((0, 1): none)
@@ -877,7 +933,7 @@ WIDE_RECENCY_GRID = ((0.0, 1.0),) + tuple((g, d) for g in (0.5, 1.0, 2.0, 4.0) f
 #: popularity exponents of the wide part tried by :func:`tune_wide`
 WIDE_POP_GRID = (0.0, 0.1, 0.2)
 #: wide-part weights tried per history length by :func:`tune_fusion`
-FUSION_GRID = tuple(float(2.0 ** e) for e in np.arange(-4.0, 8.01, 0.5))
+FUSION_GRID = tuple(float(2.0 ** e) for e in np.arange(-4.0, 12.01, 0.5))
 
 
 class Validation:
@@ -887,7 +943,8 @@ class Validation:
     order) and the held-out positive items (the truth). Besides the whole history ("warm"),
     each user also gives the short-history samples of its first 5, 10 and 20 items
     (:data:`VAL_PREFIXES`), so that choices depending on how much is known of a user (the
-    wide part's weight) are made for new users too.
+    wide part's weight) are made for known users with short histories too. ``cold``: the
+    samples of users held out whole, standing for new users (:meth:`add_cold`).
     """
 
     def __init__(self, prep: Prepared, users: np.ndarray, truth: list, user_feats=None, groups=None):
@@ -896,7 +953,8 @@ class Validation:
         # the kind of holdout of each user (True: their latest interactions); the wide part is
         # chosen to do well on every kind present (see tune_wide)
         self.groups = (np.zeros(len(self.users), bool) if groups is None else np.asarray(groups, bool))
-        self.samples = []  # (name, n, hists, rews, ufeats, truth)
+        self.samples = []  # (name, n, hists, rews, ufeats, truth, excluded items or None)
+        self.cold = []  # the same, of users held out whole (see add_cold)
         hists, rews, ufs = [], [], []
         for u in self.users:
             lo, hi = prep.offsets[u], prep.offsets[u + 1]
@@ -912,9 +970,32 @@ class Validation:
                 self.add(f"first {k}", [hists[j][:k] for j in sel], [rews[j][:k] for j in sel],
                          [ufs[j] for j in sel], [truth[j] for j in sel])
 
-    def add(self, name, hists, rews, ufs, truth):
+    def add(self, name, hists, rews, ufs, truth, exclude=None, cold=False):
         n = float(np.mean([len(np.unique(h)) for h in hists]))
-        self.samples.append((name, n, hists, rews, ufs, truth))
+        (self.cold if cold else self.samples).append((name, n, hists, rews, ufs, truth, exclude))
+
+    def add_cold(self, prep: Prepared, users: np.ndarray, user_feats=None) -> None:
+        """The new-user samples (``self.cold``) of ``users``, users held out of training whole
+        (see :func:`cold_split`), scored as the cold-start protocol scores a new user: the
+        positives among their first k interactions (k = 5, 10, 20) are the history, their
+        positive items after their first :data:`COLD_QUERY_AFTER` interactions the truth, the
+        items of those first interactions excluded from the ranking."""
+        heads, truth, ufs = [], [], []
+        for u in users:
+            lo, hi = prep.offsets[u], prep.offsets[u + 1]
+            it, rw = prep.items[lo:hi], prep.rewards[lo:hi]
+            t = set(it[COLD_QUERY_AFTER:][rw[COLD_QUERY_AFTER:] > 0].tolist()) - set(it[:COLD_QUERY_AFTER].tolist())
+            if t:
+                heads.append((it[:COLD_QUERY_AFTER], rw[:COLD_QUERY_AFTER]))
+                truth.append(t)
+                ufs.append(np.zeros(0, np.int64) if user_feats is None
+                           else user_feats[1][user_feats[0][u]:user_feats[0][u + 1]])
+        for k in VAL_PREFIXES:
+            sel = [j for j, (it, rw) in enumerate(heads) if (rw[:k] > 0).any()]
+            if len(sel) >= 10:
+                self.add(f"new users, first {k}", [heads[j][0][:k][heads[j][1][:k] > 0] for j in sel],
+                         [heads[j][1][:k][heads[j][1][:k] > 0] for j in sel], [ufs[j] for j in sel],
+                         [truth[j] for j in sel], [np.unique(heads[j][0]) for j in sel], cold=True)
 
     @property
     def warm(self):
@@ -939,6 +1020,34 @@ def _val_deep_logits(net: RecMetaNet, cfg: Config, hists, rews, ufs) -> torch.Te
         sc = net.logits(net.apply_phi(h, gamma, delta), V)
         sc[rows, bi] = -float("inf")
     return sc
+
+
+def _sample_logits(net: RecMetaNet, cfg: Config, sample) -> torch.Tensor:
+    """:func:`_val_deep_logits` of a :class:`Validation` sample, its excluded items at -inf."""
+    _, _, hists, rews, ufs, _, excl = sample
+    D = _val_deep_logits(net, cfg, hists, rews, ufs)
+    for b, e in enumerate(excl or ()):
+        D[b, torch.from_numpy(np.asarray(e, np.int64))] = -float("inf")
+    return D
+
+
+def _epoch_score(net: RecMetaNet, cfg: Config, val: Validation, wide=None) -> float:
+    """The early-stopping score of the deep part: NDCG@10 + Recall@10 of the deep logits
+    plus ``wide`` (each sample's wide logits at their training weight; or of the deep logits
+    alone), averaged over the new-user samples (see :meth:`Validation.add_cold`) when there
+    are some, else on the warm sample. (Where the deep part counts most is new users and
+    short histories; warm users are served mostly by the wide part, whose weight is fitted
+    after training. Scored on the warm sample too, training stopped after two or three
+    epochs, on noise, and new users got an undertrained deep part.)"""
+    samples = [val.warm] + val.cold
+    js = range(1, len(samples)) if val.cold else range(1)
+    scores = []
+    for j in js:
+        sc = _sample_logits(net, cfg, samples[j])
+        if wide is not None:
+            sc = sc + wide[j]
+        scores.append(_val_score(sc, samples[j][5]))
+    return float(np.mean(scores))
 
 
 def _wide_inputs(hists, N: int, decays=()) -> tuple:
@@ -995,7 +1104,7 @@ def tune_wide(G: torch.Tensor, val: Validation, cfg: Config) -> tuple:
     ridge of the grid for that kind): the setting that gains the most where it gains least. Writes the choices to ``cfg`` and returns
     ``(W, {setting: score})`` with ``W`` the float32 EASE weights of ``G`` at the chosen
     values, popularity-scaled."""
-    _, _, hists, _, _, truth = val.warm
+    _, _, hists, _, _, truth, _ = val.warm
     kinds = [np.flatnonzero(val.groups == k) for k in (False, True)]
     kinds = [k for k in kinds if len(k)]
     N = G.shape[0]
@@ -1065,7 +1174,7 @@ def tune_wide(G: torch.Tensor, val: Validation, cfg: Config) -> tuple:
 def _fit_wide_weight(W: torch.Tensor, val: Validation, cfg: Config) -> float:
     """The weight a of the wide part alone, ``softmax(a x W)``, with the best held-out
     log-likelihood on the warm validation set (a grid of powers of 2)."""
-    _, _, hists, _, _, truth = val.warm
+    _, _, hists, _, _, truth, _ = val.warm
     E = _wide_scores(W, hists, cfg)
     for b, hh in enumerate(hists):
         E[b, torch.from_numpy(np.asarray(hh, np.int64))] = -float("inf")
@@ -1073,63 +1182,146 @@ def _fit_wide_weight(W: torch.Tensor, val: Validation, cfg: Config) -> float:
     return 1.0 / min(nll, key=nll.get)
 
 
-#: exponents p of the wide part's weight ``alpha(n) = a (1 + n)^p`` tried by :func:`tune_fusion`
-FUSION_POWERS = (-0.5, 0.0, 0.5, 1.0)
-#: the power law ``alpha(n) = a (1 + n)^p`` holds up to this history length (constant beyond)
-_POWER_N_HI = 10000.0
+#: history lengths (distinct items) at which :func:`tune_fusion` fits the wide part's weight
+#: of short histories: the first and the last of :data:`VAL_PREFIXES`
+FUSION_KNOTS = (float(VAL_PREFIXES[0]), float(VAL_PREFIXES[-1]))
+#: history lengths tried by :func:`tune_fusion` where the wide part's weight reaches its warm value
+FUSION_N_HI = (25.0, 35.0, 50.0, 100.0, 200.0, 500.0)
 
 
-def tune_fusion(net: RecMetaNet, cfg: Config, val: Validation, W: torch.Tensor) -> dict:
+def _softplus_inv(a: float) -> float:
+    """softplus^-1(a) = a + log(1 - exp(-a)), stable for large and small a > 0."""
+    return a + math.log(-math.expm1(-a))
+
+
+def _alpha_params(a_lo: float, a_mid: float, a_hi: float, n_hi: float) -> tuple:
+    """The network's ``(wide_coef, wide_scale)`` (see :meth:`RecMetaNet.wide_alpha`) of the
+    curve through ``alpha(FUSION_KNOTS[0]) = a_lo`` and ``alpha(FUSION_KNOTS[1]) = a_mid``
+    (``softplus(c0 + c1 log(1 + n))``; ``a_mid >= a_lo``) that reaches ``a_hi`` at ``n_hi``
+    (times ``m ** ramp(n)``, the ramp log-linear from ``FUSION_KNOTS[1]`` to ``n_hi``)."""
+    l0, l1 = math.log1p(FUSION_KNOTS[0]), math.log1p(FUSION_KNOTS[1])
+    y0, y1 = _softplus_inv(a_lo), _softplus_inv(a_mid)
+    c1 = (y1 - y0) / (l1 - l0)
+    c0 = y0 - c1 * l0
+    base_hi = float(torch.nn.functional.softplus(torch.tensor(c0 + c1 * math.log1p(n_hi), dtype=torch.float64)))
+    return (torch.tensor([c0, c1]), torch.tensor([math.log(a_hi / base_hi), FUSION_KNOTS[1], n_hi]))
+
+
+def _alpha_curve(ln: torch.Tensor, a_lo: float, a_mid: float, a_hi: float, n_hi: float) -> torch.Tensor:
+    """alpha(n) of :func:`_alpha_params` at ``ln = log(1 + n)`` (the network's formula)."""
+    coef, scale = _alpha_params(a_lo, a_mid, a_hi, n_hi)
+    lo, hi = math.log1p(float(scale[1])), math.log1p(float(scale[2]))
+    ramp = ((ln - lo) / (hi - lo)).clamp(0.0, 1.0)
+    return torch.exp(scale[0] * ramp) * torch.nn.functional.softplus(coef[0] + coef[1] * ln)
+
+
+def _fit_curve(sets: list, warm: Optional[int], known: Optional[tuple] = None) -> tuple:
+    """``(a_lo, a_mid, a_hi, n_hi)`` of :func:`_alpha_curve` fitted on ``sets`` (``(name, n,
+    D, E, log(1 + lengths), truth)``) by NDCG@10 + Recall@10 on :data:`FUSION_GRID`: ``a_lo``
+    by the set of shortest histories, ``a_mid`` (not below it) by the mean over the other
+    short ones, ``(a_hi, n_hi)`` by the warm set ``sets[warm]`` (with ``known`` instead,
+    taken from it), then each value in turn by the joint score (the warm set weighing as
+    much as the short ones together). Without short sets, one constant fitted on the warm set."""
+    def score(j, *curve):
+        _, _, D, E, ln, truth = sets[j]
+        return _val_score(D + _alpha_curve(ln, *curve)[:, None] * E, truth)
+
+    n_hi0 = FUSION_N_HI[0]
+    short = sorted((j for j in range(len(sets)) if j != warm), key=lambda j: sets[j][1])
+    if not short:  # the warm sample alone: one weight
+        a = max(FUSION_GRID, key=lambda a: score(warm, a, a, a, n_hi0))
+        return (a, a, a, n_hi0)
+    a_lo = max(FUSION_GRID, key=lambda a: score(short[0], a, a, a, n_hi0))
+    mids = [a for a in FUSION_GRID if a >= a_lo]
+    rest = short[1:] or short[:1]
+    a_mid = max(mids, key=lambda a: float(np.mean([score(j, a_lo, a, a, n_hi0) for j in rest])))
+    if warm is None:
+        return (a_lo, a_mid) + tuple(known[2:])
+    table = {(a_hi, n_hi): score(warm, a_lo, a_mid, a_hi, n_hi) for n_hi in FUSION_N_HI for a_hi in FUSION_GRID}
+    a_hi, n_hi = max(table, key=table.get)
+    best = (a_lo, a_mid, a_hi, n_hi)
+
+    def joint(curve):
+        return 0.5 * score(warm, *curve) + 0.5 * float(np.mean([score(j, *curve) for j in short]))
+
+    cur = joint(best)
+    for _ in range(2):
+        moved = False
+        for i, grid in enumerate((FUSION_GRID, FUSION_GRID, FUSION_GRID, FUSION_N_HI)):
+            for v in grid:
+                cand = best[:i] + (v,) + best[i + 1:]
+                if cand == best or cand[1] < cand[0]:
+                    continue
+                sc = joint(cand)
+                if sc > cur + 1e-9:
+                    best, cur, moved = cand, sc, True
+        if not moved:
+            break
+    return best
+
+
+def tune_fusion(net: RecMetaNet, cfg: Config, val: Validation, W: torch.Tensor,
+                W_new: Optional[torch.Tensor] = None) -> dict:
     """Weigh the wide part against the deep part on the validation users.
 
-    The served policy is ``deep + alpha(n) (x W)``. ``alpha(n) = a (1 + n)^p`` is chosen
-    on the grid :data:`FUSION_GRID` x :data:`FUSION_POWERS` by the mean NDCG@10 + Recall@10
-    over the validation sample sets (whole histories; their first 5 / 10 / 20 items), so
-    that users with short and long histories both count; ``a`` is the weight at the warm
-    set's mean history length. It is written to the network's own form of alpha,
-    ``softplus(c0 + c1 log(1 + n)) * m ** ramp(n)``: ``c1 = 0`` and ``softplus(c0) =
-    alpha(0)``, the ramp log-linear from n = 0 to :data:`_POWER_N_HI` and
-    ``log m = p log(1 + _POWER_N_HI)``, which is ``a (1 + n)^p / (1 + n_warm)^p`` up to
-    that length. The temperature is then re-fit by the held-out log-likelihood of the warm set.
-    Returns ``{set name: (mean n, weight at that n, score, score of the deep part alone,
-    score of the wide part alone)}`` plus ``"alpha": (a, p)``."""
-    sets = []
-    for name, n, hists, rews, ufs, truth in val.samples:
-        D = _val_deep_logits(net, cfg, hists, rews, ufs)
-        E = _wide_scores(W, hists, cfg)
-        lens = torch.tensor([len(np.unique(h)) for h in hists], dtype=torch.float32)
-        sets.append((name, n, D, E, torch.log1p(lens), truth))
-    n_w = sets[0][1]
-    best, best_score, table = None, -1.0, {}
-    for p in FUSION_POWERS:
-        for a in FUSION_GRID:
-            scores = []
-            for _, _, D, E, ln, truth in sets:
-                alpha = a * torch.exp(p * (ln - math.log1p(n_w)))
-                scores.append(_val_score(D + alpha[:, None] * E, truth))
-            table[(a, p)] = scores
-            if float(np.mean(scores)) > best_score:
-                best, best_score = (a, p), float(np.mean(scores))
-    a, p = best
+    The served policy is ``deep + alpha(n) (x W)``, ``n`` the number of distinct items of
+    the history. ``alpha(n)`` is ``a_lo`` at 5 items, ``a_mid`` at 20 (not below ``a_lo``),
+    ``a_hi`` from ``n_hi`` items on (:data:`FUSION_N_HI`), in between the network's form
+    (:func:`_alpha_params`), fitted by :func:`_fit_curve`: for known users on the warm
+    sample and the first 5 / 10 / 20 items of the validation users, written to the
+    network's ``wide_coef`` / ``wide_scale``; for new users (served from a history given to
+    ``adapt``) ``a_lo`` and ``a_mid`` on the held-out new users' first 5 / 10 / 20 items
+    (:meth:`Validation.add_cold`) and ``a_hi`` / ``n_hi`` those of known users, written to
+    ``config.new_user_alpha`` (None, the known users' curve, without new-user samples).
+    ``W_new``: the wide weights the new-user samples are scored with (fitted without those
+    users; default ``W``). The temperature is then re-fit by the held-out log-likelihood of
+    the warm set. Returns ``{set name: (mean n, weight at that n, score, score of the deep
+    part alone, score of the wide part alone)}`` plus ``"alpha"`` and ``"new_user_alpha"`` (each ``(a_lo, a_mid,
+    a_hi, n_hi)`` or None)."""
+    def logits(samples, W):
+        out = []
+        for sample in samples:
+            name, n, hists, _, _, truth, _ = sample
+            D = _sample_logits(net, cfg, sample)
+            E = _wide_scores(W, hists, cfg)
+            lens = torch.tensor([len(np.unique(h)) for h in hists], dtype=torch.float32)
+            out.append((name, n, D, E, torch.log1p(lens), truth))
+        return out
+
+    sets, cold = logits(val.samples, W), logits(val.cold, W if W_new is None else W_new)
+    best = _fit_curve(sets, 0)
+    best_new = _fit_curve(cold, None, best) if cold else None
     out = {}
-    for j, (name, n, D, E, ln, truth) in enumerate(sets):
-        wide_only = _val_score(E.masked_fill(torch.isinf(D), -float("inf")), truth)
-        out[name] = (n, a * ((1.0 + n) / (1.0 + n_w)) ** p, table[best][j], _val_score(D, truth), wide_only)
-    base = a / (1.0 + n_w) ** p  # alpha(0)
+    for curve, group in ((best, sets), (best_new, cold)):
+        for name, n, D, E, ln, truth in group:
+            wide_only = _val_score(E.masked_fill(torch.isinf(D), -float("inf")), truth)
+            alpha_n = float(_alpha_curve(torch.tensor(math.log1p(n)), *curve))
+            fused = _val_score(D + _alpha_curve(ln, *curve)[:, None] * E, truth)
+            out[name] = (n, alpha_n, fused, _val_score(D, truth), wide_only)
+    coef, scale = _alpha_params(*best)
+    cfg.new_user_alpha = None
+    if best_new is not None:
+        c, sc = _alpha_params(*best_new)
+        cfg.new_user_alpha = [float(c[0]), float(c[1]), float(sc[0]), float(sc[1]), float(sc[2])]
     with torch.no_grad():
-        # softplus^-1(base) = base + log(1 - exp(-base)), stable for large and small base
-        net.wide_coef.copy_(torch.tensor([base + math.log(-math.expm1(-base)), 0.0]))
-        net.wide_scale.copy_(torch.tensor([p * math.log1p(_POWER_N_HI), 0.0, _POWER_N_HI]))
+        net.wide_coef.copy_(coef)
+        net.wide_scale.copy_(scale)
         _, _, D, E, ln, truth = sets[0]
         alpha = net.wide_alpha(torch.expm1(ln).round().to(torch.int64))
         nll = _heldout_nll(D + alpha[:, None] * E, truth, TEMPERATURE_GRID)
     tau = min(nll, key=nll.get)
     cfg.temperature = float(tau)
-    out["alpha"] = (a, p)
-    logger.info("wide part weighed on %d validation users: alpha(n) = %.3g ((1 + n) / %.0f)^%g; %s; "
-                "temperature %.3g", len(val.users), a, 1.0 + n_w, p,
+    out["alpha"] = best
+    out["new_user_alpha"] = best_new
+
+    def fmt(c):
+        return ("as known users" if c is None else
+                f"{c[0]:.3g} at n = {FUSION_KNOTS[0]:.0f}, {c[1]:.3g} at {FUSION_KNOTS[1]:.0f}, {c[2]:.3g} from {c[3]:.0f}")
+
+    logger.info("wide part weighed on %d validation users: alpha(n) of known users %s, of new users %s; %s; "
+                "temperature %.3g", len(val.users), fmt(best), fmt(best_new),
                 ", ".join(f"{k} (n {v[0]:.0f}): alpha {v[1]:.3g}, {v[2]:.4f} vs deep alone {v[3]:.4f}, "
-                          f"wide alone {v[4]:.4f}" for k, v in out.items() if k != "alpha"), tau)
+                          f"wide alone {v[4]:.4f}" for k, v in out.items() if k not in ("alpha", "new_user_alpha")), tau)
     return out
 
 
@@ -1249,6 +1441,14 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             if cal is not None and len(cal[1]) >= 10:
                 prep = cal[0]
                 val = Validation(prep, cal[1], cal[2], user_feats, groups=cal[3])
+        cold = np.zeros(0, np.int64)
+        if val is not None and net.has_wide and cfg.validation_cold > 0:
+            before = prep
+            prep, cold = cold_split(prep, cfg.validation_cold, rng, exclude=val.users)
+            if len(cold):
+                val.add_cold(before, cold, user_feats)
+                logger.info("%d users held out whole as new users (the wide part's weight for short "
+                            "histories is fitted on them)", len(cold))
     cal = None
     if val is None and net.has_wide and cfg.calib_users > 0:
         cal = calibration_split(prep, cfg, rng)
@@ -1258,7 +1458,11 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     if val is not None:
         cross = None
         if net.has_wide:
-            G = _interaction_matrix(prep)
+            # the wide part is tuned with the held-out new users' rows in its matrix (they hold
+            # none of the validation items; leaving them out would change the choices the warm
+            # users get); the new users' samples are scored with weights fitted without them
+            G = _interaction_matrix(before if len(cold) else prep)
+            Xc = G[torch.from_numpy(cold)] if len(cold) else None
             G = G.T @ G
             W_train, report = tune_wide(G, val, cfg)
             hist["wide_tuning"] = {str(k): v for k, v in report.items()}
@@ -1266,6 +1470,11 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
                         "popularity exponent %.3g (worst ratio to the best of each kind of holdout %.4f)",
                         len(val.users), cfg.wide_reg, cfg.wide_recency, cfg.wide_recency_decay, cfg.wide_pop_exp,
                         max(report.values()))
+            W_cold = W_train
+            if Xc is not None:
+                Gc = G - Xc.T @ Xc
+                W_cold = ease_from_gram(Gc, cfg.wide_reg) * _pop_scale(Gc, cfg.wide_pop_exp)
+                del Gc, Xc
             del G
             with torch.no_grad():
                 net.wide.copy_(W_train)
@@ -1318,6 +1527,13 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     if val is not None:
         hist["validation"] = []
         best_score, best_state, best_epoch = -1.0, None, -1
+        # the wide part's logits of each validation sample at the weight it has in training
+        # (none when the deep part trains alone): what early stopping scores the deep part with
+        val_wide = None
+        if net.has_wide and cfg.wide_train == "residual":
+            a = hist["wide_train_weight"]
+            val_wide = ([a * _wide_scores(W_train, val.warm[2], cfg)]
+                        + [a * _wide_scores(W_cold, smp[2], cfg) for smp in val.cold])
     net.train()
     # dropout (nn.Dropout and the transformer layer's) takes no generator: it draws from the
     # global RNG, so it runs inside fork_rng, seeded from this run's rng (reproducible) and
@@ -1346,8 +1562,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             msg = ""
             if val is not None:
                 net.eval()
-                _, _, vh, vr, vu, vt = val.warm
-                score = _val_score(_val_deep_logits(net, cfg, vh, vr, vu), vt)
+                score = _epoch_score(net, cfg, val, val_wide)
                 net.train()
                 hist["validation"].append(score)
                 msg = f" validation NDCG+Recall@10 {score:.4f}"
@@ -1368,8 +1583,8 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
         net.load_state_dict(best_state)
         hist["best_epoch"] = best_epoch + 1
         if net.has_wide:
-            hist["fusion"] = tune_fusion(net, cfg, val, W_train)
-            del W_train
+            hist["fusion"] = tune_fusion(net, cfg, val, W_train, W_cold)
+            del W_train, W_cold
             with torch.no_grad():  # the served weights: EASE on the whole log
                 X = _interaction_matrix(full)
                 G = X.T @ X

@@ -207,3 +207,118 @@ def test_num_threads_and_progress_without_tqdm(monkeypatch, caplog):
     assert any("tqdm is not installed" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="num_threads must be a positive int"):
         rm.train(_warm_log(), config=TUNED, num_threads=0)
+
+
+# ---------------------------------------------------------------------------- new users in the validation
+
+def _long_log(n_users=200, n_items=60, seed=3):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        n = int(rng.integers(10, 40))
+        for t, i in enumerate(rng.choice(n_items, n, replace=False)):
+            rows.append((u, int(i), t, float(rng.random() < 0.8)))
+    return pd.DataFrame(rows, columns=["user", "item", "timestamp", "reward"])
+
+
+def test_cold_split_holds_out_whole_users():
+    from recmeta_sdk.train import COLD_QUERY_AFTER, Validation, cold_split, prepare
+
+    prep = prepare(_long_log())
+    rng = np.random.default_rng(0)
+    exclude = np.arange(0, 200, 2)
+    rest, cold = cold_split(prep, 0.2, rng, exclude=exclude)
+    n = np.diff(prep.offsets)
+    assert len(cold) >= 10 and not np.isin(cold, exclude).any()
+    assert (np.diff(rest.offsets)[cold] == 0).all()  # their rows are gone ...
+    others = np.setdiff1d(np.arange(len(n)), cold)
+    assert (np.diff(rest.offsets)[others] == n[others]).all()  # ... and nobody else's
+    assert rest.item_count.sum() == len(rest.items) == n[others].sum()
+    for u in cold:  # each qualifies: a positive in the first 5 and one after COLD_QUERY_AFTER
+        r = prep.rewards[prep.offsets[u]:prep.offsets[u + 1]]
+        assert (r[:5] > 0).any() and (r[COLD_QUERY_AFTER:] > 0).any()
+    # the samples scored as the cold-start protocol: first k positives, truth after 20
+    val = Validation(prep, np.array([1, 3, 5]), [{0}, {1}, {2}])
+    val.add_cold(prep, cold)
+    assert [s[0] for s in val.samples] == ["warm"]  # (3 users: too few for prefix samples)
+    assert [s[0] for s in val.cold] == ["new users, first 5", "new users, first 10", "new users, first 20"]
+    _, _, hists, _, _, truth, excl = val.cold[0]
+    u = cold[0]
+    it, r = prep.items[prep.offsets[u]:prep.offsets[u + 1]], prep.rewards[prep.offsets[u]:prep.offsets[u + 1]]
+    np.testing.assert_array_equal(hists[0], it[:5][r[:5] > 0])
+    assert truth[0] == set(it[COLD_QUERY_AFTER:][r[COLD_QUERY_AFTER:] > 0].tolist())
+    np.testing.assert_array_equal(excl[0], np.unique(it[:COLD_QUERY_AFTER]))
+    # too few qualifying users: nothing held out
+    rest, cold = cold_split(prep, 0.01, rng)
+    assert rest is prep and len(cold) == 0
+
+
+def test_alpha_curve_is_the_networks_formula():
+    import math
+
+    import torch
+
+    from recmeta_sdk.model import Config, ItemFeatures, RecMetaNet
+    from recmeta_sdk.train import FUSION_KNOTS, _alpha_curve, _alpha_params
+
+    net = RecMetaNet(Config(dim=8, hidden=8, encoder="none"), ItemFeatures.identity(30))
+    for curve in [(2.0, 8.0, 256.0, 100.0), (0.5, 0.5, 4096.0, 25.0), (3.0, 3.0, 3.0, 50.0)]:
+        coef, scale = _alpha_params(*curve)
+        n = torch.tensor([0, 1, 5, 10, 20, 37, 100, 500, 10000])
+        with torch.no_grad():
+            net.wide_coef.copy_(coef)
+            net.wide_scale.copy_(scale)
+            got = net.wide_alpha(n)
+            at_hi = float(net.wide_alpha(torch.tensor([int(curve[3])])))
+        np.testing.assert_allclose(got.numpy(), _alpha_curve(torch.log1p(n.float()), *curve).numpy(), rtol=1e-5)
+        at = dict(zip(n.tolist(), got.tolist()))
+        assert math.isclose(at[int(FUSION_KNOTS[0])], curve[0], rel_tol=1e-4)
+        assert math.isclose(at[int(FUSION_KNOTS[1])], curve[1], rel_tol=1e-4)
+        assert math.isclose(at_hi, curve[2], rel_tol=1e-4)
+        assert (got[1:].diff() >= -1e-6).all()  # never decreasing from one item on
+
+
+def test_tuned_training_fits_short_histories_on_new_users(tmp_path):
+    import torch
+
+    model = rm.train(_long_log(), config={**TUNED, "validation": 0.3, "validation_cold": 0.2})
+    fus = model.history["fusion"]
+    assert {"warm", "first 5", "new users, first 5", "new users, first 10", "new users, first 20"} <= set(fus)
+    for key in ("alpha", "new_user_alpha"):
+        a_lo, a_mid, a_hi, n_hi = fus[key]
+        assert 0 < a_lo <= a_mid and a_hi > 0 and n_hi > 20
+    assert fus["new_user_alpha"][2:] == fus["alpha"][2:]  # long new-user histories: as known users
+    nua = model.config.new_user_alpha
+    assert isinstance(nua, list) and len(nua) == 5
+    # new users (adapt) are served with their own weight, known users with theirs, on every path
+    net = model._net
+    hist = np.array([3, 7, 11, 5, 19, 23], np.int64)
+    with torch.no_grad():
+        n = torch.tensor([len(hist)])
+        a_new, a_known = float(net.wide_alpha(n, True)), float(net.wide_alpha(n))
+        assert a_new != a_known
+        rows = torch.zeros(len(hist), dtype=torch.int64)
+        new_off = net.wide_offset(rows, torch.from_numpy(hist), 1, new=True)[0].numpy()
+        known_off = net.wide_offset(rows, torch.from_numpy(hist), 1)[0].numpy()
+    np.testing.assert_allclose(new_off * a_known, known_off * a_new, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(model._wide_one(hist, True), new_off, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model._wide_one(hist), known_off, rtol=1e-5, atol=1e-6)
+    state = model.adapt(model.item_ids[hist])
+    np.testing.assert_allclose(model._state_wide(state), new_off, rtol=1e-5, atol=1e-6)
+    u = model.user_ids[0]
+    known = model.user_state(u)
+    with torch.no_grad():
+        h_u = torch.from_numpy(known.history)
+        ref = net.wide_offset(torch.zeros(len(h_u), dtype=torch.int64), h_u, 1)[0].numpy()
+    np.testing.assert_allclose(model._state_wide(known), ref, rtol=1e-5, atol=1e-6)
+    # saved and loaded with the model
+    path = tmp_path / "m.recmeta"
+    model.save(path)
+    back = rm.load(path)
+    assert back.config.new_user_alpha == nua
+    np.testing.assert_array_equal(back.adapt(model.item_ids[hist]).vector, state.vector)
+    np.testing.assert_array_equal(back._state_wide(back.adapt(model.item_ids[hist])), model._state_wide(state))
+    with pytest.raises(ValueError, match="new_user_alpha"):
+        rm.train(_long_log(), config={**TUNED, "new_user_alpha": [1.0, 0.0, 0.0, 5.0, 2.0]})
+    with pytest.raises(ValueError, match="validation_cold"):
+        rm.train(_long_log(), config={**TUNED, "validation_cold": 1.5})
