@@ -99,14 +99,19 @@ def merge_topk(keys: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def merge_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Stage 2 of the online log-sum-exp: splits' (max, sum exp(x - max)) → (B,) logsumexp."""
+    """Stage 2 of the online log-sum-exp: splits' (max, sum exp(x - max)) → (B,) logsumexp.
+
+    NaN for a user where a split's sum or max is NaN or a max is +inf (the kernels mark a
+    user that read a non-finite score with a NaN sum): never -inf, which means "no eligible
+    item" and which the callers' screens accept."""
     big = m.max(dim=1).values
     finite = torch.isfinite(big)
     safe = torch.where(finite, big, torch.zeros_like(big))
     w = torch.where(torch.isfinite(m), s * torch.exp(m - safe[:, None]), torch.zeros_like(s))
     total = w.sum(dim=1)
-    return torch.where(finite & (total > 0), safe + torch.log(total),
-                       torch.full_like(big, float("-inf"))).to(torch.float32)
+    out = torch.where(finite & (total > 0), safe + torch.log(total), torch.full_like(big, float("-inf")))
+    bad = (torch.isnan(s) | torch.isnan(m) | (m == float("inf"))).any(dim=1)
+    return out.masked_fill(bad, float("nan")).to(torch.float32)
 
 
 def gather_scores(user_states, items, ids, bias, temperature: float) -> torch.Tensor:
