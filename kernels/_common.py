@@ -90,7 +90,7 @@ def decode_keys(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def merge_topk(keys: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Stage 2: the top k of the (B, splits, KB) per-split keys → (ids (B, k), values (B, k))."""
     B = keys.shape[0]
-    flat = keys.reshape(B, -1)
+    flat = keys.reshape(B, keys.shape[1] * keys.shape[2])  # (not -1: ambiguous for B = 0)
     if k == 0:
         return (torch.empty(B, 0, dtype=torch.int64, device=keys.device),
                 torch.empty(B, 0, dtype=torch.float32, device=keys.device))
@@ -121,7 +121,8 @@ def gather_scores(user_states, items, ids, bias, temperature: float) -> torch.Te
     B, k = ids.shape
     valid = ids >= 0
     safe = ids.clamp(min=0).reshape(-1)
-    rows = dequantize(items, safe).reshape(B, k, -1)
+    rows = dequantize(items, safe)
+    rows = rows.reshape(B, k, rows.shape[-1])  # (not -1: ambiguous when B * k = 0)
     s = torch.einsum("bd,bkd->bk", user_states.to(torch.float32), rows)
     if bias is not None:
         s = s + bias.to(torch.float32)[safe].reshape(B, k)
