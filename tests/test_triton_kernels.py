@@ -397,11 +397,20 @@ _POLICY_CASES = ["nan row", "inf row excluded for every user", "int8 NaN scale",
                  "fp16 NaN row among the candidates", "NaN row not a candidate", "-inf value masked by a -inf bias"]
 
 
+def _gpu_backends():
+    """"triton" (the interpreter without a GPU), and "cuda" with a GPU and the CUDA extension."""
+    from recmeta_sdk import backends
+
+    cuda_ok = DEV == "cuda" and backends.available("cuda")
+    return ["triton", pytest.param("cuda", marks=pytest.mark.skipif(
+        not cuda_ok, reason="needs a GPU and the CUDA extension (recmeta_sdk._core_cuda)"))]
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
 @pytest.mark.parametrize("sample", [False, True], ids=["topk", "sample"])
 @pytest.mark.parametrize("case", _POLICY_CASES)
-def test_gpu_policy_non_finite_rows_raise_as_cpp(case, sample):
-    """The Triton path (recmeta_sdk._gpu._policy_run, which the CUDA path shares after its
-    kernel) raises the compiled core's ValueError naming the row, or returns its results.
+def test_gpu_policy_non_finite_rows_raise_as_cpp(case, sample, backend):
+    """The GPU dispatch (recmeta_sdk._gpu._policy_run: Triton here, CUDA too with a GPU) raises the compiled core's ValueError naming the row, or returns its results.
     Before, a NaN score made the log-normaliser -inf ("no eligible item"), which the screen
     accepted, and the scores of excluded rows were never looked at."""
     from recmeta_sdk import _gpu, ops
@@ -417,7 +426,7 @@ def test_gpu_policy_non_finite_rows_raise_as_cpp(case, sample):
     kb = None if bias is None else bias.to(DEV)
 
     def gpu():
-        return _gpu._policy_run("triton", u.to(DEV), kt, k, seed if sample else None, kb, ke, kc, 1.0)
+        return _gpu._policy_run(backend, u.to(DEV), kt, k, seed if sample else None, kb, ke, kc, 1.0)
 
     def cpp():
         kw = dict(bias=bias, exclude=exc, candidates=cand, backend="cpp")
@@ -430,9 +439,10 @@ def test_gpu_policy_non_finite_rows_raise_as_cpp(case, sample):
         assert msg is not None and err in msg, msg
 
 
+@pytest.mark.parametrize("backend", _gpu_backends())
 @pytest.mark.parametrize("case", ["fp32 NaN row", "int8 NaN row_min", "second table inf row, mean",
                                   "NaN row not read"])
-def test_gpu_embedding_bag_non_finite_rows_raise_as_cpp(case):
+def test_gpu_embedding_bag_non_finite_rows_raise_as_cpp(case, backend):
     """recmeta_sdk._gpu._embedding_bag_run (the Triton and CUDA forwards) raises the compiled
     core's ValueError naming the table, the row and its position; before it returned NaN."""
     from recmeta_sdk import _gpu, ops
@@ -464,7 +474,7 @@ def test_gpu_embedding_bag_non_finite_rows_raise_as_cpp(case):
     dev_tabs = [t.to(DEV) if isinstance(t, torch.Tensor) else R.QuantizedTable(
         t.dtype, t.data.to(DEV), t.row_scale.to(DEV), t.row_min.to(DEV)) for t in tabs]
     msg = _same_outcome(
-        lambda: (_gpu._embedding_bag_run("triton", dev_tabs, idx.to(DEV), off.to(DEV), None, mode),),
+        lambda: (_gpu._embedding_bag_run(backend, dev_tabs, idx.to(DEV), off.to(DEV), None, mode),),
         lambda: (ops.embedding_bag(tabs if len(tabs) > 1 else tabs[0], idx, off, mode=mode, backend="cpp"),))
     if err is None:
         assert msg is None
