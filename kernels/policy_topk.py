@@ -193,7 +193,7 @@ def _policy_topk_fwd_kernel(
         elig = rmask[:, None] & cmask[None, :]
         # a NaN / +-inf score (NaN / inf item values or int8 scale / min, or a float32
         # overflow) of a row the op reads, other than -inf from a -inf bias (a mask)
-        bad = (s != s) | (s == float("inf")) | (s == float("-inf"))
+        bad = (s != s) | (s == float("inf")) | (s == float("-inf"))  # noqa: PLR0124 - s != s: NaN
         if HAS_BIAS:
             bad = bad & ~((s == float("-inf")) & (bv == float("-inf"))[None, :])
         tile_end = rows64 * N + n0 + BLOCK_N

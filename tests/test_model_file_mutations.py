@@ -500,7 +500,7 @@ def test_escape_heavy_headers_are_refused_and_non_ascii_ids_are_written_without_
     limit (the 16 MB case of 8M escapes took 155-490 ms to reject before). Non-ASCII string
     ids are written as UTF-8 (no escapes) and round-trip; a file with the \\uXXXX escapes
     that earlier versions wrote for them still loads."""
-    model, blob, tensors, meta = saved
+    _, _, tensors, meta = saved
     p = tmp_path / "m.recmeta"
     # a header whose one string is 200,000 escaped quotes, with the digest recomputed
     m2 = json.loads(json.dumps(meta))

@@ -61,7 +61,7 @@ def _fuzz(n: int):
 
 
 RTOL, ATOL = 2e-5, 2e-4
-FIGURES: "collections.Counter[str]" = collections.Counter()
+FIGURES: collections.Counter[str] = collections.Counter()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -134,14 +134,14 @@ def _check_ranked(ids, keys, full, mask, ref_ids, k, exact_ties: bool):
             np.testing.assert_array_equal(got, want)
 
 
-POLICY = dict(
-    B=st.sampled_from([0, 1, 2, 3, 5]), N=st.sampled_from([1, 2, 3, 5, 17, 31, 37]),
-    d=st.sampled_from([1, 2, 3, 5, 9]), k=st.sampled_from([0, 1, 2, 3, 7, 40]),
-    fmt=st.sampled_from(["fp32", "fp16", "int8"]), bias=st.sampled_from(["none", "plain", "mask"]),
-    exclude=st.sampled_from([None, 0, 4]), cand=st.sampled_from([None, None, 0, 6]),
-    ties=st.sampled_from(["none", "repeat", "integer"]), tau=st.sampled_from([0.5, 1.0]),
-    blocks=st.sampled_from([(2, 16, 8, 1), (4, 16, 8, 2), (2, 32, 16, 3)]), seed=SEEDS,
-)
+POLICY = {
+    "B": st.sampled_from([0, 1, 2, 3, 5]), "N": st.sampled_from([1, 2, 3, 5, 17, 31, 37]),
+    "d": st.sampled_from([1, 2, 3, 5, 9]), "k": st.sampled_from([0, 1, 2, 3, 7, 40]),
+    "fmt": st.sampled_from(["fp32", "fp16", "int8"]), "bias": st.sampled_from(["none", "plain", "mask"]),
+    "exclude": st.sampled_from([None, 0, 4]), "cand": st.sampled_from([None, None, 0, 6]),
+    "ties": st.sampled_from(["none", "repeat", "integer"]), "tau": st.sampled_from([0.5, 1.0]),
+    "blocks": st.sampled_from([(2, 16, 8, 1), (4, 16, 8, 2), (2, 32, 16, 3)]), "seed": SEEDS,
+}
 
 
 @_fuzz(8)
@@ -202,9 +202,10 @@ def _bags(rng, B, max_len, n_rows):
     return rng.integers(0, n_rows, size=int(off[-1])).astype(np.int64), off
 
 
-EB_ARGS = dict(n=st.sampled_from([1, 2, 7, 13, 31]), d=st.sampled_from([1, 3, 5, 8, 17, 33]),
-               B=st.sampled_from([0, 1, 2, 5, 9]), T=st.sampled_from([1, 1, 2]), max_len=st.sampled_from([0, 1, 4, 9]),
-               mode=st.sampled_from(["sum", "mean"]), weighted=st.booleans(), id32=st.booleans(), seed=SEEDS)
+EB_ARGS = {"n": st.sampled_from([1, 2, 7, 13, 31]), "d": st.sampled_from([1, 3, 5, 8, 17, 33]),
+           "B": st.sampled_from([0, 1, 2, 5, 9]), "T": st.sampled_from([1, 1, 2]),
+           "max_len": st.sampled_from([0, 1, 4, 9]), "mode": st.sampled_from(["sum", "mean"]),
+           "weighted": st.booleans(), "id32": st.booleans(), "seed": SEEDS}
 
 
 @_fuzz(10)
@@ -319,7 +320,7 @@ def test_triton_policy_hostile_tables_behave_as_cpp(B, N, d, kind, fmt, exclude,
                                 check_csr(exc, "exclude", B, N), check_csr(cnd, "candidates", B, N), 1.0)
 
     def cpp():
-        kw = dict(exclude=exc, candidates=cnd, backend="cpp")
+        kw = {"exclude": exc, "candidates": cnd, "backend": "cpp"}
         return ops.policy_sample(u, tab, k, seed=99, **kw) if sample else ops.policy_topk(u, tab, k, **kw)
 
     _same_outcome(gpu, cpp)

@@ -357,7 +357,10 @@ def _policy_case(case):
     u = torch.randn(B, D, generator=g)
     items = torch.randn(N, D, generator=g)
     bias = exc = cand = None
-    every = lambda r: (torch.arange(B + 1) * 1, torch.full((B,), r))  # noqa: E731 - row r for every user
+
+    def every(r):  # row r excluded for every user
+        return torch.arange(B + 1), torch.full((B,), r)
+
     if case == "nan row":
         items[5, 2] = float("nan")
         err = "row 5, column 2"
@@ -429,7 +432,7 @@ def test_gpu_policy_non_finite_rows_raise_as_cpp(case, sample, backend):
         return _gpu._policy_run(backend, u.to(DEV), kt, k, seed if sample else None, kb, ke, kc, 1.0)
 
     def cpp():
-        kw = dict(bias=bias, exclude=exc, candidates=cand, backend="cpp")
+        kw = {"bias": bias, "exclude": exc, "candidates": cand, "backend": "cpp"}
         return ops.policy_sample(u, items, k, seed=seed, **kw) if sample else ops.policy_topk(u, items, k, **kw)
 
     msg = _same_outcome(gpu, cpp)
