@@ -90,7 +90,7 @@ def decode_keys(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def merge_topk(keys: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Stage 2: the top k of the (B, splits, KB) per-split keys → (ids (B, k), values (B, k))."""
     B = keys.shape[0]
-    flat = keys.reshape(B, -1)
+    flat = keys.reshape(B, keys.shape[1] * keys.shape[2])  # (not -1: ambiguous for B = 0)
     if k == 0:
         return (torch.empty(B, 0, dtype=torch.int64, device=keys.device),
                 torch.empty(B, 0, dtype=torch.float32, device=keys.device))
@@ -99,14 +99,19 @@ def merge_topk(keys: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def merge_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Stage 2 of the online log-sum-exp: splits' (max, sum exp(x - max)) → (B,) logsumexp."""
+    """Stage 2 of the online log-sum-exp: splits' (max, sum exp(x - max)) → (B,) logsumexp.
+
+    NaN for a user where a split's sum or max is NaN or a max is +inf (the kernels mark a
+    user that read a non-finite score with a NaN sum): never -inf, which means "no eligible
+    item" and which the callers' screens accept."""
     big = m.max(dim=1).values
     finite = torch.isfinite(big)
     safe = torch.where(finite, big, torch.zeros_like(big))
     w = torch.where(torch.isfinite(m), s * torch.exp(m - safe[:, None]), torch.zeros_like(s))
     total = w.sum(dim=1)
-    return torch.where(finite & (total > 0), safe + torch.log(total),
-                       torch.full_like(big, float("-inf"))).to(torch.float32)
+    out = torch.where(finite & (total > 0), safe + torch.log(total), torch.full_like(big, float("-inf")))
+    bad = (torch.isnan(s) | torch.isnan(m) | (m == float("inf"))).any(dim=1)
+    return out.masked_fill(bad, float("nan")).to(torch.float32)
 
 
 def gather_scores(user_states, items, ids, bias, temperature: float) -> torch.Tensor:
@@ -116,7 +121,8 @@ def gather_scores(user_states, items, ids, bias, temperature: float) -> torch.Te
     B, k = ids.shape
     valid = ids >= 0
     safe = ids.clamp(min=0).reshape(-1)
-    rows = dequantize(items, safe).reshape(B, k, -1)
+    rows = dequantize(items, safe)
+    rows = rows.reshape(B, k, rows.shape[-1])  # (not -1: ambiguous when B * k = 0)
     s = torch.einsum("bd,bkd->bk", user_states.to(torch.float32), rows)
     if bias is not None:
         s = s + bias.to(torch.float32)[safe].reshape(B, k)

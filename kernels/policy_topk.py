@@ -126,7 +126,7 @@ def _policy_topk_fwd_kernel(
     cand_ptr,  # (C,) int64 sorted keys row * N + id of candidate pairs (HAS_CAND)
     keys_ptr,  # (B, SPLITS, KB) int64 out: per-split top-KB packed (score, id), best first
     max_ptr,  # (B, SPLITS) float32 out: per-split max of the eligible scores (-inf if none)
-    sum_ptr,  # (B, SPLITS) float32 out: per-split sum of exp(s - max)
+    sum_ptr,  # (B, SPLITS) float32 out: per-split sum of exp(s - max); NaN if a score read was not finite
     B, N, D,  # batch, items, feature dim
     items_per_split,  # items of one split (a multiple of BLOCK_N)
     temperature,  # scores are (u . item + bias) / temperature
@@ -159,6 +159,7 @@ def _policy_topk_fwd_kernel(
     best = sentinel
     m_run = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
     l_run = tl.zeros([BLOCK_B], dtype=tl.float32)
+    nonfinite = rows < 0  # per user: a non-finite score was read (all False)
     if HAS_EXCL:
         e_lo = _lower_bound(excl_ptr, n_excl, rows64 * N + n_begin, excl_steps)
     if HAS_CAND:
@@ -190,6 +191,11 @@ def _policy_topk_fwd_kernel(
             s = s + bv[None, :]
         s = s / temperature
         elig = rmask[:, None] & cmask[None, :]
+        # a NaN / +-inf score (NaN / inf item values or int8 scale / min, or a float32
+        # overflow) of a row the op reads, other than -inf from a -inf bias (a mask)
+        bad = (s != s) | (s == float("inf")) | (s == float("-inf"))  # noqa: PLR0124 - s != s: NaN
+        if HAS_BIAS:
+            bad = bad & ~((s == float("-inf")) & (bv == float("-inf"))[None, :])
         tile_end = rows64 * N + n0 + BLOCK_N
         if HAS_CAND:
             c_hi = _lower_bound(cand_ptr, n_cand, tile_end, cand_steps)
@@ -199,6 +205,12 @@ def _policy_topk_fwd_kernel(
             e_hi = _lower_bound(excl_ptr, n_excl, tile_end, excl_steps)
             elig = elig & ~_pair_hits(excl_ptr, e_lo, e_hi, rows, cols, N)
             e_lo = e_hi
+        # the rows read: every row, or with candidates the eligible ones (as the CPU backends)
+        if HAS_CAND:
+            bad = bad & elig
+        else:
+            bad = bad & rmask[:, None] & cmask[None, :]
+        nonfinite = nonfinite | (tl.max(bad.to(tl.int32), axis=1) > 0)
         # online log-sum-exp over the eligible scores
         sm = tl.where(elig, s, float("-inf"))
         m_new = tl.maximum(m_run, tl.max(sm, axis=1))
@@ -226,6 +238,9 @@ def _policy_topk_fwd_kernel(
     out = keys_ptr + (rows64[:, None] * SPLITS + pid_s) * KB + kcols[None, :]
     tl.store(out, best, mask=rmask[:, None])
     tl.store(max_ptr + rows64 * SPLITS + pid_s, m_run, mask=rmask)
+    # a user that read a non-finite score gets a NaN sum: merge_lse makes its log-normaliser
+    # NaN, which the caller's screen turns into the ValueError naming the row
+    l_run = tl.where(nonfinite, float("nan"), l_run)
     tl.store(sum_ptr + rows64 * SPLITS + pid_s, l_run, mask=rmask)
 
 

@@ -244,7 +244,23 @@ def _forward_op_cuda(weights, row_scales, row_mins, indices, offsets, per_sample
 
 
 def _embedding_bag_run(name, tabs, idx, off, psw, mode):
-    """The forward on validated inputs (also what bench/gpu_check.py times)."""
+    """The forward on validated inputs (also what bench/gpu_check.py times).
+
+    A table row read that holds NaN / inf (int8: a non-finite row_scale / row_min) raises
+    the compiled core's ValueError naming the table, the row and its position: such a row
+    makes its bag's output non-finite (sum and mean; per-sample weights are finite), so one
+    ``isfinite`` reduction over the (B, sum d) output and one host sync per call find it,
+    and only then are the rows read looked at (:func:`_op_embedding_bag._nonfinite_row`).
+    A finite output whose sum overflows float32 is returned, as on the CPU."""
+    out = _embedding_bag_kernels(name, tabs, idx, off, psw, mode)
+    if out.numel() and not bool(torch.isfinite(out).all()):
+        from ._op_embedding_bag import _nonfinite_row
+
+        _nonfinite_row(tabs, idx, off)
+    return out
+
+
+def _embedding_bag_kernels(name, tabs, idx, off, psw, mode):
     dev = idx.device
     T = len(tabs)
     B = (off.numel() - 1) // T
@@ -425,16 +441,28 @@ def _prepare_policy(user_states, items, k, bias, exclude, candidates, temperatur
     return u, tab, b, exc, cand, k
 
 
+def _check_int8_scales(tab) -> None:
+    """As the compiled core's policy ops: every row_scale / row_min of an int8 item table is
+    finite (the whole table, whatever the batch and candidates), else ValueError naming the
+    first bad row; one (N,) reduction on the device."""
+    if isinstance(tab, QuantizedTable) and tab.dtype == "int8" and tab.shape[0]:
+        bad = ~torch.isfinite(tab.row_scale) | ~torch.isfinite(tab.row_min)
+        if bool(bad.any()):
+            raise ValueError(f"items: non-finite row_scale/row_min at row {int(torch.nonzero(bad)[0, 0])}")
+
+
 def _cpu_args(u, tab, b, exc, cand):
     mv = lambda p: None if p is None else (p[0].cpu(), p[1].cpu())  # noqa: E731
     return u.cpu(), _tab_cpu(tab), None if b is None else b.cpu(), mv(exc), mv(cand)
 
 
 def _screen_gpu_result(u, tab, b, exc, cand, temperature, ids, vals, lognorm):
-    """The fused GPU kernels do not screen scores as they read: a NaN / +inf score makes its
-    user's log-normaliser NaN / +inf, so one look at the (B,) log-normalisers finds it and
-    the reference (on the CPU, only in that error case) names the row. A -inf score (a -inf
-    bias's mask) is never returned: such slots become padding."""
+    """The fused GPU kernels mark a user that read a non-finite score (a NaN / inf item value,
+    int8 scale or minimum, or a float32 overflow, in any row without candidates, in the
+    eligible rows with them; not a -inf bias's mask) with a NaN log-normaliser, so one look
+    at the (B,) log-normalisers finds it and the reference (on the CPU, only in that error
+    case) raises the compiled core's ValueError naming the row. A -inf score (a -inf bias's
+    mask) is never returned: such slots become padding."""
     if not bool((torch.isfinite(lognorm) | torch.isneginf(lognorm)).all()):
         cu, ct, cb, ce, cc = _cpu_args(u, tab, b, exc, cand)
         reference.policy_topk(cu, ct, 0, cb, ce, cc, float(temperature))  # raises, naming the row
@@ -466,6 +494,7 @@ def _policy(user_states, items, k, seed, bias, exclude, candidates, temperature,
 def _policy_run(name, u, tab, k, seed, b, exc, cand, temperature):
     """Policy top-k / sampling on validated inputs (also what bench/gpu_check.py times)."""
     dev = u.device
+    _check_int8_scales(tab)
     H = load_kernel_module("_heuristics")
     if name != "torch" and max(2, H.next_pow2(k)) > H.MAX_TOPK:
         log.info("policy on %s: k=%d is above the fused kernels' limit %d; using the reference",

@@ -7,7 +7,8 @@ File layout (a standard safetensors file, readable by any safetensors reader)::
               "__metadata__": {"recmeta": <JSON string of the model metadata>}}
     rest      the tensor bytes
 
-The model metadata holds ``format`` (``"recmeta-model"``), ``format_version``, the
+The metadata JSON is written as UTF-8 (``ensure_ascii=False``: a non-ASCII id costs no
+escapes). The model metadata holds ``format`` (``"recmeta-model"``), ``format_version``, the
 config, the external id maps (items and users, with their kind ``int`` or ``str``), the
 feature schemas, optionally (version 2) the online ``feedback`` log's metadata (its
 tensors are ``feedback.*``; see :func:`recmeta_sdk.online.log_to_file`), the versions of
@@ -17,8 +18,9 @@ metadata JSON (without ``sha256``) followed by, for every tensor in name order, 
 dtype, shape and raw bytes.
 
 Loading reads and validates the header *before* any tensor is allocated: the file and
-header sizes, the JSON's nesting depth, number of values and literal lengths (checked on
-the raw bytes before it is parsed), the dtypes, shapes and offsets (which must tile the data
+header sizes, the JSON's nesting depth, number of values, backslash escapes and literal
+lengths (checked on the raw bytes before it is parsed, so that parsing costs a few
+nanoseconds per byte), the dtypes, shapes and offsets (which must tile the data
 area exactly), the format version; then it checks the SHA-256. Every size is bounded by a
 :class:`LoadLimits` (overridable by the caller). The SHA-256 is an integrity check, not
 authentication: whoever edits a file can recompute it, so :func:`recmeta_sdk.api.load`
@@ -96,6 +98,13 @@ class LoadLimits:
         Number of JSON values (counted as commas) in the header beyond one per 16 bytes of
         tensor data: every id, name or number of the metadata describes tensor rows, so a
         header cannot list much more than its tensors hold. Bounds the parse time.
+    max_json_escapes : int
+        Backslash escapes in the header beyond four per JSON value and one per 16 bytes of
+        tensor data (the metadata JSON is a string in the header, so each of its quotes is
+        written ``\\"``: an id costs two). Bounds the parse time (an escape costs a JSON
+        parser about ten times a plain byte). Non-ASCII ids are written as UTF-8, without
+        escapes; a file of recmeta <= 0.1 wrote each of their characters as ``\\uXXXX``
+        (two backslashes), which may need a higher bound.
     max_int_digits : int
         Digits of an integer literal (int64 and uint64 need 20 at most).
     max_float_chars : int
@@ -137,6 +146,7 @@ class LoadLimits:
     max_header_bytes: int = MAX_HEADER
     max_json_depth: int = 32
     max_json_values: int = 65536
+    max_json_escapes: int = 65536
     max_int_digits: int = 20
     max_float_chars: int = 64
     max_tensors: int = 4096
@@ -285,7 +295,9 @@ def write_model_file(path, tensors: Dict[str, torch.Tensor], meta: dict) -> None
         arrays[name] = (_TORCH_TO_ST[t.dtype], tuple(t.shape), memoryview(t.numpy().tobytes()))
     meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, **_versions())
     meta["sha256"] = _digest(meta, arrays)
-    blob = save(clean, metadata={"recmeta": json.dumps(meta, sort_keys=True)})
+    # ensure_ascii=False: non-ASCII ids are stored as UTF-8, not as \uXXXX escapes that the
+    # loader's escape bound counts (the digest hashes its own canonical form, unchanged)
+    blob = save(clean, metadata={"recmeta": json.dumps(meta, sort_keys=True, ensure_ascii=False)})
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise ValueError(f"cannot save to {str(path)!r}: directory {str(directory)!r} does not exist")
@@ -321,43 +333,54 @@ def write_model_file(path, tensors: Dict[str, torch.Tensor], meta: dict) -> None
 
 # ---------------------------------------------------------------------------- bounded JSON
 
-def _json_depth(a: np.ndarray, folded: np.ndarray) -> int:
-    """The maximal nesting depth of ``[`` / ``{`` outside strings in JSON text ``a`` (uint8;
-    ``folded = a & 0xDF`` maps ``{`` onto ``[`` and ``}`` onto ``]``). Vectorised: escapes are
-    blanked out, then a bracket is inside a string when an odd number of quotes precede it."""
-    pos = np.flatnonzero((folded == 0x5B) | (folded == 0x5D))
-    if not len(pos):
+# bytes.translate tables: delete every byte but the ones a check counts (one C pass over
+# the header, leaving a short string to count in)
+_DEL_BUT_COUNTED = bytes(b for b in range(256) if b not in b",[{\\")
+_DEL_BUT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+
+
+def _json_depth(raw: bytes) -> int:
+    """The maximal nesting depth of ``[`` / ``{`` outside strings in JSON text ``raw``.
+    Escapes are blanked out (in JSON a backslash escapes the next character; left-to-right
+    replacement of ``\\\\`` then of ``\\"`` pairs them exactly as a parser does), the
+    text is reduced to its quotes and brackets (C passes), then a bracket is inside a
+    string when an odd number of quotes precede it (vectorised)."""
+    if b"\\" in raw:
+        raw = raw.replace(b"\\\\", b"__").replace(b'\\"', b"__")
+    a = np.frombuffer(raw.translate(None, _DEL_BUT_STRUCTURE), np.uint8)
+    is_quote = a == 0x22
+    outside = (np.cumsum(is_quote, dtype=np.int64) - is_quote) % 2 == 0
+    br = a[outside & ~is_quote]
+    if not len(br):
         return 0
-    if (a == 0x5C).any():
-        # in JSON a backslash escapes the next character; left-to-right replacement of "\\\\"
-        # then of '\\"' pairs them exactly as a parser does
-        a = np.frombuffer(a.tobytes().replace(b"\\\\", b"__").replace(b'\\"', b"__"), np.uint8)
-    quotes = np.flatnonzero(a == 0x22)
-    if len(quotes):
-        pos = pos[(np.searchsorted(quotes, pos) % 2) == 0]
-    if not len(pos):
-        return 0
-    return int(np.cumsum(np.where(folded[pos] == 0x5B, 1, -1), dtype=np.int64).max())
+    return int(np.cumsum(np.where((br & 0xDF) == 0x5B, 1, -1), dtype=np.int64).max())
 
 
 def _bounded_json(raw: bytes, what: str, path, limits: LoadLimits, extra_values: int):
     """``json.loads`` of ``raw`` after checks on the raw bytes that bound its cost: the number
-    of values (commas and brackets), the nesting depth and (while parsing) the length of every
-    number literal. Each check is a few vectorised passes over the bytes."""
-    a = np.frombuffer(raw, np.uint8)
-    folded = a & 0xDF  # "{" -> "[", "}" -> "]"
-    n_open = int(np.count_nonzero(folded == 0x5B))
-    n_values = int(np.count_nonzero(a == 0x2C)) + n_open
+    of values (commas and opening brackets), of backslash escapes, the nesting depth and
+    (while parsing) the length of every number literal. The counts are one C pass
+    (``bytes.translate``) over the bytes; the depth is computed only when there are more
+    opening brackets than ``max_json_depth``."""
+    counted = np.frombuffer(raw.translate(None, _DEL_BUT_COUNTED), np.uint8)
+    n_commas = int(np.count_nonzero(counted == 0x2C))
+    n_escapes = int(np.count_nonzero(counted == 0x5C))
+    n_open = len(counted) - n_commas - n_escapes
+    n_values = n_commas + n_open
     if n_values > limits.max_json_values + extra_values:
         raise ModelFileError(f"{path}: {what} has {n_values} JSON values, more than its {extra_values * 16} "
                              f"bytes of tensor data can describe (limit max_json_values={limits.max_json_values} "
                              f"plus one per 16 bytes of tensor data)")
+    if n_escapes > 4 * n_values + limits.max_json_escapes + extra_values:
+        raise ModelFileError(f"{path}: {what} has {n_escapes} backslash escapes for {n_values} JSON values and "
+                             f"{extra_values * 16} bytes of tensor data (limit max_json_escapes="
+                             f"{limits.max_json_escapes} plus four per value and one per 16 bytes of tensor data)")
+    del counted
     if n_open > limits.max_json_depth:
-        depth = _json_depth(a, folded)
+        depth = _json_depth(raw)
         if depth > limits.max_json_depth:
             raise ModelFileError(f"{path}: {what} nests {depth} levels deep (limit max_json_depth="
                                  f"{limits.max_json_depth})")
-    del a, folded
 
     def parse_int(s: str) -> int:
         if len(s) > limits.max_int_digits + 1 and len(s.lstrip("-")) > limits.max_int_digits:

@@ -554,6 +554,10 @@ def recommend(model, user, k: int = 10, **kwargs):
     would (``user_state`` for a known user; ``adapt([])`` for a new one).
 
     Returns ``(Recommendations, version)`` with the version of the state used (0: none).
+    The state is read once: a feedback event published while the call runs is not seen
+    (a known user at version 0 is served from ``user_state``, not by id, because
+    ``model.recommend(user)`` would read the store again and could serve a newer version
+    than the one returned).
     """
     st = store(model).current(user)
     if st is not None:
@@ -563,7 +567,7 @@ def recommend(model, user, k: int = 10, **kwargs):
                 kwargs["exclude"] = list(kwargs.get("exclude") or []) + extra
         return model.recommend(st.state, k, **kwargs), st.version
     if _scalar_id(user) and model._user_index.get_indexer([user])[0] >= 0:
-        return model.recommend(user, k, **kwargs), 0
+        return model.recommend(model.user_state(user, task=kwargs.get("task")), k, **kwargs), 0
     return model.recommend(model.adapt([]), k, **kwargs), 0
 
 

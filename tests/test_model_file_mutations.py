@@ -492,3 +492,49 @@ def test_sigkill_during_save_leaves_old_or_new_and_no_temp_files(saved, tmp_path
           f"the kills, 0 after the next save/load", file=sys.stderr)
     assert corrupt == 0
     assert rm.load(p).n_items == model.n_items
+
+
+def test_escape_heavy_headers_are_refused_and_non_ascii_ids_are_written_without_escapes(saved, tmp_path):
+    """Backslash escapes cost a JSON parser about ten times a plain byte: beyond four per
+    value, one per 16 bytes of tensor data and max_json_escapes they are refused, naming the
+    limit (the 16 MB case of 8M escapes took 155-490 ms to reject before). Non-ASCII string
+    ids are written as UTF-8 (no escapes) and round-trip; a file with the \\uXXXX escapes
+    that earlier versions wrote for them still loads."""
+    _, _, tensors, meta = saved
+    p = tmp_path / "m.recmeta"
+    # a header whose one string is 200,000 escaped quotes, with the digest recomputed
+    m2 = json.loads(json.dumps(meta))
+    m2["config"]["encoder"] = '"' * 200_000
+    p.write_bytes(forge(tensors, m2))
+    with pytest.raises(ModelFileError, match="backslash escapes .* max_json_escapes=65536"):
+        rm.load(p)
+    with pytest.raises(ModelFileError, match="encoder"):  # above the bound, the next check runs
+        rm.load(p, limits=LoadLimits(max_json_escapes=10**6))
+    # non-ASCII ids: written as UTF-8, read back equal; the same ids as \uXXXX escapes load too
+    names = ["é" * 40 + str(i) for i in range(N_ITEMS)]
+    m3 = json.loads(json.dumps(meta))
+    m3["item_ids"] = {"kind": "str", "values": names}
+    fb = m3.get("feedback")
+    if fb is not None:  # the feedback log names items by id
+        m3.pop("feedback")
+        t3 = {k: v for k, v in tensors.items() if not k.startswith("feedback.")}
+    else:
+        t3 = tensors
+    meta3 = dict(m3, format=rio.FORMAT, format_version=2)
+    arrays = {n: (_ST[t.dtype], list(t.shape), memoryview(t.contiguous().numpy().tobytes())) for n, t in t3.items()}
+    meta3["sha256"] = rio._digest(meta3, arrays)
+    for ensure_ascii in (False, True):
+        header = {n: {"dtype": a[0], "shape": a[1]} for n, a in arrays.items()}
+        off = 0
+        for n in sorted(arrays):
+            header[n]["data_offsets"] = [off, off + len(arrays[n][2])]
+            off += len(arrays[n][2])
+        header["__metadata__"] = {"recmeta": json.dumps(meta3, sort_keys=True, ensure_ascii=ensure_ascii)}
+        p.write_bytes(_assemble(json.dumps(header, ensure_ascii=False).encode(),
+                                b"".join(bytes(arrays[n][2]) for n in sorted(arrays))))
+        loaded = rm.load(p)
+        assert list(loaded.item_ids) == names
+        loaded.save(p)  # the writer: UTF-8, no \u escapes
+        raw = p.read_bytes()
+        assert b"\\u" not in raw[8:8 + struct.unpack("<Q", raw[:8])[0]]
+        assert list(rm.load(p).item_ids) == names

@@ -299,6 +299,36 @@ def test_concurrent_recommend_and_feedback_see_whole_versions(model):
     assert mismatches == 0
 
 
+def test_online_recommend_reports_the_version_it_served(model, monkeypatch):
+    """online.recommend reads the user's state once: a feedback event published between its
+    read of the store and the scoring (forced here inside that read) is not served under the
+    old version number. Before, a known user without feedback (version 0) was served by id,
+    and model.recommend(id) read the store again: version 1's result came back as version 0
+    (the "1 of 1,898 online results" of issue 18; reproduced by 8 recommend + 2 feedback
+    threads on ML-100K)."""
+    st = online.OnlineStore(model)
+    monkeypatch.setattr(model, "_online_store", st, raising=False)
+    user = "u5"
+    want = model.recommend(model.user_state(user), k=5)  # version 0: the training state
+    real_current = st.current
+    fired = []
+
+    def current(u):
+        cur = real_current(u)
+        if u == user and not fired:
+            fired.append(1)
+            st.feedback([(user, int(want.ids[0]), 1.0, 0.5)])  # published right after the read
+        return cur
+
+    monkeypatch.setattr(st, "current", current)
+    recs, version = online.recommend(model, user, k=5)
+    assert fired and version == 0
+    np.testing.assert_array_equal(recs.ids, want.ids)
+    np.testing.assert_array_equal(recs.scores, want.scores)
+    recs1, version1 = online.recommend(model, user, k=5)  # the next call serves version 1
+    assert version1 == 1 and int(want.ids[0]) not in recs1.ids.tolist()
+
+
 def test_recommender_policy_learns_through_feedback(model):
     from recmeta_sdk import bandits, sim
 

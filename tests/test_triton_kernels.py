@@ -327,3 +327,159 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
                        timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "compiled 7 kernels" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# non-finite item rows through the GPU dispatch (recmeta_sdk._gpu), as the compiled core
+# ---------------------------------------------------------------------------------------
+def _same_outcome(run_gpu, run_cpp):
+    """Both raise ValueError with the same message, or both return the same results."""
+    try:
+        want = run_cpp()
+    except ValueError as e:
+        with pytest.raises(ValueError) as got:
+            run_gpu()
+        assert str(got.value) == str(e)
+        return str(e)
+    got = run_gpu()
+    for a, b in zip(got, want):
+        if a.dtype.is_floating_point:
+            torch.testing.assert_close(a.cpu(), torch.as_tensor(b), rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(a.cpu(), torch.as_tensor(b))
+    return None
+
+
+def _policy_case(case):
+    """(user_states, items (tensor or QuantizedTable), bias, exclude, candidates, expected error or None)."""
+    g = _gen(31)
+    B, N, D = 3, 23, 5
+    u = torch.randn(B, D, generator=g)
+    items = torch.randn(N, D, generator=g)
+    bias = exc = cand = None
+
+    def every(r):  # row r excluded for every user
+        return torch.arange(B + 1), torch.full((B,), r)
+
+    if case == "nan row":
+        items[5, 2] = float("nan")
+        err = "row 5, column 2"
+    elif case == "inf row excluded for every user":  # excluded rows are read too (no candidates)
+        items[3, 0] = float("inf")
+        exc = every(3)
+        err = "row 3, column 0"
+    elif case == "int8 NaN scale":
+        items = R.quantize(items, "int8")
+        items.row_scale[4] = float("nan")
+        err = "row 4"
+    elif case == "float32 overflow":
+        items[6] = 3e38
+        u = u.abs() + 1.0
+        err = "overflow float32 at item row 6"
+    elif case == "fp16 NaN row among the candidates":
+        items = R.quantize(items, "fp16")
+        items.data[7, 1] = float("nan")
+        cand = (torch.tensor([0, 3, 4, 6]), torch.tensor([1, 7, 9, 2, 7, 11]))
+        err = "row 7, column 1"
+    elif case == "NaN row not a candidate":  # not read: no error
+        items[8, 0] = float("nan")
+        cand = (torch.tensor([0, 2, 4, 5]), torch.tensor([1, 2, 3, 4, 5]))
+        err = None
+    elif case == "-inf value masked by a -inf bias":
+        items[2, 0] = float("-inf")
+        u = u.abs() + 0.1
+        bias = torch.randn(N, generator=g)
+        bias[2] = float("-inf")
+        err = None
+    else:
+        raise AssertionError(case)
+    return u, items, bias, exc, cand, err
+
+
+_POLICY_CASES = ["nan row", "inf row excluded for every user", "int8 NaN scale", "float32 overflow",
+                 "fp16 NaN row among the candidates", "NaN row not a candidate", "-inf value masked by a -inf bias"]
+
+
+def _gpu_backends():
+    """"triton" (the interpreter without a GPU), and "cuda" with a GPU and the CUDA extension."""
+    from recmeta_sdk import backends
+
+    cuda_ok = DEV == "cuda" and backends.available("cuda")
+    return ["triton", pytest.param("cuda", marks=pytest.mark.skipif(
+        not cuda_ok, reason="needs a GPU and the CUDA extension (recmeta_sdk._core_cuda)"))]
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("sample", [False, True], ids=["topk", "sample"])
+@pytest.mark.parametrize("case", _POLICY_CASES)
+def test_gpu_policy_non_finite_rows_raise_as_cpp(case, sample, backend):
+    """The GPU dispatch (recmeta_sdk._gpu._policy_run: Triton here, CUDA too with a GPU) raises the compiled core's ValueError naming the row, or returns its results.
+    Before, a NaN score made the log-normaliser -inf ("no eligible item"), which the screen
+    accepted, and the scores of excluded rows were never looked at."""
+    from recmeta_sdk import _gpu, ops
+    from recmeta_sdk._ops_common import check_csr
+
+    u, items, bias, exc, cand, err = _policy_case(case)
+    B, N = u.shape[0], items.shape[0]
+    k, seed = 4, 12345
+    ke, kc = check_csr(exc, "exclude", B, N), check_csr(cand, "candidates", B, N)
+    kt = items if isinstance(items, torch.Tensor) else R.QuantizedTable(
+        items.dtype, items.data.to(DEV), None if items.row_scale is None else items.row_scale.to(DEV),
+        None if items.row_min is None else items.row_min.to(DEV))
+    kb = None if bias is None else bias.to(DEV)
+
+    def gpu():
+        return _gpu._policy_run(backend, u.to(DEV), kt, k, seed if sample else None, kb, ke, kc, 1.0)
+
+    def cpp():
+        kw = {"bias": bias, "exclude": exc, "candidates": cand, "backend": "cpp"}
+        return ops.policy_sample(u, items, k, seed=seed, **kw) if sample else ops.policy_topk(u, items, k, **kw)
+
+    msg = _same_outcome(gpu, cpp)
+    if err is None:
+        assert msg is None
+    else:
+        assert msg is not None and err in msg, msg
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("case", ["fp32 NaN row", "int8 NaN row_min", "second table inf row, mean",
+                                  "NaN row not read"])
+def test_gpu_embedding_bag_non_finite_rows_raise_as_cpp(case, backend):
+    """recmeta_sdk._gpu._embedding_bag_run (the Triton and CUDA forwards) raises the compiled
+    core's ValueError naming the table, the row and its position; before it returned NaN."""
+    from recmeta_sdk import _gpu, ops
+
+    g = _gen(32)
+    w = torch.randn(17, 6, generator=g)
+    idx = torch.tensor([3, 9, 9, 0, 16, 5, 3])
+    off = torch.tensor([0, 2, 2, 5, 7])
+    tabs, mode, err = [w], "sum", None
+    if case == "fp32 NaN row":
+        w[9, 4] = float("nan")
+        err = "weight: row 9 holds a non-finite value (nan at column 4), read at position 1 of indices"
+    elif case == "int8 NaN row_min":
+        q = R.quantize(w, "int8")
+        q.row_min[16] = float("nan")
+        tabs = [q]
+        err = "row 16 has a non-finite row_min"
+    elif case == "second table inf row, mean":
+        w2 = torch.randn(11, 3, generator=g)
+        w2[2, 1] = float("inf")
+        tabs, mode = [w, w2], "mean"
+        idx = torch.cat([idx[:5], torch.tensor([2, 7, 2])])
+        off = torch.tensor([0, 2, 2, 5, 5, 6, 8])  # 3 bags per table
+        err = "weight[1]: row 2 holds a non-finite value (inf at column 1), read at position 5 of indices"
+    elif case == "NaN row not read":
+        w[12, 0] = float("nan")
+    else:
+        raise AssertionError(case)
+    dev_tabs = [t.to(DEV) if isinstance(t, torch.Tensor) else R.QuantizedTable(
+        t.dtype, t.data.to(DEV), t.row_scale.to(DEV), t.row_min.to(DEV)) for t in tabs]
+    msg = _same_outcome(
+        lambda: (_gpu._embedding_bag_run(backend, dev_tabs, idx.to(DEV), off.to(DEV), None, mode),),
+        lambda: (ops.embedding_bag(tabs if len(tabs) > 1 else tabs[0], idx, off, mode=mode, backend="cpp"),))
+    if err is None:
+        assert msg is None
+    else:
+        assert msg is not None and err in msg, msg

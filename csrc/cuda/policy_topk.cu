@@ -183,11 +183,13 @@ __global__ void __launch_bounds__(kThreads) policy_stage1_kernel(PolicyStage1Arg
   }
   float m[kUsers], l[kUsers];
   int64_t thr[kUsers];
+  bool nonfinite[kUsers];  // this thread read a non-finite score of user j
 #pragma unroll
   for (int j = 0; j < kUsers; ++j) {
     m[j] = -INFINITY;
     l[j] = 0.f;
     thr[j] = kSentinel;
+    nonfinite[j] = false;
   }
   __syncthreads();
 
@@ -222,14 +224,21 @@ __global__ void __launch_bounds__(kThreads) policy_stage1_kernel(PolicyStage1Arg
 #pragma unroll
     for (int j = 0; j < kUsers; ++j) {
       const int64_t row = b0 + j;
-      bool ok = in && row < a.batch;
+      const bool read = in && row < a.batch;
+      bool ok = read;
       key[j] = kSentinel;
       if (ok && a.cand_keys) ok = contains(a.cand_keys, clo[j], chi[j], row * N + n);
       if (ok && a.excl_keys) ok = !contains(a.excl_keys, elo[j], ehi[j], row * N + n);
+      float sv = 0.f;
+      if (read) {
+        const float bv = a.bias ? a.bias[n] : 0.f;
+        sv = (s[j] + bv) / a.temperature;
+        // A NaN / +-inf score (NaN / inf item values or int8 scale / min, or a float32
+        // overflow) of a row the op reads (every row; with candidates, the eligible ones),
+        // other than -inf from a -inf bias (a mask), marks the user (see the merge below).
+        if (!isfinite(sv) && !(sv == -INFINITY && bv == -INFINITY) && (ok || !a.cand_keys)) nonfinite[j] = true;
+      }
       if (ok) {
-        float sv = s[j];
-        if (a.bias) sv += a.bias[n];
-        sv = sv / a.temperature;
         // online log-sum-exp
         if (sv > m[j]) {
           l[j] = (m[j] == -INFINITY ? 0.f : l[j] * expf(m[j] - sv)) + 1.f;
@@ -278,11 +287,15 @@ __global__ void __launch_bounds__(kThreads) policy_stage1_kernel(PolicyStage1Arg
 #pragma unroll
   for (int j = 0; j < kUsers; ++j) {
     red_m[threadIdx.x] = m[j];
-    red_l[threadIdx.x] = l[j];
+    red_l[threadIdx.x] = nonfinite[j] ? NAN : l[j];
     __syncthreads();
     if (threadIdx.x == 0 && b0 + j < a.batch) {
       float mm = -INFINITY;
-      for (int t = 0; t < kThreads; ++t) mm = fmaxf(mm, red_m[t]);
+      bool marked = false;
+      for (int t = 0; t < kThreads; ++t) {
+        mm = fmaxf(mm, red_m[t]);
+        marked = marked || isnan(red_l[t]);
+      }
       float ll = 0.f;
       if (mm != -INFINITY) {
         for (int t = 0; t < kThreads; ++t) {
@@ -290,7 +303,10 @@ __global__ void __launch_bounds__(kThreads) policy_stage1_kernel(PolicyStage1Arg
         }
       }
       a.max_out[(b0 + j) * a.splits + split] = mm;
-      a.sum_out[(b0 + j) * a.splits + split] = ll;
+      // NaN marks a user that read a non-finite score: merge_lse (recmeta_sdk.kernels._common)
+      // makes its log-normaliser NaN, and recmeta_sdk._gpu's screen raises the ValueError
+      // naming the row
+      a.sum_out[(b0 + j) * a.splits + split] = marked ? NAN : ll;
     }
     __syncthreads();
   }

@@ -92,7 +92,7 @@ struct PolicyStage1Args {
   uint32_t hi_mix = 0;     ///< mix32(0 + 0xC2B2AE35) (item ids < 2^32)
   int64_t* keys_out = nullptr;  ///< device int64 (batch x splits x kb): packed (score, id), best first
   float* max_out = nullptr;     ///< device float32 (batch x splits): max eligible score (-inf if none)
-  float* sum_out = nullptr;     ///< device float32 (batch x splits): sum exp(s - max)
+  float* sum_out = nullptr;     ///< device float32 (batch x splits): sum exp(s - max); NaN marks a user that read a non-finite score
   int64_t splits = 1;
   int64_t items_per_split = 0;
   int32_t kb = 2;  ///< power of two in [2, 256], >= k
