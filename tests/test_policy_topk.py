@@ -942,3 +942,12 @@ def test_k_and_seed_types(rng, backend):
         with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
             ops.policy_sample(u, w, 2, seed=bad, backend=backend)
     ops.policy_sample(u, w, 2, seed=2**64 - 1, backend=backend)
+
+
+def test_fma_probe_counts_its_flops():
+    """The bench's FMA-peak probe: 12 chains x vector width x 2 flops per step; iters >= 0."""
+    width = {"generic": 4, "avx2": 8, "avx512": 16}[_core.cpu_isa()]
+    assert _core.fma_probe(1000) == 1000 * 12 * 2 * width
+    assert _core.fma_probe(0) == 0
+    with pytest.raises(ValueError):
+        _core.fma_probe(-1)

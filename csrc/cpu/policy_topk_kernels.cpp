@@ -1473,6 +1473,44 @@ void run_candidates(const Ctx& c, const PolicyLists& cand) {
 
 }  // namespace
 
+void fma_probe(int64_t iters, double* flops) {
+  vf a0 = splat(1.0f + 0 * 1e-3f);
+  vf a1 = splat(1.0f + 1 * 1e-3f);
+  vf a2 = splat(1.0f + 2 * 1e-3f);
+  vf a3 = splat(1.0f + 3 * 1e-3f);
+  vf a4 = splat(1.0f + 4 * 1e-3f);
+  vf a5 = splat(1.0f + 5 * 1e-3f);
+  vf a6 = splat(1.0f + 6 * 1e-3f);
+  vf a7 = splat(1.0f + 7 * 1e-3f);
+  vf a8 = splat(1.0f + 8 * 1e-3f);
+  vf a9 = splat(1.0f + 9 * 1e-3f);
+  vf a10 = splat(1.0f + 10 * 1e-3f);
+  vf a11 = splat(1.0f + 11 * 1e-3f);
+  const vf x = splat(0.999999f), y = splat(1e-7f);
+  for (int64_t it = 0; it < iters; ++it) {
+    a0 = a0 * x + y;
+    a1 = a1 * x + y;
+    a2 = a2 * x + y;
+    a3 = a3 * x + y;
+    a4 = a4 * x + y;
+    a5 = a5 * x + y;
+    a6 = a6 * x + y;
+    a7 = a7 * x + y;
+    a8 = a8 * x + y;
+    a9 = a9 * x + y;
+    a10 = a10 * x + y;
+    a11 = a11 * x + y;
+#if defined(__x86_64__)
+    // keep the 12 chains in registers, one FMA each per step (no reassociation)
+    __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3), "+x"(a4), "+x"(a5), "+x"(a6), "+x"(a7), "+x"(a8), "+x"(a9), "+x"(a10), "+x"(a11));
+#endif
+  }
+  const vf t = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11;
+  volatile float sink = hsum_tree(t);
+  (void)sink;
+  *flops = static_cast<double>(iters) * 12.0 * 2.0 * VW;
+}
+
 void policy_run(const PolicyArgs& args, const PolicyLists& exclude, const PolicyLists& candidates,
                 ValueChecks& checks) {
   Ctx c;
