@@ -43,6 +43,14 @@ except ImportError:  # pragma: no cover - optional peer
     faiss = None
 
 
+try:
+    from threadpoolctl import threadpool_limits  # type: ignore
+except ImportError:  # pragma: no cover - optional
+    threadpool_limits = None
+
+_BLAS_LIMITS = []
+
+
 def pin(threads: int) -> None:
     cpus = sorted(os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)))
     os.sched_setaffinity(0, set(cpus[:threads]))
@@ -50,6 +58,13 @@ def pin(threads: int) -> None:
     _core.set_num_threads(threads)
     if faiss is not None:
         faiss.omp_set_num_threads(threads)
+    # numpy's OpenBLAS (and the one faiss bundles) start their own thread pools at import,
+    # outside the affinity set above: unpinned, numpy's "1-thread" GEMV ran on 2 threads (and
+    # --clock cpu counted only the calling thread's share of it).
+    if threadpool_limits is not None:
+        _BLAS_LIMITS.append(threadpool_limits(limits=threads))
+    else:
+        print("note: threadpoolctl is not installed: numpy's / faiss's BLAS thread pools are not pinned")
 
 
 CLOCK = time.perf_counter

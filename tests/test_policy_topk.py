@@ -275,6 +275,17 @@ def test_exclusions_straddle_blocks_and_chunks(rng, B):
     np.testing.assert_allclose(slp.numpy(), rslp.numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, N, d", [(70, 2999, 37), (600, 1501, 16), (130, 5003, 64)])
+def test_large_batches_tiles_and_sub_tiles_match_reference(rng, dtype, B, N, d):
+    """Tiles of up to 512 users share one packed block and are scored and folded in sub-tiles
+    of at most 64 (B = 600: two tiles of 300, five sub-tiles of 60 each; B = 70: two sub-tiles
+    of 35); several blocks per user (N = 5003 at d = 64: blocks of 1024) exercise the
+    per-64-item skip of the threshold test."""
+    run_case(rng, B, N, d, 7, dtype=dtype, exclude=40)
+    run_case(rng, B, N, d, 1, dtype=dtype, bias=False, tau=0.7)
+
+
 _ISA_SCRIPT = r"""
 import sys
 import numpy as np, torch

@@ -60,7 +60,11 @@ constexpr int MU = 4;
 constexpr int NV = 2;
 #endif
 constexpr int SW = VW * NV;  // items per packed slice
-constexpr int64_t kMaxTileUsers = 64;
+// Users per tile: each tile reads (and packs) the table once. Up to 512 users share a
+// packed block (at B = 512 the table was read and packed 8 times with 64-user tiles); they
+// are scored and folded in sub-tiles of at most 64 users.
+constexpr int64_t kMaxTileUsers = 512;
+constexpr int64_t kSubTileUsers = 64;
 constexpr double kParallelWork = 4.0 * 1024 * 1024;  // multiply-adds below which one thread runs
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -1124,41 +1128,63 @@ void screen_scores(const Ctx& c, float* x, int64_t n, const int64_t* ids, int64_
 void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* ids, int64_t i0,
                 const int64_t* ex_b, const int64_t* ex_e, float& m, double& s, Heap& h) {
   const int64_t n_round = (n + VW - 1) / VW * VW;
-  const int64_t n_vec = n / VW * VW;
   // One pass for the block's maximum and the screen for non-finite scores (a float is
   // non-finite iff its exponent bits are all ones); both are redone in the rare cases
   // that need it (a non-finite score, or an excluded item at the maximum).
-  vf vm0 = splat(-kInf), vm1 = splat(-kInf);
+  // Per 64 items, the maximum is kept too (an upper bound of what the threshold test
+  // below sees: exclusions and the screen only lower values), so that test skips the
+  // sub-blocks that cannot hold a candidate: with a k-th best key that only rises, most
+  // of a block's sub-blocks are below it.
+  constexpr int64_t kSubItems = 64;  // a multiple of VW
+  float submax[1024 / kSubItems + 1];
+  const int64_t nsub = (n + kSubItems - 1) / kSubItems;
+  vf vm0 = splat(-kInf);
   vi badv = vi{};
   const vi expo = vi{} + 0x7F800000;
   int64_t jj = 0;
-  for (; jj + 2 * VW <= n_vec; jj += 2 * VW) {
-    const vf a = loadu(x + jj), b = loadu(x + jj + VW);
-    vi ia, ib;
-    std::memcpy(&ia, &a, sizeof ia);
-    std::memcpy(&ib, &b, sizeof ib);
-    badv |= ((ia & expo) == expo) | ((ib & expo) == expo);
-    vm0 = vmax(vm0, a);
-    vm1 = vmax(vm1, b);
+  int64_t sb = 0;
+  for (; jj + kSubItems <= n; jj += kSubItems, ++sb) {
+    vf a0 = splat(-kInf), a1 = splat(-kInf);
+#pragma GCC unroll 8
+    for (int64_t q = 0; q < kSubItems; q += 2 * VW) {
+      const vf x0 = loadu(x + jj + q), x1 = loadu(x + jj + q + VW);
+      vi i0v, i1v;
+      std::memcpy(&i0v, &x0, sizeof i0v);
+      std::memcpy(&i1v, &x1, sizeof i1v);
+      badv |= ((i0v & expo) == expo) | ((i1v & expo) == expo);
+      a0 = vmax(a0, x0);
+      a1 = vmax(a1, x1);
+    }
+    const vf mx = vmax(a0, a1);
+    submax[sb] = hmax(mx);
+    vm0 = vmax(vm0, mx);
   }
-  for (; jj < n_vec; jj += VW) {
-    const vf a = loadu(x + jj);
-    vi ia;
-    std::memcpy(&ia, &a, sizeof ia);
-    badv |= (ia & expo) == expo;
-    vm0 = vmax(vm0, a);
+  float tail_max = -kInf;
+  {
+    vf at = splat(-kInf);
+    for (; jj + VW <= n; jj += VW) {
+      const vf x0 = loadu(x + jj);
+      vi i0v;
+      std::memcpy(&i0v, &x0, sizeof i0v);
+      badv |= (i0v & expo) == expo;
+      at = vmax(at, x0);
+    }
+    tail_max = hmax(at);
   }
-  float bm = hmax(vmax(vm0, vm1));
   bool bad = false;
   for (int i = 0; i < VW; ++i) bad |= badv[i] != 0;
   for (; jj < n; ++jj) {
     bad |= !std::isfinite(x[jj]);
-    bm = x[jj] > bm ? x[jj] : bm;
+    tail_max = x[jj] > tail_max ? x[jj] : tail_max;
   }
+  if (sb < nsub) submax[sb] = tail_max;
+  float bm = hmax(vm0);
+  bm = tail_max > bm ? tail_max : bm;
   bool recompute = false;
   if (bad) {  // rare: the slow screen, then the maximum again
     screen_scores(c, x, n, ids, i0);
     recompute = true;
+    for (int64_t q = 0; q < nsub; ++q) submax[q] = kInf;
   }
   for (const int64_t* p = ex_b; p < ex_e; ++p) {
     recompute |= !(x[*p - i0] < bm);
@@ -1182,6 +1208,10 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
     double es = 0.0;
     Entry ev;
     for (int64_t j0 = 0; j0 < n_round; j0 += VW) {
+      if (j0 % kSubItems == 0 && submax[j0 / kSubItems] + shift < h.thresh()) {
+        j0 += kSubItems - VW;  // no candidate in this sub-block
+        continue;
+      }
       uint32_t bits = candidate_lanes(loadu(x + j0) + shift, h.thresh());
       while (bits != 0) {
         const int64_t j = j0 + __builtin_ctz(bits);
@@ -1222,12 +1252,12 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
 struct Scratch {
   AlignedFloats P;   // NB * d packed items
   AlignedFloats Pb;  // NB packed (scaled) biases
-  AlignedFloats S;   // kMaxTileUsers * NB scores
+  AlignedFloats S;   // kSubTileUsers * NB scores
   AlignedFloats UT;  // users of the small-tile kernel: 8 * round_up(d, 2) floats
   AlignedFloats R;   // 16 dequantised rows: 16 * round_up(d, 2) floats
   Scratch(int64_t NB, int64_t d)
       : P(static_cast<size_t>(NB * (d > 0 ? d : 1))), Pb(static_cast<size_t>(NB)),
-        S(static_cast<size_t>(kMaxTileUsers * NB)), UT(static_cast<size_t>(8 * (d + 2))),
+        S(static_cast<size_t>(kSubTileUsers * NB)), UT(static_cast<size_t>(8 * (d + 2))),
         R(static_cast<size_t>(16 * (d + 2))) {}
 };
 
@@ -1253,17 +1283,36 @@ void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, in
         bad = bad || !all_finite(a.items.row_scale + i0, n) || !all_finite(a.items.row_min + i0, n);
       if (bad) __atomic_store_n(&c.checks->failed, true, __ATOMIC_RELAXED);
     }
+    // Fold the scores of tile users [f, f + cnt) (S row i - f) into their partials.
+    auto fold_users = [&](int64_t f, int64_t cnt) {
+      for (int64_t i = f; i < f + cnt; ++i) {
+        const int64_t row = u0 + i;
+        const int64_t* eb = nullptr;
+        const int64_t* ee = nullptr;
+        if (c.ex->offsets) {
+          const int64_t* lo = c.ex->ids + c.ex->offsets[row];
+          const int64_t* hi = c.ex->ids + c.ex->offsets[row + 1];
+          eb = std::lower_bound(lo, hi, i0);
+          ee = std::lower_bound(eb, hi, i0 + n);
+        }
+        fold_block(c, row, w.S.p + (i - f) * NB, n, nullptr, i0, eb, ee, m[i], s[i], heaps[i]);
+      }
+    };
 #if defined(__AVX512F__) || defined(__AVX2__)
     if (nu <= kRowsKernelMaxUsers) {
       rows_kernel(a.items, i0, nullptr, n, c.users + u0 * d, nu, c.bias, w.S.p, NB);
-    } else
-#endif
-#if defined(__AVX512F__) || defined(__AVX2__)
+      fold_users(0, nu);
+      continue;
+    }
     if (users8) {
       users8_kernel(a.items, i0, n, w.UT.p, nu, c.bias, w.S.p, NB, w.R.p);
-    } else
+      fold_users(0, nu);
+      continue;
+    }
 #endif
-    {
+    // The block is packed once for the whole tile (up to kMaxTileUsers users), then scored
+    // and folded sub-tile by sub-tile (at most kSubTileUsers users: their scores, NB floats
+    // each, stay in L2 between the micro-kernel and the fold).
     pack_block(a.items, i0, nullptr, n, w.P.p, c.bias, w.Pb.p);
     const int64_t nslices = (n + SW - 1) / SW;
     // The next block's rows are prefetched into L2 a few lines per micro-kernel call, so
@@ -1275,27 +1324,20 @@ void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, in
     const char* const pf_end = pf + n_next * a.items.row_stride * esz;
     const int64_t calls = nslices * ((nu + MU - 1) / MU);
     const int64_t pf_step = 64 * ((n_next * a.items.row_stride * esz / 64 + calls) / std::max<int64_t>(calls, 1) + 1);
-    for (int64_t sl = 0; sl < nslices; ++sl) {
-      const float* Ps = w.P.p + sl * d * SW;
-      const float* Pb = c.bias ? w.Pb.p + sl * SW : nullptr;
-      for (int64_t ug = 0; ug < nu; ug += MU) {
-        for (const char* e = std::min(pf_end, pf + pf_step); pf < e; pf += 64) __builtin_prefetch(pf, 0, 2);
-        const int mm = static_cast<int>(std::min<int64_t>(MU, nu - ug));
-        micro_dispatch(mm, c.users + (u0 + ug) * d, d, Ps, d, w.S.p + ug * NB + sl * SW, NB, Pb);
+    const int64_t nsub = (nu + kSubTileUsers - 1) / kSubTileUsers;
+    const int64_t SU = (nu + nsub - 1) / nsub;
+    for (int64_t f = 0; f < nu; f += SU) {
+      const int64_t cnt = std::min(SU, nu - f);
+      for (int64_t sl = 0; sl < nslices; ++sl) {
+        const float* Ps = w.P.p + sl * d * SW;
+        const float* Pb = c.bias ? w.Pb.p + sl * SW : nullptr;
+        for (int64_t ug = 0; ug < cnt; ug += MU) {
+          for (const char* e = std::min(pf_end, pf + pf_step); pf < e; pf += 64) __builtin_prefetch(pf, 0, 2);
+          const int mm = static_cast<int>(std::min<int64_t>(MU, cnt - ug));
+          micro_dispatch(mm, c.users + (u0 + f + ug) * d, d, Ps, d, w.S.p + ug * NB + sl * SW, NB, Pb);
+        }
       }
-    }
-    }
-    for (int64_t i = 0; i < nu; ++i) {
-      const int64_t row = u0 + i;
-      const int64_t* eb = nullptr;
-      const int64_t* ee = nullptr;
-      if (c.ex->offsets) {
-        const int64_t* lo = c.ex->ids + c.ex->offsets[row];
-        const int64_t* hi = c.ex->ids + c.ex->offsets[row + 1];
-        eb = std::lower_bound(lo, hi, i0);
-        ee = std::lower_bound(eb, hi, i0 + n);
-      }
-      fold_block(c, row, w.S.p + i * NB, n, nullptr, i0, eb, ee, m[i], s[i], heaps[i]);
+      fold_users(f, cnt);
     }
   }
 }
