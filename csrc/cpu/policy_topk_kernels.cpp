@@ -1180,22 +1180,38 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
   if (sb < nsub) submax[sb] = tail_max;
   float bm = hmax(vm0);
   bm = tail_max > bm ? tail_max : bm;
-  bool recompute = false;
-  if (bad) {  // rare: the slow screen, then the maximum again
+  // Sub-blocks whose values were lowered after the first pass (exclusions, the screen,
+  // items kept by the heap) get their maximum recomputed, so that submax is exact again
+  // where it must be: the block maximum is the shift of the exp pass, and one far above
+  // the remaining values would underflow their terms (a kept or excluded item at 1000
+  // beside items at 0).
+  uint32_t dirty = 0;  // bit sb: sub-block sb needs its maximum again (nsub <= 17)
+  if (bad) {  // rare: the slow screen
     screen_scores(c, x, n, ids, i0);
-    recompute = true;
-    for (int64_t q = 0; q < nsub; ++q) submax[q] = kInf;
+    dirty = ~0u;
   }
   for (const int64_t* p = ex_b; p < ex_e; ++p) {
-    recompute |= !(x[*p - i0] < bm);
+    dirty |= 1u << ((*p - i0) / kSubItems);
     x[*p - i0] = -kInf;
   }
   for (int64_t q = n; q < n_round; ++q) x[q] = -kInf;
-  vf vm = splat(-kInf);
-  if (recompute) {
-    for (int64_t q = 0; q < n_round; q += VW) vm = vmax(vm, loadu(x + q));
-    bm = hmax(vm);
-  }
+  // Recompute the dirty sub-blocks' maxima and the block's (the first pass already has
+  // the block maximum when nothing is dirty).
+  auto refresh = [&]() {
+    float b = -kInf;
+    for (int64_t q = 0; q < nsub; ++q) {
+      if (dirty >> q & 1u) {
+        vf v = splat(-kInf);
+        const int64_t e = std::min<int64_t>(n_round, (q + 1) * kSubItems);
+        for (int64_t jq = q * kSubItems; jq < e; jq += VW) v = vmax(v, loadu(x + jq));
+        submax[q] = hmax(v);
+      }
+      b = submax[q] > b ? submax[q] : b;
+    }
+    dirty = 0;
+    return b;
+  };
+  if (dirty) bm = refresh();
   if (bm == -kInf) return;  // nothing eligible in this block
   // Vectorised threshold test: only the lanes at or above the current k-th best key (an
   // upper bound of it when sampling) reach the scalar code; the threshold only rises, so
@@ -1203,7 +1219,6 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
   const float shift = c.a->sample ? c.gmax : 0.0f;
   if (h.cap > 0 && !(h.full() && bm + shift < h.thresh())) {
     const uint32_t rk = c.a->sample ? row_key(c.key, row) : 0u;
-    bool kept_any = false;
     float em = -kInf;  // log-sum-exp of the evicted entries' scores
     double es = 0.0;
     Entry ev;
@@ -1227,15 +1242,13 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
         const int r = h.push(Entry{key, v, id}, ev);
         if (r == 0) continue;
         x[j] = -kInf;  // kept: not in the tail
-        kept_any = true;
+        dirty |= 1u << (j / kSubItems);
         if (r == 2) lse_add(em, es, ev.score);
       }
     }
     if (em != -kInf) lse_combine(m, s, em, es);
-    if (kept_any) {
-      vm = splat(-kInf);
-      for (int64_t j = 0; j < n_round; j += VW) vm = vmax(vm, loadu(x + j));
-      bm = hmax(vm);
+    if (dirty) {
+      bm = refresh();
       if (bm == -kInf) return;
     }
   }
