@@ -7,12 +7,15 @@ affinity + every library's thread setting), prints the wall time (best of a few 
   log-normaliser, one streaming pass);
 * ``torch``: ``U @ I.T + b``, excluded entries set to -inf, ``torch.topk``;
 * ``torch-chunked``: the same over chunks of 65536 items, then a top-k of the chunk top-ks;
+* ``np-mm``: numpy's ``I @ U.T`` alone (a GEMV at B = 1; no bias, top-k or normaliser);
 * ``faiss``: ``IndexFlatIP.search`` on ``[I | b]`` with queries ``[U | 1]`` (k + #excluded
   results, excluded ids filtered afterwards), as shipped and with
   ``faiss.cvar.distance_compute_blas_threshold = 1`` (``faiss-blas``);
 
-the ratios peer / ours, and the floor: max(table bytes / measured read bandwidth,
-2*B*N*d / measured float32 matmul rate), with our fraction of it (floor / ours).
+the ratios peer / ours, and two floors with our fraction of each (floor / ours): the read
+floor, table bytes / measured read bandwidth (best of numpy's and torch's sum over the same
+table), and the FMA floor, 2*B*N*d / this core's float32 FMA peak (_core.fma_probe: 12
+independent vector FMA chains, times the thread count); torch's matmul rate is printed too.
 Also float16 and int8 tables against float32 at B = 1, in numpy memory like the float32 table
 and as quantize() returns them (torch memory; see the note in main()).
 
@@ -40,6 +43,14 @@ except ImportError:  # pragma: no cover - optional peer
     faiss = None
 
 
+try:
+    from threadpoolctl import threadpool_limits  # type: ignore
+except ImportError:  # pragma: no cover - optional
+    threadpool_limits = None
+
+_BLAS_LIMITS = []
+
+
 def pin(threads: int) -> None:
     cpus = sorted(os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)))
     os.sched_setaffinity(0, set(cpus[:threads]))
@@ -47,6 +58,13 @@ def pin(threads: int) -> None:
     _core.set_num_threads(threads)
     if faiss is not None:
         faiss.omp_set_num_threads(threads)
+    # numpy's OpenBLAS (and the one faiss bundles) start their own thread pools at import,
+    # outside the affinity set above: unpinned, numpy's "1-thread" GEMV ran on 2 threads (and
+    # --clock cpu counted only the calling thread's share of it).
+    if threadpool_limits is not None:
+        _BLAS_LIMITS.append(threadpool_limits(limits=threads))
+    else:
+        print("note: threadpoolctl is not installed: numpy's / faiss's BLAS thread pools are not pinned")
 
 
 CLOCK = time.perf_counter
@@ -92,6 +110,20 @@ def measure_bandwidth(table: np.ndarray) -> float:
     t = torch.from_numpy(table)
     ms = min(timeit(lambda: table.sum(), 3), timeit(lambda: t.sum(), 3))
     return table.nbytes / (ms / 1e3)
+
+
+def measure_fma_peak() -> float:
+    """float32 FMA peak (flop/s) of the active core variant: _core.fma_probe runs 12
+    independent vector FMA chains (no memory traffic); best of a few timed calls."""
+    if not hasattr(_core, "fma_probe"):
+        return float("nan")
+    iters = 2_000_000
+    best = float("inf")
+    for _ in range(5):
+        t0 = CLOCK()
+        flops = _core.fma_probe(iters)
+        best = min(best, CLOCK() - t0)
+    return flops / best
 
 
 def measure_matmul(d: int) -> float:
@@ -251,28 +283,37 @@ def main(argv=None):
                 pin(t)
                 bw = measure_bandwidth(items)
                 rate = measure_matmul(d)
+                # the FMA peak of one core (the probe runs on the calling thread) times the threads
+                peak = measure_fma_peak() * t
+                if not peak == peak:  # no probe in this build: the matmul rate stands in
+                    peak = rate
                 print(f"\n== threads={t} (affinity {sorted(os.sched_getaffinity(0))}, core threads "
                       f"{_core.get_num_threads()}, torch threads {torch.get_num_threads()}) N={N} d={d}: "
-                      f"read bandwidth {bw / 1e9:.1f} GB/s, matmul {rate / 1e9:.0f} GFLOP/s")
+                      f"read bandwidth {bw / 1e9:.1f} GB/s, torch matmul {rate / 1e9:.0f} GFLOP/s, "
+                      f"FMA peak {peak / 1e9:.0f} GFLOP/s ({t} x one core's)")
                 print(f"{'B':>4} {'k':>4} {'excl':>4} | {'ours ms':>8} | {'torch':>8} {'chunked':>8} "
-                      f"{'faiss':>8} {'f-blas':>8} | x torch  x chunk  x faiss  x f-blas | floor ms  frac")
+                      f"{'faiss':>8} {'f-blas':>8} {'np-mm':>8} | x torch  x chunk  x faiss  x f-blas  x np-mm | read ms  frac "
+                      f"| FMA ms  frac")
                 for (B, k, e), case in cases.items():
                     fns = {"ours": run_ours(items_t, bias_t, case)}
                     if not args.no_torch_full:
                         fns["torch"] = run_torch(items_t, bias_t, case)
                     fns["chunked"] = run_torch_chunked(items_t, bias_t, case)
+                    # numpy's I @ U^T alone (a GEMV at B = 1): no bias, no top-k, no normaliser
+                    fns["np-mm"] = lambda U=case.U: items @ U.T
                     if use_faiss:
                         fns["faiss"] = run_faiss(index, case, False)
                         fns["f-blas"] = run_faiss(index, case, True)
                     peers = dict(zip(fns, interleaved(list(fns.values()), slow=0.5)))
                     ours = peers.pop("ours")
-                    floor = max(items.nbytes / bw, 2.0 * B * N * d / rate) * 1e3
+                    read_floor = items.nbytes / bw * 1e3
+                    fma_floor = 2.0 * B * N * d / peak * 1e3
                     cols = " ".join(fmt(peers[n]) if n in peers else f"{'-':>8}"
-                                    for n in ("torch", "chunked", "faiss", "f-blas"))
+                                    for n in ("torch", "chunked", "faiss", "f-blas", "np-mm"))
                     ratios = " ".join(f"{peers[n] / ours:7.2f}x" if n in peers else f"{'-':>8}"
-                                      for n in ("torch", "chunked", "faiss", "f-blas"))
-                    print(f"{B:>4} {k:>4} {e:>4} | {fmt(ours)} | {cols} | {ratios} | {fmt(floor)} "
-                          f"{floor / ours:5.0%}", flush=True)
+                                      for n in ("torch", "chunked", "faiss", "f-blas", "np-mm"))
+                    print(f"{B:>4} {k:>4} {e:>4} | {fmt(ours)} | {cols} | {ratios} | {fmt(read_floor)} "
+                          f"{read_floor / ours:5.0%} | {fmt(fma_floor)} {fma_floor / ours:5.0%}", flush=True)
                 # quantised tables at B = 1
                 case = cases[(1, ks[0], 0)]
                 U = torch.from_numpy(case.U)

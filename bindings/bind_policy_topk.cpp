@@ -182,6 +182,15 @@ void bind_policy_topk(py::module_& m) {
       "the log of the mass of the eligible items outside the slate, summed directly); the result\n"
       "depends only on the inputs and the seed, never on the thread count.");
   m.def(
+      "fma_probe",
+      [](int64_t iters) {
+        py::gil_scoped_release release;
+        return recmeta::fma_probe(iters);
+      },
+      py::arg("iters"),
+      "Run iters steps of 12 independent vector float32 FMA chains in the active ISA variant and "
+      "return the floating-point operations done; time the call for this core's FMA peak (bench).");
+  m.def(
       "gumbel_uniform",
       [](uint64_t seed, int64_t row, int64_t item) { return recmeta::gumbel_uniform(seed, row, item); },
       py::arg("seed"), py::arg("row"), py::arg("item"),

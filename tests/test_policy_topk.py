@@ -275,6 +275,41 @@ def test_exclusions_straddle_blocks_and_chunks(rng, B):
     np.testing.assert_allclose(slp.numpy(), rslp.numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, N, d", [(70, 2999, 37), (600, 1501, 16), (130, 5003, 64)])
+def test_large_batches_tiles_and_sub_tiles_match_reference(rng, dtype, B, N, d):
+    """Tiles of up to 512 users share one packed block and are scored and folded in sub-tiles
+    of at most 64 (B = 600: two tiles of 300, five sub-tiles of 60 each; B = 70: two sub-tiles
+    of 35); several blocks per user (N = 5003 at d = 64: blocks of 1024) exercise the
+    per-64-item skip of the threshold test."""
+    run_case(rng, B, N, d, 7, dtype=dtype, exclude=40)
+    run_case(rng, B, N, d, 1, dtype=dtype, bias=False, tau=0.7)
+
+
+def test_excluded_and_kept_items_far_above_the_rest_do_not_underflow_the_normaliser(rng):
+    """An excluded item 1000 above the others of its block (and a kept one 900 above): the
+    exp pass's shift must be the maximum of what remains, not of what the first pass saw, or
+    every remaining term underflows. Blocks of 1024 items at d = 64; the outliers sit in the
+    second block, beside ordinary items."""
+    N, d, B = 3000, 64, 2
+    u = torch.from_numpy(rng.standard_normal((B, d)).astype(np.float32))
+    w = rng.standard_normal((N, d)).astype(np.float32) * 0.01
+    w[1500] = 1000.0 * u[0].numpy() / float(u[0].norm() ** 2)  # user 0 scores ~1000 on item 1500
+    w[1700] = 900.0 * u[1].numpy() / float(u[1].norm() ** 2)  # user 1 scores ~900 on item 1700
+    w = torch.from_numpy(w)
+    exc = (torch.tensor([0, 1, 1]), torch.tensor([1500]))  # user 0 excludes its outlier
+    for k in (1, 3):
+        ids, sc, ln = ops.policy_topk(u, w, k, exclude=exc, backend="cpp")
+        rids, rsc, rln = R.policy_topk(u, w, k, None, exc, None, 1.0)
+        np.testing.assert_allclose(ln.numpy(), rln.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(sc.numpy(), rsc.numpy(), rtol=RTOL, atol=ATOL)
+        assert 1500 not in ids[0].tolist() and ids[1, 0] == 1700
+        sids, _, prop, slp = ops.policy_sample(u, w, k, seed=5, exclude=exc, backend="cpp")
+        rsids, _, rprop, rslp = R.policy_sample(u, w, k, 5, None, exc, None, 1.0)
+        assert torch.equal(sids, rsids)
+        np.testing.assert_allclose(slp.numpy(), rslp.numpy(), rtol=1e-4, atol=1e-4)
+
+
 _ISA_SCRIPT = r"""
 import sys
 import numpy as np, torch
@@ -942,3 +977,12 @@ def test_k_and_seed_types(rng, backend):
         with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
             ops.policy_sample(u, w, 2, seed=bad, backend=backend)
     ops.policy_sample(u, w, 2, seed=2**64 - 1, backend=backend)
+
+
+def test_fma_probe_counts_its_flops():
+    """The bench's FMA-peak probe: 12 chains x vector width x 2 flops per step; iters >= 0."""
+    width = {"generic": 4, "avx2": 8, "avx512": 16}[_core.cpu_isa()]
+    assert _core.fma_probe(1000) == 1000 * 12 * 2 * width
+    assert _core.fma_probe(0) == 0
+    with pytest.raises(ValueError):
+        _core.fma_probe(-1)

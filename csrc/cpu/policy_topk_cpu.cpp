@@ -209,6 +209,13 @@ void policy_sample(const PolicyArgs& args) {
   run(a);
 }
 
+double fma_probe(int64_t iters) {
+  RECMETA_CHECK(iters >= 0, "fma_probe: iters must be >= 0, got ", iters);
+  double flops = 0.0;
+  RECMETA_DISPATCH_ISA(fma_probe, iters, &flops);
+  return flops;
+}
+
 float gumbel_uniform(uint64_t seed, int64_t row, int64_t item) {
   auto mix32 = [](uint32_t x) {
     x ^= x >> 16;

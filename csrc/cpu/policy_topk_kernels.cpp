@@ -60,7 +60,11 @@ constexpr int MU = 4;
 constexpr int NV = 2;
 #endif
 constexpr int SW = VW * NV;  // items per packed slice
-constexpr int64_t kMaxTileUsers = 64;
+// Users per tile: each tile reads (and packs) the table once. Up to 512 users share a
+// packed block (at B = 512 the table was read and packed 8 times with 64-user tiles); they
+// are scored and folded in sub-tiles of at most 64 users.
+constexpr int64_t kMaxTileUsers = 512;
+constexpr int64_t kSubTileUsers = 64;
 constexpr double kParallelWork = 4.0 * 1024 * 1024;  // multiply-adds below which one thread runs
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -94,10 +98,12 @@ inline vf vexp(vf xv) {
 }
 #else
 /// exp(x) for x <= 0 (x may be -inf): Cody-Waite reduction and the Cephes polynomial
-/// (about 1 ulp). Terms with x < -87 (below 1.6e-38) are returned as exactly 0.
+/// (about 1 ulp). x below -87 (-inf included) is taken as -87: such a term is 1.6e-38
+/// instead of at most that, and the only caller sums terms relative to their maximum (a
+/// sum >= 1), where N such terms change nothing at float or double precision. (One
+/// VMAXPS instead of a compare and a blend: the exp pass is the fold's main cost.)
 inline vf vexp(vf x) {
-  const vi keep = x >= -87.0f;
-  x = keep ? x : splat(-87.0f);
+  x = vmax(x, splat(-87.0f));
   vf n = x * 1.44269504088896341f;
   n = (n + 12582912.0f) - 12582912.0f;  // round to nearest integer
   vf r = x - n * 0.693359375f;
@@ -112,8 +118,7 @@ inline vf vexp(vf x) {
   vi e = (__builtin_convertvector(n, vi) + 127) << 23;
   vf scale;
   std::memcpy(&scale, &e, sizeof scale);
-  vf out = p * scale;
-  return keep ? out : splat(0.0f);
+  return p * scale;
 }
 #endif
 
@@ -781,7 +786,7 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
     for (int i = 0; i < tail; ++i) utail[m][i] = U[m * d + d8 + i];
   }
   // Rows this far ahead are prefetched into L2 (about 16 KB, as on AVX-512).
-  constexpr int64_t kAhead = TT == TableType::F32 ? 64 : (TT == TableType::F16 ? 128 : 512);
+  constexpr int64_t kAhead = TT == TableType::F32 ? 32 : (TT == TableType::F16 ? 128 : 512);
   const int64_t lines = (row_bytes + 63) / 64;
   for (int64_t j = 0; j < n; j += 8) {
     const int64_t cnt = std::min<int64_t>(8, n - j);
@@ -818,12 +823,29 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
     for (int64_t m = 0; m < nu; ++m) {
       const float* u = U + m * d;
       __m256 acc[8];
+      if (d8 > 0) {
+        // Each row front to back (the memory is read in address order, as a plain sum
+        // reads it): measured 80-95% of this machine's streaming read rate at B = 1 against
+        // 65-80% for the dim-outer order (8 rows interleaved), same bits (each row's sum runs
+        // over its dims in the same order). Row q of the group kAhead rows ahead is
+        // prefetched beside row q (first user, dense rows only).
+        const bool dopf = pf < pf_end;
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q) {
+          if (dopf) for (int64_t l = 0; l < lines; ++l) _mm_prefetch(pf + q * row_bytes + 64 * l, _MM_HINT_T1);
+          __m256 a = _mm256_setzero_ps();
+          for (int64_t c = 0; c < d8; c += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(u + c), load8_at<TT>(rp[q], c), a);
+          acc[q] = a;
+        }
+        pf = pf_end;
+      } else {
       for (int q = 0; q < 8; ++q) acc[q] = _mm256_setzero_ps();
       for (int64_t c = 0; c < d8; c += 8) {
         for (const char* e = std::min(pf_end, pf + pf_step); pf < e; pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
         const __m256 uc = _mm256_loadu_ps(u + c);
 #pragma GCC unroll 8
         for (int q = 0; q < 8; ++q) acc[q] = _mm256_fmadd_ps(uc, load8_at<TT>(rp[q], c), acc[q]);
+      }
       }
       for (; pf < pf_end; pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
       if (tail) {
@@ -844,6 +866,102 @@ void rows_kernel(const TableView& t, int64_t row0, const int64_t* rows, int64_t 
     case TableType::F16: rows_kernel_t<TableType::F16>(t, row0, rows, n, U, nu, bias, S, lds); break;
     case TableType::I8Rowwise: rows_kernel_t<TableType::I8Rowwise>(t, row0, rows, n, U, nu, bias, S, lds); break;
     default: rows_kernel_t<TableType::F32>(t, row0, rows, n, U, nu, bias, S, lds); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Small tiles (kUsers8Min .. kUsers8Max users) on AVX2: no packing, every row is read once
+// (front to back) and feeds all (up to 8) users. Lanes hold the users: acc[q] lane u
+// accumulates U[u][c] * row_q[c] over the dims c in order, fed by a broadcast of the row's
+// element c; an 8 x 8 transpose then yields 8 consecutive items per user. (The packed path
+// transposes the whole table for a handful of users: at B = 8 it read and rewrote every
+// row for 8 x 64 multiply-adds per row.)
+// ---------------------------------------------------------------------------------------
+constexpr int64_t kUsers8Min = 3;
+constexpr int64_t kUsers8Max = 8;
+
+/// UT[c * 8 + u] = U[u * d + c] for u < nu, c < d; 0 for u >= nu. UT holds 8 * d floats.
+void pack_users8(const float* U, int64_t nu, int64_t d, float* UT) {
+  for (int64_t i = 0; i < 8 * d; ++i) UT[i] = 0.0f;
+  for (int64_t u = 0; u < nu; ++u)
+    for (int64_t c = 0; c < d; ++c) UT[c * 8 + u] = U[u * d + c];
+}
+
+/// S[u * lds + j] = bias[row j] + U[u] . row j for u < nu (<= 8), j < round_up(n, 8) (rows
+/// past n repeat the last valid row; their scores are ignored). Rows are row0 + j. UT from
+/// pack_users8. buf holds 8 * d floats (float16 and int8 rows are dequantised into it, 8
+/// rows at a time).
+template <TableType TT>
+void users8_kernel_t(const TableView& t, int64_t row0, int64_t n, const float* UT, int64_t nu,
+                     const float* bias, float* S, int64_t lds, float* buf) {
+  const int64_t d = t.dim;
+  const int64_t esz = table_elem_size(t.type);
+  const int64_t row_bytes = t.row_stride * esz;
+  const char* const base = static_cast<const char*>(t.data);
+  // Rows this far ahead are prefetched into L2, a few lines per dim step (about 8 KB of
+  // float32 rows ahead, as for the row kernel).
+  constexpr int64_t kAhead = TT == TableType::F32 ? 32 : (TT == TableType::F16 ? 64 : 128);
+  const int64_t pf_bytes = 8 * row_bytes;
+  const int64_t pf_step = d > 0 ? 64 * ((pf_bytes / 64 + d - 1) / d + 1) : 0;
+  for (int64_t j = 0; j < n; j += 8) {
+    const int64_t cnt = std::min<int64_t>(8, n - j);
+    const float* rp[8];
+    if constexpr (TT == TableType::F32) {
+      for (int q = 0; q < 8; ++q)
+        rp[q] = reinterpret_cast<const float*>(base + (row0 + j + std::min<int64_t>(q, cnt - 1)) * row_bytes);
+    } else {
+      for (int q = 0; q < 8; ++q) {
+        const int64_t r = row0 + j + std::min<int64_t>(q, cnt - 1);
+        float* o = buf + q * d;
+        int64_t c = 0;
+        for (; c + 8 <= d; c += 8) _mm256_storeu_ps(o + c, load_row8(t, r, c));
+        for (; c < d; ++c) o[c] = item_value(t, r, c);
+        rp[q] = o;
+      }
+    }
+    const char* pf = base + (row0 + j + kAhead) * row_bytes;
+    const char* const pf_end = pf + pf_bytes;
+    __m256 acc[8];
+    for (int q = 0; q < 8; ++q) acc[q] = _mm256_setzero_ps();
+    int64_t c = 0;
+    // Four dims per step: one pointer bump per row for four broadcasts (the loop is
+    // otherwise bound by its instruction count, not by the two FMA pipes).
+    for (; c + 4 <= d; c += 4) {
+      for (const char* e = std::min(pf_end, pf + 4 * pf_step); pf < e; pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const __m256 ut = _mm256_load_ps(UT + (c + i) * 8);
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q) acc[q] = _mm256_fmadd_ps(ut, _mm256_broadcast_ss(rp[q] + c + i), acc[q]);
+      }
+    }
+    for (; c < d; ++c) {
+      const __m256 ut = _mm256_load_ps(UT + c * 8);
+#pragma GCC unroll 8
+      for (int q = 0; q < 8; ++q) acc[q] = _mm256_fmadd_ps(ut, _mm256_broadcast_ss(rp[q] + c), acc[q]);
+    }
+    for (; pf < pf_end; pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+    transpose8(acc);  // acc[u] lane q: user u, row j + q
+    __m256 bias_v = _mm256_setzero_ps();
+    if (bias) {
+      if (cnt == 8) {
+        bias_v = _mm256_loadu_ps(bias + row0 + j);
+      } else {
+        alignas(32) float tmp[8];
+        for (int q = 0; q < 8; ++q) tmp[q] = bias[row0 + j + std::min<int64_t>(q, cnt - 1)];
+        bias_v = _mm256_load_ps(tmp);
+      }
+    }
+    for (int64_t u = 0; u < nu; ++u) _mm256_storeu_ps(S + u * lds + j, _mm256_add_ps(acc[u], bias_v));
+  }
+}
+
+void users8_kernel(const TableView& t, int64_t row0, int64_t n, const float* UT, int64_t nu,
+                   const float* bias, float* S, int64_t lds, float* buf) {
+  switch (t.type) {
+    case TableType::F16: users8_kernel_t<TableType::F16>(t, row0, n, UT, nu, bias, S, lds, buf); break;
+    case TableType::I8Rowwise: users8_kernel_t<TableType::I8Rowwise>(t, row0, n, UT, nu, bias, S, lds, buf); break;
+    default: users8_kernel_t<TableType::F32>(t, row0, n, UT, nu, bias, S, lds, buf); break;
   }
 }
 #endif
@@ -1009,13 +1127,91 @@ void screen_scores(const Ctx& c, float* x, int64_t n, const int64_t* ids, int64_
 /// slate holds nearly all the mass).
 void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* ids, int64_t i0,
                 const int64_t* ex_b, const int64_t* ex_e, float& m, double& s, Heap& h) {
-  if (!all_finite(x, n)) screen_scores(c, x, n, ids, i0);
-  for (const int64_t* p = ex_b; p < ex_e; ++p) x[*p - i0] = -kInf;
   const int64_t n_round = (n + VW - 1) / VW * VW;
-  for (int64_t j = n; j < n_round; ++j) x[j] = -kInf;
-  vf vm = splat(-kInf);
-  for (int64_t j = 0; j < n_round; j += VW) vm = vmax(vm, loadu(x + j));
-  float bm = hmax(vm);
+  // One pass for the block's maximum and the screen for non-finite scores (a float is
+  // non-finite iff its exponent bits are all ones); both are redone in the rare cases
+  // that need it (a non-finite score, or an excluded item at the maximum).
+  // Per 64 items, the maximum is kept too (an upper bound of what the threshold test
+  // below sees: exclusions and the screen only lower values), so that test skips the
+  // sub-blocks that cannot hold a candidate: with a k-th best key that only rises, most
+  // of a block's sub-blocks are below it.
+  constexpr int64_t kSubItems = 64;  // a multiple of VW
+  float submax[1024 / kSubItems + 1];
+  const int64_t nsub = (n + kSubItems - 1) / kSubItems;
+  vf vm0 = splat(-kInf);
+  vi badv = vi{};
+  const vi expo = vi{} + 0x7F800000;
+  int64_t jj = 0;
+  int64_t sb = 0;
+  for (; jj + kSubItems <= n; jj += kSubItems, ++sb) {
+    vf a0 = splat(-kInf), a1 = splat(-kInf);
+#pragma GCC unroll 8
+    for (int64_t q = 0; q < kSubItems; q += 2 * VW) {
+      const vf x0 = loadu(x + jj + q), x1 = loadu(x + jj + q + VW);
+      vi i0v, i1v;
+      std::memcpy(&i0v, &x0, sizeof i0v);
+      std::memcpy(&i1v, &x1, sizeof i1v);
+      badv |= ((i0v & expo) == expo) | ((i1v & expo) == expo);
+      a0 = vmax(a0, x0);
+      a1 = vmax(a1, x1);
+    }
+    const vf mx = vmax(a0, a1);
+    submax[sb] = hmax(mx);
+    vm0 = vmax(vm0, mx);
+  }
+  float tail_max = -kInf;
+  {
+    vf at = splat(-kInf);
+    for (; jj + VW <= n; jj += VW) {
+      const vf x0 = loadu(x + jj);
+      vi i0v;
+      std::memcpy(&i0v, &x0, sizeof i0v);
+      badv |= (i0v & expo) == expo;
+      at = vmax(at, x0);
+    }
+    tail_max = hmax(at);
+  }
+  bool bad = false;
+  for (int i = 0; i < VW; ++i) bad |= badv[i] != 0;
+  for (; jj < n; ++jj) {
+    bad |= !std::isfinite(x[jj]);
+    tail_max = x[jj] > tail_max ? x[jj] : tail_max;
+  }
+  if (sb < nsub) submax[sb] = tail_max;
+  float bm = hmax(vm0);
+  bm = tail_max > bm ? tail_max : bm;
+  // Sub-blocks whose values were lowered after the first pass (exclusions, the screen,
+  // items kept by the heap) get their maximum recomputed, so that submax is exact again
+  // where it must be: the block maximum is the shift of the exp pass, and one far above
+  // the remaining values would underflow their terms (a kept or excluded item at 1000
+  // beside items at 0).
+  uint32_t dirty = 0;  // bit sb: sub-block sb needs its maximum again (nsub <= 17)
+  if (bad) {  // rare: the slow screen
+    screen_scores(c, x, n, ids, i0);
+    dirty = ~0u;
+  }
+  for (const int64_t* p = ex_b; p < ex_e; ++p) {
+    dirty |= 1u << ((*p - i0) / kSubItems);
+    x[*p - i0] = -kInf;
+  }
+  for (int64_t q = n; q < n_round; ++q) x[q] = -kInf;
+  // Recompute the dirty sub-blocks' maxima and the block's (the first pass already has
+  // the block maximum when nothing is dirty).
+  auto refresh = [&]() {
+    float b = -kInf;
+    for (int64_t q = 0; q < nsub; ++q) {
+      if (dirty >> q & 1u) {
+        vf v = splat(-kInf);
+        const int64_t e = std::min<int64_t>(n_round, (q + 1) * kSubItems);
+        for (int64_t jq = q * kSubItems; jq < e; jq += VW) v = vmax(v, loadu(x + jq));
+        submax[q] = hmax(v);
+      }
+      b = submax[q] > b ? submax[q] : b;
+    }
+    dirty = 0;
+    return b;
+  };
+  if (dirty) bm = refresh();
   if (bm == -kInf) return;  // nothing eligible in this block
   // Vectorised threshold test: only the lanes at or above the current k-th best key (an
   // upper bound of it when sampling) reach the scalar code; the threshold only rises, so
@@ -1023,11 +1219,14 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
   const float shift = c.a->sample ? c.gmax : 0.0f;
   if (h.cap > 0 && !(h.full() && bm + shift < h.thresh())) {
     const uint32_t rk = c.a->sample ? row_key(c.key, row) : 0u;
-    bool kept_any = false;
     float em = -kInf;  // log-sum-exp of the evicted entries' scores
     double es = 0.0;
     Entry ev;
     for (int64_t j0 = 0; j0 < n_round; j0 += VW) {
+      if (j0 % kSubItems == 0 && submax[j0 / kSubItems] + shift < h.thresh()) {
+        j0 += kSubItems - VW;  // no candidate in this sub-block
+        continue;
+      }
       uint32_t bits = candidate_lanes(loadu(x + j0) + shift, h.thresh());
       while (bits != 0) {
         const int64_t j = j0 + __builtin_ctz(bits);
@@ -1043,15 +1242,13 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
         const int r = h.push(Entry{key, v, id}, ev);
         if (r == 0) continue;
         x[j] = -kInf;  // kept: not in the tail
-        kept_any = true;
+        dirty |= 1u << (j / kSubItems);
         if (r == 2) lse_add(em, es, ev.score);
       }
     }
     if (em != -kInf) lse_combine(m, s, em, es);
-    if (kept_any) {
-      vm = splat(-kInf);
-      for (int64_t j = 0; j < n_round; j += VW) vm = vmax(vm, loadu(x + j));
-      bm = hmax(vm);
+    if (dirty) {
+      bm = refresh();
       if (bm == -kInf) return;
     }
   }
@@ -1068,12 +1265,12 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
 struct Scratch {
   AlignedFloats P;   // NB * d packed items
   AlignedFloats Pb;  // NB packed (scaled) biases
-  AlignedFloats S;   // kMaxTileUsers * NB scores
+  AlignedFloats S;   // kSubTileUsers * NB scores
   AlignedFloats UT;  // users of the small-tile kernel: 8 * round_up(d, 2) floats
   AlignedFloats R;   // 16 dequantised rows: 16 * round_up(d, 2) floats
   Scratch(int64_t NB, int64_t d)
       : P(static_cast<size_t>(NB * (d > 0 ? d : 1))), Pb(static_cast<size_t>(NB)),
-        S(static_cast<size_t>(kMaxTileUsers * NB)), UT(static_cast<size_t>(8 * (d + 2))),
+        S(static_cast<size_t>(kSubTileUsers * NB)), UT(static_cast<size_t>(8 * (d + 2))),
         R(static_cast<size_t>(16 * (d + 2))) {}
 };
 
@@ -1087,7 +1284,7 @@ void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, in
     m[i] = -kInf;
     s[i] = 0.0;
   }
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
   const bool users8 = nu > kRowsKernelMaxUsers && nu >= kUsers8Min && nu <= kUsers8Max;
   if (users8) pack_users8(c.users + u0 * d, nu, d, w.UT.p);
 #endif
@@ -1099,39 +1296,61 @@ void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, in
         bad = bad || !all_finite(a.items.row_scale + i0, n) || !all_finite(a.items.row_min + i0, n);
       if (bad) __atomic_store_n(&c.checks->failed, true, __ATOMIC_RELAXED);
     }
+    // Fold the scores of tile users [f, f + cnt) (S row i - f) into their partials.
+    auto fold_users = [&](int64_t f, int64_t cnt) {
+      for (int64_t i = f; i < f + cnt; ++i) {
+        const int64_t row = u0 + i;
+        const int64_t* eb = nullptr;
+        const int64_t* ee = nullptr;
+        if (c.ex->offsets) {
+          const int64_t* lo = c.ex->ids + c.ex->offsets[row];
+          const int64_t* hi = c.ex->ids + c.ex->offsets[row + 1];
+          eb = std::lower_bound(lo, hi, i0);
+          ee = std::lower_bound(eb, hi, i0 + n);
+        }
+        fold_block(c, row, w.S.p + (i - f) * NB, n, nullptr, i0, eb, ee, m[i], s[i], heaps[i]);
+      }
+    };
 #if defined(__AVX512F__) || defined(__AVX2__)
     if (nu <= kRowsKernelMaxUsers) {
       rows_kernel(a.items, i0, nullptr, n, c.users + u0 * d, nu, c.bias, w.S.p, NB);
-    } else
-#endif
-#if defined(__AVX512F__)
+      fold_users(0, nu);
+      continue;
+    }
     if (users8) {
       users8_kernel(a.items, i0, n, w.UT.p, nu, c.bias, w.S.p, NB, w.R.p);
-    } else
+      fold_users(0, nu);
+      continue;
+    }
 #endif
-    {
+    // The block is packed once for the whole tile (up to kMaxTileUsers users), then scored
+    // and folded sub-tile by sub-tile (at most kSubTileUsers users: their scores, NB floats
+    // each, stay in L2 between the micro-kernel and the fold).
     pack_block(a.items, i0, nullptr, n, w.P.p, c.bias, w.Pb.p);
     const int64_t nslices = (n + SW - 1) / SW;
-    for (int64_t sl = 0; sl < nslices; ++sl) {
-      const float* Ps = w.P.p + sl * d * SW;
-      const float* Pb = c.bias ? w.Pb.p + sl * SW : nullptr;
-      for (int64_t ug = 0; ug < nu; ug += MU) {
-        const int mm = static_cast<int>(std::min<int64_t>(MU, nu - ug));
-        micro_dispatch(mm, c.users + (u0 + ug) * d, d, Ps, d, w.S.p + ug * NB + sl * SW, NB, Pb);
+    // The next block's rows are prefetched into L2 a few lines per micro-kernel call, so
+    // that its packing finds them there instead of waiting on memory (the packing reads
+    // the table at the streaming rate otherwise, with no arithmetic to hide it behind).
+    const int64_t esz = table_elem_size(a.items.type);
+    const char* pf = static_cast<const char*>(a.items.data) + (i0 + n) * a.items.row_stride * esz;
+    const int64_t n_next = std::max<int64_t>(0, std::min<int64_t>(NB, a.items.rows - (i0 + n)));
+    const char* const pf_end = pf + n_next * a.items.row_stride * esz;
+    const int64_t calls = nslices * ((nu + MU - 1) / MU);
+    const int64_t pf_step = 64 * ((n_next * a.items.row_stride * esz / 64 + calls) / std::max<int64_t>(calls, 1) + 1);
+    const int64_t nsub = (nu + kSubTileUsers - 1) / kSubTileUsers;
+    const int64_t SU = (nu + nsub - 1) / nsub;
+    for (int64_t f = 0; f < nu; f += SU) {
+      const int64_t cnt = std::min(SU, nu - f);
+      for (int64_t sl = 0; sl < nslices; ++sl) {
+        const float* Ps = w.P.p + sl * d * SW;
+        const float* Pb = c.bias ? w.Pb.p + sl * SW : nullptr;
+        for (int64_t ug = 0; ug < cnt; ug += MU) {
+          for (const char* e = std::min(pf_end, pf + pf_step); pf < e; pf += 64) __builtin_prefetch(pf, 0, 2);
+          const int mm = static_cast<int>(std::min<int64_t>(MU, cnt - ug));
+          micro_dispatch(mm, c.users + (u0 + f + ug) * d, d, Ps, d, w.S.p + ug * NB + sl * SW, NB, Pb);
+        }
       }
-    }
-    }
-    for (int64_t i = 0; i < nu; ++i) {
-      const int64_t row = u0 + i;
-      const int64_t* eb = nullptr;
-      const int64_t* ee = nullptr;
-      if (c.ex->offsets) {
-        const int64_t* lo = c.ex->ids + c.ex->offsets[row];
-        const int64_t* hi = c.ex->ids + c.ex->offsets[row + 1];
-        eb = std::lower_bound(lo, hi, i0);
-        ee = std::lower_bound(eb, hi, i0 + n);
-      }
-      fold_block(c, row, w.S.p + i * NB, n, nullptr, i0, eb, ee, m[i], s[i], heaps[i]);
+      fold_users(f, cnt);
     }
   }
 }
@@ -1308,6 +1527,44 @@ void run_candidates(const Ctx& c, const PolicyLists& cand) {
 }
 
 }  // namespace
+
+void fma_probe(int64_t iters, double* flops) {
+  vf a0 = splat(1.0f + 0 * 1e-3f);
+  vf a1 = splat(1.0f + 1 * 1e-3f);
+  vf a2 = splat(1.0f + 2 * 1e-3f);
+  vf a3 = splat(1.0f + 3 * 1e-3f);
+  vf a4 = splat(1.0f + 4 * 1e-3f);
+  vf a5 = splat(1.0f + 5 * 1e-3f);
+  vf a6 = splat(1.0f + 6 * 1e-3f);
+  vf a7 = splat(1.0f + 7 * 1e-3f);
+  vf a8 = splat(1.0f + 8 * 1e-3f);
+  vf a9 = splat(1.0f + 9 * 1e-3f);
+  vf a10 = splat(1.0f + 10 * 1e-3f);
+  vf a11 = splat(1.0f + 11 * 1e-3f);
+  const vf x = splat(0.999999f), y = splat(1e-7f);
+  for (int64_t it = 0; it < iters; ++it) {
+    a0 = a0 * x + y;
+    a1 = a1 * x + y;
+    a2 = a2 * x + y;
+    a3 = a3 * x + y;
+    a4 = a4 * x + y;
+    a5 = a5 * x + y;
+    a6 = a6 * x + y;
+    a7 = a7 * x + y;
+    a8 = a8 * x + y;
+    a9 = a9 * x + y;
+    a10 = a10 * x + y;
+    a11 = a11 * x + y;
+#if defined(__x86_64__)
+    // keep the 12 chains in registers, one FMA each per step (no reassociation)
+    __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3), "+x"(a4), "+x"(a5), "+x"(a6), "+x"(a7), "+x"(a8), "+x"(a9), "+x"(a10), "+x"(a11));
+#endif
+  }
+  const vf t = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11;
+  volatile float sink = hsum_tree(t);
+  (void)sink;
+  *flops = static_cast<double>(iters) * 12.0 * 2.0 * VW;
+}
 
 void policy_run(const PolicyArgs& args, const PolicyLists& exclude, const PolicyLists& candidates,
                 ValueChecks& checks) {

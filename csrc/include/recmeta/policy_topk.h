@@ -77,6 +77,12 @@ void policy_sample(const PolicyArgs& args);
 /// recmeta_sdk.reference.hash_uniform.
 float gumbel_uniform(uint64_t seed, int64_t row, int64_t item);
 
+/// A measure of this CPU's float32 FMA peak for benchmarks (the floor of the register-blocked
+/// scoring): runs `iters` steps of 12 independent vector FMA chains in the active ISA
+/// variant's vector width and returns the number of floating-point operations done (2 per
+/// lane per FMA). The caller times the call.
+double fma_probe(int64_t iters);
+
 namespace cpu {
 /// Checks of values left to the dense pass: when `enabled`, every block of `bias` and of an
 /// int8 table's row_scale / row_min is screened for non-finite values just before it is
@@ -93,6 +99,7 @@ struct ValueChecks {
 /// unique excluded ids per user (offsets nullptr when none); `candidates` the sorted unique
 /// candidate ids per user with the excluded ones already removed (offsets nullptr when no
 /// candidate lists).
+RECMETA_DECLARE_FOR_ISAS(void fma_probe(int64_t iters, double* flops))
 RECMETA_DECLARE_FOR_ISAS(void policy_run(const PolicyArgs& args, const PolicyLists& exclude,
                                          const PolicyLists& candidates, ValueChecks& checks))
 }  // namespace cpu
