@@ -723,6 +723,17 @@ DEFAULT_WIDE_REG = 250.0
 MAX_VAL_USERS = 2000
 
 
+def _keep_rows(prep: Prepared, keep: np.ndarray) -> Prepared:
+    """``prep`` with only the rows where ``keep`` (nnz,) is True (every user stays, with
+    fewer or no rows; the popularity is recounted)."""
+    n = np.diff(prep.offsets)
+    counts = np.bincount(np.repeat(np.arange(len(n)), n)[keep], minlength=len(n))
+    return Prepared(prep.user_ids, prep.item_ids, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                    prep.items[keep], prep.rewards[keep],
+                    prep.propensity[keep] if prep.propensity is not None else None,
+                    np.bincount(prep.items[keep], minlength=len(prep.item_ids)).astype(np.int64))
+
+
 def calibration_split(prep: Prepared, cfg: Config, rng: np.random.Generator, users: Optional[float] = None,
                       holdout: str = "random"):
     """Hold out ``calib_holdout`` of the interactions (at least one) of a random fraction
@@ -754,11 +765,7 @@ def calibration_split(prep: Prepared, cfg: Config, rng: np.random.Generator, use
     users = np.repeat(np.arange(len(prep.user_ids)), n)
     kept_pairs = set(zip(users[keep].tolist(), prep.items[keep].tolist()))
     truth = [{i for i in t if (int(u), i) not in kept_pairs} for u, t in zip(cal_users, truth)]
-    counts = np.bincount(users[keep], minlength=len(prep.user_ids))
-    rest = Prepared(prep.user_ids, prep.item_ids, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                    prep.items[keep], prep.rewards[keep],
-                    prep.propensity[keep] if prep.propensity is not None else None,
-                    np.bincount(prep.items[keep], minlength=len(prep.item_ids)).astype(np.int64))
+    rest = _keep_rows(prep, keep)
     ok = np.array([len(t) > 0 for t in truth])
     return rest, cal_users[ok], [t for t, o in zip(truth, ok) if o], latest[ok]
 
@@ -919,12 +926,7 @@ def cold_split(prep: Prepared, fraction: float, rng: np.random.Generator, exclud
     keep = np.ones(len(prep.items), bool)
     for u in users:
         keep[prep.offsets[u]:prep.offsets[u + 1]] = False
-    counts = n.copy()
-    counts[users] = 0
-    rest = Prepared(prep.user_ids, prep.item_ids, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                    prep.items[keep], prep.rewards[keep],
-                    prep.propensity[keep] if prep.propensity is not None else None,
-                    np.bincount(prep.items[keep], minlength=len(prep.item_ids)).astype(np.int64))
+    rest = _keep_rows(prep, keep)
     return rest, users
 #: EASE ridge values tried first by :func:`tune_wide` (then refined around the best)
 WIDE_REG_GRID = (30.0, 100.0, 300.0, 1000.0, 3000.0)
@@ -1031,22 +1033,25 @@ def _sample_logits(net: RecMetaNet, cfg: Config, sample) -> torch.Tensor:
     return D
 
 
-def _epoch_score(net: RecMetaNet, cfg: Config, val: Validation, wide=None) -> float:
-    """The early-stopping score of the deep part: NDCG@10 + Recall@10 of the deep logits
-    plus ``wide`` (each sample's wide logits at their training weight; or of the deep logits
-    alone), averaged over the new-user samples (see :meth:`Validation.add_cold`) when there
-    are some, else on the warm sample. (Where the deep part counts most is new users and
-    short histories; warm users are served mostly by the wide part, whose weight is fitted
-    after training. Scored on the warm sample too, training stopped after two or three
-    epochs, on noise, and new users got an undertrained deep part.)"""
-    samples = [val.warm] + val.cold
-    js = range(1, len(samples)) if val.cold else range(1)
+def _epoch_samples(val: Validation) -> list:
+    """The validation samples early stopping scores: the new-user samples (see
+    :meth:`Validation.add_cold`) when there are some, else the warm one. (Where the deep part
+    counts most is new users and short histories; warm users are served mostly by the wide
+    part, whose weight is fitted after training. Scored on the warm sample too, training
+    stopped after two or three epochs, on noise, and new users got an undertrained deep part.)"""
+    return list(val.cold) or [val.warm]
+
+
+def _epoch_score(net: RecMetaNet, cfg: Config, samples: list, wide=None) -> float:
+    """The early-stopping score of the deep part: the mean over ``samples`` (see
+    :func:`_epoch_samples`) of NDCG@10 + Recall@10 of the deep logits plus ``wide`` (each
+    sample's wide logits at their training weight), or of the deep logits alone."""
     scores = []
-    for j in js:
-        sc = _sample_logits(net, cfg, samples[j])
+    for j, sample in enumerate(samples):
+        sc = _sample_logits(net, cfg, sample)
         if wide is not None:
             sc = sc + wide[j]
-        scores.append(_val_score(sc, samples[j][5]))
+        scores.append(_val_score(sc, sample[5]))
     return float(np.mean(scores))
 
 
@@ -1529,11 +1534,12 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
         best_score, best_state, best_epoch = -1.0, None, -1
         # the wide part's logits of each validation sample at the weight it has in training
         # (none when the deep part trains alone): what early stopping scores the deep part with
+        scored = _epoch_samples(val)
         val_wide = None
         if net.has_wide and cfg.wide_train == "residual":
             a = hist["wide_train_weight"]
-            val_wide = ([a * _wide_scores(W_train, val.warm[2], cfg)]
-                        + [a * _wide_scores(W_cold, smp[2], cfg) for smp in val.cold])
+            W_scored = W_cold if val.cold else W_train  # (the new users' samples: weights without them)
+            val_wide = [a * _wide_scores(W_scored, smp[2], cfg) for smp in scored]
     net.train()
     # dropout (nn.Dropout and the transformer layer's) takes no generator: it draws from the
     # global RNG, so it runs inside fork_rng, seeded from this run's rng (reproducible) and
@@ -1562,7 +1568,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             msg = ""
             if val is not None:
                 net.eval()
-                score = _epoch_score(net, cfg, val, val_wide)
+                score = _epoch_score(net, cfg, scored, val_wide)
                 net.train()
                 hist["validation"].append(score)
                 msg = f" validation NDCG+Recall@10 {score:.4f}"
