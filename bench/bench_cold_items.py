@@ -5,7 +5,7 @@ Protocol: a seeded random 10% of the items is removed from the log and from the 
 ``items`` frame; the model is trained (default config unless ``--config``) on the rest; the
 held-out items are added with their side features (genres and release year; with
 ``--title-hash`` also a dense title vector: hashed character trigrams via
-``recmeta_sdk.text.embed_texts(encoder=...)``, since no language model can be downloaded
+``recmeta_sdk.data.text.embed_texts(encoder=...)``, since no language model can be downloaded
 here). Every user with an interaction on a held-out item is a test user; their truth is
 those items. Two rankings:
 
@@ -31,8 +31,8 @@ import pandas as pd
 import torch
 
 import recmeta_sdk as rm
-from recmeta_sdk.evaluate import ranking_metrics
-from recmeta_sdk.text import embed_texts
+from recmeta_sdk.evaluation.metrics import ranking_metrics
+from recmeta_sdk.data.text import embed_texts
 
 
 class TrigramHash:

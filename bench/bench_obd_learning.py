@@ -4,7 +4,7 @@ For each campaign (all / men / women) the uniform-random logs are split in time:
 70 % train, the last 30 % are held out. Policies:
 
 ``recmeta per-campaign``
-    ``recmeta_sdk.train`` on the campaign's training rows (reward = click, the logged
+    ``recmeta_sdk.training.loop`` on the campaign's training rows (reward = click, the logged
     ``propensity`` as the behaviour probability beta of the off-policy REINFORCE term,
     no supervised cross-entropy: impressions of a random policy are not preferences),
     user and item side features.
@@ -19,7 +19,7 @@ For each campaign (all / men / women) the uniform-random logs are split in time:
 ``recmeta tasks=campaign (other two) + adapt_task on N``
     meta-learned ACROSS the two campaigns (``train(..., tasks="campaign")``: each meta-batch
     draws both campaigns and users in each; one adaptation phi per campaign is adapted on
-    some users' impressions and must serve the others; see ``recmeta_sdk.meta_tasks``),
+    some users' impressions and must serve the others; see ``recmeta_sdk.training.meta_tasks``),
     epochs chosen the same way (served without per-user steps), then ``adapt_task`` on the target's first
     ``--adapt-rows`` impressions and every user served with ``task=`` (no adaptation:
     the row ``..., no task``, with the model's initial phi; neither row takes per-user steps,
@@ -47,7 +47,8 @@ import pandas as pd
 import torch
 
 import recmeta_sdk as rm
-from recmeta_sdk import datasets, online, ope
+from recmeta_sdk import datasets, online
+from recmeta_sdk.evaluation import ope
 
 CAMPAIGNS = ("all", "men", "women")
 BASE_CONFIG = {"dim": 32, "hidden": 64, "encoder": "none", "seq_len": 10, "batch_size": 32, "lr": 5e-3,
@@ -126,7 +127,7 @@ def choose_epochs(parts, cfg, args, label, tasks="user", steps=None) -> int:
 
     ``parts``: (training rows, users, items, candidate ids) per campaign; each is split
     70/30 in time, trained on the first part and evaluated on the second. ``tasks``: as in
-    ``recmeta_sdk.train`` (a group kind keeps its column); ``steps``: per-user steps when serving.
+    ``recmeta_sdk.training.loop`` (a group kind keeps its column); ``steps``: per-user steps when serving.
     """
     best, best_v = None, -np.inf
     frames = [(split(tr), u, it, cand) for tr, u, it, cand in parts]

@@ -3,9 +3,9 @@
 Two environments (``--env``):
 
 ``ml100k``
-    The MovieLens-100K replay of quality.md section 3 (``recmeta_sdk.sim.MovieLensReplay``:
+    The MovieLens-100K replay of quality.md section 3 (``recmeta_sdk.evaluation.sim.MovieLensReplay``:
     users split 80/20 with seed 2020, 188 new users, one item per round, T = 50, no repeats,
-    reward 1 if rated >= 4, unrated = 0). Baselines from ``recmeta_sdk.bandits``:
+    reward 1 if rated >= 4, unrated = 0). Baselines from ``recmeta_sdk.evaluation.bandits``:
     random; popularity (number of >= 4 ratings among the existing users); ε-greedy
     popularity (ε = 0.1); LinUCB on item embeddings from a truncated SVD of the existing
     users' liked-item matrix, with the mean existing user as prior; EASE trained on the
@@ -13,18 +13,18 @@ Two environments (``--env``):
     Hyper-parameters (EASE's λ, LinUCB's dimension and α) are tuned only on an inner
     replay among the existing users (80/20 split of them, seed 2021).
 ``sim``
-    The multi-task simulator (``recmeta_sdk.sim.UserSimulator``): new users from segments
+    The multi-task simulator (``recmeta_sdk.evaluation.sim.UserSimulator``): new users from segments
     never seen in training, slates of 3 with position bias, slow interest drift. The same
     baselines; popularity and EASE are fitted on uniform-random logs of the existing users
     (with ``--recmeta-epochs N`` the SDK's policy joins them, trained on the clicks of those
     logs with the items' latent features as a dense side feature).
 
-With ``--recmeta-epochs N`` (ML) the SDK's policy joins them: ``recmeta_sdk.train`` on the
+With ``--recmeta-epochs N`` (ML) the SDK's policy joins them: ``recmeta_sdk.training.loop`` on the
 existing users (meta-trained, ``meta="fomaml"``, and the same network without
 meta-training, ``meta="none"``), served through ``bandits.RecommenderPolicy``, i.e. learning
 online by ``Recommender.feedback`` (one adaptation step per rewarded event; ``--recmeta-updates
 readapt`` re-adapts from the whole history instead) and the reward posterior of every event,
-misses included (:mod:`recmeta_sdk.posterior`: the user's item-bias vector, weight
+misses included (:mod:`recmeta_sdk.online.posterior`: the user's item-bias vector, weight
 ``feedback_posterior``). Every new user starts cold
 (``adapt([])``; the replay's dense user indices are not the model's user ids). By default it
 is trained on the existing users' liked ratings (>= 4, reward 1: what the replay rewards, and
@@ -49,7 +49,8 @@ import time
 
 import numpy as np
 
-from recmeta_sdk import bandits, sim
+from recmeta_sdk.evaluation import bandits
+from recmeta_sdk.evaluation import sim
 
 # quality.md section 3, measured with the peers' code on this machine kind
 ML_BARS = {
@@ -236,7 +237,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-tune", action="store_true", help="ML: skip the inner-split tuning (λ=500, d=16, α=0.3, its choice)")
     ap.add_argument("--png", default="online_{env}.png", help="curve plot path ({env} is replaced)")
     ap.add_argument("--recmeta-epochs", type=int, default=0,
-                    help="also train recmeta_sdk.train on the existing users for this many epochs, "
+                    help="also train recmeta_sdk.training.loop on the existing users for this many epochs, "
                          "meta-trained (fomaml) and not (meta='none'), and serve it with online adaptation "
                          "(ML: their liked ratings; sim: the clicks of the random logs)")
     ap.add_argument("--recmeta-cache", default="", help="folder to save / reuse the trained SDK models")

@@ -12,7 +12,7 @@ For each campaign (all / men / women):
 
 The evaluation policy's action probabilities follow OBP: Bernoulli TS with the ZOZOTOWN
 production prior (OBP's ``obp/policy/conf/prior_bts.yaml``, copied below, Apache-2.0,
-ZOZO Technologies), simulated by Monte Carlo (``recmeta_sdk.ope.bernoulli_ts_action_dist``,
+ZOZO Technologies), simulated by Monte Carlo (``recmeta_sdk.evaluation.ope.bernoulli_ts_action_dist``,
 OBP's ``compute_batch_action_dist``, 100,000 simulations); the random policy puts 1 /
 n_items on every item at every position. The reward model for DM / DR / SNDR is the
 smoothed per-(item, position) click rate (``ope.ClickRateModel``), cross-fitted over 3 folds.
@@ -28,7 +28,8 @@ import time
 
 import numpy as np
 
-from recmeta_sdk import datasets, ope
+from recmeta_sdk import datasets
+from recmeta_sdk.evaluation import ope
 
 # OBP 0.5.7, obp/policy/conf/prior_bts.yaml (ZOZOTOWN's production prior for Bernoulli TS).
 _ZOZOTOWN_BTS_PRIOR = {

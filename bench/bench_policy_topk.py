@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recmeta_sdk import _core, ops
-from recmeta_sdk.reference import QuantizedTable
+from recmeta_sdk.ops.reference import QuantizedTable
 
 try:
     import faiss  # type: ignore

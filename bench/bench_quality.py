@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 import recmeta_sdk as rm
-from recmeta_sdk.evaluate import ranking_metrics
+from recmeta_sdk.evaluation.metrics import ranking_metrics
 
 K = 10
 

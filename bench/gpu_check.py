@@ -28,8 +28,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from recmeta_sdk import _gpu, backends  # noqa: E402
-from recmeta_sdk import reference as R  # noqa: E402
+from recmeta_sdk.ops import _gpu  # noqa: E402
+from recmeta_sdk.ops import backends
+from recmeta_sdk.ops import reference as R  # noqa: E402
 
 BUDGET_S = float(os.environ.get("RECMETA_BENCH_BUDGET_S", "300"))
 

@@ -8,6 +8,6 @@ requires Triton or CUDA; each kernel module imports Triton itself.
 * ``_common``: torch-only pieces shared with the CUDA path (stage-2 merge, key packing,
   mask keys, backward plan, seed key of the Gumbel hash).
 
-Load them through :func:`recmeta_sdk._gpu.load_kernel_module`, which also works from the
+Load them through :func:`recmeta_sdk.ops._gpu.load_kernel_module`, which also works from the
 source tree (where this folder is ``<root>/kernels``).
 """

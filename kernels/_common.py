@@ -6,7 +6,7 @@
 * the host-side preparation of masks (sorted ``row * N + id`` keys) and of the
   deterministic backward (rows sorted, one segment per unique row);
 * the seed key of the counter-based Gumbel hash (identical to
-  :func:`recmeta_sdk.reference.hash_uniform`).
+  :func:`recmeta_sdk.ops.reference.hash_uniform`).
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def merge_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 def gather_scores(user_states, items, ids, bias, temperature: float) -> torch.Tensor:
     """Policy scores ``(u . item + b) / T`` of the given (B, k) ids (-inf where id < 0)."""
-    from recmeta_sdk.reference import dequantize
+    from recmeta_sdk.ops.reference import dequantize
 
     B, k = ids.shape
     valid = ids >= 0

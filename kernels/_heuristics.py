@@ -1,7 +1,7 @@
 """Launch-configuration heuristics for the GPU kernels (Triton and CUDA).
 
 Pure Python, no Triton or CUDA import: the same choices serve the Triton launchers, the
-CUDA launchers in :mod:`recmeta_sdk._gpu`, and the interpreter tests (which override
+CUDA launchers in :mod:`recmeta_sdk.ops._gpu`, and the interpreter tests (which override
 them with tiny blocks to straddle block boundaries).
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Triton table-batched embedding bag: forward and backward fused with SGD / row-wise Adagrad.
 
-Semantics: :func:`recmeta_sdk.reference.embedding_bag_tbe` and
-:func:`recmeta_sdk.reference.embedding_bag_backward`. Inputs reach these launchers
-validated (ids in range, offsets well formed: see :mod:`recmeta_sdk._gpu`); the kernels
+Semantics: :func:`recmeta_sdk.ops.reference.embedding_bag_tbe` and
+:func:`recmeta_sdk.ops.reference.embedding_bag_backward`. Inputs reach these launchers
+validated (ids in range, offsets well formed: see :mod:`recmeta_sdk.ops._gpu`); the kernels
 do no bounds checks on ids.
 
 Kernels

@@ -1,6 +1,6 @@
 """Triton fused policy scoring: top-k and Gumbel-top-k sampling without the (B, N) matrix.
 
-Semantics: :func:`recmeta_sdk.reference.policy_topk` / :func:`~recmeta_sdk.reference.policy_sample`.
+Semantics: :func:`recmeta_sdk.ops.reference.policy_topk` / :func:`~recmeta_sdk.ops.reference.policy_sample`.
 
 Two stages:
 
@@ -12,7 +12,7 @@ Two stages:
    packed ``(score, id)`` int64 keys (per tile: ``tl.topk`` of the tile, then a bitonic
    merge with the running list). With ``SAMPLE`` the keys rank ``s + Gumbel(seed, row,
    item)``, the noise computed in-kernel with the 32-bit counter hash of
-   :func:`recmeta_sdk.reference.hash_uniform` (bit-identical uniforms to the CPU's).
+   :func:`recmeta_sdk.ops.reference.hash_uniform` (bit-identical uniforms to the CPU's).
    It writes (B, splits, KB) keys and (B, splits) max / sum-exp: a few KB per user.
 2. :func:`recmeta_sdk.kernels._common.merge_topk` / ``merge_lse`` (torch): ``torch.topk``
    over the small buffer and the log-sum-exp merge.
@@ -323,12 +323,12 @@ def policy_sample(user_states, items, k: int, seed: int, bias=None, exclude=None
     """(ids, scores, propensities, slate_log_prob): Gumbel-top-k with the shared hash.
 
     The slate probability needs the mass outside the slate; the kernel returns only the
-    log-normaliser, so it is ``Z - slate`` (:func:`recmeta_sdk.reference.logtail_from_lognorm`),
+    log-normaliser, so it is ``Z - slate`` (:func:`recmeta_sdk.ops.reference.logtail_from_lognorm`),
     recomputed by ``exact_tail(ids)(rows)`` where that difference cancels. A -inf score (a
     -inf bias's mask) is never drawn: such slots become padding. ``screen(ids, values,
     lognorm) -> (ids, values)``: the caller's check of the merged result (it raises on a
     non-finite score), optional."""
-    from recmeta_sdk.reference import _slate_probabilities, logtail_from_lognorm
+    from recmeta_sdk.ops.reference import _slate_probabilities, logtail_from_lognorm
 
     k = min(int(k), _table_parts(items)[0].shape[0])  # at most N columns, as every backend
     keys, mx, sm = policy_stage1(user_states, items, k, bias, exclude, candidates, temperature,

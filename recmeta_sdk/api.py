@@ -36,13 +36,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import backends, ops, reference
-from .evaluate import beyond_accuracy, ranking_metrics
-from .io import DEFAULT_LIMITS, LoadLimits, ModelFileError, read_model_file, write_model_file
-from .meta_tasks import parse_tasks, task_sampler
-from .meta_tasks import task_phi as _task_phi
-from .model import Config, ItemFeatures, RecMetaNet
-from .train import (
+from . import ops
+from .ops import backends
+from .ops import reference
+from .evaluation.metrics import beyond_accuracy, ranking_metrics
+from .model.io import DEFAULT_LIMITS, LoadLimits, ModelFileError, read_model_file, write_model_file
+from .training.meta_tasks import parse_tasks, task_sampler
+from .training.meta_tasks import task_phi as _task_phi
+from .model.network import Config, ItemFeatures, RecMetaNet
+from .training.loop import (
     build_schema, check_log, encode_features, fit, history_tensors, item_features, positive_threshold,
     prepare, schema_names,
 )
@@ -76,7 +78,7 @@ class UserState:
     item_bias : (N,) float32 or None
         The user's adapted item-bias vector, added to the item bias when the state is
         scored (the online loop sets it from the reward posterior of the user's feedback,
-        misses included: :mod:`recmeta_sdk.posterior`); None for none.
+        misses included: :mod:`recmeta_sdk.online.posterior`); None for none.
 
     The state also carries, internally, the wide (item-to-item) part of its scores,
     ``alpha(n) * sum_{j in history} W[j, :]``, computed once by the model that made it so
@@ -238,7 +240,7 @@ class Recommender:
         self._int_ids = np.issubdtype(self.item_ids.dtype, np.integer)
         self._log_pop = torch.log1p(torch.as_tensor(self._item_count, dtype=torch.float32))
         #: the training history (loss and validation score per epoch, the choices made on
-        #: the validation set; see :func:`recmeta_sdk.train.fit`); empty for a loaded model
+        #: the validation set; see :func:`recmeta_sdk.training.loop.fit`); empty for a loaded model
         self.history: dict = {}
 
     # ------------------------------------------------------------------ properties
@@ -346,7 +348,7 @@ class Recommender:
                  steps: int, task=None, new: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(base states, adapted states) (B, d) and the wide part of the scores (B, N) or None,
         for a batch of histories (the wide part is the one :meth:`_wide_bias` computes; ``new``:
-        new users' histories); with a ``task`` (a :class:`~recmeta_sdk.meta_tasks.TaskState`)
+        new users' histories); with a ``task`` (a :class:`~recmeta_sdk.training.meta_tasks.TaskState`)
         adaptation starts from its phi."""
         net = self._net
         N = self.n_items
@@ -563,7 +565,7 @@ class Recommender:
         features : the user's side features (dict), optional
         unknown : ``"error"`` (default: ValueError naming unknown items) or ``"drop"``
             (ignore them; they are listed in ``UserState.dropped``)
-        task : a :class:`~recmeta_sdk.meta_tasks.TaskState` (from :meth:`adapt_task`) whose
+        task : a :class:`~recmeta_sdk.training.meta_tasks.TaskState` (from :meth:`adapt_task`) whose
             adaptation parameters replace the initial ones (``steps`` then defaults to 0:
             per-user steps start from the task's parameters), optional
         """
@@ -609,13 +611,13 @@ class Recommender:
 
     def user_state(self, user_id, *, steps: Optional[int] = None, task=None) -> UserState:
         """The state of a known (training) user from their training history (``task``: a
-        :class:`~recmeta_sdk.meta_tasks.TaskState` whose adaptation parameters are used)."""
+        :class:`~recmeta_sdk.training.meta_tasks.TaskState` whose adaptation parameters are used)."""
         return self._user_states([user_id], steps, task)[0]
 
     def adapt_task(self, interactions: pd.DataFrame, *, steps: Optional[int] = None):
         """Adapt to a new task (campaign, segment, ...) from its interactions; pure. Returns a
-        :class:`~recmeta_sdk.meta_tasks.TaskState` for ``task=`` (see :func:`recmeta_sdk.meta_tasks.adapt_task`)."""
-        from .meta_tasks import adapt_task
+        :class:`~recmeta_sdk.training.meta_tasks.TaskState` for ``task=`` (see :func:`recmeta_sdk.training.meta_tasks.adapt_task`)."""
+        from .training.meta_tasks import adapt_task
 
         return adapt_task(self, interactions, steps=steps)
 
@@ -672,7 +674,7 @@ class Recommender:
         explain : attach per-item explanations (history items by leave-one-out
             contribution, item features by their exact share of the score)
         epsilon : in [0, 1], the exploration rate of ``explore="epsilon"``
-        task : a :class:`~recmeta_sdk.meta_tasks.TaskState`: known user ids are served with
+        task : a :class:`~recmeta_sdk.training.meta_tasks.TaskState`: known user ids are served with
             the task's adaptation parameters (UserStates, and users with online feedback,
             are served as given; make them with ``adapt(..., task=)`` / ``user_state(..., task=)``)
         """
@@ -710,7 +712,7 @@ class Recommender:
                 raise ValueError("task= and explore='epsilon' cannot be combined")
             if explain:
                 raise ValueError("explain=True and explore='epsilon' cannot be combined")
-            from .online import epsilon_slate
+            from .online.engine import epsilon_slate
 
             kw = dict(exclude_seen=exclude_seen, exclude=exclude, candidates=candidates,
                       temperature=temperature, popularity_penalty=popularity_penalty)
@@ -896,7 +898,7 @@ class Recommender:
         """Ranking metrics @k on ``test`` (known users), full ranking, training items excluded.
 
         Recall, NDCG, MRR, Hit, Precision @k with RecBole's definitions (see
-        :mod:`recmeta_sdk.evaluate`), plus coverage, intra-list diversity (over the output
+        :mod:`recmeta_sdk.evaluation.metrics`), plus coverage, intra-list diversity (over the output
         item vectors) and novelty. ``exclude`` adds more (user, item) pairs to remove from
         ranking (e.g. the validation part under RecBole's protocol). Test users unknown
         to the model raise ValueError.
@@ -970,7 +972,7 @@ class Recommender:
         after ``train(..., resume=)``), and ``train(..., resume=new)`` learns the new items'
         id rows from their interactions.
         """
-        from .train import encode_dense
+        from .training.loop import encode_dense
 
         if not isinstance(items, pd.DataFrame):
             raise TypeError(f"items must be a DataFrame indexed by item id, got {type(items).__name__}")
@@ -1055,7 +1057,7 @@ class Recommender:
                           self._item_schema, self._user_schema, self._uf_off, self._uf_idx, self._reward_scale)
         old_store = getattr(self, "_online_store", None)
         if old_store is not None:
-            from .online import OnlineStore
+            from .online.engine import OnlineStore
 
             carried = old_store.log()
             out._online_store = OnlineStore(out, encode=old_store.encode, update=old_store.update,
@@ -1065,7 +1067,7 @@ class Recommender:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
-        """Write the model to ``path`` atomically (safetensors + JSON; see :mod:`recmeta_sdk.io`)."""
+        """Write the model to ``path`` atomically (safetensors + JSON; see :mod:`recmeta_sdk.model.io`)."""
         tensors = {f"net.{k}": v for k, v in self._net.state_dict().items()}
         tensors.update({
             "hist_offsets": torch.from_numpy(self._hist_offsets), "hist_items": torch.from_numpy(self._hist_items),
@@ -1080,7 +1082,7 @@ class Recommender:
             "reward_scale": self._reward_scale,
         }
         # the online feedback log travels with the model
-        from .online import log_to_file
+        from .online.engine import log_to_file
 
         log_tensors, log_meta = log_to_file(self)
         if log_meta is not None:
@@ -1180,7 +1182,7 @@ def _config_from_file(d, path, limits: LoadLimits) -> Config:
 
 
 def _schema_from_file(schema, path, what: str, limits: LoadLimits) -> list:
-    """A feature schema of the file (see :func:`recmeta_sdk.train.build_schema`), checked."""
+    """A feature schema of the file (see :func:`recmeta_sdk.training.loop.build_schema`), checked."""
     if schema is None:
         return []
     if not isinstance(schema, list):
@@ -1284,7 +1286,7 @@ def _check_values(t: torch.Tensor, name: str, bound: float, path) -> None:
 
 
 def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recommender:
-    from .train import dense_width
+    from .training.loop import dense_width
 
     cfg = _config_from_file(meta.get("config"), path, limits)
     item_ids = _ids_from_json(meta.get("item_ids"), path, "item_ids", limits.max_items, limits)
@@ -1360,7 +1362,7 @@ def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recomm
     net.load_state_dict(got)
     model = Recommender(net, cfg, item_ids, user_ids, ho, hi, hr.numpy(), cnt, item_schema, user_schema,
                         uo, ui, rs)
-    from .online import log_from_file
+    from .online.engine import log_from_file
 
     log_from_file(model, tensors, meta.get("feedback"), path, limits)  # the feedback log, if saved (format 2)
     _probe(model, path)
@@ -1389,12 +1391,12 @@ def load(path, *, limits: Optional[LoadLimits] = None) -> Recommender:
     Every count, size and config value the file declares is checked against ``limits``
     before anything is allocated or built, and the tensors' shapes, index ranges and values
     against the config and the id maps, so that a model that loads serves (see
-    :mod:`recmeta_sdk.io`). Temp files of interrupted saves of ``path`` are removed.
+    :mod:`recmeta_sdk.model.io`). Temp files of interrupted saves of ``path`` are removed.
 
     Parameters
     ----------
     path : str or Path
-    limits : :class:`~recmeta_sdk.io.LoadLimits`, optional
+    limits : :class:`~recmeta_sdk.model.io.LoadLimits`, optional
         The bounds (default ``LoadLimits()``); raise one to load a larger model.
 
     Raises
@@ -1440,12 +1442,12 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
         in ``items`` joins the catalogue (items without interactions can be recommended
         through their features). Item columns may be categorical (``|``-separated or
         lists), numeric, or dense: fixed-length float vectors such as text embeddings
-        (:func:`recmeta_sdk.text.embed_texts`), projected linearly into the item vectors;
+        (:func:`recmeta_sdk.data.text.embed_texts`), projected linearly into the item vectors;
         :meth:`Recommender.add_items` adds new items from the same columns later
     config : dict or :class:`~recmeta_sdk.model.Config` (see its docstring), optional
     tasks : ``"user"`` (one meta-learning task per user, the default) or a group-task kind
         with its column: ``"segment:COL"`` / ``"category:COL"`` / ``"campaign[:COL]"``, a tuple
-        ``(kind, column)`` or a dict (see :func:`recmeta_sdk.meta_tasks.parse_tasks`)
+        ``(kind, column)`` or a dict (see :func:`recmeta_sdk.training.meta_tasks.parse_tasks`)
     progress : show a progress bar (default: when stderr is a terminal)
     resume : a Recommender to update incrementally (off-policy, logged propensities as beta)
         from ``interactions`` (feedback events; None: its feedback log); see
@@ -1455,7 +1457,7 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
         it: the wide part (EASE ridge, recency and popularity weights), the number of epochs
         (early stopping after ``config["patience"]`` epochs without improvement, up to
         ``config["epochs"]``), the wide part's weight per history length and the temperature
-        (see :func:`recmeta_sdk.train.fit`). ``config["validation"] > 0`` carves one from
+        (see :func:`recmeta_sdk.training.loop.fit`). ``config["validation"] > 0`` carves one from
         ``interactions`` instead (``calib_holdout`` of the interactions of that fraction of
         the users with 5 or more, at most 2,000). Neither is the default: see
         :class:`~recmeta_sdk.model.Config` for what it measures. The returned model's
@@ -1483,7 +1485,7 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
     if validation is not None and (resume is not None or parse_tasks(tasks).kind != "user"):
         raise ValueError("validation= is supported for per-user tasks without resume")
     if resume is not None:
-        from .online import resume_train
+        from .online.engine import resume_train
 
         return resume_train(resume, interactions, config=config, progress=progress)
     cfg = Config.from_dict(config)

@@ -16,7 +16,7 @@ Prints, in one run:
    fold-in. The full protocol averages all 5 folds (``--folds 5``); the default runs fewer
    to fit a few minutes, and says so.
 
-   What meta-training means here (:mod:`recmeta_sdk.train`): each training sample is a
+   What meta-training means here (:mod:`recmeta_sdk.training.loop`): each training sample is a
    user task split into a support set and a query set (a time-ordered prefix of
    1..``max_prefix`` items and the rest, with probability ``prefix_prob``: the new-user
    tasks; else a random part hidden from the encoder); the outer loss is the query loss
@@ -39,8 +39,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .baselines import EASE, Popularity, topk_from_scores
-from .evaluate import ranking_metrics
+from .evaluation.baselines import EASE, Popularity, topk_from_scores
+from .evaluation.metrics import ranking_metrics
 
 logger = logging.getLogger("recmeta")
 

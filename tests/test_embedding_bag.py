@@ -1,6 +1,6 @@
 """Tests of the fused embedding bag (forward, TBE, fused backward, autograd, custom ops).
 
-Every result is compared against :mod:`recmeta_sdk.reference` (the specification) and, where it
+Every result is compared against :mod:`recmeta_sdk.ops.reference` (the specification) and, where it
 has the same meaning, ``torch.nn.functional.embedding_bag``, on seeded random data with odd
 (prime) sizes, empty bags, int32 and int64 ids, over the "cpp" and "torch" backends.
 """
@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recmeta_sdk import backends, ops, reference
+from recmeta_sdk import ops
+from recmeta_sdk.ops import backends
+from recmeta_sdk.ops import reference
 
 HAS_CPP = backends.available("cpp")
 BACKENDS = [pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="no compiled core")), "torch"]
@@ -266,7 +268,8 @@ def test_lower_isa_variants_match_reference():
     reference (one child process per variant, run side by side)."""
     code = r"""
 import numpy as np, torch
-from recmeta_sdk import ops, reference, _core
+from recmeta_sdk import ops, _core
+from recmeta_sdk.ops import reference
 import sys
 assert _core.cpu_isa() == sys.argv[1] or _core.cpu_best_isa() == "generic", _core.cpu_isa()
 rng = np.random.default_rng(5)
@@ -1105,7 +1108,7 @@ def test_forward_fast_path_matches_reference(monkeypatch, table_dtype, ids_dtype
     shows it), and gives the reference's result, empty bags included; calls it must not take
     (a table that needs a gradient, a strided table, RECMETA_BACKEND set) take the general path
     and still give that result."""
-    from recmeta_sdk import _op_embedding_bag as m
+    from recmeta_sdk.ops import _embedding_bag as m
 
     rng = np.random.default_rng(zlib.crc32(f"{table_dtype}{ids_dtype}{offs_dtype}{mode}".encode()))
     w = torch.from_numpy(rng.standard_normal((1009, 37)).astype(np.float32)).to(table_dtype)
@@ -1143,7 +1146,7 @@ def test_quantize_large_table_moved_to_numpy_memory_unchanged(dtype):
     """Arrays of 4 MB and more are moved into numpy-allocated memory (huge pages where the
     kernel allows them); their values are the reference quantisation's, bit for bit, and the
     ops read them as before."""
-    from recmeta_sdk import _ops_common
+    from recmeta_sdk.ops import _common as _ops_common
 
     rng = np.random.default_rng(97)
     w = torch.from_numpy(rng.standard_normal((70001, 64)).astype(np.float32))

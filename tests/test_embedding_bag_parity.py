@@ -6,7 +6,7 @@ The cases port the shapes and options of torch's own embedding_bag tests
 (``sample_inputs_embedding_bag`` in torch.testing._internal.common_methods_invocations and
 test/nn/test_embedding.py: the known 5 x 2 example, 1-D vs 2-D padding, empty inputs,
 per-sample-weight failures, non-contiguous inputs), compared against
-``torch.nn.functional.embedding_bag`` and :mod:`recmeta_sdk.reference` on seeded random data
+``torch.nn.functional.embedding_bag`` and :mod:`recmeta_sdk.ops.reference` on seeded random data
 with odd sizes.
 """
 from __future__ import annotations
@@ -18,7 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recmeta_sdk import backends, ops, reference
+from recmeta_sdk import ops
+from recmeta_sdk.ops import backends
+from recmeta_sdk.ops import reference
 
 HAS_CPP = backends.available("cpp")
 BACKENDS = [pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="no compiled core")), "torch"]

@@ -9,7 +9,9 @@ import torch
 from scipy import stats
 
 import recmeta_sdk as rm
-from recmeta_sdk import online, ope, sim
+from recmeta_sdk import online
+from recmeta_sdk.evaluation import ope
+from recmeta_sdk.evaluation import sim
 
 TINY = {"dim": 16, "hidden": 32, "seq_len": 5, "layers": 1, "heads": 2, "epochs": 4, "batch_size": 32,
         "lr": 0.01, "inner_steps": 1}

@@ -10,8 +10,10 @@ import sys
 import pytest
 import torch
 
-from recmeta_sdk import _gpu, backends, ops
-from recmeta_sdk import reference as R
+from recmeta_sdk import ops
+from recmeta_sdk.ops import _gpu
+from recmeta_sdk.ops import backends
+from recmeta_sdk.ops import reference as R
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -136,7 +138,7 @@ def test_embedding_bag_op_has_cuda_kernels_for_training_on_gpu():
 def test_cuda_op_kernel_rebuilds_tables_from_parts():
     """The op's CUDA kernel turns (data, row_scale, row_min) parts back into tables and runs
     the chosen backend; checked here on CPU tensors with the torch backend."""
-    from recmeta_sdk import _op_embedding_bag as ebo
+    from recmeta_sdk.ops import _embedding_bag as ebo
 
     g = _gen(11)
     B = 23

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import recmeta_sdk as rm
-from recmeta_sdk import ope, online, ops
+from recmeta_sdk import online, ops
+from recmeta_sdk.evaluation import ope
 
 TINY = {"dim": 16, "hidden": 32, "seq_len": 5, "layers": 1, "heads": 2, "epochs": 2, "batch_size": 32,
         "inner_steps": 1}
@@ -118,7 +119,7 @@ def test_embedding_bag_fast_path_takes_no_raw_addresses_from_the_module():
     """The issue's call segfaulted; the raw-address forward is no module function now, and
     the handle is given out once per process (to the SDK's fast path)."""
     _core = pytest.importorskip("recmeta_sdk._core")
-    from recmeta_sdk import _op_embedding_bag as m
+    from recmeta_sdk.ops import _embedding_bag as m
 
     assert not hasattr(_core, "embedding_bag_forward_one")
     if m._init_fast_core() is None:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import recmeta_sdk as rm
-from recmeta_sdk.io import ModelFileError
+from recmeta_sdk.model.io import ModelFileError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -227,7 +227,8 @@ def test_resume_from_a_loaded_model_sees_the_same_log(model, tmp_path):
 
 
 def test_model_without_feedback_has_no_log_and_old_files_load(model, tmp_path, monkeypatch):
-    from recmeta_sdk import io, online
+    from recmeta_sdk import online
+    from recmeta_sdk.model import io
 
     p = tmp_path / "m.recmeta"
     model.save(p)
@@ -252,7 +253,7 @@ def test_model_without_feedback_has_no_log_and_old_files_load(model, tmp_path, m
 def test_tampered_feedback_log_is_rejected(model, tmp_path):
     from safetensors import safe_open
 
-    from recmeta_sdk import io
+    from recmeta_sdk.model import io
 
     m = _with_feedback(model)
     p = tmp_path / "m.recmeta"

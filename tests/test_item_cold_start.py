@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import recmeta_sdk as rm
-from recmeta_sdk.io import ModelFileError, read_model_file, write_model_file
-from recmeta_sdk.train import build_schema, dense_matrix, encode_dense, schema_names
+from recmeta_sdk.model.io import ModelFileError, read_model_file, write_model_file
+from recmeta_sdk.training.loop import build_schema, dense_matrix, encode_dense, schema_names
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -309,7 +309,7 @@ class HashEncoder:
 
 
 def test_embed_texts_with_a_host_encoder():
-    from recmeta_sdk.text import embed_texts
+    from recmeta_sdk.data.text import embed_texts
 
     enc = HashEncoder()
     texts = ["Toy Story", "Toy Story 2", "GoldenEye", None, ""]
@@ -348,7 +348,7 @@ def test_embed_texts_with_a_host_encoder():
 
 
 def test_embed_texts_without_sentence_transformers_names_the_extra(monkeypatch):
-    from recmeta_sdk import text
+    from recmeta_sdk.data import text
 
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import fails
     monkeypatch.setattr(text, "_models", {})
@@ -359,7 +359,7 @@ def test_embed_texts_without_sentence_transformers_names_the_extra(monkeypatch):
 def test_text_embeddings_as_dense_item_features_end_to_end():
     """Titles embedded by a host encoder become a dense feature; a new item whose title
     shares words with a cluster's titles is recommended to that cluster's users."""
-    from recmeta_sdk.text import embed_texts
+    from recmeta_sdk.data.text import embed_texts
 
     rng = np.random.default_rng(3)
     words = [["space", "alien", "rocket", "galaxy"], ["love", "wedding", "kiss", "heart"],

@@ -1,12 +1,12 @@
-"""Meta-learning across group tasks (segments, categories, campaigns): recmeta_sdk.meta_tasks."""
+"""Meta-learning across group tasks (segments, categories, campaigns): recmeta_sdk.training.meta_tasks."""
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import recmeta_sdk as rm
-from recmeta_sdk.evaluate import ranking_metrics
-from recmeta_sdk.meta_tasks import TaskSpec, TaskState, parse_tasks
+from recmeta_sdk.evaluation.metrics import ranking_metrics
+from recmeta_sdk.training.meta_tasks import TaskSpec, TaskState, parse_tasks
 from recmeta_sdk.model import Config, ItemFeatures, RecMetaNet
 
 TRAIN_CAMPAIGNS = [f"c{c}" for c in range(6)]
@@ -271,8 +271,8 @@ def test_group_support_grad_is_the_gradient_of_the_task_support_loss():
 
 
 def test_task_batches_hide_the_query_from_the_history(small):
-    from recmeta_sdk.meta_tasks import task_sampler
-    from recmeta_sdk.train import prepare
+    from recmeta_sdk.training.meta_tasks import task_sampler
+    from recmeta_sdk.training.loop import prepare
 
     df, _, _ = small
     cfg = Config(**dict(TINY, batch_size=32))

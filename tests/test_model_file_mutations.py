@@ -24,9 +24,9 @@ import pytest
 import torch
 
 import recmeta_sdk as rm
-from recmeta_sdk import io as rio
+from recmeta_sdk.model import io as rio
 from recmeta_sdk import online
-from recmeta_sdk.io import LoadLimits, ModelFileError
+from recmeta_sdk.model.io import LoadLimits, ModelFileError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

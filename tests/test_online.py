@@ -330,7 +330,8 @@ def test_online_recommend_reports_the_version_it_served(model, monkeypatch):
 
 
 def test_recommender_policy_learns_through_feedback(model):
-    from recmeta_sdk import bandits, sim
+    from recmeta_sdk.evaluation import bandits
+    from recmeta_sdk.evaluation import sim
 
     env = sim.UserSimulator(n_items=30, dim=4, n_segments=2, n_test_segments=1, users_per_segment=4,
                             slate_size=2, drift=0.0, seed=1)
@@ -359,7 +360,8 @@ def test_recommender_policy_learns_through_feedback(model):
 def test_recommender_policy_never_serves_a_new_user_from_a_training_users_state():
     """An environment's user 0 is not the model's training user 0 (a replay or simulator
     numbers its users densely): by default the policy starts every user cold."""
-    from recmeta_sdk import bandits, sim
+    from recmeta_sdk.evaluation import bandits
+    from recmeta_sdk.evaluation import sim
 
     log = _segments_log(n_users=30, seed=4)
     log["user"] = log["user"].str[1:].astype(int)  # training users 0..29
@@ -414,7 +416,7 @@ def test_first_concurrent_feedback_calls_share_one_score_scale(model, monkeypatc
     """The posterior's score unit is computed once per model, under a lock: 8 threads giving
     a model its first feedback at once all use one value (before, each computed its own, and a
     state built with a value later overwritten did not match a replay of the log)."""
-    from recmeta_sdk import posterior
+    from recmeta_sdk.online import posterior
 
     monkeypatch.delitem(model.__dict__, "_feedback_score_scale", raising=False)
     calls = []

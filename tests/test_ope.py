@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from recmeta_sdk import ope
+from recmeta_sdk.evaluation import ope
 
 # A hand-computed case. w = action_prob / propensities = [2, 2, 0.5, 0.5].
 R = np.array([1.0, 0.0, 1.0, 1.0])

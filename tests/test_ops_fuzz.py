@@ -1,5 +1,5 @@
 """Property fuzz of every public op of :mod:`recmeta_sdk.ops` on the ``cpp`` backend against
-the pure-torch reference (:mod:`recmeta_sdk.reference` / ``backend="torch"``). Issue 18,
+the pure-torch reference (:mod:`recmeta_sdk.ops.reference` / ``backend="torch"``). Issue 18,
 reliability.md "Tests that prove it" (kernels and inputs).
 
 * Valid inputs: shapes include primes and non-multiples of every block size (SIMD widths 4 /
@@ -28,8 +28,10 @@ import numpy as np
 import pytest
 import torch
 
-from recmeta_sdk import backends, ops, reference as R
-from recmeta_sdk.reference import QuantizedTable
+from recmeta_sdk import ops
+from recmeta_sdk.ops import backends
+from recmeta_sdk.ops import reference as R
+from recmeta_sdk.ops.reference import QuantizedTable
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402

@@ -1,4 +1,4 @@
-"""policy_topk / policy_sample: the compiled core against recmeta_sdk.reference.
+"""policy_topk / policy_sample: the compiled core against recmeta_sdk.ops.reference.
 
 Top-k checks are tie-aware: the returned scores must match the reference's sorted top-k
 scores within tolerance, every returned id must be eligible, unique, and carry (under the
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from recmeta_sdk import ops, reference as R
-from recmeta_sdk.reference import QuantizedTable
+from recmeta_sdk import ops
+from recmeta_sdk.ops import reference as R
+from recmeta_sdk.ops.reference import QuantizedTable
 
 _core = pytest.importorskip("recmeta_sdk._core")
 
@@ -313,7 +314,8 @@ def test_excluded_and_kept_items_far_above_the_rest_do_not_underflow_the_normali
 _ISA_SCRIPT = r"""
 import sys
 import numpy as np, torch
-from recmeta_sdk import _core, ops, reference as R
+from recmeta_sdk import _core, ops
+from recmeta_sdk.ops import reference as R
 assert _core.cpu_isa() == sys.argv[1], (_core.cpu_isa(), sys.argv[1])
 rng = np.random.default_rng(5)
 for B, N, d in ((1, 3001, 64), (2, 1499, 7), (1, 1003, 70), (2, 999, 37), (5, 2053, 70), (8, 1100, 33),

@@ -1,4 +1,4 @@
-"""The reward posterior of the online loop (recmeta_sdk.posterior) against a dense numpy
+"""The reward posterior of the online loop (recmeta_sdk.online.posterior) against a dense numpy
 reference, and its use by Recommender.feedback: misses change the served scores."""
 import copy
 import pickle
@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 import recmeta_sdk as rm
-from recmeta_sdk import online, posterior
+from recmeta_sdk import online
+from recmeta_sdk.online import posterior
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

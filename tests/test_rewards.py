@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import recmeta_sdk as rm
-from recmeta_sdk.train import positive_threshold
+from recmeta_sdk.training.loop import positive_threshold
 
 SMALL = {"dim": 16, "hidden": 32, "encoder": "none", "epochs": 12, "batch_size": 32, "wide": "none",
          "seed": 0}
@@ -222,7 +222,7 @@ def _long_log(n_users=200, n_items=60, seed=3):
 
 
 def test_cold_split_holds_out_whole_users():
-    from recmeta_sdk.train import COLD_QUERY_AFTER, Validation, cold_split, prepare
+    from recmeta_sdk.training.loop import COLD_QUERY_AFTER, Validation, cold_split, prepare
 
     prep = prepare(_long_log())
     rng = np.random.default_rng(0)
@@ -259,7 +259,7 @@ def test_alpha_curve_is_the_networks_formula():
     import torch
 
     from recmeta_sdk.model import Config, ItemFeatures, RecMetaNet
-    from recmeta_sdk.train import FUSION_KNOTS, _alpha_curve, _alpha_params
+    from recmeta_sdk.training.loop import FUSION_KNOTS, _alpha_curve, _alpha_params
 
     net = RecMetaNet(Config(dim=8, hidden=8, encoder="none"), ItemFeatures.identity(30))
     for curve in [(2.0, 8.0, 256.0, 100.0), (0.5, 0.5, 4096.0, 25.0), (3.0, 3.0, 3.0, 50.0)]:

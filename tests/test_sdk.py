@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import recmeta_sdk as rm
-from recmeta_sdk.evaluate import ranking_metrics
+from recmeta_sdk.evaluation.metrics import ranking_metrics
 
 TINY = {"dim": 16, "hidden": 32, "seq_len": 5, "layers": 1, "heads": 2, "epochs": 3, "batch_size": 64,
         "lr": 0.01, "inner_steps": 1}
@@ -212,7 +212,7 @@ def test_gru_and_no_encoder_configs():
 
 
 def test_wide_part_is_closed_form_ease_and_part_of_the_policy():
-    from recmeta_sdk.baselines import EASE
+    from recmeta_sdk.evaluation.baselines import EASE
 
     log = _synthetic(n_users=50, n_items=23)
     m = rm.train(log, config=dict(TINY, epochs=1, wide_reg=7.0))
@@ -235,7 +235,7 @@ def test_wide_part_is_closed_form_ease_and_part_of_the_policy():
 
 def test_calibration_split_holds_out_positive_items_of_some_users():
     from recmeta_sdk.model import Config
-    from recmeta_sdk.train import calibration_split, prepare
+    from recmeta_sdk.training.loop import calibration_split, prepare
 
     rng = np.random.default_rng(3)
     rows = [(u, int(i), t, float(rng.integers(0, 2)))
@@ -274,7 +274,7 @@ def test_calibrated_model_serves_full_log_ease_and_scaled_alpha():
     import os
     import tempfile
 
-    from recmeta_sdk.baselines import EASE
+    from recmeta_sdk.evaluation.baselines import EASE
 
     log = _synthetic(n_users=80, n_items=23)
     m = rm.train(log, config=dict(TINY, epochs=1, wide_reg=7.0, calib_users=0.5, calib_holdout=0.25))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import recmeta_sdk as rm
-from recmeta_sdk.train import reinforce_loss, reinforce_weights
+from recmeta_sdk.training.loop import reinforce_loss, reinforce_weights
 
 TINY = {"dim": 16, "hidden": 32, "encoder": "none", "seq_len": 4, "batch_size": 32, "lr": 0.02,
         "dropout": 0.0, "user_feature_dropout": 0.0}
@@ -124,7 +124,7 @@ def test_meta_training_beats_no_meta_training():
 
 
 def test_user_weights_follow_query_sizes():
-    from recmeta_sdk.train import _user_weights
+    from recmeta_sdk.training.loop import _user_weights
 
     rows = torch.tensor([0, 0, 0, 0, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3])  # sizes 4, 0, 1, 9
     n = torch.tensor([4.0, 0.0, 1.0, 9.0])
@@ -138,7 +138,7 @@ def test_user_weights_follow_query_sizes():
 def test_query_weight_zero_is_the_per_user_mean():
     """query_weight=0 is the mean over users of each user's mean loss over its query items."""
     from recmeta_sdk.model import Config, ItemFeatures, RecMetaNet
-    from recmeta_sdk.train import _segment_mean, _user_weights
+    from recmeta_sdk.training.loop import _segment_mean, _user_weights
 
     rows = torch.tensor([0, 1, 1, 1, 2, 2])
     vals = torch.tensor([1.0, 2.0, 4.0, 6.0, 3.0, 5.0])
@@ -175,7 +175,7 @@ def test_meta_tasks_prefix_adapts_only_prefix_samples():
     """With meta_tasks='prefix' the step sizes learn only from the prefix samples: without
     any (prefix_prob=0) they get no gradient; with prefixes they do."""
     from recmeta_sdk.model import Config, ItemFeatures, RecMetaNet
-    from recmeta_sdk.train import batch_loss, make_batch, prepare
+    from recmeta_sdk.training.loop import batch_loss, make_batch, prepare
 
     logs = _reward_only_tasks(n_users=20)
     prep = prepare(logs)

@@ -13,7 +13,7 @@ import torch
 
 import recmeta_sdk as rm
 from recmeta_sdk import ops
-from recmeta_sdk.train import history_tensors
+from recmeta_sdk.training.loop import history_tensors
 
 TINY = {"dim": 16, "hidden": 32, "seq_len": 5, "layers": 1, "heads": 2, "epochs": 2, "batch_size": 64,
         "lr": 0.01, "inner_steps": 1}

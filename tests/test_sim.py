@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recmeta_sdk import bandits, sim
+from recmeta_sdk.evaluation import bandits
+from recmeta_sdk.evaluation import sim
 
 SMALL = sim.SimConfig(n_items=50, dim=4, n_segments=4, n_test_segments=2, users_per_segment=10, seed=3)
 

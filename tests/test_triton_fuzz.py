@@ -14,7 +14,7 @@ exclusion / candidate lists with repeats, empty bags. With a GPU (and no
   are exact), the embedding-bag forward (one table or a TBE list) and the fused backward
   (SGD / row-wise Adagrad, deterministic or atomic).
 * Hostile tables (a NaN / inf value, a float32 overflow, an int8 NaN scale in a random row)
-  through the GPU dispatch (:mod:`recmeta_sdk._gpu`): the compiled core's outcome, the same
+  through the GPU dispatch (:mod:`recmeta_sdk.ops._gpu`): the compiled core's outcome, the same
   ValueError message or the same result.
 
 Seeded and derandomized. ``RECMETA_TRITON_FUZZ_EXAMPLES`` scales the examples per property
@@ -45,9 +45,12 @@ hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not install
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from recmeta_sdk import _gpu, backends, ops, reference as R  # noqa: E402
-from recmeta_sdk._ops_common import check_csr  # noqa: E402
-from recmeta_sdk.reference import QuantizedTable  # noqa: E402
+from recmeta_sdk import ops  # noqa: E402
+from recmeta_sdk.ops import _gpu
+from recmeta_sdk.ops import backends
+from recmeta_sdk.ops import reference as R
+from recmeta_sdk.ops._common import check_csr  # noqa: E402
+from recmeta_sdk.ops.reference import QuantizedTable  # noqa: E402
 
 EB = _gpu.load_kernel_module("embedding_bag")
 PT = _gpu.load_kernel_module("policy_topk")
@@ -171,7 +174,7 @@ def test_triton_policy_sample_matches_reference(B, N, d, k, fmt, bias, exclude, 
     bb, bn, bd, sp = blocks
     ku, kb = u.to(DEV), None if b is None else b.to(DEV)
     ke, kc = check_csr(exc, "exclude", B, N), check_csr(cnd, "candidates", B, N)
-    # the exact tail and the screen that recmeta_sdk._gpu passes (the slate log-probability of
+    # the exact tail and the screen that recmeta_sdk.ops._gpu passes (the slate log-probability of
     # a slate holding nearly all of the mass is recomputed from the tail items)
     ids, sc, prop, slp = PT.policy_sample(
         ku, tab, k, sample_seed, kb, exc, cnd, tau, block_b=bb, block_n=bn, block_d=bd, splits=sp,

@@ -20,8 +20,8 @@ if not _HAS_GPU:
 
 pytest.importorskip("triton")
 
-from recmeta_sdk import reference as R  # noqa: E402
-from recmeta_sdk._gpu import load_kernel_module  # noqa: E402
+from recmeta_sdk.ops import reference as R  # noqa: E402
+from recmeta_sdk.ops._gpu import load_kernel_module  # noqa: E402
 
 EB = load_kernel_module("embedding_bag")
 PT = load_kernel_module("policy_topk")
@@ -275,7 +275,7 @@ _COMPILE_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from recmeta_sdk._gpu import load_kernel_module
+from recmeta_sdk.ops._gpu import load_kernel_module
 
 EB = load_kernel_module("embedding_bag")
 PT = load_kernel_module("policy_topk")
@@ -330,7 +330,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
 
 
 # ---------------------------------------------------------------------------------------
-# non-finite item rows through the GPU dispatch (recmeta_sdk._gpu), as the compiled core
+# non-finite item rows through the GPU dispatch (recmeta_sdk.ops._gpu), as the compiled core
 # ---------------------------------------------------------------------------------------
 def _same_outcome(run_gpu, run_cpp):
     """Both raise ValueError with the same message, or both return the same results."""
@@ -402,7 +402,7 @@ _POLICY_CASES = ["nan row", "inf row excluded for every user", "int8 NaN scale",
 
 def _gpu_backends():
     """"triton" (the interpreter without a GPU), and "cuda" with a GPU and the CUDA extension."""
-    from recmeta_sdk import backends
+    from recmeta_sdk.ops import backends
 
     cuda_ok = DEV == "cuda" and backends.available("cuda")
     return ["triton", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -413,11 +413,12 @@ def _gpu_backends():
 @pytest.mark.parametrize("sample", [False, True], ids=["topk", "sample"])
 @pytest.mark.parametrize("case", _POLICY_CASES)
 def test_gpu_policy_non_finite_rows_raise_as_cpp(case, sample, backend):
-    """The GPU dispatch (recmeta_sdk._gpu._policy_run: Triton here, CUDA too with a GPU) raises the compiled core's ValueError naming the row, or returns its results.
+    """The GPU dispatch (recmeta_sdk.ops._gpu._policy_run: Triton here, CUDA too with a GPU) raises the compiled core's ValueError naming the row, or returns its results.
     Before, a NaN score made the log-normaliser -inf ("no eligible item"), which the screen
     accepted, and the scores of excluded rows were never looked at."""
-    from recmeta_sdk import _gpu, ops
-    from recmeta_sdk._ops_common import check_csr
+    from recmeta_sdk import ops
+    from recmeta_sdk.ops import _gpu
+    from recmeta_sdk.ops._common import check_csr
 
     u, items, bias, exc, cand, err = _policy_case(case)
     B, N = u.shape[0], items.shape[0]
@@ -446,9 +447,10 @@ def test_gpu_policy_non_finite_rows_raise_as_cpp(case, sample, backend):
 @pytest.mark.parametrize("case", ["fp32 NaN row", "int8 NaN row_min", "second table inf row, mean",
                                   "NaN row not read"])
 def test_gpu_embedding_bag_non_finite_rows_raise_as_cpp(case, backend):
-    """recmeta_sdk._gpu._embedding_bag_run (the Triton and CUDA forwards) raises the compiled
+    """recmeta_sdk.ops._gpu._embedding_bag_run (the Triton and CUDA forwards) raises the compiled
     core's ValueError naming the table, the row and its position; before it returned NaN."""
-    from recmeta_sdk import _gpu, ops
+    from recmeta_sdk import ops
+    from recmeta_sdk.ops import _gpu
 
     g = _gen(32)
     w = torch.randn(17, 6, generator=g)

@@ -2,7 +2,7 @@
 kernels (``recmeta_sdk._core_cuda``).
 
 Every entry point validates its inputs on the host with the same checks as the CPU path
-(:mod:`recmeta_sdk._ops_common`) before any kernel runs, so an out-of-range id or a bad
+(:mod:`recmeta_sdk.ops._common`) before any kernel runs, so an out-of-range id or a bad
 offset raises ``ValueError`` here, never a device-side assert or an illegal memory
 access. Nothing here imports Triton or the CUDA extension at import time: this module
 imports fine on a machine without either.
@@ -27,8 +27,9 @@ from typing import Optional
 
 import torch
 
-from . import backends, reference
-from ._ops_common import as_table, as_tensor, check_csr, check_float, check_ids, check_offsets
+from . import backends
+from . import reference
+from ._common import as_table, as_tensor, check_csr, check_float, check_ids, check_offsets
 from .reference import QuantizedTable
 
 __all__ = [
@@ -62,8 +63,8 @@ def _ensure_kernels_package() -> None:
     except ModuleNotFoundError as e:
         if e.name != "recmeta_sdk.kernels":
             raise
-    here = os.path.dirname(os.path.abspath(__file__))
-    src = os.path.join(os.path.dirname(here), "kernels")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # recmeta_sdk/
+    src = os.path.join(os.path.dirname(package), "kernels")
     init = os.path.join(src, "__init__.py")
     if not os.path.isfile(init):
         raise ModuleNotFoundError("recmeta_sdk.kernels is not installed and this is not a source tree",
@@ -84,7 +85,7 @@ def load_kernel_module(name: str):
 
 
 def _cuda_ext():
-    from . import _core_cuda  # noqa: WPS433 - built only with RECMETA_ENABLE_CUDA
+    from .. import _core_cuda  # noqa: WPS433 - built only with RECMETA_ENABLE_CUDA
 
     return _core_cuda
 
@@ -218,7 +219,7 @@ def _needs_graph(tabs, psw) -> bool:
 def _forward_through_op(name, tabs, idx, off, psw, mode):
     """The differentiable forward: ``recmeta::embedding_bag_forward`` (whose CUDA kernel is
     :func:`_forward_op_cuda`, gradient ``recmeta::embedding_bag_grad``) on validated inputs."""
-    from . import _op_embedding_bag as ebo
+    from . import _embedding_bag as ebo
 
     parts = [ebo._table_parts(t, f"weight[{i}]") for i, t in enumerate(tabs)]
     token = _OP_BACKEND.set(name)
@@ -231,9 +232,9 @@ def _forward_through_op(name, tabs, idx, off, psw, mode):
 
 def _forward_op_cuda(weights, row_scales, row_mins, indices, offsets, per_sample_weights, mode):
     """CUDA kernel of the custom op ``recmeta::embedding_bag_forward`` (registered by
-    :mod:`recmeta_sdk._op_embedding_bag`). Its inputs were validated by
+    :mod:`recmeta_sdk.ops._embedding_bag`). Its inputs were validated by
     :func:`gpu_embedding_bag`; a direct call of the op is checked here again."""
-    from . import _op_embedding_bag as ebo
+    from . import _embedding_bag as ebo
 
     tabs = [ebo._parts_to_table(w, s, m) for w, s, m in zip(weights, row_scales, row_mins)]
     name = _OP_BACKEND.get()
@@ -254,7 +255,7 @@ def _embedding_bag_run(name, tabs, idx, off, psw, mode):
     A finite output whose sum overflows float32 is returned, as on the CPU."""
     out = _embedding_bag_kernels(name, tabs, idx, off, psw, mode)
     if out.numel() and not bool(torch.isfinite(out).all()):
-        from ._op_embedding_bag import _nonfinite_row
+        from ._embedding_bag import _nonfinite_row
 
         _nonfinite_row(tabs, idx, off)
     return out
@@ -421,7 +422,7 @@ def _prepare_policy(user_states, items, k, bias, exclude, candidates, temperatur
     if u.device.type != "cuda":
         raise ValueError(f"user_states: expected a CUDA tensor, got device {u.device}")
     check_float(u, "user_states", (None, d))
-    from ._op_policy import _check_bias_finite, as_count
+    from ._policy_topk import _check_bias_finite, as_count
 
     k = min(as_count(k), N)  # at most N columns (see ops.policy_topk)
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -577,6 +578,6 @@ def gpu_policy_sample(user_states, items, k, seed, bias=None, exclude=None, cand
                       temperature: float = 1.0, backend: Optional[str] = None):
     """Gumbel-top-k sampling on CUDA tensors → (ids, scores, propensities, slate_log_prob);
     the same slates as the CPU backends for the same seed (same counter-based hash)."""
-    from ._op_policy import as_seed
+    from ._policy_topk import as_seed
 
     return _policy(user_states, items, k, as_seed(seed), bias, exclude, candidates, temperature, backend)

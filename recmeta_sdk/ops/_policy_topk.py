@@ -1,7 +1,7 @@
 """The policy-scoring operations (top-k and Gumbel-top-k sampling): validation, dispatch.
 
 Backends: ``"cpp"`` (the fused streaming kernel of the compiled core, default for CPU data)
-and ``"torch"`` (:mod:`recmeta_sdk.reference`). The C++ kernel is also registered as the torch
+and ``"torch"`` (:mod:`recmeta_sdk.ops.reference`). The C++ kernel is also registered as the torch
 custom ops ``recmeta::policy_topk`` and ``recmeta::policy_sample`` (with fake implementations,
 so they trace under ``torch.compile``; no autograd formula: they serve ids and scores). The
 public functions call the same implementation directly, without the dispatcher's overhead.
@@ -15,8 +15,9 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from . import backends, reference
-from ._ops_common import as_table, as_tensor, check_csr, check_float, to_kind
+from . import backends
+from . import reference
+from ._common import as_table, as_tensor, check_csr, check_float, to_kind
 from .reference import QuantizedTable
 
 __all__ = ["policy_topk", "policy_sample"]
@@ -113,7 +114,7 @@ def _core_kwargs(row_scale, row_min, bias, exclude_offsets, exclude_ids, candida
 
 def _topk_cpp(user_states, items, k, row_scale, row_min, bias, exclude_offsets, exclude_ids,
               candidate_offsets, candidate_ids, temperature):
-    from . import _core
+    from .. import _core
 
     ids, scores, lognorm = _core.policy_topk(
         _np(user_states), _np(items), int(k),
@@ -124,7 +125,7 @@ def _topk_cpp(user_states, items, k, row_scale, row_min, bias, exclude_offsets, 
 
 def _sample_cpp(user_states, items, k, seed, row_scale, row_min, bias, exclude_offsets, exclude_ids,
                 candidate_offsets, candidate_ids, temperature):
-    from . import _core
+    from .. import _core
 
     ids, scores, _, logtail = _core.policy_sample(
         _np(user_states), _np(items), int(k), int(seed) & _U64,
@@ -222,7 +223,7 @@ def policy_topk(user_states, items, k, *, bias=None, exclude=None, candidates=No
 
     Returns ``(ids (B, min(k, N)) int64, scores (B, min(k, N)) float32, log_normalizer (B,)
     float32)``, best first, ties broken by the smaller id.
-    See :func:`recmeta_sdk.reference.policy_topk` for the exact semantics.
+    See :func:`recmeta_sdk.ops.reference.policy_topk` for the exact semantics.
     """
     u, tab, b, exc, cand, kind, k = _prepare(user_states, items, k, bias, exclude, candidates, temperature)
     be = backends.resolve(backend, u.device.type)
@@ -250,7 +251,7 @@ def policy_sample(user_states, items, k, *, seed, bias=None, exclude=None, candi
     ``slate_log_prob`` (B,) is the Plackett-Luce log-probability of the slate, computed in
     float64 from the mass outside the slate (exact also when the slate holds nearly all of
     it). ``seed``: an integer in [0, 2**64) (TypeError / ValueError otherwise).
-    See :func:`recmeta_sdk.reference.policy_sample` for the exact semantics.
+    See :func:`recmeta_sdk.ops.reference.policy_sample` for the exact semantics.
     """
     seed = as_seed(seed)
     u, tab, b, exc, cand, kind, k = _prepare(user_states, items, k, bias, exclude, candidates, temperature)

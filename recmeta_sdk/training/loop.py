@@ -76,7 +76,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .model import Config, ItemFeatures, RecMetaNet
+from ..model.network import Config, ItemFeatures, RecMetaNet
 
 logger = logging.getLogger("recmeta")
 
@@ -454,7 +454,7 @@ class Batch:
     q_prop: Optional[torch.Tensor]
     B: int
     users: Optional[torch.Tensor] = None
-    # group tasks (recmeta_sdk.meta_tasks): task index of each row and the inner-loop support
+    # group tasks (recmeta_sdk.training.meta_tasks): task index of each row and the inner-loop support
     # set when it differs from the input history (sup_*); None for per-user tasks
     groups: Optional[torch.Tensor] = None
     inner: Optional[tuple] = None
@@ -1416,9 +1416,9 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     ``wide_reg``, ``fusion`` and ``seconds``.
 
     ``batches``: None (per-user tasks) or a sampler of group-task meta-batches with
-    ``steps_per_epoch`` and ``draw(rng, user_feats) -> Batch`` (see :mod:`recmeta_sdk.meta_tasks`).
+    ``steps_per_epoch`` and ``draw(rng, user_feats) -> Batch`` (see :mod:`recmeta_sdk.training.meta_tasks`).
 
-    ``tune`` (per-user tasks only): choose on a validation set, as :func:`recmeta_sdk.train`
+    ``tune`` (per-user tasks only): choose on a validation set, as :func:`recmeta_sdk.training.loop`
     does by default. The validation set is ``validation`` (a DataFrame of held-out
     interactions of training users) or, with ``cfg.validation > 0``, carved from ``prep``
     (``calib_holdout`` of the interactions of a fraction ``cfg.validation`` of the users with

@@ -10,11 +10,11 @@
 
 Each accepts numpy arrays or torch tensors and returns the same kind it was given; a
 ``backend=`` argument (or ``RECMETA_BACKEND``) chooses the implementation
-(see :mod:`recmeta_sdk.backends`).
+(see :mod:`recmeta_sdk.ops.backends`).
 """
-from ._op_embedding_bag import embedding_bag, embedding_bag_backward
-from ._op_policy import policy_sample, policy_topk
-from ._ops_common import quantize
+from ._embedding_bag import embedding_bag, embedding_bag_backward
+from ._policy_topk import policy_sample, policy_topk
+from ._common import quantize
 from .reference import QuantizedTable
 
 __all__ = [

@@ -3,7 +3,7 @@
 A backend runs the operations of :mod:`recmeta_sdk.ops`:
 
 * ``"cpp"``: the compiled core (``recmeta_sdk._core``), CPU tensors and numpy arrays.
-* ``"torch"``: the plain PyTorch reference (:mod:`recmeta_sdk.reference`), any device.
+* ``"torch"``: the plain PyTorch reference (:mod:`recmeta_sdk.ops.reference`), any device.
 * ``"triton"`` / ``"cuda"``: GPU kernels (CUDA tensors), when built and a GPU is present.
 
 The choice is, in order: the ``backend=`` argument of a call, the ``RECMETA_BACKEND``
@@ -21,7 +21,7 @@ BACKENDS = ("cpp", "torch", "triton", "cuda")
 
 def _probe_cpp() -> Tuple[bool, str]:
     try:
-        from . import _core  # noqa: F401
+        from .. import _core  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the build
         return False, f"the compiled extension recmeta_sdk._core did not import ({e})"
     return True, f"compiled core, CPU kernels '{_core.cpu_isa()}', OpenMP {'on' if _core.has_openmp() else 'off'}"
@@ -61,7 +61,7 @@ def _probe_cuda() -> Tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device is visible to PyTorch"
     try:
-        from . import _core_cuda  # noqa: F401
+        from .. import _core_cuda  # noqa: F401
     except ImportError:
         return False, "the CUDA extension was not built (RECMETA_ENABLE_CUDA=OFF or no CUDA compiler)"
     return True, f"CUDA kernels on {torch.cuda.get_device_name()}"

@@ -2,7 +2,7 @@
 
 ::
 
-    from recmeta_sdk.text import embed_texts
+    from recmeta_sdk.data.text import embed_texts
     items["title_vec"] = list(embed_texts(items["title"].tolist()))   # (n, d) float32
     model = rm.train(log, items=items)          # the column becomes a dense item feature
     model = model.add_items(new_items)          # new items are recommended from their text
@@ -36,7 +36,7 @@ def _sentence_transformer(model_name: str):
             from sentence_transformers import SentenceTransformer
         except ImportError as e:
             raise ImportError(
-                "recmeta_sdk.text.embed_texts needs the optional extra 'text' (sentence-transformers): "
+                "recmeta_sdk.data.text.embed_texts needs the optional extra 'text' (sentence-transformers): "
                 "pip install 'recmeta[text]', or pass encoder= an object with an encode(list[str]) method"
             ) from e
         model = SentenceTransformer(model_name)

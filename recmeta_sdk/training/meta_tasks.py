@@ -3,7 +3,7 @@
 ``recmeta_sdk.train(..., tasks=...)`` meta-learns across one of the data layer's task
 kinds (:data:`recmeta_sdk.data.TASK_KINDS`, grouping by :func:`recmeta_sdk.data.make_tasks`):
 
-* ``"user"`` (default): one task per user; the per-user path of :mod:`recmeta_sdk.train`.
+* ``"user"`` (default): one task per user; the per-user path of :mod:`recmeta_sdk.training.loop`.
 * ``"segment:COL"``: one task per value of the user feature ``COL`` (a column of the log,
   else of ``users``).
 * ``"category:COL"``: one task per value of the item feature ``COL`` (a column of the log,
@@ -32,7 +32,7 @@ The inner loop adapts ONE ``phi`` per task: ``config.inner_steps`` steps of the 
 support loss ``-sum_i w_i log pi(a_i | h'_{user(i)}) / sum_i w_i`` over all the task's
 support interactions (the rows' closed-form gradients aggregated with their support
 weights, :meth:`RecMetaNet.support_grad` with ``groups``), with the learned step sizes.
-The outer loss (:func:`recmeta_sdk.train.batch_loss`) of every row of the task uses that
+The outer loss (:func:`recmeta_sdk.training.loop.batch_loss`) of every row of the task uses that
 shared adapted ``phi``; its first-order gradient trains the shared weights, the initial
 ``phi`` and the step sizes. This is exactly the serving situation: a new task is seen
 through some users' interactions (:func:`adapt_task`) and then serves other users.
@@ -53,8 +53,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import TASK_KINDS, make_tasks, timestamp_array
-from .train import Batch, Prepared, history_tensors, user_feature_rows
+from ..data import TASK_KINDS, make_tasks, timestamp_array
+from .loop import Batch, Prepared, history_tensors, user_feature_rows
 
 logger = logging.getLogger("recmeta")
 
@@ -149,7 +149,7 @@ def _user_csr(interactions: pd.DataFrame, user_ids: np.ndarray, item_ids: np.nda
 
 
 class TaskSampler:
-    """Draws group-task meta-batches (see the module docstring) for :func:`recmeta_sdk.train.fit`.
+    """Draws group-task meta-batches (see the module docstring) for :func:`recmeta_sdk.training.loop.fit`.
 
     Built by :func:`task_sampler`. ``pair_*`` list the (task, user) pairs: the rows (positions
     in the per-user time-ordered log) of pair p are ``pair_rows[pair_off[p]:pair_off[p + 1]]``,
@@ -240,7 +240,7 @@ def task_sampler(spec: TaskSpec, interactions: pd.DataFrame, prep: Prepared, cfg
     Raises ValueError (naming the kind and column) otherwise, or when the column is missing.
     """
     if spec.kind == "user":
-        raise ValueError("task_sampler is for group tasks; 'user' tasks use recmeta_sdk.train.make_batch")
+        raise ValueError("task_sampler is for group tasks; 'user' tasks use recmeta_sdk.training.loop.make_batch")
     if cfg.calib_users > 0:
         raise ValueError(f"config.calib_users={cfg.calib_users!r} (wide-part calibration) is not supported with "
                          f"tasks={spec.kind!r}; set it to 0")

@@ -12,7 +12,7 @@ and reports the mean cumulative reward per user after ``t`` rounds with standard
 
 A policy is any object with ``recommend(user_ctx, k, exclude) -> item ids`` and
 ``feedback(user, item, reward)`` (:class:`OnlinePolicy`); ready-made baselines are in
-:mod:`recmeta_sdk.bandits`, and :class:`recmeta_sdk.bandits.RecommenderPolicy` adapts an
+:mod:`recmeta_sdk.evaluation.bandits`, and :class:`recmeta_sdk.evaluation.bandits.RecommenderPolicy` adapts an
 object with ``adapt`` / ``recommend`` / ``feedback`` (a trained recommender) to it.
 
 Environments
@@ -374,7 +374,7 @@ class MovieLensReplay:
         import pandas as pd
 
         if ratings is None:
-            from . import datasets
+            from .. import datasets
 
             ratings = datasets.load("ml-100k").interactions
         if not isinstance(ratings, pd.DataFrame):

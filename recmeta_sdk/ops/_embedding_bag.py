@@ -10,7 +10,7 @@ Backends
   the value checks (every id in range, offsets well formed, weights finite) run in the core,
   before any row is read, and raise the same ``ValueError`` messages as the torch backend's
   checks, so that the checks cost one pass over the ids instead of a dozen torch calls.
-* ``"torch"``: :mod:`recmeta_sdk.reference`, after the checks of :mod:`._ops_common`.
+* ``"torch"``: :mod:`recmeta_sdk.ops.reference`, after the checks of :mod:`._ops_common`.
 
 Torch custom ops (namespace ``recmeta``)
 ----------------------------------------
@@ -33,8 +33,9 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from . import backends, reference
-from ._ops_common import (
+from . import backends
+from . import reference
+from ._common import (
     as_table,
     as_tensor,
     check_float,
@@ -71,7 +72,7 @@ def _default_cpu_backend() -> str:
 def _core():
     global _CORE
     if _CORE is None:
-        from . import _core as core
+        from .. import _core as core
 
         _CORE = core
     return _CORE
@@ -303,7 +304,7 @@ def _forward_op(weights: List[torch.Tensor], row_scales: List[torch.Tensor], row
     """Table-batched embedding bag on the compiled core; uint8 tables are row-wise int8 with
     their row_scales / row_mins (empty tensors for float tables). ``mode`` is "sum", "mean" or
     "max"; ``padding_idx`` (a local id of every table) and ``scale_grad_by_freq`` as in
-    :func:`recmeta_sdk.reference.embedding_bag` (the latter changes only the gradient). Mode
+    :func:`recmeta_sdk.ops.reference.embedding_bag` (the latter changes only the gradient). Mode
     "max" and bfloat16 / float64 tables run on the reference."""
     indices, offsets, psw = _op_inputs(weights, indices, offsets, per_sample_weights, padding_idx)
     if mode == "max" or any(w.dtype not in _CORE_TABLES for w in weights):
@@ -437,7 +438,7 @@ torch.library.register_autograd("recmeta::embedding_bag_forward", _forward_backw
 @_forward_op.register_kernel("cuda")
 def _forward_op_cuda(weights, row_scales, row_mins, indices, offsets, per_sample_weights, mode, padding_idx=None,
                      scale_grad_by_freq=False):
-    """CUDA tensors: the Triton or CUDA kernels (see :mod:`recmeta_sdk._gpu`), so a model on
+    """CUDA tensors: the Triton or CUDA kernels (see :mod:`recmeta_sdk.ops._gpu`), so a model on
     the GPU trains through the same op; its gradient op is device-agnostic. Padding is dropped
     first; mode "max" and bfloat16 / float64 tables run on the reference (torch on the GPU)."""
     from ._gpu import _forward_op_cuda as run
@@ -763,7 +764,7 @@ def embedding_bag(weight, indices, offsets=None, *, per_sample_weights=None, mod
         the forward; a ``max_norm`` raises ValueError (renormalise the table before the call)
     scale_grad_by_freq : bool
         Divide each row's gradient by the number of positions holding its id (within its
-        table), as documented for torch (see :func:`recmeta_sdk.reference.embedding_bag`).
+        table), as documented for torch (see :func:`recmeta_sdk.ops.reference.embedding_bag`).
         Not with ``"max"``.
 
     Returns
@@ -776,7 +777,7 @@ def embedding_bag(weight, indices, offsets=None, *, per_sample_weights=None, mod
 
     Backends: the compiled core pools float32 / float16 / int8 tables in sum and mean mode and
     checks each bag's rows as it reads them. Mode ``"max"`` and bfloat16 / float64 tables run
-    the torch reference (:mod:`recmeta_sdk.reference`, also on CUDA tensors), which gathers
+    the torch reference (:mod:`recmeta_sdk.ops.reference`, also on CUDA tensors), which gathers
     the (nnz, d) rows. A table row holding NaN or inf that a bag reads (an int8 row with a
     non-finite scale or minimum) raises ValueError naming the table, the row and its position
     in ``indices``, on every CPU backend.
@@ -993,8 +994,8 @@ def embedding_bag_backward(weight, indices, offsets, grad_output, *, per_sample_
 
     Repeated indices (inside and across bags) accumulate; the cpp backend's result is
     bit-identical for any thread count. With several tables, every input is checked before any
-    table changes. See :func:`recmeta_sdk.reference.embedding_bag_backward` and
-    :func:`recmeta_sdk.reference.embedding_bag_backward_tbe`.
+    table changes. See :func:`recmeta_sdk.ops.reference.embedding_bag_backward` and
+    :func:`recmeta_sdk.ops.reference.embedding_bag_backward_tbe`.
     """
     if mode not in _MODES:
         raise ValueError(f"embedding_bag_backward: mode must be 'sum' or 'mean', got {mode!r}")

@@ -1,6 +1,6 @@
-"""Baseline online policies for :func:`recmeta_sdk.sim.run_online`.
+"""Baseline online policies for :func:`recmeta_sdk.evaluation.sim.run_online`.
 
-Every policy implements the protocol of :class:`recmeta_sdk.sim.OnlinePolicy`:
+Every policy implements the protocol of :class:`recmeta_sdk.evaluation.sim.OnlinePolicy`:
 ``recommend(user_ctx, k, exclude) -> (k,) int64 item ids`` and
 ``feedback(user, item, reward)``; per-user state is keyed by ``user_ctx.user``.
 
@@ -353,7 +353,7 @@ class RecommenderPolicy:
         for attr in ("adapt", "recommend"):
             if not callable(getattr(recommender, attr, None)):
                 raise TypeError(f"recommender has no {attr}() method: {type(recommender).__name__}")
-        from .api import Recommender
+        from ..api import Recommender
 
         is_rec = isinstance(recommender, Recommender)
         if mode is None:
@@ -382,7 +382,7 @@ class RecommenderPolicy:
         self._store = None
         self._cold = None
         if mode == "feedback":
-            from .online import OnlineStore
+            from ..online.engine import OnlineStore
 
             self._store = OnlineStore(recommender, encode="positive" if self.positives_only else "all",
                                       update=update, known_users=bool(known_users))

@@ -14,7 +14,7 @@
   ``h' = h * (1 + gamma) + delta`` (a FiLM layer). Only :meth:`RecMetaNet.adapt_state`
   (and so ``Recommender.adapt``) changes them per user, by a few gradient steps on the
   support set with per-coordinate step sizes ``exp(log_lr)``; meta-training learns their
-  initial value and the step sizes (see :mod:`recmeta_sdk.train`).
+  initial value and the step sizes (see :mod:`recmeta_sdk.training.loop`).
 * **Policy.** ``pi(a|s) = softmax_a((<h'(s), V_a> + b_a) / tau)`` over the catalogue,
   served by :func:`recmeta_sdk.ops.policy_topk` / :func:`~recmeta_sdk.ops.policy_sample`.
 * **Behaviour head.** ``beta(a|s) = softmax_a(<W_beta h(s), V_a> + c_a)`` on a
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import ops
+from .. import ops
 
 __all__ = ["Config", "ItemFeatures", "RecMetaNet"]
 
@@ -53,7 +53,7 @@ class Config:
     every user the same, 1 every query item, as Mult-DAE's summed likelihood does. Per-user
     means alone under-weight the users with long futures, whose query items lean to popular
     films, and rank worse than popularity on NDCG for new users; 0.5 was chosen on an inner
-    split of training users, see :mod:`recmeta_sdk.train`).
+    split of training users, see :mod:`recmeta_sdk.training.loop`).
 
     RL: ``ce_weight`` (weight of the supervised cross-entropy), ``rl_weight`` (weight of the off-policy corrected REINFORCE loss beside the
     supervised multi-target cross-entropy), ``is_cap`` (cap of pi/beta), ``topk_k`` (K of
@@ -84,7 +84,7 @@ class Config:
     items. With ``calib_users > 0`` training therefore holds out a fraction ``calib_holdout``
     of the interactions of a random fraction ``calib_users`` of the users, and after
     training multiplies alpha by m (buffer ``wide_scale``), fitted on those held-out items,
-    and then re-fits ``temperature`` (see :func:`recmeta_sdk.train.calibrate_wide`); the
+    and then re-fits ``temperature`` (see :func:`recmeta_sdk.training.loop.calibrate_wide`); the
     served EASE weights are then refit on the whole log. It is off by default: on
     MovieLens-100K it lifts warm (known-user) ranking on the validation part but the deep
     part trained without the held-out interactions ranks cold users worse.
@@ -92,7 +92,7 @@ class Config:
     ``scalar_lr`` is the learning rate of ``alpha``'s two coefficients, which the main ``lr``
     would barely move.
 
-    Validation-tuned training (:func:`recmeta_sdk.train.fit` with a validation set: given as
+    Validation-tuned training (:func:`recmeta_sdk.training.loop.fit` with a validation set: given as
     ``train(..., validation=frame)`` or carved from the log when ``validation`` > 0; off by
     default, see below): ``validation`` is the fraction of the users with 5 or more
     interactions (at most 2,000) whose ``calib_holdout`` share of interactions is held out
@@ -124,7 +124,7 @@ class Config:
     0.4408; better at k = 20 Recall and k = 5 NDCG), so it is not the default yet.
 
     Online feedback (:mod:`recmeta_sdk.online`): each user with feedback gets an adapted
-    item-bias vector from the Gaussian reward posterior of :mod:`recmeta_sdk.posterior`
+    item-bias vector from the Gaussian reward posterior of :mod:`recmeta_sdk.online.posterior`
     (the training users' rewards as the prior, conditioned on the user's observed rewards,
     misses included): ``feedback_posterior`` is its weight (in standard deviations of the
     model's scores per unit of normalised reward; 0 turns it off), ``feedback_reg`` the
@@ -138,7 +138,7 @@ class Config:
     (impressions with reward 0, low ratings) are never targets: they are context in the
     history the encoder reads and logged actions for the off-policy RL term and the
     behaviour estimate. ``None`` (default): decided from the data by
-    :func:`recmeta_sdk.train.positive_threshold` (star-rating-like rewards: 0.8 x the
+    :func:`recmeta_sdk.training.loop.positive_threshold` (star-rating-like rewards: 0.8 x the
     maximum, i.e. 4 of 5 stars; otherwise reward > 0) and logged; the trained model's config
     records the value used.
 
@@ -296,7 +296,7 @@ class ItemFeatures:
     Row ``i`` (< N) of the table is item i's own id row; rows N.. are feature values
     (``names[j]`` is the name of row ``N + j``, e.g. ``"genre=Comedy"``, ``"year=1990"``).
     ``dense`` (N, D) float32, optional: the items' dense features (e.g. text embeddings,
-    centred and scaled; see :func:`recmeta_sdk.train.dense_matrix`), projected linearly
+    centred and scaled; see :func:`recmeta_sdk.training.loop.dense_matrix`), projected linearly
     into the item vectors.
     """
 
@@ -598,7 +598,7 @@ class RecMetaNet(nn.Module):
         ``groups`` ((B,) int64 task of each row): one phi per task, adapted on the task's
         support set (see :meth:`support_grad`), returned expanded to the rows. ``init``:
         (gamma, delta), each (d,) or (B, d), to start from instead of ``phi_*`` (a task's
-        adapted parameters, see :mod:`recmeta_sdk.meta_tasks`).
+        adapted parameters, see :mod:`recmeta_sdk.training.meta_tasks`).
         """
         if groups is not None and init is not None:
             raise ValueError("adapt_phi: init and groups cannot be combined")

@@ -23,7 +23,7 @@ sizes) from their current value (a miss, whose support gradient is zero, takes n
 Every event, miss or hit, also updates the user's adapted **item-bias vector**: the
 posterior mean of the user's rewards over the catalogue given all its feedback rewards,
 under the Gaussian prior that the training users' rewards define
-(:mod:`recmeta_sdk.posterior`; weight ``config.feedback_posterior``, 0 turns it off). The
+(:mod:`recmeta_sdk.online.posterior`; weight ``config.feedback_posterior``, 0 turns it off). The
 misses matter there: an item shown and not rewarded lowers the items that go with it in the
 population beyond what the user's hits explain. On the MovieLens replay this is what lifts
 the online policy above EASE's fold-in of the hits (``bench/bench_online.py``).
@@ -45,7 +45,7 @@ User ids
 --------
 A user id that is a training user of the model starts from its training state; a host whose
 user ids are another id space (a simulator's or replay's dense indices) passes
-``known_users=False`` (as :class:`recmeta_sdk.bandits.RecommenderPolicy` does by default),
+``known_users=False`` (as :class:`recmeta_sdk.evaluation.bandits.RecommenderPolicy` does by default),
 so that no new user is served from the training history of a stranger with the same id.
 
 Concurrency
@@ -314,7 +314,7 @@ class OnlineStore:
         return lk
 
     def _encode(self, enc_items: np.ndarray, ufeat: np.ndarray) -> torch.Tensor:
-        from .train import history_tensors
+        from ..training.loop import history_tensors
 
         m = self.model
         bi, bo, bw, sq, sl = history_tensors([enc_items], m.config.seq_len, m.n_items)
@@ -343,7 +343,7 @@ class OnlineStore:
 
     def _publish(self, user, version, h, gamma, delta, seen, seen_r, enc_items, enc_rewards, known, steps,
                  n_prior=0):
-        from .api import UserState
+        from ..api import UserState
 
         m = self.model
         with torch.no_grad():
@@ -359,7 +359,7 @@ class OnlineStore:
     def _item_bias(self, items: np.ndarray, rewards: np.ndarray, known: bool) -> np.ndarray | None:
         """The user's adapted item-bias vector from its feedback events (hits and misses):
         ``kappa * (mu + correction)`` for a new user, ``kappa * correction`` for a known one,
-        from the reward posterior (:mod:`recmeta_sdk.posterior`); None when
+        from the reward posterior (:mod:`recmeta_sdk.online.posterior`); None when
         ``config.feedback_posterior`` is 0 or there is no feedback yet."""
         from . import posterior
 
@@ -591,7 +591,7 @@ def log_to_file(model) -> tuple[dict, dict | None]:
     (float64; NaN where not logged) and ``feedback.position`` (int64), one entry per event
     in log order; ``meta``: ``{"users": [the distinct user ids, int or str], "encode",
     "update"}`` (the store's options). ``({}, None)`` when the model has no feedback.
-    Both are covered by the file's SHA-256 (:mod:`recmeta_sdk.io`).
+    Both are covered by the file's SHA-256 (:mod:`recmeta_sdk.model.io`).
     """
     st = getattr(model, "_online_store", None)
     if st is None or not st._log:
@@ -623,12 +623,12 @@ def log_from_file(model, tensors: dict, meta, path, limits=None) -> None:
     and options, the users' states rebuilt from the log on first use (as after ``resume``).
 
     ``meta`` is the file's ``feedback`` entry (None: no log, as in a version-1 file);
-    ``limits`` a :class:`~recmeta_sdk.io.LoadLimits` (default ``LoadLimits()``) bounding the
+    ``limits`` a :class:`~recmeta_sdk.model.io.LoadLimits` (default ``LoadLimits()``) bounding the
     number of events and users, the length of string ids and the rewards (divided by the
-    model's reward scale). Raises :class:`~recmeta_sdk.io.ModelFileError`, naming the field,
+    model's reward scale). Raises :class:`~recmeta_sdk.model.io.ModelFileError`, naming the field,
     if the parts are inconsistent or out of bounds.
     """
-    from .io import DEFAULT_LIMITS, ModelFileError
+    from ..model.io import DEFAULT_LIMITS, ModelFileError
 
     limits = DEFAULT_LIMITS if limits is None else limits
     present = [k for k in tensors if k.startswith("feedback.")]
@@ -726,7 +726,7 @@ def epsilon_slate(model, state, k: int, *, epsilon: float, seed: int, **kwargs):
 
     Returns :class:`~recmeta_sdk.api.Recommendations` with ``propensities``.
     """
-    from .api import Recommendations, UserState
+    from ..api import Recommendations, UserState
 
     if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
@@ -778,7 +778,7 @@ def resume_train(model, interactions=None, *, config=None, progress=None):
     The training rows are ``interactions`` (a DataFrame with :data:`EVENT_COLUMNS`;
     default: the model's feedback log). The rows with a positive reward form each user's
     time-ordered history (support and query sets are cut from it as in
-    :mod:`recmeta_sdk.train`); the REINFORCE term of the objective uses the logged
+    :mod:`recmeta_sdk.training.loop`); the REINFORCE term of the objective uses the logged
     ``propensity`` as the behaviour probability beta (rows with a zero reward carry no
     REINFORCE gradient, so dropping them changes nothing but the encoder input, which reads
     positive interactions only, as in serving with ``encode="positive"``). Training starts
@@ -789,9 +789,9 @@ def resume_train(model, interactions=None, *, config=None, progress=None):
     Returns a new Recommender (the old one is unchanged: swap the reference), carrying the
     old feedback log; its users' online states are rebuilt on first use.
     """
-    from .api import Recommender
-    from .model import Config
-    from .train import fit, prepare
+    from ..api import Recommender
+    from ..model.network import Config
+    from ..training.loop import fit, prepare
 
     log = feedback_log(model) if interactions is None else interactions
     if not isinstance(log, pd.DataFrame):
