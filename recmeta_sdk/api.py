@@ -29,8 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import pandas as pd
@@ -44,6 +43,7 @@ from .model.io import DEFAULT_LIMITS, LoadLimits, ModelFileError, read_model_fil
 from .training.meta_tasks import parse_tasks, task_sampler
 from .training.meta_tasks import task_phi as _task_phi
 from .model.network import Config, ItemFeatures, RecMetaNet
+from .model.state import Recommendations, UserState
 from .training.loop import (
     build_schema, check_log, encode_features, fit, history_tensors, item_features, positive_threshold,
     prepare, schema_names,
@@ -52,81 +52,6 @@ from .training.loop import (
 logger = logging.getLogger("recmeta")
 
 __all__ = ["train", "load", "Recommender", "UserState", "Recommendations", "ModelFileError", "LoadLimits"]
-
-
-@dataclass(frozen=True)
-class UserState:
-    """A user's policy state (from :meth:`Recommender.adapt` or :meth:`Recommender.user_state`).
-
-    Attributes
-    ----------
-    vector : (d,) float32
-        The adapted state h'(s) that scores items.
-    base : (d,) float32
-        The state before adaptation (the encoder's output with the initial parameters).
-    history : (n,) int64
-        Internal indices of the history items (time order), excluded by ``exclude_seen``.
-    history_ids : tuple
-        The same items as external ids.
-    rewards : (n,) float32
-    user : external id or None
-        The known user this state belongs to (None for an adapted new user).
-    dropped : tuple
-        History items that were unknown to the model and dropped (``unknown="drop"``).
-    steps : int
-        Adaptation steps taken.
-    item_bias : (N,) float32 or None
-        The user's adapted item-bias vector, added to the item bias when the state is
-        scored (the online loop sets it from the reward posterior of the user's feedback,
-        misses included: :mod:`recmeta_sdk.online.posterior`); None for none.
-
-    The state also carries, internally, the wide (item-to-item) part of its scores,
-    ``alpha(n) * sum_{j in history} W[j, :]``, computed once by the model that made it so
-    that :meth:`Recommender.recommend` scores a state with one fused kernel call; it is
-    recomputed when the state is served by another model or its history was replaced.
-    """
-
-    vector: np.ndarray
-    base: np.ndarray
-    history: np.ndarray
-    history_ids: tuple
-    rewards: np.ndarray
-    user: Any = None
-    dropped: tuple = ()
-    steps: int = 0
-    features: Optional[dict] = None
-    item_bias: Optional[np.ndarray] = None
-    # (serving-table token, the history array it was computed from, (N,) float32 wide part
-    # or None): a cache of a pure function of (model, history), never compared or printed
-    _serving: Any = field(default=None, repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class Recommendations:
-    """Recommended items for one user (arrays of shape (k,)) or a batch ((B, k)).
-
-    Attributes
-    ----------
-    ids : external item ids, best first; where ``valid`` is False the slot is padding
-        (-1 for integer ids, None for other ids).
-    scores : float32 policy scores ``(<h', v_a> + b_a) / tau`` (-inf in padding).
-    valid : bool, False where fewer than k items were eligible.
-    propensities : float32 ``pi(a|s)`` of each item under the (exploring) policy, with
-        ``explore="sample"``; else None.
-    explanations : with ``explain=True``, per user a list (per item) of dicts
-        ``{"item", "history": [(history item id, contribution)...],
-        "features": [(feature name, contribution)...], "bias": item bias}`` (plus
-        ``"feedback"``: the share of the state's online item bias, when it has one); else None.
-    """
-
-    ids: np.ndarray
-    scores: np.ndarray
-    valid: np.ndarray
-    propensities: Optional[np.ndarray] = None
-    explanations: Optional[list] = None
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])
 
 
 def _is_scalar_id(x) -> bool:
@@ -952,6 +877,17 @@ class Recommender:
         return online.feedback(self, events)
 
     # ------------------------------------------------------------------ catalogue
+    def online_store(self, *, encode: str = "positive", update: str = "step", known_users: bool = True):
+        """A new online store of this model, separate from the one :meth:`feedback` writes to.
+
+        An :class:`recmeta_sdk.online.OnlineStore`: per-user online states updated by its own
+        feedback events (``encode``, ``update`` and ``known_users`` as documented there), for a
+        host or a benchmark that serves several independent populations from one model.
+        """
+        from .online.engine import OnlineStore
+
+        return OnlineStore(self, encode=encode, update=update, known_users=known_users)
+
     def add_items(self, items: pd.DataFrame) -> Recommender:
         """A new Recommender whose catalogue also holds ``items`` (item cold start).
 

@@ -27,6 +27,7 @@ from collections.abc import Hashable
 
 import numpy as np
 
+from .baselines import ease_weights, topk_from_scores
 from .sim import UserContext
 
 logger = logging.getLogger("recmeta")
@@ -46,19 +47,7 @@ __all__ = [
 
 def _top_k(scores: np.ndarray, k: int, exclude: np.ndarray) -> np.ndarray:
     """Ids of the k highest scores outside ``exclude`` (ties broken by the lower id)."""
-    s = np.array(scores, dtype=np.float64, copy=True)
-    if exclude.size:
-        s[exclude] = -np.inf
-    if k >= s.shape[0]:
-        return np.argsort(-s, kind="stable")[:k].astype(np.int64)
-    part = np.argpartition(-s, k - 1)[:k]
-    # stable order among the selected (descending score, then ascending id)
-    part = part[np.lexsort((part, -s[part]))]
-    # argpartition may cut inside a tie; take the lowest ids among equal boundary scores
-    kth = s[part[-1]]
-    ties = np.flatnonzero(s == kth)
-    above = part[s[part] > kth]
-    return np.concatenate([above, ties[: k - above.shape[0]]]).astype(np.int64)
+    return topk_from_scores(scores, k, exclude)
 
 
 def _check_scores(name: str, scores) -> np.ndarray:
@@ -223,12 +212,7 @@ def fit_ease(X, lam: float = 250.0) -> np.ndarray:
         raise ValueError(f"X must be 2-D (n_users, n_items), got shape {X.shape}")
     if not np.isfinite(lam) or lam <= 0:
         raise ValueError(f"lam must be finite and > 0, got {lam}")
-    G = X.T @ X
-    G[np.diag_indices_from(G)] += lam
-    P = np.linalg.inv(G)
-    B = -P / np.diag(P)[None, :]
-    B[np.diag_indices_from(B)] = 0.0
-    return B
+    return ease_weights(X.T @ X, lam)
 
 
 def svd_item_embeddings(X, dim: int = 32):
@@ -353,9 +337,9 @@ class RecommenderPolicy:
         for attr in ("adapt", "recommend"):
             if not callable(getattr(recommender, attr, None)):
                 raise TypeError(f"recommender has no {attr}() method: {type(recommender).__name__}")
-        from ..api import Recommender
-
-        is_rec = isinstance(recommender, Recommender)
+        # a recmeta Recommender (duck-typed: this layer does not import the facade above it)
+        is_rec = callable(getattr(recommender, "online_store", None)) and callable(
+            getattr(recommender, "feedback", None))
         if mode is None:
             mode = "feedback" if is_rec else "readapt"
         if mode not in ("feedback", "readapt"):
@@ -382,10 +366,8 @@ class RecommenderPolicy:
         self._store = None
         self._cold = None
         if mode == "feedback":
-            from ..online.engine import OnlineStore
-
-            self._store = OnlineStore(recommender, encode="positive" if self.positives_only else "all",
-                                      update=update, known_users=bool(known_users))
+            self._store = recommender.online_store(encode="positive" if self.positives_only else "all",
+                                                   update=update, known_users=bool(known_users))
             self._cold = recommender.adapt([])
 
     def _ext(self, idx) -> np.ndarray:

@@ -16,22 +16,91 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["Popularity", "EASE", "topk_from_scores"]
+__all__ = ["Popularity", "EASE", "ease_weights", "topk_from_scores"]
 
 
-def topk_from_scores(scores: np.ndarray, k: int, exclude: Optional[Sequence[Sequence[int]]] = None) -> np.ndarray:
-    """(U, k) indices of the k best scores per row, excluded items removed (stable order)."""
+def topk_from_scores(scores, k: int, exclude=None) -> np.ndarray:
+    """The k best items per row: descending score, ties broken by the lower item id.
+
+    The one top-k helper of the numpy side (baselines, bandits, the demo); the model's own
+    serving path uses the policy-scoring kernel (:func:`recmeta_sdk.ops.policy_topk`), whose
+    tie order is the same.
+
+    Parameters
+    ----------
+    scores : (N,) or (U, N) float
+    k : int >= 1; capped at N
+    exclude : for (U, N) scores, one sequence of item ids per row; for (N,) scores, one
+        sequence of item ids. Excluded items score -inf: they come last (by id) and only
+        when fewer than k items remain.
+
+    Returns
+    -------
+    (k,) or (U, k) int64 item ids (the shape of ``scores`` without its last axis, plus k)
+    """
     s = np.array(scores, dtype=np.float64, copy=True)
-    if s.ndim == 1:
+    one = s.ndim == 1
+    if one:
         s = s[None, :]
+        if exclude is not None:
+            exclude = [exclude]
+    if s.ndim != 2:
+        raise ValueError(f"scores must be 1-D or 2-D, got shape {s.shape}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
     if exclude is not None:
+        if len(exclude) != s.shape[0]:
+            raise ValueError(f"exclude has {len(exclude)} rows for {s.shape[0]} rows of scores")
         for u, ex in enumerate(exclude):
             if len(ex):
                 s[u, np.asarray(ex, dtype=np.int64)] = -np.inf
-    k = min(int(k), s.shape[1])
-    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(s, part, 1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, 1)
+    U, N = s.shape
+    k = min(int(k), N)
+    if 4 * k >= N:
+        out = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    else:
+        # the k-th best score of each row, then every item at least as good (all boundary ties)
+        kth = -np.partition(-s, k - 1, axis=1)[:, k - 1]
+        out = np.empty((U, k), dtype=np.int64)
+        for u in range(U):
+            cand = np.flatnonzero(s[u] >= kth[u])
+            out[u] = cand[np.argsort(-s[u, cand], kind="stable")[:k]]
+    out = out.astype(np.int64, copy=False)
+    return out[0] if one else out
+
+
+def ease_weights(gram, reg: float):
+    """EASE^R's item-item weights ``B = I - P / diag(P)``, ``P = (G + reg I)^-1``, ``diag(B) = 0``.
+
+    The one EASE of the package: the baselines, the bandits' EASE and the model's wide part
+    all call it. ``P`` comes from a Cholesky factorisation (``G + reg I`` is symmetric positive
+    definite), half the cost of a general inverse.
+
+    Parameters
+    ----------
+    gram : (N, N) float32 / float64 numpy array or torch tensor
+        The Gram matrix ``X^T X`` of a (users, items) interaction matrix (not changed).
+    reg : float > 0
+        The ridge ``lambda``.
+
+    Returns
+    -------
+    (N, N) weights in ``gram``'s dtype, a torch tensor for a torch ``gram``, else numpy.
+    """
+    import torch
+
+    if isinstance(reg, bool) or not isinstance(reg, (int, float, np.floating)) or not np.isfinite(reg) or reg <= 0:
+        raise ValueError(f"EASE reg must be a finite number > 0, got {reg!r}")
+    G = torch.as_tensor(gram)
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        raise ValueError(f"gram must be a square (N, N) matrix, got shape {tuple(G.shape)}")
+    if G.dtype not in (torch.float32, torch.float64):
+        G = G.to(torch.float64)
+    G = G + reg * torch.eye(G.shape[0], dtype=G.dtype)
+    P = torch.cholesky_inverse(torch.linalg.cholesky(G))
+    W = -P / torch.diag(P)[None, :]
+    W.fill_diagonal_(0.0)
+    return W if isinstance(gram, torch.Tensor) else W.numpy()
 
 
 class Popularity:
@@ -65,12 +134,7 @@ class EASE:
         U = int(user_idx.max()) + 1 if n_users is None else int(n_users)
         X = np.zeros((U, self.n_items), dtype=np.float64)
         X[user_idx, item_idx] = 1.0
-        G = X.T @ X
-        G[np.diag_indices_from(G)] += self.reg
-        P = np.linalg.inv(G)
-        B = -P / np.diag(P)[None, :]
-        B[np.diag_indices_from(B)] = 0.0
-        self.B = B
+        self.B = ease_weights(X.T @ X, self.reg)
         return self
 
     def scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:

@@ -78,6 +78,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..model.state import Recommendations, UserState
+
 logger = logging.getLogger("recmeta")
 
 __all__ = [
@@ -343,8 +345,6 @@ class OnlineStore:
 
     def _publish(self, user, version, h, gamma, delta, seen, seen_r, enc_items, enc_rewards, known, steps,
                  n_prior=0):
-        from ..api import UserState
-
         m = self.model
         with torch.no_grad():
             hp = m._net.apply_phi(h, gamma, delta)
@@ -726,8 +726,6 @@ def epsilon_slate(model, state, k: int, *, epsilon: float, seed: int, **kwargs):
 
     Returns :class:`~recmeta_sdk.api.Recommendations` with ``propensities``.
     """
-    from ..api import Recommendations, UserState
-
     if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -789,7 +787,6 @@ def resume_train(model, interactions=None, *, config=None, progress=None):
     Returns a new Recommender (the old one is unchanged: swap the reference), carrying the
     old feedback log; its users' online states are rebuilt on first use.
     """
-    from ..api import Recommender
     from ..model.network import Config
     from ..training.loop import fit, prepare
 
@@ -829,7 +826,7 @@ def resume_train(model, interactions=None, *, config=None, progress=None):
         p.requires_grad_(True)
     hist = fit(net, prep, cfg, None, progress=progress)
     logger.info("resume: %d rows, %d users, %.1fs", len(frame), len(prep.user_ids), hist["seconds"])
-    new = Recommender(net, cfg, model.item_ids, model.user_ids, model._hist_offsets, model._hist_items,
+    new = type(model)(net, cfg, model.item_ids, model.user_ids, model._hist_offsets, model._hist_items,
                       model._hist_rewards, model._item_count, model._item_schema, model._user_schema,
                       model._uf_off, model._uf_idx, model._reward_scale)
     old = store(model)

@@ -6,11 +6,14 @@ and the bad value.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from . import reference
 from .reference import QuantizedTable
 
 __all__ = [
@@ -176,3 +179,99 @@ def _numpy_backed(a: torch.Tensor) -> torch.Tensor:
 
 
 _NP_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.uint8: np.uint8}
+
+
+# ---------------------------------------------------------------------------------------------
+# shared by the op modules and the GPU launchers (which must not import the op modules)
+# ---------------------------------------------------------------------------------------------
+_U64 = (1 << 64) - 1
+_FLOAT_TABLES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def as_count(k, name: str = "k") -> int:
+    """``k`` as an int: any integral (``int``, numpy integers), not a bool or a float
+    (TypeError naming it), >= 0 (ValueError)."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"{name} must be an integer (int or numpy integer), got {k!r} "
+                        f"of type {type(k).__name__}")
+    k = int(k)
+    if k < 0:
+        raise ValueError(f"{name} must be >= 0, got {k}")
+    return k
+
+
+def as_seed(seed) -> int:
+    """``seed`` as an int in [0, 2**64): any integral, not a bool or a float (TypeError);
+    outside that range a ValueError (seeds are not wrapped modulo 2**64)."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer (int or numpy integer), got {seed!r} "
+                        f"of type {type(seed).__name__}")
+    seed = int(seed)
+    if not 0 <= seed <= _U64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return seed
+
+
+def _check_bias_finite(b) -> None:
+    """The bias check for the backends that do not screen it themselves (torch, GPU): no
+    NaN, no +inf (-inf masks an item). Fast path: a sum that is not NaN / +inf implies it."""
+    if b is not None and b.numel():
+        t = float(b.sum(dtype=torch.float64))
+        if math.isnan(t) or t == math.inf:
+            bad = torch.isnan(b) | (b == math.inf)
+            pos = int(torch.nonzero(bad.reshape(-1))[0, 0])
+            raise ValueError(f"bias: non-finite value {float(b.reshape(-1)[pos])} at position {pos} "
+                             f"(-inf masks an item; NaN and +inf are refused)")
+
+
+def _table_parts(w, name: str):
+    """(data, row_scale, row_min) torch tensors of a table, for the custom op (empty scale/min
+    for float tables)."""
+    if isinstance(w, QuantizedTable):
+        data = w.data if isinstance(w.data, torch.Tensor) else torch.from_numpy(np.asarray(w.data))
+        if w.dtype == "int8":
+            sc = w.row_scale if isinstance(w.row_scale, torch.Tensor) else torch.from_numpy(np.asarray(w.row_scale))
+            mn = w.row_min if isinstance(w.row_min, torch.Tensor) else torch.from_numpy(np.asarray(w.row_min))
+            return data, sc, mn
+        return data, data.new_empty(0, dtype=torch.float32), data.new_empty(0, dtype=torch.float32)
+    t = w if isinstance(w, torch.Tensor) else torch.from_numpy(np.asarray(w))
+    if t.dtype not in _FLOAT_TABLES:
+        raise TypeError(f"{name}: tables must be float32, float16, bfloat16 or float64 (or quantize() them), "
+                        f"got {t.dtype}")
+    e = t.new_empty(0, dtype=torch.float32)
+    return t, e, e
+
+
+def _parts_to_table(w: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor):
+    if w.dtype == torch.uint8:
+        return QuantizedTable("int8", w, sc, mn)
+    if w.dtype == torch.float16:
+        return QuantizedTable("fp16", w)
+    return w
+
+
+def _nonfinite_row(tables, indices: torch.Tensor, offsets: torch.Tensor) -> None:
+    """Raise the core's ValueError naming the first table row (in the order of the indices)
+    that holds a NaN / inf (int8: a non-finite row_scale / row_min); return if none does."""
+    T = len(tables)
+    B = (offsets.numel() - 1) // T
+    idx = indices.to(torch.int64)
+    for t, tab in enumerate(tables):
+        name = "weight" if T == 1 else f"weight[{t}]"
+        lo, hi = int(offsets[t * B]), int(offsets[(t + 1) * B])
+        ids = idx[lo:hi]
+        if isinstance(tab, QuantizedTable) and tab.dtype == "int8":
+            for part, vals in (("row_scale", tab.row_scale), ("row_min", tab.row_min)):
+                v = torch.as_tensor(vals)[ids.to(torch.as_tensor(vals).device)]
+                bad = ~torch.isfinite(v)
+                if bool(bad.any()):
+                    p = int(torch.nonzero(bad)[0, 0])
+                    raise ValueError(f"{name}: row {int(ids[p])} has a non-finite {part} ({float(v[p])}), "
+                                     f"read at position {lo + p} of indices")
+            continue
+        rows = reference.dequantize(tab, ids).detach()
+        bad = ~torch.isfinite(rows)
+        if bool(bad.any()):
+            p, c = (int(x) for x in torch.nonzero(bad)[0])
+            raise ValueError(f"{name}: row {int(ids[p])} holds a non-finite value ({float(rows[p, c])} at column {c}), "
+                             f"read at position {lo + p} of indices")

@@ -33,8 +33,10 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from . import _native
 from . import backends
 from . import reference
+from ._common import _FLOAT_TABLES, _nonfinite_row, _parts_to_table, _table_parts  # noqa: F401
 from ._common import (
     as_table,
     as_tensor,
@@ -51,12 +53,10 @@ _MODES = ("sum", "mean")
 _FWD_MODES = ("sum", "mean", "max")
 # Table dtypes of the autograd op; float32 / float16 / uint8 (int8 codes) run on the compiled
 # core, bfloat16 / float64 (and mode "max") on the reference (see _forward_reference).
-_FLOAT_TABLES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _CORE_TABLES = (torch.float32, torch.float16, torch.uint8)
 _OPTIMIZERS = ("sgd", "rowwise_adagrad")
 
 
-_CORE = None
 _ENV_BACKEND = "RECMETA_BACKEND"
 _DEFAULT_CPU = None
 
@@ -70,12 +70,7 @@ def _default_cpu_backend() -> str:
 
 
 def _core():
-    global _CORE
-    if _CORE is None:
-        from .. import _core as core
-
-        _CORE = core
-    return _CORE
+    return _native.core()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,36 +177,10 @@ def _weights_arg(x, name: str):
     return _np(x, name)
 
 
-def _table_parts(w, name: str):
-    """(data, row_scale, row_min) torch tensors of a table, for the custom op (empty scale/min
-    for float tables)."""
-    if isinstance(w, QuantizedTable):
-        data = w.data if isinstance(w.data, torch.Tensor) else torch.from_numpy(np.asarray(w.data))
-        if w.dtype == "int8":
-            sc = w.row_scale if isinstance(w.row_scale, torch.Tensor) else torch.from_numpy(np.asarray(w.row_scale))
-            mn = w.row_min if isinstance(w.row_min, torch.Tensor) else torch.from_numpy(np.asarray(w.row_min))
-            return data, sc, mn
-        return data, data.new_empty(0, dtype=torch.float32), data.new_empty(0, dtype=torch.float32)
-    t = w if isinstance(w, torch.Tensor) else torch.from_numpy(np.asarray(w))
-    if t.dtype not in _FLOAT_TABLES:
-        raise TypeError(f"{name}: tables must be float32, float16, bfloat16 or float64 (or quantize() them), "
-                        f"got {t.dtype}")
-    e = t.new_empty(0, dtype=torch.float32)
-    return t, e, e
-
-
 def _parts_to_core(w: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor, name: str):
     if w.dtype == torch.uint8:
         return (_np(w, name), _np(sc, f"{name} row_scale"), _np(mn, f"{name} row_min"))
     return _np(w, name)
-
-
-def _parts_to_table(w: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor):
-    if w.dtype == torch.uint8:
-        return QuantizedTable("int8", w, sc, mn)
-    if w.dtype == torch.float16:
-        return QuantizedTable("fp16", w)
-    return w
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,33 +211,6 @@ def _padding_per_position(rows: List[int], offsets: torch.Tensor, nnz: int, padd
     ends = off[torch.arange(T + 1, device=off.device) * B]
     return torch.repeat_interleave(torch.tensor(pads, dtype=torch.int64, device=off.device), ends[1:] - ends[:-1],
                                    output_size=nnz)
-
-
-def _nonfinite_row(tables, indices: torch.Tensor, offsets: torch.Tensor) -> None:
-    """Raise the core's ValueError naming the first table row (in the order of the indices)
-    that holds a NaN / inf (int8: a non-finite row_scale / row_min); return if none does."""
-    T = len(tables)
-    B = (offsets.numel() - 1) // T
-    idx = indices.to(torch.int64)
-    for t, tab in enumerate(tables):
-        name = "weight" if T == 1 else f"weight[{t}]"
-        lo, hi = int(offsets[t * B]), int(offsets[(t + 1) * B])
-        ids = idx[lo:hi]
-        if isinstance(tab, QuantizedTable) and tab.dtype == "int8":
-            for part, vals in (("row_scale", tab.row_scale), ("row_min", tab.row_min)):
-                v = torch.as_tensor(vals)[ids.to(torch.as_tensor(vals).device)]
-                bad = ~torch.isfinite(v)
-                if bool(bad.any()):
-                    p = int(torch.nonzero(bad)[0, 0])
-                    raise ValueError(f"{name}: row {int(ids[p])} has a non-finite {part} ({float(v[p])}), "
-                                     f"read at position {lo + p} of indices")
-            continue
-        rows = reference.dequantize(tab, ids).detach()
-        bad = ~torch.isfinite(rows)
-        if bool(bad.any()):
-            p, c = (int(x) for x in torch.nonzero(bad)[0])
-            raise ValueError(f"{name}: row {int(ids[p])} holds a non-finite value ({float(rows[p, c])} at column {c}), "
-                             f"read at position {lo + p} of indices")
 
 
 def _check_pooled(out: torch.Tensor, tables, indices: torch.Tensor, offsets: torch.Tensor, mode: str) -> None:

@@ -17,19 +17,19 @@ the arguments):
 from __future__ import annotations
 
 import contextvars
-import importlib
-import importlib.util
 import logging
 import math
-import os
-import sys
 from typing import Optional
 
 import torch
 
 from . import backends
 from . import reference
-from ._common import as_table, as_tensor, check_csr, check_float, check_ids, check_offsets
+from ._common import (
+    _check_bias_finite, _nonfinite_row, _parts_to_table, _table_parts, as_count, as_seed, as_table, as_tensor,
+    check_csr, check_float, check_ids, check_offsets,
+)
+from ._native import core_cuda, load_kernel_module
 from .reference import QuantizedTable
 
 __all__ = [
@@ -48,46 +48,8 @@ _KIND_CODE = {"fp32": 0, "fp16": 1, "int8": 2}
 # ---------------------------------------------------------------------------------------
 # Loading the kernels
 # ---------------------------------------------------------------------------------------
-def _ensure_kernels_package() -> None:
-    """Make ``recmeta_sdk.kernels`` importable.
-
-    Installed, it ships inside the package (pyproject's wheel.packages maps kernels/ to
-    recmeta_sdk/kernels). In the source tree the folder is ``<root>/kernels``: it is then
-    loaded *as* ``recmeta_sdk.kernels`` (never as a top-level package named ``kernels``).
-    """
-    if "recmeta_sdk.kernels" in sys.modules:
-        return
-    try:
-        importlib.import_module("recmeta_sdk.kernels")
-        return
-    except ModuleNotFoundError as e:
-        if e.name != "recmeta_sdk.kernels":
-            raise
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # recmeta_sdk/
-    src = os.path.join(os.path.dirname(package), "kernels")
-    init = os.path.join(src, "__init__.py")
-    if not os.path.isfile(init):
-        raise ModuleNotFoundError("recmeta_sdk.kernels is not installed and this is not a source tree",
-                                  name="recmeta_sdk.kernels")
-    spec = importlib.util.spec_from_file_location("recmeta_sdk.kernels", init,
-                                                  submodule_search_locations=[src])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recmeta_sdk.kernels"] = mod
-    spec.loader.exec_module(mod)
-    setattr(sys.modules["recmeta_sdk"], "kernels", mod)
-
-
-def load_kernel_module(name: str):
-    """``recmeta_sdk.kernels.<name>`` (``"embedding_bag"``, ``"policy_topk"``, ``"_common"``,
-    ``"_heuristics"``); the Triton ones import Triton."""
-    _ensure_kernels_package()
-    return importlib.import_module(f"recmeta_sdk.kernels.{name}")
-
-
 def _cuda_ext():
-    from .. import _core_cuda  # noqa: WPS433 - built only with RECMETA_ENABLE_CUDA
-
-    return _core_cuda
+    return core_cuda()
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,13 +181,12 @@ def _needs_graph(tabs, psw) -> bool:
 def _forward_through_op(name, tabs, idx, off, psw, mode):
     """The differentiable forward: ``recmeta::embedding_bag_forward`` (whose CUDA kernel is
     :func:`_forward_op_cuda`, gradient ``recmeta::embedding_bag_grad``) on validated inputs."""
-    from . import _embedding_bag as ebo
-
-    parts = [ebo._table_parts(t, f"weight[{i}]") for i, t in enumerate(tabs)]
+    parts = [_table_parts(t, f"weight[{i}]") for i, t in enumerate(tabs)]
     token = _OP_BACKEND.set(name)
     try:
-        return ebo._forward_op([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
-                               idx, off, psw, mode)
+        # through the op registry: the op module (above this one) registered it before calling here
+        return torch.ops.recmeta.embedding_bag_forward([p[0] for p in parts], [p[1] for p in parts],
+                                                       [p[2] for p in parts], idx, off, psw, mode)
     finally:
         _OP_BACKEND.reset(token)
 
@@ -234,9 +195,7 @@ def _forward_op_cuda(weights, row_scales, row_mins, indices, offsets, per_sample
     """CUDA kernel of the custom op ``recmeta::embedding_bag_forward`` (registered by
     :mod:`recmeta_sdk.ops._embedding_bag`). Its inputs were validated by
     :func:`gpu_embedding_bag`; a direct call of the op is checked here again."""
-    from . import _embedding_bag as ebo
-
-    tabs = [ebo._parts_to_table(w, s, m) for w, s, m in zip(weights, row_scales, row_mins)]
+    tabs = [_parts_to_table(w, s, m) for w, s, m in zip(weights, row_scales, row_mins)]
     name = _OP_BACKEND.get()
     if name is None:  # called directly (e.g. from a compiled graph): validate, default backend
         with torch.no_grad():
@@ -255,8 +214,6 @@ def _embedding_bag_run(name, tabs, idx, off, psw, mode):
     A finite output whose sum overflows float32 is returned, as on the CPU."""
     out = _embedding_bag_kernels(name, tabs, idx, off, psw, mode)
     if out.numel() and not bool(torch.isfinite(out).all()):
-        from ._embedding_bag import _nonfinite_row
-
         _nonfinite_row(tabs, idx, off)
     return out
 
@@ -422,7 +379,6 @@ def _prepare_policy(user_states, items, k, bias, exclude, candidates, temperatur
     if u.device.type != "cuda":
         raise ValueError(f"user_states: expected a CUDA tensor, got device {u.device}")
     check_float(u, "user_states", (None, d))
-    from ._policy_topk import _check_bias_finite, as_count
 
     k = min(as_count(k), N)  # at most N columns (see ops.policy_topk)
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -578,6 +534,5 @@ def gpu_policy_sample(user_states, items, k, seed, bias=None, exclude=None, cand
                       temperature: float = 1.0, backend: Optional[str] = None):
     """Gumbel-top-k sampling on CUDA tensors → (ids, scores, propensities, slate_log_prob);
     the same slates as the CPU backends for the same seed (same counter-based hash)."""
-    from ._policy_topk import as_seed
 
     return _policy(user_states, items, k, as_seed(seed), bias, exclude, candidates, temperature, backend)

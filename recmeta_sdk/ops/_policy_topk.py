@@ -9,45 +9,18 @@ public functions call the same implementation directly, without the dispatcher's
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 
+from . import _native
 from . import backends
 from . import reference
+from ._common import _U64, _check_bias_finite, as_count, as_seed  # noqa: F401
 from ._common import as_table, as_tensor, check_csr, check_float, to_kind
 from .reference import QuantizedTable
 
 __all__ = ["policy_topk", "policy_sample"]
-
-_U64 = (1 << 64) - 1
-
-
-def as_count(k, name: str = "k") -> int:
-    """``k`` as an int: any integral (``int``, numpy integers), not a bool or a float
-    (TypeError naming it), >= 0 (ValueError)."""
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"{name} must be an integer (int or numpy integer), got {k!r} "
-                        f"of type {type(k).__name__}")
-    k = int(k)
-    if k < 0:
-        raise ValueError(f"{name} must be >= 0, got {k}")
-    return k
-
-
-def as_seed(seed) -> int:
-    """``seed`` as an int in [0, 2**64): any integral, not a bool or a float (TypeError);
-    outside that range a ValueError (seeds are not wrapped modulo 2**64)."""
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an integer (int or numpy integer), got {seed!r} "
-                        f"of type {type(seed).__name__}")
-    seed = int(seed)
-    if not 0 <= seed <= _U64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    return seed
-
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
     """Raise ValueError naming the first NaN/inf of ``t``. Fast path: a finite float64 sum
@@ -84,18 +57,6 @@ def _prepare(user_states, items, k, bias, exclude, candidates, temperature):
     return u, tab, b, exc, cand, kind, k
 
 
-def _check_bias_finite(b) -> None:
-    """The bias check for the backends that do not screen it themselves (torch, GPU): no
-    NaN, no +inf (-inf masks an item). Fast path: a sum that is not NaN / +inf implies it."""
-    if b is not None and b.numel():
-        t = float(b.sum(dtype=torch.float64))
-        if math.isnan(t) or t == math.inf:
-            bad = torch.isnan(b) | (b == math.inf)
-            pos = int(torch.nonzero(bad.reshape(-1))[0, 0])
-            raise ValueError(f"bias: non-finite value {float(b.reshape(-1)[pos])} at position {pos} "
-                             f"(-inf masks an item; NaN and +inf are refused)")
-
-
 # ---------------------------------------------------------------------------------------
 # torch custom ops over the compiled core
 # ---------------------------------------------------------------------------------------
@@ -114,9 +75,7 @@ def _core_kwargs(row_scale, row_min, bias, exclude_offsets, exclude_ids, candida
 
 def _topk_cpp(user_states, items, k, row_scale, row_min, bias, exclude_offsets, exclude_ids,
               candidate_offsets, candidate_ids, temperature):
-    from .. import _core
-
-    ids, scores, lognorm = _core.policy_topk(
+    ids, scores, lognorm = _native.core().policy_topk(
         _np(user_states), _np(items), int(k),
         **_core_kwargs(row_scale, row_min, bias, exclude_offsets, exclude_ids, candidate_offsets,
                        candidate_ids, temperature))
@@ -125,9 +84,7 @@ def _topk_cpp(user_states, items, k, row_scale, row_min, bias, exclude_offsets, 
 
 def _sample_cpp(user_states, items, k, seed, row_scale, row_min, bias, exclude_offsets, exclude_ids,
                 candidate_offsets, candidate_ids, temperature):
-    from .. import _core
-
-    ids, scores, _, logtail = _core.policy_sample(
+    ids, scores, _, logtail = _native.core().policy_sample(
         _np(user_states), _np(items), int(k), int(seed) & _U64,
         **_core_kwargs(row_scale, row_min, bias, exclude_offsets, exclude_ids, candidate_offsets,
                        candidate_ids, temperature))

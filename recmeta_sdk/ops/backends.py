@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional, Tuple
 
+from . import _native
+
 __all__ = ["available", "resolve", "describe", "BACKENDS"]
 
 BACKENDS = ("cpp", "torch", "triton", "cuda")
@@ -21,7 +23,7 @@ BACKENDS = ("cpp", "torch", "triton", "cuda")
 
 def _probe_cpp() -> Tuple[bool, str]:
     try:
-        from .. import _core  # noqa: F401
+        _core = _native.core()
     except ImportError as e:  # pragma: no cover - depends on the build
         return False, f"the compiled extension recmeta_sdk._core did not import ({e})"
     return True, f"compiled core, CPU kernels '{_core.cpu_isa()}', OpenMP {'on' if _core.has_openmp() else 'off'}"
@@ -45,9 +47,7 @@ def _probe_triton() -> Tuple[bool, str]:
     except ImportError:
         return False, "the triton package is not installed (pip install 'recmeta[triton]')"
     try:
-        from ._gpu import load_kernel_module
-
-        load_kernel_module("_heuristics")
+        _native.load_kernel_module("_heuristics")
     except ImportError as e:
         return False, f"recmeta_sdk.kernels did not import ({e})"
     return True, f"Triton {triton.__version__} on {torch.cuda.get_device_name()}"
@@ -61,7 +61,7 @@ def _probe_cuda() -> Tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device is visible to PyTorch"
     try:
-        from .. import _core_cuda  # noqa: F401
+        _native.core_cuda()
     except ImportError:
         return False, "the CUDA extension was not built (RECMETA_ENABLE_CUDA=OFF or no CUDA compiler)"
     return True, f"CUDA kernels on {torch.cuda.get_device_name()}"
