@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from . import ops
-from .ops import backends
+from .ops import _native, backends
 from .ops import reference
 from .evaluation.metrics import beyond_accuracy, ranking_metrics
 from .model.io import DEFAULT_LIMITS, LoadLimits, ModelFileError, read_model_file, write_model_file
@@ -63,18 +63,12 @@ _U64 = (1 << 64) - 1
 #: bound on the time of one call; training configs use a handful).
 MAX_ADAPT_STEPS = 1000
 _TABLE_LOCK = threading.Lock()
-_CORE: list = []  # [the compiled core module or None], filled on first use
 
 
 def _core_module():
-    """``recmeta_sdk._core``, or None when the compiled core is not built."""
-    if not _CORE:
-        try:
-            from . import _core
-        except ImportError:  # pragma: no cover - depends on the build
-            _core = None
-        _CORE.append(_core)
-    return _CORE[0]
+    """``recmeta_sdk._core`` (through :mod:`recmeta_sdk.ops._native`), or None when the compiled
+    core is not built."""
+    return _native.core() if backends.available("cpp") else None
 
 
 def _readonly(t: torch.Tensor) -> np.ndarray:

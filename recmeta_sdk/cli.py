@@ -29,8 +29,9 @@ def _cmd_env(args) -> int:
     print(f"python {platform.python_version()} on {platform.machine()} {platform.system()}")
     print(f"numpy {numpy.__version__}, torch {torch.__version__}")
     try:
-        from . import _core
+        from .ops._native import core
 
+        _core = core()
         print(f"compiled core: CPU kernel variant '{_core.cpu_isa()}' "
               f"(best on this CPU: '{_core.cpu_best_isa()}'), OpenMP "
               f"{'on' if _core.has_openmp() else 'off'}, {_core.get_num_threads()} threads")

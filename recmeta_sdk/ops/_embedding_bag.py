@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from typing import List, Optional
 
 import numpy as np
@@ -55,18 +54,6 @@ _FWD_MODES = ("sum", "mean", "max")
 # core, bfloat16 / float64 (and mode "max") on the reference (see _forward_reference).
 _CORE_TABLES = (torch.float32, torch.float16, torch.uint8)
 _OPTIMIZERS = ("sgd", "rowwise_adagrad")
-
-
-_ENV_BACKEND = "RECMETA_BACKEND"
-_DEFAULT_CPU = None
-
-
-def _default_cpu_backend() -> str:
-    """backends.resolve(None, "cpu") without RECMETA_BACKEND set: the compiled core if it loads."""
-    global _DEFAULT_CPU
-    if _DEFAULT_CPU is None:
-        _DEFAULT_CPU = "cpp" if backends.available("cpp") else "torch"
-    return _DEFAULT_CPU
 
 
 def _core():
@@ -505,19 +492,6 @@ _IDS_CODE = {torch.int32: 0, torch.int64: 1}
 _TABLE_CODE = {torch.float32: 0, torch.float16: 1}
 
 
-# The mapping behind os.environ (kept current by its __setitem__ / __delitem__): one dict look-up
-# instead of os.environ's Python-level __contains__, which matters on the hot path because the
-# interpreter's own code is cold in the caches after a kernel has streamed the table's rows.
-_ENVIRON = getattr(os.environ, "_data", None)
-_ENV_KEY = os.environ.encodekey(_ENV_BACKEND) if _ENVIRON is not None and hasattr(os.environ, "encodekey") else None
-
-
-def _env_backend_set() -> bool:
-    if _ENV_KEY is not None:
-        return _ENV_KEY in _ENVIRON
-    return _ENV_BACKEND in os.environ
-
-
 def _fast_forward(w, indices, offsets, mode):
     """The common call, one plain CPU float32/float16 tensor table and plain CPU id tensors on
     the default backend (the compiled core) without autograd, with the fewest Python steps;
@@ -525,7 +499,7 @@ def _fast_forward(w, indices, offsets, mode):
     values (ids in range, offsets well formed) are checked in the core as on the general path.
     Each test below costs about 0.1 us, and a call of 64 bags takes about 10 us in all."""
     fast = _FAST_CORE
-    if fast is None or _env_backend_set():
+    if fast is None or backends.env_override():
         return None
     if fast is _UNSET:
         fast = _init_fast_core()
@@ -577,7 +551,7 @@ def _init_fast_core():
     kept here; if something else claimed it first, the fast path stays off (every call then
     takes the general path, which converts and checks its arrays)."""
     global _FAST_CORE, _FAST_HANDLE
-    if _default_cpu_backend() != "cpp":
+    if backends.default_cpu() != "cpp":
         _FAST_CORE = None
         return None
     if _FAST_HANDLE is _UNSET:
@@ -758,8 +732,8 @@ def embedding_bag(weight, indices, offsets=None, *, per_sample_weights=None, mod
                                                              padding_idx)
     use_ref = mode == "max" or any(_is_wide(w) for w in tables)
     is_torch = isinstance(indices, torch.Tensor)
-    if backend is None and not _env_backend_set() and not (is_torch and indices.is_cuda):
-        be = _default_cpu_backend()  # what backends.resolve answers here, without its look-ups
+    if backend is None and not backends.env_override() and not (is_torch and indices.is_cuda):
+        be = backends.default_cpu()  # what backends.resolve answers here, without its look-ups
     else:
         be = backends.resolve(backend, "cuda" if is_torch and indices.is_cuda else "cpu")
     if (be == "triton" or be == "cuda") and not (use_ref or scale_grad_by_freq):

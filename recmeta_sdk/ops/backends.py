@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 
 from . import _native
 
-__all__ = ["available", "resolve", "describe", "BACKENDS"]
+__all__ = ["available", "resolve", "describe", "default_cpu", "env_override", "BACKENDS", "ENV_VAR"]
 
 BACKENDS = ("cpp", "torch", "triton", "cuda")
 
@@ -87,6 +87,32 @@ def available(name: str) -> bool:
     return _cache[name][0]
 
 
+#: the environment variable that overrides the default backend (read here and nowhere else)
+ENV_VAR = "RECMETA_BACKEND"
+# The mapping behind os.environ (kept current by its __setitem__ / __delitem__): one dict look-up
+# instead of os.environ's Python-level __contains__, which matters on the ops' hot path because
+# the interpreter's own code is cold in the caches after a kernel has streamed a table's rows.
+_ENVIRON = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if _ENVIRON is not None and hasattr(os.environ, "encodekey") else None
+_DEFAULT_CPU: Optional[str] = None
+
+
+def env_override() -> bool:
+    """Whether ``RECMETA_BACKEND`` is set (the ops' fast paths then defer to :func:`resolve`)."""
+    if _ENV_KEY is not None:
+        return _ENV_KEY in _ENVIRON
+    return ENV_VAR in os.environ
+
+
+def default_cpu() -> str:
+    """``resolve(None, "cpu")`` when ``RECMETA_BACKEND`` is not set: the compiled core if it
+    loads, else the torch reference (probed once)."""
+    global _DEFAULT_CPU
+    if _DEFAULT_CPU is None:
+        _DEFAULT_CPU = "cpp" if available("cpp") else "torch"
+    return _DEFAULT_CPU
+
+
 def resolve(backend: Optional[str], device_type: str = "cpu") -> str:
     """The backend a call runs on.
 
@@ -96,7 +122,7 @@ def resolve(backend: Optional[str], device_type: str = "cpu") -> str:
         Explicit choice; None uses ``RECMETA_BACKEND`` or the default for ``device_type``.
     device_type : {"cpu", "cuda"}
     """
-    choice = backend if backend is not None else (os.environ.get("RECMETA_BACKEND") or None)
+    choice = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
     if choice is not None:
         if choice not in _PROBES:
             raise ValueError(f"unknown backend {choice!r}; choose one of {BACKENDS}")
