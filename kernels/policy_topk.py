@@ -328,7 +328,7 @@ def policy_sample(user_states, items, k: int, seed: int, bias=None, exclude=None
     -inf bias's mask) is never drawn: such slots become padding. ``screen(ids, values,
     lognorm) -> (ids, values)``: the caller's check of the merged result (it raises on a
     non-finite score), optional."""
-    from recmeta_sdk.ops.reference import _slate_probabilities, logtail_from_lognorm
+    from recmeta_sdk.ops.reference import slate_probabilities, logtail_from_lognorm
 
     k = min(int(k), _table_parts(items)[0].shape[0])  # at most N columns, as every backend
     keys, mx, sm = policy_stage1(user_states, items, k, bias, exclude, candidates, temperature,
@@ -341,4 +341,4 @@ def policy_sample(user_states, items, k: int, seed: int, bias=None, exclude=None
     sc = gather_scores(user_states, items, ids, bias, temperature)
     valid = ids >= 0
     logtail = logtail_from_lognorm(sc, valid, lognorm, None if exact_tail is None else exact_tail(ids))
-    return (ids, sc) + _slate_probabilities(sc, valid, logtail)
+    return (ids, sc) + slate_probabilities(sc, valid, logtail)

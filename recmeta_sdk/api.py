@@ -443,7 +443,7 @@ class Recommender:
                     ids[b], scores[b] = i[0], sc[0]
                 else:
                     i, sc, _, logtail = _core.policy_sample(u, V, k, (int(seed) + b) & _U64, **kw)
-                    pr, _ = reference._slate_probabilities(torch.from_numpy(sc), torch.from_numpy(i >= 0),
+                    pr, _ = reference.slate_probabilities(torch.from_numpy(sc), torch.from_numpy(i >= 0),
                                                            torch.from_numpy(logtail))
                     ids[b], scores[b], props[b] = i[0], sc[0], pr[0].numpy()
             else:

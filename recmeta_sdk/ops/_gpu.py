@@ -518,7 +518,7 @@ def _cuda_policy(u, tab, k, seed, b, exc, cand, temperature):
     valid = ids >= 0
     logtail = reference.logtail_from_lognorm(sc, valid, lognorm,
                                              _exact_logtail(u, tab, b, exc, cand, temperature, ids))
-    return (ids, sc) + reference._slate_probabilities(sc, valid, logtail)
+    return (ids, sc) + reference.slate_probabilities(sc, valid, logtail)
 
 
 def gpu_policy_topk(user_states, items, k, bias=None, exclude=None, candidates=None,

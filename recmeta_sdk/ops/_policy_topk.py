@@ -89,7 +89,7 @@ def _sample_cpp(user_states, items, k, seed, row_scale, row_min, bias, exclude_o
         **_core_kwargs(row_scale, row_min, bias, exclude_offsets, exclude_ids, candidate_offsets,
                        candidate_ids, temperature))
     ids_t, sc_t = torch.from_numpy(ids), torch.from_numpy(scores)
-    prop, slate = reference._slate_probabilities(sc_t, ids_t >= 0, torch.from_numpy(logtail))
+    prop, slate = reference.slate_probabilities(sc_t, ids_t >= 0, torch.from_numpy(logtail))
     return ids_t, sc_t, prop, slate
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "embedding_bag_backward_table_offsets",
     "policy_topk",
     "policy_sample",
+    "slate_probabilities",
     "gumbel_noise",
     "hash_uniform",
     "eligible_mask",
@@ -680,7 +681,7 @@ def policy_sample(
         (0 padding)
     slate_log_prob : (B,) float32, Plackett-Luce log-probability of the ranked slate of valid
         items: ``sum_j [s_j - log(Z - sum_{i<j} exp(s_i))]`` (0.0 for an empty slate),
-        computed in float64 from the mass outside the slate (see :func:`_slate_probabilities`)
+        computed in float64 from the mass outside the slate (see :func:`slate_probabilities`)
 
     Masking (-inf bias), non-finite rows and overflow as in :func:`policy_topk`.
     """
@@ -699,10 +700,10 @@ def policy_sample(
     drawn[rows.expand_as(ids)[valid], ids[valid]] = True
     tail = mask & ~drawn  # the eligible items not drawn
     logtail = torch.logsumexp(s.to(torch.float64).masked_fill(~tail, float("-inf")), dim=1)
-    return (ids, sc) + _slate_probabilities(sc, valid, logtail)
+    return (ids, sc) + slate_probabilities(sc, valid, logtail)
 
 
-def _slate_probabilities(sc: torch.Tensor, valid: torch.Tensor, logtail: torch.Tensor):
+def slate_probabilities(sc: torch.Tensor, valid: torch.Tensor, logtail: torch.Tensor):
     """Per-item propensities and the Plackett-Luce slate log-probability, in float64.
 
     ``sc`` (B, k) are the drawn items' scores (valid ones first), ``logtail`` (B,) the log of
