@@ -32,13 +32,7 @@ import numpy as np
 import pytest
 import torch
 
-try:
-    _HAS_GPU = torch.cuda.is_available()
-except Exception:  # pragma: no cover
-    _HAS_GPU = False
-if not _HAS_GPU:
-    # Must be set before the kernel modules are imported (triton.jit reads it).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from _triton_setup import DEV, same_outcome  # noqa: E402  (sets TRITON_INTERPRET first)
 
 pytest.importorskip("triton", reason="the triton package is not installed")
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed")
@@ -54,7 +48,6 @@ from recmeta_sdk.ops.reference import QuantizedTable  # noqa: E402
 
 EB = _gpu.load_kernel_module("embedding_bag")
 PT = _gpu.load_kernel_module("policy_topk")
-DEV = "cuda" if _HAS_GPU and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 SCALE = float(os.environ.get("RECMETA_TRITON_FUZZ_EXAMPLES", "1"))
 
 
@@ -278,24 +271,8 @@ def _poison(rng, w: np.ndarray, u: np.ndarray, kind: str):
 
 
 def _same_outcome(run_gpu, run_cpp):
-    error = want = None
-    try:
-        want = run_cpp()
-    except ValueError as e:
-        error = e
-    if error is not None:
-        with pytest.raises(ValueError) as got:
-            run_gpu()
-        assert str(got.value) == str(error)
-        FIGURES["(hostile: same ValueError)"] += 1
-    else:
-        FIGURES["(hostile: same result)"] += 1
-        got = run_gpu()
-        for a, b in zip(got, want):
-            if a.dtype.is_floating_point:
-                torch.testing.assert_close(a.cpu(), torch.as_tensor(b), rtol=1e-5, atol=1e-4)
-            else:
-                assert torch.equal(a.cpu(), torch.as_tensor(b))
+    error = same_outcome(run_gpu, run_cpp, atol=1e-4)
+    FIGURES["(hostile: same ValueError)" if error is not None else "(hostile: same result)"] += 1
 
 
 @pytest.mark.skipif(not backends.available("cpp"), reason="the compiled core is not built")

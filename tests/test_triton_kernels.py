@@ -10,25 +10,16 @@ import os
 import pytest
 import torch
 
-try:
-    _HAS_GPU = torch.cuda.is_available()
-except Exception:  # pragma: no cover
-    _HAS_GPU = False
-if not _HAS_GPU:
-    # Must be set before the kernel modules are imported (triton.jit reads it).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from _triton_setup import DEV, same_outcome  # noqa: E402  (sets TRITON_INTERPRET first)
 
 pytest.importorskip("triton")
 
 from recmeta_sdk.ops import reference as R  # noqa: E402
-from recmeta_sdk.ops._gpu import load_kernel_module  # noqa: E402
+from recmeta_sdk.ops._native import load_kernel_module  # noqa: E402
 
 EB = load_kernel_module("embedding_bag")
 PT = load_kernel_module("policy_topk")
 COMMON = load_kernel_module("_common")
-
-DEV = "cuda" if _HAS_GPU and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
@@ -334,20 +325,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
 # ---------------------------------------------------------------------------------------
 def _same_outcome(run_gpu, run_cpp):
     """Both raise ValueError with the same message, or both return the same results."""
-    try:
-        want = run_cpp()
-    except ValueError as e:
-        with pytest.raises(ValueError) as got:
-            run_gpu()
-        assert str(got.value) == str(e)
-        return str(e)
-    got = run_gpu()
-    for a, b in zip(got, want):
-        if a.dtype.is_floating_point:
-            torch.testing.assert_close(a.cpu(), torch.as_tensor(b), rtol=1e-5, atol=1e-5)
-        else:
-            assert torch.equal(a.cpu(), torch.as_tensor(b))
-    return None
+    return same_outcome(run_gpu, run_cpp, atol=1e-5)
 
 
 def _policy_case(case):
