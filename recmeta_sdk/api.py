@@ -1,4 +1,7 @@
-"""The public API: :func:`train`, :class:`Recommender`, :class:`UserState`, :class:`Recommendations`.
+"""The facade: :func:`train`, :func:`load` and :class:`Recommender`, over the layers below.
+
+It also re-exports the records :class:`UserState` and :class:`Recommendations`
+(:mod:`recmeta_sdk.model.state`).
 
 ::
 
@@ -21,8 +24,8 @@ under a lock) and a state's wide-part cache (:class:`UserState`).
 Serving path: ``recommend`` on a :class:`UserState` is one call of the compiled kernel
 (``_core.policy_topk``) on numpy arrays: the read-only item table and bias of the snapshot,
 the state's vector, and as bias vector the item bias plus the state's wide part, which
-``adapt`` / ``user_state`` computed once; the results are those of :func:`ops.policy_topk`
-on the same inputs, bit for bit (``tests/test_serving.py``).
+``adapt`` / ``user_state`` computed once; the results are those of
+:func:`recmeta_sdk.ops.policy_topk` on the same inputs, bit for bit (``tests/test_serving.py``).
 """
 from __future__ import annotations
 
@@ -82,8 +85,8 @@ class _ServingTable:
     """What serving reads on every call, as an immutable snapshot of the model's weights.
 
     ``V`` (N, d) and ``bias`` (N,) are read-only numpy views of the served item table and
-    bias (the tensors that :func:`ops.policy_topk` scored), so that a call hands them to the
-    compiled kernel with no torch op and no copy. A :class:`Recommender`'s weights never
+    bias (the tensors that :func:`recmeta_sdk.ops.policy_topk` scored), so that a call hands them
+    to the compiled kernel with no torch op and no copy. A :class:`Recommender`'s weights never
     change after construction (training, ``resume`` and :func:`load` build a new one), so
     one snapshot per model is valid for its lifetime; ``token`` identifies it in the
     wide-part cache of the states it adapted.
@@ -408,7 +411,7 @@ class Recommender:
         the items are drawn (Gumbel-top-k); user b's noise uses the seed ``seed + b`` so that
         the users of one call draw independently. On the compiled core this calls
         ``_core.policy_topk`` / ``policy_sample`` directly (they validate the inputs and
-        raise ValueError naming a bad value); other backends go through :mod:`ops`.
+        raise ValueError naming a bad value); other backends go through :mod:`recmeta_sdk.ops`.
         Returns numpy ``(ids (B, k) int64, scores (B, k) float32, propensities or None)``.
         """
         B = U.shape[0]

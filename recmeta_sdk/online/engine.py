@@ -1,5 +1,7 @@
-"""The online loop of a :class:`~recmeta_sdk.api.Recommender`: feedback, per-user online
-states, auditable exploration helpers and the incremental off-policy update.
+"""The online loop of a Recommender: feedback in, fresh user states and model updates out.
+
+For a :class:`~recmeta_sdk.api.Recommender`: feedback, per-user online states, auditable
+exploration helpers and the incremental off-policy update.
 
 ::
 

@@ -10,7 +10,7 @@ Backends
   the value checks (every id in range, offsets well formed, weights finite) run in the core,
   before any row is read, and raise the same ``ValueError`` messages as the torch backend's
   checks, so that the checks cost one pass over the ids instead of a dozen torch calls.
-* ``"torch"``: :mod:`recmeta_sdk.ops.reference`, after the checks of :mod:`._ops_common`.
+* ``"torch"``: :mod:`recmeta_sdk.ops.reference`, after the checks of :mod:`._common`.
 
 Torch custom ops (namespace ``recmeta``)
 ----------------------------------------
@@ -405,7 +405,7 @@ def _compiling() -> bool:
 # public functions
 # ---------------------------------------------------------------------------------------------
 def _check_torch_path(tabs, idx, off, psw):
-    """Full checks of :mod:`._ops_common` (the torch backend)."""
+    """Full checks of :mod:`._common` (the torch backend)."""
     T = len(tabs)
     off = check_offsets(off, "offsets", idx.numel())
     if (off.numel() - 1) % T != 0:

@@ -1465,7 +1465,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     ``batches``: None (per-user tasks) or a sampler of group-task meta-batches with
     ``steps_per_epoch`` and ``draw(rng, user_feats) -> Batch`` (see :mod:`recmeta_sdk.training.meta_tasks`).
 
-    ``tune`` (per-user tasks only): choose on a validation set, as :func:`recmeta_sdk.training.loop`
+    ``tune`` (per-user tasks only): choose on a validation set, as :func:`recmeta_sdk.train`
     does by default. The validation set is ``validation`` (a DataFrame of held-out
     interactions of training users) or, with ``cfg.validation > 0``, carved from ``prep``
     (``calib_holdout`` of the interactions of a fraction ``cfg.validation`` of the users with
