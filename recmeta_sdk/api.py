@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -51,6 +51,12 @@ from .training.loop import (
     build_schema, check_log, encode_features, fit, history_tensors, item_features, positive_threshold,
     prepare, schema_names,
 )
+
+if TYPE_CHECKING:  # names used in annotations only
+    import os
+
+    from .online import OnlineStore, OnlineUser
+    from .training.meta_tasks import TaskState
 
 logger = logging.getLogger("recmeta")
 
@@ -474,8 +480,9 @@ class Recommender:
         return int(steps)
 
     # ------------------------------------------------------------------ public
-    def adapt(self, history, *, steps: Optional[int] = None, features: Optional[dict] = None,
-              unknown: str = "error", task=None) -> UserState:
+    def adapt(self, history: Union[Sequence[Any], np.ndarray, Mapping[str, Any], pd.DataFrame], *,
+              steps: Optional[int] = None, features: Optional[dict] = None,
+              unknown: str = "error", task: Optional[TaskState] = None) -> UserState:
         """The state of a new user from a few interactions (pure: the model is not changed).
 
         Parameters
@@ -531,12 +538,13 @@ class Recommender:
             raise ValueError(f"unknown user {user!r}: not in the training data (use adapt(history) for new users)")
         return int(u)
 
-    def user_state(self, user_id, *, steps: Optional[int] = None, task=None) -> UserState:
+    def user_state(self, user_id: Union[int, np.integer, str], *, steps: Optional[int] = None,
+                   task: Optional[TaskState] = None) -> UserState:
         """The state of a known (training) user from their training history (``task``: a
         :class:`~recmeta_sdk.training.meta_tasks.TaskState` whose adaptation parameters are used)."""
         return self._user_states([user_id], steps, task)[0]
 
-    def adapt_task(self, interactions: pd.DataFrame, *, steps: Optional[int] = None):
+    def adapt_task(self, interactions: pd.DataFrame, *, steps: Optional[int] = None) -> TaskState:
         """Adapt to a new task (campaign, segment, ...) from its interactions; pure. Returns a
         :class:`~recmeta_sdk.training.meta_tasks.TaskState` for ``task=`` (see :func:`recmeta_sdk.training.meta_tasks.adapt_task`)."""
         from .training.meta_tasks import adapt_task
@@ -569,10 +577,12 @@ class Recommender:
             raise ValueError(f"{name} has item ids unknown to the model: {arr[idx < 0][:10].tolist()}")
         return idx.astype(np.int64)
 
-    def recommend(self, users_or_states, k: int = 10, *, exclude_seen: bool = True, exclude=None,
-                  candidates=None, explore: Optional[str] = None, temperature: Optional[float] = None,
+    def recommend(self, users_or_states: Union[int, np.integer, str, UserState, Sequence[Any], np.ndarray],
+                  k: int = 10, *, exclude_seen: bool = True, exclude: Optional[Iterable[Any]] = None,
+                  candidates: Optional[Iterable[Any]] = None, explore: Optional[str] = None,
+                  temperature: Optional[float] = None,
                   diversity: float = 0.0, popularity_penalty: float = 0.0, seed: Optional[int] = None,
-                  explain: bool = False, epsilon: float = 0.1, task=None) -> Recommendations:
+                  explain: bool = False, epsilon: float = 0.1, task: Optional[TaskState] = None) -> Recommendations:
         """Top-k items for one user or a batch.
 
         Parameters
@@ -862,7 +872,8 @@ class Recommender:
         out.update(beyond_accuracy(top, self.n_items, self._item_count, len(self.user_ids), self._V.numpy()))
         return out
 
-    def feedback(self, events):
+    def feedback(self, events: Union[pd.DataFrame, Sequence[Union[Mapping[str, Any], tuple]]]
+                 ) -> Dict[Any, OnlineUser]:
         """Online feedback: ``(user, item, reward, propensity, timestamp, position)`` rows (a
         DataFrame or a list of dicts / tuples). Each event updates that user's online state at
         once (one adaptation step; see :mod:`recmeta_sdk.online`) and is appended to the
@@ -874,7 +885,8 @@ class Recommender:
         return online.feedback(self, events)
 
     # ------------------------------------------------------------------ catalogue
-    def online_store(self, *, encode: str = "positive", update: str = "step", known_users: bool = True):
+    def online_store(self, *, encode: str = "positive", update: str = "step",
+                     known_users: bool = True) -> OnlineStore:
         """A new online store of this model, separate from the one :meth:`feedback` writes to.
 
         An :class:`recmeta_sdk.online.OnlineStore`: per-user online states updated by its own
@@ -999,7 +1011,7 @@ class Recommender:
         return out
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path) -> None:
+    def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the model to ``path`` atomically (safetensors + JSON; see :mod:`recmeta_sdk.model.io`)."""
         tensors = {f"net.{k}": v for k, v in self._net.state_dict().items()}
         tensors.update({
@@ -1318,7 +1330,7 @@ def _probe(model: Recommender, path) -> None:
         raise ModelFileError(f"{path}: the model's scores are not finite (weights out of range)")
 
 
-def load(path, *, limits: Optional[LoadLimits] = None) -> Recommender:
+def load(path: Union[str, os.PathLike], *, limits: Optional[LoadLimits] = None) -> Recommender:
     """Load a model written by :meth:`Recommender.save`.
 
     Every count, size and config value the file declares is checked against ``limits``
@@ -1353,7 +1365,8 @@ def load(path, *, limits: Optional[LoadLimits] = None) -> Recommender:
 
 
 def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
-          items: Optional[pd.DataFrame] = None, config=None, tasks: str = "user",
+          items: Optional[pd.DataFrame] = None, config: Union[Config, Dict[str, Any], None] = None,
+          tasks: str = "user",
           progress: Optional[bool] = None, resume: Optional[Recommender] = None,
           validation: Optional[pd.DataFrame] = None, num_threads: Optional[int] = None) -> Recommender:
     """Meta-train a recommender on an interaction log.
