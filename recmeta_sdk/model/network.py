@@ -142,7 +142,8 @@ class Config:
     #: use a sampled softmax with ``n_negatives`` popularity-sampled negatives and log-Q
     #: correction.
     full_softmax_max: int = 50000
-    #: Negatives per batch of the sampled softmax (a positive int; used only above
+    #: Negatives drawn (with replacement, from the popularity distribution) per batch for the
+    #: sampled softmax, shared by its samples (a positive int; used only above
     #: ``full_softmax_max`` items).
     n_negatives: int = 1024
 
@@ -151,7 +152,8 @@ class Config:
     #: ``"none"``: plain training.
     meta: str = "fomaml"
     #: Gradient steps of the inner loop that adapts the parameters phi on a support set
-    #: (an int >= 0; 0: no adaptation during training).
+    #: (an int >= 0; 0: no adaptation during training); also the default ``steps`` of
+    #: ``Recommender.adapt`` and ``Recommender.user_state``.
     inner_steps: int = 1
     #: Initial step size of the inner loop (a finite number > 0); learned (per coordinate)
     #: with ``"fomaml"``, fixed otherwise.
