@@ -4,7 +4,7 @@ For each campaign (all / men / women) the uniform-random logs are split in time:
 70 % train, the last 30 % are held out. Policies:
 
 ``recmeta per-campaign``
-    ``recmeta_sdk.training.loop`` on the campaign's training rows (reward = click, the logged
+    ``recmeta_sdk.train`` on the campaign's training rows (reward = click, the logged
     ``propensity`` as the behaviour probability beta of the off-policy REINFORCE term,
     no supervised cross-entropy: impressions of a random policy are not preferences),
     user and item side features.
@@ -127,7 +127,7 @@ def choose_epochs(parts, cfg, args, label, tasks="user", steps=None) -> int:
 
     ``parts``: (training rows, users, items, candidate ids) per campaign; each is split
     70/30 in time, trained on the first part and evaluated on the second. ``tasks``: as in
-    ``recmeta_sdk.training.loop`` (a group kind keeps its column); ``steps``: per-user steps when serving.
+    ``recmeta_sdk.train`` (a group kind keeps its column); ``steps``: per-user steps when serving.
     """
     best, best_v = None, -np.inf
     frames = [(split(tr), u, it, cand) for tr, u, it, cand in parts]

@@ -19,7 +19,7 @@ Two environments (``--env``):
     (with ``--recmeta-epochs N`` the SDK's policy joins them, trained on the clicks of those
     logs with the items' latent features as a dense side feature).
 
-With ``--recmeta-epochs N`` (ML) the SDK's policy joins them: ``recmeta_sdk.training.loop`` on the
+With ``--recmeta-epochs N`` (ML) the SDK's policy joins them: ``recmeta_sdk.train`` on the
 existing users (meta-trained, ``meta="fomaml"``, and the same network without
 meta-training, ``meta="none"``), served through ``bandits.RecommenderPolicy``, i.e. learning
 online by ``Recommender.feedback`` (one adaptation step per rewarded event; ``--recmeta-updates

@@ -1,4 +1,7 @@
-"""The public API: :func:`train`, :class:`Recommender`, :class:`UserState`, :class:`Recommendations`.
+"""The facade: :func:`train`, :func:`load` and :class:`Recommender`, over the layers below.
+
+It also re-exports the records :class:`UserState` and :class:`Recommendations`
+(:mod:`recmeta_sdk.model.state`).
 
 ::
 
@@ -21,15 +24,15 @@ under a lock) and a state's wide-part cache (:class:`UserState`).
 Serving path: ``recommend`` on a :class:`UserState` is one call of the compiled kernel
 (``_core.policy_topk``) on numpy arrays: the read-only item table and bias of the snapshot,
 the state's vector, and as bias vector the item bias plus the state's wide part, which
-``adapt`` / ``user_state`` computed once; the results are those of :func:`ops.policy_topk`
-on the same inputs, bit for bit (``tests/test_serving.py``).
+``adapt`` / ``user_state`` computed once; the results are those of
+:func:`recmeta_sdk.ops.policy_topk` on the same inputs, bit for bit (``tests/test_serving.py``).
 """
 from __future__ import annotations
 
 import logging
 import math
 import threading
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -48,6 +51,12 @@ from .training.loop import (
     build_schema, check_log, encode_features, fit, history_tensors, item_features, positive_threshold,
     prepare, schema_names,
 )
+
+if TYPE_CHECKING:  # names used in annotations only
+    import os
+
+    from .online import OnlineStore, OnlineUser
+    from .training.meta_tasks import TaskState
 
 logger = logging.getLogger("recmeta")
 
@@ -82,8 +91,8 @@ class _ServingTable:
     """What serving reads on every call, as an immutable snapshot of the model's weights.
 
     ``V`` (N, d) and ``bias`` (N,) are read-only numpy views of the served item table and
-    bias (the tensors that :func:`ops.policy_topk` scored), so that a call hands them to the
-    compiled kernel with no torch op and no copy. A :class:`Recommender`'s weights never
+    bias (the tensors that :func:`recmeta_sdk.ops.policy_topk` scored), so that a call hands them
+    to the compiled kernel with no torch op and no copy. A :class:`Recommender`'s weights never
     change after construction (training, ``resume`` and :func:`load` build a new one), so
     one snapshot per model is valid for its lifetime; ``token`` identifies it in the
     wide-part cache of the states it adapted.
@@ -408,7 +417,7 @@ class Recommender:
         the items are drawn (Gumbel-top-k); user b's noise uses the seed ``seed + b`` so that
         the users of one call draw independently. On the compiled core this calls
         ``_core.policy_topk`` / ``policy_sample`` directly (they validate the inputs and
-        raise ValueError naming a bad value); other backends go through :mod:`ops`.
+        raise ValueError naming a bad value); other backends go through :mod:`recmeta_sdk.ops`.
         Returns numpy ``(ids (B, k) int64, scores (B, k) float32, propensities or None)``.
         """
         B = U.shape[0]
@@ -471,8 +480,9 @@ class Recommender:
         return int(steps)
 
     # ------------------------------------------------------------------ public
-    def adapt(self, history, *, steps: Optional[int] = None, features: Optional[dict] = None,
-              unknown: str = "error", task=None) -> UserState:
+    def adapt(self, history: Union[Sequence[Any], np.ndarray, Mapping[str, Any], pd.DataFrame], *,
+              steps: Optional[int] = None, features: Optional[dict] = None,
+              unknown: str = "error", task: Optional[TaskState] = None) -> UserState:
         """The state of a new user from a few interactions (pure: the model is not changed).
 
         Parameters
@@ -528,12 +538,13 @@ class Recommender:
             raise ValueError(f"unknown user {user!r}: not in the training data (use adapt(history) for new users)")
         return int(u)
 
-    def user_state(self, user_id, *, steps: Optional[int] = None, task=None) -> UserState:
+    def user_state(self, user_id: Union[int, np.integer, str], *, steps: Optional[int] = None,
+                   task: Optional[TaskState] = None) -> UserState:
         """The state of a known (training) user from their training history (``task``: a
         :class:`~recmeta_sdk.training.meta_tasks.TaskState` whose adaptation parameters are used)."""
         return self._user_states([user_id], steps, task)[0]
 
-    def adapt_task(self, interactions: pd.DataFrame, *, steps: Optional[int] = None):
+    def adapt_task(self, interactions: pd.DataFrame, *, steps: Optional[int] = None) -> TaskState:
         """Adapt to a new task (campaign, segment, ...) from its interactions; pure. Returns a
         :class:`~recmeta_sdk.training.meta_tasks.TaskState` for ``task=`` (see :func:`recmeta_sdk.training.meta_tasks.adapt_task`)."""
         from .training.meta_tasks import adapt_task
@@ -566,10 +577,12 @@ class Recommender:
             raise ValueError(f"{name} has item ids unknown to the model: {arr[idx < 0][:10].tolist()}")
         return idx.astype(np.int64)
 
-    def recommend(self, users_or_states, k: int = 10, *, exclude_seen: bool = True, exclude=None,
-                  candidates=None, explore: Optional[str] = None, temperature: Optional[float] = None,
+    def recommend(self, users_or_states: Union[int, np.integer, str, UserState, Sequence[Any], np.ndarray],
+                  k: int = 10, *, exclude_seen: bool = True, exclude: Optional[Iterable[Any]] = None,
+                  candidates: Optional[Iterable[Any]] = None, explore: Optional[str] = None,
+                  temperature: Optional[float] = None,
                   diversity: float = 0.0, popularity_penalty: float = 0.0, seed: Optional[int] = None,
-                  explain: bool = False, epsilon: float = 0.1, task=None) -> Recommendations:
+                  explain: bool = False, epsilon: float = 0.1, task: Optional[TaskState] = None) -> Recommendations:
         """Top-k items for one user or a batch.
 
         Parameters
@@ -859,7 +872,8 @@ class Recommender:
         out.update(beyond_accuracy(top, self.n_items, self._item_count, len(self.user_ids), self._V.numpy()))
         return out
 
-    def feedback(self, events):
+    def feedback(self, events: Union[pd.DataFrame, Sequence[Union[Mapping[str, Any], tuple]]]
+                 ) -> Dict[Any, OnlineUser]:
         """Online feedback: ``(user, item, reward, propensity, timestamp, position)`` rows (a
         DataFrame or a list of dicts / tuples). Each event updates that user's online state at
         once (one adaptation step; see :mod:`recmeta_sdk.online`) and is appended to the
@@ -871,7 +885,8 @@ class Recommender:
         return online.feedback(self, events)
 
     # ------------------------------------------------------------------ catalogue
-    def online_store(self, *, encode: str = "positive", update: str = "step", known_users: bool = True):
+    def online_store(self, *, encode: str = "positive", update: str = "step",
+                     known_users: bool = True) -> OnlineStore:
         """A new online store of this model, separate from the one :meth:`feedback` writes to.
 
         An :class:`recmeta_sdk.online.OnlineStore`: per-user online states updated by its own
@@ -996,7 +1011,7 @@ class Recommender:
         return out
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path) -> None:
+    def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the model to ``path`` atomically (safetensors + JSON; see :mod:`recmeta_sdk.model.io`)."""
         tensors = {f"net.{k}": v for k, v in self._net.state_dict().items()}
         tensors.update({
@@ -1315,7 +1330,7 @@ def _probe(model: Recommender, path) -> None:
         raise ModelFileError(f"{path}: the model's scores are not finite (weights out of range)")
 
 
-def load(path, *, limits: Optional[LoadLimits] = None) -> Recommender:
+def load(path: Union[str, os.PathLike], *, limits: Optional[LoadLimits] = None) -> Recommender:
     """Load a model written by :meth:`Recommender.save`.
 
     Every count, size and config value the file declares is checked against ``limits``
@@ -1350,7 +1365,8 @@ def load(path, *, limits: Optional[LoadLimits] = None) -> Recommender:
 
 
 def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
-          items: Optional[pd.DataFrame] = None, config=None, tasks: str = "user",
+          items: Optional[pd.DataFrame] = None, config: Union[Config, Dict[str, Any], None] = None,
+          tasks: str = "user",
           progress: Optional[bool] = None, resume: Optional[Recommender] = None,
           validation: Optional[pd.DataFrame] = None, num_threads: Optional[int] = None) -> Recommender:
     """Meta-train a recommender on an interaction log.

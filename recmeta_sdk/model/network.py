@@ -40,163 +40,265 @@ __all__ = ["Config", "ItemFeatures", "RecMetaNet"]
 class Config:
     """Every setting of the model and its training (all have defaults).
 
-    Model: ``dim`` (width of items and states), ``hidden`` (fusion MLP width), ``encoder``
-    (``"transformer"``, ``"gru"`` or ``"none"``), ``layers``, ``heads``, ``seq_len`` (L,
-    the recent items read by the sequence encoder), ``dropout``, ``temperature`` (tau).
+    Each field is documented at its definition below (``#:`` comments, read by Sphinx
+    autodoc). The groups:
 
-    Training: ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``input_dropout``
-    (fraction of a history hidden from the encoder and used as targets in the
-    denoising samples), ``prefix_prob`` (fraction of samples that are time-ordered
-    prefixes of 1..``max_prefix`` items predicting the rest, for cold users),
-    ``user_feature_dropout``, ``query_weight`` (each sample's loss is the mean over its
-    query items, and samples are weighted by ``(query size) ** query_weight``: 0 counts
-    every user the same, 1 every query item, as Mult-DAE's summed likelihood does. Per-user
-    means alone under-weight the users with long futures, whose query items lean to popular
-    films, and rank worse than popularity on NDCG for new users; 0.5 was chosen on an inner
-    split of training users, see :mod:`recmeta_sdk.training.loop`).
+    * **Model**: ``dim``, ``hidden``, ``encoder``, ``layers``, ``heads``, ``seq_len``,
+      ``dropout``, ``temperature``.
+    * **Training**: ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``l2``,
+      ``input_dropout``, ``prefix_prob``, ``max_prefix``, ``user_feature_dropout``,
+      ``query_weight``, ``year_bucket``, ``seed``.
+    * **RL**: ``ce_weight``, ``rl_weight``, ``is_cap``, ``topk_k``, ``entropy``,
+      ``full_softmax_max``, ``n_negatives``.
+    * **Meta-learning**: ``meta``, ``inner_steps``, ``inner_lr``, ``meta_scalar``,
+      ``meta_tasks``.
+    * **Wide part** (a full-rank EASE item-to-item component, wide & deep): ``wide``,
+      ``wide_reg``, ``wide_max_items``, ``wide_init``, ``wide_slope``, ``scalar_lr``;
+      its calibration ``calib_users``, ``calib_holdout``.
+    * **Validation-tuned training** (off by default): ``validation``,
+      ``validation_holdout``, ``validation_cold``, ``patience``, ``wide_train``,
+      ``new_user_alpha``, ``wide_recency``, ``wide_recency_decay``, ``wide_pop_exp``.
+    * **Online feedback** (:mod:`recmeta_sdk.online`): ``feedback_posterior``,
+      ``feedback_reg``, ``feedback_window``.
+    * **Rewards**: ``positive_threshold``.
 
-    RL: ``ce_weight`` (weight of the supervised cross-entropy), ``rl_weight`` (weight of the off-policy corrected REINFORCE loss beside the
-    supervised multi-target cross-entropy), ``is_cap`` (cap of pi/beta), ``topk_k`` (K of
-    the top-K correction ``K (1 - pi)^(K-1)``), ``entropy`` (entropy bonus),
-    ``full_softmax_max`` (above this catalogue size the losses use a sampled softmax with
-    ``n_negatives`` popularity-sampled negatives and log-Q correction).
-
-    Meta-learning: ``meta`` (``"fomaml"``: first-order MAML of the adaptation parameters
-    with learned step sizes; ``"none"``: plain training), ``inner_steps``, ``inner_lr``
-    (initial step size; learned with ``"fomaml"``, fixed otherwise), ``meta_scalar`` (learn
-    the step sizes at ``scalar_lr`` instead of ``lr``: with the main ``lr`` they barely move
-    from ``inner_lr`` in a short training), ``meta_tasks`` (``"all"``: every sample is a task
-    of the inner loop; ``"prefix"``: only the time-ordered prefixes, the new-user samples,
-    are; the others are scored at the initial adaptation parameters).
-
-    Wide part: ``wide="ease"`` adds a full-rank item-to-item component to the policy,
-    ``alpha(n) * (x W)_a`` with ``x`` the multi-hot history, ``W`` the closed-form EASE
-    weights of the training log (ridge ``wide_reg``, zero diagonal; Steck 2019) and
-    ``alpha(n) = softplus(c0 + c1 log(1 + n))`` learned (initial ``c0 = wide_init``,
-    ``c1 = wide_slope``: small for short histories, where item-to-item evidence is thin, and
-    growing with the history), so the deep towers learn what the
-    linear item-item model misses (wide & deep). It is the same inner-product policy with the
-    state ``[h', alpha(n) x]`` and item vectors ``[v_a, W[:, a]]``. Catalogues larger than
-    ``wide_max_items`` skip it (it needs an N x N matrix).
-
-    ``alpha`` is learned against weights cross-fitted over user folds while the deep part sees
-    every training user, so the deep part ends up trusted more than it deserves on held-out
-    items. With ``calib_users > 0`` training therefore holds out a fraction ``calib_holdout``
-    of the interactions of a random fraction ``calib_users`` of the users, and after
-    training multiplies alpha by m (buffer ``wide_scale``), fitted on those held-out items,
-    and then re-fits ``temperature`` (see :func:`recmeta_sdk.training.loop.calibrate_wide`); the
-    served EASE weights are then refit on the whole log. It is off by default: on
-    MovieLens-100K it lifts warm (known-user) ranking on the validation part but the deep
-    part trained without the held-out interactions ranks cold users worse.
-
-    ``scalar_lr`` is the learning rate of ``alpha``'s two coefficients, which the main ``lr``
-    would barely move.
-
-    Validation-tuned training (:func:`recmeta_sdk.training.loop.fit` with a validation set: given as
-    ``train(..., validation=frame)`` or carved from the log when ``validation`` > 0; off by
-    default, see below): ``validation`` is the fraction of the users with 5 or more
-    interactions (at most 2,000) whose ``calib_holdout`` share of interactions is held out
-    (0, the default: no validation set, the learned-alpha path above);
-    ``validation_holdout`` which share: ``"random"``, ``"latest"`` (each user's most recent
-    interactions: their future) or ``"mixed"`` (half the users each way). On it: ``wide_reg``
-    ``None`` (default) tunes the EASE ridge; epochs stop ``patience`` epochs after the best
-    validation score (``epochs`` is the maximum) and the best epoch's weights are kept;
-    ``wide_train`` ``"residual"`` trains the deep part with EASE in its logits at the fixed
-    weight that fits the validation items best (the deep part learns what EASE misses),
-    ``"none"`` trains it alone; ``validation_cold`` is the fraction (at most 500 users) of
-    the users with more than 20 interactions held out of training whole as stand-ins for new
-    users (their first 5 / 10 / 20 interactions as the history, their positives after the
-    first 20 as the truth: the cold-start protocol); early stopping scores the warm sample
-    and those equally; after training, the wide part's weight ``alpha(n)`` is fitted per
-    history length, for known users on the validation users' whole histories and their
-    first 5 / 10 / 20 items, for new users (``adapt``) on the held-out new users (written to
-    ``new_user_alpha``: the five values ``(c0, c1, s0, s1, s2)`` of
-    :meth:`RecMetaNet.wide_alpha`; None: the known users' weight), and the
-    temperature by the held-out likelihood; the wide part's input weighs each history item
-    by ``1 + wide_recency * exp(-wide_recency_decay * r)`` (r: its rank from the end of the
-    history) and its columns by ``(count + 1) ** -wide_pop_exp`` (all three tuned when None,
-    0 otherwise). The trained model's config records the values chosen and
-    ``Recommender.history`` the scores behind them. Measured on MovieLens-100K
-    (``bench/bench_quality.py`` protocols, one run each) it ties or beats tuned EASE warm
-    (random 80/20 0.997-1.003 / 0.993-1.014 over seeds 0-2, leave-last-out 1.05 / 1.05) but
-    not on the temporal cut (0.98 / 0.93 on its 87 test users), but on new users (cold-start fold 0) it trades places with the
-    default path (Recall@10 at k = 5 0.0575 against 0.0652, NDCG@10 at k = 20 0.4321 against
-    0.4408; better at k = 20 Recall and k = 5 NDCG), so it is not the default yet.
-
-    Online feedback (:mod:`recmeta_sdk.online`): each user with feedback gets an adapted
-    item-bias vector from the Gaussian reward posterior of :mod:`recmeta_sdk.online.posterior`
-    (the training users' rewards as the prior, conditioned on the user's observed rewards,
-    misses included): ``feedback_posterior`` is its weight (in standard deviations of the
-    model's scores per unit of normalised reward; 0 turns it off), ``feedback_reg`` the
-    observation-noise variance ``lam`` of the rewards (normalised to [0, 1]), and
-    ``feedback_window`` the number of a user's latest feedback events it conditions on.
-    Defaults chosen on an inner replay of existing MovieLens users (see
-    ``bench/bench_online.py``).
-
-    Rewards: ``positive_threshold`` is the reward at or above which a logged row is a
-    positive (a reward <= 0 never is) (a supervised target, and the wide part's EASE matrix); rows below it
-    (impressions with reward 0, low ratings) are never targets: they are context in the
-    history the encoder reads and logged actions for the off-policy RL term and the
-    behaviour estimate. ``None`` (default): decided from the data by
-    :func:`recmeta_sdk.training.loop.positive_threshold` (star-rating-like rewards: 0.8 x the
-    maximum, i.e. 4 of 5 stars; otherwise reward > 0) and logged; the trained model's config
-    records the value used.
-
-    ``seed`` makes training reproducible.
+    Fields that training may choose (``wide_reg``, ``wide_recency``, ``wide_recency_decay``,
+    ``wide_pop_exp``, ``new_user_alpha``, ``positive_threshold``, and ``temperature`` when
+    re-fitted) are written back, so the trained model's config records the values used.
     """
 
+    # ------------------------------------------------------------------ model
+    #: Width ``d`` of the item vectors and of the user states (a positive int; with
+    #: ``encoder="transformer"`` a multiple of ``heads``).
     dim: int = 128
+    #: Width of the hidden layer of the two-layer fusion MLP that turns the pooled history,
+    #: the sequence encoding and the user features into the user state (a positive int).
     hidden: int = 256
+    #: Sequence encoder of the most recent ``seq_len`` items: ``"transformer"`` (a small
+    #: causal transformer), ``"gru"``, or ``"none"`` (no sequence encoder: the pooled history
+    #: and the user features only).
     encoder: str = "transformer"
+    #: Number of layers of the sequence encoder (transformer or GRU layers; a positive int).
     layers: int = 1
+    #: Attention heads of the transformer encoder (a positive int dividing ``dim``; unused by
+    #: ``"gru"`` and ``"none"``).
     heads: int = 2
+    #: L, the number of most recent history items read by the sequence encoder (a positive
+    #: int); the whole history is still pooled by the bag.
     seq_len: int = 20
+    #: Dropout probability, in [0, 1), of the transformer layers and of the fusion MLP's
+    #: hidden layer (training only).
     dropout: float = 0.1
+    #: tau, the temperature of the softmax policy ``pi(a|s) = softmax((<h', V_a> + b_a) / tau)``
+    #: (a finite number > 0). Re-fitted after training by the wide part's calibration
+    #: (``calib_users > 0``) and by validation-tuned training (the held-out likelihood).
     temperature: float = 1.0
+
+    # --------------------------------------------------------------- training
+    #: Passes over the training users (a positive int). With a validation set it is the
+    #: maximum: early stopping ends training ``patience`` epochs after the best one.
     epochs: int = 30
+    #: Samples (one per user) per optimiser step (a positive int); group tasks
+    #: (:mod:`recmeta_sdk.training.meta_tasks`) draw ``batch_size // users_per_task`` tasks.
     batch_size: int = 128
+    #: Learning rate of AdamW for the network's parameters (a finite number > 0), all but the
+    #: few scalars trained at ``scalar_lr``.
     lr: float = 2e-3
+    #: AdamW's decoupled weight decay of the parameters trained at ``lr`` (>= 0; 0: none; the
+    #: ``scalar_lr`` group never decays).
     weight_decay: float = 0.0
+    #: Weight (>= 0) of an L2 penalty on the adapted user states ``h'``: the batch mean of
+    #: ``||h'||^2`` times ``l2`` is added to the loss (0: off).
     l2: float = 1e-6
+    #: Fraction, in [0, 1), of a history hidden from the encoder and used as targets in the
+    #: denoising samples (at least one item is hidden and one kept).
     input_dropout: float = 0.5
+    #: Fraction of samples that are time-ordered prefixes of 1..``max_prefix`` items
+    #: predicting the rest, for cold users (0: none; 1: every sample); the other samples are
+    #: denoising ones (``input_dropout``).
     prefix_prob: float = 0.5
+    #: Longest prefix, in items, of the prefix samples (a positive int; a prefix also leaves at
+    #: least one item to predict).
     max_prefix: int = 20
+    #: Probability, in [0, 1), that a training sample's user side features are dropped (so the
+    #: model also learns to serve users without features).
     user_feature_dropout: float = 0.3
+
+    # --------------------------------------------------------------------- RL
+    #: Weight (>= 0) of the supervised multi-target cross-entropy in the loss.
     ce_weight: float = 1.0
+    #: Weight (>= 0) of the off-policy corrected REINFORCE loss beside the supervised
+    #: multi-target cross-entropy (0: off).
     rl_weight: float = 0.1
+    #: Cap of the importance ratio pi/beta in the REINFORCE weights (a finite number > 0).
     is_cap: float = 10.0
+    #: K of the top-K off-policy correction ``K (1 - pi)^(K-1)`` (a positive int; 1: the plain
+    #: one-action correction).
     topk_k: int = 10
+    #: Weight (>= 0) of the entropy bonus: ``entropy * H(pi)`` is subtracted from the loss
+    #: (0: off).
     entropy: float = 0.0
+    #: Largest catalogue size, in items, trained with the full softmax; above it the losses
+    #: use a sampled softmax with ``n_negatives`` popularity-sampled negatives and log-Q
+    #: correction.
     full_softmax_max: int = 50000
+    #: Negatives drawn (with replacement, from the popularity distribution) per batch for the
+    #: sampled softmax, shared by its samples (a positive int; used only above
+    #: ``full_softmax_max`` items).
     n_negatives: int = 1024
+
+    # ---------------------------------------------------------- meta-learning
+    #: ``"fomaml"``: first-order MAML of the adaptation parameters with learned step sizes;
+    #: ``"none"``: plain training.
     meta: str = "fomaml"
+    #: Gradient steps of the inner loop that adapts the parameters phi on a support set
+    #: (an int >= 0; 0: no adaptation during training); also the default ``steps`` of
+    #: ``Recommender.adapt`` and ``Recommender.user_state``.
     inner_steps: int = 1
+    #: Initial step size of the inner loop (a finite number > 0); learned (per coordinate)
+    #: with ``"fomaml"``, fixed otherwise.
     inner_lr: float = 0.5
+    #: Width, in the column's units (years), of the buckets of a numeric side-feature column
+    #: named like ``year`` (a positive int; other numeric columns use deciles).
     year_bucket: int = 5
+
+    # -------------------------------------------------------------- wide part
+    #: ``"ease"`` adds a full-rank item-to-item component to the policy,
+    #: ``alpha(n) * (x W)_a`` with ``x`` the multi-hot history, ``W`` the closed-form EASE
+    #: weights of the training log (ridge ``wide_reg``, zero diagonal; Steck 2019) and
+    #: ``alpha(n) = softplus(c0 + c1 log(1 + n))`` learned (initial ``c0 = wide_init``,
+    #: ``c1 = wide_slope``), so the deep towers learn what the linear item-item model misses
+    #: (wide & deep). It is the same inner-product policy with the state ``[h', alpha(n) x]``
+    #: and item vectors ``[v_a, W[:, a]]``. ``"none"``: the deep part alone.
     wide: str = "ease"
+    #: Ridge of the EASE weights (a finite number > 0). ``None`` (default): tuned on the
+    #: validation set when there is one, else ``DEFAULT_WIDE_REG`` (250) of
+    #: :mod:`recmeta_sdk.training.loop`; the trained model's config records the value used.
+    #: The served EASE weights are refit on the whole log.
     wide_reg: Optional[float] = None
+    #: Catalogues larger than this (in items) skip the wide part (it needs an N x N matrix);
+    #: an int >= 0.
     wide_max_items: int = 20000
+    #: Initial ``c0`` of ``alpha(n) = softplus(c0 + c1 log(1 + n))``: with ``wide_slope``,
+    #: small for short histories, where item-to-item evidence is thin.
     wide_init: float = -8.0
+    #: Initial ``c1`` of ``alpha(n)``: how fast the wide part's weight grows with the history
+    #: length ``n``.
     wide_slope: float = 4.0
+    #: Learning rate (a finite number > 0) of ``alpha``'s two coefficients (and, with
+    #: ``meta_scalar``, of the inner loop's step sizes), which the main ``lr`` would barely
+    #: move.
     scalar_lr: float = 0.05
+    #: Learn the inner loop's step sizes at ``scalar_lr`` instead of ``lr`` (a bool): with the
+    #: main ``lr`` they barely move from ``inner_lr`` in a short training.
     meta_scalar: bool = False
+    #: ``"all"``: every sample is a task of the inner loop; ``"prefix"``: only the
+    #: time-ordered prefixes, the new-user samples, are; the others are scored at the initial
+    #: adaptation parameters.
     meta_tasks: str = "all"
+    #: Each sample's loss is the mean over its query items, and samples are weighted by
+    #: ``(query size) ** query_weight`` (a number in [-1, 1]): 0 counts every user the same,
+    #: 1 every query item, as Mult-DAE's summed likelihood does. Per-user means alone
+    #: under-weight the users with long futures, whose query items lean to popular films, and
+    #: rank worse than popularity on NDCG for new users; 0.5 was chosen on an inner split of
+    #: training users, see :mod:`recmeta_sdk.training.loop`.
     query_weight: float = 0.5
+    #: Fraction, in [0, 1), of the users whose ``calib_holdout`` share of interactions is held
+    #: out to calibrate the wide part (0, the default: off). ``alpha`` is learned against
+    #: weights cross-fitted over user folds while the deep part sees every training user, so
+    #: the deep part ends up trusted more than it deserves on held-out items; with
+    #: ``calib_users > 0`` training therefore multiplies alpha after training by m (buffer
+    #: ``wide_scale``), fitted on those held-out items, and then re-fits ``temperature`` (see
+    #: :func:`recmeta_sdk.training.loop.calibrate_wide`); the served EASE weights are then
+    #: refit on the whole log. Off by default: on MovieLens-100K it lifts warm (known-user)
+    #: ranking on the validation part but the deep part trained without the held-out
+    #: interactions ranks cold users worse.
     calib_users: float = 0.0
+    #: Share, in [0, 1), of a chosen user's interactions held out: for the calibration users
+    #: (``calib_users``) and for the validation users (``validation``).
     calib_holdout: float = 0.2
+
+    # ------------------------------------------------ validation-tuned training
+    #: Fraction, in [0, 1), of the users with 5 or more interactions (at most 2,000) whose
+    #: ``calib_holdout`` share of interactions is held out as a validation set (0, the
+    #: default: no validation set, the learned-alpha path of ``wide``). A validation set can
+    #: also be given as ``train(..., validation=frame)``; either turns on validation-tuned
+    #: training (:func:`recmeta_sdk.training.loop.fit`): ``wide_reg``, ``wide_recency``,
+    #: ``wide_recency_decay`` and ``wide_pop_exp`` tuned when None, early stopping
+    #: (``patience``; the best epoch's weights are kept), ``wide_train``, the cold stand-ins
+    #: ``validation_cold`` (early stopping scores the warm sample and those equally), and
+    #: after training the wide part's weight ``alpha(n)`` fitted per history length (for
+    #: known users on the validation users' whole histories and their first 5 / 10 / 20
+    #: items; for new users, ``new_user_alpha``) and the temperature by the held-out
+    #: likelihood. ``Recommender.history`` records the scores behind the values chosen.
+    #: Measured on MovieLens-100K (``bench/bench_quality.py`` protocols, one run each) it
+    #: ties or beats tuned EASE warm (random 80/20 0.997-1.003 / 0.993-1.014 over seeds 0-2,
+    #: leave-last-out 1.05 / 1.05) but not on the temporal cut (0.98 / 0.93 on its 87 test
+    #: users), but on new users (cold-start fold 0) it trades places with the default path
+    #: (Recall@10 at k = 5 0.0575 against 0.0652, NDCG@10 at k = 20 0.4321 against 0.4408;
+    #: better at k = 20 Recall and k = 5 NDCG), so it is not the default yet.
     validation: float = 0.0
+    #: Fraction, in [0, 1), of the users with more than 20 interactions (at most 500 users)
+    #: held out of training whole as stand-ins for new users (their first 5 / 10 / 20
+    #: interactions as the history, their positives after the first 20 as the truth: the
+    #: cold-start protocol). Used only with a validation set.
     validation_cold: float = 0.1
+    #: The new users' wide-part weight: the five values ``(c0, c1, s0, s1, s2)`` of
+    #: :meth:`RecMetaNet.wide_alpha` (``s1 < s2`` the history lengths where its ramp starts
+    #: and ends), fitted by validation-tuned training (``adapt``) on the held-out new users.
+    #: None (default): new users get the known users' weight.
     new_user_alpha: Optional[list] = None
+    #: With a validation set: ``"residual"`` trains the deep part with EASE in its logits at
+    #: the fixed weight that fits the validation items best (the deep part learns what EASE
+    #: misses); ``"none"`` trains it alone.
     wide_train: str = "residual"
+    #: Recency weight ``g`` of the wide part's input: each history item weighs
+    #: ``1 + wide_recency * exp(-wide_recency_decay * r)`` (r: its rank from the end of the
+    #: history, 0 the last), a number in [0, 1000]. None (default): tuned with a validation
+    #: set, else 0 (every item weighs 1).
     wide_recency: Optional[float] = None
+    #: Decay, per rank from the end of the history, of the recency weight (in [0, 1000]);
+    #: unused while ``wide_recency`` is 0 or None. None (default): tuned with a validation
+    #: set (1.0 when ``wide_recency`` is given and this is not).
     wide_recency_decay: Optional[float] = None
+    #: Popularity exponent of the wide part: the EASE columns are scaled by
+    #: ``(count + 1) ** -wide_pop_exp`` (in [0, 1000]; 0: no scaling). None (default): tuned
+    #: with a validation set, else 0.
     wide_pop_exp: Optional[float] = None
+    #: Which interactions of each validation user are held out: ``"random"``, ``"latest"``
+    #: (each user's most recent interactions: their future) or ``"mixed"`` (half the users
+    #: each way).
     validation_holdout: str = "mixed"
+    #: Early stopping: training stops this many epochs after the best validation score (a
+    #: positive int; ``epochs`` is the maximum) and keeps the best epoch's weights.
     patience: int = 3
+
+    # --------------------------------------------------------- online feedback
+    #: Weight (>= 0; 0 turns it off) of each user's adapted item-bias vector from the Gaussian
+    #: reward posterior of :mod:`recmeta_sdk.online.posterior` (the training users' rewards as
+    #: the prior, conditioned on the user's observed rewards, misses included), in standard
+    #: deviations of the model's scores per unit of normalised reward. Defaults chosen on an
+    #: inner replay of existing MovieLens users (see ``bench/bench_online.py``).
     feedback_posterior: float = 40.0
+    #: The observation-noise variance ``lam`` of the rewards (normalised to [0, 1]) in that
+    #: posterior (a finite number > 0).
     feedback_reg: float = 0.1
+    #: The number of a user's latest feedback events the posterior conditions on (a positive
+    #: int).
     feedback_window: int = 200
+
+    # ---------------------------------------------------------------- rewards
+    #: The reward at or above which a logged row is a positive (a reward <= 0 never is): a
+    #: supervised target, and in the wide part's EASE matrix. Rows below it (impressions with
+    #: reward 0, low ratings) are never targets: they are context in the history the encoder
+    #: reads and logged actions for the off-policy RL term and the behaviour estimate.
+    #: ``None`` (default): decided from the data by
+    #: :func:`recmeta_sdk.training.loop.positive_threshold` (star-rating-like rewards: 0.8 x
+    #: the maximum, i.e. 4 of 5 stars; otherwise reward > 0) and logged; the trained model's
+    #: config records the value used.
     positive_threshold: Optional[float] = None
+    #: Seed of training's random draws (numpy and torch generators seeded from it): makes
+    #: training reproducible (an int).
     seed: int = 0
 
     def validate(self) -> "Config":

@@ -1,5 +1,8 @@
-"""What the model says about one user (:class:`UserState`) and a ranked answer
-(:class:`Recommendations`): plain records shared by the facade and the online layer."""
+"""Plain records of a user's policy state and a ranked answer, for the facade and the online layer.
+
+What the model says about one user (:class:`UserState`) and a ranked answer
+(:class:`Recommendations`); :mod:`recmeta_sdk.api` re-exports both.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,5 +1,8 @@
-"""The online layer: feedback, per-user online states, exploration helpers and the incremental
-off-policy update (:mod:`.engine`), and the reward posterior of feedback (:mod:`.posterior`)."""
+"""The online layer: a deployed model learning from its users' feedback.
+
+Feedback, per-user online states, exploration helpers and the incremental off-policy update
+(:mod:`.engine`), and the reward posterior of feedback (:mod:`.posterior`).
+"""
 from __future__ import annotations
 
 from .engine import (

@@ -1,5 +1,7 @@
-"""The online loop of a :class:`~recmeta_sdk.api.Recommender`: feedback, per-user online
-states, auditable exploration helpers and the incremental off-policy update.
+"""The online loop of a Recommender: feedback in, fresh user states and model updates out.
+
+For a :class:`~recmeta_sdk.api.Recommender`: feedback, per-user online states, auditable
+exploration helpers and the incremental off-policy update.
 
 ::
 
@@ -72,13 +74,22 @@ import copy
 import logging
 import threading
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ..model.state import Recommendations, UserState
+
+if TYPE_CHECKING:  # names used in annotations only
+    import os
+
+    from numpy.typing import ArrayLike
+
+    from ..api import Recommender
+    from ..model.io import LoadLimits
+    from ..model.network import Config
 
 logger = logging.getLogger("recmeta")
 
@@ -108,7 +119,7 @@ def _scalar_id(x) -> bool:
     return isinstance(x, (int, np.integer, str)) and not isinstance(x, bool)
 
 
-def parse_events(model, events) -> pd.DataFrame:
+def parse_events(model: Recommender, events: pd.DataFrame | Sequence[Mapping[str, Any] | tuple]) -> pd.DataFrame:
     """Validate feedback events into a DataFrame with :data:`EVENT_COLUMNS`.
 
     ``events``: a DataFrame, or a list of dicts or of tuples in the order of
@@ -276,7 +287,7 @@ class OnlineStore:
         serve a new user from a stranger's history).
     """
 
-    def __init__(self, model, *, encode: str = "positive", update: str = "step",
+    def __init__(self, model: Recommender, *, encode: str = "positive", update: str = "step",
                  log: pd.DataFrame | None = None, known_users: bool = True):
         if encode not in ("positive", "all"):
             raise ValueError(f"encode must be 'positive' or 'all', got {encode!r}")
@@ -459,14 +470,14 @@ class OnlineStore:
             return cur
 
     # ---------------------------------------------------------------- public
-    def current(self, user) -> OnlineUser | None:
+    def current(self, user: Any) -> OnlineUser | None:
         """The latest published version of ``user`` (None if it has no feedback yet)."""
         st = self._states.get(user)
         if st is None and self._pending:
             st = self._materialise(user)
         return st
 
-    def feedback(self, events) -> dict[Any, OnlineUser]:
+    def feedback(self, events: pd.DataFrame | Sequence[Mapping[str, Any] | tuple]) -> dict[Any, OnlineUser]:
         """Apply events in their order (per user); returns each touched user's new version.
 
         Atomic: every event is validated (:func:`parse_events`) before any is applied, and the
@@ -514,7 +525,7 @@ class OnlineStore:
 _STORE_GUARD = threading.Lock()
 
 
-def store(model, **options) -> OnlineStore:
+def store(model: Recommender, **options: Any) -> OnlineStore:
     """The model's default :class:`OnlineStore` (created on first use).
 
     ``options`` (``encode``, ``update``; see :class:`OnlineStore`) configure it; they can
@@ -538,17 +549,17 @@ def store(model, **options) -> OnlineStore:
     return st
 
 
-def feedback(model, events) -> dict[Any, OnlineUser]:
+def feedback(model: Recommender, events: pd.DataFrame | Sequence[Mapping[str, Any] | tuple]) -> dict[Any, OnlineUser]:
     """``Recommender.feedback``: apply feedback events to the model's default store."""
     return store(model).feedback(events)
 
 
-def current(model, user) -> OnlineUser | None:
+def current(model: Recommender, user: Any) -> OnlineUser | None:
     """The latest online version of ``user`` in the model's default store (None if none)."""
     return store(model).current(user)
 
 
-def recommend(model, user, k: int = 10, **kwargs):
+def recommend(model: Recommender, user: Any, k: int = 10, **kwargs: Any) -> tuple[Recommendations, int]:
     """``model.recommend`` from the user's latest online state (with ``exclude_seen``, the
     default, its misses are excluded too); a user without feedback is served as the model
     would (``user_state`` for a known user; ``adapt([])`` for a new one).
@@ -571,7 +582,7 @@ def recommend(model, user, k: int = 10, **kwargs):
     return model.recommend(model.adapt([]), k, **kwargs), 0
 
 
-def feedback_log(model) -> pd.DataFrame:
+def feedback_log(model: Recommender) -> pd.DataFrame:
     """The model's feedback log (DataFrame with :data:`EVENT_COLUMNS`)."""
     return store(model).log()
 
@@ -583,7 +594,7 @@ LOG_TENSORS = ("feedback.user", "feedback.item", "feedback.reward", "feedback.pr
                "feedback.timestamp", "feedback.position")
 
 
-def log_to_file(model) -> tuple[dict, dict | None]:
+def log_to_file(model: Recommender) -> tuple[dict, dict | None]:
     """The model's feedback log as model-file parts: ``(tensors, meta)``.
 
     ``tensors``: ``feedback.user`` (int64 index into ``meta["users"]``), ``feedback.item``
@@ -618,7 +629,8 @@ def log_to_file(model) -> tuple[dict, dict | None]:
     return tensors, {"users": user_list, "encode": st.encode, "update": st.update}
 
 
-def log_from_file(model, tensors: dict, meta, path, limits=None) -> None:
+def log_from_file(model: Recommender, tensors: dict, meta: dict | None, path: str | os.PathLike,
+                  limits: LoadLimits | None = None) -> None:
     """Give ``model`` (just loaded) the online store saved by :func:`log_to_file`: its log
     and options, the users' states rebuilt from the log on first use (as after ``resume``).
 
@@ -687,7 +699,8 @@ def log_from_file(model, tensors: dict, meta, path, limits=None) -> None:
 
 # ============================================================================ exploration
 
-def slate_propensity(propensities, explore: str = "sample") -> np.ndarray:
+def slate_propensity(propensities: ArrayLike,
+                     explore: str = "sample") -> np.ndarray:
     """Probability of the whole ranked slate from the per-item propensities.
 
     ``explore="sample"``: the items' ``pi(a|s)`` from ``recommend(..., explore="sample")``
@@ -713,7 +726,8 @@ def slate_propensity(propensities, explore: str = "sample") -> np.ndarray:
     return out if p.ndim == 2 else out[0]
 
 
-def epsilon_slate(model, state, k: int, *, epsilon: float, seed: int, **kwargs):
+def epsilon_slate(model: Recommender, state: UserState | int | np.integer | str, k: int, *,
+                  epsilon: float, seed: int, **kwargs: Any) -> Recommendations:
     """An epsilon-greedy slate for one user, with the probability of each pick.
 
     Position by position: with probability ``1 - epsilon`` the best remaining item of the
@@ -770,7 +784,8 @@ def epsilon_slate(model, state, k: int, *, epsilon: float, seed: int, **kwargs):
 
 # ============================================================================ resume
 
-def resume_train(model, interactions=None, *, config=None, progress=None):
+def resume_train(model: Recommender, interactions: pd.DataFrame | None = None, *,
+                 config: Config | dict[str, Any] | None = None, progress: bool | None = None) -> Recommender:
     """An incremental off-policy update of the shared weights (``train(..., resume=model)``).
 
     The training rows are ``interactions`` (a DataFrame with :data:`EVENT_COLUMNS`;

@@ -1,5 +1,6 @@
-"""The reward posterior of the online loop: what a user's observed rewards, misses included,
-say about the rest of the catalogue.
+"""The online loop's Gaussian reward posterior: what a user's rewards say about the catalogue.
+
+What a user's observed rewards, misses included, say about the rest of the catalogue.
 
 The training log is a population of users (the tasks of meta-training). Read as draws of
 one random reward vector ``x`` over the catalogue (a user's reward for each item, 0 where the

@@ -1,4 +1,4 @@
-"""The operations of recmeta, on numpy arrays and torch tensors.
+"""The public ops of recmeta (embedding bags, policy scoring, quantisation), numpy or torch.
 
 * :func:`embedding_bag` / :func:`embedding_bag_backward`: fused (table-batched) embedding
   bags, forward and backward with a fused sparse optimiser (SGD or row-wise Adagrad, a state

@@ -135,7 +135,7 @@ def as_table(weight, name: str = "weight") -> Tuple[Union[torch.Tensor, Quantize
     return t, kind
 
 
-def quantize(weight, dtype: str) -> QuantizedTable:
+def quantize(weight: np.ndarray | torch.Tensor, dtype: str) -> QuantizedTable:
     """Quantise a float32 table to ``"fp16"`` or row-wise ``"int8"``.
 
     Parameters

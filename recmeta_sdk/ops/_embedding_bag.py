@@ -10,7 +10,7 @@ Backends
   the value checks (every id in range, offsets well formed, weights finite) run in the core,
   before any row is read, and raise the same ``ValueError`` messages as the torch backend's
   checks, so that the checks cost one pass over the ids instead of a dozen torch calls.
-* ``"torch"``: :mod:`recmeta_sdk.ops.reference`, after the checks of :mod:`._ops_common`.
+* ``"torch"``: :mod:`recmeta_sdk.ops.reference`, after the checks of :mod:`._common`.
 
 Torch custom ops (namespace ``recmeta``)
 ----------------------------------------
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -405,7 +405,7 @@ def _compiling() -> bool:
 # public functions
 # ---------------------------------------------------------------------------------------------
 def _check_torch_path(tabs, idx, off, psw):
-    """Full checks of :mod:`._ops_common` (the torch backend)."""
+    """Full checks of :mod:`._common` (the torch backend)."""
     T = len(tabs)
     off = check_offsets(off, "offsets", idx.numel())
     if (off.numel() - 1) % T != 0:
@@ -644,10 +644,15 @@ def _drop_padding(tables, indices, offsets, psw, padding_idx):
     return idx, off, p
 
 
-def embedding_bag(weight, indices, offsets=None, *, per_sample_weights=None, mode: str = "sum",
-                  backend: Optional[str] = None, table_offsets=None, padding_idx: Optional[int] = None,
+def embedding_bag(weight: (np.ndarray | torch.Tensor | QuantizedTable
+                          | Sequence[np.ndarray | torch.Tensor | QuantizedTable]),
+                  indices: np.ndarray | torch.Tensor, offsets: np.ndarray | torch.Tensor | None = None, *,
+                  per_sample_weights: np.ndarray | torch.Tensor | None = None, mode: str = "sum",
+                  backend: Optional[str] = None,
+                  table_offsets: np.ndarray | torch.Tensor | Sequence[int] | None = None,
+                  padding_idx: Optional[int] = None,
                   include_last_offset: bool = True, max_norm: Optional[float] = None, norm_type: float = 2.0,
-                  scale_grad_by_freq: bool = False):
+                  scale_grad_by_freq: bool = False) -> np.ndarray | torch.Tensor:
     """Pooled lookup of bags of table rows (one table, or a list of tables: TBE).
 
     Parameters
@@ -883,10 +888,14 @@ def _backward_tbe(weight, indices, offsets, grad_output, per_sample_weights, mod
         reference.embedding_bag_backward_tbe(ws, idx, off, g, psw, mode, optimizer, float(lr), float(eps), sts)
 
 
-def embedding_bag_backward(weight, indices, offsets, grad_output, *, per_sample_weights=None,
-                           mode: str = "sum", optimizer: str = "sgd", lr: float = 0.01,
-                           eps: float = 1e-8, state=None, backend: Optional[str] = None,
-                           table_offsets=None) -> None:
+def embedding_bag_backward(weight: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor],
+                           indices: np.ndarray | torch.Tensor, offsets: np.ndarray | torch.Tensor,
+                           grad_output: np.ndarray | torch.Tensor, *,
+                           per_sample_weights: np.ndarray | torch.Tensor | None = None,
+                           mode: str = "sum", optimizer: str = "sgd", lr: float = 0.01, eps: float = 1e-8,
+                           state: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor] | None = None,
+                           backend: Optional[str] = None,
+                           table_offsets: np.ndarray | torch.Tensor | Sequence[int] | None = None) -> None:
     """Backward of :func:`embedding_bag` fused with a sparse optimiser step, in place.
 
     Parameters

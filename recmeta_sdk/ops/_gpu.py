@@ -1,5 +1,8 @@
-"""GPU dispatch: CUDA tensors to the Triton kernels (``recmeta_sdk.kernels``) or the CUDA
-kernels (``recmeta_sdk._core_cuda``).
+"""GPU launchers: the ops on CUDA tensors, run by the Triton kernels or the CUDA extension.
+
+CUDA tensors go to the Triton kernels (``recmeta_sdk.kernels``) or the CUDA kernels
+(``recmeta_sdk._core_cuda``), both loaded by :mod:`recmeta_sdk.ops._native`; which one is
+decided by :mod:`recmeta_sdk.ops.backends`.
 
 Every entry point validates its inputs on the host with the same checks as the CPU path
 (:mod:`recmeta_sdk.ops._common`) before any kernel runs, so an out-of-range id or a bad
@@ -210,7 +213,7 @@ def _embedding_bag_run(name, tabs, idx, off, psw, mode):
     the compiled core's ValueError naming the table, the row and its position: such a row
     makes its bag's output non-finite (sum and mean; per-sample weights are finite), so one
     ``isfinite`` reduction over the (B, sum d) output and one host sync per call find it,
-    and only then are the rows read looked at (:func:`_op_embedding_bag._nonfinite_row`).
+    and only then are the rows read looked at (:func:`recmeta_sdk.ops._common._nonfinite_row`).
     A finite output whose sum overflows float32 is returned, as on the CPU."""
     out = _embedding_bag_kernels(name, tabs, idx, off, psw, mode)
     if out.numel() and not bool(torch.isfinite(out).all()):

@@ -1,7 +1,9 @@
-"""The one loader of recmeta's native code: the compiled CPU core (``recmeta_sdk._core``), the
-CUDA extension (``recmeta_sdk._core_cuda``, built only with ``RECMETA_ENABLE_CUDA``) and the
-Triton / CUDA-launch kernel modules (``recmeta_sdk.kernels``). Every other module reaches them
-through these functions; none imports them by itself."""
+"""The one loader of recmeta's native code: the compiled core, the CUDA extension, the GPU kernels.
+
+The compiled CPU core (``recmeta_sdk._core``), the CUDA extension (``recmeta_sdk._core_cuda``,
+built only with ``RECMETA_ENABLE_CUDA``) and the Triton / CUDA-launch kernel modules
+(``recmeta_sdk.kernels``). Every other module reaches them through these functions; none
+imports them by itself."""
 from __future__ import annotations
 
 import importlib

@@ -9,7 +9,7 @@ public functions call the same implementation directly, without the dispatcher's
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 
@@ -19,6 +19,9 @@ from . import reference
 from ._common import _U64, _check_bias_finite, as_count, as_seed  # noqa: F401
 from ._common import as_table, as_tensor, check_csr, check_float, to_kind
 from .reference import QuantizedTable
+
+if TYPE_CHECKING:  # names used in annotations only
+    import numpy as np
 
 __all__ = ["policy_topk", "policy_sample"]
 
@@ -174,8 +177,13 @@ _SEMANTICS = """
 """
 
 
-def policy_topk(user_states, items, k, *, bias=None, exclude=None, candidates=None,
-                temperature: float = 1.0, backend: Optional[str] = None):
+def policy_topk(user_states: np.ndarray | torch.Tensor, items: np.ndarray | torch.Tensor | QuantizedTable,
+                k: int, *,
+                bias: np.ndarray | torch.Tensor | None = None,
+                exclude: tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor] | None = None,
+                candidates: tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor] | None = None,
+                temperature: float = 1.0, backend: Optional[str] = None,
+                ) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
     """Top-k items of the softmax policy ``s = (U @ I.T + b) / temperature`` and its log-normaliser.
 
     Returns ``(ids (B, min(k, N)) int64, scores (B, min(k, N)) float32, log_normalizer (B,)
@@ -200,8 +208,14 @@ def policy_topk(user_states, items, k, *, bias=None, exclude=None, candidates=No
     return to_kind(kind, *out)
 
 
-def policy_sample(user_states, items, k, *, seed, bias=None, exclude=None, candidates=None,
-                  temperature: float = 1.0, backend: Optional[str] = None):
+def policy_sample(user_states: np.ndarray | torch.Tensor, items: np.ndarray | torch.Tensor | QuantizedTable,
+                  k: int, *, seed: int,
+                  bias: np.ndarray | torch.Tensor | None = None,
+                  exclude: tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor] | None = None,
+                  candidates: tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor] | None = None,
+                  temperature: float = 1.0, backend: Optional[str] = None,
+                  ) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor, np.ndarray | torch.Tensor,
+                             np.ndarray | torch.Tensor]:
     """Draw k distinct items per user from the policy (Gumbel-top-k) with their propensities.
 
     Returns ``(ids, scores, propensities, slate_log_prob)`` with ``min(k, N)`` columns;

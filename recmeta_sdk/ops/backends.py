@@ -1,4 +1,4 @@
-"""Backend availability and selection.
+"""The one place that picks the backend running an op: what is available, and which is chosen.
 
 A backend runs the operations of :mod:`recmeta_sdk.ops`:
 

@@ -1,2 +1,5 @@
-"""The training layer: data preparation, losses and the training loop (:mod:`.loop`), and the
-meta-learning tasks (:mod:`.meta_tasks`)."""
+"""The training layer: turns an interaction log into a trained network.
+
+Data preparation, losses and the training loop (:mod:`.loop`), and the meta-learning tasks
+(:mod:`.meta_tasks`).
+"""

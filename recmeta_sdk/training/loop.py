@@ -439,6 +439,65 @@ def prepare(interactions: pd.DataFrame, item_ids: Optional[np.ndarray] = None) -
 
 @dataclass
 class Batch:
+    """One training batch of ``B`` samples (rows), as :func:`make_batch` and
+    :meth:`recmeta_sdk.training.meta_tasks.TaskSampler.draw` cut it; items are indices
+    ``0..N-1`` into the catalogue (N items), users indices into the log's users.
+
+    Attributes
+    ----------
+    bag_idx : torch.Tensor
+        (H,) int64, the items of every sample's input history (its support), concatenated
+        in time order: the bag pooled by the user tower.
+    bag_off : torch.Tensor
+        (B+1,) int64, CSR offsets: sample ``b``'s history is ``bag_idx[bag_off[b]:bag_off[b+1]]``.
+    bag_w : torch.Tensor
+        (H,) float32, the bag weights, ``1/sqrt(n_b)`` for a history of ``n_b`` items.
+    seq : torch.Tensor
+        (B, L) int64, the most recent ``L = config.seq_len`` history items of each sample in
+        time order, right-padded with ``N`` (the padding index).
+    seq_len : torch.Tensor
+        (B,) int64, the number of real items in each row of ``seq`` (``min(n_b, L)``).
+    uf_idx : torch.Tensor
+        (F,) int64, the users' side-feature rows (rows of the user-feature table), after
+        ``config.user_feature_dropout``; empty without user features.
+    uf_off : torch.Tensor
+        (B+1,) int64, CSR offsets of ``uf_idx`` per sample.
+    sup_rows : torch.Tensor
+        (H,) int64, the sample (row in ``0..B-1``) of each support item, nondecreasing.
+    sup_items : torch.Tensor
+        (H,) int64, the support items (a copy of ``bag_idx``): masked out of the sample's
+        logits, the wide part's input and the inner loop's support set.
+    sup_w : torch.Tensor
+        (H,) float32, each support item's reward clipped at 0 (``max(reward, 0)``): its
+        weight in the inner loop's support loss.
+    q_rows : torch.Tensor
+        (Q,) int64, the sample of each query item, nondecreasing.
+    q_items : torch.Tensor
+        (Q,) int64, the query items: the held-out actions the sample is scored on (targets
+        of the cross-entropy when positive, logged actions of the RL term and the behaviour
+        head).
+    q_reward : torch.Tensor
+        (Q,) float32, the query items' rewards as prepared (0 for the rows below the
+        positive threshold: :func:`recmeta_sdk.train` zeroes them).
+    q_prop : torch.Tensor or None
+        (Q,) float32, the logged propensities (behaviour probabilities) of the query
+        actions; None when the log carries none (the behaviour head estimates them).
+    B : int
+        The number of samples.
+    users : torch.Tensor or None
+        (B,) int64, the user of each sample (None when not recorded).
+    groups : torch.Tensor or None
+        (B,) int64, group tasks only (:mod:`recmeta_sdk.training.meta_tasks`): the task
+        index of each sample; None for per-user tasks.
+    inner : tuple of torch.Tensor or None
+        Group tasks only: the inner loop's support set ``(rows (S,) int64, items (S,) int64,
+        weights (S,) float32)`` when it differs from the input history (``sup_*``); None for
+        per-user tasks.
+    prefix : torch.Tensor or None
+        (B,) bool, True where the sample is a time-ordered prefix (a new-user sample);
+        None for group tasks.
+    """
+
     bag_idx: torch.Tensor
     bag_off: torch.Tensor
     bag_w: torch.Tensor
@@ -1406,7 +1465,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     ``batches``: None (per-user tasks) or a sampler of group-task meta-batches with
     ``steps_per_epoch`` and ``draw(rng, user_feats) -> Batch`` (see :mod:`recmeta_sdk.training.meta_tasks`).
 
-    ``tune`` (per-user tasks only): choose on a validation set, as :func:`recmeta_sdk.training.loop`
+    ``tune`` (per-user tasks only): choose on a validation set, as :func:`recmeta_sdk.train`
     does by default. The validation set is ``validation`` (a DataFrame of held-out
     interactions of training users) or, with ``cfg.validation > 0``, carved from ``prep``
     (``calib_holdout`` of the interactions of a fraction ``cfg.validation`` of the users with
