@@ -7,15 +7,28 @@ File layout (a standard safetensors file, readable by any safetensors reader)::
               "__metadata__": {"recmeta": <JSON string of the model metadata>}}
     rest      the tensor bytes
 
-The metadata JSON is written as UTF-8 (``ensure_ascii=False``: a non-ASCII id costs no
-escapes). The model metadata holds ``format`` (``"recmeta-model"``), ``format_version``, the
-config, the external id maps (items and users, with their kind ``int`` or ``str``), the
-feature schemas, optionally (version 2) the online ``feedback`` log's metadata (its
-tensors are ``feedback.*``; see :func:`recmeta_sdk.online.log_to_file`), the versions of
-the library and of torch that wrote the file (``library_version``, ``torch_version``;
-informative, absent from older files) and ``sha256``: the SHA-256 of the canonical
-metadata JSON (without ``sha256``) followed by, for every tensor in name order, its name,
-dtype, shape and raw bytes.
+The metadata JSON is written as UTF-8 (``ensure_ascii=False``). The model metadata holds
+``format`` (``"recmeta-model"``), ``format_version``, the config, the kinds of the external
+id maps (items and users: ``{"kind": "int" | "str"}``), the feature schemas, optionally
+(version 2 and later) the online ``feedback`` log's metadata (its tensors are
+``feedback.*``; see :func:`recmeta_sdk.online.log_to_file`), the versions of the library and
+of torch that wrote the file (``library_version``, ``torch_version``; informative, absent
+from older files) and ``sha256``: the SHA-256 of the canonical metadata JSON (without
+``sha256``) followed by, for every tensor in name order, its name, dtype, shape and raw bytes.
+
+Version 3 keeps every list that grows with the users, items or feature values in tensors,
+not in the JSON (:func:`list_to_tensors`): the id maps (``lists.item_ids.*``,
+``lists.user_ids.*``), the values of each categorical feature of the schemas
+(``lists.item_schema.<j>.values.*``, the schema entry's ``values`` is ``{"kind": "str"}``)
+and the feedback log's user ids (``lists.feedback_users.*``, ints and strings mixed); ints
+are an int64 tensor, strings their UTF-8 bytes (uint8) and int64 offsets. So the header of a
+valid file is small (a few KiB) and its length is capped at 1 MiB by default
+(:attr:`LoadLimits.max_header_bytes`), checked from the 8-byte prefix before the header is
+read: a file with a larger header is refused in O(1). Versions 1 and 2 (recmeta <= 0.2) keep
+these lists as JSON in the metadata (and the item feature names, which version 3 derives from
+the schema); they are still read, with the same checks, and a file of theirs whose header
+exceeds the cap loads with ``LoadLimits(max_header_bytes=LEGACY_MAX_HEADER)``; saving it
+again writes version 3.
 
 Loading reads and validates the header *before* any tensor is allocated: the file and
 header sizes, the JSON's nesting depth, number of values, backslash escapes and literal
@@ -24,8 +37,9 @@ nanoseconds per byte), the dtypes, shapes and offsets (which must tile the data
 area exactly), the format version; then it checks the SHA-256. Every size is bounded by a
 :class:`LoadLimits` (overridable by the caller). The SHA-256 is an integrity check, not
 authentication: whoever edits a file can recompute it, so :func:`recmeta_sdk.api.load`
-then checks every count and config value against the limits and the consistency of
-tensors, ids and config before it builds the model. Any failure raises
+then checks every count and config value against the limits, every list's tensors
+(:func:`list_from_tensors`: offsets, UTF-8, lengths, counts, duplicates) and the consistency
+of tensors, ids and config before it builds the model. Any failure raises
 :class:`ModelFileError` (a ``ValueError``), the one documented exception for a tampered,
 truncated, inconsistent or oversized file. Nothing is ever unpickled.
 
@@ -62,11 +76,11 @@ __all__ = ["ModelFileError", "LoadLimits", "FORMAT", "FORMAT_VERSION", "READABLE
 FORMAT = "recmeta-model"
 #: the version written. 2 adds the optional feedback log (``feedback.*`` tensors and the
 #: ``feedback`` metadata entry, see :func:`recmeta_sdk.online.log_to_file`); a version-1
-#: file is a version-2 file without a log, so both are read.
-#: 3 moves every list that grows with the users, items or feature values (the id maps, the
-#: feedback log's user ids, the categorical schemas' values) out of the JSON into ``lists.*``
-#: tensors (:func:`list_to_tensors`), so that the header of a valid file stays small and
-#: its length can be capped (:attr:`LoadLimits.max_header_bytes`) before it is parsed.
+#: file is a version-2 file without a log, so both are read. 3 moves every list that grows
+#: with the users, items or feature values (the id maps, the feedback log's user ids, the
+#: categorical schemas' values) out of the JSON into ``lists.*`` tensors
+#: (:func:`list_to_tensors`), so that the header of a valid file stays small and its length
+#: can be capped (:attr:`LoadLimits.max_header_bytes`) before it is read.
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 #: the default bound of the header length: a version-3 header holds the config, the schemas
@@ -129,7 +143,9 @@ class LoadLimits:
     max_rank : int
         Dimensions of a tensor.
     max_items, max_users : int
-        Entries of the item and user id maps (each also bounded by the tensor shapes).
+        Entries of the item and user id maps (each also bounded by the tensor shapes); also
+        the bounds of the values of a categorical item / user feature and (``max_users``) of
+        the feedback log's distinct users.
     max_id_chars : int
         Length of a string id, feature column or value.
     max_dim, max_hidden, max_layers, max_heads, max_seq_len : int
