@@ -39,8 +39,8 @@ from . import ops
 from .ops import _native, backends
 from .ops import reference
 from .evaluation.metrics import beyond_accuracy, ranking_metrics
-from .model.io import (DEFAULT_LIMITS, LoadLimits, ModelFileError, list_from_tensors, list_to_tensors,
-                       read_model_file, write_model_file)
+from .model.io import (DEFAULT_LIMITS, LoadLimits, ModelFileError, list_from_tensors, list_tensor_names,
+                       list_to_tensors, read_model_file, write_model_file)
 from .training.meta_tasks import parse_tasks, task_sampler
 from .training.meta_tasks import task_phi as _task_phi
 from .model.network import Config, ItemFeatures, RecMetaNet
@@ -1059,7 +1059,7 @@ def _ids_from_tensors(d, tensors: dict, path, what: str, limit: int, limits: Loa
         raise ModelFileError(f"{path}: malformed id map {what} {_short(d)} (format 3: {{'kind': 'int' or 'str'}}, "
                              f"the ids in the tensors lists.{what}.*)")
     vals = list_from_tensors(tensors, what, d["kind"], path, limit, limits)
-    used.update(k for k in tensors if k.startswith(f"lists.{what}."))
+    used.update(list_tensor_names(what))
     return vals if d["kind"] == "int" else np.asarray(vals, dtype=object)
 
 
@@ -1076,7 +1076,7 @@ def _schema_from_tensors(schema, tensors: dict, path, what: str, limit: int, lim
                                      f"in the tensors lists.{what}.{j}.values.*), got {_short(f.get('values'))}")
             name = f"{what}.{j}.values"
             f = dict(f, values=list_from_tensors(tensors, name, "str", path, limit, limits, distinct=False))
-            used.update(k for k in tensors if k.startswith(f"lists.{name}."))
+            used.update(list_tensor_names(name))
         out.append(f)
     return out
 
@@ -1297,7 +1297,7 @@ def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recomm
                 raise ModelFileError(f"{path}: malformed feedback users {_short(fu)} (format 3: {{'kind': ...}}, the "
                                      f"ids in the tensors lists.feedback_users.*)")
             users = list_from_tensors(tensors, "feedback_users", fu["kind"], path, limits.max_users, limits)
-            used.update(k for k in tensors if k.startswith("lists.feedback_users."))
+            used.update(list_tensor_names("feedback_users"))
             feedback = dict(feedback, users=users.tolist() if isinstance(users, np.ndarray) else users)
     else:  # format 1 and 2: the lists are in the metadata
         item_ids = _ids_from_json(meta.get("item_ids"), path, "item_ids", limits.max_items, limits)

@@ -320,6 +320,7 @@ def test_forged_int_and_mixed_lists_are_refused(int_model, tmp_path):
          "lists.feedback_users.is_str has shape"),
         ({"lists.item_ids.int": tensors["lists.item_ids.int"].clone(), "lists.stray.int": torch.arange(3)}, None,
          r"unexpected tensors \['lists.stray.int'\]"),
+        ({"lists.item_ids.junk": torch.arange(3)}, None, r"unexpected tensors \['lists.item_ids.junk'\]"),
     ]
     for change, limits, match in cases:
         with pytest.raises(ModelFileError, match=match):

@@ -71,7 +71,7 @@ import torch
 
 __all__ = ["ModelFileError", "LoadLimits", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "MAX_HEADER",
            "LEGACY_MAX_HEADER", "write_model_file", "read_model_file", "remove_stale_temp_files",
-           "list_to_tensors", "list_from_tensors"]
+           "list_to_tensors", "list_from_tensors", "list_tensor_names"]
 
 FORMAT = "recmeta-model"
 #: the version written. 2 adds the optional feedback log (``feedback.*`` tensors and the
@@ -457,6 +457,11 @@ LIST_KINDS = ("int", "str", "mixed")
 def _list_names(name: str) -> dict:
     p = f"lists.{name}."
     return {"int": p + "int", "utf8": p + "utf8", "offsets": p + "offsets", "is_str": p + "is_str"}
+
+
+def list_tensor_names(name: str) -> set:
+    """The names of the tensors a list ``name`` may have (see :func:`list_to_tensors`)."""
+    return set(_list_names(name).values())
 
 
 def list_to_tensors(name: str, values, kind: Optional[str] = None) -> Tuple[str, Dict[str, torch.Tensor]]:
