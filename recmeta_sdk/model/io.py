@@ -508,8 +508,8 @@ def list_to_tensors(name: str, values, kind: Optional[str] = None) -> Tuple[str,
                              names["is_str"]: torch.zeros(len(arr), dtype=torch.bool)}
         return "int", {names["int"]: ints}
     vals = list(values)
-    is_str = np.fromiter((isinstance(v, str) for v in vals), dtype=bool, count=len(vals))
-    for v in vals:
+    is_str = np.array([isinstance(v, str) for v in vals], dtype=bool)
+    for v in (vals if not is_str.all() else ()):
         if not isinstance(v, str) and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))):
             raise TypeError(f"{name}: id {_short(v)} of type {type(v).__name__} is neither an int nor a string")
     found = ("str" if is_str.all() else "int" if not is_str.any() else "mixed") if vals else None
@@ -528,16 +528,24 @@ def list_to_tensors(name: str, values, kind: Optional[str] = None) -> Tuple[str,
         out[names["int"]] = torch.tensor(ints, dtype=torch.int64) if ints else torch.zeros(0, dtype=torch.int64)
     if kind in ("str", "mixed"):
         try:
-            enc = [str(v).encode("utf-8") for v, s in zip(vals, is_str) if s]
+            enc = ([v.encode("utf-8") for v in vals] if is_str.all()
+                   else [str(v).encode("utf-8") for v, s in zip(vals, is_str) if s])
         except UnicodeEncodeError as e:
             raise ValueError(f"{name}: a string id cannot be encoded as UTF-8 ({e})") from None
         offsets = np.zeros(len(enc) + 1, np.int64)
-        np.cumsum(np.fromiter(map(len, enc), dtype=np.int64, count=len(enc)), out=offsets[1:])
+        np.cumsum(np.array([len(b) for b in enc], dtype=np.int64), out=offsets[1:])
         out[names["utf8"]] = torch.from_numpy(np.frombuffer(b"".join(enc), np.uint8).copy())
         out[names["offsets"]] = torch.from_numpy(offsets)
     if kind == "mixed":
         out[names["is_str"]] = torch.from_numpy(is_str.copy())
     return kind, out
+
+
+def _has_repeats(a: np.ndarray) -> bool:
+    """Whether a 1-D int array holds a value twice (a sort: numpy's hash-based ``unique``
+    is much slower on large int64 arrays)."""
+    s = np.sort(a)
+    return bool(len(s) > 1 and (s[1:] == s[:-1]).any())
 
 
 def _list_tensor(tensors: dict, tname: str, dtype, path) -> np.ndarray:
@@ -603,26 +611,23 @@ def list_from_tensors(tensors: dict, name: str, kind, path, max_count: int, limi
         if len(off) > 1 and int(np.diff(off).max()) > 4 * limits.max_id_chars:
             raise ModelFileError(f"{path}: tensor {names['utf8']} holds a string of {int(np.diff(off).max())} bytes "
                                  f"(limit max_id_chars={limits.max_id_chars} characters)")
-        try:
-            text = buf.tobytes().decode("utf-8")
+        raw, bounds = buf.tobytes(), off.tolist()
+        try:  # every string valid UTF-8 <=> the bytes are, and no offset splits a character
+            strs = [raw[a:b].decode("utf-8") for a, b in zip(bounds[:-1], bounds[1:])]
         except UnicodeDecodeError as e:
-            raise ModelFileError(f"{path}: tensor {names['utf8']} is not valid UTF-8 (byte {e.start})") from None
-        starts = (buf & 0xC0) != 0x80  # the first byte of each character
-        inner = off[:-1][off[:-1] < len(buf)]
-        if len(inner) and not starts[inner].all():
-            bad = int(inner[~starts[inner]][0])
-            raise ModelFileError(f"{path}: tensor {names['offsets']} splits a UTF-8 character (at byte {bad})")
-        chars = np.zeros(len(buf) + 1, np.int64)
-        np.cumsum(starts, out=chars[1:])
-        coff = chars[off].tolist()
-        if len(coff) > 1 and int(np.diff(chars[off]).max()) > limits.max_id_chars:
-            raise ModelFileError(f"{path}: tensor {names['utf8']} holds a string of {int(np.diff(chars[off]).max())} "
-                                 f"characters (limit max_id_chars={limits.max_id_chars})")
-        strs = [text[a:b] for a, b in zip(coff[:-1], coff[1:])]
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e2:
+                raise ModelFileError(f"{path}: tensor {names['utf8']} is not valid UTF-8 (byte {e2.start})") from None
+            raise ModelFileError(f"{path}: tensor {names['offsets']} splits a UTF-8 character ({e.reason})") from None
+        longest = max(map(len, strs), default=0)
+        if longest > limits.max_id_chars:
+            raise ModelFileError(f"{path}: tensor {names['utf8']} holds a string of {longest} characters "
+                                 f"(limit max_id_chars={limits.max_id_chars})")
     if kind == "int":
         if len(ints) > max_count:
             raise ModelFileError(f"{path}: tensor {names['int']} holds {len(ints)} ids (limit {max_count})")
-        if distinct and len(np.unique(ints)) != len(ints):
+        if distinct and _has_repeats(ints):
             raise ModelFileError(f"{path}: tensor {names['int']} has duplicate ids")
         return ints
     if kind == "str":
@@ -634,7 +639,7 @@ def list_from_tensors(tensors: dict, name: str, kind, path, max_count: int, limi
     if len(mask) > max_count or n_str != len(strs) or len(mask) - n_str != len(ints):
         raise ModelFileError(f"{path}: tensor {names['is_str']} of {len(mask)} entries ({n_str} strings) does not "
                              f"match {len(ints)} ints and {len(strs)} strings (limit {max_count} entries)")
-    if distinct and (len(np.unique(ints)) != len(ints) or len(set(strs)) != len(strs)):
+    if distinct and (_has_repeats(ints) or len(set(strs)) != len(strs)):
         raise ModelFileError(f"{path}: the list {name} has duplicate ids")
     out = [None] * len(mask)
     si, ii = iter(strs), iter(ints.tolist())
