@@ -360,3 +360,31 @@ def test_list_to_tensors_refuses_what_it_cannot_store():
         rio.list_from_tensors(t, "x", "mixed", "p", 3)
     assert rio.list_to_tensors("x", np.zeros(0, np.int64))[0] == "int"
     assert rio.list_to_tensors("x", [])[0] == "str"
+
+
+@pytest.mark.parametrize("nul", [False, True])
+def test_string_lists_round_trip(nul):
+    """Random strings (1-4 byte UTF-8 characters, empty ones; with NULs the string-by-string
+    path) round-trip through list_to_tensors / list_from_tensors, bytes and offsets as UTF-8."""
+    rng = np.random.default_rng(20261207 + nul)
+    alphabet = ["a", "Z", "0", " ", "|", "é", "ß", "Ω", "电", "影", "🎬", "\u0301", "\x7f"] + (["\0"] if nul else [])
+    strs = sorted({"".join(rng.choice(alphabet, size=int(rng.integers(0, 9)))) for _ in range(3000)})
+    strs = [strs[j] for j in rng.permutation(len(strs))]
+    kind, t = rio.list_to_tensors("s", strs)
+    assert kind == "str"
+    off = t["lists.s.offsets"].numpy()
+    assert bytes(t["lists.s.utf8"].numpy()) == "".join(strs).encode()
+    np.testing.assert_array_equal(np.diff(off), [len(s.encode()) for s in strs])
+    assert rio.list_from_tensors(t, "s", "str", "p", len(strs)) == strs
+    mixed = [x for pair in zip(strs[:500], range(500)) for x in pair]
+    kind, t = rio.list_to_tensors("m", mixed)
+    assert kind == "mixed" and rio.list_from_tensors(t, "m", "mixed", "p", len(mixed)) == mixed
+    # a split character is named as such on both paths
+    j = next(i for i, s in enumerate(strs[:-1]) if s.encode() != s.encode("ascii", "ignore"))
+    kind, t = rio.list_to_tensors("s", strs)
+    o = t["lists.s.offsets"].clone()
+    b = "".join(strs).encode()
+    first_multi = next(k for k in range(int(o[j]), int(o[j + 1])) if b[k] >= 0xC0)
+    o[j + 1] = first_multi + 1  # string j ends inside that character
+    with pytest.raises(ModelFileError, match="splits a UTF-8 character"):
+        rio.list_from_tensors(dict(t, **{"lists.s.offsets": o}), "s", "str", "p", len(strs))

@@ -508,7 +508,11 @@ def list_to_tensors(name: str, values, kind: Optional[str] = None) -> Tuple[str,
                              names["is_str"]: torch.zeros(len(arr), dtype=torch.bool)}
         return "int", {names["int"]: ints}
     vals = list(values)
-    is_str = np.array([isinstance(v, str) for v in vals], dtype=bool)
+    try:  # all strings (the common case): a C loop decides
+        all_str = bool(vals) and kind in (None, "str") and isinstance("".join(vals), str)
+    except TypeError:
+        all_str = False
+    is_str = np.ones(len(vals), bool) if all_str else np.array([isinstance(v, str) for v in vals], dtype=bool)
     for v in (vals if not is_str.all() else ()):
         if not isinstance(v, str) and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))):
             raise TypeError(f"{name}: id {_short(v)} of type {type(v).__name__} is neither an int nor a string")
@@ -527,18 +531,49 @@ def list_to_tensors(name: str, values, kind: Optional[str] = None) -> Tuple[str,
             raise ValueError(f"{name}: id {bad} does not fit an int64")
         out[names["int"]] = torch.tensor(ints, dtype=torch.int64) if ints else torch.zeros(0, dtype=torch.int64)
     if kind in ("str", "mixed"):
+        strs = vals if is_str.all() else [v for v, s in zip(vals, is_str) if s]
         try:
-            enc = ([v.encode("utf-8") for v in vals] if is_str.all()
-                   else [str(v).encode("utf-8") for v, s in zip(vals, is_str) if s])
+            data, offsets = _encode_strings(strs)
         except UnicodeEncodeError as e:
             raise ValueError(f"{name}: a string id cannot be encoded as UTF-8 ({e})") from None
-        offsets = np.zeros(len(enc) + 1, np.int64)
-        np.cumsum(np.array([len(b) for b in enc], dtype=np.int64), out=offsets[1:])
-        out[names["utf8"]] = torch.from_numpy(np.frombuffer(b"".join(enc), np.uint8).copy())
+        out[names["utf8"]] = torch.from_numpy(data)
         out[names["offsets"]] = torch.from_numpy(offsets)
     if kind == "mixed":
         out[names["is_str"]] = torch.from_numpy(is_str.copy())
     return kind, out
+
+
+def _encode_strings(strs: list) -> Tuple[np.ndarray, np.ndarray]:
+    """(UTF-8 bytes (uint8), int64 offsets) of strings. Without NUL characters in them the
+    work is done by C loops: the strings joined by NULs, encoded once, the NULs located and
+    dropped; else one encode per string."""
+    joined = "\0".join(strs)
+    if strs and joined.count("\0") == len(strs) - 1:
+        b = np.frombuffer(joined.encode("utf-8"), np.uint8)
+        nul = np.flatnonzero(b == 0)
+        keep = np.ones(len(b), bool)
+        keep[nul] = False
+        data = b[keep]
+        offsets = np.empty(len(strs) + 1, np.int64)
+        offsets[0], offsets[-1] = 0, len(data)
+        offsets[1:-1] = nul - np.arange(len(nul))
+        return data, offsets
+    enc = [str(v).encode("utf-8") for v in strs]
+    offsets = np.zeros(len(enc) + 1, np.int64)
+    np.cumsum(np.array([len(x) for x in enc], dtype=np.int64), out=offsets[1:])
+    return np.frombuffer(b"".join(enc), np.uint8).copy(), offsets
+
+
+def _decode_strings(buf: np.ndarray, off: np.ndarray) -> Optional[list]:
+    """The strings of UTF-8 bytes ``buf`` at checked offsets ``off`` by C loops (a NUL inserted
+    before each string, one decode, one split), or None when the bytes hold a NUL or the
+    decode fails (the caller then decodes string by string, naming the failure)."""
+    if len(off) < 2 or (buf == 0).any():
+        return None if len(off) >= 2 else []
+    try:
+        return np.insert(buf, off[1:-1], 0).tobytes().decode("utf-8").split("\0")
+    except UnicodeDecodeError:
+        return None
 
 
 def _has_repeats(a: np.ndarray) -> bool:
@@ -611,9 +646,12 @@ def list_from_tensors(tensors: dict, name: str, kind, path, max_count: int, limi
         if len(off) > 1 and int(np.diff(off).max()) > 4 * limits.max_id_chars:
             raise ModelFileError(f"{path}: tensor {names['utf8']} holds a string of {int(np.diff(off).max())} bytes "
                                  f"(limit max_id_chars={limits.max_id_chars} characters)")
-        raw, bounds = buf.tobytes(), off.tolist()
+        strs = _decode_strings(buf, off)
+        raw = buf.tobytes()
         try:  # every string valid UTF-8 <=> the bytes are, and no offset splits a character
-            strs = [raw[a:b].decode("utf-8") for a, b in zip(bounds[:-1], bounds[1:])]
+            if strs is None:
+                bounds = off.tolist()
+                strs = [raw[a:b].decode("utf-8") for a, b in zip(bounds[:-1], bounds[1:])]
         except UnicodeDecodeError as e:
             try:
                 raw.decode("utf-8")
