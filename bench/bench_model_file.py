@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import recmeta_sdk as rm  # noqa: E402
-from recmeta_sdk import io as rio  # noqa: E402
+from recmeta_sdk.model import io as rio  # noqa: E402
 from recmeta_sdk.api import _ids_from_json, _ids_to_json  # noqa: E402
 
 

@@ -1006,7 +1006,7 @@ class Recommender:
             "user_feat_offsets": torch.from_numpy(self._uf_off), "user_feat_indices": torch.from_numpy(self._uf_idx),
         })
         # format 3: every list that grows with the users, items or feature values is a tensor
-        # (io.list_to_tensors), so that the JSON header stays small (see recmeta_sdk.io)
+        # (io.list_to_tensors), so that the JSON header stays small (see recmeta_sdk.model.io)
         meta = {
             "config": self.config.to_dict(),
             "item_ids": _ids_to_tensors("item_ids", self.item_ids, tensors),
@@ -1054,7 +1054,7 @@ def _schema_to_tensors(schema: list, what: str, tensors: dict) -> list:
 
 def _ids_from_tensors(d, tensors: dict, path, what: str, limit: int, limits: LoadLimits, used: set) -> np.ndarray:
     """A format-3 id map: the metadata entry ``{"kind": "int" | "str"}`` and its tensors, checked
-    (:func:`recmeta_sdk.io.list_from_tensors`: counts, offsets, UTF-8, lengths, distinct)."""
+    (:func:`recmeta_sdk.model.io.list_from_tensors`: counts, offsets, UTF-8, lengths, distinct)."""
     if not isinstance(d, dict) or set(d) != {"kind"} or d["kind"] not in ("int", "str"):
         raise ModelFileError(f"{path}: malformed id map {what} {_short(d)} (format 3: {{'kind': 'int' or 'str'}}, "
                              f"the ids in the tensors lists.{what}.*)")

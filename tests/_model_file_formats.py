@@ -3,7 +3,7 @@ writer of recmeta <= 0.2 used, from the parts of a current (format 3) file.
 
 Format 1 and 2 keep the id maps, the categorical schemas' values, the feature names and the
 feedback log's user ids as JSON lists in the metadata; format 3 keeps them in ``lists.*``
-tensors (see :mod:`recmeta_sdk.io`)."""
+tensors (see :mod:`recmeta_sdk.model.io`)."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,8 @@ import json
 import numpy as np
 from safetensors.torch import save
 
-from recmeta_sdk import io as rio
-from recmeta_sdk.train import schema_names
+from recmeta_sdk.model import io as rio
+from recmeta_sdk.training.loop import schema_names
 
 _ST = {"torch.float32": "F32", "torch.float64": "F64", "torch.int64": "I64", "torch.int32": "I32",
        "torch.bool": "BOOL", "torch.uint8": "U8"}

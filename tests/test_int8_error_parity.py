@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from recmeta_sdk import ops
-from recmeta_sdk.reference import QuantizedTable
+from recmeta_sdk.ops.reference import QuantizedTable
 
 
 def _error(fn):

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import recmeta_sdk as rm
-from recmeta_sdk import io as rio
+from recmeta_sdk.model import io as rio
 from recmeta_sdk import online
-from recmeta_sdk.io import LoadLimits, ModelFileError
+from recmeta_sdk.model.io import LoadLimits, ModelFileError
 
 from _model_file_formats import legacy_blob, to_legacy
 
