@@ -42,7 +42,8 @@ from . import ops
 from .ops import _native, backends
 from .ops import reference
 from .evaluation.metrics import beyond_accuracy, ranking_metrics
-from .model.io import DEFAULT_LIMITS, LoadLimits, ModelFileError, read_model_file, write_model_file
+from .model.io import (DEFAULT_LIMITS, LoadLimits, ModelFileError, list_from_tensors, list_tensor_names,
+                       list_to_tensors, read_model_file, write_model_file)
 from .training.meta_tasks import parse_tasks, task_sampler
 from .training.meta_tasks import task_phi as _task_phi
 from .model.network import Config, ItemFeatures, RecMetaNet
@@ -1019,11 +1020,15 @@ class Recommender:
             "hist_rewards": torch.from_numpy(self._hist_rewards), "item_count": torch.from_numpy(self._item_count),
             "user_feat_offsets": torch.from_numpy(self._uf_off), "user_feat_indices": torch.from_numpy(self._uf_idx),
         })
+        # format 3: every list that grows with the users, items or feature values is a tensor
+        # (io.list_to_tensors), so that the JSON header stays small (see recmeta_sdk.model.io)
         meta = {
             "config": self.config.to_dict(),
-            "item_ids": _ids_to_json(self.item_ids), "user_ids": _ids_to_json(self.user_ids),
-            "item_schema": self._item_schema, "user_schema": self._user_schema,
-            "feature_names": self._feature_names, "n_user_feature_rows": self._net.n_user_rows,
+            "item_ids": _ids_to_tensors("item_ids", self.item_ids, tensors),
+            "user_ids": _ids_to_tensors("user_ids", self.user_ids, tensors),
+            "item_schema": _schema_to_tensors(self._item_schema, "item_schema", tensors),
+            "user_schema": _schema_to_tensors(self._user_schema, "user_schema", tensors),
+            "n_user_feature_rows": self._net.n_user_rows,
             "reward_scale": self._reward_scale,
         }
         # the online feedback log travels with the model
@@ -1032,11 +1037,67 @@ class Recommender:
         log_tensors, log_meta = log_to_file(self)
         if log_meta is not None:
             tensors.update(log_tensors)
-            meta["feedback"] = log_meta
+            kind, t = list_to_tensors("feedback_users", log_meta["users"])
+            tensors.update(t)
+            meta["feedback"] = dict(log_meta, users={"kind": kind})
         write_model_file(path, tensors, meta)
 
 
+def _ids_to_tensors(name: str, ids: np.ndarray, tensors: dict) -> dict:
+    """An id map as ``lists.<name>.*`` tensors (added to ``tensors``); returns its metadata
+    entry ``{"kind": "int" | "str"}`` (non-integer ids are written as strings, as before)."""
+    if np.issubdtype(ids.dtype, np.integer):
+        kind, t = list_to_tensors(name, ids, kind="int")
+    else:
+        kind, t = list_to_tensors(name, [str(x) for x in ids], kind="str")
+    tensors.update(t)
+    return {"kind": kind}
+
+
+def _schema_to_tensors(schema: list, what: str, tensors: dict) -> list:
+    """The schema with each categorical feature's ``values`` replaced by ``{"kind": "str"}``,
+    the values written as the tensors ``lists.<what>.<j>.values.*`` (added to ``tensors``)."""
+    out = []
+    for j, f in enumerate(schema):
+        if f.get("kind") in ("multi", "cat"):
+            _, t = list_to_tensors(f"{what}.{j}.values", [str(v) for v in f["values"]], kind="str")
+            tensors.update(t)
+            f = dict(f, values={"kind": "str"})
+        out.append(f)
+    return out
+
+
+def _ids_from_tensors(d, tensors: dict, path, what: str, limit: int, limits: LoadLimits, used: set) -> np.ndarray:
+    """A format-3 id map: the metadata entry ``{"kind": "int" | "str"}`` and its tensors, checked
+    (:func:`recmeta_sdk.model.io.list_from_tensors`: counts, offsets, UTF-8, lengths, distinct)."""
+    if not isinstance(d, dict) or set(d) != {"kind"} or d["kind"] not in ("int", "str"):
+        raise ModelFileError(f"{path}: malformed id map {what} {_short(d)} (format 3: {{'kind': 'int' or 'str'}}, "
+                             f"the ids in the tensors lists.{what}.*)")
+    vals = list_from_tensors(tensors, what, d["kind"], path, limit, limits)
+    used.update(list_tensor_names(what))
+    return vals if d["kind"] == "int" else np.asarray(vals, dtype=object)
+
+
+def _schema_from_tensors(schema, tensors: dict, path, what: str, limit: int, limits: LoadLimits, used: set):
+    """A format-3 schema with the categorical values read back from their tensors (the rest is
+    checked by :func:`_schema_from_file`)."""
+    if not isinstance(schema, list):
+        return schema
+    out = []
+    for j, f in enumerate(schema):
+        if isinstance(f, dict) and f.get("kind") in ("multi", "cat"):
+            if f.get("values") != {"kind": "str"}:
+                raise ModelFileError(f"{path}: {what}[{j}].values must be {{'kind': 'str'}} in format 3 (the values "
+                                     f"in the tensors lists.{what}.{j}.values.*), got {_short(f.get('values'))}")
+            name = f"{what}.{j}.values"
+            f = dict(f, values=list_from_tensors(tensors, name, "str", path, limit, limits, distinct=False))
+            used.update(list_tensor_names(name))
+        out.append(f)
+    return out
+
+
 def _ids_to_json(ids: np.ndarray) -> dict:
+    """The id map as written in the metadata by format 1 and 2 (kept for reference and tests)."""
     if np.issubdtype(ids.dtype, np.integer):
         return {"kind": "int", "values": [int(x) for x in ids]}
     return {"kind": "str", "values": [str(x) for x in ids]}
@@ -1234,14 +1295,35 @@ def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recomm
     from .training.loop import dense_width
 
     cfg = _config_from_file(meta.get("config"), path, limits)
-    item_ids = _ids_from_json(meta.get("item_ids"), path, "item_ids", limits.max_items, limits)
-    user_ids = _ids_from_json(meta.get("user_ids"), path, "user_ids", limits.max_users, limits)
+    used: set = set()  # the lists.* tensors read
+    feedback = meta.get("feedback")
+    if meta.get("format_version", 0) >= 3:  # the lists are tensors (see Recommender.save)
+        item_ids = _ids_from_tensors(meta.get("item_ids"), tensors, path, "item_ids", limits.max_items, limits, used)
+        user_ids = _ids_from_tensors(meta.get("user_ids"), tensors, path, "user_ids", limits.max_users, limits, used)
+        item_schema = _schema_from_tensors(meta.get("item_schema"), tensors, path, "item_schema", limits.max_items,
+                                           limits, used)
+        user_schema = _schema_from_tensors(meta.get("user_schema"), tensors, path, "user_schema", limits.max_users,
+                                           limits, used)
+        if "feature_names" in meta:
+            raise ModelFileError(f"{path}: feature_names in a file of format 3 (derived from the item schema)")
+        if isinstance(feedback, dict) and "users" in feedback:
+            fu = feedback["users"]
+            if not isinstance(fu, dict) or set(fu) != {"kind"}:
+                raise ModelFileError(f"{path}: malformed feedback users {_short(fu)} (format 3: {{'kind': ...}}, the "
+                                     f"ids in the tensors lists.feedback_users.*)")
+            users = list_from_tensors(tensors, "feedback_users", fu["kind"], path, limits.max_users, limits)
+            used.update(list_tensor_names("feedback_users"))
+            feedback = dict(feedback, users=users.tolist() if isinstance(users, np.ndarray) else users)
+    else:  # format 1 and 2: the lists are in the metadata
+        item_ids = _ids_from_json(meta.get("item_ids"), path, "item_ids", limits.max_items, limits)
+        user_ids = _ids_from_json(meta.get("user_ids"), path, "user_ids", limits.max_users, limits)
+        item_schema, user_schema = meta.get("item_schema"), meta.get("user_schema")
     N, U = len(item_ids), len(user_ids)
     if N == 0:
         raise ModelFileError(f"{path}: item_ids is empty")
-    item_schema = _schema_from_file(meta.get("item_schema"), path, "item_schema", limits)
-    user_schema = _schema_from_file(meta.get("user_schema"), path, "user_schema", limits)
-    names = meta.get("feature_names")
+    item_schema = _schema_from_file(item_schema, path, "item_schema", limits)
+    user_schema = _schema_from_file(user_schema, path, "user_schema", limits)
+    names = meta.get("feature_names") if meta.get("format_version", 0) < 3 else schema_names(item_schema)
     if names != schema_names(item_schema):
         raise ModelFileError(f"{path}: feature_names do not match the item schema's features")
     n_uf = meta.get("n_user_feature_rows")
@@ -1280,7 +1362,7 @@ def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recomm
                                  f"expected {shape} {dtype}")
     others = set(tensors) - {"net." + k for k in got} - {"hist_offsets", "hist_items", "hist_rewards", "item_count",
                                                           "user_feat_offsets", "user_feat_indices"}
-    others = sorted(k for k in others if not k.startswith("feedback."))
+    others = sorted(k for k in others - used if not k.startswith("feedback."))
     if others:
         raise ModelFileError(f"{path}: unexpected tensors {others[:5]}")
     # values: index ranges, finite and bounded floats
@@ -1309,7 +1391,7 @@ def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recomm
                         uo, ui, rs)
     from .online.engine import log_from_file
 
-    log_from_file(model, tensors, meta.get("feedback"), path, limits)  # the feedback log, if saved (format 2)
+    log_from_file(model, tensors, feedback, path, limits)  # the feedback log, if saved (format 2 and later)
     _probe(model, path)
     return model
 

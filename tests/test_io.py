@@ -237,12 +237,12 @@ def test_model_without_feedback_has_no_log_and_old_files_load(model, tmp_path, m
     with safe_open(str(p), "pt") as f:
         meta = json.loads(f.metadata()["recmeta"])
         names = list(f.keys())
-    assert meta["format_version"] == 2 and "feedback" not in meta
+    assert meta["format_version"] == io.FORMAT_VERSION == 3 and "feedback" not in meta
     assert not [n for n in names if n.startswith("feedback.")]
     # a file of format 1 (written before the log was saved) still loads, with an empty log
-    monkeypatch.setattr(io, "FORMAT_VERSION", 1)
-    model.save(p)
-    monkeypatch.undo()
+    from _model_file_formats import legacy_blob, to_legacy
+
+    p.write_bytes(legacy_blob(*to_legacy(*io.read_model_file(p)), version=1))
     with safe_open(str(p), "pt") as f:
         assert json.loads(f.metadata()["recmeta"])["format_version"] == 1
     old = rm.load(p)
@@ -269,12 +269,26 @@ def test_tampered_feedback_log_is_rejected(model, tmp_path):
     q.write_bytes(bytes(bad))
     with pytest.raises(ModelFileError, match="SHA-256"):
         rm.load(q)
-    # rename a user of the log in the metadata, keeping the old hash
+    # rename a user of the log (its UTF-8 bytes, a tensor since format 3), keeping the old hash
+    lo, hi = header["lists.feedback_users.utf8"]["data_offsets"]
+    bad = bytearray(blob)
+    bad[8 + n + lo] = ord("N") if blob[8 + n + lo] != ord("N") else ord("M")
+    q.write_bytes(bytes(bad))
+    with pytest.raises(ModelFileError, match="SHA-256"):
+        rm.load(q)
+    # the same in the metadata of a format-2 file
+    from _model_file_formats import legacy_blob, to_legacy
+
+    t2, m2 = to_legacy(*io.read_model_file(p))
+    legacy = legacy_blob(t2, m2)
+    n2 = _header_len(legacy)
+    header = json.loads(legacy[8:8 + n2])
     meta = json.loads(header["__metadata__"]["recmeta"])
+    assert isinstance(meta["feedback"]["users"], list)
     meta["feedback"]["users"][0] = "someone-else"
     header["__metadata__"]["recmeta"] = json.dumps(meta)
     h = json.dumps(header).encode()
-    q.write_bytes(struct.pack("<Q", len(h)) + h + blob[8 + n:])
+    q.write_bytes(struct.pack("<Q", len(h)) + h + legacy[8 + n2:])
     with pytest.raises(ModelFileError, match="SHA-256"):
         rm.load(q)
     # drop the log's metadata (and its hash with it): the orphan tensors are refused
@@ -282,7 +296,8 @@ def test_tampered_feedback_log_is_rejected(model, tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         meta = json.loads(f.metadata()["recmeta"])
     meta = {k: v for k, v in meta.items() if k not in ("sha256", "format", "format_version")}
-    io.write_model_file(q, tensors, {k: v for k, v in meta.items() if k != "feedback"})
+    io.write_model_file(q, {k: v for k, v in tensors.items() if not k.startswith("lists.feedback_users.")},
+                        {k: v for k, v in meta.items() if k != "feedback"})
     with pytest.raises(ModelFileError, match="without feedback metadata"):
         rm.load(q)
     # a consistently hashed file whose log points outside the catalogue / the user list

@@ -28,6 +28,8 @@ from recmeta_sdk.model import io as rio
 from recmeta_sdk import online
 from recmeta_sdk.model.io import LoadLimits, ModelFileError
 
+from _model_file_formats import legacy_blob, to_legacy
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SEED = int(os.environ.get("RECMETA_MUTATION_SEED", "20261207"))
@@ -74,10 +76,11 @@ def _assemble(header, data: bytes) -> bytes:
     return struct.pack("<Q", len(h)) + h + data
 
 
-_ST = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
+_ST = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL",
+       torch.uint8: "U8"}
 
 
-def forge(tensors: dict, meta: dict, shapes: dict | None = None, version: int = 2) -> bytes:
+def forge(tensors: dict, meta: dict, shapes: dict | None = None, version: int = rio.FORMAT_VERSION) -> bytes:
     """A file with a correctly recomputed SHA-256 (as a forger would write it): tensors laid out
     in name order; ``shapes`` overrides the declared shape of some tensors (any JSON value:
     the digest covers it as written)."""
@@ -108,8 +111,9 @@ def _alarm(signum, frame):
 class Harness:
     """Runs cases: writes each mutant, loads it, serves it if it loads; keeps the figures."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, limits: LoadLimits | None = None):
         self.path = path
+        self.limits = limits
         self.cases = 0
         self.rejected = 0
         self.loaded = 0
@@ -129,7 +133,7 @@ class Harness:
         t_load = None
         outcome = None
         try:
-            m = rm.load(self.path)
+            m = rm.load(self.path, limits=self.limits)
             t_load = time.perf_counter() - t0
             outcome = "loaded"
             _serve(m)
@@ -269,10 +273,14 @@ def test_mutation_suite(saved, tmp_path):
         m2["config"][v] = 1
         h.run(f"config key {v!r}", forge(tensors, m2))
 
-    # 7. forged: the other metadata fields
+    # 7. forged: the other metadata fields (format 3; format 2's layout below)
+    lt, lm = to_legacy(tensors, meta)
+    fn = lm["feature_names"]
+    for v in (None, [], ["x"], fn[:-1], fn + ["z"], fn[::-1]):  # format 2 only: format 3 derives them
+        h.run(f"v2 feature_names={str(v)[:30]}", forge(lt, dict(lm, feature_names=v), version=2))
     top = {"n_user_feature_rows": _extreme_ints() + _BAD_VALUES + [3 * 10**7, 3e7],
            "reward_scale": _extreme_ints() + _BAD_VALUES + [1e-300, 0.0],
-           "feature_names": [None, [], ["x"], meta["feature_names"][:-1], meta["feature_names"] + ["z"]],
+           "feature_names": [None, [], fn],
            "item_schema": [None, 5, [], [{"kind": "cat"}], [{"column": "g", "kind": "multi", "values": [1]}],
                            [{"column": "y", "kind": "num", "edges": [2.0, 1.0]}],
                            [{"column": "e", "kind": "dense", "dim": 10**9, "mean": [], "scale": 1.0}]],
@@ -287,22 +295,72 @@ def test_mutation_suite(saved, tmp_path):
             h.run(f"{key}={str(v)[:30]}", forge(tensors, m2))
         m2 = {k: x for k, x in meta.items() if k != key}
         h.run(f"no {key}", forge(tensors, m2))
+    # the id maps of format 2 (JSON lists in the metadata)
+    h.run("format 2, unchanged", forge(lt, lm, version=2))
     for which in ("item_ids", "user_ids"):
-        ids = meta[which]["values"]
+        ids = lm[which]["values"]
         for v in ([2**70], [2**63], [True], [1.5], ["s"], [None], [ids[0]]):
-            m2 = json.loads(json.dumps(meta))
+            m2 = json.loads(json.dumps(lm))
             m2[which]["values"] = ids[:-1] + v
-            h.run(f"{which} last={str(v)[:20]}", forge(tensors, m2))
+            h.run(f"v2 {which} last={str(v)[:20]}", forge(lt, m2, version=2))
         for d in (None, [], {"kind": "float", "values": ids}, {"kind": "str", "values": ids},
                   {"kind": "int", "values": ids[:-1]}, {"kind": "int", "values": ids + [10**6]},
                   {"kind": "int", "values": list(range(30_000))}):
+            m2 = json.loads(json.dumps(lm))
+            m2[which] = d
+            h.run(f"v2 {which}={str(d)[:30]}", forge(lt, m2, version=2))
+    m2 = json.loads(json.dumps(lm))  # 30,000 item ids and a wide part allowed up to 10**9 items
+    m2["item_ids"]["values"] = list(range(30_000))
+    m2["config"]["wide_max_items"] = 10**9
+    h.run("v2 30000 items, wide_max_items=1e9", forge(lt, m2, version=2))
+    for key in ("feature_names", "item_ids"):  # format 3 with format 2's JSON lists, and the reverse
+        h.run(f"v3 with v2's {key}", forge(tensors, dict(meta, **{key: lm[key]})))
+        h.run(f"v2 with v3's {key}", forge(lt, dict(lm, **{key: meta.get(key)}), version=2))
+    h.run("v2 with v3's tensors", forge(tensors, lm, version=2))
+    h.run("v3 with v2's layout", forge(lt, lm))
+    # the lists of format 3 (tensors): kinds, forged ids, offsets and UTF-8 bytes (digest recomputed)
+    for which in ("item_ids", "user_ids"):
+        for d in (None, {}, {"kind": "float"}, {"kind": "str"}, {"kind": "mixed"}, {"kind": "int", "x": 1},
+                  {"kind": "int", "values": []}):
             m2 = json.loads(json.dumps(meta))
             m2[which] = d
             h.run(f"{which}={str(d)[:30]}", forge(tensors, m2))
-    m2 = json.loads(json.dumps(meta))  # 30,000 item ids and a wide part allowed up to 10**9 items
-    m2["item_ids"]["values"] = list(range(30_000))
+        ids = tensors[f"lists.{which}.int"]
+        for label, v in (("duplicate", torch.cat([ids[:-1], ids[:1]])), ("30000", torch.arange(30_000)),
+                         ("2**62", torch.cat([ids[:-1], torch.tensor([2**62])]))):
+            h.run(f"{which} {label}", forge(dict(tensors, **{f"lists.{which}.int": v}), meta))
+        kind, t = rio.list_to_tensors(which, [str(x) for x in ids.tolist()], kind="str")
+        t2 = {k: v for k, v in tensors.items() if not k.startswith(f"lists.{which}.")}
+        m2 = dict(meta, **{which: {"kind": "str"}})
+        h.run(f"{which} as strings", forge(dict(t2, **t), m2))  # loads: a model of string ids
+    m2 = json.loads(json.dumps(meta))
     m2["config"]["wide_max_items"] = 10**9
-    h.run("30000 items, wide_max_items=1e9", forge(tensors, m2))
+    h.run("30000 items, wide_max_items=1e9", forge(dict(tensors, **{"lists.item_ids.int": torch.arange(30_000)}), m2))
+    str_lists = sorted(k[:-len(".utf8")] for k in tensors if k.startswith("lists.") and k.endswith(".utf8"))
+    assert "lists.feedback_users" in str_lists and "lists.item_schema.0.values" in str_lists
+    for base in str_lists:
+        buf, off = tensors[base + ".utf8"], tensors[base + ".offsets"]
+        for j in range(40):  # random bytes (mostly invalid UTF-8) at random places
+            b2 = buf.clone()
+            for pos in rng.integers(0, len(b2), int(rng.integers(1, 4))):
+                b2[int(pos)] = int(rng.integers(0, 256))
+            h.run(f"{base}.utf8 bytes#{j}", forge(dict(tensors, **{base + ".utf8": b2}), meta))
+        for j in range(20):  # offsets: permuted, shifted, out of range, wrapping int64
+            o2 = off.clone()
+            if j % 4 == 0 and len(o2) > 2:
+                o2[1:-1] = o2[1:-1][torch.from_numpy(rng.permutation(len(o2) - 2))]
+            elif j % 4 == 1:
+                o2[int(rng.integers(0, len(o2)))] += int(rng.integers(-3, 4))
+            elif j % 4 == 2:
+                o2[int(rng.integers(0, len(o2)))] = int(rng.choice([-(2**63), 2**63 - 1, -1, 2**40]))
+            else:
+                o2 = torch.cat([o2[:1], torch.tensor([2**63 - 1, -(2**63) + 8]), o2[1:]])
+            h.run(f"{base}.offsets #{j}", forge(dict(tensors, **{base + ".offsets": o2}), meta))
+        n = len(off) - 1  # as many 2-byte characters, each string boundary inside one
+        o2 = torch.arange(0, 2 * n + 1, 2)
+        o2[1:-1] += 1
+        b2 = torch.tensor(list(("é" * n).encode()), dtype=torch.uint8)
+        h.run(f"{base} 2-byte chars split", forge(dict(tensors, **{base + ".utf8": b2, base + ".offsets": o2}), meta))
     for v in (1, 3, 0, -1):
         h.run(f"format_version={v}", forge(tensors, meta, version=v))
 
@@ -343,7 +401,10 @@ def test_mutation_suite(saved, tmp_path):
 
 
 def test_pathological_16mb_files_are_rejected_fast(tmp_path):
-    """16 MB files whose header is the attack: rejected with ModelFileError, each in a bounded time."""
+    """16 MB files whose header is the attack: rejected with ModelFileError, each in a bounded time.
+    Under the default limits the header length alone refuses them (max_header_bytes = 1 MiB,
+    before a byte of the header is read); with the bound that files of format 1 and 2 may need
+    (LEGACY_MAX_HEADER) the checks on the raw bytes refuse them before or while parsing."""
     M = 16 * 2**20
     mt = json.dumps({"format": "recmeta-model", "format_version": 2, "sha256": "0" * 64})
     cases = {
@@ -362,10 +423,14 @@ def test_pathological_16mb_files_are_rejected_fast(tmp_path):
                                    "__metadata__": {"recmeta": mt}}).encode() + b" " * (M // 2),
     }
     h = Harness(tmp_path / "big.recmeta")
+    legacy = Harness(tmp_path / "big.recmeta", LoadLimits(max_header_bytes=rio.LEGACY_MAX_HEADER))
     for label, head in cases.items():
-        h.run(label, _assemble(head, b"\0" * max(0, M - len(head))))
+        blob = _assemble(head, b"\0" * max(0, M - len(head)))
+        h.run(label, blob)
+        legacy.run(label, blob)
     h.check("16 MB pathological files")
-    assert h.rejected == h.cases
+    legacy.check(f"16 MB pathological files, max_header_bytes={rio.LEGACY_MAX_HEADER}")
+    assert h.rejected == h.cases and legacy.rejected == legacy.cases
 
 
 def test_net_shapes_match_real_networks():
@@ -413,9 +478,11 @@ def test_versions_are_recorded_and_files_without_them_load(saved, tmp_path):
     _, got = rio.read_model_file(p)
     assert got["library_version"] == rm.__version__ and got["torch_version"] == torch.__version__
     old = {k: v for k, v in meta.items() if k not in ("library_version", "torch_version")}
-    p.write_bytes(forge(tensors, old, version=2))
-    m = rm.load(p)
-    np.testing.assert_array_equal(m.recommend(3, k=5).ids, model.recommend(3, k=5).ids)
+    lt, lm = to_legacy(tensors, old)
+    for blob2 in (forge(tensors, old), legacy_blob(lt, lm, version=2)):
+        p.write_bytes(blob2)
+        m = rm.load(p)
+        np.testing.assert_array_equal(m.recommend(3, k=5).ids, model.recommend(3, k=5).ids)
 
 
 # ---------------------------------------------------------------------------- temp files, SIGKILL
@@ -512,6 +579,7 @@ def test_escape_heavy_headers_are_refused_and_non_ascii_ids_are_written_without_
         rm.load(p, limits=LoadLimits(max_json_escapes=10**6))
     # non-ASCII ids: written as UTF-8, read back equal; the same ids as \uXXXX escapes load too
     names = ["é" * 40 + str(i) for i in range(N_ITEMS)]
+    tensors, meta = to_legacy(tensors, meta)  # the format-2 layout: the ids in the metadata
     m3 = json.loads(json.dumps(meta))
     m3["item_ids"] = {"kind": "str", "values": names}
     fb = m3.get("feedback")
@@ -534,7 +602,8 @@ def test_escape_heavy_headers_are_refused_and_non_ascii_ids_are_written_without_
                                 b"".join(bytes(arrays[n][2]) for n in sorted(arrays))))
         loaded = rm.load(p)
         assert list(loaded.item_ids) == names
-        loaded.save(p)  # the writer: UTF-8, no \u escapes
+        loaded.save(p)  # the writer: format 3, the ids in a tensor of UTF-8 bytes, no \u escapes
         raw = p.read_bytes()
-        assert b"\\u" not in raw[8:8 + struct.unpack("<Q", raw[:8])[0]]
+        head = raw[8:8 + struct.unpack("<Q", raw[:8])[0]]
+        assert b"\\u" not in head and "é".encode() not in head
         assert list(rm.load(p).item_ids) == names

@@ -7,15 +7,28 @@ File layout (a standard safetensors file, readable by any safetensors reader)::
               "__metadata__": {"recmeta": <JSON string of the model metadata>}}
     rest      the tensor bytes
 
-The metadata JSON is written as UTF-8 (``ensure_ascii=False``: a non-ASCII id costs no
-escapes). The model metadata holds ``format`` (``"recmeta-model"``), ``format_version``, the
-config, the external id maps (items and users, with their kind ``int`` or ``str``), the
-feature schemas, optionally (version 2) the online ``feedback`` log's metadata (its
-tensors are ``feedback.*``; see :func:`recmeta_sdk.online.log_to_file`), the versions of
-the library and of torch that wrote the file (``library_version``, ``torch_version``;
-informative, absent from older files) and ``sha256``: the SHA-256 of the canonical
-metadata JSON (without ``sha256``) followed by, for every tensor in name order, its name,
-dtype, shape and raw bytes.
+The metadata JSON is written as UTF-8 (``ensure_ascii=False``). The model metadata holds
+``format`` (``"recmeta-model"``), ``format_version``, the config, the kinds of the external
+id maps (items and users: ``{"kind": "int" | "str"}``), the feature schemas, optionally
+(version 2 and later) the online ``feedback`` log's metadata (its tensors are
+``feedback.*``; see :func:`recmeta_sdk.online.log_to_file`), the versions of the library and
+of torch that wrote the file (``library_version``, ``torch_version``; informative, absent
+from older files) and ``sha256``: the SHA-256 of the canonical metadata JSON (without
+``sha256``) followed by, for every tensor in name order, its name, dtype, shape and raw bytes.
+
+Version 3 keeps every list that grows with the users, items or feature values in tensors,
+not in the JSON (:func:`list_to_tensors`): the id maps (``lists.item_ids.*``,
+``lists.user_ids.*``), the values of each categorical feature of the schemas
+(``lists.item_schema.<j>.values.*``, the schema entry's ``values`` is ``{"kind": "str"}``)
+and the feedback log's user ids (``lists.feedback_users.*``, ints and strings mixed); ints
+are an int64 tensor, strings their UTF-8 bytes (uint8) and int64 offsets. So the header of a
+valid file is small (a few KiB) and its length is capped at 1 MiB by default
+(:attr:`LoadLimits.max_header_bytes`), checked from the 8-byte prefix before the header is
+read: a file with a larger header is refused in O(1). Versions 1 and 2 (recmeta <= 0.2) keep
+these lists as JSON in the metadata (and the item feature names, which version 3 derives from
+the schema); they are still read, with the same checks, and a file of theirs whose header
+exceeds the cap loads with ``LoadLimits(max_header_bytes=LEGACY_MAX_HEADER)``; saving it
+again writes version 3.
 
 Loading reads and validates the header *before* any tensor is allocated: the file and
 header sizes, the JSON's nesting depth, number of values, backslash escapes and literal
@@ -24,8 +37,9 @@ nanoseconds per byte), the dtypes, shapes and offsets (which must tile the data
 area exactly), the format version; then it checks the SHA-256. Every size is bounded by a
 :class:`LoadLimits` (overridable by the caller). The SHA-256 is an integrity check, not
 authentication: whoever edits a file can recompute it, so :func:`recmeta_sdk.api.load`
-then checks every count and config value against the limits and the consistency of
-tensors, ids and config before it builds the model. Any failure raises
+then checks every count and config value against the limits, every list's tensors
+(:func:`list_from_tensors`: offsets, UTF-8, lengths, counts, duplicates) and the consistency
+of tensors, ids and config before it builds the model. Any failure raises
 :class:`ModelFileError` (a ``ValueError``), the one documented exception for a tampered,
 truncated, inconsistent or oversized file. Nothing is ever unpickled.
 
@@ -40,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -54,22 +69,32 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["ModelFileError", "LoadLimits", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS",
-           "write_model_file", "read_model_file", "remove_stale_temp_files"]
+__all__ = ["ModelFileError", "LoadLimits", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "MAX_HEADER",
+           "LEGACY_MAX_HEADER", "write_model_file", "read_model_file", "remove_stale_temp_files",
+           "list_to_tensors", "list_from_tensors", "list_tensor_names"]
 
 FORMAT = "recmeta-model"
 #: the version written. 2 adds the optional feedback log (``feedback.*`` tensors and the
 #: ``feedback`` metadata entry, see :func:`recmeta_sdk.online.log_to_file`); a version-1
-#: file is a version-2 file without a log, so both are read.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-#: the default bound of the header length (the one safetensors itself applies)
-MAX_HEADER = 100_000_000
+#: file is a version-2 file without a log, so both are read. 3 moves every list that grows
+#: with the users, items or feature values (the id maps, the feedback log's user ids, the
+#: categorical schemas' values) out of the JSON into ``lists.*`` tensors
+#: (:func:`list_to_tensors`), so that the header of a valid file stays small and its length
+#: can be capped (:attr:`LoadLimits.max_header_bytes`) before it is read.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+#: the default bound of the header length: a version-3 header holds the config, the schemas
+#: and one short entry per tensor (a few KiB for the models ``train`` builds)
+MAX_HEADER = 2**20
+#: the bound safetensors itself applies: what a version-1 or 2 file with large id maps in its
+#: header may need (``LoadLimits(max_header_bytes=LEGACY_MAX_HEADER)``; re-saving converts it)
+LEGACY_MAX_HEADER = 100_000_000
 
 _DTYPES = {"F32": (np.float32, torch.float32), "I64": (np.int64, torch.int64),
            "F64": (np.float64, torch.float64), "I32": (np.int32, torch.int32),
-           "BOOL": (np.bool_, torch.bool)}
+           "BOOL": (np.bool_, torch.bool), "U8": (np.uint8, torch.uint8)}
 _TORCH_TO_ST = {v[1]: k for k, v in _DTYPES.items()}
+logger = logging.getLogger("recmeta")
 
 
 class ModelFileError(ValueError):
@@ -90,7 +115,11 @@ class LoadLimits:
     max_file_bytes : int
         Size of the file (its tensors are read into memory, then copied once).
     max_header_bytes : int
-        Length of the JSON header (metadata and id maps included).
+        Length of the JSON header, checked before a byte of it is read (default 1 MiB:
+        :data:`MAX_HEADER`). A version-3 file keeps its id maps and other long lists in
+        tensors, so its header is small; a file of format 1 or 2 (recmeta <= 0.2) holds its id
+        maps in the header and may need up to :data:`LEGACY_MAX_HEADER` (re-saving it writes
+        version 3).
     max_json_depth : int
         Nesting depth of ``[`` / ``{`` in the header and in the metadata JSON, checked on the
         raw bytes before parsing (the files written have depth 5 or less).
@@ -114,7 +143,9 @@ class LoadLimits:
     max_rank : int
         Dimensions of a tensor.
     max_items, max_users : int
-        Entries of the item and user id maps (each also bounded by the tensor shapes).
+        Entries of the item and user id maps (each also bounded by the tensor shapes); also
+        the bounds of the values of a categorical item / user feature and (``max_users``) of
+        the feedback log's distinct users.
     max_id_chars : int
         Length of a string id, feature column or value.
     max_dim, max_hidden, max_layers, max_heads, max_seq_len : int
@@ -298,6 +329,10 @@ def write_model_file(path, tensors: Dict[str, torch.Tensor], meta: dict) -> None
     # ensure_ascii=False: non-ASCII ids are stored as UTF-8, not as \uXXXX escapes that the
     # loader's escape bound counts (the digest hashes its own canonical form, unchanged)
     blob = save(clean, metadata={"recmeta": json.dumps(meta, sort_keys=True, ensure_ascii=False)})
+    (hlen,) = struct.unpack("<Q", blob[:8])
+    if hlen > MAX_HEADER:
+        logger.warning("%s: the file's header has %d bytes, more than the default max_header_bytes=%d: loading it "
+                       "needs rm.load(path, limits=rm.LoadLimits(max_header_bytes=...))", path, hlen, MAX_HEADER)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise ValueError(f"cannot save to {str(path)!r}: directory {str(directory)!r} does not exist")
@@ -413,6 +448,244 @@ def _short(v) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
+# ---------------------------------------------------------------------------- lists as tensors
+
+#: the kinds of a list stored by :func:`list_to_tensors`
+LIST_KINDS = ("int", "str", "mixed")
+
+
+def _list_names(name: str) -> dict:
+    p = f"lists.{name}."
+    return {"int": p + "int", "utf8": p + "utf8", "offsets": p + "offsets", "is_str": p + "is_str"}
+
+
+def list_tensor_names(name: str) -> set:
+    """The names of the tensors a list ``name`` may have (see :func:`list_to_tensors`)."""
+    return set(_list_names(name).values())
+
+
+def list_to_tensors(name: str, values, kind: Optional[str] = None) -> Tuple[str, Dict[str, torch.Tensor]]:
+    """A list of ids (ints, strings or both) as tensors, for a model file of format 3.
+
+    Ints are stored as an int64 tensor ``lists.<name>.int``; strings as their UTF-8 bytes
+    concatenated, ``lists.<name>.utf8`` (uint8), and the byte offsets of each string,
+    ``lists.<name>.offsets`` (int64, ``n + 1`` entries from 0); a list mixing both (the
+    feedback log's users) adds ``lists.<name>.is_str`` (bool, one per entry: which of the
+    two lists holds the next entry). Read back with :func:`list_from_tensors`.
+
+    Parameters
+    ----------
+    name : str
+        The list's name in the file (tensor names ``lists.<name>.*``).
+    values : (n,) array or sequence of int or str
+        The ids, in order (numpy integers and strings count as ints and strings).
+    kind : {"int", "str", "mixed"}, optional
+        The kind to write (default: from the values; an empty list is ``"int"`` when
+        ``values`` is an integer array, else ``"str"``).
+
+    Returns
+    -------
+    (kind, tensors) : (str, dict of str to Tensor)
+
+    Raises
+    ------
+    TypeError
+        if an entry is neither an int nor a string (bools are refused), or does not fit ``kind``.
+    ValueError
+        if an int is outside int64 or a string cannot be encoded as UTF-8 (a lone surrogate).
+    """
+    names = _list_names(name)
+    arr = values if isinstance(values, np.ndarray) else None
+    if arr is not None and arr.dtype != object and np.issubdtype(arr.dtype, np.integer):
+        if arr.dtype == np.uint64 and len(arr) and int(arr.max()) > 2**63 - 1:
+            raise ValueError(f"{name}: id {int(arr.max())} does not fit an int64")
+        if kind not in (None, "int", "mixed"):
+            raise TypeError(f"{name}: int ids cannot be written as a list of kind {kind!r}")
+        ints = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
+        if kind == "mixed":
+            return "mixed", {names["int"]: ints, names["utf8"]: torch.zeros(0, dtype=torch.uint8),
+                             names["offsets"]: torch.zeros(1, dtype=torch.int64),
+                             names["is_str"]: torch.zeros(len(arr), dtype=torch.bool)}
+        return "int", {names["int"]: ints}
+    vals = list(values)
+    try:  # all strings (the common case): a C loop decides
+        all_str = bool(vals) and kind in (None, "str") and isinstance("".join(vals), str)
+    except TypeError:
+        all_str = False
+    is_str = np.ones(len(vals), bool) if all_str else np.array([isinstance(v, str) for v in vals], dtype=bool)
+    for v in (vals if not is_str.all() else ()):
+        if not isinstance(v, str) and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))):
+            raise TypeError(f"{name}: id {_short(v)} of type {type(v).__name__} is neither an int nor a string")
+    found = ("str" if is_str.all() else "int" if not is_str.any() else "mixed") if vals else None
+    if kind is None:
+        kind = found or ("int" if arr is not None and np.issubdtype(arr.dtype, np.integer) else "str")
+    elif kind not in LIST_KINDS:
+        raise ValueError(f"{name}: kind must be one of {LIST_KINDS}, got {kind!r}")
+    elif found is not None and kind != "mixed" and found != kind:
+        raise TypeError(f"{name}: a list of kind {kind!r} holds {'strings' if kind == 'int' else 'ints'}")
+    out = {}
+    if kind in ("int", "mixed"):
+        ints = [int(v) for v, s in zip(vals, is_str) if not s]
+        bad = next((v for v in ints if not -(2**63) <= v <= 2**63 - 1), None)
+        if bad is not None:
+            raise ValueError(f"{name}: id {bad} does not fit an int64")
+        out[names["int"]] = torch.tensor(ints, dtype=torch.int64) if ints else torch.zeros(0, dtype=torch.int64)
+    if kind in ("str", "mixed"):
+        strs = vals if is_str.all() else [v for v, s in zip(vals, is_str) if s]
+        try:
+            data, offsets = _encode_strings(strs)
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{name}: a string id cannot be encoded as UTF-8 ({e})") from None
+        out[names["utf8"]] = torch.from_numpy(data)
+        out[names["offsets"]] = torch.from_numpy(offsets)
+    if kind == "mixed":
+        out[names["is_str"]] = torch.from_numpy(is_str.copy())
+    return kind, out
+
+
+def _encode_strings(strs: list) -> Tuple[np.ndarray, np.ndarray]:
+    """(UTF-8 bytes (uint8), int64 offsets) of strings. Without NUL characters in them the
+    work is done by C loops: the strings joined by NULs, encoded once, the NULs located and
+    dropped; else one encode per string."""
+    joined = "\0".join(strs)
+    if strs and joined.count("\0") == len(strs) - 1:
+        b = np.frombuffer(joined.encode("utf-8"), np.uint8)
+        nul = np.flatnonzero(b == 0)
+        keep = np.ones(len(b), bool)
+        keep[nul] = False
+        data = b[keep]
+        offsets = np.empty(len(strs) + 1, np.int64)
+        offsets[0], offsets[-1] = 0, len(data)
+        offsets[1:-1] = nul - np.arange(len(nul))
+        return data, offsets
+    enc = [str(v).encode("utf-8") for v in strs]
+    offsets = np.zeros(len(enc) + 1, np.int64)
+    np.cumsum(np.array([len(x) for x in enc], dtype=np.int64), out=offsets[1:])
+    return np.frombuffer(b"".join(enc), np.uint8).copy(), offsets
+
+
+def _decode_strings(buf: np.ndarray, off: np.ndarray) -> Optional[list]:
+    """The strings of UTF-8 bytes ``buf`` at checked offsets ``off`` by C loops (a NUL inserted
+    before each string, one decode, one split), or None when the bytes hold a NUL or the
+    decode fails (the caller then decodes string by string, naming the failure)."""
+    if len(off) < 2 or (buf == 0).any():
+        return None if len(off) >= 2 else []
+    try:
+        return np.insert(buf, off[1:-1], 0).tobytes().decode("utf-8").split("\0")
+    except UnicodeDecodeError:
+        return None
+
+
+def _has_repeats(a: np.ndarray) -> bool:
+    """Whether a 1-D int array holds a value twice (a sort: numpy's hash-based ``unique``
+    is much slower on large int64 arrays)."""
+    s = np.sort(a)
+    return bool(len(s) > 1 and (s[1:] == s[:-1]).any())
+
+
+def _list_tensor(tensors: dict, tname: str, dtype, path) -> np.ndarray:
+    t = tensors.get(tname)
+    if t is None:
+        raise ModelFileError(f"{path}: tensor {tname} is missing")
+    if t.dim() != 1 or t.dtype != dtype:
+        raise ModelFileError(f"{path}: tensor {tname} has shape {tuple(t.shape)} {t.dtype}, expected 1-D {dtype}")
+    return t.numpy()
+
+
+def list_from_tensors(tensors: dict, name: str, kind, path, max_count: int, limits: Optional[LoadLimits] = None,
+                      *, distinct: bool = True):
+    """The list :func:`list_to_tensors` stored as ``lists.<name>.*``, validated.
+
+    Checks, each failure a :class:`ModelFileError` naming the tensor: the kind; the tensors'
+    presence, dtypes and 1-D shapes; the count (at most ``max_count``); the offsets (``n + 1``
+    of them, from 0, non-decreasing, ending at the byte count); the bytes (valid UTF-8, every
+    string starting at a character boundary, at most ``limits.max_id_chars`` characters);
+    a mixed list's mask (as many ints and strings as stored); and, with ``distinct``, that no
+    id repeats (an int and a string never equal each other).
+
+    Parameters
+    ----------
+    tensors : dict of str to Tensor
+        The file's tensors.
+    name : str
+        The list's name.
+    kind : {"int", "str", "mixed"}
+        The kind recorded in the metadata (any other value is refused).
+    path : str or Path
+        For the messages.
+    max_count : int
+        The bound of the number of entries.
+    limits : LoadLimits, optional
+    distinct : bool
+        Refuse repeated ids.
+
+    Returns
+    -------
+    (n,) int64 ndarray for ``"int"``; a list of ``str`` for ``"str"``; a list of ``int`` and
+    ``str`` for ``"mixed"``.
+    """
+    limits = DEFAULT_LIMITS if limits is None else limits
+    names = _list_names(name)
+    if not isinstance(kind, str) or kind not in LIST_KINDS:
+        raise ModelFileError(f"{path}: the list {name} has an unknown kind {_short(kind)} (one of {LIST_KINDS})")
+    want = {"int": ("int",), "str": ("utf8", "offsets"), "mixed": ("int", "utf8", "offsets", "is_str")}[kind]
+    extra = [names[k] for k in names if k not in want and names[k] in tensors]
+    if extra:
+        raise ModelFileError(f"{path}: tensors {extra} do not belong to a list of kind {kind!r}")
+    ints = _list_tensor(tensors, names["int"], torch.int64, path) if "int" in want else None
+    strs = []
+    if "utf8" in want:
+        buf = _list_tensor(tensors, names["utf8"], torch.uint8, path)
+        off = _list_tensor(tensors, names["offsets"], torch.int64, path)
+        if len(off) - 1 > max_count:
+            raise ModelFileError(f"{path}: tensor {names['offsets']} holds {len(off) - 1} strings (limit {max_count})")
+        if (len(off) == 0 or off[0] != 0 or off[-1] != len(buf) or (off < 0).any() or (off > len(buf)).any()
+                or (np.diff(off) < 0).any()):
+            raise ModelFileError(f"{path}: tensor {names['offsets']} is not a non-decreasing 0..{len(buf)} sequence "
+                                 f"(the byte offsets of the strings in {names['utf8']})")
+        if len(off) > 1 and int(np.diff(off).max()) > 4 * limits.max_id_chars:
+            raise ModelFileError(f"{path}: tensor {names['utf8']} holds a string of {int(np.diff(off).max())} bytes "
+                                 f"(limit max_id_chars={limits.max_id_chars} characters)")
+        strs = _decode_strings(buf, off)
+        raw = buf.tobytes()
+        try:  # every string valid UTF-8 <=> the bytes are, and no offset splits a character
+            if strs is None:
+                bounds = off.tolist()
+                strs = [raw[a:b].decode("utf-8") for a, b in zip(bounds[:-1], bounds[1:])]
+        except UnicodeDecodeError as e:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e2:
+                raise ModelFileError(f"{path}: tensor {names['utf8']} is not valid UTF-8 (byte {e2.start})") from None
+            raise ModelFileError(f"{path}: tensor {names['offsets']} splits a UTF-8 character ({e.reason})") from None
+        longest = max(map(len, strs), default=0)
+        if longest > limits.max_id_chars:
+            raise ModelFileError(f"{path}: tensor {names['utf8']} holds a string of {longest} characters "
+                                 f"(limit max_id_chars={limits.max_id_chars})")
+    if kind == "int":
+        if len(ints) > max_count:
+            raise ModelFileError(f"{path}: tensor {names['int']} holds {len(ints)} ids (limit {max_count})")
+        if distinct and _has_repeats(ints):
+            raise ModelFileError(f"{path}: tensor {names['int']} has duplicate ids")
+        return ints
+    if kind == "str":
+        if distinct and len(set(strs)) != len(strs):
+            raise ModelFileError(f"{path}: the list {name} ({names['utf8']}) has duplicate ids")
+        return strs
+    mask = _list_tensor(tensors, names["is_str"], torch.bool, path)
+    n_str = int(mask.sum())
+    if len(mask) > max_count or n_str != len(strs) or len(mask) - n_str != len(ints):
+        raise ModelFileError(f"{path}: tensor {names['is_str']} of {len(mask)} entries ({n_str} strings) does not "
+                             f"match {len(ints)} ints and {len(strs)} strings (limit {max_count} entries)")
+    if distinct and (_has_repeats(ints) or len(set(strs)) != len(strs)):
+        raise ModelFileError(f"{path}: the list {name} has duplicate ids")
+    out = [None] * len(mask)
+    si, ii = iter(strs), iter(ints.tolist())
+    for j, s in enumerate(mask.tolist()):
+        out[j] = next(si) if s else next(ii)
+    return out
+
+
 # ---------------------------------------------------------------------------- reader
 
 def read_model_file(path, limits: Optional[LoadLimits] = None) -> Tuple[Dict[str, torch.Tensor], dict]:
@@ -446,9 +719,14 @@ def read_model_file(path, limits: Optional[LoadLimits] = None) -> Tuple[Dict[str
         if len(head) < 8:
             raise ModelFileError(f"{path}: truncated ({size} bytes, no header)")
         (hlen,) = struct.unpack("<Q", head)
-        if hlen > limits.max_header_bytes or 8 + hlen > size:
-            raise ModelFileError(f"{path}: header length {hlen} does not fit the file ({size} bytes) or exceeds "
-                                 f"max_header_bytes={limits.max_header_bytes}: truncated or corrupt")
+        if hlen > limits.max_header_bytes:  # O(1): before a byte of the header is read
+            raise ModelFileError(
+                f"{path}: header length {hlen} exceeds max_header_bytes={limits.max_header_bytes} (a file of "
+                f"format 1 or 2 with large id maps may need up to LoadLimits(max_header_bytes={LEGACY_MAX_HEADER}); "
+                f"re-saving it writes format {FORMAT_VERSION}, whose header is small)")
+        if 8 + hlen > size:
+            raise ModelFileError(f"{path}: header length {hlen} does not fit the file ({size} bytes): "
+                                 f"truncated or corrupt")
         raw = f.read(hlen)
         if len(raw) != hlen:
             raise ModelFileError(f"{path}: truncated while reading the header")

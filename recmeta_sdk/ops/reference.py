@@ -540,7 +540,12 @@ def _masked_topk(values: torch.Tensor, mask: torch.Tensor, k: int):
 
 def item_error(items: Table, row: int) -> ValueError:
     """The error for item ``row`` whose score is not finite (the compiled core's message): a
-    non-finite value in the row, or finite values whose score overflows float32."""
+    non-finite value in the row (int8: a non-finite row_scale / row_min), or finite values
+    whose score overflows float32."""
+    if isinstance(items, QuantizedTable) and items.dtype == "int8":
+        scale_min = torch.as_tensor([float(items.row_scale[row]), float(items.row_min[row])])
+        if not bool(torch.isfinite(scale_min).all()):
+            return ValueError(f"items: non-finite row_scale/row_min at row {row}")
     vals = dequantize(items, torch.tensor([row]))[0]
     bad = torch.nonzero(~torch.isfinite(vals))
     if bad.numel():
