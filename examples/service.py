@@ -450,7 +450,7 @@ class Worker:
         self._apply_lock = threading.Lock()  # live application of the log and the swap
         self._seq = itertools.count()
         self._mine: set = set()              # origins of this worker's pending feedback records
-        self._outcomes: dict[str, str | None] = {}
+        self._outcomes: dict[str, tuple[str, str] | None] = {}
         self._reloads: queue.Queue = queue.Queue()
         self.reload_state: dict = {"state": "idle"}
         self._stop = threading.Event()
@@ -484,11 +484,18 @@ class Worker:
                 logger.exception("worker %d: applying the service log failed", os.getpid())
 
     # ---------------------------------------------------------------- the log
-    def _apply_feedback(self, served: Served, rec: dict) -> str | None:
+    def _apply_feedback(self, served: Served, rec: dict) -> tuple[str, str] | None:
+        """Apply one feedback record; None, or ("rejected", why) when the SDK refuses the
+        events (alike on every worker: the same model, state and order), or ("fault", what)
+        for a server fault (logged with its traceback). Either way the record is passed over,
+        so that one record cannot stop the log."""
         try:
             served.model.feedback(rec["events"])
-        except (ValueError, TypeError) as e:  # rejected by the SDK: alike on every worker
-            return str(e)
+        except (ValueError, TypeError) as e:
+            return "rejected", str(e)
+        except Exception as e:  # a fault: logged, the origin answers 500
+            logger.exception("worker %d: applying feedback record %s failed", os.getpid(), rec.get("origin"))
+            return "fault", repr(e)
         served.events += len(rec["events"])
         return None
 
@@ -498,7 +505,7 @@ class Worker:
             if rec.get("t") == "feedback":
                 err = self._apply_feedback(served, rec)
                 if err:
-                    logger.warning("worker %d: replayed feedback rejected: %s", os.getpid(), err)
+                    logger.warning("worker %d: replayed feedback %s: %s", os.getpid(), *err)
             pos = nxt
         return pos
 
@@ -516,7 +523,7 @@ class Worker:
                     if origin in self._mine:
                         self._outcomes[origin] = err
                     elif err:
-                        logger.warning("worker %d: feedback from %s rejected: %s", os.getpid(), origin, err)
+                        logger.warning("worker %d: feedback from %s %s: %s", os.getpid(), origin, *err)
                 self.applied = nxt
                 if kind == "reload":
                     self._reloads.put((rec, nxt))
@@ -644,8 +651,10 @@ class Worker:
             self._mine.discard(origin)
         if err is _MISSING:
             raise RuntimeError(f"feedback record {origin} was appended but not applied")
+        if err is not None and err[0] == "fault":
+            raise RuntimeError(f"applying feedback record {origin} failed: {err[1]}")
         if err is not None:
-            raise BadRequest("events", err)
+            raise BadRequest("events", err[1])
         served = self.served
         users = []
         for u in dict.fromkeys(e["user"] for e in events):

@@ -499,7 +499,6 @@ def _shutdown_under_load(srv):
     srv.proc.send_signal(signal.SIGTERM)
     rc = srv.proc.wait(30)
     took = time.time() - t0
-    print(f"shutdown {took:.2f} s")
     stop.set()
     for t in ts:
         t.join(30)
@@ -516,3 +515,48 @@ def test_clean_shutdown_several_workers(multi):
 
 def test_clean_shutdown_one_worker(server):
     _shutdown_under_load(server)
+
+
+def test_a_server_fault_is_500_with_a_logged_traceback(caplog):
+    """A handler that raises (not bad input) answers 500 with a generic message and logs the
+    traceback; the server goes on serving. In process, with a worker that fails on purpose."""
+    import importlib.util
+    import socket
+
+    spec = importlib.util.spec_from_file_location("recmeta_service_example", SERVICE)
+    svc = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = svc  # (its dataclass looks its module up)
+    try:
+        spec.loader.exec_module(svc)
+    finally:
+        del sys.modules[spec.name]
+
+    class Failing:
+        def recommend(self, body):
+            raise RuntimeError("a bug")
+
+        def health(self, body):
+            return {"status": "ok"}
+
+        feedback = reload = health
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    srv = svc.Server(sock, Failing())
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
+    t.start()
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=30)
+        with caplog.at_level("ERROR", logger="recmeta.service"):
+            c.request("POST", "/recommend", body=b'{"user": 1}')
+            r = c.getresponse()
+            assert r.status == 500
+            assert json.loads(r.read()) == {"error": "internal server error (see the service log)"}
+        assert any("RuntimeError: a bug" in (rec.exc_text or "") for rec in caplog.records)
+        c.request("GET", "/health")  # the same connection still serves
+        r = c.getresponse()
+        assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
+        c.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(10)
