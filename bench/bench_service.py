@@ -11,14 +11,17 @@ number of requests:
 
 and prints per call p50 / p99 latency (ms) and requests per second, over HTTP and in process
 (the same SDK calls on the same model file, in C threads of this process, with the same torch
-threads), and their ratios (HTTP / in process). The request sequences are seeded and the same
+threads), and their ratios (HTTP / in process). ``CPU/req`` is the server's CPU time (all its
+processes, from /proc) per request, ``CPU/call`` this process's CPU time per in-process call:
+on a busy shared machine, where the wall-clock times are inflated by other processes' time
+slices, their ratio is the steadier measure of what HTTP, JSON and the service log add. The request sequences are seeded and the same
 for both. The clients run in this process: on a small machine they take CPU from the server,
 as real clients on the same host would.
 
 Usage::
 
     .venv/bin/python bench/bench_service.py [--model FILE] [--save FILE] [--clients 1,4]
-                                            [--requests 2000] [--workers 1] [--threads 1]
+                                            [--requests 1000] [--workers 1] [--threads 1]
 
 Without ``--model`` it trains on MovieLens-100K with ``epochs=1`` (the serving cost does not
 depend on the epochs). The load average is printed before and after: on a shared machine,
@@ -58,7 +61,9 @@ class Service:
     """``examples/service.py`` as a subprocess on a free port."""
 
     def __init__(self, model: str, workers: int, threads: int):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        # the server imports the recmeta_sdk this process imported
+        parent = str(Path(rm.__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([parent, os.environ.get("PYTHONPATH", "")]))
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "examples" / "service.py"), "--model", model, "--port", "0",
              "--workers", str(workers), "--threads", str(threads)],
@@ -83,6 +88,23 @@ class Service:
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(60)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children that are alive (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:  # fields[1]: the parent pid
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
 
 
 def _stats(lat: list, wall: float) -> dict:
@@ -168,7 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="a model file (default: train on ml-100k, epochs=1)")
     ap.add_argument("--save", help="save the trained model here")
     ap.add_argument("--clients", default="1,4", help="comma-separated client thread counts")
-    ap.add_argument("--requests", type=int, default=2000, help="requests per call and client count")
+    ap.add_argument("--requests", type=int, default=1000, help="requests per call and client count")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker and in process")
     ap.add_argument("--seed", type=int, default=0)
@@ -206,8 +228,9 @@ def main(argv=None) -> int:
              ("feedback, one event", "/feedback", "feedback", events))
     svc = Service(path, args.workers, args.threads)
     try:
-        print(f"{'call':40s} {'clients':>7s} | {'HTTP p50':>9s} {'p99':>8s} {'req/s':>8s} | "
-              f"{'in-proc p50':>11s} {'p99':>8s} {'req/s':>8s} | {'p50 x':>6s} {'req/s /':>7s}")
+        print(f"{'call':40s} {'clients':>7s} | {'HTTP p50':>9s} {'p99':>8s} {'req/s':>8s} {'CPU/req':>9s} | "
+              f"{'in-proc p50':>11s} {'p99':>8s} {'req/s':>8s} {'CPU/call':>9s} | {'p50 x':>6s} {'req/s /':>7s} "
+              f"{'CPU x':>6s}")
         for c in clients:
             # the server and the local model get the same events (feedback grows the same
             # users' online states on both sides)
@@ -215,11 +238,15 @@ def main(argv=None) -> int:
                 if kind != "feedback":  # warm-up (a feedback warm-up would change the states)
                     _run(c, bodies[: max(20, n // 20)], HTTPCall(svc.port, route))
                     _run(c, bodies[: max(20, n // 20)], LocalCall(local, kind))
+                c0 = _cpu_seconds(svc.proc.pid)
                 h = _run(c, bodies, HTTPCall(svc.port, route))
+                h_cpu = (_cpu_seconds(svc.proc.pid) - c0) / len(bodies) * 1e3
+                c0 = time.process_time()
                 lo = _run(c, bodies, LocalCall(local, kind))
-                print(f"{label:40s} {c:7d} | {h['p50']:7.3f}ms {h['p99']:6.2f}ms {h['rps']:8.0f} | "
-                      f"{lo['p50']:9.3f}ms {lo['p99']:6.2f}ms {lo['rps']:8.0f} | "
-                      f"{h['p50'] / lo['p50']:5.2f}x {lo['rps'] / h['rps']:6.2f}x")
+                lo_cpu = (time.process_time() - c0) / len(bodies) * 1e3
+                print(f"{label:40s} {c:7d} | {h['p50']:7.3f}ms {h['p99']:6.2f}ms {h['rps']:8.0f} {h_cpu:7.3f}ms | "
+                      f"{lo['p50']:9.3f}ms {lo['p99']:6.2f}ms {lo['rps']:8.0f} {lo_cpu:7.3f}ms | "
+                      f"{h['p50'] / lo['p50']:5.2f}x {lo['rps'] / h['rps']:6.2f}x {h_cpu / lo_cpu:5.2f}x")
     finally:
         rc = svc.stop()
         if tmp is not None:

@@ -29,6 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = ROOT / "examples" / "service.py"
+# the server imports the recmeta_sdk this process tests (installed or the source folder)
+PACKAGE_PARENT = str(Path(rm.__file__).resolve().parents[1])
 TINY = {"dim": 16, "hidden": 32, "seq_len": 5, "layers": 1, "heads": 2, "epochs": 1, "batch_size": 64,
         "lr": 0.01, "inner_steps": 1}
 N_USERS, N_ITEMS = 60, 40
@@ -49,7 +51,7 @@ class Server:
     its log line ``listening on http://127.0.0.1:PORT``)."""
 
     def __init__(self, model, *args):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")]))
         self.proc = subprocess.Popen(
             [sys.executable, str(SERVICE), "--model", str(model), "--port", "0", "--threads", "1",
              "--poll", "0.05", "--grace", "20", *map(str, args)],
