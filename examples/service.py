@@ -352,32 +352,33 @@ class ServiceLog:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN)
         return start, start + len(line)
 
-    def records(self, pos: int, end: int) -> Iterator[tuple[dict, int]]:
-        """The complete records in [pos, end), each with the offset after it."""
-        if end <= pos:
-            return
-        chunks, got = [], 0
-        while got < end - pos:
-            b = os.pread(self.fd, end - pos - got, pos + got)
+    def records(self, pos: int, end: int, chunk: int = 1 << 20) -> Iterator[tuple[dict, int]]:
+        """The complete records in [pos, end), each with the offset after it (read in chunks
+        of ``chunk`` bytes; a line still being written at ``end`` is left for the next read)."""
+        buf = b""
+        at = pos  # the file offset of buf[0]
+        while pos < end:
+            b = os.pread(self.fd, min(chunk, end - pos), pos)
             if not b:
                 break
-            chunks.append(b)
-            got += len(b)
-        data = b"".join(chunks)
-        start = 0
-        while True:
-            nl = data.find(b"\n", start)
-            if nl < 0:
-                return  # a line being written: read it next time
-            line = data[start:nl]
-            start = nl + 1
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    logger.error("service log: unreadable line at byte %d skipped", pos + start - len(line) - 1)
-                    continue
-                yield rec, pos + start
+            pos += len(b)
+            buf += b
+            start = 0
+            while True:
+                nl = buf.find(b"\n", start)
+                if nl < 0:
+                    break
+                line = buf[start:nl]
+                start = nl + 1
+                if line.strip():
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        logger.error("service log: unreadable line at byte %d passed over", at + start - len(line) - 1)
+                        continue
+                    yield rec, at + start
+            buf = buf[start:]
+            at += start
 
 
 # ============================================================================ the model
@@ -546,12 +547,12 @@ class Worker:
 
                     replay = "since_reload" if len(online.feedback_log(served.model)) else "all"
                 pos = 0 if replay == "all" else at
-                # replay outside the lock while live traffic goes on, then the rest under it
-                while self.applied - pos > 0 and not self._stop.is_set():
-                    target = self.applied
-                    pos = self._replay(served, pos, target)
-                    if pos >= self.applied:
+                # replay outside the lock while live traffic goes on (a few rounds: each catches
+                # up with what arrived during the previous one), then the rest under it
+                for _ in range(5):
+                    if self.applied <= pos or self._stop.is_set():
                         break
+                    pos = self._replay(served, pos, self.applied)
                 with self._apply_lock:
                     pos = self._replay(served, pos, self.applied)
                     served.generation = self.served.generation + 1

@@ -176,6 +176,13 @@ def multi(env):
     return env[2]
 
 
+def _wait_for(cond, timeout=60.0):
+    end = time.time() + timeout
+    while not cond():
+        assert time.time() < end, "timed out"
+        time.sleep(0.01)
+
+
 def _local(files, version):
     """A fresh in-process copy of the model the server reports as ``version``."""
     for name in ("a", "b"):
@@ -359,12 +366,12 @@ def test_reload_under_concurrent_clients_has_no_failed_request(server, files):
     threads = [threading.Thread(target=client, args=(b,)) for b in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    _wait_for(lambda: all(len(x) >= 3 for x in results) or errors)  # every client served by the old model
     status, r, _ = server.call("POST", "/reload", {"path": str(files["b"])})
     assert status == 202 and r["accepted"] and r["model_version"] == files["a_version"]
     server.wait_health(lambda h: h["model_version"] == files["b_version"] and h["generation"] == 1)
     n_at_swap = [len(x) for x in results]
-    time.sleep(0.3)
+    _wait_for(lambda: all(len(x) >= n + 3 for x, n in zip(results, n_at_swap)) or errors)
     stop.set()
     for t in threads:
         t.join(60)
@@ -496,7 +503,7 @@ def _shutdown_under_load(srv):
     ts = [threading.Thread(target=client) for _ in range(3)]
     for t in ts:
         t.start()
-    time.sleep(0.3)
+    _wait_for(lambda: statuses.count(200) >= 3)
     t0 = time.time()
     srv.proc.send_signal(signal.SIGTERM)
     rc = srv.proc.wait(30)
@@ -506,7 +513,7 @@ def _shutdown_under_load(srv):
         t.join(30)
     idle.close()
     assert rc == 0, srv.log()
-    assert took < 10, f"shutdown took {took:.1f} s"
+    assert took < 15, f"shutdown took {took:.1f} s (an idle keep-alive connection is kept 60 s)"
     assert statuses.count(200) > 0 and set(statuses) <= {200, "closed"}, set(statuses)
     assert "stopped" in srv.log() and "Traceback" not in srv.log(), srv.log()
 
@@ -519,19 +526,44 @@ def test_clean_shutdown_one_worker(server):
     _shutdown_under_load(server)
 
 
-def test_a_server_fault_is_500_with_a_logged_traceback(caplog):
-    """A handler that raises (not bad input) answers 500 with a generic message and logs the
-    traceback; the server goes on serving. In process, with a worker that fails on purpose."""
+# ----------------------------------------------------------------------------- in process
+
+@pytest.fixture(scope="module")
+def svc():
+    """examples/service.py imported as a module."""
     import importlib.util
-    import socket
 
     spec = importlib.util.spec_from_file_location("recmeta_service_example", SERVICE)
-    svc = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = svc  # (its dataclass looks its module up)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # (its dataclass looks its module up)
     try:
-        spec.loader.exec_module(svc)
+        spec.loader.exec_module(mod)
     finally:
         del sys.modules[spec.name]
+    return mod
+
+
+def test_service_log_gives_whole_lines_in_order(svc):
+    """Records come back in append order with the offset after each, whatever the read chunk;
+    a line still being written is not returned."""
+    log = svc.ServiceLog.open(None)
+    try:
+        spans = [log.append({"t": "feedback", "i": i, "pad": "x" * (i * 7 % 50)}) for i in range(200)]
+        os.pwrite(log.fd, b'{"t": "feedb', log.size())  # a writer in the middle of a line
+        for chunk in (7, 64, 1 << 20):
+            recs = list(log.records(0, log.size(), chunk))
+            assert [r["i"] for r, _ in recs] == list(range(200))
+            assert [n for _, n in recs] == [end for _, end in spans]
+            recs = list(log.records(spans[50][0], spans[120][1], chunk))
+            assert [r["i"] for r, _ in recs] == list(range(50, 121))
+    finally:
+        os.close(log.fd)
+
+
+def test_a_server_fault_is_500_with_a_logged_traceback(svc, caplog):
+    """A handler that raises (not bad input) answers 500 with a generic message and logs the
+    traceback; the server goes on serving. In process, with a worker that fails on purpose."""
+    import socket
 
     class Failing:
         def recommend(self, body):
