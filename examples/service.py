@@ -56,8 +56,10 @@ else ``all``), catches up with the events that arrived meanwhile and swaps the r
 under the lock the live feedback takes. A request reads the reference once: requests in flight
 finish on the old model; no request waits for a load. A failed load (missing or corrupt file)
 is logged and shown by ``/health``; the old model keeps serving. At start a worker loads
-``--model`` and replays every feedback event already in a named log (reload lines there are
-not followed: truncate or rotate the log when you deploy a model trained on it).
+``--model`` and replays every feedback event already in a named log; reload lines of an earlier
+run are not followed (truncate or rotate the log when you deploy a model trained on it), those
+of this run are (a restarted worker catches up with the model the others serve, in the
+background).
 
 **Workers** (``--workers N > 1``): the parent binds the listening socket and forks N workers
 that accept on it (a pre-forked shared socket; the kernel hands each connection to one of
@@ -439,9 +441,10 @@ class Worker:
     the background loader (see the module docstring)."""
 
     def __init__(self, model_path: str, log: ServiceLog, *, workers: int = 1, max_k: int = 1000,
-                 poll_s: float = 0.1):
+                 poll_s: float = 0.1, run_start: int = 0):
         self.model_path = os.path.abspath(model_path)
         self.log = log
+        self.run_start = run_start  # the log's size when the service started
         self.workers = workers
         self.max_k = max_k
         self.poll_s = poll_s
@@ -459,13 +462,20 @@ class Worker:
 
     # ---------------------------------------------------------------- start / stop
     def start(self) -> None:
-        """Load the model, replay the feedback already in the log, start the helper threads."""
+        """Load the model, replay the feedback already in the log, start the helper threads.
+
+        A worker that starts after others (a restarted one) also follows the reloads of this
+        run (the log's reload records after ``run_start``), in the background like any reload:
+        it serves ``--model`` until it has loaded the model the others serve."""
         served = load_served(self.model_path)
         end = self.log.size()
         pos = self._replay(served, 0, end)
         self.served, self.applied = served, pos
-        logger.info("worker %d: model %s (version %s) loaded; %d feedback events replayed",
-                    os.getpid(), served.path, served.version, served.events)
+        for rec, nxt in self.log.records(self.run_start, pos):
+            if rec.get("t") == "reload":
+                self._reloads.put((rec, nxt))
+        logger.info("worker %d: model %s (version %s) loaded; %d feedback events replayed; %d reloads to follow",
+                    os.getpid(), served.path, served.version, served.events, self._reloads.qsize())
         for name, fn in (("loader", self._loader), ("poller", self._poller)):
             t = threading.Thread(target=fn, name=f"recmeta-{name}", daemon=True)
             t.start()
@@ -819,14 +829,14 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 def serve(args, sock: socket.socket, log: ServiceLog, workers: int,
-          on_ready: Callable[[str | None], None]) -> int:
+          on_ready: Callable[[str | None], None], run_start: int = 0) -> int:
     """Run one worker on a listening socket until SIGTERM / SIGINT; returns the exit code.
     ``on_ready(None)`` is called once it serves, ``on_ready(message)`` if it cannot start."""
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    worker = Worker(args.model, log, workers=workers, max_k=args.max_k, poll_s=args.poll)
+    worker = Worker(args.model, log, workers=workers, max_k=args.max_k, poll_s=args.poll, run_start=run_start)
     try:
         worker.start()
     except Exception as e:  # noqa: BLE001 - reported to the parent / the log, exit 1
@@ -859,6 +869,7 @@ def supervise(args, sock: socket.socket, log: ServiceLog) -> int:
     """Fork ``args.workers`` workers on the shared socket, restart the ones that die, forward
     SIGTERM / SIGINT and wait for them; returns the exit code."""
     n = args.workers
+    run_start = log.size()  # reload records after this are this run's (a restarted worker follows them)
     children: dict[int, float] = {}
     stopping = threading.Event()  # set by the signal handlers (no thread is started here)
     r, w = os.pipe()
@@ -875,7 +886,7 @@ def supervise(args, sock: socket.socket, log: ServiceLog) -> int:
                 def on_ready(error: str | None) -> None:
                     os.write(w, f"{os.getpid()} {'ok' if error is None else 'error ' + error}\n".encode())
 
-                code = serve(args, sock, log, n, on_ready)
+                code = serve(args, sock, log, n, on_ready, run_start)
             except BaseException:  # the worker's last word
                 logger.exception("worker %d: crashed", os.getpid())
             finally:
@@ -1017,7 +1028,7 @@ def main(argv=None) -> int:
             if error is None:
                 logger.info("listening on http://%s:%d (1 worker, pid %d)", *sock.getsockname()[:2], os.getpid())
 
-        code = serve(args, sock, log, 1, on_ready)
+        code = serve(args, sock, log, 1, on_ready, log.size())
     else:
         code = supervise(args, sock, log)
     sock.close()

@@ -480,6 +480,16 @@ def test_workers_share_feedback_and_reloads(multi, files):
     answers = _by_worker(multi, "POST", "/recommend", {"user": user, "k": 8}, pids)
     assert all(r["model_version"] == files["b_version"] and r["state_version"] == 1 + len(events)
                for r in answers.values())
+    # a worker that dies is replaced; the new one replays the log and follows the reload, so
+    # it serves what the other one serves
+    os.kill(pids[0], signal.SIGKILL)
+    h = multi.wait_health(lambda h: h["worker_pid"] not in pids and h["model_version"] == files["b_version"],
+                          timeout=120)
+    new_pid = next(iter(h))
+    assert h[new_pid]["generation"] == 1 and h[new_pid]["service_log"]["feedback_events_applied"] == 1 + len(events)
+    again = _by_worker(multi, "POST", "/recommend", {"user": user, "k": 8}, [new_pid, pids[1]])
+    assert again[new_pid] == again[pids[1]] == answers[pids[1]]
+    assert "exited with -9: starting another" in multi.log()
 
 
 # ----------------------------------------------------------------------------- shutdown
