@@ -340,6 +340,9 @@ class ServiceLog:
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
+    def close(self) -> None:
+        os.close(self.fd)
+
     def append(self, record: dict) -> tuple[int, int]:
         """Append one record; returns its (start, end) byte offsets."""
         line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()

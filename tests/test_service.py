@@ -567,7 +567,35 @@ def test_service_log_gives_whole_lines_in_order(svc):
             recs = list(log.records(spans[50][0], spans[120][1], chunk))
             assert [r["i"] for r, _ in recs] == list(range(50, 121))
     finally:
-        os.close(log.fd)
+        log.close()
+
+
+def test_a_named_log_is_replayed_at_start(svc, files, tmp_path):
+    """A service started on the log of an earlier run replays its feedback (the same online
+    states) but not its reloads (it serves --model)."""
+    path = str(tmp_path / "feedback.jsonl")
+    log = svc.ServiceLog.open(path)
+    w = svc.Worker(files["a"], log)
+    w.start()
+    try:
+        w.feedback({"user": 7, "item": 3, "reward": 1.0})
+        w.feedback({"events": [{"user": "v", "item": 4, "reward": 1.0}, {"user": 7, "item": 5, "reward": 0.0}]})
+        first = w.recommend({"user": 7, "k": 5})
+        assert first["state_version"] == 2
+        assert w.reload({"path": str(files["b"])})[0] == 202
+    finally:
+        w.stop()
+        log.close()
+    log = svc.ServiceLog.open(path)
+    w = svc.Worker(files["a"], log, run_start=log.size())
+    w.start()
+    try:
+        assert w.recommend({"user": 7, "k": 5}) == first
+        assert w.recommend({"user": "v", "k": 5})["state_version"] == 1
+        assert w.served.version == files["a_version"] and w.health(None)["service_log"]["path"] == path
+    finally:
+        w.stop()
+        log.close()
 
 
 def test_a_server_fault_is_500_with_a_logged_traceback(svc, caplog):
