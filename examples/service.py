@@ -107,6 +107,10 @@ MAX_LIST = 100_000          # items in a history / exclude / candidates list
 MAX_EVENTS = 10_000         # feedback events in one request
 MAX_ID_CHARS = 1024
 REPLAY_MODES = ("auto", "all", "since_reload")
+# bounds that keep the scores finite in float32 (the SDK checks > 0 and finite only: a penalty of
+# 1e300 overflows the bias, which the kernel then refuses without naming the option)
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+MAX_POPULARITY_PENALTY = 1e3
 _MISSING = object()
 
 RECOMMEND_FIELDS = ("user", "history", "features", "steps", "unknown", "k", "exclude_seen", "exclude",
@@ -245,8 +249,9 @@ def parse_recommend(body: dict, max_k: int) -> tuple[dict, dict]:
         kw["epsilon"] = float(e)
     if body.get("temperature") is not None:
         t = body["temperature"]
-        if not _is_number(t) or t <= 0:
-            raise BadRequest("temperature", f"temperature must be a finite number > 0, got {_short(t)}")
+        if not _is_number(t) or not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+            raise BadRequest("temperature", f"temperature must be a number in [{MIN_TEMPERATURE:g}, "
+                                            f"{MAX_TEMPERATURE:g}], got {_short(t)}")
         kw["temperature"] = float(t)
     if body.get("diversity") is not None:
         d = body["diversity"]
@@ -255,8 +260,9 @@ def parse_recommend(body: dict, max_k: int) -> tuple[dict, dict]:
         kw["diversity"] = float(d)
     if body.get("popularity_penalty") is not None:
         p = body["popularity_penalty"]
-        if not _is_number(p) or p < 0:
-            raise BadRequest("popularity_penalty", f"popularity_penalty must be a finite number >= 0, got {_short(p)}")
+        if not _is_number(p) or not 0 <= p <= MAX_POPULARITY_PENALTY:
+            raise BadRequest("popularity_penalty", f"popularity_penalty must be a number in "
+                                                   f"[0, {MAX_POPULARITY_PENALTY:g}], got {_short(p)}")
         kw["popularity_penalty"] = float(p)
     return who, dict(kw, k=k)
 
@@ -790,12 +796,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 payload = route[1](body)
                 if isinstance(payload, tuple):
                     status, payload = payload
+                data = json.dumps(payload, default=_json_default, allow_nan=False).encode()
             except BadRequest as e:
                 status, payload = e.status, {"error": e.message, "field": e.field}
-            except Exception:  # a server fault: 500, traceback in the log
+                data = json.dumps(payload).encode()
+            except Exception:  # a server fault (a non-finite score included): 500, traceback in the log
                 logger.exception("worker %d: %s %s failed", os.getpid(), method, path)
-                status, payload = 500, {"error": "internal server error (see the service log)"}
-            data = json.dumps(payload, default=_json_default, allow_nan=False).encode()
+                status, data = 500, b'{"error": "internal server error (see the service log)"}'
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))

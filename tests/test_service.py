@@ -151,13 +151,14 @@ def env(tmp_path_factory):
         assert files["a_version"] != files["b_version"]
         for s in servers:
             s.wait_ready()
-        yield files, servers[0], servers[1]
-    finally:
+    except BaseException:
         for s in servers:
             if s.proc.poll() is None:
                 s.proc.kill()
                 s.proc.wait()
-    for s in servers:
+        raise
+    yield files, servers[0], servers[1]
+    for s in servers:  # (the shutdown tests stop them first; a subset of the tests stops them here)
         _stopped_cleanly(s)
 
 
@@ -295,6 +296,8 @@ BAD = [
     ("/recommend", {"user": 3, "explore": "sample"}, "seed", "null"),
     ("/recommend", {"user": 3, "explore": "sample", "seed": -1}, "seed", "-1"),
     ("/recommend", {"user": 3, "temperature": -1}, "temperature", "-1"),
+    ("/recommend", {"user": 3, "temperature": 1e-30}, "temperature", "1e-30"),
+    ("/recommend", {"user": 3, "popularity_penalty": 1e300}, "popularity_penalty", "1e+300"),
     ("/recommend", {"user": 3, "diversity": 1.5}, "diversity", "1.5"),
     ("/recommend", {"user": 3, "exclude_seen": "yes"}, "exclude_seen", "'yes'"),
     ("/recommend", {"user": 3, "exclude": [1, 777]}, "exclude", "[777]"),
@@ -610,7 +613,10 @@ def test_a_server_fault_is_500_with_a_logged_traceback(svc, caplog):
         def health(self, body):
             return {"status": "ok"}
 
-        feedback = reload = health
+        def feedback(self, body):
+            return {"score": float("nan")}  # not JSON: a fault too
+
+        reload = health
 
     sock = socket.create_server(("127.0.0.1", 0))
     srv = svc.Server(sock, Failing())
@@ -624,6 +630,12 @@ def test_a_server_fault_is_500_with_a_logged_traceback(svc, caplog):
             assert r.status == 500
             assert json.loads(r.read()) == {"error": "internal server error (see the service log)"}
         assert any("RuntimeError: a bug" in (rec.exc_text or "") for rec in caplog.records)
+        with caplog.at_level("ERROR", logger="recmeta.service"):
+            c.request("POST", "/feedback", body=b'{}')
+            r = c.getresponse()
+            assert r.status == 500 and "internal server error" in json.loads(r.read())["error"]
+        assert any("Out of range float values are not JSON compliant" in (rec.exc_text or "")
+                   for rec in caplog.records)
         c.request("GET", "/health")  # the same connection still serves
         r = c.getresponse()
         assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
