@@ -231,10 +231,11 @@ def main(argv=None) -> int:
         print(f"{'call':40s} {'clients':>7s} | {'HTTP p50':>9s} {'p99':>8s} {'req/s':>8s} {'CPU/req':>9s} | "
               f"{'in-proc p50':>11s} {'p99':>8s} {'req/s':>8s} {'CPU/call':>9s} | {'p50 x':>6s} {'req/s /':>7s} "
               f"{'CPU x':>6s}")
-        for c in clients:
-            # the server and the local model get the same events (feedback grows the same
-            # users' online states on both sides)
-            for label, route, kind, bodies in calls:
+        # the recommend calls first (for every client count), then feedback: the users served
+        # have no online state yet (with one, ``recommend`` reads it instead of recomputing the
+        # user's state). The server and the local model get the same events.
+        for label, route, kind, bodies in calls:
+            for c in clients:
                 if kind != "feedback":  # warm-up (a feedback warm-up would change the states)
                     _run(c, bodies[: max(20, n // 20)], HTTPCall(svc.port, route))
                     _run(c, bodies[: max(20, n // 20)], LocalCall(local, kind))
