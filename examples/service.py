@@ -396,16 +396,17 @@ class ServiceLog:
 
 def model_digest(path: str) -> str:
     """The SHA-256 a recmeta model file carries in its metadata (the SDK checks it at load but
-    does not expose it: read from the safetensors header here)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{path}: not a model file")
-        (hlen,) = struct.unpack("<Q", head)
-        if hlen > 100_000_000:
-            raise ValueError(f"{path}: header too long")
-        header = json.loads(f.read(hlen))
-    return str(json.loads(header["__metadata__"]["recmeta"])["sha256"])
+    does not expose it: read from the safetensors header here). ValueError if it has none."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > 100_000_000:
+                raise ValueError("header too long")
+            header = json.loads(f.read(hlen))
+        return str(json.loads(header["__metadata__"]["recmeta"])["sha256"])
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: no model digest ({e})") from None
 
 
 @dataclass
@@ -428,7 +429,10 @@ def load_served(path: str) -> Served:
     import recmeta_sdk as rm
 
     for _ in range(3):  # the digest of the file that was loaded (not of one renamed over it since)
-        before = model_digest(path)
+        try:
+            before = model_digest(path)
+        except (OSError, ValueError):
+            before = None  # not a model file: rm.load says why
         model = rm.load(path)
         if model_digest(path) == before:
             return Served(model, os.path.abspath(path), before, time.time())
