@@ -65,7 +65,7 @@ background).
 that accept on it (a pre-forked shared socket; the kernel hands each connection to one of
 them). The parent imports the SDK before it forks (the workers share the imported libraries
 copy-on-write) but loads no model and runs no torch op; it restarts a worker that dies (the
-new one replays the log) and forwards SIGTERM / SIGINT. With ``--workers 1`` the service runs in one
+new one replays the log) and forwards SIGTERM / SIGINT; a worker whose parent is gone (killed) stops by itself. With ``--workers 1`` the service runs in one
 process. Each worker uses ``--threads`` torch threads (default: cores / workers).
 
 **Shutdown** on SIGTERM or SIGINT: a worker stops accepting, lets the requests in flight
@@ -454,10 +454,12 @@ class Worker:
     the background loader (see the module docstring)."""
 
     def __init__(self, model_path: str, log: ServiceLog, *, workers: int = 1, max_k: int = 1000,
-                 poll_s: float = 0.1, run_start: int = 0):
+                 poll_s: float = 0.1, run_start: int = 0, parent_pid: int | None = None):
         self.model_path = os.path.abspath(model_path)
         self.log = log
         self.run_start = run_start  # the log's size when the service started
+        self.parent_pid = parent_pid  # the supervisor's (several workers): stop when it is gone
+        self.on_orphan: Callable[[], None] | None = None
         self.workers = workers
         self.max_k = max_k
         self.poll_s = poll_s
@@ -502,6 +504,12 @@ class Worker:
 
     def _poller(self) -> None:
         while not self._stop.wait(self.poll_s):
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                # the supervisor was killed (SIGKILL: it could not stop us): do not run on as an orphan
+                logger.error("worker %d: the parent process %d is gone: stopping", os.getpid(), self.parent_pid)
+                self.parent_pid = None
+                if self.on_orphan is not None:
+                    self.on_orphan()
             try:
                 self.catch_up()
             except Exception:  # keep polling; the fault is logged
@@ -843,14 +851,15 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 def serve(args, sock: socket.socket, log: ServiceLog, workers: int,
-          on_ready: Callable[[str | None], None], run_start: int = 0) -> int:
+          on_ready: Callable[[str | None], None], run_start: int = 0, parent_pid: int | None = None) -> int:
     """Run one worker on a listening socket until SIGTERM / SIGINT; returns the exit code.
     ``on_ready(None)`` is called once it serves, ``on_ready(message)`` if it cannot start."""
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    worker = Worker(args.model, log, workers=workers, max_k=args.max_k, poll_s=args.poll, run_start=run_start)
+    worker = Worker(args.model, log, workers=workers, max_k=args.max_k, poll_s=args.poll, run_start=run_start,
+                    parent_pid=parent_pid)
     try:
         worker.start()
     except Exception as e:  # noqa: BLE001 - reported to the parent / the log, exit 1
@@ -868,6 +877,7 @@ def serve(args, sock: socket.socket, log: ServiceLog, workers: int,
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    worker.on_orphan = lambda: on_signal(signal.SIGTERM, None)
     on_ready(None)
     server.serve_forever(poll_interval=0.2)
     server.close_idle()
@@ -888,6 +898,8 @@ def supervise(args, sock: socket.socket, log: ServiceLog) -> int:
     stopping = threading.Event()  # set by the signal handlers (no thread is started here)
     r, w = os.pipe()
 
+    parent = os.getpid()
+
     def spawn() -> int:
         pid = os.fork()
         if pid == 0:  # the worker
@@ -900,7 +912,7 @@ def supervise(args, sock: socket.socket, log: ServiceLog) -> int:
                 def on_ready(error: str | None) -> None:
                     os.write(w, f"{os.getpid()} {'ok' if error is None else 'error ' + error}\n".encode())
 
-                code = serve(args, sock, log, n, on_ready, run_start)
+                code = serve(args, sock, log, n, on_ready, run_start, parent_pid=parent)
             except BaseException:  # the worker's last word
                 logger.exception("worker %d: crashed", os.getpid())
             finally:

@@ -601,6 +601,31 @@ def test_a_named_log_is_replayed_at_start(svc, files, tmp_path):
         log.close()
 
 
+def test_a_worker_stops_when_its_parent_is_gone(svc, files):
+    """A worker of several checks its parent (the supervisor) at every poll: when the parent
+    is gone (killed: it could not forward a signal), the worker stops instead of serving on."""
+    log = svc.ServiceLog.open(None)
+    w = svc.Worker(files["a"], log, poll_s=0.01, parent_pid=os.getppid() + 10 ** 6)  # not the parent
+    called = threading.Event()
+    w.on_orphan = called.set
+    w.start()
+    try:
+        assert called.wait(30)
+    finally:
+        w.stop()
+        log.close()
+    log = svc.ServiceLog.open(None)
+    w = svc.Worker(files["a"], log, poll_s=0.01, parent_pid=os.getppid())  # the live parent
+    called = threading.Event()
+    w.on_orphan = called.set
+    w.start()
+    try:
+        assert not called.wait(0.3)
+    finally:
+        w.stop()
+        log.close()
+
+
 def test_a_server_fault_is_500_with_a_logged_traceback(svc, caplog):
     """A handler that raises (not bad input) answers 500 with a generic message and logs the
     traceback; the server goes on serving. In process, with a worker that fails on purpose."""
