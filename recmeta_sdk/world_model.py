@@ -82,7 +82,7 @@ class WorldModelConfig:
     hidden : int
         User state size ``H``.
     epochs : int
-        Passes over the training users.
+        Passes over the training users (at most: see ``validation``).
     batch_users : int
         Users per minibatch (each contributes its whole sequence, up to ``max_steps``).
     lr : float
@@ -95,6 +95,11 @@ class WorldModelConfig:
         Weight of the session-end loss (used when the logs have sessions).
     max_steps : int
         Steps kept per training user (the first ``max_steps``).
+    validation : float
+        Fraction of the training users held out for early stopping (0 disables it; used
+        with 10 users or more).
+    patience : int
+        Epochs without a better validation loss before training stops.
     next_item_sample : int
         Events per minibatch on which the next-item softmax (a (E, n_items) matrix) is
         computed, drawn uniformly without replacement (all when fewer): an unbiased
@@ -112,19 +117,21 @@ class WorldModelConfig:
     next_item_weight: float = 1.0
     end_weight: float = 1.0
     max_steps: int = 2000
+    validation: float = 0.1
+    patience: int = 3
     next_item_sample: int = 1024
     seed: int = 0
 
     def validate(self) -> "WorldModelConfig":
         for name, lo, hi in (("dim", 1, 4096), ("hidden", 1, 4096), ("epochs", 0, 100_000),
                              ("batch_users", 1, 1_000_000), ("max_steps", 1, 10_000_000),
-                             ("next_item_sample", 1, 100_000_000),
+                             ("next_item_sample", 1, 100_000_000), ("patience", 1, 100_000),
                              ("seed", 0, 2**63 - 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
                 raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
             setattr(self, name, int(v))
-        for name in ("lr", "weight_decay", "next_item_weight", "end_weight"):
+        for name in ("lr", "weight_decay", "next_item_weight", "end_weight", "validation"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) \
                     or not math.isfinite(float(v)) or float(v) < 0:
@@ -132,6 +139,8 @@ class WorldModelConfig:
             setattr(self, name, float(v))
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.validation >= 0.5:
+            raise ValueError(f"validation must be a fraction in [0, 0.5), got {self.validation!r}")
         return self
 
 
@@ -303,6 +312,9 @@ class WorldModel:
         ``(threshold, strict)``: a reward is a positive when ``> threshold`` (strict) or ``>=``.
     history : list of float
         Training loss per epoch.
+    validation_history : list of float
+        Loss of the validation users per epoch (empty without validation); the parameters
+        are those of the epoch with the lowest.
     """
 
     def __init__(self, net: _Net, config: WorldModelConfig, item_map: IdMap, feats: dict,
@@ -319,6 +331,7 @@ class WorldModel:
         self._pop = pop
         self._columns = dict(columns)
         self.history: list = []
+        self.validation_history: list = []
 
     # ------------------------------------------------------------------ properties
     @property
@@ -384,7 +397,8 @@ class WorldModel:
         Returns
         -------
         WorldModel
-            ``history`` holds the mean training loss per epoch.
+            ``history`` holds the mean training loss per epoch, ``validation_history`` the
+            validation users' loss per epoch (the parameters kept are the best epoch's).
 
         Raises
         ------
@@ -471,7 +485,7 @@ class WorldModel:
             net.next_bias.copy_(lp - lp.mean())
         model = cls(net, cfg, item_map, feats, encoder, segment_map, log.has_sessions, (thr, strict),
                     {k: pop[k] for k in ("item_logit", "pos_logit", "positives")}, cols)
-        model.history = _train(net, log, feats, cfg, gen)
+        model.history, model.validation_history = _train(net, log, feats, cfg, gen)
         net.eval()
         return model
 
@@ -770,6 +784,7 @@ class WorldModel:
             "pop_end_rate": float(self._pop.get("end_rate", 0.0)),
             "columns": self._columns,
             "history": [float(x) for x in self.history],
+            "validation_history": [float(x) for x in self.validation_history],
         }
         write_model_file(path, tensors, meta)
 
@@ -872,6 +887,7 @@ class WorldModel:
         model = cls(net, cfg, item_map, feats, encoder, segment_map, meta["has_sessions"], (thr[0], thr[1]),
                     pop, columns)
         model.history = [float(x) for x in meta.get("history", [])]
+        model.validation_history = [float(x) for x in meta.get("validation_history", [])]
         return model
 
     # ------------------------------------------------------------------ internals
@@ -1169,7 +1185,7 @@ def _forward(net: _Net, b: dict, V: torch.Tensor):
 
 
 def _losses(net: _Net, b: dict, V: torch.Tensor, cfg: WorldModelConfig, has_sessions: bool,
-            gen: torch.Generator) -> dict:
+            gen: Optional[torch.Generator]) -> dict:
     before, after, x, v = _forward(net, b, V)
     em = b["emask"]
     hb = before[:, :, None, :].expand(-1, -1, em.shape[2], -1)[em]           # (E, H)
@@ -1178,7 +1194,7 @@ def _losses(net: _Net, b: dict, V: torch.Tensor, cfg: WorldModelConfig, has_sess
         + net.pos_bias[b["pos"][em]]
     out = {"response": nn.functional.binary_cross_entropy_with_logits(logit, b["resp"][em])}
     if cfg.next_item_weight > 0:
-        if len(items) > cfg.next_item_sample:
+        if gen is not None and len(items) > cfg.next_item_sample:
             pick = torch.randperm(len(items), generator=gen)[:cfg.next_item_sample]
             hs, its = hb[pick], items[pick]
         else:
@@ -1192,25 +1208,34 @@ def _losses(net: _Net, b: dict, V: torch.Tensor, cfg: WorldModelConfig, has_sess
     return out
 
 
-def _train(net: _Net, log: _Log, feats: dict, cfg: WorldModelConfig, gen: torch.Generator) -> list:
-    """Adam over minibatches of whole users; users bucketed by length (shuffled with ``gen``)."""
+def _train(net: _Net, log: _Log, feats: dict, cfg: WorldModelConfig, gen: torch.Generator) -> tuple:
+    """Adam over minibatches of whole users; users bucketed by length (shuffled with ``gen``).
+
+    With ``cfg.validation > 0`` (and at least 10 users) that fraction of the users (drawn with
+    ``gen``) is held out: after each epoch the loss on them (full next-item softmax) is
+    measured, training stops after ``cfg.patience`` epochs without improvement and the
+    parameters of the best epoch are restored. Returns ``(train_losses, validation_losses)``.
+    """
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    n_users = len(log.user_ptr) - 1
+    n_all = len(log.user_ptr) - 1
+    order_all = torch.randperm(n_all, generator=gen).numpy()
+    n_val = int(round(cfg.validation * n_all)) if n_all >= 10 else 0
+    val_users, train_users = np.sort(order_all[:n_val]), np.sort(order_all[n_val:])
     lens = np.minimum(np.diff(log.user_ptr), cfg.max_steps)
-    history = []
+    history, val_history = [], []
+    best, best_state, since = float("inf"), None, 0
     for epoch in range(cfg.epochs):
-        perm = torch.randperm(n_users, generator=gen).numpy()
+        net.train()
+        perm = train_users[torch.randperm(len(train_users), generator=gen).numpy()]
         perm = perm[np.argsort(lens[perm], kind="stable")]  # length buckets, random within ties
-        batches = [perm[i:i + cfg.batch_users] for i in range(0, n_users, cfg.batch_users)]
+        batches = [perm[i:i + cfg.batch_users] for i in range(0, len(perm), cfg.batch_users)]
         order = torch.randperm(len(batches), generator=gen).numpy()
         total, count = 0.0, 0
         for j in order:
             b = _batch(log, batches[j], cfg.max_steps)
             V = net.item_vectors(feats)
-            parts = _losses(net, b, V, cfg, log.has_sessions, gen)
-            loss = parts["response"] + cfg.next_item_weight * parts.get("next_item", 0.0) \
-                + cfg.end_weight * parts.get("end", 0.0)
+            loss = _total(_losses(net, b, V, cfg, log.has_sessions, gen), cfg)
             if cfg.weight_decay > 0:
                 used = torch.unique(b["items"][b["emask"]])
                 loss = loss + cfg.weight_decay * (net.item_emb[used].pow(2).sum(-1).mean()
@@ -1222,9 +1247,39 @@ def _train(net: _Net, log: _Log, feats: dict, cfg: WorldModelConfig, gen: torch.
             total += float(loss.detach()) * len(batches[j])
             count += len(batches[j])
         history.append(total / max(count, 1))
-        logger.info("world model epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, history[-1])
+        if n_val:
+            net.eval()
+            with torch.no_grad():
+                V = net.item_vectors(feats)
+                vt, vn = 0.0, 0
+                for i in range(0, n_val, cfg.batch_users):
+                    ub = val_users[i:i + cfg.batch_users]
+                    vt += float(_total(_losses(net, _batch(log, ub, cfg.max_steps), V, cfg, log.has_sessions,
+                                               None), cfg)) * len(ub)
+                    vn += len(ub)
+            val_history.append(vt / vn)
+            logger.info("world model epoch %d/%d: loss %.4f, validation %.4f", epoch + 1, cfg.epochs,
+                        history[-1], val_history[-1])
+            if val_history[-1] < best:
+                best, since = val_history[-1], 0
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            else:
+                since += 1
+                if since >= cfg.patience:
+                    logger.info("world model: early stop after epoch %d (best %d)", epoch + 1,
+                                int(np.argmin(val_history)) + 1)
+                    break
+        else:
+            logger.info("world model epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, history[-1])
+    if best_state is not None:
+        net.load_state_dict(best_state)
     net.eval()
-    return history
+    return history, val_history
+
+
+def _total(parts: dict, cfg: WorldModelConfig) -> torch.Tensor:
+    return parts["response"] + cfg.next_item_weight * parts.get("next_item", 0.0) \
+        + cfg.end_weight * parts.get("end", 0.0)
 
 
 def _bernoulli_ll(p: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -98,7 +98,8 @@ def test_shapes_and_ranges(cluster_model):
     assert r.shape == (3, 1) and set(np.unique(r)) <= {0.0, 1.0}
     assert wm.adapt([]).shape == (wm.hidden,)
     assert np.array_equal(wm.adapt([]), h0[0])
-    assert len(wm.history) == 25 and wm.history[-1] < wm.history[0]
+    assert 1 <= len(wm.history) <= 25 and len(wm.validation_history) == len(wm.history)
+    assert wm.history[-1] < wm.history[0] and min(wm.validation_history) < wm.validation_history[0]
 
 
 def test_slates_positions_and_position_bias(slate_model):
@@ -341,7 +342,7 @@ def test_same_seed_same_model_other_seed_other_model(torch_one_thread):
     b = WorldModel.fit(log, item_features=_items(), epochs=3, seed=5, config=cfg)
     c = WorldModel.fit(log, item_features=_items(), epochs=3, seed=6, config=cfg)
     h = a.adapt([1, 2, 3], [1, 0, 1])
-    assert a.history == b.history
+    assert a.history == b.history and a.validation_history == b.validation_history
     assert np.array_equal(h, b.adapt([1, 2, 3], [1, 0, 1]))
     assert np.array_equal(a.predict(h, [1]), b.predict(h, [1]))
     assert not np.array_equal(h, c.adapt([1, 2, 3], [1, 0, 1]))
