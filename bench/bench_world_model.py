@@ -23,7 +23,7 @@ Environments (``--env``):
     features genres + release year. Items rated only by held-out users are dropped (counted).
 ``sim``
     ``recmeta_sdk.sim.UserSimulator`` (slates of 3, position bias, new users from segments
-    never seen in training): 20 uniform-random rounds per user, training users' logs for
+    never seen in training; 100 users per segment): 20 uniform-random rounds per user, training users' logs for
     training, the test users' logs held out; item features are the simulator's item vectors.
 
     PYTHONPATH=. .venv/bin/python bench/bench_world_model.py            # both, full
@@ -61,8 +61,8 @@ def ml100k(epochs: int, support: int, seed: int):
     return wm, test, fit_s, info
 
 
-def simulator(epochs: int, support: int, seed: int):
-    env = sim.UserSimulator(slate_size=3, drift=0.05, seed=0)
+def simulator(epochs: int, support: int, seed: int, users_per_segment: int = 100):
+    env = sim.UserSimulator(slate_size=3, drift=0.05, users_per_segment=users_per_segment, seed=0)
     train = env.log_random(env.train_users, n_rounds=20, seed=0)
     test = env.log_random(env.test_users, n_rounds=20, seed=1)
     feats = pd.DataFrame(env.item_features, columns=[f"f{j}" for j in range(env.item_features.shape[1])])

@@ -100,6 +100,9 @@ class WorldModelConfig:
         with 10 users or more).
     patience : int
         Epochs without a better validation loss before training stops.
+    calibrate : bool
+        Fit a Platt scaling (a scale and a shift of the response logits) on the validation
+        users' events after training (needs ``validation > 0``).
     next_item_sample : int
         Events per minibatch on which the next-item softmax (a (E, n_items) matrix) is
         computed, drawn uniformly without replacement (all when fewer): an unbiased
@@ -119,6 +122,7 @@ class WorldModelConfig:
     max_steps: int = 2000
     validation: float = 0.1
     patience: int = 3
+    calibrate: bool = True
     next_item_sample: int = 1024
     seed: int = 0
 
@@ -139,6 +143,9 @@ class WorldModelConfig:
             setattr(self, name, float(v))
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not isinstance(self.calibrate, (bool, np.bool_)):
+            raise TypeError(f"calibrate must be a bool, got {type(self.calibrate).__name__}")
+        self.calibrate = bool(self.calibrate)
         if self.validation >= 0.5:
             raise ValueError(f"validation must be a fraction in [0, 0.5), got {self.validation!r}")
         return self
@@ -182,6 +189,8 @@ class _Net(nn.Module):
         self.resp_user = nn.Linear(hidden, 1)
         self.next_proj = nn.Linear(hidden, dim)
         self.end = nn.Linear(hidden + 3, 1)
+        # Platt scaling of the response logits (scale, shift), fitted on validation users
+        self.register_buffer("calib", torch.tensor([1.0, 0.0]))
 
     def item_vectors(self, feats: dict) -> torch.Tensor:
         """(N, d): id embedding + mean of the feature-token embeddings + numeric projection."""
@@ -209,7 +218,8 @@ class _Net(nn.Module):
                         pos: torch.Tensor) -> torch.Tensor:
         """(..., K) logits from states (..., H), item vectors (..., K, d), item biases and positions (..., K)."""
         q = self.resp_proj(h)
-        return (v * q[..., None, :]).sum(-1) + self.resp_user(h) + bias + self.pos_bias[pos]
+        raw = (v * q[..., None, :]).sum(-1) + self.resp_user(h) + bias + self.pos_bias[pos]
+        return self.calib[0] * raw + self.calib[1]
 
     def end_logits(self, h_next: torch.Tensor, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         d = self.dim
@@ -361,7 +371,8 @@ class WorldModel:
             timestamp_col: Optional[str] = "timestamp", position_col: Optional[str] = "position",
             propensity_col: Optional[str] = "propensity", session_col: Optional[str] = "session",
             segment_col: Optional[str] = None, positive_threshold: Optional[float] = None,
-            epochs: int = 20, seed: int = 0, config: Optional[WorldModelConfig | dict] = None) -> "WorldModel":
+            epochs: Optional[int] = None, seed: Optional[int] = None,
+            config: Optional[WorldModelConfig | dict] = None) -> "WorldModel":
         """Learn a world model from an interaction log.
 
         Parameters
@@ -389,8 +400,8 @@ class WorldModel:
         positive_threshold : float, optional
             A reward ``>=`` it is a positive. Default: rewards in {0, 1} as they are, star
             ratings (1-5 or 1-10, half steps) from 4 of 5 (8 of 10), otherwise reward > 0.
-        epochs, seed : int
-            Overrides of ``config.epochs`` / ``config.seed``.
+        epochs, seed : int, optional
+            Overrides of ``config.epochs`` (default 20) / ``config.seed`` (default 0).
         config : WorldModelConfig or dict, optional
             Other hyper-parameters.
 
@@ -420,7 +431,10 @@ class WorldModel:
             cfg = WorldModelConfig(**asdict(config))
         else:
             raise TypeError(f"config must be a WorldModelConfig or a dict, got {type(config).__name__}")
-        cfg.epochs, cfg.seed = epochs, seed
+        if epochs is not None:
+            cfg.epochs = epochs
+        if seed is not None:
+            cfg.seed = seed
         cfg.validate()
         if not isinstance(interactions, pd.DataFrame):
             raise TypeError(f"interactions must be a pandas DataFrame, got {type(interactions).__name__}")
@@ -535,8 +549,9 @@ class WorldModel:
             (n,) external item ids, one step (a slate of one) each, in time order; or
             (T, K) slates of K items.
         history_rewards : array-like, optional
-            Same shape: the responses (0/1; raw rewards are turned into 0/1 with the model's
-            ``positive_threshold``). Default: every item is a positive.
+            Same shape: the rewards as in the training logs, turned into 0/1 responses with
+            the model's ``positive_threshold`` (for a model trained on 1-5 star ratings a
+            reward of 1 is a negative). Default: every item is a positive.
         positions : array-like, optional
             Same shape: positions (default 0 for (n,) histories, ``0..K-1`` for slates).
         segment : optional
@@ -603,7 +618,9 @@ class WorldModel:
         slate : array-like
             (B, K) external item ids (or (K,)).
         response : array-like
-            (B, K) 0/1 responses (raw rewards are thresholded), same shape as ``slate``.
+            (B, K) 0/1 responses (what :meth:`sample_response` draws), same shape as
+            ``slate``; raw rewards (e.g. star ratings) go through :meth:`adapt`, which
+            applies the model's ``positive_threshold``.
         positions : array-like, optional
             Unused by the update (kept for a uniform signature); validated when given.
 
@@ -613,7 +630,7 @@ class WorldModel:
             (B, hidden) float32 ((hidden,) for 1-D inputs).
         """
         h, dense, pos, squeeze = self._slate_args(state, slate, positions)
-        r = self._responses(response, np.shape(slate), "response").reshape(dense.shape)
+        r = self._binary(response, np.shape(slate)).reshape(dense.shape)
         with torch.no_grad():
             h2, _ = self._transition(h, dense, r)
         out = h2.numpy()
@@ -641,7 +658,7 @@ class WorldModel:
             raise ValueError("this world model was trained without session ids (session_col): "
                              "it has no end-of-session model")
         h, dense, pos, squeeze = self._slate_args(state, slate, positions)
-        r = self._responses(response, np.shape(slate), "response").reshape(dense.shape)
+        r = self._binary(response, np.shape(slate)).reshape(dense.shape)
         with torch.no_grad():
             h2, x = self._transition(h, dense, r)
             n = torch.full((dense.shape[0],), float(dense.shape[1]))
@@ -858,6 +875,8 @@ class WorldModel:
                 raise ModelFileError(f"tensor {name!r} has dtype {t.dtype}, expected {want}")
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ModelFileError(f"tensor {name!r} holds non-finite values")
+        if not float(tensors["net.calib"][0]) > 0:
+            raise ModelFileError(f"net.calib scale {float(tensors['net.calib'][0])!r} must be > 0")
         off, idx = tensors["feat.offsets"], tensors["feat.indices"]
         if int(off[0]) != 0 or int(off[-1]) != nnz or bool((off[1:] < off[:-1]).any()):
             raise ModelFileError("feat.offsets is not a valid CSR offset array")
@@ -909,6 +928,7 @@ class WorldModel:
         net = self._net
         nxt = torch.log_softmax(net.next_proj(h) @ V.T + net.next_bias, dim=-1)
         resp = net.resp_proj(h) @ V.T + net.resp_user(h) + net.item_bias + net.pos_bias[0]
+        resp = net.calib[0] * resp + net.calib[1]
         return nxt + torch.nn.functional.logsigmoid(resp)
 
     def _states(self, state: Any):
@@ -960,6 +980,18 @@ class WorldModel:
             raise ValueError(f"{what} holds a non-finite value {r[~np.isfinite(r)].ravel()[0]!r}")
         thr, strict = self.positive_threshold
         return ((r > thr) if strict else (r >= thr)).astype(np.float32)
+
+    def _binary(self, response: Any, shape: tuple) -> np.ndarray:
+        r = np.asarray(response)
+        if r.dtype.kind not in "fiub":
+            raise TypeError(f"response must be numeric 0/1, got dtype {r.dtype}")
+        if r.shape != tuple(shape):
+            raise ValueError(f"response has shape {r.shape}, expected {tuple(shape)} (the slate's shape)")
+        bad = ~np.isin(r, (0, 1))
+        if bad.any():
+            raise ValueError(f"response must hold 0/1 values (as sample_response draws), got {r[bad].ravel()[0]!r}; "
+                             f"raw rewards go through adapt(), which thresholds them")
+        return r.astype(np.float32)
 
     def _slate_args(self, state: Any, slate: Any, positions: Any):
         h, squeeze = self._states(state)
@@ -1274,7 +1306,47 @@ def _train(net: _Net, log: _Log, feats: dict, cfg: WorldModelConfig, gen: torch.
     if best_state is not None:
         net.load_state_dict(best_state)
     net.eval()
+    if n_val and cfg.calibrate:
+        _platt(net, log, feats, val_users, cfg)
     return history, val_history
+
+
+def _platt(net: _Net, log: _Log, feats: dict, users: np.ndarray, cfg: WorldModelConfig) -> None:
+    """Fit ``net.calib`` (scale, shift of the response logits) on the events of ``users`` by L-BFGS."""
+    logits, ys = [], []
+    with torch.no_grad():
+        V = net.item_vectors(feats)
+        for i in range(0, len(users), cfg.batch_users):
+            b = _batch(log, users[i:i + cfg.batch_users], cfg.max_steps)
+            before = _forward(net, b, V)[0]
+            em = b["emask"]
+            hb = before[:, :, None, :].expand(-1, -1, em.shape[2], -1)[em]
+            items = b["items"][em]
+            logits.append(net.response_logits(hb, V[items][:, None, :], net.item_bias[items][:, None],
+                                              b["pos"][em][:, None])[:, 0])
+            ys.append(b["resp"][em])
+    z, y = torch.cat(logits).double(), torch.cat(ys).double()
+    if len(y) < 20 or y.min() == y.max():
+        logger.info("world model: %d validation events, one class only or too few: no calibration", len(y))
+        return
+    ab = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([ab], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(ab[0] * z + ab[1], y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    a, c = (float(x) for x in ab.detach())
+    if not (math.isfinite(a) and math.isfinite(c) and 1e-3 < a < 1e3):
+        logger.warning("world model: Platt scaling gave scale %r, shift %r: left uncalibrated", a, c)
+        return
+    with torch.no_grad():  # the calibration multiplies the current one (net.calib is (1, 0) after training)
+        old = net.calib.clone()
+        net.calib.copy_(torch.tensor([a * float(old[0]), a * float(old[1]) + c]))
+    logger.info("world model: response calibration scale %.3f, shift %.3f on %d validation events", a, c, len(y))
 
 
 def _total(parts: dict, cfg: WorldModelConfig) -> torch.Tensor:

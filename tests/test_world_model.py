@@ -263,8 +263,10 @@ def test_input_validation(cluster_model):
         wm.predict(np.zeros((2, wm.hidden)), [[1]])
     with pytest.raises(ValueError, match="response has shape"):
         wm.step(h, [[1]], [[1, 0]])
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="0/1 values"):
         wm.step(h, [[1]], [[np.nan]])
+    with pytest.raises(ValueError, match="0/1 values.*adapt"):
+        wm.step(h, [[1]], [[4.0]])
     with pytest.raises(ValueError, match="without session"):
         wm.end_probability(h, [[1]], [[1]])
     with pytest.raises(TypeError, match="Generator"):
@@ -347,3 +349,12 @@ def test_same_seed_same_model_other_seed_other_model(torch_one_thread):
     assert np.array_equal(a.predict(h, [1]), b.predict(h, [1]))
     assert not np.array_equal(h, c.adapt([1, 2, 3], [1, 0, 1]))
     assert cfg.seed == 0 and cfg.epochs == 20  # the caller's config is not modified
+
+
+def test_config_epochs_and_validation_split(torch_one_thread):
+    log = _cluster_log(30, 4, seed=12)
+    wm = WorldModel.fit(log, config={"dim": 4, "hidden": 8, "epochs": 2, "validation": 0.0})
+    assert len(wm.history) == 2 and wm.validation_history == []
+    assert wm.config.epochs == 2 and wm.config.seed == 0
+    # without validation users there is no calibration: the response logits are left as trained
+    assert wm._net.calib.tolist() == [1.0, 0.0]
