@@ -45,8 +45,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -59,7 +60,7 @@ from .ops import embedding_bag
 
 logger = logging.getLogger("recmeta")
 
-__all__ = ["WorldModel", "WorldModelConfig", "WORLD_MODEL_KIND", "WORLD_MODEL_VERSION"]
+__all__ = ["WORLD_MODEL_KIND", "WORLD_MODEL_VERSION", "WorldModel", "WorldModelConfig"]
 
 #: ``kind`` written in a world-model file's metadata (a recommender file has none).
 WORLD_MODEL_KIND = "recmeta-world-model"
@@ -88,7 +89,8 @@ class WorldModelConfig:
     lr : float
         Adam learning rate.
     weight_decay : float
-        L2 penalty on the item embeddings and biases (per minibatch, on the rows it reads).
+        Decoupled weight decay (AdamW) of the weight matrices and embeddings (not of the
+        biases and priors).
     next_item_weight : float
         Weight of the next-item (softmax) loss; 0 disables the head's training.
     end_weight : float
@@ -96,13 +98,18 @@ class WorldModelConfig:
     max_steps : int
         Steps kept per training user (the first ``max_steps``).
     validation : float
-        Fraction of the training users held out for early stopping (0 disables it; used
+        Fraction of the training users held out for early stopping on their loss (the
+        training objective) (0 disables it; used
         with 10 users or more).
     patience : int
         Epochs without a better validation loss before training stops.
     calibrate : bool
         Fit a Platt scaling (a scale and a shift of the response logits) on the validation
         users' events after training (needs ``validation > 0``).
+    event_dropout : float
+        Probability that a training event is left out of the state update (its response is
+        still predicted): without it, a user's sequence of randomly shown items is a
+        fingerprint the recurrent state can memorise the clicks of.
     next_item_sample : int
         Events per minibatch on which the next-item softmax (a (E, n_items) matrix) is
         computed, drawn uniformly without replacement (all when fewer): an unbiased
@@ -123,10 +130,11 @@ class WorldModelConfig:
     validation: float = 0.1
     patience: int = 3
     calibrate: bool = True
+    event_dropout: float = 0.0
     next_item_sample: int = 1024
     seed: int = 0
 
-    def validate(self) -> "WorldModelConfig":
+    def validate(self) -> WorldModelConfig:
         for name, lo, hi in (("dim", 1, 4096), ("hidden", 1, 4096), ("epochs", 0, 100_000),
                              ("batch_users", 1, 1_000_000), ("max_steps", 1, 10_000_000),
                              ("next_item_sample", 1, 100_000_000), ("patience", 1, 100_000),
@@ -135,7 +143,8 @@ class WorldModelConfig:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
                 raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
             setattr(self, name, int(v))
-        for name in ("lr", "weight_decay", "next_item_weight", "end_weight", "validation"):
+        for name in ("lr", "weight_decay", "next_item_weight", "end_weight", "validation",
+                     "event_dropout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) \
                     or not math.isfinite(float(v)) or float(v) < 0:
@@ -146,6 +155,8 @@ class WorldModelConfig:
         if not isinstance(self.calibrate, (bool, np.bool_)):
             raise TypeError(f"calibrate must be a bool, got {type(self.calibrate).__name__}")
         self.calibrate = bool(self.calibrate)
+        if self.event_dropout >= 1.0:
+            raise ValueError(f"event_dropout must be in [0, 1), got {self.event_dropout!r}")
         if self.validation >= 0.5:
             raise ValueError(f"validation must be a fraction in [0, 0.5), got {self.validation!r}")
         return self
@@ -253,7 +264,7 @@ class _Log:
 _STAR_VALUES = (5.0, 10.0)
 
 
-def _positive_rule(rewards: np.ndarray, threshold: Optional[float]) -> tuple:
+def _positive_rule(rewards: np.ndarray, threshold: float | None) -> tuple:
     """``(threshold, strict, reason)``: the rule of :func:`recmeta_sdk.train.positive_threshold`."""
     if threshold is not None:
         return float(threshold), False, "given"
@@ -266,7 +277,7 @@ def _positive_rule(rewards: np.ndarray, threshold: Optional[float]) -> tuple:
     return 0.0, True, "rewards > 0"
 
 
-def _column(df: pd.DataFrame, name: Optional[str], default: str, what: str, required: bool) -> Optional[str]:
+def _column(df: pd.DataFrame, name: str | None, default: str, what: str, required: bool) -> str | None:
     """The column to use for ``what``: ``name`` must exist when given explicitly."""
     if name is None:
         if required:
@@ -323,12 +334,12 @@ class WorldModel:
     history : list of float
         Training loss per epoch.
     validation_history : list of float
-        Loss of the validation users per epoch (empty without validation); the parameters
+        Loss (the training objective) of the validation users per epoch (empty without validation); the parameters
         are those of the epoch with the lowest.
     """
 
     def __init__(self, net: _Net, config: WorldModelConfig, item_map: IdMap, feats: dict,
-                 encoder: Optional[FeatureEncoder], segment_map: Optional[IdMap], has_sessions: bool,
+                 encoder: FeatureEncoder | None, segment_map: IdMap | None, has_sessions: bool,
                  threshold: tuple, pop: dict, columns: dict):
         self._net = net.eval()
         self.config = config
@@ -357,7 +368,7 @@ class WorldModel:
         return int(self._net.pos_bias.shape[0])
 
     @property
-    def segments(self) -> Optional[list]:
+    def segments(self) -> list | None:
         return None if self._segment_map is None else self._segment_map.ids.tolist()
 
     def __repr__(self) -> str:
@@ -366,13 +377,13 @@ class WorldModel:
 
     # ------------------------------------------------------------------ fitting
     @classmethod
-    def fit(cls, interactions: pd.DataFrame, *, item_features: Optional[pd.DataFrame] = None,
-            user_col: str = "user", item_col: str = "item", reward_col: Optional[str] = "reward",
-            timestamp_col: Optional[str] = "timestamp", position_col: Optional[str] = "position",
-            propensity_col: Optional[str] = "propensity", session_col: Optional[str] = "session",
-            segment_col: Optional[str] = None, positive_threshold: Optional[float] = None,
-            epochs: Optional[int] = None, seed: Optional[int] = None,
-            config: Optional[WorldModelConfig | dict] = None) -> "WorldModel":
+    def fit(cls, interactions: pd.DataFrame, *, item_features: pd.DataFrame | None = None,
+            user_col: str = "user", item_col: str = "item", reward_col: str | None = "reward",
+            timestamp_col: str | None = "timestamp", position_col: str | None = "position",
+            propensity_col: str | None = "propensity", session_col: str | None = "session",
+            segment_col: str | None = None, positive_threshold: float | None = None,
+            epochs: int | None = None, seed: int | None = None,
+            config: WorldModelConfig | dict | None = None) -> WorldModel:
         """Learn a world model from an interaction log.
 
         Parameters
@@ -442,14 +453,14 @@ class WorldModel:
             raise TypeError(f"item_features must be a DataFrame indexed by item id, got {type(item_features).__name__}")
         if len(interactions) == 0:
             raise ValueError("interactions is empty: nothing to learn from")
-        cols = dict(user=_column(interactions, user_col, "user", "user", True),
-                    item=_column(interactions, item_col, "item", "item", True),
-                    reward=_column(interactions, reward_col, "reward", "reward", False),
-                    timestamp=_column(interactions, timestamp_col, "timestamp", "timestamp", False),
-                    position=_column(interactions, position_col, "position", "position", False),
-                    propensity=_column(interactions, propensity_col, "propensity", "propensity", False),
-                    session=_column(interactions, session_col, "session", "session", False),
-                    segment=_column(interactions, segment_col, "", "segment", False) if segment_col else None)
+        cols = {"user": _column(interactions, user_col, "user", "user", True),
+                "item": _column(interactions, item_col, "item", "item", True),
+                "reward": _column(interactions, reward_col, "reward", "reward", False),
+                "timestamp": _column(interactions, timestamp_col, "timestamp", "timestamp", False),
+                "position": _column(interactions, position_col, "position", "position", False),
+                "propensity": _column(interactions, propensity_col, "propensity", "propensity", False),
+                "session": _column(interactions, session_col, "session", "session", False),
+                "segment": _column(interactions, segment_col, "", "segment", False) if segment_col else None}
         for c in ("user", "item"):
             if interactions[cols[c]].isna().any():
                 row = int(np.flatnonzero(interactions[cols[c]].isna().to_numpy())[0])
@@ -504,7 +515,7 @@ class WorldModel:
         return model
 
     # ------------------------------------------------------------------ state API
-    def initial_state(self, n: Optional[int] = None, *, segments: Optional[Sequence[Any]] = None) -> np.ndarray:
+    def initial_state(self, n: int | None = None, *, segments: Sequence[Any] | None = None) -> np.ndarray:
         """The learned prior states (no interaction seen yet).
 
         Parameters
@@ -553,7 +564,7 @@ class WorldModel:
             the model's ``positive_threshold`` (for a model trained on 1-5 star ratings a
             reward of 1 is a negative). Default: every item is a positive.
         positions : array-like, optional
-            Same shape: positions (default 0 for (n,) histories, ``0..K-1`` for slates).
+            Same shape: positions, validated (the state update does not depend on them).
         segment : optional
             The user's segment value (its prior); default the global prior.
 
@@ -570,11 +581,8 @@ class WorldModel:
             resp = np.ones(slates.shape, np.float32)
         else:
             resp = self._responses(history_rewards, items.shape, "history_rewards").reshape(slates.shape)
-        if positions is None:
-            pos = np.zeros(slates.shape, np.int64) if items.ndim == 1 else np.broadcast_to(
-                np.arange(slates.shape[1]), slates.shape)
-        else:
-            pos = self._positions(positions, items.shape).reshape(slates.shape)
+        if positions is not None:  # validated only: the state update does not depend on positions
+            self._positions(positions, items.shape)
         state = self.initial_state(segments=[segment]) if segment is not None else self.initial_state(1)
         if slates.shape[0] == 0:
             return state[0]
@@ -629,7 +637,7 @@ class WorldModel:
         ndarray
             (B, hidden) float32 ((hidden,) for 1-D inputs).
         """
-        h, dense, pos, squeeze = self._slate_args(state, slate, positions)
+        h, dense, _, squeeze = self._slate_args(state, slate, positions)
         r = self._binary(response, np.shape(slate)).reshape(dense.shape)
         with torch.no_grad():
             h2, _ = self._transition(h, dense, r)
@@ -657,7 +665,7 @@ class WorldModel:
         if not self.has_sessions:
             raise ValueError("this world model was trained without session ids (session_col): "
                              "it has no end-of-session model")
-        h, dense, pos, squeeze = self._slate_args(state, slate, positions)
+        h, dense, _, squeeze = self._slate_args(state, slate, positions)
         r = self._binary(response, np.shape(slate)).reshape(dense.shape)
         with torch.no_grad():
             h2, x = self._transition(h, dense, r)
@@ -806,7 +814,7 @@ class WorldModel:
         write_model_file(path, tensors, meta)
 
     @classmethod
-    def load(cls, path, *, limits: Optional[LoadLimits] = None) -> "WorldModel":
+    def load(cls, path, *, limits: LoadLimits | None = None) -> WorldModel:
         """Read a model written by :meth:`save`, validating it before anything is built.
 
         Parameters
@@ -836,7 +844,7 @@ class WorldModel:
             raise ModelFileError(f"{path}: inconsistent world-model file: {e}") from None
 
     @classmethod
-    def _from_file(cls, tensors: dict, meta: dict) -> "WorldModel":
+    def _from_file(cls, tensors: dict, meta: dict) -> WorldModel:
         if meta.get("kind") != WORLD_MODEL_KIND:
             raise ModelFileError(f"not a world-model file (kind {meta.get('kind')!r}; a recommender is read "
                                  f"with recmeta_sdk.load)")
@@ -1046,8 +1054,8 @@ def _feats_from(enc) -> dict:
             "n_tokens": int(enc.n_tokens), "n_numeric": int(enc.numeric.shape[1])}
 
 
-def _build_log(df: pd.DataFrame, cols: dict, item_map: IdMap, threshold: tuple, segment_map: Optional[IdMap],
-               *, unknown: str, n_positions: Optional[int] = None) -> _Log:
+def _build_log(df: pd.DataFrame, cols: dict, item_map: IdMap, threshold: tuple, segment_map: IdMap | None,
+               *, unknown: str, n_positions: int | None = None) -> _Log:
     """Validate a log and turn it into time-ordered steps per user."""
     n = len(df)
     dense = item_map.to_index(df[cols["item"]].to_numpy())
@@ -1181,7 +1189,7 @@ def _popularity(log: _Log, n_items: int, n_positions: int) -> dict:
     rate = np.clip((pos_n + a * g) / (shown + a), _EPS, 1 - _EPS)
     ctr_p = np.array([log.resp[log.pos == p].mean() if (log.pos == p).any() else g for p in range(n_positions)])
     ctr_p = np.clip(ctr_p, _EPS, 1 - _EPS)
-    logit = lambda x: np.log(x) - np.log1p(-x)  # noqa: E731
+    logit = lambda x: np.log(x) - np.log1p(-x)
     return {"item_logit": logit(rate), "pos_logit": logit(ctr_p) - logit(g), "shown": shown,
             "positives": np.round(pos_n).astype(np.int64),
             "end_rate": float(log.step_end.mean()) if log.has_sessions and len(log.step_end) else 0.0}
@@ -1191,7 +1199,7 @@ def _batch(log: _Log, users: np.ndarray, max_steps: int):
     """Padded tensors of the steps of ``users``: items/resp/pos/emask (B, T, K), smask/end (B, T)."""
     starts = log.user_ptr[users]
     lens = np.minimum(log.user_ptr[users + 1] - starts, max_steps)
-    B, T = len(users), int(lens.max())
+    T = int(lens.max())
     t = np.arange(T)
     smask = t[None, :] < lens[:, None]
     st = np.where(smask, starts[:, None] + t[None, :], 0)
@@ -1206,10 +1214,13 @@ def _batch(log: _Log, users: np.ndarray, max_steps: int):
             "seg": torch.as_tensor(log.user_seg[users]), "nshown": torch.as_tensor(slen.astype(np.float32))}
 
 
-def _forward(net: _Net, b: dict, V: torch.Tensor):
-    """States before each step (B, T, H), after (B, T, H) and step inputs (B, T, 2d+2)."""
+def _forward(net: _Net, b: dict, V: torch.Tensor, keep: torch.Tensor | None = None):
+    """States before each step (B, T, H), after (B, T, H) and step inputs (B, T, 2d+2).
+
+    ``keep`` (B, T, K) bool, optional: the events that enter the state update (event dropout).
+    """
     v = V[b["items"]]
-    x = net.step_input(v, b["resp"], b["emask"])
+    x = net.step_input(v, b["resp"], b["emask"] if keep is None else b["emask"] & keep)
     h0 = net.h0(b["seg"])
     out, _ = net.gru(x, h0[None].contiguous())
     before = torch.cat([h0[:, None, :], out[:, :-1, :]], dim=1)
@@ -1217,8 +1228,11 @@ def _forward(net: _Net, b: dict, V: torch.Tensor):
 
 
 def _losses(net: _Net, b: dict, V: torch.Tensor, cfg: WorldModelConfig, has_sessions: bool,
-            gen: Optional[torch.Generator]) -> dict:
-    before, after, x, v = _forward(net, b, V)
+            gen: torch.Generator | None) -> dict:
+    keep = None
+    if gen is not None and cfg.event_dropout > 0:
+        keep = torch.rand(b["emask"].shape, generator=gen) >= cfg.event_dropout
+    before, after, x, _ = _forward(net, b, V, keep)
     em = b["emask"]
     hb = before[:, :, None, :].expand(-1, -1, em.shape[2], -1)[em]           # (E, H)
     items = b["items"][em]
@@ -1241,18 +1255,22 @@ def _losses(net: _Net, b: dict, V: torch.Tensor, cfg: WorldModelConfig, has_sess
 
 
 def _train(net: _Net, log: _Log, feats: dict, cfg: WorldModelConfig, gen: torch.Generator) -> tuple:
-    """Adam over minibatches of whole users; users bucketed by length (shuffled with ``gen``).
+    """AdamW over minibatches of whole users; users bucketed by length (shuffled with ``gen``).
 
     With ``cfg.validation > 0`` (and at least 10 users) that fraction of the users (drawn with
-    ``gen``) is held out: after each epoch the loss on them (full next-item softmax) is
-    measured, training stops after ``cfg.patience`` epochs without improvement and the
+    ``gen``) is held out: after each epoch their loss (the training objective, with the
+    full next-item softmax) is measured, training stops after ``cfg.patience`` epochs without improvement and the
     parameters of the best epoch are restored. Returns ``(train_losses, validation_losses)``.
     """
     net.train()
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    decay = [p for n, p in net.named_parameters() if n not in ("prior", "seg_prior", "item_bias", "next_bias",
+                                                                "pos_bias") and not n.endswith("bias")]
+    keep = [p for n, p in net.named_parameters() if all(p is not q for q in decay)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": keep, "weight_decay": 0.0}], lr=cfg.lr)
     n_all = len(log.user_ptr) - 1
     order_all = torch.randperm(n_all, generator=gen).numpy()
-    n_val = int(round(cfg.validation * n_all)) if n_all >= 10 else 0
+    n_val = round(cfg.validation * n_all) if n_all >= 10 else 0
     val_users, train_users = np.sort(order_all[:n_val]), np.sort(order_all[n_val:])
     lens = np.minimum(np.diff(log.user_ptr), cfg.max_steps)
     history, val_history = [], []
@@ -1268,10 +1286,6 @@ def _train(net: _Net, log: _Log, feats: dict, cfg: WorldModelConfig, gen: torch.
             b = _batch(log, batches[j], cfg.max_steps)
             V = net.item_vectors(feats)
             loss = _total(_losses(net, b, V, cfg, log.has_sessions, gen), cfg)
-            if cfg.weight_decay > 0:
-                used = torch.unique(b["items"][b["emask"]])
-                loss = loss + cfg.weight_decay * (net.item_emb[used].pow(2).sum(-1).mean()
-                                                  + net.item_bias[used].pow(2).mean())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -1465,7 +1479,7 @@ def _evaluate(model: WorldModel, log: _Log, support: int, online: bool, k: int, 
     if not ys:
         raise ValueError(f"no held-out step beyond the first {support} (support) steps: nothing to score")
     y = np.concatenate(ys)
-    result = {"users": n_users, "events": int(len(y)), "dropped_events": int(log.dropped), "support": support,
+    result = {"users": n_users, "events": len(y), "dropped_events": int(log.dropped), "support": support,
               "online": online}
     result["targets"] = int(sum(len(h) for h in hits["world_model"]))
     for name in names:
