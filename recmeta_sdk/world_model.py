@@ -509,7 +509,7 @@ class WorldModel:
             lp = torch.log(shown + 1.0)
             net.next_bias.copy_(lp - lp.mean())
         model = cls(net, cfg, item_map, feats, encoder, segment_map, log.has_sessions, (thr, strict),
-                    {k: pop[k] for k in ("item_logit", "pos_logit", "positives")}, cols)
+                    {k: pop[k] for k in ("item_logit", "pos_logit", "positives", "end_rate")}, cols)
         model.history, model.validation_history = _train(net, log, feats, cfg, gen)
         net.eval()
         return model

@@ -168,7 +168,9 @@ def test_end_of_session_learns_planted_rule(torch_one_thread):
     both = wm.end_probability(hb, [[1], [2]], [[0], [1]])
     assert both.shape == (2,) and both[0] > 0.8 and both[1] < 0.2
     rep = wm.evaluate(_session_log(30, seed=4), support=2)
-    assert rep["world_model"]["end_log_likelihood"] > rep["popularity"]["end_log_likelihood"] + 0.2
+    # popularity's end model is the training end rate (about one step in two ends a session)
+    assert -0.75 < rep["popularity"]["end_log_likelihood"] < -0.6
+    assert rep["world_model"]["end_log_likelihood"] > rep["popularity"]["end_log_likelihood"] + 0.4
 
 
 def test_segment_priors(torch_one_thread):
