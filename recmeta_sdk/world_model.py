@@ -25,6 +25,10 @@ so far. Rolling a new user's first few events through the update (:meth:`WorldMo
 is the fast adaptation: adapt the model, then plan with :meth:`predict` / :meth:`step` /
 :meth:`sample_response`.
 
+Training (:class:`WorldModelConfig`): AdamW over minibatches of whole users, early stopping on
+a fraction of the training users (``validation``, default 10%), then a Platt scaling of the
+response logits fitted on those users' events (``calibrate``).
+
 Typical use::
 
     from recmeta_sdk.world_model import WorldModel
