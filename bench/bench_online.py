@@ -237,7 +237,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-tune", action="store_true", help="ML: skip the inner-split tuning (λ=500, d=16, α=0.3, its choice)")
     ap.add_argument("--png", default="online_{env}.png", help="curve plot path ({env} is replaced)")
     ap.add_argument("--recmeta-epochs", type=int, default=0,
-                    help="also train recmeta_sdk.training.loop on the existing users for this many epochs, "
+                    help="also train recmeta_sdk.train on the existing users for this many epochs, "
                          "meta-trained (fomaml) and not (meta='none'), and serve it with online adaptation "
                          "(ML: their liked ratings; sim: the clicks of the random logs)")
     ap.add_argument("--recmeta-cache", default="", help="folder to save / reuse the trained SDK models")

@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     ds = rm.datasets.load("ml-100k")
     print(f"ml-100k: {len(ds.interactions):,} interactions; torch threads {torch.get_num_threads()}; "
-          f"backend {rm.backends.resolve(None, 'cpu')}; load average {_load()}")
+          f"backend {rm.ops.backends.resolve(None, 'cpu')}; load average {_load()}")
     if args.model:
         model = rm.load(args.model)
     else:

@@ -1,6 +1,6 @@
 """The world model's own metrics on held-out users, against no adaptation and popularity.
 
-``recmeta_sdk.world_model.WorldModel`` is trained on the logs of the training users and
+``recmeta_sdk.model.world.WorldModel`` is trained on the logs of the training users and
 scored on held-out users (issue 15, item 1): each held-out user's first ``--support`` steps
 adapt the state (not scored), every later step is scored. Three models on the same events:
 
@@ -22,7 +22,7 @@ Environments (``--env``):
     80/20 (seed 2020), every rating one event in time order, positive = rating >= 4, item
     features genres + release year. Items rated only by held-out users are dropped (counted).
 ``sim``
-    ``recmeta_sdk.sim.UserSimulator`` (slates of 3, position bias, new users from segments
+    ``recmeta_sdk.evaluation.sim.UserSimulator`` (slates of 3, position bias, new users from segments
     never seen in training; 100 users per segment): 20 uniform-random rounds per user, training users' logs for
     training, the test users' logs held out; item features are the simulator's item vectors.
 
@@ -38,8 +38,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recmeta_sdk import datasets, sim
-from recmeta_sdk.world_model import WorldModel
+from recmeta_sdk import datasets
+from recmeta_sdk.evaluation import sim
+from recmeta_sdk.model.world import WorldModel
 
 MODELS = (("world_model", "world model"), ("no_adaptation", "no adaptation"), ("popularity", "popularity"))
 

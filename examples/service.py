@@ -30,7 +30,7 @@ traceback is logged.
 How it works
 ------------
 **One model per process.** Each worker process loads the model file itself with
-:func:`recmeta_sdk.load`. The file is *not* memory-mapped: ``recmeta_sdk.io`` reads it into
+:func:`recmeta_sdk.load`. The file is *not* memory-mapped: ``recmeta_sdk.model.io`` reads it into
 memory, checks its SHA-256 and copies each tensor out, so every worker holds its own copy of
 the weights (N workers: about N x the model's size in RAM, and twice that in a worker during
 a reload, while the old and the new model both live). Only the file on disk is shared.

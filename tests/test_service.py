@@ -23,7 +23,7 @@ import pytest
 
 import recmeta_sdk as rm
 from recmeta_sdk import online
-from recmeta_sdk.io import read_model_file
+from recmeta_sdk.model.io import read_model_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,4 +1,4 @@
-"""The world model (recmeta_sdk.world_model): shapes, planted effects, session ends, files, inputs, seeds."""
+"""The world model (recmeta_sdk.model.world): shapes, planted effects, session ends, files, inputs, seeds."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from recmeta_sdk.io import ModelFileError, write_model_file
-from recmeta_sdk.world_model import WorldModel, WorldModelConfig
+from recmeta_sdk.model.io import ModelFileError, write_model_file
+from recmeta_sdk.model.world import WorldModel, WorldModelConfig
 
 SMALL = {"dim": 8, "hidden": 16, "batch_users": 32, "lr": 0.03}
 N_ITEMS = 40  # items 0..19: cluster "a", 20..39: cluster "b"
@@ -229,7 +229,7 @@ def test_corrupted_files_fail_at_load(cluster_model, tmp_path):
     # valid digests but inconsistent contents: a recommender-like file, a wrong shape, a wrong version
     hlen = struct.unpack("<Q", raw[:8])[0]
     meta = json.loads(json.loads(raw[8:8 + hlen])["__metadata__"]["recmeta"])
-    from recmeta_sdk.io import read_model_file
+    from recmeta_sdk.model.io import read_model_file
 
     tensors, _ = read_model_file(path)
     base = {k: v for k, v in meta.items() if k not in ("format", "format_version", "sha256", "library_version",

@@ -108,7 +108,7 @@ class LoadLimits:
     Pass one to :func:`recmeta_sdk.load` (``limits=``) to load a file beyond a default,
     e.g. ``rm.load(p, limits=rm.LoadLimits(max_file_bytes=2**40))``; every bound is
     inclusive and each violation raises :class:`ModelFileError` naming the value and the
-    limit. The defaults admit any model :func:`recmeta_sdk.training.loop` builds with sane settings.
+    limit. The defaults admit any model :func:`recmeta_sdk.train` builds with sane settings.
 
     Attributes
     ----------

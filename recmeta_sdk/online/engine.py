@@ -87,9 +87,12 @@ if TYPE_CHECKING:  # names used in annotations only
 
     from numpy.typing import ArrayLike
 
-    from ..api import Recommender
     from ..model.io import LoadLimits
     from ..model.network import Config
+
+#: what this layer serves: a :class:`recmeta_sdk.Recommender`, the facade one layer up, which this
+#: module does not import (the name is for the annotations)
+Recommender = Any
 
 logger = logging.getLogger("recmeta")
 

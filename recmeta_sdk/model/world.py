@@ -31,7 +31,7 @@ response logits fitted on those users' events (``calibrate``).
 
 Typical use::
 
-    from recmeta_sdk.world_model import WorldModel
+    from recmeta_sdk.model.world import WorldModel
 
     wm = WorldModel.fit(log, item_features=items, epochs=20, seed=0)
     h = wm.adapt(history_items, history_rewards)          # (hidden,) state of one user
@@ -58,9 +58,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import FeatureEncoder, IdMap
+from ..data import FeatureEncoder, IdMap
 from .io import LoadLimits, ModelFileError, read_model_file, write_model_file
-from .ops import embedding_bag
+from ..ops import embedding_bag
 
 logger = logging.getLogger("recmeta")
 
@@ -269,7 +269,7 @@ _STAR_VALUES = (5.0, 10.0)
 
 
 def _positive_rule(rewards: np.ndarray, threshold: float | None) -> tuple:
-    """``(threshold, strict, reason)``: the rule of :func:`recmeta_sdk.train.positive_threshold`."""
+    """``(threshold, strict, reason)``: the rule of :func:`recmeta_sdk.training.loop.positive_threshold`."""
     if threshold is not None:
         return float(threshold), False, "given"
     r = rewards.astype(np.float64)
@@ -790,7 +790,7 @@ class WorldModel:
         ----------
         path : str or os.PathLike
             Destination file (its directory must exist). Uses
-            :func:`recmeta_sdk.io.write_model_file`: a SHA-256 over metadata and tensors, no pickle.
+            :func:`recmeta_sdk.model.io.write_model_file`: a SHA-256 over metadata and tensors, no pickle.
         """
         tensors = {f"net.{k}": v.detach().clone() for k, v in self._net.state_dict().items()}
         tensors["feat.indices"] = self._feats["indices"].clone()
