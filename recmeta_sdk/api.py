@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -72,6 +73,10 @@ _U64 = (1 << 64) - 1
 #: The most adaptation steps ``adapt`` / ``adapt_task`` / ``user_state`` accept per call (a
 #: bound on the time of one call; training configs use a handful).
 MAX_ADAPT_STEPS = 1000
+#: memory a model spends on its known users' serving states (state vectors and wide parts),
+#: least recently used first out: a known user's state is a pure function of the model, so it is
+#: computed once (by ``recommend`` / ``user_state`` with the default ``steps`` and no ``task``)
+KNOWN_STATE_CACHE_BYTES = 256 << 20
 _TABLE_LOCK = threading.Lock()
 
 
@@ -168,6 +173,11 @@ class Recommender:
         self._feature_names = schema_names(item_schema)
         self._int_ids = np.issubdtype(self.item_ids.dtype, np.integer)
         self._log_pop = torch.log1p(torch.as_tensor(self._item_count, dtype=torch.float32))
+        # known users' states (see KNOWN_STATE_CACHE_BYTES): dense user id -> UserState
+        self._known_states: OrderedDict = OrderedDict()
+        self._known_lock = threading.Lock()
+        per_state = 4 * (2 * int(X.shape[1]) + len(self.item_ids)) + 512
+        self._known_capacity = max(1, KNOWN_STATE_CACHE_BYTES // per_state)
         #: the training history (loss and validation score per epoch, the choices made on
         #: the validation set; see :func:`recmeta_sdk.training.loop.fit`); empty for a loaded model
         self.history: dict = {}
@@ -543,6 +553,8 @@ class Recommender:
                    task: Optional[TaskState] = None) -> UserState:
         """The state of a known (training) user from their training history (``task``: a
         :class:`~recmeta_sdk.training.meta_tasks.TaskState` whose adaptation parameters are used)."""
+        if steps is None and task is None:
+            return self._served_states([user_id])[0]
         return self._user_states([user_id], steps, task)[0]
 
     def adapt_task(self, interactions: pd.DataFrame, *, steps: Optional[int] = None) -> TaskState:
@@ -552,9 +564,50 @@ class Recommender:
 
         return adapt_task(self, interactions, steps=steps)
 
+    def __getstate__(self) -> dict:
+        # copies and pickles start with an empty known-user state cache (and their own lock)
+        state = self.__dict__.copy()
+        state["_known_states"] = OrderedDict()
+        state.pop("_known_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._known_lock = threading.Lock()
+
     def _user_states(self, users, steps, task=None) -> List[UserState]:
-        steps = self._check_steps(steps, task)
+        """The states of known users, computed together (one batch through the network)."""
+        return self._compute_user_states(users, [self._known(u) for u in users], steps, task)
+
+    def _served_states(self, users) -> List[UserState]:
+        """The serving states of known users (default steps, no task): each computed once, on
+        its own (so that it does not depend on which users it was first asked with: batched
+        matmuls may differ from single rows in the last bit), then kept in the model's cache
+        (:data:`KNOWN_STATE_CACHE_BYTES`, least recently used out)."""
         us = [self._known(u) for u in users]
+        cache = self._known_states
+        out = [cache.get(u) for u in us]
+        missed = set()
+        for b, st in enumerate(out):
+            if st is None:
+                st = self._compute_user_states([users[b]], [us[b]], None, None)[0]
+                # shared from now on: read-only, so that no caller can change another's state
+                for arr in (st.vector, st.base, st.rewards):
+                    arr.setflags(write=False)
+                out[b] = st
+                missed.add(b)
+        with self._known_lock:
+            for b, u in enumerate(us):
+                if b in missed:
+                    cache[u] = out[b]
+                elif u in cache:
+                    cache.move_to_end(u)
+            while len(cache) > self._known_capacity:
+                cache.popitem(last=False)
+        return out
+
+    def _compute_user_states(self, users, us, steps, task) -> List[UserState]:
+        steps = self._check_steps(steps, task)
         hists = [self._hist_items[self._hist_offsets[u]:self._hist_offsets[u + 1]] for u in us]
         rews = [self._hist_rewards[self._hist_offsets[u]:self._hist_offsets[u + 1]] for u in us]
         ufs = [self._uf_idx[self._uf_off[u]:self._uf_off[u + 1]] if len(self._uf_off) > u + 1 else np.zeros(0, np.int64)
@@ -670,7 +723,9 @@ class Recommender:
                         misses[b] = np.setdiff1d(cur.seen, np.asarray(cur.state.history, np.int64))
         known = [b for b, s in enumerate(states) if s is None]
         if known:
-            for b, st in zip(known, self._user_states([batch[b] for b in known], None, task)):
+            kusers = [batch[b] for b in known]
+            kstates = self._served_states(kusers) if task is None else self._user_states(kusers, None, task)
+            for b, st in zip(known, kstates):
                 states[b] = st
         for s in states:
             if s.vector.shape != (self.dim,):

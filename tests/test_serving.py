@@ -252,9 +252,9 @@ def test_batch_mixed_users_and_states_equal_single_calls(models):
     states = [model.adapt(h) for h in _histories(model, rng, 4)]
     users = [int(u) for u in model.user_ids[:3]]
     batch = states[:2] + users + states[2:]
-    # the known users of a batch are encoded together (the network's batched matmuls may
-    # differ from single rows in the last bit): compare with their jointly computed states
-    joint = dict(zip(users, model._user_states(users, None)))
+    # the known users of a batch are served from their own states (each computed alone, once),
+    # so a batch equals single calls bit for bit
+    joint = {}
     for kw in ({}, {"exclude": list(model.item_ids[:5])}, {"popularity_penalty": 0.5}):
         rec = model.recommend(batch, 6, **kw)
         assert rec.ids.shape == (len(batch), 6)
@@ -444,3 +444,43 @@ def test_concurrent_serving_from_shared_states_is_consistent(models):
     for th in threads:
         th.join()
     assert not errors
+
+
+# ---------------------------------------------------------------------------- known-user state cache
+
+def test_known_user_states_are_computed_once_and_equal_a_fresh_computation(models):
+    m = models["wide"]
+    users = list(m.user_ids[:6])
+    fresh = [m._compute_user_states([u], [m._known(u)], None, None)[0] for u in users]
+    m._known_states.clear()
+    first = m._served_states(users)
+    again = m._served_states(list(reversed(users)))[::-1]
+    for u, f, a, b in zip(users, fresh, first, again):
+        assert a is b and m.user_state(u) is a  # served from the cache, not recomputed
+        np.testing.assert_array_equal(a.vector, f.vector)  # each computed alone: bit for bit
+        np.testing.assert_array_equal(a.base, f.base)
+        np.testing.assert_array_equal(a.history, f.history)
+        np.testing.assert_array_equal(a._serving[2], f._serving[2])
+        with pytest.raises(ValueError):  # shared: read-only
+            a.vector[0] = 0.0
+    # a batch of known users equals the fresh single states' recommendations
+    rec = m.recommend(users, k=7)
+    ref = m.recommend(fresh, k=7)
+    np.testing.assert_array_equal(rec.ids, ref.ids)
+    np.testing.assert_array_equal(rec.scores, ref.scores)
+
+
+def test_known_user_state_cache_is_bounded_and_bypassed_for_other_steps(models, monkeypatch):
+    m = models["wide"]
+    monkeypatch.setattr(m, "_known_capacity", 3)
+    m._known_states.clear()
+    users = list(m.user_ids[:8])
+    for u in users:
+        m.recommend(u, k=5)
+    assert list(m._known_states) == [m._known(u) for u in users[-3:]]  # least recently used out
+    m.recommend(users[-3], k=5)  # a hit moves to the end
+    assert list(m._known_states)[-1] == m._known(users[-3])
+    before = dict(m._known_states)
+    st = m.user_state(users[0], steps=0)  # explicit steps: computed, not cached
+    assert st.steps == 0 and dict(m._known_states) == before
+    m._known_states.clear()
