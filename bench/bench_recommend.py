@@ -143,8 +143,16 @@ def main(argv=None) -> int:
     print(f"adapt, 20 support items, {model.config.inner_steps} steps: {t}  [target < 20 ms]")
     t = _timeit(lambda: model.recommend(model.adapt(support), k=10), args.repeats)
     print(f"recommend one new user from its history (adapt + top-10): {t}  [target < 2 ms]")
-    t = _timeit(lambda: model.recommend(int(model.user_ids[0]), k=10), args.repeats)
-    print(f"recommend one known user by id (state from its history + top-10): {t}")
+    u0 = int(model.user_ids[0])
+    t = _timeit(lambda: model._compute_user_states([u0], [model._known(u0)], None, None), args.repeats)
+    print(f"a known user's state from its history (computed once per model, then cached): {t}")
+    t = _timeit(lambda: model.recommend(u0, k=10), args.repeats)
+    print(f"recommend one known user by id (cached state + top-10, seen excluded): {t}")
+    batch = [int(u) for u in model.user_ids[:64]]
+    model.recommend(batch, k=10)
+    t = _timeit(lambda: model.recommend(batch, k=10), max(10, args.repeats // 10), warm=2)
+    print(f"recommend 64 known users by id in one call (cached states): {t}; per user "
+          f"{t[0] / len(batch):.3f} ms")
     _feedback_timings(model, rng, args.repeats)
     state = model.adapt(support)
     ts = _timeit(lambda: model.recommend(state, k=10), args.repeats)
@@ -154,7 +162,9 @@ def main(argv=None) -> int:
     U = torch.from_numpy(state.vector[None, :].copy())
     t = _timeit(lambda: ops.policy_topk(U, V, 10, bias=model._bias), args.repeats)
     print(f"ops.policy_topk alone, {V.shape[0]} items x {V.shape[1]} dims: {t}")
-    from recmeta_sdk import _core
+    from recmeta_sdk.ops._native import core
+
+    _core = core()
 
     Un, Vn, bn = U.numpy(), V.numpy(), model._bias.numpy()
     ex = np.asarray(state.history, np.int64)
@@ -180,12 +190,21 @@ def main(argv=None) -> int:
         ti = _timeit(lambda: als.recommend(0, row, N=10, filter_already_liked_items=True), args.repeats)
         pa, pb = _side_by_side(lambda: model.recommend(state, k=10),
                                lambda: als.recommend(0, row, N=10, filter_already_liked_items=True), args.repeats)
+        ka, kb = _side_by_side(lambda: model.recommend(u0, k=10),
+                               lambda: als.recommend(0, row, N=10, filter_already_liked_items=True), args.repeats)
+        rows = X[:64]
+        ba, bb = _side_by_side(lambda: model.recommend(batch, k=10),
+                               lambda: als.recommend(np.arange(64), rows, N=10, filter_already_liked_items=True),
+                               max(10, args.repeats // 10))
     print(f"implicit {implicit.__version__} ALS recommend one user ({model.n_items} items x {model.config.dim} factors, "
           f"seen filtered): {ti}")
     print(f"ratio ours(UserState) / implicit: {p50s / ti[0]:.2f}  (ours scores a {state.vector.shape[0]}-dim deep state"
           f"{' plus the wide item-to-item part' if model._net.has_wide else ''})")
     print(f"side by side, alternating calls: ours(UserState) p50 {pa:.3f} ms, implicit p50 {pb:.3f} ms, "
           f"ratio {pa / pb:.2f}")
+    print(f"side by side, a known user by id: ours p50 {ka:.3f} ms, implicit p50 {kb:.3f} ms, ratio {ka / kb:.2f}")
+    print(f"side by side, 64 known users by id in one call: ours p50 {ba:.3f} ms, implicit p50 {bb:.3f} ms, "
+          f"ratio {ba / bb:.2f}")
     print(f"load average at the end: {_load()}")
     return 0
 

@@ -544,7 +544,12 @@ class Recommender:
     def _known(self, user) -> int:
         if not _is_scalar_id(user):
             raise TypeError(f"user id must be an int or str, got {user!r}")
-        u = self._user_index.get_indexer([user])[0]
+        try:  # one hash look-up (Index.get_indexer on a list costs ~100x more per call)
+            u = self._user_index.get_loc(user)
+        except (KeyError, TypeError, ValueError):
+            u = -1
+        if not isinstance(u, (int, np.integer)):  # (a slice or mask: not one position)
+            u = self._user_index.get_indexer([user])[0]
         if u < 0:
             raise ValueError(f"unknown user {user!r}: not in the training data (use adapt(history) for new users)")
         return int(u)
