@@ -473,7 +473,7 @@ class PlanningOracle:
 
     DEFAULT_RHOS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
 
-    def __init__(self, env, rhos=DEFAULT_RHOS):
+    def __init__(self, env, rhos: tuple | list | np.ndarray = DEFAULT_RHOS):
         for attr in ("state", "attractiveness", "budget_per_click", "reward_per_click", "examination"):
             if not hasattr(env, attr):
                 raise TypeError(f"{type(env).__name__} has no {attr}: PlanningOracle needs a "
@@ -485,8 +485,17 @@ class PlanningOracle:
         self.rhos = np.unique(np.append(r, 0.0))
         self.chosen_rho: list = []  # the ρ of every slate served (diagnostics)
 
-    def plan(self, user, k: int, exclude: np.ndarray):
-        """``(slate, rho, value)`` of the best candidate in the user's current state."""
+    def plan(self, user: Hashable, k: int, exclude: np.ndarray) -> tuple:
+        """The best candidate in the user's current state.
+
+        Returns
+        -------
+        slate : (k,) int64
+        rho : float
+            The value of a unit of budget it was built with.
+        value : float
+            Its estimated return over the rest of the session.
+        """
         env = self.env
         c = env.config
         st = env.state(user)

@@ -755,7 +755,7 @@ class LongSimConfig:
     feature_noise: float = 0.0
     seed: int = 0
 
-    def validate(self) -> "LongSimConfig":
+    def validate(self) -> LongSimConfig:
         for name in ("n_items", "dim", "n_clusters", "n_train_users", "n_test_users", "slate_size",
                      "max_steps", "max_sessions"):
             v = getattr(self, name)
@@ -887,7 +887,7 @@ class LongSessionSimulator:
 
     allow_repeats = True
 
-    def __init__(self, config: Optional[LongSimConfig] = None, **overrides):
+    def __init__(self, config: LongSimConfig | None = None, **overrides):
         cfg = config if config is not None else LongSimConfig()
         if not isinstance(cfg, LongSimConfig):
             raise TypeError(f"config must be a LongSimConfig, got {type(cfg).__name__}")
@@ -924,8 +924,8 @@ class LongSessionSimulator:
         self.examination = (1.0 + np.arange(c.slate_size)) ** (-float(c.position_bias))
         self.reward_per_click = self.watch.copy() if c.reward == "watch" else np.ones(c.n_items)
         self.budget_per_click = c.budget_return * self.watch
-        self._states: Dict[int, SessionState] = {}
-        self._drift: Dict[int, np.ndarray] = {}
+        self._states: dict[int, SessionState] = {}
+        self._drift: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------ truth
     @property
@@ -980,7 +980,7 @@ class LongSessionSimulator:
         if int(t) != st.t:
             raise ValueError(f"step t={t} does not match the user's state (next step is t={st.t})")
 
-    def click_logits(self, user, state: Optional[SessionState] = None) -> np.ndarray:
+    def click_logits(self, user, state: SessionState | None = None) -> np.ndarray:
         """First-position click logit of every item in the user's current state, (n_items,)."""
         st = self.state(user) if state is None else state
         c = self.config
@@ -988,7 +988,7 @@ class LongSessionSimulator:
                 - c.satiation_weight * st.cluster_satiation[self.item_cluster]
                 - c.item_satiation_weight * st.item_satiation)
 
-    def attractiveness(self, user, t: Optional[int] = None) -> np.ndarray:
+    def attractiveness(self, user, t: int | None = None) -> np.ndarray:
         """Click probability of every item at the first position now, (n_items,)."""
         st = self.state(user)
         if t is not None:
@@ -1006,19 +1006,19 @@ class LongSessionSimulator:
             raise ValueError(f"slate has item id(s) outside [0, {self.n_items}): {s}")
         return s
 
-    def expected_reward(self, user, slate, t: Optional[int] = None) -> float:
+    def expected_reward(self, user, slate, t: int | None = None) -> float:
         """Exact expected reward of ``slate`` (item ids by position) in the user's current state."""
         s = self._slate(slate)
         p = self.examination[: s.shape[0]] * self.attractiveness(user, t)[s]
         return float((p * self.reward_per_click[s]).sum())
 
-    def expected_budget_change(self, user, slate, t: Optional[int] = None) -> float:
+    def expected_budget_change(self, user, slate, t: int | None = None) -> float:
         """Exact expected change of the budget over one step with ``slate`` (negative: drains)."""
         s = self._slate(slate)
         p = self.examination[: s.shape[0]] * self.attractiveness(user, t)[s]
         return float((p * self.budget_per_click[s]).sum() - self.config.step_cost)
 
-    def optimal_slate(self, user, k: Optional[int] = None, exclude=None, t: Optional[int] = None) -> np.ndarray:
+    def optimal_slate(self, user, k: int | None = None, exclude=None, t: int | None = None) -> np.ndarray:
         """The slate with the highest expected *immediate* reward (the myopic optimum): the
         ``k`` items of highest ``σ(logit) · reward_per_click``, best on the first position."""
         k = self.slate_size if k is None else int(k)
@@ -1094,13 +1094,14 @@ class LongSessionSimulator:
         return pd.DataFrame({"features": list(self.item_features.astype(np.float32))},
                             index=pd.Index(np.arange(self.n_items), name="item"))
 
-    def log_sessions(self, users: Optional[Sequence[int]] = None, *, seed: int = 0,
+    def log_sessions(self, users: Sequence[int] | None = None, *, seed: int = 0,
                      with_features: bool = False):
         """Logged feedback of a uniform-random slate policy, one full run per user.
 
         Each user is reset and served uniformly random slates (``k`` distinct items, each
         ordering equally likely) until they leave, as :func:`run_sessions` would serve them;
         the log is what ``recmeta_sdk.train`` reads, with :meth:`items_frame` as ``items``.
+        The logged users' states are dropped afterwards (a later run resets them).
 
         Parameters
         ----------
@@ -1178,7 +1179,7 @@ class SessionResult:
     name: str
     users: np.ndarray
     reward: np.ndarray
-    expected: Optional[np.ndarray]
+    expected: np.ndarray | None
     steps: np.ndarray
     sessions: np.ndarray
     clicks: np.ndarray
@@ -1193,7 +1194,7 @@ class SessionResult:
         v = np.asarray(getattr(self, what), dtype=np.float64)
         return float(v.std(ddof=1) / np.sqrt(v.shape[0])) if v.shape[0] > 1 else float("nan")
 
-    def difference(self, other: "SessionResult", what: str = "reward") -> tuple:
+    def difference(self, other: SessionResult, what: str = "reward") -> tuple:
         """``(mean, se)`` of the per-user difference ``self - other`` (paired: the same users
         in the same order and seed, as :func:`run_sessions` serves them)."""
         if other.users.shape != self.users.shape or not np.array_equal(other.users, self.users):
@@ -1203,9 +1204,9 @@ class SessionResult:
         return float(d.mean()), (float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"))
 
 
-def run_sessions(env, policy_factory: Callable[[object], OnlinePolicy], *, users: Optional[Sequence] = None,
-                 k: Optional[int] = None, seed: int = 0, name: str = "policy",
-                 max_total_steps: Optional[int] = None) -> SessionResult:
+def run_sessions(env, policy_factory: Callable[[object], OnlinePolicy], *, users: Sequence | None = None,
+                 k: int | None = None, seed: int = 0, name: str = "policy",
+                 max_total_steps: int | None = None) -> SessionResult:
     """Serve every new user of ``env`` until they leave; collect each user's return.
 
     The loop of :func:`run_online` with sessions that end: each user is ``env.reset`` and
