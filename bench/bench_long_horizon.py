@@ -44,7 +44,7 @@ from recmeta_sdk import bandits, sim
 
 CONFIG = sim.LongSimConfig(n_items=200, dim=8, n_clusters=10, n_train_users=200, n_test_users=100,
                            slate_size=3, max_steps=100, max_sessions=1)
-ALPHAS = (0.1, 0.3, 1.0, 3.0)
+ALPHAS = (0.1, 0.3, 1.0, 3.0, 10.0)
 BASELINES = ("random", "popularity", "LinUCB", "greedy ridge (alpha 0)")
 ORACLES = ("myopic oracle", "planning oracle")
 
@@ -149,6 +149,7 @@ def main(argv=None) -> None:
         print(f"  seed {s}: logs {info['log_rows']} rows (CTR {info['log_ctr']:.3f}), LinUCB alpha "
               f"{info['alpha']} (existing users: " + ", ".join(f"{a}: {v:.1f}" for a, v in info["tuned"].items())
               + f"){extra}; {info['seconds']:.0f} s")
+        print("    returns: " + ", ".join(f"{n}: {v.mean():.1f}" for n, v in r["results"].items()))
         runs.append(r)
     names = list(runs[0]["results"])
     means = {n: np.array([r["results"][n].reward.mean() for r in runs]) for n in names}
