@@ -14,6 +14,11 @@ Every policy implements the protocol of :class:`recmeta_sdk.evaluation.sim.Onlin
 :class:`EASEOnline`         EASE (Steck 2019) trained on the existing users; a new user's
                             liked items so far are folded in each round
 :class:`OraclePolicy`       the environment's optimal slate (needs ``env.optimal_slate``)
+:class:`MyopicOracle`       the slate of highest expected immediate reward (true model of a
+                            :class:`~recmeta_sdk.sim.LongSessionSimulator`)
+:class:`PlanningOracle`     the true model of a :class:`~recmeta_sdk.sim.LongSessionSimulator`,
+                            choosing the slate by its value over the remaining session
+                            budget (a value-based lookahead), not only the next click
 :class:`RecommenderPolicy`  serves with a trained ``Recommender``, updated online by its feedback
 ==========================  ================================================================
 
@@ -36,7 +41,9 @@ __all__ = [
     "EASEOnline",
     "EpsilonGreedyPopularity",
     "LinUCB",
+    "MyopicOracle",
     "OraclePolicy",
+    "PlanningOracle",
     "PopularityPolicy",
     "RandomPolicy",
     "RecommenderPolicy",
@@ -414,3 +421,89 @@ class RecommenderPolicy:
             return
         self._hist.setdefault(user, []).append((int(item), float(reward)))
         self._state.pop(user, None)  # re-adapt before the next recommendation
+
+
+class MyopicOracle(OraclePolicy):
+    """The slate with the highest expected *immediate* reward under the true model
+    (``env.optimal_slate`` of a :class:`~recmeta_sdk.sim.LongSessionSimulator`, which reads the
+    user's current true state: interests, satiation). An upper bound for policies that
+    maximise the next click, and the reference that :class:`PlanningOracle` must beat."""
+
+
+class PlanningOracle:
+    """The true model of a :class:`~recmeta_sdk.sim.LongSessionSimulator`, planning for the
+    session's budget (a value-based lookahead).
+
+    Each step, for every ``ρ`` in ``rhos`` the slate ``s_ρ`` maximising
+    ``E[reward] + ρ · E[budget change]`` is built (the ``k`` items of highest
+    ``p_i (r_i + ρ g_i)``, best first; ``p_i`` the true click probability in the current
+    state, ``r_i`` the reward and ``g_i`` the budget a click returns), and valued as the
+    return of serving it for the rest of the session from the current state:
+    ``V_ρ = R · (1 − (1 − h)^n) / h`` (``R`` its expected reward per step, ``n`` =
+    ``min(steps left, max(1, budget / D))`` the steps the budget lasts at the expected
+    drain ``D = step_cost − E[budget returned]`` (all the steps left when ``D <= 0``), ``h``
+    the per-step leaving probability on a slate without clicks, ``n`` when ``h = 0``). The
+    slate of the highest ``V_ρ`` is served; the state (satiation, drift, budget) is re-read
+    every step. With ``rhos=(0,)`` it is the myopic oracle.
+
+    Parameters
+    ----------
+    env : LongSessionSimulator
+    rhos : sequence of float >= 0
+        The values of a unit of budget tried (0, the myopic slate, is always included).
+    """
+
+    DEFAULT_RHOS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
+
+    def __init__(self, env, rhos: tuple | list | np.ndarray = DEFAULT_RHOS):
+        for attr in ("state", "attractiveness", "budget_per_click", "reward_per_click", "examination"):
+            if not hasattr(env, attr):
+                raise TypeError(f"{type(env).__name__} has no {attr}: PlanningOracle needs a "
+                                "LongSessionSimulator-like environment")
+        r = np.asarray(rhos, dtype=np.float64)
+        if r.ndim != 1 or r.shape[0] < 1 or not np.isfinite(r).all() or (r < 0).any():
+            raise ValueError(f"rhos must be a non-empty 1-D sequence of finite values >= 0, got {rhos!r}")
+        self.env = env
+        self.rhos = np.unique(np.append(r, 0.0))
+        self.chosen_rho: list = []  # the ρ of every slate served (diagnostics)
+
+    def plan(self, user: Hashable, k: int, exclude: np.ndarray) -> tuple:
+        """The best candidate in the user's current state.
+
+        Returns
+        -------
+        slate : (k,) int64
+        rho : float
+            The value of a unit of budget it was built with.
+        value : float
+            Its estimated return over the rest of the session.
+        """
+        env = self.env
+        c = env.config
+        st = env.state(user)
+        p1 = env.attractiveness(user)
+        rw, g = env.reward_per_click, env.budget_per_click
+        exam = env.examination[:k]
+        left = max(c.max_steps - st.step_in_session, 1)
+        h = float(c.leave_on_miss)
+        best = None
+        for rho in self.rhos:
+            slate = _top_k(p1 * (rw + rho * g), k, exclude)
+            p = exam * p1[slate]
+            R = float((p * rw[slate]).sum())
+            D = c.step_cost - float((p * g[slate]).sum())
+            n = float(left) if D <= 0 else min(float(left), max(1.0, st.budget / D))
+            q = h * float(np.prod(1.0 - p))
+            steps = n if q <= 0 else (1.0 - (1.0 - q) ** n) / q
+            v = R * steps
+            if best is None or v > best[2] + 1e-12:
+                best = (slate, float(rho), v)
+        return best
+
+    def recommend(self, user_ctx: UserContext, k: int, exclude: np.ndarray) -> np.ndarray:
+        slate, rho, _ = self.plan(user_ctx.user, k, exclude)
+        self.chosen_rho.append(rho)
+        return slate
+
+    def feedback(self, user: Hashable, item: int, reward: float) -> None:
+        pass
