@@ -1,6 +1,6 @@
 """Long-horizon bench: the return of new users served until they leave, over many seeds.
 
-The environment is ``recmeta_sdk.sim.LongSessionSimulator`` (:data:`CONFIG`): items in
+The environment is ``recmeta_sdk.evaluation.sim.LongSessionSimulator`` (:data:`CONFIG`): items in
 clusters with a latent appeal and a latent quality (negatively correlated: the most
 clickable items are the worst), users with drifting interests and satiation with repeated
 clusters / items, and a time budget that a click returns in proportion to the clicked
@@ -9,7 +9,7 @@ draws a new world (items, users) and its own uniform-random logs of the existing
 (``log_sessions``, one full run per user until they leave); every policy serves the same
 new users with the same per-user randomness (``run_sessions``), so differences are paired.
 
-Policies (``recmeta_sdk.bandits``), fitted on the existing users' logs only:
+Policies (``recmeta_sdk.evaluation.bandits``), fitted on the existing users' logs only:
 
 - random;
 - popularity: the items' click rate in the logs (Laplace-smoothed);
@@ -40,7 +40,8 @@ import warnings
 
 import numpy as np
 
-from recmeta_sdk import bandits, sim
+from recmeta_sdk.evaluation import bandits
+from recmeta_sdk.evaluation import sim
 
 CONFIG = sim.LongSimConfig(n_items=200, dim=8, n_clusters=10, n_train_users=200, n_test_users=100,
                            slate_size=3, max_steps=100, max_sessions=1)

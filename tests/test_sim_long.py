@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recmeta_sdk import bandits, sim
+from recmeta_sdk.evaluation import bandits
+from recmeta_sdk.evaluation import sim
 
 SMALL = sim.LongSimConfig(n_items=60, dim=4, n_clusters=6, n_train_users=20, n_test_users=30, max_steps=40,
                           seed=1)

@@ -15,8 +15,8 @@ Every policy implements the protocol of :class:`recmeta_sdk.evaluation.sim.Onlin
                             liked items so far are folded in each round
 :class:`OraclePolicy`       the environment's optimal slate (needs ``env.optimal_slate``)
 :class:`MyopicOracle`       the slate of highest expected immediate reward (true model of a
-                            :class:`~recmeta_sdk.sim.LongSessionSimulator`)
-:class:`PlanningOracle`     the true model of a :class:`~recmeta_sdk.sim.LongSessionSimulator`,
+                            :class:`~recmeta_sdk.evaluation.sim.LongSessionSimulator`)
+:class:`PlanningOracle`     the true model of a :class:`~recmeta_sdk.evaluation.sim.LongSessionSimulator`,
                             choosing the slate by its value over the remaining session
                             budget (a value-based lookahead), not only the next click
 :class:`RecommenderPolicy`  serves with a trained ``Recommender``, updated online by its feedback
@@ -425,13 +425,13 @@ class RecommenderPolicy:
 
 class MyopicOracle(OraclePolicy):
     """The slate with the highest expected *immediate* reward under the true model
-    (``env.optimal_slate`` of a :class:`~recmeta_sdk.sim.LongSessionSimulator`, which reads the
+    (``env.optimal_slate`` of a :class:`~recmeta_sdk.evaluation.sim.LongSessionSimulator`, which reads the
     user's current true state: interests, satiation). An upper bound for policies that
     maximise the next click, and the reference that :class:`PlanningOracle` must beat."""
 
 
 class PlanningOracle:
-    """The true model of a :class:`~recmeta_sdk.sim.LongSessionSimulator`, planning for the
+    """The true model of a :class:`~recmeta_sdk.evaluation.sim.LongSessionSimulator`, planning for the
     session's budget (a value-based lookahead).
 
     Each step, for every ``ρ`` in ``rhos`` the slate ``s_ρ`` maximising
