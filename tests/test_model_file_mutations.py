@@ -10,7 +10,6 @@ default 1.0 s: a hang detector on a loaded CI machine; the figures report the ca
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import struct

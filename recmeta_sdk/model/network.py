@@ -607,7 +607,6 @@ class RecMetaNet(nn.Module):
     # ------------------------------------------------------------------ towers
     def item_vectors(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(X, V): input and output item vectors, (N, d) each, by one fused TBE bag."""
-        N = self.n_items
         off = self.feat_offsets
         nnz = int(off[-1])
         offsets = torch.cat([off, off[1:] + nnz])

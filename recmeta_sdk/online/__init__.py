@@ -5,36 +5,7 @@ Feedback, per-user online states, exploration helpers and the incremental off-po
 """
 from __future__ import annotations
 
-from .engine import (
-    EVENT_COLUMNS,
-    OnlineStore,
-    OnlineUser,
-    current,
-    epsilon_slate,
-    feedback,
-    feedback_log,
-    log_from_file,
-    log_to_file,
-    parse_events,
-    recommend,
-    resume_train,
-    slate_propensity,
-    store,
-)
+from . import engine as _engine
+from .engine import *  # noqa: F401,F403  (the names of engine.__all__)
 
-__all__ = [
-    "EVENT_COLUMNS",
-    "OnlineStore",
-    "OnlineUser",
-    "current",
-    "epsilon_slate",
-    "feedback",
-    "feedback_log",
-    "log_from_file",
-    "log_to_file",
-    "parse_events",
-    "recommend",
-    "resume_train",
-    "slate_propensity",
-    "store",
-]
+__all__ = list(_engine.__all__)
