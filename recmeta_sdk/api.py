@@ -1506,17 +1506,43 @@ def load(path: Union[str, os.PathLike], *, limits: Optional[LoadLimits] = None) 
         raise ModelFileError(f"{path}: inconsistent model file ({type(e).__name__}: {e})") from None
 
 
-def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
+def _as_log(interactions: Any, columns: Optional[Dict[str, str]]) -> pd.DataFrame:
+    """The log as a DataFrame with the standard columns: a DataFrame as it is (renamed by
+    ``columns``); a scipy sparse (users x items) matrix as one row per stored entry (``user``,
+    ``item`` = row, column; ``reward`` = the value); anything else through
+    :func:`recmeta_sdk.data.read_interactions` (Arrow tables, mappings of arrays, CSV / TSV /
+    Parquet paths)."""
+    if hasattr(interactions, "tocoo") and hasattr(interactions, "nnz"):  # scipy.sparse, not imported here
+        if columns is not None:
+            raise ValueError("columns= does not apply to a sparse matrix (rows are users, columns items)")
+        coo = interactions.tocoo()
+        if coo.nnz == 0:
+            raise ValueError("interactions: the sparse matrix stores no entries")
+        return pd.DataFrame({"user": coo.row.astype(np.int64), "item": coo.col.astype(np.int64),
+                             "reward": np.asarray(coo.data, dtype=np.float32)})
+    if isinstance(interactions, pd.DataFrame) and columns is None:
+        return interactions
+    from .data import read_interactions
+
+    return read_interactions(interactions, columns=columns)
+
+
+def train(interactions: Any, *, users: Optional[pd.DataFrame] = None,
           items: Optional[pd.DataFrame] = None, config: Union[Config, Dict[str, Any], None] = None,
           tasks: str = "user",
           progress: Optional[bool] = None, resume: Optional[Recommender] = None,
-          validation: Optional[pd.DataFrame] = None, num_threads: Optional[int] = None) -> Recommender:
+          validation: Optional[pd.DataFrame] = None, num_threads: Optional[int] = None,
+          columns: Optional[Dict[str, str]] = None) -> Recommender:
     """Meta-train a recommender on an interaction log.
 
     Parameters
     ----------
     interactions : DataFrame with ``user``, ``item`` and optional ``timestamp``, ``reward``,
-        ``propensity`` (as returned by :func:`recmeta_sdk.datasets.load`). Rewards: a row
+        ``propensity`` (as returned by :func:`recmeta_sdk.datasets.load`), or what the data
+        layer reads (:func:`recmeta_sdk.data.read_interactions`: a pyarrow Table, a mapping of
+        column name to 1-D array, a ``.csv`` / ``.tsv`` / ``.parquet`` path), or a scipy
+        sparse users x items matrix (one interaction per stored entry, its value the
+        reward). Rewards: a row
         is a *positive* when its reward reaches ``config["positive_threshold"]`` (default:
         decided from the data and logged: 4 of 5 stars for star-rating-like rewards, else
         reward > 0; without a ``reward`` column every row is a positive). Positives are the
@@ -1553,6 +1579,8 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
         score per epoch and the choices made.
     num_threads : threads for training (``torch.set_num_threads`` for the call, restored
         after; default: torch's current setting)
+    columns : mapping ``{name in the log: standard name}``, optional, e.g.
+        ``{"user_id": "user", "rating": "reward"}``, applied before anything else
 
     Returns
     -------
@@ -1565,7 +1593,7 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
         torch.set_num_threads(int(num_threads))
         try:
             return train(interactions, users=users, items=items, config=config, tasks=tasks, progress=progress,
-                         resume=resume, validation=validation)
+                         resume=resume, validation=validation, columns=columns)
         finally:
             torch.set_num_threads(before)
     if validation is not None and not isinstance(validation, pd.DataFrame):
@@ -1576,6 +1604,7 @@ def train(interactions: pd.DataFrame, *, users: Optional[pd.DataFrame] = None,
         from .online.engine import resume_train
 
         return resume_train(resume, interactions, config=config, progress=progress)
+    interactions = _as_log(interactions, columns)
     cfg = Config.from_dict(config)
     spec = parse_tasks(tasks)
     if items is not None and not isinstance(items, pd.DataFrame):
