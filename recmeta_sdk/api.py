@@ -754,6 +754,9 @@ class Recommender:
         if popularity_penalty > 0:
             # in units of the returned scores (which are divided by tau)
             bias = (self._bias - float(popularity_penalty) * float(tau) * self._log_pop).numpy()
+            if not np.isfinite(bias).all():
+                raise ValueError(f"popularity_penalty={popularity_penalty!r} (with temperature {tau!r}) makes item "
+                                 f"biases non-finite in float32; use a smaller penalty")
         else:
             bias = self._table().bias
         wides = [self._state_bias(s) for s in states]

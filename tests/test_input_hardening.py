@@ -130,3 +130,12 @@ def test_embedding_bag_fast_path_takes_no_raw_addresses_from_the_module():
     assert m._init_fast_core() is not None  # the SDK keeps its handle
     with pytest.raises(RuntimeError, match="already claimed"):
         _core._claim_embedding_bag_fast_forward()
+
+
+def test_recommend_names_a_popularity_penalty_that_overflows(model):
+    u = int(model.user_ids[0])
+    with pytest.raises(ValueError, match=r"popularity_penalty=1e\+300"):
+        model.recommend(u, k=3, popularity_penalty=1e300)
+    # a large but representable penalty still ranks (the least popular first)
+    rec = model.recommend(u, k=3, popularity_penalty=1e6)
+    assert rec.valid.all() and np.isfinite(rec.scores).all()
