@@ -359,8 +359,8 @@ class Config:
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                                and abs(v) <= 1e6 for v in a)
                     or not 0 <= a[3] < a[4] or abs(a[2]) > 100):
-                raise ValueError("config.new_user_alpha must be None or 5 finite numbers (c0, c1, s0, n_lo, n_hi) "
-                                 f"with |s0| <= 100 and 0 <= n_lo < n_hi <= 1e6, got {a!r}")
+                raise ValueError("config.new_user_alpha must be None or 5 finite numbers (c0, c1, s0, s1, s2) "
+                                 f"with |s0| <= 100 and 0 <= s1 < s2 <= 1e6, got {a!r}")
             self.new_user_alpha = [float(v) for v in a]
         if self.validation_holdout not in ("random", "latest", "mixed"):
             raise ValueError(f"config.validation_holdout must be 'random', 'latest' or 'mixed', got "
