@@ -1609,6 +1609,9 @@ def train(interactions: Any, *, users: Optional[pd.DataFrame] = None,
         return resume_train(resume, interactions, config=config, progress=progress)
     interactions = _as_log(interactions, columns)
     cfg = Config.from_dict(config)
+    if cfg.wide_recency and cfg.wide_recency_decay is None and validation is None and not cfg.validation > 0:
+        raise ValueError(f"config.wide_recency={cfg.wide_recency!r} needs config.wide_recency_decay: only "
+                         "validation-tuned training (validation= or config.validation > 0) chooses it")
     spec = parse_tasks(tasks)
     if items is not None and not isinstance(items, pd.DataFrame):
         raise TypeError(f"items must be a DataFrame indexed by item id, got {type(items).__name__}")

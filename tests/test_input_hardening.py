@@ -139,3 +139,14 @@ def test_recommend_names_a_popularity_penalty_that_overflows(model):
     # a large but representable penalty still ranks (the least popular first)
     rec = model.recommend(u, k=3, popularity_penalty=1e6)
     assert rec.valid.all() and np.isfinite(rec.scores).all()
+
+
+def test_wide_recency_without_its_decay_is_refused_up_front():
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    log = pd.DataFrame({"user": rng.integers(0, 30, 300), "item": rng.integers(0, 20, 300)})
+    with pytest.raises(ValueError, match="wide_recency_decay"):
+        rm.train(log, config=dict(TINY, wide_recency=0.5), progress=False)
+    m = rm.train(log, config=dict(TINY, wide_recency=0.5, wide_recency_decay=0.1), progress=False)
+    assert m.recommend(int(m.user_ids[0]), k=3).valid.all()
