@@ -42,6 +42,7 @@ import torch
 from . import ops
 from .ops import _native, backends
 from .ops import reference
+from .data import IdMap
 from .evaluation.metrics import beyond_accuracy, ranking_metrics
 from .model.io import (DEFAULT_LIMITS, LoadLimits, ModelFileError, list_from_tensors, list_tensor_names,
                        list_to_tensors, read_model_file, write_model_file)
@@ -141,6 +142,10 @@ class Recommender:
     """A trained model: adapt to new users, recommend, evaluate, save (see the module docstring).
 
     Build one with :func:`train` or :func:`load`; the constructor is internal.
+
+    ``item_ids`` / ``user_ids`` are the catalogue's and the known users' external ids (sorted);
+    ``item_map`` / ``user_map`` the same as :class:`recmeta_sdk.data.IdMap` (the package's one
+    id map: ``to_index`` for arrays, ``position`` for one id, -1 where unknown).
     """
 
     def __init__(self, net: RecMetaNet, cfg: Config, item_ids: np.ndarray, user_ids: np.ndarray,
@@ -154,8 +159,9 @@ class Recommender:
         self.config = cfg
         self.item_ids = np.asarray(item_ids)
         self.user_ids = np.asarray(user_ids)
-        self._item_index = pd.Index(self.item_ids)
-        self._user_index = pd.Index(self.user_ids)
+        #: the catalogue's and the known users' id maps (position = the model's internal index)
+        self.item_map = IdMap(self.item_ids)
+        self.user_map = IdMap(self.user_ids)
         self._hist_offsets = np.asarray(hist_offsets, np.int64)
         self._hist_items = np.asarray(hist_items, np.int64)
         self._hist_rewards = np.asarray(hist_rewards, np.float32)
@@ -278,7 +284,7 @@ class Recommender:
         by pandas."""
         ids = self._table().sorted_int_ids
         if ids is None or items.dtype != ids.dtype:
-            return self._item_index.get_indexer(items)
+            return self.item_map.to_index(items)
         pos = np.searchsorted(ids, items)
         pos[pos == len(ids)] = 0
         return np.where(ids[pos] == items, pos, -1).astype(np.int64)
@@ -544,12 +550,7 @@ class Recommender:
     def _known(self, user) -> int:
         if not _is_scalar_id(user):
             raise TypeError(f"user id must be an int or str, got {user!r}")
-        try:  # one hash look-up (Index.get_indexer on a list costs ~100x more per call)
-            u = self._user_index.get_loc(user)
-        except (KeyError, TypeError, ValueError):
-            u = -1
-        if not isinstance(u, (int, np.integer)):  # (a slice or mask: not one position)
-            u = self._user_index.get_indexer([user])[0]
+        u = self.user_map.position(user)
         if u < 0:
             raise ValueError(f"unknown user {user!r}: not in the training data (use adapt(history) for new users)")
         return int(u)
@@ -631,7 +632,7 @@ class Recommender:
         arr = np.asarray(list(ids)) if not isinstance(ids, np.ndarray) else ids
         if arr.ndim != 1:
             raise ValueError(f"{name} must be a 1-D list of item ids, got shape {arr.shape}")
-        idx = self._item_index.get_indexer(arr) if len(arr) else np.zeros(0, np.int64)
+        idx = self.item_map.to_index(arr) if len(arr) else np.zeros(0, np.int64)
         if (idx < 0).any():
             raise ValueError(f"{name} has item ids unknown to the model: {arr[idx < 0][:10].tolist()}")
         return idx.astype(np.int64)
@@ -903,11 +904,11 @@ class Recommender:
             raise ValueError("test must be a DataFrame with 'user' and 'item' columns")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
-        uc = self._user_index.get_indexer(test["user"].to_numpy())
+        uc = self.user_map.to_index(test["user"])
         if (uc < 0).any():
             bad = test["user"].to_numpy()[uc < 0][:5].tolist()
             raise ValueError(f"test has users unknown to the model: {bad}")
-        ic = self._item_index.get_indexer(test["item"].to_numpy())
+        ic = self.item_map.to_index(test["item"])
         users = np.unique(uc)
         pos = {u: p for p, u in enumerate(users)}
         truth = [set() for _ in users]
@@ -916,8 +917,8 @@ class Recommender:
                 truth[pos[u]].add(int(i))
         extra = [[] for _ in users]
         if exclude is not None:
-            eu = self._user_index.get_indexer(exclude["user"].to_numpy())
-            ei = self._item_index.get_indexer(exclude["item"].to_numpy())
+            eu = self.user_map.to_index(exclude["user"])
+            ei = self.item_map.to_index(exclude["item"])
             for u, i in zip(eu, ei):
                 if u in pos and i >= 0:
                     extra[pos[u]].append(int(i))
@@ -1003,7 +1004,7 @@ class Recommender:
                 bad = [x for x in new_ids if not isinstance(x, str)]
                 raise TypeError(f"add_items: this model's item ids are strings; got {bad[:5]!r}")
             new_ids = np.asarray(new_ids, dtype=object)
-        known = self._item_index.get_indexer(new_ids) >= 0
+        known = self.item_map.to_index(new_ids) >= 0
         if known.any():
             raise ValueError(f"add_items: {int(known.sum())} item id(s) are already in the catalogue: "
                              f"{new_ids[known][:10].tolist()} (add_items adds new items only)")
