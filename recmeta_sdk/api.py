@@ -46,10 +46,14 @@ from .data import IdMap
 from .evaluation.metrics import beyond_accuracy, ranking_metrics
 from .model.io import (DEFAULT_LIMITS, LoadLimits, ModelFileError, list_from_tensors, list_tensor_names,
                        list_to_tensors, read_model_file, write_model_file)
+from .model.io import check_csr as _check_csr
+from .model.io import check_values as _check_values
+from .model.io import ids_from_tensors as _ids_from_tensors
 from .training.meta_tasks import parse_tasks, task_sampler
 from .training.meta_tasks import task_phi as _task_phi
 from .model.network import Config, ItemFeatures, RecMetaNet
 from .model.state import Recommendations, UserState
+from .serving import SERVING_VERSION, check_serving_section
 from .training.loop import (
     build_schema, check_log, encode_features, fit, history_tensors, item_features, positive_threshold,
     prepare, schema_names,
@@ -1076,8 +1080,18 @@ class Recommender:
         return out
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the model to ``path`` atomically (safetensors + JSON; see :mod:`recmeta_sdk.model.io`)."""
+    def save(self, path: Union[str, os.PathLike], *, serving: bool = False) -> None:
+        """Write the model to ``path`` atomically (safetensors + JSON; see :mod:`recmeta_sdk.model.io`).
+
+        With ``serving=True`` the file also carries what serving a known user reads (the
+        ``serving.*`` tensors: the served item table and biases, every known user's state,
+        the wide part's ``alpha(n)`` table), so that :func:`recmeta_sdk.serving.load` serves
+        known users from it without torch. It costs one state computation per known user at
+        save time and ``4 * users * dim`` bytes in the file. :func:`load` reads such a file as
+        any other.
+        """
+        if not isinstance(serving, bool):
+            raise TypeError(f"serving must be True or False, got {serving!r}")
         tensors = {f"net.{k}": v for k, v in self._net.state_dict().items()}
         tensors.update({
             "hist_offsets": torch.from_numpy(self._hist_offsets), "hist_items": torch.from_numpy(self._hist_items),
@@ -1104,7 +1118,28 @@ class Recommender:
             kind, t = list_to_tensors("feedback_users", log_meta["users"])
             tensors.update(t)
             meta["feedback"] = dict(log_meta, users={"kind": kind})
+        if serving:
+            tensors.update(self._serving_tensors())
+            meta["serving"] = {"version": SERVING_VERSION}
         write_model_file(path, tensors, meta)
+
+    def _serving_tensors(self) -> dict:
+        """The ``serving.*`` tensors of a file saved with ``serving=True`` (see
+        :mod:`recmeta_sdk.serving`): exactly the arrays :meth:`recommend` reads for a known user,
+        so that serving from them gives the same ids and scores."""
+        t = self._table()
+        U = len(self.user_ids)
+        states = np.zeros((U, self.dim), np.float32)
+        for s in range(0, U, 1024):  # singly computed (see _served_states), 1024 at a time in the cache
+            users = [u.item() if hasattr(u, "item") else u for u in self.user_ids[s:s + 1024]]
+            for j, st in enumerate(self._served_states(users)):
+                states[s + j] = st.vector
+        out = {"serving.item_table": np.ascontiguousarray(t.V), "serving.item_bias": np.ascontiguousarray(t.bias),
+               "serving.user_states": states, "serving.log_pop": self._log_pop.numpy()}
+        if t.W is not None:
+            lens = [len(np.unique(self._hist_items[a:b])) for a, b in zip(self._hist_offsets[:-1], self._hist_offsets[1:])]
+            out["serving.wide_alpha"] = np.array([t.alpha(n) for n in range(max(lens, default=0) + 1)], np.float32)
+        return out
 
 
 def _ids_to_tensors(name: str, ids: np.ndarray, tensors: dict) -> dict:
@@ -1129,17 +1164,6 @@ def _schema_to_tensors(schema: list, what: str, tensors: dict) -> list:
             f = dict(f, values={"kind": "str"})
         out.append(f)
     return out
-
-
-def _ids_from_tensors(d, tensors: dict, path, what: str, limit: int, limits: LoadLimits, used: set) -> np.ndarray:
-    """A format-3 id map: the metadata entry ``{"kind": "int" | "str"}`` and its tensors, checked
-    (:func:`recmeta_sdk.model.io.list_from_tensors`: counts, offsets, UTF-8, lengths, distinct)."""
-    if not isinstance(d, dict) or set(d) != {"kind"} or d["kind"] not in ("int", "str"):
-        raise ModelFileError(f"{path}: malformed id map {what} {_short(d)} (format 3: {{'kind': 'int' or 'str'}}, "
-                             f"the ids in the tensors lists.{what}.*)")
-    vals = list_from_tensors(tensors, what, d["kind"], path, limit, limits)
-    used.update(list_tensor_names(what))
-    return vals if d["kind"] == "int" else np.asarray(vals, dtype=object)
 
 
 def _schema_from_tensors(schema, tensors: dict, path, what: str, limit: int, limits: LoadLimits, used: set):
@@ -1339,22 +1363,6 @@ def _len1(t) -> int:
     return int(t.shape[0]) if t is not None and t.dim() == 1 else -1
 
 
-def _check_csr(off: np.ndarray, idx: np.ndarray, n_rows: int, what: str, path) -> None:
-    if len(off) == 0 or off[0] != 0 or (np.diff(off) < 0).any() or off[-1] != len(idx):
-        raise ModelFileError(f"{path}: {what} offsets are not a non-decreasing 0..{len(idx)} sequence")
-    if len(idx) and (idx.min() < 0 or idx.max() >= n_rows):
-        bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
-        raise ModelFileError(f"{path}: {what} index {bad} is out of range [0, {n_rows})")
-
-
-def _check_values(t: torch.Tensor, name: str, bound: float, path) -> None:
-    a = t.numpy()
-    if a.size and not (np.isfinite(a).all() and float(np.abs(a).max()) <= bound):
-        bad = a[~np.isfinite(a)] if not np.isfinite(a).all() else a.flat[int(np.abs(a).argmax())]
-        raise ModelFileError(f"{path}: tensor {name} holds {np.ravel(bad)[0]!r}: its values must be finite and "
-                             f"at most {bound:g} in absolute value")
-
-
 def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recommender:
     from .training.loop import dense_width
 
@@ -1426,7 +1434,7 @@ def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recomm
                                  f"expected {shape} {dtype}")
     others = set(tensors) - {"net." + k for k in got} - {"hist_offsets", "hist_items", "hist_rewards", "item_count",
                                                           "user_feat_offsets", "user_feat_indices"}
-    others = sorted(k for k in others - used if not k.startswith("feedback."))
+    others = sorted(k for k in others - used if not k.startswith(("feedback.", "serving.")))
     if others:
         raise ModelFileError(f"{path}: unexpected tensors {others[:5]}")
     # values: index ranges, finite and bounded floats
@@ -1456,6 +1464,9 @@ def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recomm
     from .online.engine import log_from_file
 
     log_from_file(model, tensors, feedback, path, limits)  # the feedback log, if saved (format 2 and later)
+    if "serving" in meta or any(k.startswith("serving.") for k in tensors):
+        # served from the network, but a file whose serving section is inconsistent is refused
+        check_serving_section(tensors, meta, N, U, ho, hi, limits, path)
     _probe(model, path)
     return model
 
