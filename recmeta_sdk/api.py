@@ -185,6 +185,9 @@ class Recommender:
         self._log_pop = torch.log1p(torch.as_tensor(self._item_count, dtype=torch.float32))
         # known users' states (see KNOWN_STATE_CACHE_BYTES): dense user id -> UserState
         self._known_states: OrderedDict = OrderedDict()
+        # known users' (vectors, bases) (U, d) each, from a file saved with serving=True (or set by
+        # such a save): the states served, instead of recomputing them (see _served_states)
+        self._saved_states: Optional[tuple] = None
         self._known_lock = threading.Lock()
         per_state = 4 * (2 * int(X.shape[1]) + len(self.item_ids)) + 512
         self._known_capacity = max(1, KNOWN_STATE_CACHE_BYTES // per_state)
@@ -600,7 +603,8 @@ class Recommender:
         missed = set()
         for b, st in enumerate(out):
             if st is None:
-                st = self._compute_user_states([users[b]], [us[b]], None, None)[0]
+                st = (self._saved_state(users[b], us[b]) if self._saved_states is not None else
+                      self._compute_user_states([users[b]], [us[b]], None, None)[0])
                 # shared from now on: read-only, so that no caller can change another's state
                 for arr in (st.vector, st.base, st.rewards):
                     arr.setflags(write=False)
@@ -615,6 +619,14 @@ class Recommender:
             while len(cache) > self._known_capacity:
                 cache.popitem(last=False)
         return out
+
+    def _saved_state(self, user, u: int) -> UserState:
+        """Known user u's state from the saved states (see :meth:`save`'s ``serving``)."""
+        vectors, bases = self._saved_states
+        a, b = self._hist_offsets[u], self._hist_offsets[u + 1]
+        hist = self._hist_items[a:b]
+        return UserState(vectors[u], bases[u], hist, tuple(self.item_ids[hist].tolist()), self._hist_rewards[a:b],
+                         user, (), self._check_steps(None), None)
 
     def _compute_user_states(self, users, us, steps, task) -> List[UserState]:
         steps = self._check_steps(steps, task)
@@ -1084,11 +1096,12 @@ class Recommender:
         """Write the model to ``path`` atomically (safetensors + JSON; see :mod:`recmeta_sdk.model.io`).
 
         With ``serving=True`` the file also carries what serving a known user reads (the
-        ``serving.*`` tensors: the served item table and biases, every known user's state,
-        the wide part's ``alpha(n)`` table), so that :func:`recmeta_sdk.serving.load` serves
-        known users from it without torch. It costs one state computation per known user at
-        save time and ``4 * users * dim`` bytes in the file. :func:`load` reads such a file as
-        any other.
+        ``serving.*`` tensors: the served item table and biases, every known user's state and
+        base state, the wide part's ``alpha(n)`` table), so that :func:`recmeta_sdk.serving.load`
+        serves known users from it without torch. The states are computed once, in batches
+        (a few seconds per 100k users), and from then on this model and every model
+        :func:`load` reads from the file serve them (identical ids and scores to the
+        :class:`~recmeta_sdk.serving.ServingModel`); the file grows by ``8 * users * dim`` bytes.
         """
         if not isinstance(serving, bool):
             raise TypeError(f"serving must be True or False, got {serving!r}")
@@ -1128,14 +1141,22 @@ class Recommender:
         :mod:`recmeta_sdk.serving`): exactly the arrays :meth:`recommend` reads for a known user,
         so that serving from them gives the same ids and scores."""
         t = self._table()
-        U = len(self.user_ids)
-        states = np.zeros((U, self.dim), np.float32)
-        for s in range(0, U, 1024):  # singly computed (see _served_states), 1024 at a time in the cache
-            users = [u.item() if hasattr(u, "item") else u for u in self.user_ids[s:s + 1024]]
-            for j, st in enumerate(self._served_states(users)):
-                states[s + j] = st.vector
+        if self._saved_states is None:
+            U = len(self.user_ids)
+            states = np.zeros((U, self.dim), np.float32)
+            bases = np.zeros((U, self.dim), np.float32)
+            for s in range(0, U, 512):  # in batches through the network
+                us = list(range(s, min(U, s + 512)))
+                for j, st in enumerate(self._compute_user_states([None] * len(us), us, None, None)):
+                    states[s + j], bases[s + j] = st.vector, st.base
+            states.setflags(write=False)
+            bases.setflags(write=False)
+            with self._known_lock:  # from now on this model serves the saved states
+                self._saved_states = (states, bases)
+                self._known_states.clear()
+        states, bases = self._saved_states
         out = {"serving.item_table": np.ascontiguousarray(t.V), "serving.item_bias": np.ascontiguousarray(t.bias),
-               "serving.user_states": states, "serving.log_pop": self._log_pop.numpy()}
+               "serving.user_states": states, "serving.user_bases": bases, "serving.log_pop": self._log_pop.numpy()}
         if t.W is not None:
             lens = [len(np.unique(self._hist_items[a:b])) for a, b in zip(self._hist_offsets[:-1], self._hist_offsets[1:])]
             out["serving.wide_alpha"] = np.array([t.alpha(n) for n in range(max(lens, default=0) + 1)], np.float32)
@@ -1466,7 +1487,10 @@ def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recomm
     log_from_file(model, tensors, feedback, path, limits)  # the feedback log, if saved (format 2 and later)
     if "serving" in meta or any(k.startswith("serving.") for k in tensors):
         # served from the network, but a file whose serving section is inconsistent is refused
-        check_serving_section(tensors, meta, N, U, ho, hi, limits, path)
+        sec = check_serving_section(tensors, meta, N, U, ho, hi, limits, path)
+        for a in (sec["user_states"], sec["user_bases"]):
+            a.setflags(write=False)
+        model._saved_states = (sec["user_states"], sec["user_bases"])
     _probe(model, path)
     return model
 

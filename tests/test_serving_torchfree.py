@@ -91,10 +91,17 @@ def test_refusals_name_the_bad_value(saved):
 def test_full_model_from_the_same_file(saved):
     model, path, _ = saved
     sm = serving.load(path)
-    full = sm.full()
-    u = model.user_ids[1]
-    u = u.item() if hasattr(u, "item") else u
-    np.testing.assert_array_equal(full.recommend(u, k=5).ids, sm.recommend(u, k=5).ids)
+    full = rm.load(sm.path)
+    users = [u.item() if hasattr(u, "item") else u for u in model.user_ids]
+    for kw in ({"k": 5}, {"k": 9, "exclude_seen": False, "popularity_penalty": 0.2}):
+        a, b = full.recommend(users, **kw), sm.recommend(users, **kw)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.scores, b.scores)
+    # the full model serves the saved states (the base state too, where online updates start)
+    v = sm._states[1]
+    st = full.user_state(users[1])
+    np.testing.assert_array_equal(st.vector, v)
+    np.testing.assert_array_equal(st.base, model.user_state(users[1]).base)
     # re-saving without serving drops the section; serving.load then says how to get one
     p2 = path.with_name(path.stem + "-plain.recmeta")
     full.save(p2)

@@ -10,7 +10,7 @@ makes, so ids and scores are the same as the model's that saved the file. torch 
 imported (``python -X importtime`` shows it; a test checks it in a fresh interpreter).
 
 What needs the network (new users' ``adapt``, online ``feedback``, exploration,
-explanations, diversity re-ranking) is the full model's: :meth:`ServingModel.full` loads it
+explanations, diversity re-ranking) is the full model's: ``recmeta_sdk.load(path)`` loads it
 from the same file (that imports torch). A host process typically loads a
 :class:`ServingModel` per worker (start-up in milliseconds, memory = the arrays) and the
 full model only where new users or feedback are served.

@@ -47,7 +47,8 @@ def check_serving_section(arrays: dict, meta: dict, n_items: int, n_users: int, 
                           hist_items: np.ndarray, limits: LoadLimits, path) -> dict:
     """Check a model file's ``serving.*`` tensors against its id maps and histories; returns
     them as numpy arrays by short name (``item_table``, ``item_bias``, ``user_states``,
-    ``log_pop``, and ``wide_alpha`` and ``wide`` when the model has a wide part).
+    ``user_bases`` (the states before adaptation, which the full model's online updates start
+    from), ``log_pop``, and ``wide_alpha`` and ``wide`` when the model has a wide part).
 
     Shapes and dtypes must agree with each other (one ``dim``), with ``n_items`` / ``n_users``
     and, for ``wide_alpha``, cover the longest distinct history; every value is finite and
@@ -71,6 +72,7 @@ def check_serving_section(arrays: dict, meta: dict, n_items: int, n_users: int, 
         "item_table": _array(arrays, "serving.item_table", (n_items, d), np.float32, path),
         "item_bias": _array(arrays, "serving.item_bias", (n_items,), np.float32, path),
         "user_states": _array(arrays, "serving.user_states", (n_users, d), np.float32, path),
+        "user_bases": _array(arrays, "serving.user_bases", (n_users, d), np.float32, path),
         "log_pop": _array(arrays, "serving.log_pop", (n_items,), np.float32, path),
     }
     wide = arrays.get("net.wide")
@@ -118,7 +120,8 @@ class ServingModel:
     Attributes
     ----------
     path : str
-        The file it was loaded from (:meth:`full` loads the full model from it).
+        The file it was loaded from (``recmeta_sdk.load(path)`` gives the full model, for what
+        needs the network: new users' ``adapt``, feedback, exploration, explanations).
     item_ids, user_ids : ndarray
         The catalogue's and the known users' external ids; ``item_map`` / ``user_map`` the
         same as :class:`recmeta_sdk.data.IdMap`.
@@ -186,20 +189,13 @@ class ServingModel:
         """Whether ``user`` is a known (training) user this model serves."""
         return _is_scalar_id(user) and self.user_map.position(user) >= 0
 
-    def full(self):
-        """The full model (:class:`recmeta_sdk.Recommender`) from the same file, for what needs
-        the network: new users (``adapt``), feedback, exploration, explanations. Imports torch."""
-        from ..api import load as _load_full
-
-        return _load_full(self.path)
-
     def _user(self, user) -> int:
         if not _is_scalar_id(user):
             raise TypeError(f"user id must be an int or str, got {user!r}")
         u = self.user_map.position(user)
         if u < 0:
             raise ValueError(f"unknown user {user!r}: not in the training data (a new user needs the full model: "
-                             f"ServingModel.full().adapt(history))")
+                             f"recmeta_sdk.load(path).adapt(history))")
         return u
 
     def _history(self, u: int) -> np.ndarray:
@@ -246,7 +242,7 @@ class ServingModel:
                   popularity_penalty: float = 0.0) -> Recommendations:
         """Top-k items for one known user or a list of them, as the full model's
         :meth:`~recmeta_sdk.Recommender.recommend` with the same arguments (greedy; the
-        options that need the network are :meth:`full`'s).
+        options that need the network are the full model's, ``recmeta_sdk.load(self.path)``).
 
         Parameters
         ----------
