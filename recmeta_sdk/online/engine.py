@@ -50,15 +50,28 @@ user ids are another id space (a simulator's or replay's dense indices) passes
 ``known_users=False`` (as :class:`recmeta_sdk.evaluation.bandits.RecommenderPolicy` does by default),
 so that no new user is served from the training history of a stranger with the same id.
 
+Storage
+-------
+The users' latest versions live in the store's state backend (:mod:`recmeta_sdk.online.store`:
+the default :class:`~recmeta_sdk.online.store.MemoryBackend` is bounded, LRU by users and
+bytes with an optional TTL, and counts what it evicts; a host may pass its own). An
+:class:`OnlineUser` holds O(history + d) numbers, its online item bias in sparse form
+(:class:`~recmeta_sdk.online.posterior.SparseCorrection`); its dense :attr:`OnlineUser.state`
+is built when served and kept in a bounded cache of served states. A user whose entry is gone
+is served as if it had no feedback. The store reads the model only through
+:class:`recmeta_sdk.model.view.ModelView`.
+
 Concurrency
 -----------
 A user's state is an immutable :class:`OnlineUser`; a writer computes the next version
-and publishes it with one dict item assignment (atomic under the GIL), so a reader
-(``current``, ``recommend``) takes no lock and sees a whole version, old or new, never a
-mix. Writers of the same user serialise on a per-user lock (so no update is lost and the
-per-user order of the feedback log is the order of application); writers of different
-users run in parallel. The model itself (weights, item vectors) is never changed:
-``train(..., resume=model)`` builds a new model, the host swaps its reference.
+and publishes it with one ``backend.put`` (for the default backend, one item assignment
+under its lock), so a reader (``current``, ``recommend``) takes no user lock and sees a whole
+version, old or new, never a mix. Writers of the same user serialise on the user's lock (one
+of a fixed set of lock stripes the user ids hash onto, so the locks do not grow with the
+users; no update is lost and the per-user order of the feedback log is the order of
+application); writers of users on other stripes run in parallel. The model itself (weights,
+item vectors) is never changed: ``train(..., resume=model)`` builds a new model, the host
+swaps its reference.
 
 Exploration
 -----------
