@@ -25,6 +25,7 @@ The load average is printed: on a shared machine compare numbers of the same run
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -35,8 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import recmeta_sdk as rm  # noqa: E402
-from recmeta_sdk import online  # noqa: E402
+import recmeta_sdk as rm
 
 
 def _pct(xs, q):
@@ -58,11 +58,11 @@ def _line(label, wall, cpu):
 def main(argv=None) -> int:
     from threadpoolctl import threadpool_limits
 
-    try:  # the peer (and the BLAS it loads) before the thread limits are set
-        import implicit  # noqa: F401
-        import scipy.sparse  # noqa: F401
-    except Exception:  # pragma: no cover - optional peer
-        pass
+    for peer in ("scipy.sparse", "implicit"):  # the peer and the BLAS it loads, before the limits are set
+        try:
+            importlib.import_module(peer)
+        except ImportError:
+            print(f"{peer}: not installed (its timings are skipped)")
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=1)
@@ -115,7 +115,7 @@ def _run(args) -> int:
                         ev = [(user, int(ids[n + j]), r)]
                         if path == "slow":
                             ev = pd.DataFrame(ev, columns=["user", "item", "reward"])
-                        w, c = _time(lambda: st.feedback(ev))
+                        w, c = _time(lambda st=st, ev=ev: st.feedback(ev))
                         key = "hit" if r > 0 else "miss"
                         (fast_w if path == "fast" else slow_w)[key].append(w)
                         (fast_c if path == "fast" else slow_c)[key].append(c)
@@ -133,7 +133,7 @@ def _run(args) -> int:
     try:
         import implicit
         import scipy.sparse as sp
-    except Exception as e:  # pragma: no cover - optional peer
+    except ImportError as e:  # optional peer
         print(f"implicit: not available ({e}); skipped")
         implicit = None
     if implicit is not None:
@@ -152,7 +152,7 @@ def _run(args) -> int:
                 items = rng.choice(N, n + 1, replace=False)
                 row = sp.csr_matrix((np.ones(n + 1, np.float32), (np.zeros(n + 1, int), items)), shape=(1, N))
                 uid = int(s % len(model.user_ids))
-                w, _ = _time(lambda: als.partial_fit_users([uid], row))
+                w, _ = _time(lambda uid=uid, row=row: als.partial_fit_users([uid], row))
                 ws.append(w)
             hit, miss = ours[(n, "known")]
             print(f"implicit {implicit.__version__} ALS partial_fit_users, one user with {n + 1:>3} items: "

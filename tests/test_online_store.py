@@ -267,7 +267,7 @@ def test_per_user_memory_is_sparse_and_reported(model):
     # pickled without the store; unbound versions say so
     back = pickle.loads(pickle.dumps(cur))
     with pytest.raises(RuntimeError, match="not bound"):
-        back.state
+        _ = back.state
 
 
 # ------------------------------------------------------------------ the fast path
@@ -324,12 +324,12 @@ def test_concurrent_feedback_on_one_store(model):
         barrier = threading.Barrier(8)
         errors = []
 
-        def run(evs):
+        def run(evs, st=st, barrier=barrier, errors=errors):
             try:
                 barrier.wait()
                 for j in range(0, len(evs), 2):
                     st.feedback(evs[j:j + 2])
-            except Exception as e:  # pragma: no cover - reported below
+            except Exception as e:  # noqa: BLE001  (any failure is reported below)
                 errors.append(e)
 
         threads = [threading.Thread(target=run, args=(evs,)) for evs in per_thread]

@@ -86,6 +86,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -195,7 +196,7 @@ def _fast_events(model: Recommender, events: Any) -> list[tuple] | None:
         if idx < 0 or not _is_num(r):
             return None
         r = float(r)
-        if r != r or abs(r) > _F32_MAX:  # (pandas' path decides what rounds to float32's max)
+        if math.isnan(r) or abs(r) > _F32_MAX:  # (pandas' path decides what rounds to float32's max)
             return None
         if p is None:
             p = nan
@@ -203,7 +204,7 @@ def _fast_events(model: Recommender, events: Any) -> list[tuple] | None:
             return None
         else:
             p = float(p)
-            if p == p and not 0.0 < p <= 1.0:
+            if not math.isnan(p) and not 0.0 < p <= 1.0:
                 return None
         if t is None:
             t = nan
@@ -211,14 +212,14 @@ def _fast_events(model: Recommender, events: Any) -> list[tuple] | None:
             return None
         else:
             t = float(t)
-            if t == t and not np.isfinite(t):
+            if not math.isnan(t) and not math.isfinite(t):
                 return None
         if pos is None:
             pos = 0
         elif isinstance(pos, (int, np.integer)) and not isinstance(pos, (bool, np.bool_)):
             pos = int(pos)
-        elif isinstance(pos, (float, np.floating)) and (pos != pos or float(pos).is_integer()):
-            pos = 0 if pos != pos else int(pos)
+        elif isinstance(pos, (float, np.floating)) and (math.isnan(pos) or float(pos).is_integer()):
+            pos = 0 if math.isnan(pos) else int(pos)
         else:
             return None
         if pos < 0:

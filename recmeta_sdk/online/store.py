@@ -23,9 +23,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Iterator, Optional, Protocol, runtime_checkable
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["StateBackend", "MemoryBackend"]
+__all__ = ["MemoryBackend", "StateBackend"]
 
 
 @runtime_checkable
@@ -40,7 +41,7 @@ class StateBackend(Protocol):
     ``OnlineStore.stats()``.
     """
 
-    def get(self, user: Hashable) -> Optional[Any]: ...
+    def get(self, user: Hashable) -> Any | None: ...
 
     def put(self, user: Hashable, value: Any) -> None: ...
 
@@ -78,8 +79,8 @@ class MemoryBackend:
     an eviction or expiry is never silent.
     """
 
-    def __init__(self, max_users: Optional[int] = 1_000_000, max_bytes: Optional[int] = 1 << 30,
-                 ttl: Optional[float] = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, max_users: int | None = 1_000_000, max_bytes: int | None = 1 << 30,
+                 ttl: float | None = None, clock: Callable[[], float] = time.monotonic):
         for name, v in (("max_users", max_users), ("max_bytes", max_bytes)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {v!r}")
@@ -103,7 +104,7 @@ class MemoryBackend:
         _, nb, _ = self._data.pop(user)
         self._bytes -= nb
 
-    def get(self, user: Hashable) -> Optional[Any]:
+    def get(self, user: Hashable) -> Any | None:
         """The user's value, or None (absent or expired: an expired one is dropped and counted)."""
         with self._lock:
             ent = self._data.get(user)
