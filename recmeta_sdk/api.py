@@ -837,7 +837,7 @@ class Recommender:
                     cur = online.current(u)
                     if cur is not None:
                         states[b] = cur.state
-                        misses[b] = np.setdiff1d(cur.seen, np.asarray(cur.state.history, np.int64))
+                        misses[b] = np.setdiff1d(cur.seen, np.asarray(states[b].history, np.int64))
         known = [b for b, s in enumerate(states) if s is None]
         if known:
             kusers = [batch[b] for b in known]
@@ -1055,7 +1055,9 @@ class Recommender:
         once (one adaptation step; see :mod:`recmeta_sdk.online`) and is appended to the
         feedback log that ``train(..., resume=model)`` learns from. Returns ``{user:
         OnlineUser}``; ``recmeta_sdk.online.current(model, user).state`` is the user's latest
-        state. Thread-safe; the model's weights are not changed."""
+        state. The states live in :attr:`default_online_store` (bounded; a host may give it its
+        own state backend, see :meth:`online_store`). Thread-safe; the model's weights are not
+        changed."""
         from . import online
 
         return online.feedback(self, events)
