@@ -70,8 +70,9 @@ class MemoryBackend:
         its arrays); least recently used out first. A single value larger than the whole budget
         is still kept (alone), so the latest feedback is never lost to its own size. None: no limit.
     ttl : float or None, default None
-        Seconds a value lives after it was last *written*; an expired value reads as absent (and
-        is dropped). None: no expiry.
+        Seconds a value lives after it was last *written*; an expired value reads as absent and
+        is dropped when next read (``items`` skips it; until then, or until the LRU pushes it
+        out, it still counts in ``len`` and ``nbytes``). None: no expiry.
     clock : callable, default ``time.monotonic``
         The time source of ``ttl`` (tests inject a fake clock).
 
