@@ -63,6 +63,7 @@ if TYPE_CHECKING:  # names used in annotations only
     import os
 
     from .online import OnlineStore, OnlineUser
+    from .online.store import StateBackend
     from .training.meta_tasks import TaskState
 
 logger = logging.getLogger("recmeta")
@@ -208,6 +209,99 @@ class Recommender:
         return (f"Recommender(items={self.n_items}, users={len(self.user_ids)}, dim={self.config.dim}, "
                 f"encoder={self.config.encoder!r}, meta={self.config.meta!r})")
 
+    # ------------------------------------------------------------------ the model view
+    # recmeta_sdk.model.view.ModelView: what the online layer reads of the model (and nothing else)
+    @property
+    def network(self) -> RecMetaNet:
+        """The policy network (eval mode, no gradients; shared, never modified by serving)."""
+        return self._net
+
+    @property
+    def input_table(self) -> torch.Tensor:
+        """(N, d) float32: the items' input vectors read by the user encoder (read-only)."""
+        return self._X
+
+    @property
+    def item_table(self) -> torch.Tensor:
+        """(N, d) float32: the items' output vectors the policy scores against (read-only)."""
+        return self._V
+
+    @property
+    def reward_scale(self) -> float:
+        """Rewards are divided by it before the model reads them."""
+        return self._reward_scale
+
+    @property
+    def default_online_store(self) -> Optional[OnlineStore]:
+        """The :class:`recmeta_sdk.online.OnlineStore` that :meth:`feedback` writes to (None
+        before the first feedback); assign one (e.g. ``model.online_store(backend=...)``, a
+        host's state backend) before the first feedback to replace it."""
+        return self.__dict__.get("_online_store")
+
+    @default_online_store.setter
+    def default_online_store(self, store: Optional[OnlineStore]) -> None:
+        self._online_store = store
+
+    def item_positions(self, items: np.ndarray) -> np.ndarray:
+        """(n,) int64 internal indices of external item ids (-1 where unknown)."""
+        items = np.asarray(items)
+        return (self.item_map.to_index(items) if len(items) else np.zeros(0, np.int64)).astype(np.int64)
+
+    def item_position(self, item: Any) -> int:
+        """The internal index of one external item id (-1 if unknown): one hash look-up."""
+        return self.item_map.position(item)
+
+    def user_position(self, user: Any) -> int:
+        """The internal index of a training user's id (-1 if not a training user)."""
+        if not _is_scalar_id(user):
+            return -1
+        return self.user_map.position(user)
+
+    def user_history(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """Training user ``position``'s history: ``(items (n,) int64, rewards (n,) float32)``."""
+        lo, hi = self._hist_offsets[position], self._hist_offsets[position + 1]
+        return self._hist_items[lo:hi], self._hist_rewards[lo:hi]
+
+    def user_feature_rows(self, position: int) -> np.ndarray:
+        """Training user ``position``'s encoded side-feature rows (empty without user features)."""
+        if len(self._uf_off) <= 1:
+            return np.zeros(0, np.int64)
+        return self._uf_idx[self._uf_off[position]:self._uf_off[position + 1]]
+
+    def training_log(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The training histories in CSR form: ``(offsets (U+1,), items, rewards)``."""
+        return self._hist_offsets, self._hist_items, self._hist_rewards
+
+    def encode_history(self, items: np.ndarray, feature_rows: np.ndarray) -> torch.Tensor:
+        """The encoder state ``h`` (1, d) of one history (internal indices) and side-feature rows."""
+        hist = np.ascontiguousarray(items, dtype=np.int64)
+        N = self.n_items
+        with torch.no_grad():
+            if 0 < len(hist) < N and hist.min() >= 0 and hist.max() < N:
+                return self._net.user_state(*self._one_history_inputs(hist, feature_rows))
+            bi, bo, bw, sq, sl = history_tensors([hist], self.config.seq_len, N)
+            uo = torch.tensor([0, len(feature_rows)], dtype=torch.int64)
+            return self._net.user_state(self._X, bi, bo, bw, sq, sl,
+                                        torch.from_numpy(np.asarray(feature_rows).astype(np.int64)), uo)
+
+    def history_offset(self, items: np.ndarray, new: bool = False) -> Optional[torch.Tensor]:
+        """(1, N) float32: the wide (item-to-item) part of the logits of one history (internal
+        indices; ``new``: a new user's), as ``RecMetaNet.wide_offset``; None without a wide part."""
+        wide = self._wide_one(np.asarray(items, np.int64), new)
+        return None if wide is None else torch.from_numpy(wide)[None]
+
+    def score_all(self, state: UserState) -> np.ndarray:
+        """(N,) float32 scores of every item for ``state`` before the temperature."""
+        z = self._V.numpy() @ state.vector + self._bias.numpy()
+        extra = self._state_bias(state)  # the state's wide part and item bias, if any
+        return z if extra is None else z + extra
+
+    def with_network(self, network: RecMetaNet, config: Config) -> Recommender:
+        """A new Recommender with this catalogue and training log and other weights / config."""
+        return type(self)(network, config, self.item_ids, self.user_ids, self._hist_offsets, self._hist_items,
+                          self._hist_rewards, self._item_count, self._item_schema, self._user_schema,
+                          self._uf_off, self._uf_idx, self._reward_scale)
+
     # ------------------------------------------------------------------ histories
     def _encode_history(self, history, unknown: str):
         if unknown not in ("error", "drop"):
@@ -296,6 +390,26 @@ class Recommender:
         pos[pos == len(ids)] = 0
         return np.where(ids[pos] == items, pos, -1).astype(np.int64)
 
+    def _one_history_inputs(self, hist: np.ndarray, ufeat: np.ndarray) -> tuple:
+        """The encoder's inputs for one in-range, non-empty history ``hist`` (int64, contiguous):
+        only the history's rows of X, in order (bag j = row j, the sequence's padding = row n),
+        instead of the whole (N, d) table, which the encoder would copy to append its padding
+        row. Same values in the same order as ``history_tensors([hist], L, N)`` and X.
+        Returns ``(X, bag, bag_offsets, bag_weights, seq, seq_len, feature_rows, feature_offsets)``."""
+        L = self.config.seq_len
+        n = len(hist)
+        m = min(n, L)
+        # (numpy builds the small index arrays: cheaper than torch ops)
+        seq = np.full((1, L), n, np.int64)
+        seq[0, :m] = np.arange(n - m, n)
+        ui = np.ascontiguousarray(ufeat, dtype=np.int64)
+        uo = np.array([0, len(ui)], np.int64)
+        bo, bag, seq, sl, ui, uo = (torch.from_numpy(a) for a in (
+            np.array([0, n], np.int64), np.arange(n, dtype=np.int64), seq, np.array([m], np.int64), ui, uo))
+        bw = torch.from_numpy(np.full(n, 1.0 / np.sqrt(np.float64(n)), np.float32))
+        X = torch.from_numpy(self._X.numpy()[hist])
+        return X, bag, bo, bw, seq, sl, ui, uo
+
     def _adapted(self, hists: list[np.ndarray], rewards: list[np.ndarray], ufeats: list[np.ndarray],
                  steps: int, task=None, new: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(base states, adapted states) (B, d) and the wide part of the scores (B, N) or None,
@@ -308,23 +422,11 @@ class Recommender:
         hist = np.ascontiguousarray(hists[0], dtype=np.int64) if len(hists) == 1 else None
         with torch.inference_mode():
             if hist is not None and 0 < len(hist) < N and hist.min() >= 0 and hist.max() < N:
-                # one user (adapt, user_state): the encoder reads only the history's rows of X;
-                # hand it those rows, in order (bag j = row j, the sequence's padding = row n),
-                # instead of the whole (N, d) table, which it would copy to append its padding
-                # row. Same values in the same order as history_tensors(hists, L, N) and X.
-                # (Out-of-range items take the general path, whose embedding bag names them.)
+                # one user (adapt, user_state): the encoder reads only the history's rows of X
+                X, bag, bo, bw, seq, sl, ui, uo = self._one_history_inputs(hist, ufeats[0])
                 n = len(hist)
-                m = min(n, L)
-                # (numpy builds the small index arrays: cheaper than torch ops)
-                seq = np.full((1, L), n, np.int64)
-                seq[0, :m] = np.arange(n - m, n)
-                ui = np.ascontiguousarray(ufeats[0], dtype=np.int64)
-                uo = np.array([0, len(ui)], np.int64)
-                bi, bo, bag, seq, sl, rows = (torch.from_numpy(a) for a in (
-                    hist, np.array([0, n], np.int64), np.arange(n, dtype=np.int64), seq,
-                    np.array([m], np.int64), np.zeros(n, np.int64)))
-                bw = torch.from_numpy(np.full(n, 1.0 / np.sqrt(np.float64(n)), np.float32))
-                X = torch.from_numpy(self._X.numpy()[hist])
+                bi, rows = torch.from_numpy(hist), torch.from_numpy(np.zeros(n, np.int64))
+                ui, uo = ui.numpy(), uo.numpy()
             else:
                 bi, bo, bw, sq, sl = history_tensors(hists, L, N)
                 uo = np.concatenate([[0], np.cumsum([len(u) for u in ufeats])]).astype(np.int64)
@@ -742,7 +844,7 @@ class Recommender:
                     cur = online.current(u)
                     if cur is not None:
                         states[b] = cur.state
-                        misses[b] = np.setdiff1d(cur.seen, np.asarray(cur.state.history, np.int64))
+                        misses[b] = np.setdiff1d(cur.seen, np.asarray(states[b].history, np.int64))
         known = [b for b, s in enumerate(states) if s is None]
         if known:
             kusers = [batch[b] for b in known]
@@ -960,23 +1062,29 @@ class Recommender:
         once (one adaptation step; see :mod:`recmeta_sdk.online`) and is appended to the
         feedback log that ``train(..., resume=model)`` learns from. Returns ``{user:
         OnlineUser}``; ``recmeta_sdk.online.current(model, user).state`` is the user's latest
-        state. Thread-safe; the model's weights are not changed."""
+        state. The states live in :attr:`default_online_store` (bounded; a host may give it its
+        own state backend, see :meth:`online_store`). Thread-safe; the model's weights are not
+        changed."""
         from . import online
 
         return online.feedback(self, events)
 
     # ------------------------------------------------------------------ catalogue
     def online_store(self, *, encode: str = "positive", update: str = "step",
-                     known_users: bool = True) -> OnlineStore:
+                     known_users: bool = True, backend: Optional[StateBackend] = None) -> OnlineStore:
         """A new online store of this model, separate from the one :meth:`feedback` writes to.
 
         An :class:`recmeta_sdk.online.OnlineStore`: per-user online states updated by its own
         feedback events (``encode``, ``update`` and ``known_users`` as documented there), for a
         host or a benchmark that serves several independent populations from one model.
+        ``backend``: where it keeps the users' states, a
+        :class:`recmeta_sdk.online.StateBackend` (default: a bounded in-process
+        :class:`recmeta_sdk.online.MemoryBackend`). To make :meth:`feedback` use it, assign it
+        to :attr:`default_online_store` before the first feedback.
         """
         from .online.engine import OnlineStore
 
-        return OnlineStore(self, encode=encode, update=update, known_users=known_users)
+        return OnlineStore(self, encode=encode, update=update, known_users=known_users, backend=backend)
 
     def add_items(self, items: pd.DataFrame) -> Recommender:
         """A new Recommender whose catalogue also holds ``items`` (item cold start).

@@ -50,15 +50,28 @@ user ids are another id space (a simulator's or replay's dense indices) passes
 ``known_users=False`` (as :class:`recmeta_sdk.evaluation.bandits.RecommenderPolicy` does by default),
 so that no new user is served from the training history of a stranger with the same id.
 
+Storage
+-------
+The users' latest versions live in the store's state backend (:mod:`recmeta_sdk.online.store`:
+the default :class:`~recmeta_sdk.online.store.MemoryBackend` is bounded, LRU by users and
+bytes with an optional TTL, and counts what it evicts; a host may pass its own). An
+:class:`OnlineUser` holds O(history + d) numbers, its online item bias in sparse form
+(:class:`~recmeta_sdk.online.posterior.SparseCorrection`); its dense :attr:`OnlineUser.state`
+is built when served and kept in a bounded cache of served states. A user whose entry is gone
+is served as if it had no feedback. The store reads the model only through
+:class:`recmeta_sdk.model.view.ModelView`.
+
 Concurrency
 -----------
 A user's state is an immutable :class:`OnlineUser`; a writer computes the next version
-and publishes it with one dict item assignment (atomic under the GIL), so a reader
-(``current``, ``recommend``) takes no lock and sees a whole version, old or new, never a
-mix. Writers of the same user serialise on a per-user lock (so no update is lost and the
-per-user order of the feedback log is the order of application); writers of different
-users run in parallel. The model itself (weights, item vectors) is never changed:
-``train(..., resume=model)`` builds a new model, the host swaps its reference.
+and publishes it with one ``backend.put`` (for the default backend, one item assignment
+under its lock), so a reader (``current``, ``recommend``) takes no user lock and sees a whole
+version, old or new, never a mix. Writers of the same user serialise on the user's lock (one
+of a fixed set of lock stripes the user ids hash onto, so the locks do not grow with the
+users; no update is lost and the per-user order of the feedback log is the order of
+application); writers of users on other stripes run in parallel. The model itself (weights,
+item vectors) is never changed: ``train(..., resume=model)`` builds a new model, the host
+swaps its reference.
 
 Exploration
 -----------
@@ -71,16 +84,22 @@ epsilon-greedy slate and reports the probability of each pick given the picks ab
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
+import math
 import threading
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ..model.state import Recommendations, UserState
+from . import posterior
+from .posterior import SparseCorrection
+from .store import MemoryBackend, StateBackend
 
 if TYPE_CHECKING:  # names used in annotations only
     import os
@@ -90,8 +109,8 @@ if TYPE_CHECKING:  # names used in annotations only
     from ..model.io import LoadLimits
     from ..model.network import Config
 
-#: what this layer serves: a :class:`recmeta_sdk.Recommender`, the facade one layer up, which this
-#: module does not import (the name is for the annotations)
+#: what this layer serves: a model offering :class:`recmeta_sdk.model.view.ModelView` (the
+#: facade's ``Recommender`` implements it); the online layer reads nothing else of the model
 Recommender = Any
 
 logger = logging.getLogger("recmeta")
@@ -114,12 +133,111 @@ __all__ = [
 ]
 
 EVENT_COLUMNS = ("user", "item", "reward", "propensity", "timestamp", "position")
+_EVENT_SET = frozenset(EVENT_COLUMNS)
 
 
 # ============================================================================ events
 
 def _scalar_id(x) -> bool:
     return isinstance(x, (int, np.integer, str)) and not isinstance(x, bool)
+
+
+_I64 = (-(2 ** 63), 2 ** 63)
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def _fast_events(model: Recommender, events: Any) -> list[tuple] | None:
+    """The events of a list of plain tuples / dicts as ``(row, user, item, item index, reward,
+    propensity, timestamp, position)`` rows without pandas (the per-event fast path), or None
+    when anything is not plainly valid: the caller then takes :func:`parse_events`, which gives
+    the same rows for valid input and the documented error for invalid input."""
+    if not isinstance(events, (list, tuple)) or not events:
+        return None
+    first = events[0]
+    as_dict = isinstance(first, dict)
+    if not as_dict and not isinstance(first, (tuple, list)):
+        return None
+    out = []
+    nan = float("nan")
+    for row, e in enumerate(events):
+        if as_dict:
+            if type(e) is not dict or not e.keys() <= _EVENT_SET or "user" not in e or "item" not in e \
+                    or "reward" not in e:
+                return None
+            user, item, r = e["user"], e["item"], e["reward"]
+            p, t, pos = e.get("propensity"), e.get("timestamp"), e.get("position")
+        else:
+            if not isinstance(e, (tuple, list)) or not 3 <= len(e) <= 6:
+                return None
+            user, item, r = e[0], e[1], e[2]
+            p = e[3] if len(e) > 3 else None
+            t = e[4] if len(e) > 4 else None
+            pos = e[5] if len(e) > 5 else None
+        # ids: plain ints (int64 range) or strings, as a DataFrame column of them gives
+        if isinstance(user, np.integer):
+            user = int(user)
+        elif type(user) is int:
+            if not _I64[0] <= user < _I64[1]:
+                return None
+        elif type(user) is not str:
+            return None
+        if isinstance(item, np.integer):
+            item = int(item)
+        elif type(item) is int:
+            if not _I64[0] <= item < _I64[1]:
+                return None
+        elif type(item) is not str:
+            return None
+        idx = model.item_position(item)
+        if idx < 0 or not _is_num(r):
+            return None
+        r = float(r)
+        if math.isnan(r) or abs(r) > _F32_MAX:  # (pandas' path decides what rounds to float32's max)
+            return None
+        if p is None:
+            p = nan
+        elif not _is_num(p):
+            return None
+        else:
+            p = float(p)
+            if not math.isnan(p) and not 0.0 < p <= 1.0:
+                return None
+        if t is None:
+            t = nan
+        elif not _is_num(t):
+            return None
+        else:
+            t = float(t)
+            if not math.isnan(t) and not math.isfinite(t):
+                return None
+        if pos is None:
+            pos = 0
+        elif isinstance(pos, (int, np.integer)) and not isinstance(pos, (bool, np.bool_)):
+            pos = int(pos)
+        elif isinstance(pos, (float, np.floating)) and (math.isnan(pos) or float(pos).is_integer()):
+            pos = 0 if math.isnan(pos) else int(pos)
+        else:
+            return None
+        if pos < 0:
+            return None
+        out.append((row, user, item, idx, r, p, t, pos))
+    return out
+
+
+def _event_rows(model: Recommender, events: Any) -> list[tuple]:
+    """Validated events as rows ``(row, user, item, item index, reward, propensity, timestamp,
+    position)``: the fast path for plain tuples / dicts, else :func:`parse_events`."""
+    rows = _fast_events(model, events)
+    if rows is not None:
+        return rows
+    ev = parse_events(model, events)
+    cols = [ev[c].to_numpy() for c in ("user", "item", "_idx", "reward", "propensity", "timestamp", "position")]
+    return [(row, u, it.item() if hasattr(it, "item") else it, int(i), float(r), float(p), float(t), int(pos))
+            for row, (u, it, i, r, p, t, pos) in enumerate(zip(*cols))]
 
 
 def parse_events(model: Recommender, events: pd.DataFrame | Sequence[Mapping[str, Any] | tuple]) -> pd.DataFrame:
@@ -165,7 +283,7 @@ def parse_events(model: Recommender, events: pd.DataFrame | Sequence[Mapping[str
         if not _scalar_id(u):
             raise ValueError(f"event user ids must be int or str, got {u!r}")
     items = df["item"].to_numpy()
-    idx = model.item_map.to_index(items) if n else np.zeros(0, np.int64)
+    idx = model.item_positions(items) if n else np.zeros(0, np.int64)
     if (idx < 0).any():
         bad = [x.item() if hasattr(x, "item") else x for x in items[idx < 0][:10]]
         raise ValueError(f"feedback has item(s) unknown to the model: {bad}")
@@ -218,7 +336,7 @@ def parse_events(model: Recommender, events: pd.DataFrame | Sequence[Mapping[str
 
 # ============================================================================ states
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class OnlineUser:
     """One published version of a user's online state (never mutated).
 
@@ -226,22 +344,33 @@ class OnlineUser:
     ----------
     user : the user's id
     version : number of feedback events applied
-    state : :class:`~recmeta_sdk.api.UserState` to pass to ``recommend``; its ``history``
-        is the history the model reads (with ``encode="positive"``: the training history
-        and the positively rewarded feedback), so ``exclude_seen`` removes those items;
-        the misses are in ``seen`` (pass :meth:`exclude_ids` as ``exclude``, as
-        :func:`recommend` does)
+    vector, base : (d,) float32, the adapted state h' and the encoder state h
     enc_items, enc_rewards : the encoder history (internal indices, rewards)
-    seen, seen_rewards : every item interacted with (training history and all feedback)
     gamma, delta : (d,) float32, the user's fast parameters
     known : whether the user is a training user of the model
+    seen, seen_rewards : every item interacted with (training history and all feedback)
     n_prior : how many leading items of ``seen`` are the training history (a known user's),
         not feedback
+    steps : adaptation steps taken
+    correction : the user's online item-bias correction in sparse form
+        (:class:`~recmeta_sdk.online.posterior.SparseCorrection`: the items its feedback touched
+        and one coefficient each), or None (no feedback yet, or ``config.feedback_posterior`` 0)
+    stamp : a number unique to this version within its store (tells versions apart across an
+        eviction, after which version numbers start again)
+
+    :attr:`state` is the :class:`~recmeta_sdk.model.state.UserState` to pass to ``recommend``:
+    built on demand (its ``item_bias`` is the dense form of ``correction``) and kept in the
+    store's bounded cache of served states, so the store itself holds O(history + d) numbers per
+    user, not O(catalogue). Its ``history`` is the history the model reads (with
+    ``encode="positive"``: the training history and the positively rewarded feedback), so
+    ``exclude_seen`` removes those items; the misses are in ``seen`` (pass :meth:`exclude_ids`
+    as ``exclude``, as :func:`recommend` does).
     """
 
     user: Any
     version: int
-    state: Any
+    vector: np.ndarray
+    base: np.ndarray
     enc_items: np.ndarray
     enc_rewards: np.ndarray
     gamma: np.ndarray
@@ -250,26 +379,59 @@ class OnlineUser:
     seen: np.ndarray
     seen_rewards: np.ndarray
     n_prior: int = 0
+    steps: int = 0
+    correction: Optional[SparseCorrection] = None
+    stamp: int = 0
+    # the OnlineStore that serves this version (not pickled: a backend may serialise values;
+    # the store binds what it reads back)
+    _owner: Any = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_owner"] = None
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this version's arrays (what a store keeps per user)."""
+        n = sum(a.nbytes for a in (self.vector, self.base, self.enc_items, self.enc_rewards, self.gamma,
+                                   self.delta, self.seen, self.seen_rewards))
+        return int(n + (self.correction.nbytes if self.correction is not None else 0))
+
+    @property
+    def state(self) -> UserState:
+        """The :class:`~recmeta_sdk.model.state.UserState` of this version (see the class doc)."""
+        if self._owner is None:
+            raise RuntimeError("this OnlineUser is not bound to an OnlineStore (read it through the store)")
+        return self._owner._state_of(self)
 
     @property
     def seen_ids(self) -> tuple:
         """External ids of every item the user interacted with (training and feedback)."""
-        return self._seen_ids
-
-    def _with_ids(self, model) -> OnlineUser:
-        ids = _ext(model, self.seen)
-        object.__setattr__(self, "_seen_ids", ids)
-        object.__setattr__(self, "_ids_of", dict(zip(self.seen.tolist(), ids)))
-        return self
+        if self._owner is None:
+            raise RuntimeError("this OnlineUser is not bound to an OnlineStore (read it through the store)")
+        return _ext(self._owner.model, self.seen)
 
     def exclude_ids(self) -> list:
         """The seen items that ``state.history`` does not already exclude (the misses)."""
-        extra = np.setdiff1d(self.seen, self.state.history)
-        return [self._ids_of[i] for i in extra] if len(extra) else []
+        extra = np.setdiff1d(self.seen, self.enc_items)
+        if not len(extra):
+            return []
+        if self._owner is None:
+            raise RuntimeError("this OnlineUser is not bound to an OnlineStore (read it through the store)")
+        return list(_ext(self._owner.model, extra))
 
 
 def _ext(model, idx: np.ndarray) -> tuple:
     return tuple(x.item() if hasattr(x, "item") else x for x in model.item_ids[idx])
+
+
+#: default bytes of served states (dense item biases) an OnlineStore keeps for its hot users
+SERVED_CACHE_BYTES = 64 << 20
+_N_STRIPES = 64  # per-user write locks: users hash onto this many locks (bounded, whatever the user count)
 
 
 class OnlineStore:
@@ -277,7 +439,7 @@ class OnlineStore:
 
     Parameters
     ----------
-    model : Recommender
+    model : a :class:`~recmeta_sdk.model.view.ModelView` (a ``Recommender``)
     encode : ``"positive"`` (default) or ``"all"``: which fed-back items the encoder reads
     update : ``"step"`` (default: one step of the fast parameters per event) or
         ``"readapt"`` (re-run ``adapt`` on the whole history per event)
@@ -288,32 +450,52 @@ class OnlineStore:
         for hosts whose user ids live in another id space than the training log's (a
         simulator's dense user indices would otherwise collide with training user ids and
         serve a new user from a stranger's history).
+    backend : a :class:`~recmeta_sdk.online.store.StateBackend` holding the users' latest
+        versions; default a new :class:`~recmeta_sdk.online.store.MemoryBackend` (bounded:
+        1M users, 1 GiB, LRU). An evicted user is served as if it had no feedback.
+    served_cache_bytes : int, default :data:`SERVED_CACHE_BYTES`
+        Bytes of materialised :class:`UserState` s (their dense item bias and wide part) kept
+        for the most recently served users (at least one).
     """
 
     def __init__(self, model: Recommender, *, encode: str = "positive", update: str = "step",
-                 log: pd.DataFrame | None = None, known_users: bool = True):
+                 log: pd.DataFrame | None = None, known_users: bool = True,
+                 backend: StateBackend | None = None, served_cache_bytes: int = SERVED_CACHE_BYTES):
         if encode not in ("positive", "all"):
             raise ValueError(f"encode must be 'positive' or 'all', got {encode!r}")
         if update not in ("step", "readapt"):
             raise ValueError(f"update must be 'step' or 'readapt', got {update!r}")
         if not isinstance(known_users, bool):
             raise TypeError(f"known_users must be a bool, got {type(known_users).__name__}")
+        if backend is None:
+            backend = MemoryBackend()
+        missing = [name for name in ("get", "put", "delete", "__len__", "items") if not callable(getattr(backend, name, None))]
+        if missing:
+            raise TypeError(f"backend must implement the StateBackend methods; {type(backend).__name__} lacks {missing}")
+        if isinstance(served_cache_bytes, bool) or not isinstance(served_cache_bytes, int) or served_cache_bytes < 0:
+            raise ValueError(f"served_cache_bytes must be an int >= 0, got {served_cache_bytes!r}")
         self.model = model
         self.encode = encode
         self.update = update
         self.known_users = known_users
-        self._states: dict[Any, OnlineUser] = {}
-        self._locks: dict[Any, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self.backend = backend
+        self._stripes = [threading.Lock() for _ in range(_N_STRIPES)]
+        self._stamps = itertools.count(1)
         self._log: list[tuple] = []
-        self._pending: dict[Any, pd.DataFrame] = {}
+        self._log_lock = threading.Lock()
+        self._pending: dict[Any, tuple[np.ndarray, np.ndarray]] = {}
+        # user -> (stamp, UserState, bytes): the served states of the hottest users
+        self._served: OrderedDict = OrderedDict()
+        self._served_bytes = 0
+        self._served_max = int(served_cache_bytes)
+        self._served_lock = threading.Lock()
         if log is not None and len(log):
             ev = parse_events(model, log)
             for u, grp in ev.groupby("user", sort=False):
-                self._pending[u] = grp
+                self._pending[u] = (grp["_idx"].to_numpy(), grp["reward"].to_numpy())
             self._log.extend(ev[list(EVENT_COLUMNS)].itertuples(index=False, name=None))
         cfg = model.config
-        net = model._net
+        net = model.network
         with torch.no_grad():
             if cfg.meta == "fomaml":
                 self._lr = (torch.exp(net.log_lr[0]).clone(), torch.exp(net.log_lr[1]).clone())
@@ -323,24 +505,11 @@ class OnlineStore:
 
     # ---------------------------------------------------------------- low level
     def _lock(self, user) -> threading.Lock:
-        lk = self._locks.get(user)
-        if lk is None:
-            with self._locks_guard:
-                lk = self._locks.setdefault(user, threading.Lock())
-        return lk
-
-    def _encode(self, enc_items: np.ndarray, ufeat: np.ndarray) -> torch.Tensor:
-        from ..training.loop import history_tensors
-
-        m = self.model
-        bi, bo, bw, sq, sl = history_tensors([enc_items], m.config.seq_len, m.n_items)
-        uo = torch.tensor([0, len(ufeat)], dtype=torch.int64)
-        with torch.no_grad():
-            return m._net.user_state(m._X, bi, bo, bw, sq, sl, torch.from_numpy(ufeat.astype(np.int64)), uo)
+        return self._stripes[hash(user) % _N_STRIPES]
 
     def _support(self, enc_items, enc_rewards):
         rows = torch.zeros(len(enc_items), dtype=torch.int64)
-        w = torch.from_numpy(np.maximum(enc_rewards, 0.0).astype(np.float32)) / self.model._reward_scale
+        w = torch.from_numpy(np.maximum(enc_rewards, 0.0).astype(np.float32)) / self.model.reward_scale
         return rows, torch.from_numpy(enc_items.astype(np.int64)), w
 
     def _adapt(self, h, enc_items, enc_rewards, steps, known):
@@ -348,52 +517,43 @@ class OnlineStore:
         rows, it, w = self._support(enc_items, enc_rewards)
         lr = None if m.config.meta == "fomaml" else m.config.inner_lr
         with torch.no_grad():
-            return m._net.adapt_phi(h, m._V, rows, it, w, steps, lr=lr, **self._offset_kw(rows, it, known))
+            return m.network.adapt_phi(h, m.item_table, rows, it, w, steps, lr=lr,
+                                       **self._offset_kw(rows, it, known))
 
     def _ufeat(self, user, known) -> np.ndarray:
-        m = self.model
-        if not known or len(m._uf_off) <= 1:
+        if not known:
             return np.zeros(0, np.int64)
-        u = m.user_map.position(user)
-        return m._uf_idx[m._uf_off[u]:m._uf_off[u + 1]]
+        return self.model.user_feature_rows(self.model.user_position(user))
 
     def _publish(self, user, version, h, gamma, delta, seen, seen_r, enc_items, enc_rewards, known, steps,
-                 n_prior=0):
-        m = self.model
+                 n_prior=0) -> OnlineUser:
         with torch.no_grad():
-            hp = m._net.apply_phi(h, gamma, delta)
-        st = UserState(hp[0].numpy().copy(), h[0].numpy().copy(), enc_items, _ext(m, enc_items), enc_rewards,
-                       user if known else None, (), int(steps), None,
-                       self._item_bias(seen[n_prior:], seen_r[n_prior:], known))
-        ou = OnlineUser(user, int(version), st, enc_items, enc_rewards,
-                        gamma[0].detach().numpy().copy(), delta[0].detach().numpy().copy(), known, seen, seen_r,
-                        int(n_prior))
-        return ou._with_ids(m)
+            hp = self.model.network.apply_phi(h, gamma, delta)
+        return OnlineUser(user, int(version), hp[0].numpy().copy(), h[0].numpy().copy(), enc_items, enc_rewards,
+                          gamma[0].detach().numpy().copy(), delta[0].detach().numpy().copy(), known, seen, seen_r,
+                          int(n_prior), int(steps), self._correction(seen[n_prior:], seen_r[n_prior:], known),
+                          next(self._stamps), self)
 
-    def _item_bias(self, items: np.ndarray, rewards: np.ndarray, known: bool) -> np.ndarray | None:
-        """The user's adapted item-bias vector from its feedback events (hits and misses):
-        ``kappa * (mu + correction)`` for a new user, ``kappa * correction`` for a known one,
-        from the reward posterior (:mod:`recmeta_sdk.online.posterior`); None when
+    def _correction(self, items: np.ndarray, rewards: np.ndarray, known: bool) -> SparseCorrection | None:
+        """The user's adapted item-bias vector from its feedback events (hits and misses), in
+        sparse form: ``kappa * (mu + correction)`` for a new user, ``kappa * correction`` for a
+        known one, from the reward posterior (:mod:`recmeta_sdk.online.posterior`); None when
         ``config.feedback_posterior`` is 0 or there is no feedback yet."""
-        from . import posterior
-
         m = self.model
         cfg = m.config
         if cfg.feedback_posterior <= 0 or len(items) == 0:
             return None
         items, rewards = items[-cfg.feedback_window:], rewards[-cfg.feedback_window:]
         post = posterior.of_model(m)
-        y = np.maximum(np.asarray(rewards, np.float64), 0.0) / m._reward_scale
-        b = post.correction(items, y, float(cfg.feedback_reg))
-        if not known:
-            b = b + post.mu
-        return (float(cfg.feedback_posterior) * posterior.score_scale(m) * b).astype(np.float32)
+        y = np.maximum(np.asarray(rewards, np.float64), 0.0) / m.reward_scale
+        obs, coef = post.coefficients(items, y, float(cfg.feedback_reg))
+        return SparseCorrection(obs, coef, float(cfg.feedback_posterior) * posterior.score_scale(m), not known)
 
     def _offset_kw(self, rows, items, known) -> dict:
         """The wide (item-to-item) part of the logits, for models that have one (a new user's
-        weight for an unknown user, see :meth:`RecMetaNet.wide_alpha`)."""
-        f = getattr(self.model._net, "wide_offset", None)
-        off = f(rows, items, 1, new=not known) if f is not None else None
+        weight for an unknown user, see :meth:`RecMetaNet.wide_alpha`); computed per event for
+        the support gradient, never stored."""
+        off = self.model.history_offset(items.numpy(), new=not known)
         return {} if off is None else {"offset": off}
 
     def _prior(self, user) -> OnlineUser | None:
@@ -401,14 +561,13 @@ class OnlineStore:
         m = self.model
         if not self.known_users:
             return None
-        u = m.user_map.position(user) if _scalar_id(user) else -1
+        u = m.user_position(user)
         if u < 0:
             return None
-        lo, hi = m._hist_offsets[u], m._hist_offsets[u + 1]
-        items = m._hist_items[lo:hi].astype(np.int64)
-        rews = m._hist_rewards[lo:hi].astype(np.float32)
-        uf = self._ufeat(user, True)
-        h = self._encode(items, uf)
+        items, rews = m.user_history(u)
+        items = items.astype(np.int64)
+        rews = rews.astype(np.float32)
+        h = m.encode_history(items, m.user_feature_rows(u))
         steps = m.config.inner_steps
         g, d = self._adapt(h, items, rews, steps, True)
         return self._publish(user, 0, h, g, d, items, rews, items, rews, True, steps, len(items))
@@ -427,7 +586,7 @@ class OnlineStore:
         else:
             seen, seen_r = cur.seen, cur.seen_rewards
             enc_i, enc_r = cur.enc_items, cur.enc_rewards
-            known, version, steps0 = cur.known, cur.version, cur.state.steps
+            known, version, steps0 = cur.known, cur.version, cur.steps
         seen = np.append(seen, np.int64(idx))
         seen_r = np.append(seen_r, np.float32(reward)).astype(np.float32)
         if self.encode == "all" or reward > 0:
@@ -437,10 +596,10 @@ class OnlineStore:
             # a miss: not read by the encoder, and its support gradient is zero; seen grows and
             # the reward posterior (which reads misses) gives the state a new item bias
             n0 = cur.n_prior
-            st = replace(cur.state, item_bias=self._item_bias(seen[n0:], seen_r[n0:], known))
-            return replace(cur, version=version + 1, seen=seen, seen_rewards=seen_r, state=st)._with_ids(m)
-        uf = self._ufeat(user, known)
-        h = self._encode(enc_i, uf)
+            return replace(cur, version=version + 1, seen=seen, seen_rewards=seen_r,
+                           correction=self._correction(seen[n0:], seen_r[n0:], known), stamp=next(self._stamps),
+                           _owner=self)
+        h = m.encode_history(enc_i, self._ufeat(user, known))
         if new_user or self.update == "readapt":
             steps = m.config.inner_steps
             g, d = self._adapt(h, enc_i, enc_r, steps, known)
@@ -450,35 +609,68 @@ class OnlineStore:
             g0 = torch.from_numpy(cur.gamma)[None]
             d0 = torch.from_numpy(cur.delta)[None]
             with torch.no_grad():
-                gg, gd = m._net.support_grad(h, g0, d0, m._V, rows, it, w, 1, **self._offset_kw(rows, it, known))
+                gg, gd = m.network.support_grad(h, g0, d0, m.item_table, rows, it, w, 1,
+                                                **self._offset_kw(rows, it, known))
                 g = g0 - self._lr[0] * gg
                 d = d0 - self._lr[1] * gd
             total = steps0 + 1
         return self._publish(user, version + 1, h, g, d, seen, seen_r, enc_i, enc_r, known, total,
                              0 if new_user else cur.n_prior)
 
+    def _state_of(self, ou: OnlineUser) -> UserState:
+        """``ou.state``: the served state of a version (from the served-state cache, or built)."""
+        with self._served_lock:
+            ent = self._served.get(ou.user)
+            if ent is not None and ent[0] == ou.stamp:
+                self._served.move_to_end(ou.user)
+                return ent[1]
+        m = self.model
+        bias = None if ou.correction is None else posterior.of_model(m).dense(ou.correction)
+        st = UserState(ou.vector, ou.base, ou.enc_items, _ext(m, ou.enc_items), ou.enc_rewards,
+                       ou.user if ou.known else None, (), int(ou.steps), None, bias)
+        # its dense bias, and the wide part recommend will cache in it
+        nb = 2 * 4 * m.n_items + ou.vector.nbytes * 2 + 256
+        with self._served_lock:
+            old = self._served.pop(ou.user, None)
+            if old is not None:
+                self._served_bytes -= old[2]
+            if self._served_max > 0:
+                self._served[ou.user] = (ou.stamp, st, nb)
+                self._served_bytes += nb
+                while len(self._served) > 1 and self._served_bytes > self._served_max:
+                    _, (_, _, b) = self._served.popitem(last=False)
+                    self._served_bytes -= b
+        return st
+
+    def _get(self, user) -> OnlineUser | None:
+        """The backend's version of ``user`` (bound to this store), or None."""
+        ou = self.backend.get(user)
+        if ou is not None and ou._owner is not self:
+            object.__setattr__(ou, "_owner", self)
+        return ou
+
     def _materialise(self, user) -> OnlineUser | None:
         """Rebuild a user's state from a carried-over log (first use after ``resume``)."""
         grp = self._pending.get(user)
-        if grp is None:
-            return None
+        if grp is None:  # (rebuilt meanwhile by another thread)
+            return self._get(user)
         with self._lock(user):
-            cur = self._states.get(user)
-            if cur is not None or user not in self._pending:
-                return cur
-            for idx, r in zip(grp["_idx"].to_numpy(), grp["reward"].to_numpy()):
+            if user not in self._pending:
+                return self._get(user)
+            cur = self._get(user)
+            for idx, r in zip(*grp):
                 cur = self._apply(cur, user, int(idx), float(r))
-            self._states[user] = cur
+            self.backend.put(user, cur)
             del self._pending[user]
             return cur
 
     # ---------------------------------------------------------------- public
     def current(self, user: Any) -> OnlineUser | None:
-        """The latest published version of ``user`` (None if it has no feedback yet)."""
-        st = self._states.get(user)
-        if st is None and self._pending:
-            st = self._materialise(user)
-        return st
+        """The latest published version of ``user`` (None if it has none: no feedback yet, or
+        its entry was evicted / expired from the backend)."""
+        if self._pending and user in self._pending:
+            return self._materialise(user)
+        return self._get(user)
 
     def feedback(self, events: pd.DataFrame | Sequence[Mapping[str, Any] | tuple]) -> dict[Any, OnlineUser]:
         """Apply events in their order (per user); returns each touched user's new version.
@@ -486,38 +678,71 @@ class OnlineStore:
         Atomic: every event is validated (:func:`parse_events`) before any is applied, and the
         new versions of all the call's users are computed before any is published; if one
         fails (ValueError naming the event, also for a state that would not be finite),
-        nothing of the call is published or logged."""
-        ev = parse_events(self.model, events)
-        groups = list(ev.groupby("user", sort=False))
-        for user, _ in groups:
-            if user in self._pending:
-                self._materialise(user)
-        # the users' locks, in one global order (no deadlock between concurrent calls), held
-        # while the new versions are computed and published
-        locks = sorted(((type(u).__name__, str(u), self._lock(u)) for u, _ in groups), key=lambda t: t[:2])
+        nothing of the call is published or logged. A list of plain tuples or dicts takes a
+        fast path without pandas (the same states and log rows)."""
+        rows = _event_rows(self.model, events)
+        groups: dict[Any, list[tuple]] = {}
+        for r in rows:
+            groups.setdefault(r[1], []).append(r)
+        if self._pending:
+            for user in groups:
+                if user in self._pending:
+                    self._materialise(user)
+        # the users' lock stripes, in one global order (no deadlock between concurrent calls),
+        # held while the new versions are computed and published
+        locks = sorted({id(lk): lk for lk in (self._lock(u) for u in groups)}.items())
         new: dict[Any, OnlineUser] = {}
         logs: list[tuple] = []
-        for _, _, lk in locks:
+        for _, lk in locks:
             lk.acquire()
         try:
-            for user, grp in groups:
-                cols = [grp[c].to_numpy() for c in ("_idx", "item", "reward", "propensity", "timestamp", "position")]
-                cur = self._states.get(user)
-                for row, (idx, item, r, p, t, pos) in zip(grp.index, zip(*cols)):
-                    cur = self._apply(cur, user, int(idx), float(r))
-                    if not np.isfinite(cur.state.vector).all():
-                        raise ValueError(f"feedback event {row} (user {user!r}, reward {float(r)!r}) would "
+            for user, evs in groups.items():
+                cur = self._get(user)
+                for row, _, item, idx, r, p, t, pos in evs:
+                    cur = self._apply(cur, user, idx, r)
+                    if not np.isfinite(cur.vector).all():
+                        raise ValueError(f"feedback event {row} (user {user!r}, reward {r!r}) would "
                                          f"make the user's state non-finite; nothing of this call was applied")
-                    logs.append((user, item.item() if hasattr(item, "item") else item,
-                                 float(r), float(p), float(t), int(pos)))
+                    logs.append((user, item, r, p, t, pos))
                 new[user] = cur
             for user, cur in new.items():
-                self._states[user] = cur  # atomic publish of each whole new version
-            self._log.extend(logs)
+                self.backend.put(user, cur)  # publish each whole new version
+            with self._log_lock:
+                self._log.extend(logs)
         finally:
-            for _, _, lk in reversed(locks):
+            for _, lk in reversed(locks):
                 lk.release()
         return new
+
+    def forget(self, user: Any) -> bool:
+        """Drop ``user``'s online state (it is served as if it had no feedback; the log keeps
+        its events). True if there was one."""
+        with self._lock(user):
+            self._pending.pop(user, None)
+            with self._served_lock:
+                old = self._served.pop(user, None)
+                if old is not None:
+                    self._served_bytes -= old[2]
+            return bool(self.backend.delete(user))
+
+    def __len__(self) -> int:
+        """Users with an online state in the backend (not counting unreplayed log users)."""
+        return len(self.backend)
+
+    def stats(self) -> dict:
+        """What the store holds: ``users`` (in the backend), ``events`` (in the log),
+        ``pending_users`` (log users not yet rebuilt), ``served_users`` / ``served_bytes`` (the
+        served-state cache), ``bytes_per_user`` (mean ``OnlineUser.nbytes`` in the backend) and
+        the backend's own ``stats()`` (with :class:`MemoryBackend`: ``bytes``, ``evictions``,
+        ``expirations``, the limits)."""
+        vals = [v for _, v in self.backend.items()]
+        out = {"users": len(self.backend), "events": len(self._log), "pending_users": len(self._pending),
+               "served_users": len(self._served), "served_bytes": self._served_bytes,
+               "bytes_per_user": float(np.mean([v.nbytes for v in vals])) if vals else 0.0}
+        extra = getattr(self.backend, "stats", None)
+        if callable(extra):
+            out["backend"] = extra()
+        return out
 
     def log(self) -> pd.DataFrame:
         """The feedback log so far (a copy), columns :data:`EVENT_COLUMNS`."""
@@ -534,13 +759,13 @@ def store(model: Recommender, **options: Any) -> OnlineStore:
     ``options`` (``encode``, ``update``; see :class:`OnlineStore`) configure it; they can
     only be given before the first feedback (ValueError otherwise, if they differ).
     """
-    st = getattr(model, "_online_store", None)
+    st = model.default_online_store
     if st is None or options:
         with _STORE_GUARD:
-            st = getattr(model, "_online_store", None)
+            st = model.default_online_store
             if st is None:
                 st = OnlineStore(model, **options)
-                model._online_store = st
+                model.default_online_store = st
             elif options:
                 same = all(getattr(st, k, None) == v for k, v in options.items())
                 if not same:
@@ -548,7 +773,7 @@ def store(model: Recommender, **options: Any) -> OnlineStore:
                         raise ValueError(f"the model already has feedback under {st.encode=}, {st.update=}; "
                                          f"cannot reconfigure to {options}")
                     st = OnlineStore(model, **options)
-                    model._online_store = st
+                    model.default_online_store = st
     return st
 
 
@@ -580,7 +805,7 @@ def recommend(model: Recommender, user: Any, k: int = 10, **kwargs: Any) -> tupl
             if extra:
                 kwargs["exclude"] = list(kwargs.get("exclude") or []) + extra
         return model.recommend(st.state, k, **kwargs), st.version
-    if _scalar_id(user) and model.user_map.position(user) >= 0:
+    if _scalar_id(user) and model.user_position(user) >= 0:
         return model.recommend(model.user_state(user, task=kwargs.get("task")), k, **kwargs), 0
     return model.recommend(model.adapt([]), k, **kwargs), 0
 
@@ -607,7 +832,7 @@ def log_to_file(model: Recommender) -> tuple[dict, dict | None]:
     "update"}`` (the store's options). ``({}, None)`` when the model has no feedback.
     Both are covered by the file's SHA-256 (:mod:`recmeta_sdk.model.io`).
     """
-    st = getattr(model, "_online_store", None)
+    st = model.default_online_store
     if st is None or not st._log:
         return {}, None
     log = st.log()
@@ -618,7 +843,7 @@ def log_to_file(model: Recommender) -> tuple[dict, dict | None]:
         key = ("s", str(u)) if isinstance(u, str) else ("i", int(u))
         uidx[j] = distinct.setdefault(key, len(distinct))
     user_list = [k[1] for k in sorted(distinct, key=distinct.get)]
-    items = model.item_map.to_index(log["item"].to_numpy())
+    items = model.item_positions(log["item"].to_numpy())
     if (items < 0).any():  # cannot happen: parse_events checked every event
         raise ValueError("the feedback log has items unknown to the model")
     tensors = {
@@ -680,7 +905,7 @@ def log_from_file(model: Recommender, tensors: dict, meta: dict | None, path: st
     if n == 0 or u.min() < 0 or u.max() >= len(users) or it.min() < 0 or it.max() >= model.n_items:
         raise ModelFileError(f"{path}: the feedback log's user or item indices are out of range")
     reward = tensors["feedback.reward"].numpy()
-    scaled = reward / model._reward_scale
+    scaled = reward / model.reward_scale
     if not np.isfinite(scaled).all() or np.abs(scaled).max() > limits.max_abs_weight:
         raise ModelFileError(f"{path}: feedback.reward holds {reward[~np.isfinite(scaled) | (np.abs(scaled) > limits.max_abs_weight)][0]!r}: "
                              f"rewards must be finite and at most {limits.max_abs_weight:g} reward scales")
@@ -695,7 +920,7 @@ def log_from_file(model: Recommender, tensors: dict, meta: dict | None, path: st
                         "timestamp": ts,
                         "position": tensors["feedback.position"].numpy()})
     try:
-        model._online_store = OnlineStore(model, encode=meta["encode"], update=meta["update"], log=log)
+        model.default_online_store = OnlineStore(model, encode=meta["encode"], update=meta["update"], log=log)
     except (TypeError, ValueError, OverflowError) as e:
         raise ModelFileError(f"{path}: invalid feedback log ({e})") from None
 
@@ -838,17 +1063,15 @@ def resume_train(model: Recommender, interactions: pd.DataFrame | None = None, *
                           "propensity": pos["propensity"].to_numpy(np.float32),
                           "timestamp": np.where(np.isfinite(ts), ts, 0.0)})
     prep = prepare(frame, model.item_ids)
-    prep.rewards = prep.rewards / model._reward_scale
-    net = copy.deepcopy(model._net)
+    prep.rewards = prep.rewards / model.reward_scale
+    net = copy.deepcopy(model.network)
     for p in net.parameters():
         p.requires_grad_(True)
     hist = fit(net, prep, cfg, None, progress=progress)
     logger.info("resume: %d rows, %d users, %.1fs", len(frame), len(prep.user_ids), hist["seconds"])
-    new = type(model)(net, cfg, model.item_ids, model.user_ids, model._hist_offsets, model._hist_items,
-                      model._hist_rewards, model._item_count, model._item_schema, model._user_schema,
-                      model._uf_off, model._uf_idx, model._reward_scale)
+    new = model.with_network(net, cfg)
     old = store(model)
     carried = old.log()
-    new._online_store = OnlineStore(new, encode=old.encode, update=old.update,
-                                    log=carried if len(carried) else None)
+    new.default_online_store = OnlineStore(new, encode=old.encode, update=old.update,
+                                           log=carried if len(carried) else None)
     return new

@@ -32,12 +32,21 @@ known (training) user's prior is the model's own state, so only the correction i
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["RewardPosterior", "of_model", "score_scale"]
+if TYPE_CHECKING:
+    from ..model.view import ModelView
+
+__all__ = ["RewardPosterior", "SparseCorrection", "of_model", "score_scale"]
 
 _LOCK = threading.RLock()  # re-entrant: score_scale runs model code under it
+# Per model, built on first use and kept in the model object's own attribute dict under this
+# module's keys (the model's log and weights never change; copies and pickles carry them):
+_POSTERIOR_KEY = "_reward_posterior"
+_SCALE_KEY = "_feedback_score_scale"
 
 
 class RewardPosterior:
@@ -132,10 +141,12 @@ class RewardPosterior:
         G = np.stack([self._second_moment(int(a)) for a in obs], axis=1)
         return G - np.outer(self.mu, self.mu[obs])
 
-    def correction(self, obs: np.ndarray, y: np.ndarray, lam: float, prior: np.ndarray | None = None) -> np.ndarray:
-        """``S[:, O] (S[O, O] + lam I)^{-1} (y - m_O)`` (N,) float64 for the observed items ``obs``
-        with rewards ``y`` (already normalised), ``m = prior`` (default ``mu``). An item observed
-        more than once counts with its last reward."""
+    def coefficients(self, obs: np.ndarray, y: np.ndarray, lam: float,
+                     prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The sparse form of :meth:`correction`: ``(items, coef)`` with ``items`` the distinct
+        observed items (an item observed more than once counts with its last reward) and
+        ``coef = (S[O, O] + lam I)^{-1} (y_O - m_O)``, so that the correction is
+        ``S[:, items] @ coef``. Needs only ``S[O, O]``: no (N, n) product."""
         obs = np.asarray(obs, np.int64)
         y = np.asarray(y, np.float64)
         if obs.shape != y.shape or obs.ndim != 1:
@@ -143,7 +154,7 @@ class RewardPosterior:
         if not np.isfinite(lam) or lam <= 0:
             raise ValueError(f"lam must be a finite number > 0, got {lam}")
         if len(obs) == 0:
-            return np.zeros(self.n_items)
+            return np.zeros(0, np.int64), np.zeros(0, np.float64)
         if obs.min() < 0 or obs.max() >= self.n_items:
             raise ValueError(f"observed item index out of range [0, {self.n_items})")
         if not np.isfinite(y).all():
@@ -153,42 +164,84 @@ class RewardPosterior:
         keep = len(obs) - 1 - rev_i
         obs, y = obs[keep], y[keep]
         m = self.mu if prior is None else np.asarray(prior, np.float64)
-        C = self.columns(obs)  # (N, n)
-        A = C[obs] + lam * np.eye(len(obs))
-        return C @ np.linalg.solve(A, y - m[obs])
+        # S[O, O]: the same numbers as columns(obs)[obs] (element for element), from the
+        # observed rows of the second-moment columns only
+        G = np.stack([self._second_moment(int(a))[obs] for a in obs], axis=1)
+        A = (G - np.outer(self.mu[obs], self.mu[obs])) + lam * np.eye(len(obs))
+        return obs, np.linalg.solve(A, y - m[obs])
+
+    def correction(self, obs: np.ndarray, y: np.ndarray, lam: float, prior: np.ndarray | None = None) -> np.ndarray:
+        """``S[:, O] (S[O, O] + lam I)^{-1} (y - m_O)`` (N,) float64 for the observed items ``obs``
+        with rewards ``y`` (already normalised), ``m = prior`` (default ``mu``). An item observed
+        more than once counts with its last reward."""
+        items, coef = self.coefficients(obs, y, lam, prior)
+        if len(items) == 0:
+            return np.zeros(self.n_items)
+        return self.columns(items) @ coef
+
+    def dense(self, correction: SparseCorrection) -> np.ndarray:
+        """The (N,) float32 item-bias vector of a :class:`SparseCorrection`:
+        ``scale * (S[:, items] @ coef [+ mu])``."""
+        b = self.columns(correction.items) @ correction.coef if len(correction.items) else np.zeros(self.n_items)
+        if correction.with_prior:
+            b = b + self.mu
+        return (correction.scale * b).astype(np.float32)
 
 
-def of_model(model) -> RewardPosterior:
-    """The :class:`RewardPosterior` of a :class:`~recmeta_sdk.api.Recommender`'s training log
-    (built on first use and kept with the model; its log never changes)."""
-    p = model.__dict__.get("_reward_posterior")
+@dataclass(frozen=True, eq=False)
+class SparseCorrection:
+    """A user's online item-bias vector in sparse form: the items its feedback touched, one
+    coefficient each, and a scale (memory O(feedback window), not O(catalogue)).
+
+    Its dense form, :meth:`RewardPosterior.dense`, is ``scale * (S[:, items] @ coef + prior)``
+    with ``prior = mu`` for a new user (``with_prior``) and 0 for a known one: the same numbers,
+    bit for bit, as the item-length vector the online loop computed before.
+
+    Attributes
+    ----------
+    items : (n,) int64, the distinct observed items (internal indices)
+    coef : (n,) float64, their coefficients ``(S[O, O] + lam I)^{-1} (y_O - mu_O)``
+    scale : ``config.feedback_posterior * score_scale(model)``
+    with_prior : whether the population mean ``mu`` is added (a new user)
+    """
+
+    items: np.ndarray
+    coef: np.ndarray
+    scale: float
+    with_prior: bool
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the arrays."""
+        return int(self.items.nbytes + self.coef.nbytes)
+
+def of_model(model: ModelView) -> RewardPosterior:
+    """The :class:`RewardPosterior` of a model's training log (:meth:`ModelView.training_log`;
+    built on first use and kept for the model's lifetime: its log never changes)."""
+    p = model.__dict__.get(_POSTERIOR_KEY)
     if p is None:
         with _LOCK:
-            p = model.__dict__.get("_reward_posterior")
+            p = model.__dict__.get(_POSTERIOR_KEY)
             if p is None:
-                p = RewardPosterior(model._hist_offsets, model._hist_items, model._hist_rewards,
-                                    model.n_items, model._reward_scale)
-                model._reward_posterior = p
+                offsets, items, rewards = model.training_log()
+                p = RewardPosterior(offsets, items, rewards, model.n_items, model.reward_scale)
+                model.__dict__[_POSTERIOR_KEY] = p
     return p
 
 
-def score_scale(model) -> float:
+def score_scale(model: ModelView) -> float:
     """Standard deviation over the catalogue of a model's scores (before the temperature) for
     a user with no history, the unit of ``config.feedback_posterior`` (computed once per model)."""
-    sc = model.__dict__.get("_feedback_score_scale")
+    sc = model.__dict__.get(_SCALE_KEY)
     if sc is None:
         # Under the lock, once: concurrent first feedback calls must all use one value (each
         # computing its own could differ in the last bits, e.g. a BLAS product run on another
         # number of threads, and a state built with a value later overwritten would not match
         # a replay of the log: the "1 of 1,898 online results" of issue 18).
         with _LOCK:
-            sc = model.__dict__.get("_feedback_score_scale")
+            sc = model.__dict__.get(_SCALE_KEY)
             if sc is None:
-                st = model.adapt([])
-                z = model._V.numpy() @ st.vector + model._bias.numpy()
-                extra = model._state_bias(st)  # the state's wide part, if the model has one
-                if extra is not None:
-                    z = z + extra
+                z = model.score_all(model.adapt([]))
                 sc = float(np.std(z.astype(np.float64))) or 1.0
-                model._feedback_score_scale = sc
+                model.__dict__[_SCALE_KEY] = sc
     return sc
