@@ -262,6 +262,10 @@ class Recommender:
         lo, hi = self._hist_offsets[position], self._hist_offsets[position + 1]
         return self._hist_items[lo:hi], self._hist_rewards[lo:hi]
 
+    def adapt_steps(self, steps: Optional[int]) -> int:
+        """The number of adaptation steps for ``steps`` (None: ``config.inner_steps``), validated."""
+        return self._check_steps(steps)
+
     def user_feature_rows(self, position: int) -> np.ndarray:
         """Training user ``position``'s encoded side-feature rows (empty without user features)."""
         if len(self._uf_off) <= 1:

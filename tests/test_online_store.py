@@ -59,9 +59,12 @@ def _same(a, b):
 
 def test_recommender_offers_the_model_view_and_the_online_layer_reads_nothing_else(model):
     assert isinstance(model, ModelView)
-    src = "\n".join(p.read_text() for p in Path(online.__file__).parent.glob("*.py"))
-    private = sorted(set(re.findall(r"model\._[a-zA-Z]\w*", src)))
-    assert private == [], f"the online layer reads private model attributes: {private}"
+    from recmeta_sdk import training
+
+    for pkg in (online, training):
+        src = "\n".join(p.read_text() for p in Path(pkg.__file__).parent.glob("*.py"))
+        private = sorted(set(re.findall(r"model\._[a-zA-Z]\w*", src)))
+        assert private == [], f"{pkg.__name__} reads private model attributes: {private}"
     # the view's answers are the model's
     assert model.item_position(model.item_ids[3]) == 3 and model.item_position(10**9) == -1
     assert model.item_position("not-an-item") == -1

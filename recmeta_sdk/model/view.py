@@ -1,8 +1,8 @@
 """What the online layer reads of a trained model: a small, read-only, typed interface.
 
 :class:`ModelView` is the whole of what :mod:`recmeta_sdk.online` (feedback, the online store, the
-reward posterior, resume training) uses of a :class:`recmeta_sdk.Recommender`; the facade
-implements it. It lives in the model layer so that the online layer can name it without
+reward posterior, resume training) and :mod:`recmeta_sdk.training.meta_tasks` (task adaptation)
+use of a :class:`recmeta_sdk.Recommender`; the facade implements it. It lives in the model layer so that the online layer can name it without
 importing the facade above it (issue 19: imports only go downward, and no layer reads another's
 private attributes).
 
@@ -76,6 +76,10 @@ class ModelView(Protocol):
 
     def user_position(self, user: Any) -> int:
         """The internal index of a training user's id, -1 if the id is not a training user."""
+
+    def adapt_steps(self, steps: int | None) -> int:
+        """The number of adaptation steps to run for ``steps`` (None: ``config.inner_steps``),
+        validated (an int in ``[0, MAX_ADAPT_STEPS]``, else ValueError naming it)."""
 
     def user_history(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         """A training user's history (time order): ``(items (n,) int64, rewards (n,) float32)``."""

@@ -336,7 +336,7 @@ def adapt_task(model, interactions: pd.DataFrame, *, steps: int | None = None) -
             raise ValueError(f"adapt_task: interactions need a {col!r} column; they have {list(interactions.columns)}")
     if len(interactions) == 0:
         raise ValueError("adapt_task: interactions are empty")
-    steps = model._check_steps(steps)
+    steps = model.adapt_steps(steps)
     df = interactions
     if df["user"].isna().any():
         raise ValueError("adapt_task: interactions have missing user ids")
@@ -344,7 +344,7 @@ def adapt_task(model, interactions: pd.DataFrame, *, steps: int | None = None) -
     if (it < 0).any():
         bad = df["item"].to_numpy()[it < 0][:10].tolist()
         raise ValueError(f"adapt_task: {int((it < 0).sum())} interaction(s) with items unknown to the model: {bad}")
-    scale = model._reward_scale
+    scale = model.reward_scale
     rew = (df["reward"].to_numpy(dtype=np.float64) if "reward" in df.columns else np.full(len(df), scale))
     if not np.isfinite(rew).all():
         raise ValueError("adapt_task: reward has non-finite values")
@@ -358,11 +358,10 @@ def adapt_task(model, interactions: pd.DataFrame, *, steps: int | None = None) -
         sel = order[starts[b]:starts[b + 1]]
         f_items, f_rew = it[sel].astype(np.int64), rew[sel].astype(np.float32)
         if u >= 0:
-            lo, hi = model._hist_offsets[u], model._hist_offsets[u + 1]
-            hists.append(np.concatenate([model._hist_items[lo:hi], f_items]))
-            rews.append(np.concatenate([model._hist_rewards[lo:hi], f_rew]))
-            ufs.append(model._uf_idx[model._uf_off[u]:model._uf_off[u + 1]] if len(model._uf_off) > u + 1
-                       else np.zeros(0, np.int64))
+            h_items, h_rew = model.user_history(int(u))
+            hists.append(np.concatenate([h_items, f_items]))
+            rews.append(np.concatenate([h_rew, f_rew]))
+            ufs.append(np.asarray(model.user_feature_rows(int(u)), np.int64))
         else:
             hists.append(f_items)
             rews.append(f_rew)
@@ -370,18 +369,18 @@ def adapt_task(model, interactions: pd.DataFrame, *, steps: int | None = None) -
         sup_i.append(f_items)
         sup_w.append(np.maximum(f_rew, 0.0) / scale)
         sup_r.append(np.full(len(f_items), b, np.int64))
-    net = model._net
+    net = model.network
     B = len(hists)
     bi, bo, bw, sq, sl = history_tensors(hists, model.config.seq_len, model.n_items)
     uo = np.concatenate([[0], np.cumsum([len(x) for x in ufs])]).astype(np.int64)
     ui = np.concatenate(ufs).astype(np.int64) if uo[-1] else np.zeros(0, np.int64)
     with torch.no_grad():
-        h = net.user_state(model._X, bi, bo, bw, sq, sl, torch.from_numpy(ui), torch.from_numpy(uo))
+        h = net.user_state(model.input_table, bi, bo, bw, sq, sl, torch.from_numpy(ui), torch.from_numpy(uo))
         rows = torch.from_numpy(np.repeat(np.arange(B), [len(x) for x in hists]))
         offset = net.wide_offset(rows, bi, B)
         lr = None if model.config.meta == "fomaml" else model.config.inner_lr
         inner = (torch.from_numpy(np.concatenate(sup_r)), torch.from_numpy(np.concatenate(sup_i)),
                  torch.from_numpy(np.concatenate(sup_w).astype(np.float32)))
-        gamma, delta = net.adapt_phi(h, model._V, *inner, steps, lr=lr, offset=offset,
+        gamma, delta = net.adapt_phi(h, model.item_table, *inner, steps, lr=lr, offset=offset,
                                      groups=torch.zeros(B, dtype=torch.int64))
     return TaskState(gamma[0].numpy().copy(), delta[0].numpy().copy(), steps, len(df), B, int((known < 0).sum()))
