@@ -286,3 +286,46 @@ def test_table_offsets_on_cuda_are_refused_by_the_table():
 
     assert table_dtype(q) == "int8" and table_dtype([torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.float64)]) \
         == "float64" and table_dtype(np.zeros((2, 2), np.float16)) == "float16"
+
+
+def test_recmeta_env_prints_the_table(capsys, monkeypatch):
+    from recmeta_sdk.cli import main
+
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "backend table" in out
+    for line in backends.format_table().splitlines():
+        assert line in out
+    default = backends.select("policy_topk", "cpu", "float32")
+    assert any(line.split()[:2] == ["policy_topk", "cpu"] and f"{default} *" in line for line in out.splitlines())
+
+
+@pytest.mark.parametrize("case", ["id out of range", "offsets end early", "grad float64", "grad short", "psw nan",
+                                  "state float64"])
+def test_shared_update_checks_name_what_the_core_names(case):
+    """check_update_inputs (the torch path's and the GPU backward's checks) refuses the
+    one-table backward inputs as the torch path does, and as the compiled core does where its
+    binding words the error the same (its dtype errors print numpy's dtype names)."""
+    from recmeta_sdk.ops._common import check_update_inputs
+
+    w, idx, off, g = torch.zeros(5, 3), torch.tensor([1, 2, 4]), torch.tensor([0, 2, 3]), torch.zeros(2, 3)
+    psw, st = None, torch.zeros(5)
+    if case == "id out of range":
+        idx[2] = 5
+    elif case == "offsets end early":
+        off = torch.tensor([0, 1, 2])
+    elif case == "grad float64":
+        g = g.double()
+    elif case == "grad short":
+        g = torch.zeros(1, 3)
+    elif case == "psw nan":
+        psw = torch.tensor([1.0, float("nan"), 1.0])
+    elif case == "state float64":
+        st = st.double()
+    want = _error(lambda: check_update_inputs(5, 3, idx, off, g, psw, st))
+    for b in ("torch",) if "float64" in case else ("cpp", "torch"):
+        if backends.available(b):
+            got = _error(lambda: ops.embedding_bag_backward(w.clone(), idx, off, g, per_sample_weights=psw,
+                                                            optimizer="rowwise_adagrad", state=st.clone(), backend=b))
+            assert got == want, b

@@ -86,8 +86,12 @@ def test_triton_policy_topk_matches_reference(B, N, d, k, fmt, bias, exclude, ca
     u, tab, ref, b, exc, cnd = policy_case(B, N, d, fmt, bias, exclude, cand, ties, seed, device=DEV,
                                              repeat_frac=1 / 3)
     bb, bn, bd, sp = blocks
-    ids, sc, ln = PT.policy_topk(u.to(DEV), tab, k, None if b is None else b.to(DEV), exc, cnd, tau,
-                                 block_b=bb, block_n=bn, block_d=bd, splits=sp)
+    ku, kb = u.to(DEV), None if b is None else b.to(DEV)
+    ids, sc, ln = PT.policy_topk(ku, tab, k, kb, exc, cnd, tau, block_b=bb, block_n=bn, block_d=bd, splits=sp)
+    # the screen recmeta_sdk.ops._gpu applies to the kernel's result (as the sampling test below
+    # passes it): a masked item's -inf score is padding (id -1), a non-finite score an error
+    ids, sc = _gpu._screen_gpu_result(ku, tab, kb, check_csr(exc, "exclude", B, N), check_csr(cnd, "candidates", B, N),
+                                      tau, ids, sc, ln)
     rids, rsc, rln = R.policy_topk(u, ref, k, b, exc, cnd, tau)
     full = R._scores(u, ref, b, tau)
     mask = R.eligible_mask(B, N, exc, cnd) & ~torch.isneginf(full)

@@ -284,29 +284,29 @@ _DTYPE_KEYS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
                torch.float64: "float64"}
 
 
+def _dtype_key(w) -> str:
+    if isinstance(w, torch.Tensor):
+        return _DTYPE_KEYS.get(w.dtype, "float32")
+    if isinstance(w, QuantizedTable):
+        return "int8" if w.dtype == "int8" else "float16"
+    dt = getattr(w, "dtype", None)
+    if isinstance(dt, np.dtype) and dt.name in ("float16", "float64"):
+        return dt.name
+    return "float32"
+
+
 def table_dtype(tables) -> str:
     """The dtype the backend table (:mod:`recmeta_sdk.ops.backends`) dispatches a call on: of
     one table (tensor, numpy array, QuantizedTable) or a list ("bfloat16" / "float64" when a
     table is, since only the reference reads them; else the first table's). Other dtypes
     dispatch as "float32" and are refused by the op's own checks, naming the argument."""
-    tabs = tables if isinstance(tables, (list, tuple)) else (tables,)
-    key = "float32"
-    for i, w in enumerate(tabs):
-        if isinstance(w, QuantizedTable):
-            k = "int8" if w.dtype == "int8" else "float16"
-        else:
-            dt = getattr(w, "dtype", None)
-            if isinstance(dt, torch.dtype):
-                k = _DTYPE_KEYS.get(dt, "float32")
-            elif isinstance(dt, np.dtype):
-                k = dt.name if dt.name in ("float16", "float64") else "float32"
-            else:
-                k = "float32"
-        if k in ("bfloat16", "float64"):
+    if not isinstance(tables, (list, tuple)):
+        return _dtype_key(tables)
+    keys = [_dtype_key(w) for w in tables]
+    for k in keys:
+        if k == "bfloat16" or k == "float64":
             return k
-        if i == 0:
-            key = k
-    return key
+    return keys[0] if keys else "float32"
 
 
 def check_temperature(temperature) -> float:
@@ -391,3 +391,23 @@ def check_update_args(mode: str, optimizer: str, lr, eps) -> None:
         raise ValueError(f"lr: must be a finite number, got {lr!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps: must be a finite number >= 0, got {eps!r}")
+
+
+def check_update_inputs(n_rows: int, dim: int, idx: torch.Tensor, off: torch.Tensor, g: torch.Tensor,
+                        psw: Optional[torch.Tensor], st: Optional[torch.Tensor]):
+    """The one-table fused backward's inputs on the paths that do not leave them to the compiled
+    core (the torch reference, the GPU launcher), for an (n_rows, dim) table: ids in range, CSR
+    offsets, ``grad_output`` (B, dim) float32 and finite, ``per_sample_weights`` (nnz,) finite,
+    the Adagrad ``state`` (n_rows,) float32 and finite. Returns (indices, offsets) contiguous."""
+    idx = check_ids(idx, "indices", n_rows)
+    off = check_offsets(off, "offsets", idx.numel())
+    if g.dtype != torch.float32:
+        raise TypeError(f"grad_output: expected float32, got {g.dtype}")
+    check_float(g, "grad_output", (off.numel() - 1, dim))
+    if psw is not None:
+        check_float(psw, "per_sample_weights", (idx.numel(),))
+    if st is not None:
+        if st.dtype != torch.float32:
+            raise TypeError(f"state: expected a float32 array, got {st.dtype}")
+        check_float(st, "state", (n_rows,))
+    return idx, off

@@ -44,6 +44,7 @@ from ._common import (
     check_ids,
     check_offsets,
     check_update_args,
+    check_update_inputs,
     table_dtype,
     to_kind,
 )
@@ -933,20 +934,13 @@ def embedding_bag_backward(weight: np.ndarray | torch.Tensor | Sequence[np.ndarr
     idx, _ = as_tensor(indices, "indices")
     off, _ = as_tensor(offsets, "offsets")
     g, _ = as_tensor(grad_output, "grad_output")
-    check_ids(idx, "indices", w.shape[0])
-    off = check_offsets(off, "offsets", idx.numel())
-    if g.dtype != torch.float32:
-        raise TypeError(f"grad_output: expected float32, got {g.dtype}")
-    check_float(g, "grad_output", (off.numel() - 1, w.shape[1]))
-    psw = None
-    if per_sample_weights is not None:
-        psw, _ = as_tensor(per_sample_weights, "per_sample_weights")
-        check_float(psw, "per_sample_weights", (idx.numel(),))
+    psw = None if per_sample_weights is None else as_tensor(per_sample_weights, "per_sample_weights")[0]
     st = None
     if state is not None:
         st = torch.from_numpy(_np_inplace(state, "state")) if isinstance(state, np.ndarray) else state
-        if not isinstance(st, torch.Tensor) or st.dtype != torch.float32:
+        if not isinstance(st, torch.Tensor):
             raise TypeError(f"state: expected a float32 array, got {getattr(st, 'dtype', type(st).__name__)}")
-        check_float(st, "state", (w.shape[0],))
+    # (the GPU launcher's checks too)
+    idx, off = check_update_inputs(int(w.shape[0]), int(w.shape[1]), idx, off, g, psw, st)
     reference.embedding_bag_backward(w, idx, off, g, psw, mode, optimizer, float(lr), float(eps), st)
     return None

@@ -29,7 +29,7 @@ from . import backends
 from . import reference
 from ._common import (
     _check_bias_finite, _nonfinite_row, _parts_to_table, _table_parts, as_seed, as_table, as_tensor, check_bags,
-    check_float, check_ids, check_offsets, check_policy_args, check_update_args, table_dtype,
+    check_float, check_policy_args, check_update_args, check_update_inputs, table_dtype,
 )
 from ._native import core_cuda, load_kernel_module
 from .reference import QuantizedTable
@@ -278,24 +278,16 @@ def gpu_embedding_bag_backward(weight, indices, offsets, grad_output, per_sample
         st, _ = as_tensor(state, "state")
     _check_device(w.device, [("indices", idx), ("offsets", off), ("grad_output", g),
                              ("per_sample_weights", psw), ("state", st)])
-    idx = check_ids(idx, "indices", w.shape[0])
-    off = check_offsets(off, "offsets", idx.numel())
-    if g.dtype != torch.float32:
-        raise TypeError(f"grad_output: expected float32, got {g.dtype}")
-    check_float(g, "grad_output", (off.numel() - 1, w.shape[1]))
+    if optimizer == "rowwise_adagrad" and st is None:
+        raise ValueError("state: rowwise_adagrad needs a (N,) float32 state")
+    # the CPU path's checks, then what the kernels need on top
+    idx, off = check_update_inputs(int(w.shape[0]), int(w.shape[1]), idx, off, g, psw, st)
     if psw is not None:
         if psw.dtype != torch.float32:
             raise TypeError(f"per_sample_weights: expected float32, got {psw.dtype}")
-        check_float(psw, "per_sample_weights", (idx.numel(),))
         psw = psw.contiguous()
-    if optimizer == "rowwise_adagrad":
-        if st is None:
-            raise ValueError("embedding_bag_backward: rowwise_adagrad needs state")
-        if st.dtype != torch.float32:
-            raise TypeError(f"state: expected float32, got {st.dtype}")
-        check_float(st, "state", (w.shape[0],))
-        if not st.is_contiguous():
-            raise ValueError("state: must be contiguous (it is updated in place)")
+    if st is not None and not st.is_contiguous():
+        raise ValueError("state: must be contiguous (it is updated in place)")
     name = _resolve("embedding_bag_backward", w, backend)
     if name == "torch":
         wc, sc = w.cpu(), None if st is None else st.cpu()
