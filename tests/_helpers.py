@@ -5,7 +5,8 @@ tests/test_triton_kernels.py), numpy-generator builders for the property fuzz
 (``floats``, ``with_repeats``, ``table_pair``, ``csr``, ``bags``, ``policy_case``:
 tests/test_ops_fuzz.py, tests/test_triton_fuzz.py), ``to_device`` for tables, and the
 tie-aware top-k comparisons (``check_ranked``, ``check_topk``). Nothing here imports a Triton
-kernel module (tests/_triton_setup.py must set TRITON_INTERPRET first).
+kernel module (tests/_triton_setup.py must set TRITON_INTERPRET first). Also the CPU backends
+as a parametrize list (``CPU_BACKENDS``, ``HAS_CPP``, ``needs_cpp``: tests/test_embedding_bag*.py).
 """
 from __future__ import annotations
 
@@ -14,9 +15,18 @@ from typing import Optional
 import numpy as np
 import torch
 
+import pytest
+
 from recmeta_sdk import ops
+from recmeta_sdk.ops import backends
 from recmeta_sdk.ops import reference as R
 from recmeta_sdk.ops.reference import QuantizedTable
+
+#: whether the compiled core is built; the CPU backends as a parametrize list (cpp skipped without
+#: the core) and the mark of tests that need the core
+HAS_CPP = backends.available("cpp")
+CPU_BACKENDS = [pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="no compiled core")), "torch"]
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="the compiled core is not built")
 
 
 # ---------------------------------------------------------------------------------------
@@ -192,5 +202,5 @@ def check_topk(got, want, s_full, mask, *, rtol: float, atol: float, lz_atol: fl
         torch.testing.assert_close(s_full[b, g], sc[b, :g.numel()], rtol=rtol, atol=atol)
 
 
-__all__ = ["gen", "torch_bags", "torch_csr", "to_device", "floats", "with_repeats", "table_pair", "csr", "bags",
+__all__ = ["HAS_CPP", "CPU_BACKENDS", "needs_cpp", "gen", "torch_bags", "torch_csr", "to_device", "floats", "with_repeats", "table_pair", "csr", "bags",
            "policy_case", "check_ranked", "check_topk", "R"]

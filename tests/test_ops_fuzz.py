@@ -31,7 +31,7 @@ import torch
 from recmeta_sdk import ops
 from recmeta_sdk.ops import backends
 from recmeta_sdk.ops import reference as R
-from _helpers import bags, check_ranked, csr, floats, policy_case, table_pair, with_repeats
+from _helpers import bags, check_ranked, floats, policy_case, table_pair, with_repeats
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402

@@ -41,8 +41,6 @@ from ._common import (
     as_tensor,
     check_bags,
     check_float,
-    check_ids,
-    check_offsets,
     check_update_args,
     check_update_inputs,
     table_dtype,
