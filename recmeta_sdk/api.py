@@ -478,7 +478,7 @@ class Recommender:
         t = self._table()
         if t.W is None:
             return None
-        if not t.has_core or backends.resolve(None, "cpu") != "cpp":
+        if not t.has_core or backends.select("embedding_bag", "cpu", "float32") != "cpp":
             return self._wide_bias([np.asarray(history, np.int64)], new)[0].numpy()
         h = np.asarray(history, np.int64)
         items, last_rev = np.unique(h[::-1], return_index=True)  # first index in reverse = latest
@@ -553,7 +553,8 @@ class Recommender:
         B = U.shape[0]
         t = self._table()
         V = t.V
-        core = t.has_core and backends.resolve(None, "cpu") == "cpp"
+        core = t.has_core and backends.select("policy_sample" if seed is not None else "policy_topk",
+                                              "cpu", "float32") == "cpp"
         ids = np.empty((B, k), np.int64)
         scores = np.empty((B, k), np.float32)
         props = None if seed is None else np.empty((B, k), np.float32)

@@ -41,6 +41,10 @@ def _cmd_env(args) -> int:
     for name, (ok, why) in backends.describe().items():
         print(f"  {name:7s} {'yes' if ok else 'no ':3s}  {why}")
     print(f"default CPU backend: {backends.resolve(None, 'cpu')}")
+    print("backend table (op, device, dtypes: backends in order of preference; * the default here, "
+          "-> what runs; ops.backends.table()):")
+    for line in backends.format_table().splitlines():
+        print(f"  {line}")
     return 0
 
 

@@ -18,12 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from recmeta_sdk import ops
-from recmeta_sdk.ops import backends
 from recmeta_sdk.ops import reference
 
-HAS_CPP = backends.available("cpp")
-BACKENDS = [pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="no compiled core")), "torch"]
-needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="the compiled core is not built")
+from _helpers import CPU_BACKENDS as BACKENDS, HAS_CPP, needs_cpp  # noqa: E402
 
 ATOL = 2e-5
 RTOL = 1e-5

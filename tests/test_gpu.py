@@ -15,6 +15,8 @@ from recmeta_sdk.ops import _gpu
 from recmeta_sdk.ops import backends
 from recmeta_sdk.ops import reference as R
 
+from _helpers import check_topk, gen, to_device, torch_bags, torch_csr
+
 HAS_GPU = torch.cuda.is_available()
 
 
@@ -30,32 +32,6 @@ def _gpu_backends():
 def _need(backend):
     if backend == "none":
         pytest.skip("no GPU backend available")
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _bags(B, N, g, max_len=9):
-    lens = torch.randint(0, max_len + 1, (B,), generator=g)
-    lens[B // 3] = 0
-    off = torch.zeros(B + 1, dtype=torch.int64)
-    off[1:] = torch.cumsum(lens, 0)
-    return torch.randint(0, N, (int(off[-1]),), generator=g), off
-
-
-def _csr(B, N, g, max_len):
-    lens = torch.randint(0, max_len + 1, (B,), generator=g)
-    off = torch.zeros(B + 1, dtype=torch.int64)
-    off[1:] = torch.cumsum(lens, 0)
-    return off, torch.randint(0, N, (int(off[-1]),), generator=g)
-
-
-def _to(tab, dev):
-    if isinstance(tab, R.QuantizedTable):
-        return R.QuantizedTable(tab.dtype, *(None if t is None else t.to(dev)
-                                             for t in (tab.data, tab.row_scale, tab.row_min)))
-    return tab.to(dev)
 
 
 # ---------------------------------------------------------------------------------------
@@ -90,9 +66,9 @@ def test_seed_key_matches_reference_hash():
 
 
 def test_gpu_entry_points_reject_cpu_tensors_and_bad_input():
-    g = _gen(1)
+    g = gen(1)
     w = torch.randn(11, 4, generator=g)
-    idx, off = _bags(5, 11, g)
+    idx, off = torch_bags(5, 11, g, 9, empty=5 // 3)
     assert not _gpu.is_cuda_input(w) and not _gpu.is_cuda_input([w, R.quantize(w, "int8")])
     with pytest.raises(ValueError, match="CUDA"):
         _gpu.gpu_embedding_bag(w, idx, off)
@@ -140,7 +116,7 @@ def test_cuda_op_kernel_rebuilds_tables_from_parts():
     the chosen backend; checked here on CPU tensors with the torch backend."""
     from recmeta_sdk.ops import _embedding_bag as ebo
 
-    g = _gen(11)
+    g = gen(11)
     B = 23
     tabs = [torch.randn(41, 5, generator=g), R.quantize(torch.randn(37, 3, generator=g), "int8"),
             R.quantize(torch.randn(29, 4, generator=g), "fp16")]
@@ -173,14 +149,14 @@ def test_cuda_op_kernel_rebuilds_tables_from_parts():
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_gpu_embedding_bag_matches_cpu(backend, fmt, mode):
     _need(backend)
-    g = _gen(2)
+    g = gen(2)
     N, D, B = 1009, 67, 131
     w = torch.randn(N, D, generator=g)
     tab = w if fmt == "fp32" else R.quantize(w, fmt)
-    idx, off = _bags(B, N, g)
+    idx, off = torch_bags(B, N, g, 9, empty=B // 3)
     psw = torch.rand(idx.numel(), generator=g)
     cpu = ops.embedding_bag(tab, idx, off, per_sample_weights=psw, mode=mode)
-    got = _gpu.gpu_embedding_bag(_to(tab, "cuda"), idx.cuda(), off.cuda().to(torch.int32), psw.cuda(), mode,
+    got = _gpu.gpu_embedding_bag(to_device(tab, "cuda"), idx.cuda(), off.cuda().to(torch.int32), psw.cuda(), mode,
                                  backend=backend)
     torch.testing.assert_close(got.cpu(), cpu, rtol=1e-5, atol=1e-5)
 
@@ -189,20 +165,20 @@ def test_gpu_embedding_bag_matches_cpu(backend, fmt, mode):
 @pytest.mark.parametrize("backend", _gpu_backends())
 def test_gpu_tbe_matches_cpu(backend):
     _need(backend)
-    g = _gen(3)
+    g = gen(3)
     B = 29
     tabs = [torch.randn(101, 16, generator=g), R.quantize(torch.randn(53, 33, generator=g), "int8"),
             R.quantize(torch.randn(7, 64, generator=g), "fp16")]
     parts, lens = [], []
     for t in tabs:
-        i, o = _bags(B, t.shape[0], g)
+        i, o = torch_bags(B, t.shape[0], g, 9, empty=B // 3)
         parts.append(i)
         lens.append(o[1:] - o[:-1])
     idx = torch.cat(parts)
     off = torch.zeros(3 * B + 1, dtype=torch.int64)
     off[1:] = torch.cumsum(torch.cat(lens), 0)
     cpu = ops.embedding_bag(tabs, idx, off, mode="mean")
-    got = _gpu.gpu_embedding_bag([_to(t, "cuda") for t in tabs], idx.cuda(), off.cuda(), mode="mean",
+    got = _gpu.gpu_embedding_bag([to_device(t, "cuda") for t in tabs], idx.cuda(), off.cuda(), mode="mean",
                                  backend=backend)
     torch.testing.assert_close(got.cpu(), cpu, rtol=1e-5, atol=1e-5)
 
@@ -213,11 +189,11 @@ def test_gpu_tbe_matches_cpu(backend):
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_gpu_backward_matches_cpu(backend, optimizer, deterministic):
     _need(backend)
-    g = _gen(4)
+    g = gen(4)
     N, D, B = 211, 37, 97
     w0 = torch.randn(N, D, generator=g)
     st0 = torch.rand(N, generator=g)
-    idx, off = _bags(B, N, g, max_len=13)
+    idx, off = torch_bags(B, N, g, 13, empty=B // 3)
     grad = torch.randn(B, D, generator=g)
     psw = torch.rand(idx.numel(), generator=g)
     w_cpu, st_cpu = w0.clone(), st0.clone()
@@ -234,11 +210,11 @@ def test_gpu_backward_matches_cpu(backend, optimizer, deterministic):
 @pytest.mark.parametrize("backend", _gpu_backends())
 def test_gpu_deterministic_backward_is_bitwise_repeatable(backend):
     _need(backend)
-    g = _gen(5)
+    g = gen(5)
     N, D, B = 13, 64, 4099  # few rows, many occurrences each: atomics would reorder sums
     w0 = torch.randn(N, D, generator=g).cuda()
     st0 = torch.rand(N, generator=g).cuda()
-    idx, off = _bags(B, N, g, max_len=17)
+    idx, off = torch_bags(B, N, g, 17, empty=B // 3)
     grad = torch.randn(B, D, generator=g).cuda()
     results = []
     for _ in range(3):
@@ -250,51 +226,38 @@ def test_gpu_deterministic_backward_is_bitwise_repeatable(backend):
         assert torch.equal(w, results[0][0]) and torch.equal(st, results[0][1])
 
 
-def _check_topk_vs_cpu(got, cpu, s_full, mask):
-    ids, sc, lz = (t.cpu() for t in got)
-    cids, csc, clz = cpu
-    torch.testing.assert_close(sc, csc, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(lz, clz, rtol=1e-5, atol=1e-4)
-    assert torch.equal(ids >= 0, cids >= 0)
-    for b in range(ids.shape[0]):
-        got_b = ids[b][ids[b] >= 0]
-        assert got_b.unique().numel() == got_b.numel()
-        assert bool(mask[b, got_b].all())
-        torch.testing.assert_close(s_full[b, got_b], sc[b, :got_b.numel()], rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", _gpu_backends())
 @pytest.mark.parametrize("fmt,B", [("fp32", 1), ("fp16", 7), ("int8", 67), ("fp16", 67)])
 def test_gpu_policy_topk_matches_cpu(backend, fmt, B):
     _need(backend)
-    g = _gen(6)
+    g = gen(6)
     N, D, k = 10007, 61, 13
     u = torch.randn(B, D, generator=g)
     w = torch.randn(N, D, generator=g)
     tab = w if fmt == "fp32" else R.quantize(w, fmt)
     bias = torch.randn(N, generator=g)
-    exc = _csr(B, N, g, 40)
+    exc = torch_csr(B, N, g, 40)
     cpu = ops.policy_topk(u, tab, k, bias=bias, exclude=exc, temperature=0.9)
-    got = _gpu.gpu_policy_topk(u.cuda(), _to(tab, "cuda"), k, bias.cuda(), (exc[0].cuda(), exc[1].cuda()), None,
+    got = _gpu.gpu_policy_topk(u.cuda(), to_device(tab, "cuda"), k, bias.cuda(), (exc[0].cuda(), exc[1].cuda()), None,
                                0.9, backend=backend)
     s_full = (u @ R.dequantize(tab).T + bias) / 0.9
-    _check_topk_vs_cpu(got, cpu, s_full, R.eligible_mask(B, N, exc, None))
+    check_topk(got, cpu, s_full, R.eligible_mask(B, N, exc, None), rtol=1e-4, atol=1e-4, lz_atol=1e-4)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", _gpu_backends())
 def test_gpu_policy_topk_candidates_matches_cpu(backend):
     _need(backend)
-    g = _gen(7)
+    g = gen(7)
     B, N, D, k = 9, 3001, 32, 10
     u = torch.randn(B, D, generator=g)
     w = torch.randn(N, D, generator=g)
-    cand = _csr(B, N, g, 30)
-    exc = _csr(B, N, g, 5)
+    cand = torch_csr(B, N, g, 30)
+    exc = torch_csr(B, N, g, 5)
     cpu = ops.policy_topk(u, w, k, exclude=exc, candidates=cand)
     got = _gpu.gpu_policy_topk(u.cuda(), w.cuda(), k, None, exc, cand, backend=backend)
-    _check_topk_vs_cpu(got, cpu, u @ w.T, R.eligible_mask(B, N, exc, cand))
+    check_topk(got, cpu, u @ w.T, R.eligible_mask(B, N, exc, cand), rtol=1e-4, atol=1e-4, lz_atol=1e-4)
 
 
 @pytest.mark.gpu
@@ -302,15 +265,15 @@ def test_gpu_policy_topk_candidates_matches_cpu(backend):
 @pytest.mark.parametrize("fmt", ["fp32", "int8"])
 def test_gpu_policy_sample_draws_the_cpu_slates(backend, fmt):
     _need(backend)
-    g = _gen(8)
+    g = gen(8)
     B, N, D, k = 33, 5003, 48, 8
     u = torch.randn(B, D, generator=g) * 0.3
     w = torch.randn(N, D, generator=g)
     tab = w if fmt == "fp32" else R.quantize(w, fmt)
-    exc = _csr(B, N, g, 20)
+    exc = torch_csr(B, N, g, 20)
     for seed in (0, 123456789, 2**63 + 5):
         cpu = ops.policy_sample(u, tab, k, seed=seed, exclude=exc)
-        got = _gpu.gpu_policy_sample(u.cuda(), _to(tab, "cuda"), k, seed, None, exc, backend=backend)
+        got = _gpu.gpu_policy_sample(u.cuda(), to_device(tab, "cuda"), k, seed, None, exc, backend=backend)
         # Same uniforms bit for bit; float32 summation order may only swap items whose
         # perturbed scores tie within rounding.
         gids, cids = got[0].cpu(), cpu[0]
@@ -374,11 +337,11 @@ def test_gpu_forward_is_differentiable_like_the_cpu(backend):
     """Training on the GPU: gradients of the tables and per-sample weights through the op
     equal the CPU op's."""
     _need(backend)
-    g = _gen(12)
+    g = gen(12)
     N1, N2, D1, D2, B = 211, 97, 13, 8, 57
     w1, w2 = torch.randn(N1, D1, generator=g), torch.randn(N2, D2, generator=g)
-    i1, o1 = _bags(B, N1, g)
-    i2, o2 = _bags(B, N2, g)
+    i1, o1 = torch_bags(B, N1, g, 9, empty=B // 3)
+    i2, o2 = torch_bags(B, N2, g, 9, empty=B // 3)
     idx = torch.cat([i1, i2])
     off = torch.cat([o1, o2[1:] + o1[-1]])
     psw = torch.rand(idx.numel(), generator=g)

@@ -31,7 +31,7 @@ import torch
 from recmeta_sdk import ops
 from recmeta_sdk.ops import backends
 from recmeta_sdk.ops import reference as R
-from recmeta_sdk.ops.reference import QuantizedTable
+from _helpers import bags, check_ranked, floats, policy_case, table_pair, with_repeats
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -69,102 +69,7 @@ TABLE_DTYPES = st.sampled_from(["fp32", "fp16", "int8", "fp16_array"])
 SEEDS = st.integers(0, 2**32 - 1)
 
 
-# ---------------------------------------------------------------------------------------
-# input builders
-# ---------------------------------------------------------------------------------------
-def _floats(rng, shape, integer: bool) -> np.ndarray:
-    """Gaussian floats, or small integers (exact in fp16 and in every dot product: exact ties)."""
-    if integer:
-        return rng.integers(-2, 3, size=shape).astype(np.float32)
-    return rng.standard_normal(shape).astype(np.float32)
-
-
-def _with_repeats(rng, w: np.ndarray, frac: float) -> np.ndarray:
-    """Copy some rows onto others (ties between different ids)."""
-    n = w.shape[0]
-    if n > 1 and frac > 0:
-        dst = rng.choice(n, size=max(1, int(frac * n)), replace=False)
-        w[dst] = w[rng.integers(0, n, size=dst.size)]
-    return w
-
-
-def _table(w: np.ndarray, dtype: str):
-    """(the table passed to ops, the same table as the reference sees it)."""
-    t = torch.from_numpy(w)
-    if dtype == "fp32":
-        return t, t
-    if dtype == "fp16_array":  # a raw float16 array, not a QuantizedTable
-        h = t.to(torch.float16)
-        return h.numpy(), QuantizedTable("fp16", h)
-    q = ops.quantize(t, dtype)
-    return q, q
-
-
-def _csr(rng, B, N, per_user, dtype=np.int64):
-    """(offsets, ids) with repeated ids and empty lists, or None."""
-    if per_user is None:
-        return None
-    counts = rng.integers(0, per_user + 1, size=B)
-    off = np.zeros(B + 1, dtype=dtype)
-    off[1:] = np.cumsum(counts)
-    ids = rng.integers(0, N, size=int(off[-1])).astype(dtype)
-    if ids.size > 3:
-        ids[1::3] = ids[0:-1:3][: ids[1::3].size]
-    return torch.from_numpy(off), torch.from_numpy(ids)
-
-
-def _bias(rng, N, kind: str, integer: bool):
-    if kind == "none":
-        return None
-    b = _floats(rng, N, integer)
-    if kind in ("mask", "all_masked"):
-        p = 1.0 if kind == "all_masked" else 0.3
-        b[rng.random(N) < p] = -np.inf
-    return torch.from_numpy(b)
-
-
-def _policy_case(B, N, d, dtype, bias, exclude, cand, ties, seed):
-    rng = np.random.default_rng(seed)
-    integer = ties == "integer"
-    u = torch.from_numpy(_floats(rng, (B, d), integer))
-    w = _with_repeats(rng, _floats(rng, (N, d), integer), 0.3 if ties != "none" else 0.0)
-    tab, ref_tab = _table(w, dtype)
-    b = _bias(rng, N, bias, integer)
-    idx_dt = np.int32 if seed % 2 else np.int64
-    exc = _csr(rng, B, N, exclude, idx_dt)
-    cnd = _csr(rng, B, N, cand, idx_dt)
-    return u, tab, ref_tab, b, exc, cnd
-
-
-def _check_ranked(ids, keys, full, mask, ref_ids, ref_keys, k, exact_ties: bool):
-    """Tie-aware comparison of a ranked (top-k) result with the reference's.
-
-    ids / keys: ours, (B, k); full: the reference ranking values (B, N); mask: eligibility;
-    ref_ids / ref_keys: the reference's result. ``exact_ties``: the ranking values are exact
-    (no rounding anywhere), so the ids must equal the reference's (id ascending among ties)."""
-    ids, keys = np.asarray(ids), np.asarray(keys, dtype=np.float64)
-    ref_ids, ref_keys = np.asarray(ref_ids), np.asarray(ref_keys, dtype=np.float64)
-    full, mask = full.numpy().astype(np.float64), mask.numpy()
-    B = full.shape[0]
-    kk = min(k, full.shape[1])
-    assert ids.shape == (B, kk) and keys.shape == (B, kk) and ids.dtype == np.int64
-    assert ref_ids.shape == (B, kk)
-    for r in range(B):
-        n_valid = min(kk, int(mask[r].sum()))
-        got = ids[r, :n_valid]
-        assert (got >= 0).all() and (ids[r, n_valid:] == -1).all(), (r, ids[r])
-        assert (ref_ids[r, n_valid:] == -1).all()
-        assert len(set(got.tolist())) == n_valid, f"duplicate ids in row {r}: {got}"
-        assert mask[r, got].all(), f"ineligible id returned in row {r}"
-        np.testing.assert_allclose(keys[r, :n_valid], full[r, got], rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose(keys[r, :n_valid], ref_keys[r, :n_valid], rtol=RTOL, atol=ATOL)
-        if exact_ties:
-            np.testing.assert_array_equal(got, ref_ids[r, :n_valid])
-        else:  # ids differ only where the reference scores tie
-            want = ref_ids[r, :n_valid]
-            diff = got != want
-            tol = ATOL + RTOL * np.abs(full[r, want[diff]])
-            assert (np.abs(full[r, got[diff]] - full[r, want[diff]]) <= tol).all(), (r, got, want)
+# (input builders and the tie-aware comparison: tests/_helpers.py)
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,13 +94,14 @@ def _exact(dtype, ties, tau):
 @given(**POLICY_ARGS)
 def test_policy_topk_matches_reference(B, N, d, k, dtype, bias, exclude, cand, ties, tau, seed):
     _count("policy_topk")
-    u, tab, ref_tab, b, exc, cnd = _policy_case(B, N, d, dtype, bias, exclude, cand, ties, seed)
+    u, tab, ref_tab, b, exc, cnd = policy_case(B, N, d, dtype, bias, exclude, cand, ties, seed,
+                                              idx_dtype=np.int32 if seed % 2 else np.int64)
     ids, sc, ln = ops.policy_topk(u, tab, k, bias=b, exclude=exc, candidates=cnd, temperature=tau,
                                   backend="cpp")
     rids, rsc, rln = R.policy_topk(u, ref_tab, k, b, exc, cnd, tau)
     full = R._scores(u, ref_tab, b, tau)
     mask = R.eligible_mask(B, N, exc, cnd) & ~torch.isneginf(full)
-    _check_ranked(ids, sc, full, mask, rids, rsc, k, _exact(dtype, ties, tau))
+    check_ranked(ids, sc, full, mask, rids, k, _exact(dtype, ties, tau), ref_keys=rsc, rtol=RTOL, atol=ATOL)
     assert torch.equal(torch.isneginf(ln), torch.isneginf(rln))
     # the log-normaliser's rounding scales with the largest score it sums
     scale = full.masked_fill(~mask, 0).abs().amax(1) if N else torch.zeros(B)
@@ -205,14 +111,15 @@ def test_policy_topk_matches_reference(B, N, d, k, dtype, bias, exclude, cand, t
     # the torch backend follows the same documented order
     tids, tsc, _ = ops.policy_topk(u, tab, k, bias=b, exclude=exc, candidates=cnd, temperature=tau,
                                    backend="torch")
-    _check_ranked(tids, tsc, full, mask, rids, rsc, k, _exact(dtype, ties, tau))
+    check_ranked(tids, tsc, full, mask, rids, k, _exact(dtype, ties, tau), ref_keys=rsc, rtol=RTOL, atol=ATOL)
 
 
 @FUZZ
 @given(**POLICY_ARGS, sample_seed=st.one_of(st.integers(0, 2**16), st.integers(2**63, 2**64 - 1)))
 def test_policy_sample_matches_reference(B, N, d, k, dtype, bias, exclude, cand, ties, tau, seed, sample_seed):
     _count("policy_sample")
-    u, tab, ref_tab, b, exc, cnd = _policy_case(B, N, d, dtype, bias, exclude, cand, ties, seed)
+    u, tab, ref_tab, b, exc, cnd = policy_case(B, N, d, dtype, bias, exclude, cand, ties, seed,
+                                              idx_dtype=np.int32 if seed % 2 else np.int64)
     ids, sc, prop, slp = ops.policy_sample(u, tab, k, seed=sample_seed, bias=b, exclude=exc, candidates=cnd,
                                            temperature=tau, backend="cpp")
     rids, rsc, rprop, rslp = R.policy_sample(u, ref_tab, k, sample_seed, b, exc, cnd, tau)
@@ -220,7 +127,7 @@ def test_policy_sample_matches_reference(B, N, d, k, dtype, bias, exclude, cand,
     mask = R.eligible_mask(B, N, exc, cnd) & ~torch.isneginf(full)
     pert = full + R.gumbel_noise(sample_seed, torch.arange(B)[:, None], torch.arange(N)[None, :])
     key = lambda i: torch.gather(pert, 1, i.clamp(min=0)).masked_fill(i < 0, float("-inf"))  # noqa: E731
-    _check_ranked(ids, key(ids), pert, mask, rids, key(rids), k, exact_ties=False)
+    check_ranked(ids, key(ids), pert, mask, rids, k, False, ref_keys=key(rids), rtol=RTOL, atol=ATOL)
     valid = ids >= 0
     np.testing.assert_allclose(sc[valid].numpy(), torch.gather(full, 1, ids.clamp(min=0))[valid].numpy(),
                                rtol=RTOL, atol=ATOL)
@@ -237,21 +144,6 @@ EB_DIMS = st.sampled_from([1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 64, 65, 1
 EB_BAGS = st.sampled_from([0, 1, 2, 3, 7, 13, 63, 64, 65, 131])
 
 
-def _bags(rng, num_bags, max_len, p_empty, id_dtype, n_rows):
-    lens = rng.integers(0, max_len + 1, size=num_bags)
-    lens[rng.random(num_bags) < p_empty] = 0
-    off = np.concatenate([[0], np.cumsum(lens)]).astype(id_dtype)
-    rows = [n_rows] if np.isscalar(n_rows) else list(n_rows)
-    # table-major bags: the ids of table t are in [0, rows[t])
-    tab_of = np.repeat(np.repeat(np.arange(len(rows)), num_bags // len(rows)), lens)
-    idx = (rng.random(int(off[-1])) * np.asarray(rows)[tab_of]).astype(np.int64)
-    if idx.size > 3:  # repeated ids (within a table)
-        dst = np.arange(1, idx.size, 4)
-        dst = dst[tab_of[dst] == tab_of[dst - 1]]
-        idx[dst] = idx[dst - 1]
-    return idx.astype(id_dtype), off
-
-
 @FUZZ
 @given(n=EB_ROWS, d=EB_DIMS, B=EB_BAGS, T=st.sampled_from([1, 1, 2, 3]), max_len=st.sampled_from([0, 1, 5, 30]),
        p_empty=st.sampled_from([0.0, 0.3, 1.0]), dtype=TABLE_DTYPES, mode=st.sampled_from(["sum", "mean", "max"]),
@@ -261,9 +153,9 @@ def test_embedding_bag_matches_reference(n, d, B, T, max_len, p_empty, dtype, mo
     rng = np.random.default_rng(seed)
     rows = [n if t == 0 else int(rng.integers(1, 70)) for t in range(T)]
     dims = [d if t == 0 else int(rng.integers(1, 40)) for t in range(T)]
-    pairs = [_table(_with_repeats(rng, _floats(rng, (r, dd), False), 0.2), dtype) for r, dd in zip(rows, dims)]
+    pairs = [table_pair(with_repeats(rng, floats(rng, (r, dd), False), 0.2), dtype) for r, dd in zip(rows, dims)]
     tabs, ref_tabs = [p[0] for p in pairs], [p[1] for p in pairs]
-    idx, off = _bags(rng, T * B, max_len, p_empty, np.int64 if id64 else np.int32, rows if T > 1 else n)
+    idx, off = bags(rng, T * B, max_len, p_empty, np.int64 if id64 else np.int32, rows if T > 1 else n)
     psw = rng.standard_normal(idx.size).astype(np.float32) if weighted and mode != "max" else None
     weight = tabs if T > 1 else tabs[0]
     out = ops.embedding_bag(weight, idx, off, per_sample_weights=psw, mode=mode, backend="cpp")
@@ -296,9 +188,9 @@ def test_embedding_bag_backward_matches_reference(n, d, B, T, max_len, p_empty, 
     rng = np.random.default_rng(seed)
     rows = [n if t == 0 else int(rng.integers(1, 70)) for t in range(T)]
     dims = [d if t == 0 else int(rng.integers(1, 40)) for t in range(T)]
-    ws = [_floats(rng, (r, dd), False) for r, dd in zip(rows, dims)]
+    ws = [floats(rng, (r, dd), False) for r, dd in zip(rows, dims)]
     states = [np.abs(rng.standard_normal(r)).astype(np.float32) for r in rows]
-    idx, off = _bags(rng, T * B, max_len, p_empty, np.int64 if id64 else np.int32, rows if T > 1 else n)
+    idx, off = bags(rng, T * B, max_len, p_empty, np.int64 if id64 else np.int32, rows if T > 1 else n)
     psw = rng.standard_normal(idx.size).astype(np.float32) if weighted else None
     grad = rng.standard_normal((B, sum(dims))).astype(np.float32)
     st_arg = optimizer == "rowwise_adagrad"
@@ -330,7 +222,7 @@ def test_embedding_bag_backward_matches_reference(n, d, B, T, max_len, p_empty, 
 def test_quantize_matches_reference(N, d, dtype, scale, constant_rows, seed):
     _count("quantize")
     rng = np.random.default_rng(seed)
-    w = (_floats(rng, (N, d), False) * scale).astype(np.float32)
+    w = (floats(rng, (N, d), False) * scale).astype(np.float32)
     if constant_rows:
         w[rng.random(N) < 0.3] = np.float32(rng.standard_normal())
     q = ops.quantize(w, dtype)
@@ -368,8 +260,8 @@ POLICY_HOSTILE = ["exclude_id_high", "exclude_id_negative", "candidate_id_high",
 def test_policy_ops_reject_invalid_inputs(B, N, d, hostile, op, dtype, id64, seed):
     _count("policy_invalid")
     rng = np.random.default_rng(seed)
-    u = _floats(rng, (B, d), False)
-    w = _floats(rng, (N, d), False)
+    u = floats(rng, (B, d), False)
+    w = floats(rng, (N, d), False)
     b = None
     k, tau, sseed = 3, 1.0, 7
     idt = np.int64 if id64 else np.int32
@@ -407,7 +299,7 @@ def test_policy_ops_reject_invalid_inputs(B, N, d, hostile, op, dtype, id64, see
     elif hostile == "bias_shape":
         b = np.zeros(N + 1, np.float32)
     elif hostile == "user_dim":
-        u = _floats(rng, (B, d + 1), False)
+        u = floats(rng, (B, d + 1), False)
     elif hostile == "user_float64":
         u = u.astype(np.float64)
     elif hostile == "k_negative":
@@ -459,7 +351,7 @@ def _hostile_bags(seed, id64, n, d, B):
     largest value of the id dtype and a random position among the ids, for the hostile cases."""
     rng = np.random.default_rng(seed)
     idt = np.int64 if id64 else np.int32
-    w = _floats(rng, (n, d), False)
+    w = floats(rng, (n, d), False)
     lens = rng.integers(1, 5, size=B)
     off = np.concatenate([[0], np.cumsum(lens)]).astype(idt)
     idx = rng.integers(0, n, size=int(off[-1])).astype(idt)
@@ -611,7 +503,7 @@ QUANT_HOSTILE = ["nan", "inf", "float64", "int", "one_d", "three_d", "dtype_bad"
 def test_quantize_rejects_invalid_inputs(N, d, hostile, dtype, seed):
     _count("quantize_invalid")
     rng = np.random.default_rng(seed)
-    w = _floats(rng, (N, d), False)
+    w = floats(rng, (N, d), False)
     if hostile in ("nan", "inf"):
         w[rng.integers(N), rng.integers(d)] = np.nan if hostile == "nan" else np.inf
     elif hostile == "float64":

@@ -44,7 +44,8 @@ from recmeta_sdk.ops import _gpu
 from recmeta_sdk.ops import backends
 from recmeta_sdk.ops import reference as R
 from recmeta_sdk.ops._common import check_csr  # noqa: E402
-from recmeta_sdk.ops.reference import QuantizedTable  # noqa: E402
+
+from _helpers import bags, check_ranked, csr, floats, policy_case, table_pair, to_device  # noqa: E402
 
 EB = _gpu.load_kernel_module("embedding_bag")
 PT = _gpu.load_kernel_module("policy_topk")
@@ -68,68 +69,6 @@ def _print_figures():
 SEEDS = st.integers(0, 2**32 - 1)
 
 
-def _floats(rng, shape, integer: bool) -> np.ndarray:
-    if integer:  # small integers: exact in fp16 and in every dot product (exact ties)
-        return rng.integers(-2, 3, size=shape).astype(np.float32)
-    return rng.standard_normal(shape).astype(np.float32)
-
-
-def _table(w: np.ndarray, fmt: str):
-    """(the kernels' table on DEV, the reference's table on the CPU)."""
-    t = torch.from_numpy(w)
-    if fmt == "fp32":
-        return t.to(DEV), t
-    q = R.quantize(t, fmt)
-    return QuantizedTable(q.dtype, *(None if x is None else x.to(DEV) for x in (q.data, q.row_scale, q.row_min))), q
-
-
-def _csr(rng, B, N, per_user):
-    if per_user is None:
-        return None
-    off = np.zeros(B + 1, np.int64)
-    off[1:] = np.cumsum(rng.integers(0, per_user + 1, size=B))
-    ids = rng.integers(0, N, size=int(off[-1])).astype(np.int64)
-    if ids.size > 3:
-        ids[1::3] = ids[0:-1:3][: ids[1::3].size]  # repeats
-    return torch.from_numpy(off), torch.from_numpy(ids)
-
-
-def _policy_case(B, N, d, fmt, bias, exclude, cand, ties, seed):
-    rng = np.random.default_rng(seed)
-    integer = ties == "integer"
-    u = torch.from_numpy(_floats(rng, (B, d), integer))
-    w = _floats(rng, (N, d), integer)
-    if ties != "none" and N > 1:
-        dst = rng.choice(N, size=max(1, N // 3), replace=False)
-        w[dst] = w[rng.integers(0, N, size=dst.size)]
-    tab, ref = _table(w, fmt)
-    b = None
-    if bias != "none":
-        b = torch.from_numpy(_floats(rng, N, integer))
-        if bias == "mask":
-            b[torch.from_numpy(rng.random(N) < 0.3)] = float("-inf")
-    return u, tab, ref, b, _csr(rng, B, N, exclude), _csr(rng, B, N, cand)
-
-
-def _check_ranked(ids, keys, full, mask, ref_ids, k, exact_ties: bool):
-    """Tie-aware: valid, distinct, eligible ids whose reference values are the reference's
-    top-k values (the exact ids when ties are exact), padding past the eligible items."""
-    ids, keys = ids.cpu().numpy(), keys.cpu().numpy().astype(np.float64)
-    full, mask, ref_ids = full.numpy().astype(np.float64), mask.numpy(), ref_ids.numpy()
-    B = full.shape[0]
-    kk = min(k, full.shape[1])
-    assert ids.shape == (B, kk) and keys.shape == (B, kk)
-    for r in range(B):
-        n = min(kk, int(mask[r].sum()))
-        got, want = ids[r, :n], ref_ids[r, :n]
-        assert (got >= 0).all() and (ids[r, n:] == -1).all(), (r, ids[r])
-        assert len(set(got.tolist())) == n and mask[r, got].all(), (r, got)
-        np.testing.assert_allclose(keys[r, :n], full[r, got], rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose(full[r, got], full[r, want], rtol=RTOL, atol=ATOL)
-        if exact_ties:
-            np.testing.assert_array_equal(got, want)
-
-
 POLICY = {
     "B": st.sampled_from([0, 1, 2, 3, 5]), "N": st.sampled_from([1, 2, 3, 5, 17, 31, 37]),
     "d": st.sampled_from([1, 2, 3, 5, 9]), "k": st.sampled_from([0, 1, 2, 3, 7, 40]),
@@ -144,14 +83,20 @@ POLICY = {
 @given(**POLICY)
 def test_triton_policy_topk_matches_reference(B, N, d, k, fmt, bias, exclude, cand, ties, tau, blocks, seed):
     FIGURES["policy_topk"] += 1
-    u, tab, ref, b, exc, cnd = _policy_case(B, N, d, fmt, bias, exclude, cand, ties, seed)
+    u, tab, ref, b, exc, cnd = policy_case(B, N, d, fmt, bias, exclude, cand, ties, seed, device=DEV,
+                                             repeat_frac=1 / 3)
     bb, bn, bd, sp = blocks
-    ids, sc, ln = PT.policy_topk(u.to(DEV), tab, k, None if b is None else b.to(DEV), exc, cnd, tau,
-                                 block_b=bb, block_n=bn, block_d=bd, splits=sp)
-    rids, _, rln = R.policy_topk(u, ref, k, b, exc, cnd, tau)
+    ku, kb = u.to(DEV), None if b is None else b.to(DEV)
+    ids, sc, ln = PT.policy_topk(ku, tab, k, kb, exc, cnd, tau, block_b=bb, block_n=bn, block_d=bd, splits=sp)
+    # the screen recmeta_sdk.ops._gpu applies to the kernel's result (as the sampling test below
+    # passes it): a masked item's -inf score is padding (id -1), a non-finite score an error
+    ids, sc = _gpu._screen_gpu_result(ku, tab, kb, check_csr(exc, "exclude", B, N), check_csr(cnd, "candidates", B, N),
+                                      tau, ids, sc, ln)
+    rids, rsc, rln = R.policy_topk(u, ref, k, b, exc, cnd, tau)
     full = R._scores(u, ref, b, tau)
     mask = R.eligible_mask(B, N, exc, cnd) & ~torch.isneginf(full)
-    _check_ranked(ids, sc, full, mask, rids, k, ties == "integer" and fmt != "int8" and tau == 1.0)
+    check_ranked(ids, sc, full, mask, rids, k, ties == "integer" and fmt != "int8" and tau == 1.0, ref_keys=rsc,
+                 rtol=RTOL, atol=ATOL)
     ln = ln.cpu()
     assert torch.equal(torch.isneginf(ln), torch.isneginf(rln))
     fin = torch.isfinite(rln)
@@ -163,7 +108,8 @@ def test_triton_policy_topk_matches_reference(B, N, d, k, fmt, bias, exclude, ca
 def test_triton_policy_sample_matches_reference(B, N, d, k, fmt, bias, exclude, cand, ties, tau, blocks, seed,
                                                  sample_seed):
     FIGURES["policy_sample"] += 1
-    u, tab, ref, b, exc, cnd = _policy_case(B, N, d, fmt, bias, exclude, cand, ties, seed)
+    u, tab, ref, b, exc, cnd = policy_case(B, N, d, fmt, bias, exclude, cand, ties, seed, device=DEV,
+                                             repeat_frac=1 / 3)
     bb, bn, bd, sp = blocks
     ku, kb = u.to(DEV), None if b is None else b.to(DEV)
     ke, kc = check_csr(exc, "exclude", B, N), check_csr(cnd, "candidates", B, N)
@@ -178,8 +124,8 @@ def test_triton_policy_sample_matches_reference(B, N, d, k, fmt, bias, exclude, 
     mask = R.eligible_mask(B, N, exc, cnd) & ~torch.isneginf(full)
     pert = full + R.gumbel_noise(sample_seed, torch.arange(B)[:, None], torch.arange(N)[None, :])
     ids, sc, prop, slp = ids.cpu(), sc.cpu(), prop.cpu(), slp.cpu()
-    key = torch.gather(pert, 1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf"))
-    _check_ranked(ids, key, pert, mask, rids, k, exact_ties=False)
+    key = lambda i: torch.gather(pert, 1, i.clamp(min=0)).masked_fill(i < 0, float("-inf"))  # noqa: E731
+    check_ranked(ids, key(ids), pert, mask, rids, k, False, ref_keys=key(rids), rtol=RTOL, atol=ATOL)
     valid = ids >= 0
     np.testing.assert_allclose(sc[valid].numpy(), torch.gather(full, 1, ids.clamp(min=0))[valid].numpy(),
                                rtol=RTOL, atol=ATOL)
@@ -188,14 +134,6 @@ def test_triton_policy_sample_matches_reference(B, N, d, k, fmt, bias, exclude, 
     if torch.equal(ids, rids):
         np.testing.assert_allclose(prop.numpy(), rprop.numpy(), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(slp.numpy(), rslp.numpy(), rtol=1e-4, atol=1e-4)
-
-
-def _bags(rng, B, max_len, n_rows):
-    lens = rng.integers(0, max_len + 1, size=B)
-    lens[rng.random(B) < 0.2] = 0  # empty bags
-    off = np.zeros(B + 1, np.int64)
-    off[1:] = np.cumsum(lens)
-    return rng.integers(0, n_rows, size=int(off[-1])).astype(np.int64), off
 
 
 EB_ARGS = {"n": st.sampled_from([1, 2, 7, 13, 31]), "d": st.sampled_from([1, 3, 5, 8, 17, 33]),
@@ -213,10 +151,10 @@ def test_triton_embedding_bag_matches_reference(n, d, B, T, max_len, mode, weigh
     tabs, refs, idx, lens = [], [], [], []
     for t in range(T):
         rows = n + 3 * t
-        kt, rt = _table(_floats(rng, (rows, d + t), False), fmts[t])
+        kt, rt = table_pair(floats(rng, (rows, d + t), False), fmts[t], DEV)
         tabs.append(kt)
         refs.append(rt)
-        i, o = _bags(rng, B, max_len, rows)
+        i, o = bags(rng, B, max_len, 0.2, np.int64, rows)
         idx.append(i)
         lens.append(np.diff(o))
     idx = torch.from_numpy(np.concatenate(idx))
@@ -238,12 +176,12 @@ def test_triton_embedding_bag_backward_matches_reference(n, d, B, T, max_len, mo
                                                          optimizer, deterministic):
     FIGURES["embedding_bag_backward"] += 1
     rng = np.random.default_rng(seed)
-    w0 = torch.from_numpy(_floats(rng, (n, d), False))
-    i, o = _bags(rng, B, max_len, n)
+    w0 = torch.from_numpy(floats(rng, (n, d), False))
+    i, o = bags(rng, B, max_len, 0.2, np.int64, n)
     idx, off = torch.from_numpy(i), torch.from_numpy(o)
     if id32:
         idx, off = idx.to(torch.int32), off.to(torch.int32)
-    g = torch.from_numpy(_floats(rng, (B, d), False))
+    g = torch.from_numpy(floats(rng, (B, d), False))
     psw = torch.from_numpy(rng.random(idx.numel()).astype(np.float32) + 0.25) if weighted else None
     st0 = torch.from_numpy(rng.random(n).astype(np.float32)) if optimizer == "rowwise_adagrad" else None
     w_ref, s_ref = w0.clone(), None if st0 is None else st0.clone()
@@ -293,9 +231,8 @@ def test_triton_policy_hostile_tables_behave_as_cpp(B, N, d, kind, fmt, exclude,
     else:
         tab = torch.from_numpy(w) if fmt == "fp32" else R.quantize(torch.from_numpy(w), fmt)
     u = torch.from_numpy(u)
-    exc, cnd = _csr(rng, B, N, exclude), _csr(rng, B, N, cand)
-    kt = tab.to(DEV) if isinstance(tab, torch.Tensor) else QuantizedTable(
-        tab.dtype, *(None if x is None else x.to(DEV) for x in (tab.data, tab.row_scale, tab.row_min)))
+    exc, cnd = csr(rng, B, N, exclude), csr(rng, B, N, cand)
+    kt = to_device(tab, DEV)
     k = 3
 
     def gpu():
@@ -323,9 +260,8 @@ def test_triton_embedding_bag_hostile_tables_behave_as_cpp(n, d, B, kind, fmt, m
         (tab.row_scale if kind == "int8 scale" else tab.row_min)[r] = float("nan")
     else:
         tab = torch.from_numpy(w) if fmt == "fp32" else R.quantize(torch.from_numpy(w), fmt)
-    i, o = _bags(rng, B, 4, n)
+    i, o = bags(rng, B, 4, 0.2, np.int64, n)
     idx, off = torch.from_numpy(i), torch.from_numpy(o)
-    kt = tab.to(DEV) if isinstance(tab, torch.Tensor) else QuantizedTable(
-        tab.dtype, *(None if x is None else x.to(DEV) for x in (tab.data, tab.row_scale, tab.row_min)))
+    kt = to_device(tab, DEV)
     _same_outcome(lambda: (_gpu._embedding_bag_run("triton", [kt], idx.to(DEV), off.to(DEV), None, mode),),
                   lambda: (ops.embedding_bag(tab, idx, off, mode=mode, backend="cpp"),))

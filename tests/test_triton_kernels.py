@@ -21,8 +21,7 @@ EB = load_kernel_module("embedding_bag")
 PT = load_kernel_module("policy_topk")
 COMMON = load_kernel_module("_common")
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
+from _helpers import check_topk, gen, to_device, torch_bags, torch_csr  # noqa: E402
 
 
 def _table(fmt, N, D, g, strided=False):
@@ -36,19 +35,7 @@ def _table(fmt, N, D, g, strided=False):
         wide[:, :D] = q.data
         kq = R.QuantizedTable("fp16", wide[:, :D].to(DEV))
         return kq, q
-    kq = R.QuantizedTable(q.dtype, q.data.to(DEV),
-                          None if q.row_scale is None else q.row_scale.to(DEV),
-                          None if q.row_min is None else q.row_min.to(DEV))
-    return kq, q
-
-
-def _bags(B, N, g, max_len=7, itype=torch.int64):
-    lens = torch.randint(0, max_len + 1, (B,), generator=g)
-    lens[B // 2] = 0  # an empty bag
-    off = torch.zeros(B + 1, dtype=torch.int64)
-    off[1:] = torch.cumsum(lens, 0)
-    idx = torch.randint(0, N, (int(off[-1]),), generator=g)
-    return idx.to(itype), off.to(itype)
+    return to_device(q, DEV), q
 
 
 # ---------------------------------------------------------------------------------------
@@ -57,10 +44,10 @@ def _bags(B, N, g, max_len=7, itype=torch.int64):
 @pytest.mark.parametrize("fmt", ["fp32", "fp16", "int8"])
 @pytest.mark.parametrize("mode,psw,strided", [("sum", False, False), ("mean", True, True)])
 def test_embedding_bag_fwd_matches_reference(fmt, mode, psw, strided):
-    g = _gen(11)
+    g = gen(11)
     N, D, B = 37, 13, 7
     ktab, rtab = _table(fmt, N, D, g, strided)
-    idx, off = _bags(B, N, g, itype=torch.int32 if strided else torch.int64)
+    idx, off = torch_bags(B, N, g, 7, empty=B // 2, itype=torch.int32 if strided else torch.int64)
     w = torch.rand(idx.numel(), generator=g) + 0.5 if psw else None
     out = torch.empty(B, D, dtype=torch.float32, device=DEV)
     EB.embedding_bag_fwd(ktab, idx.to(DEV), off.to(DEV), out, None if w is None else w.to(DEV), mode,
@@ -71,7 +58,7 @@ def test_embedding_bag_fwd_matches_reference(fmt, mode, psw, strided):
 
 
 def test_embedding_bag_tbe_fwd_mixed_tables():
-    g = _gen(12)
+    g = gen(12)
     B = 5
     specs = [("fp32", 31, 11), ("int8", 17, 6), ("fp16", 23, 19)]
     ktabs, rtabs, idx_parts, lens = [], [], [], []
@@ -79,7 +66,7 @@ def test_embedding_bag_tbe_fwd_mixed_tables():
         kt, rt = _table(fmt, N, D, g)
         ktabs.append(kt)
         rtabs.append(rt)
-        i, o = _bags(B, N, g, max_len=5)
+        i, o = torch_bags(B, N, g, 5, empty=B // 2)
         idx_parts.append(i)
         lens.append(o[1:] - o[:-1])
     idx = torch.cat(idx_parts)
@@ -99,10 +86,10 @@ def test_embedding_bag_tbe_fwd_mixed_tables():
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_embedding_bag_bwd_matches_reference(optimizer, deterministic, mode):
-    g = _gen(13)
+    g = gen(13)
     N, D, B = 19, 11, 7
     w0 = torch.randn(N, D, generator=g)
-    idx, off = _bags(B, N, g, max_len=6)
+    idx, off = torch_bags(B, N, g, 6, empty=B // 2)
     idx[:3] = idx[3]  # a row repeated across bags
     grad = torch.randn(B, D, generator=g)
     psw = torch.rand(idx.numel(), generator=g) + 0.5
@@ -120,10 +107,10 @@ def test_embedding_bag_bwd_matches_reference(optimizer, deterministic, mode):
 
 
 def test_embedding_bag_bwd_deterministic_is_bitwise_repeatable():
-    g = _gen(14)
+    g = gen(14)
     N, D, B = 7, 5, 11
     w0 = torch.randn(N, D, generator=g)
-    idx, off = _bags(B, N, g, max_len=9)
+    idx, off = torch_bags(B, N, g, 9, empty=B // 2)
     grad = torch.randn(B, D, generator=g)
     outs = []
     for _ in range(2):
@@ -137,46 +124,24 @@ def test_embedding_bag_bwd_deterministic_is_bitwise_repeatable():
 # ---------------------------------------------------------------------------------------
 # policy scoring
 # ---------------------------------------------------------------------------------------
-def _csr(B, N, g, max_len):
-    lens = torch.randint(0, max_len + 1, (B,), generator=g)
-    off = torch.zeros(B + 1, dtype=torch.int64)
-    off[1:] = torch.cumsum(lens, 0)
-    return off, torch.randint(0, N, (int(off[-1]),), generator=g)
-
-
-def _check_topk(ids, sc, lz, ref, mask, s_full, k):
-    """Tie-aware: scores match; ids may differ only among equal scores; no duplicates;
-    no ineligible id; the log-normaliser matches."""
-    rids, rsc, rlz = ref
-    ids, sc, lz = ids.cpu(), sc.cpu(), lz.cpu()
-    torch.testing.assert_close(sc, rsc, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lz, rlz, rtol=1e-5, atol=1e-5)
-    assert bool(((ids >= 0) == (rids >= 0)).all())
-    for b in range(ids.shape[0]):
-        got = ids[b][ids[b] >= 0]
-        assert got.unique().numel() == got.numel()
-        assert bool(mask[b, got].all())
-        torch.testing.assert_close(s_full[b, got], sc[b, : got.numel()], rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("fmt,block_b", [("fp32", 4), ("fp16", 16), ("int8", 4), ("int8", 16)])
 def test_policy_topk_matches_reference(fmt, block_b):  # block_b 4: broadcast-reduce, 16: tl.dot
-    g = _gen(21)
+    g = gen(21)
     B, N, D, k = 5, 101, 13, 7
     u = torch.randn(B, D + 2, generator=g)[:, 1:D + 1]  # strided users
     ktab, rtab = _table(fmt, N, D, g)
     bias = torch.randn(N, generator=g)
-    exc = _csr(B, N, g, 9)
+    exc = torch_csr(B, N, g, 9)
     ids, sc, lz = PT.policy_topk(u.to(DEV), ktab, k, bias.to(DEV), exc, None, 0.7,
                                  block_b=block_b, block_n=16, block_d=8, splits=3)
     ref = R.policy_topk(u, rtab, k, bias, exc, None, 0.7)
     mask = R.eligible_mask(B, N, exc, None)
     s_full = (u @ R.dequantize(rtab).T + bias) / 0.7
-    _check_topk(ids, sc, lz, ref, mask, s_full, k)
+    check_topk((ids, sc, lz), ref, s_full, mask, rtol=1e-5, atol=1e-5, lz_atol=1e-5)
 
 
 def test_policy_topk_candidates_exclusion_padding_and_empty_user():
-    g = _gen(22)
+    g = gen(22)
     B, N, D, k = 4, 53, 7, 8
     u = torch.randn(B, D, generator=g)
     items = torch.randn(N, D, generator=g)
@@ -189,20 +154,20 @@ def test_policy_topk_candidates_exclusion_padding_and_empty_user():
                                  block_b=2, block_n=16, block_d=4, splits=2)
     ref = R.policy_topk(u, items, k, None, (e_off, e_ids), (c_off, c_ids), 1.0)
     mask = R.eligible_mask(B, N, (e_off, e_ids), (c_off, c_ids))
-    _check_topk(ids, sc, lz, ref, mask, u @ items.T, k)
+    check_topk((ids, sc, lz), ref, u @ items.T, mask, rtol=1e-5, atol=1e-5, lz_atol=1e-5)
     assert bool((ids[1] == -1).all()) and float(lz[1]) == float("-inf")
     assert bool((ids[0, 3:] == -1).all())  # 5 candidates, 1 duplicate, 1 excluded -> 3
 
 
 def test_policy_topk_k_above_n_and_ties():
-    g = _gen(23)
+    g = gen(23)
     B, N, D = 3, 11, 5
     u = torch.randn(B, D, generator=g)
     items = torch.randn(N, D, generator=g)
     items[7] = items[2]  # tied scores
     ids, sc, lz = PT.policy_topk(u.to(DEV), items.to(DEV), 13, block_b=2, block_n=16)
     ref = R.policy_topk(u, items, 13)
-    _check_topk(ids, sc, lz, ref, torch.ones(B, N, dtype=torch.bool), u @ items.T, 13)
+    check_topk((ids, sc, lz), ref, u @ items.T, torch.ones(B, N, dtype=torch.bool), rtol=1e-5, atol=1e-5, lz_atol=1e-5)
     assert bool((ids[:, 11:] == -1).all())
 
 
@@ -233,12 +198,12 @@ def test_hash_in_kernel_matches_reference_hash():
 
 @pytest.mark.parametrize("fmt", ["fp32", "int8"])
 def test_policy_sample_matches_reference(fmt):
-    g = _gen(24)
+    g = gen(24)
     B, N, D, k = 6, 89, 9, 5
     u = torch.randn(B, D, generator=g)
     ktab, rtab = _table(fmt, N, D, g)
     bias = torch.randn(N, generator=g)
-    exc = _csr(B, N, g, 6)
+    exc = torch_csr(B, N, g, 6)
     got = PT.policy_sample(u.to(DEV), ktab, k, 987654321, bias.to(DEV), exc, None, 1.3,
                            block_b=2, block_n=16, block_d=4, splits=2)
     ref = R.policy_sample(u, rtab, k, 987654321, bias, exc, None, 1.3)
@@ -330,7 +295,7 @@ def _same_outcome(run_gpu, run_cpp):
 
 def _policy_case(case):
     """(user_states, items (tensor or QuantizedTable), bias, exclude, candidates, expected error or None)."""
-    g = _gen(31)
+    g = gen(31)
     B, N, D = 3, 23, 5
     u = torch.randn(B, D, generator=g)
     items = torch.randn(N, D, generator=g)
@@ -402,9 +367,7 @@ def test_gpu_policy_non_finite_rows_raise_as_cpp(case, sample, backend):
     B, N = u.shape[0], items.shape[0]
     k, seed = 4, 12345
     ke, kc = check_csr(exc, "exclude", B, N), check_csr(cand, "candidates", B, N)
-    kt = items if isinstance(items, torch.Tensor) else R.QuantizedTable(
-        items.dtype, items.data.to(DEV), None if items.row_scale is None else items.row_scale.to(DEV),
-        None if items.row_min is None else items.row_min.to(DEV))
+    kt = to_device(items, DEV)
     kb = None if bias is None else bias.to(DEV)
 
     def gpu():
@@ -430,7 +393,7 @@ def test_gpu_embedding_bag_non_finite_rows_raise_as_cpp(case, backend):
     from recmeta_sdk import ops
     from recmeta_sdk.ops import _gpu
 
-    g = _gen(32)
+    g = gen(32)
     w = torch.randn(17, 6, generator=g)
     idx = torch.tensor([3, 9, 9, 0, 16, 5, 3])
     off = torch.tensor([0, 2, 2, 5, 7])

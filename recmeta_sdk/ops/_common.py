@@ -275,3 +275,139 @@ def _nonfinite_row(tables, indices: torch.Tensor, offsets: torch.Tensor) -> None
             p, c = (int(x) for x in torch.nonzero(bad)[0])
             raise ValueError(f"{name}: row {int(ids[p])} holds a non-finite value ({float(rows[p, c])} at column {c}), "
                              f"read at position {lo + p} of indices")
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks shared by the CPU paths and the GPU launchers (one message per bad input)
+# ---------------------------------------------------------------------------------------------
+_DTYPE_KEYS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+               torch.float64: "float64"}
+
+
+def _dtype_key(w) -> str:
+    if isinstance(w, torch.Tensor):
+        return _DTYPE_KEYS.get(w.dtype, "float32")
+    if isinstance(w, QuantizedTable):
+        return "int8" if w.dtype == "int8" else "float16"
+    dt = getattr(w, "dtype", None)
+    if isinstance(dt, np.dtype) and dt.name in ("float16", "float64"):
+        return dt.name
+    return "float32"
+
+
+def table_dtype(tables) -> str:
+    """The dtype the backend table (:mod:`recmeta_sdk.ops.backends`) dispatches a call on: of
+    one table (tensor, numpy array, QuantizedTable) or a list ("bfloat16" / "float64" when a
+    table is, since only the reference reads them; else the first table's). Other dtypes
+    dispatch as "float32" and are refused by the op's own checks, naming the argument."""
+    if not isinstance(tables, (list, tuple)):
+        return _dtype_key(tables)
+    keys = [_dtype_key(w) for w in tables]
+    for k in keys:
+        if k == "bfloat16" or k == "float64":
+            return k
+    return keys[0] if keys else "float32"
+
+
+def check_temperature(temperature) -> float:
+    """A softmax temperature: a finite int or float > 0, not a bool (ValueError naming it)."""
+    if isinstance(temperature, (bool, np.bool_)) or not (
+            isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def check_policy_args(user_states, items, k, bias, exclude, candidates, temperature):
+    """The argument checks of ``policy_topk`` / ``policy_sample`` on every backend (the CPU
+    path and the GPU launchers): ``user_states`` (B, d) float32 and finite, ``items`` a
+    float32 / float16 table or QuantizedTable of width d, ``k`` an integer >= 0 (capped at N),
+    ``temperature`` (:func:`check_temperature`), ``bias`` (N,) float32 (its finiteness is the
+    caller's: the compiled core screens it as it reads it, the other backends call
+    :func:`_check_bias_finite`), ``exclude`` / ``candidates`` CSR pairs with B+1 offsets and ids
+    in [0, N). Devices are the caller's to check.
+
+    Returns ``(u, tab, b, exc, cand, kind, k)``: tensors, the input kind ("numpy" / "torch")
+    of ``user_states``, and k capped at N."""
+    u, kind = as_tensor(user_states, "user_states")
+    tab, _ = as_table(items, "items")
+    N, d = tab.shape
+    if u.dtype != torch.float32:
+        raise TypeError(f"user_states: expected float32, got {u.dtype}")
+    check_float(u, "user_states", (None, d))
+    k = min(as_count(k), N)  # at most N columns: k above the catalogue pads up to N
+    check_temperature(temperature)
+    b = None
+    if bias is not None:
+        b, _ = as_tensor(bias, "bias")
+        if b.dtype != torch.float32:
+            raise TypeError(f"bias: expected float32, got {b.dtype}")
+        check_float(b, "bias", (N,), finite=False)
+    B = u.shape[0]
+    exc = check_csr(exclude, "exclude", B, N)
+    cand = check_csr(candidates, "candidates", B, N)
+    return u, tab, b, exc, cand, kind, k
+
+
+def check_bags(tabs, idx: torch.Tensor, off: torch.Tensor, psw: Optional[torch.Tensor]) -> torch.Tensor:
+    """The embedding bag's index checks on every path that does not leave them to the compiled
+    core (the torch reference, the GPU launchers): CSR ``offsets`` over ``indices`` with T*B
+    bags for the T tables ``tabs``, ``indices`` 1-D int32 / int64 with the ids of table t in
+    [0, N_t) (the error names the position in the whole ``indices``, as the core does),
+    ``per_sample_weights`` (nnz,) and finite. Returns the offsets, contiguous."""
+    T = len(tabs)
+    off = check_offsets(off, "offsets", idx.numel())
+    if (off.numel() - 1) % T != 0:
+        raise ValueError(f"offsets: {off.numel() - 1} bags is not a multiple of the {T} tables")
+    B = (off.numel() - 1) // T
+    if idx.dtype not in _INT_DTYPES:
+        raise TypeError(f"indices: ids must be int32 or int64, got {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"indices: expected a 1-D array, got shape {tuple(idx.shape)}")
+    bounds = off[torch.arange(T + 1, device=off.device) * B].tolist() if T > 1 else [0, idx.numel()]
+    for t, tab in enumerate(tabs):
+        lo, hi = int(bounds[t]), int(bounds[t + 1])
+        n = tab.shape[0]
+        ids = idx[lo:hi]
+        bad = (ids < 0) | (ids >= n)
+        if ids.numel() and bool(bad.any()):
+            pos = int(torch.nonzero(bad)[0, 0])
+            name = "indices" if T == 1 else f"indices of table {t}"
+            # the position in the whole indices array, as the core reports it
+            raise ValueError(f"{name}: id {int(ids[pos])} at position {lo + pos} is out of range [0, {n})")
+    if psw is not None:
+        check_float(psw, "per_sample_weights", (idx.numel(),))
+    return off
+
+
+def check_update_args(mode: str, optimizer: str, lr, eps) -> None:
+    """The fused backward's options on every backend: ``mode`` "sum" / "mean", ``optimizer``
+    "sgd" / "rowwise_adagrad", ``lr`` a finite number and ``eps`` a finite number >= 0 (neither
+    a bool)."""
+    if mode not in ("sum", "mean"):
+        raise ValueError(f"embedding_bag_backward: mode must be 'sum' or 'mean', got {mode!r}")
+    if optimizer not in ("sgd", "rowwise_adagrad"):
+        raise ValueError(f"embedding_bag_backward: optimizer must be 'sgd' or 'rowwise_adagrad', got {optimizer!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+        raise ValueError(f"lr: must be a finite number, got {lr!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps: must be a finite number >= 0, got {eps!r}")
+
+
+def check_update_inputs(n_rows: int, dim: int, idx: torch.Tensor, off: torch.Tensor, g: torch.Tensor,
+                        psw: Optional[torch.Tensor], st: Optional[torch.Tensor]):
+    """The one-table fused backward's inputs on the paths that do not leave them to the compiled
+    core (the torch reference, the GPU launcher), for an (n_rows, dim) table: ids in range, CSR
+    offsets, ``grad_output`` (B, dim) float32 and finite, ``per_sample_weights`` (nnz,) finite,
+    the Adagrad ``state`` (n_rows,) float32 and finite. Returns (indices, offsets) contiguous."""
+    idx = check_ids(idx, "indices", n_rows)
+    off = check_offsets(off, "offsets", idx.numel())
+    if g.dtype != torch.float32:
+        raise TypeError(f"grad_output: expected float32, got {g.dtype}")
+    check_float(g, "grad_output", (off.numel() - 1, dim))
+    if psw is not None:
+        check_float(psw, "per_sample_weights", (idx.numel(),))
+    if st is not None:
+        if st.dtype != torch.float32:
+            raise TypeError(f"state: expected a float32 array, got {st.dtype}")
+        check_float(st, "state", (n_rows,))
+    return idx, off

@@ -39,21 +39,21 @@ from ._common import _FLOAT_TABLES, _nonfinite_row, _parts_to_table, _table_part
 from ._common import (
     as_table,
     as_tensor,
+    check_bags,
     check_float,
-    check_ids,
-    check_offsets,
+    check_update_args,
+    check_update_inputs,
+    table_dtype,
     to_kind,
 )
 from .reference import QuantizedTable
 
 __all__ = ["embedding_bag", "embedding_bag_backward"]
 
-_MODES = ("sum", "mean")
 _FWD_MODES = ("sum", "mean", "max")
 # Table dtypes of the autograd op; float32 / float16 / uint8 (int8 codes) run on the compiled
 # core, bfloat16 / float64 (and mode "max") on the reference (see _forward_reference).
 _CORE_TABLES = (torch.float32, torch.float16, torch.uint8)
-_OPTIMIZERS = ("sgd", "rowwise_adagrad")
 
 
 def _core():
@@ -404,32 +404,6 @@ def _compiling() -> bool:
 # ---------------------------------------------------------------------------------------------
 # public functions
 # ---------------------------------------------------------------------------------------------
-def _check_torch_path(tabs, idx, off, psw):
-    """Full checks of :mod:`._common` (the torch backend)."""
-    T = len(tabs)
-    off = check_offsets(off, "offsets", idx.numel())
-    if (off.numel() - 1) % T != 0:
-        raise ValueError(f"offsets: {off.numel() - 1} bags is not a multiple of the {T} tables")
-    B = (off.numel() - 1) // T
-    if idx.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"indices: ids must be int32 or int64, got {idx.dtype}")
-    if idx.dim() != 1:
-        raise ValueError(f"indices: expected a 1-D array, got shape {tuple(idx.shape)}")
-    for t, tab in enumerate(tabs):
-        lo, hi = int(off[t * B]), int(off[(t + 1) * B])
-        n = tab.shape[0]
-        ids = idx[lo:hi]
-        bad = (ids < 0) | (ids >= n)
-        if ids.numel() and bool(bad.any()):
-            pos = int(torch.nonzero(bad)[0, 0])
-            name = "indices" if T == 1 else f"indices of table {t}"
-            # the position in the whole indices array, as the core reports it
-            raise ValueError(f"{name}: id {int(ids[pos])} at position {lo + pos} is out of range [0, {n})")
-    if psw is not None:
-        check_float(psw, "per_sample_weights", (idx.numel(),))
-    return off
-
-
 def _table_bounds(table_offsets, rows: int) -> List[int]:
     """The validated (T+1,) cumulative row offsets of the one-table TBE form as a list."""
     if isinstance(table_offsets, torch.Tensor):
@@ -551,7 +525,7 @@ def _init_fast_core():
     kept here; if something else claimed it first, the fast path stays off (every call then
     takes the general path, which converts and checks its arrays)."""
     global _FAST_CORE, _FAST_HANDLE
-    if backends.default_cpu() != "cpp":
+    if backends.default_cpu() != "cpp":  # the table's default for embedding_bag on CPU float32
         _FAST_CORE = None
         return None
     if _FAST_HANDLE is _UNSET:
@@ -633,7 +607,7 @@ def _drop_padding(tables, indices, offsets, psw, padding_idx):
     idx, kind = as_tensor(indices, "indices")
     off, _ = as_tensor(offsets, "offsets")
     p = None if psw is None else as_tensor(psw, "per_sample_weights")[0]
-    off = _check_torch_path(tables, idx, off, p)
+    off = check_bags(tables, idx, off, p)
     rows = [int(t.shape[0]) for t in tables]
     pad = _padding_per_position(rows, off, idx.numel(), padding_idx)
     idx, off, p, _ = reference.drop_padding(idx, off, p, pad)
@@ -737,13 +711,11 @@ def embedding_bag(weight: (np.ndarray | torch.Tensor | QuantizedTable
                                                              padding_idx)
     use_ref = mode == "max" or any(_is_wide(w) for w in tables)
     is_torch = isinstance(indices, torch.Tensor)
-    if backend is None and not backends.env_override() and not (is_torch and indices.is_cuda):
-        be = backends.default_cpu()  # what backends.resolve answers here, without its look-ups
-    else:
-        be = backends.resolve(backend, "cuda" if is_torch and indices.is_cuda else "cpu")
+    # the backend table's op: the variants whose kernels differ (see ops.backends.OPS)
+    op = ("embedding_bag_table_offsets" if whole is not None else "embedding_bag_max" if mode == "max"
+          else "embedding_bag_freq" if scale_grad_by_freq else "embedding_bag")
+    be = backends.select(op, "cuda" if is_torch and indices.is_cuda else "cpu", table_dtype(tables), backend)
     if (be == "triton" or be == "cuda") and not (use_ref or scale_grad_by_freq):
-        if whole is not None:
-            raise ValueError(f"embedding_bag: table_offsets is supported by the 'cpp' and 'torch' backends, not {be!r}")
         from ._gpu import gpu_embedding_bag
 
         return gpu_embedding_bag(weight, indices, offsets, per_sample_weights, mode, backend=be)
@@ -767,7 +739,7 @@ def embedding_bag(weight: (np.ndarray | torch.Tensor | QuantizedTable
             if psw is not None and not isinstance(psw, torch.Tensor):
                 raise TypeError(f"per_sample_weights: expected a torch tensor, got {type(psw).__name__}")
             if use_ref:  # the op runs the reference without checks of its own
-                _check_torch_path([p[0] for p in parts], indices, offsets, psw)
+                check_bags([p[0] for p in parts], indices, offsets, psw)
             return _forward_op([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
                                indices, offsets, psw, mode, None, scale_grad_by_freq)
         if not use_ref:
@@ -786,7 +758,7 @@ def embedding_bag(weight: (np.ndarray | torch.Tensor | QuantizedTable
     psw = None
     if per_sample_weights is not None:
         psw, _ = as_tensor(per_sample_weights, "per_sample_weights")
-    off = _check_torch_path(tabs, idx, off, psw)
+    off = check_bags(tabs, idx, off, psw)
     if whole is not None:
         bounds = torch.tensor([0] + [0] * len(tabs), dtype=torch.int64)
         bounds[1:] = torch.cumsum(torch.tensor([t.shape[0] for t in tabs], dtype=torch.int64), 0)
@@ -867,7 +839,7 @@ def _backward_tbe(weight, indices, offsets, grad_output, per_sample_weights, mod
     idx, _ = as_tensor(indices, "indices")
     off, _ = as_tensor(offsets, "offsets")
     g, _ = as_tensor(grad_output, "grad_output")
-    off = _check_torch_path(ws, idx, off, None)
+    off = check_bags(ws, idx, off, None)
     B = (off.numel() - 1) // T
     if g.dtype != torch.float32:
         raise TypeError(f"grad_output: expected float32, got {g.dtype}")
@@ -922,29 +894,21 @@ def embedding_bag_backward(weight: np.ndarray | torch.Tensor | Sequence[np.ndarr
     table changes. See :func:`recmeta_sdk.ops.reference.embedding_bag_backward` and
     :func:`recmeta_sdk.ops.reference.embedding_bag_backward_tbe`.
     """
-    if mode not in _MODES:
-        raise ValueError(f"embedding_bag_backward: mode must be 'sum' or 'mean', got {mode!r}")
-    if optimizer not in _OPTIMIZERS:
-        raise ValueError(f"embedding_bag_backward: optimizer must be 'sgd' or 'rowwise_adagrad', got {optimizer!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
-        raise ValueError(f"lr: must be a finite number, got {lr!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps: must be a finite number >= 0, got {eps!r}")
+    check_update_args(mode, optimizer, lr, eps)
     if optimizer == "rowwise_adagrad" and state is None:
         raise ValueError("state: rowwise_adagrad needs a (N,) float32 state")
     if optimizer == "rowwise_adagrad":
         _check_adagrad_state(state)
     if table_offsets is not None or isinstance(weight, (list, tuple)):
         is_cuda = isinstance(indices, torch.Tensor) and indices.is_cuda
-        be = backends.resolve(backend, "cuda" if is_cuda else "cpu")
-        if be not in ("cpp", "torch"):
-            raise ValueError(f"embedding_bag_backward: several tables are supported by the 'cpp' and 'torch' "
-                             f"backends, not {be!r}")
+        op = "embedding_bag_backward_table_offsets" if table_offsets is not None else "embedding_bag_backward_tbe"
+        # the fused update's tables are float32 (checked, naming the table, by _backward_tbe)
+        be = backends.select(op, "cuda" if is_cuda else "cpu", "float32", backend)
         return _backward_tbe(weight, indices, offsets, grad_output, per_sample_weights, mode, optimizer, lr, eps,
                              state, be, table_offsets)
     _check_update_table(weight, "weight")
     device = weight.device.type if isinstance(weight, torch.Tensor) else "cpu"
-    be = backends.resolve(backend, "cpu" if device == "cpu" else "cuda")
+    be = backends.select("embedding_bag_backward", "cpu" if device == "cpu" else "cuda", "float32", backend)
     if be in ("triton", "cuda"):
         from ._gpu import gpu_embedding_bag_backward
 
@@ -968,20 +932,13 @@ def embedding_bag_backward(weight: np.ndarray | torch.Tensor | Sequence[np.ndarr
     idx, _ = as_tensor(indices, "indices")
     off, _ = as_tensor(offsets, "offsets")
     g, _ = as_tensor(grad_output, "grad_output")
-    check_ids(idx, "indices", w.shape[0])
-    off = check_offsets(off, "offsets", idx.numel())
-    if g.dtype != torch.float32:
-        raise TypeError(f"grad_output: expected float32, got {g.dtype}")
-    check_float(g, "grad_output", (off.numel() - 1, w.shape[1]))
-    psw = None
-    if per_sample_weights is not None:
-        psw, _ = as_tensor(per_sample_weights, "per_sample_weights")
-        check_float(psw, "per_sample_weights", (idx.numel(),))
+    psw = None if per_sample_weights is None else as_tensor(per_sample_weights, "per_sample_weights")[0]
     st = None
     if state is not None:
         st = torch.from_numpy(_np_inplace(state, "state")) if isinstance(state, np.ndarray) else state
-        if not isinstance(st, torch.Tensor) or st.dtype != torch.float32:
+        if not isinstance(st, torch.Tensor):
             raise TypeError(f"state: expected a float32 array, got {getattr(st, 'dtype', type(st).__name__)}")
-        check_float(st, "state", (w.shape[0],))
+    # (the GPU launcher's checks too)
+    idx, off = check_update_inputs(int(w.shape[0]), int(w.shape[1]), idx, off, g, psw, st)
     reference.embedding_bag_backward(w, idx, off, g, psw, mode, optimizer, float(lr), float(eps), st)
     return None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import math
 from typing import Optional
 
 import torch
@@ -29,8 +28,8 @@ import torch
 from . import backends
 from . import reference
 from ._common import (
-    _check_bias_finite, _nonfinite_row, _parts_to_table, _table_parts, as_count, as_seed, as_table, as_tensor,
-    check_csr, check_float, check_ids, check_offsets,
+    _check_bias_finite, _nonfinite_row, _parts_to_table, _table_parts, as_seed, as_table, as_tensor, check_bags,
+    check_float, check_policy_args, check_update_args, check_update_inputs, table_dtype,
 )
 from ._native import core_cuda, load_kernel_module
 from .reference import QuantizedTable
@@ -99,11 +98,11 @@ def _check_quantized(tab, name: str) -> None:
             raise ValueError(f"{name}: unknown table dtype {tab.dtype!r}")
 
 
-def _resolve(backend: Optional[str]) -> str:
-    name = backends.resolve(backend, "cuda")
-    if name not in ("triton", "cuda", "torch"):
-        raise ValueError(f"backend {name!r} cannot run CUDA tensors")
-    return name
+def _resolve(op: str, tables, backend: Optional[str]) -> str:
+    """The backend of ``op`` on CUDA tensors, from the backend table
+    (:func:`recmeta_sdk.ops.backends.select`; a backend that cannot run CUDA tensors is refused
+    there, naming the op, the device, the dtype and the backends that exist)."""
+    return backends.select(op, "cuda", table_dtype(tables), backend)
 
 
 def _stream(device) -> int:
@@ -141,26 +140,13 @@ def gpu_embedding_bag(weight, indices, offsets, per_sample_weights=None, mode: s
         psw, _ = as_tensor(per_sample_weights, "per_sample_weights")
     _check_device(dev, [("offsets", off), ("per_sample_weights", psw)]
                   + [(f"weight[{t}]", tab) for t, tab in enumerate(tabs)])
-    T = len(tabs)
-    if idx.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"indices: ids must be int32 or int64, got {idx.dtype}")
-    if idx.dim() != 1:
-        raise ValueError(f"indices: expected a 1-D array, got shape {tuple(idx.shape)}")
-    off = check_offsets(off, "offsets", idx.numel())
-    if (off.numel() - 1) % T != 0:
-        raise ValueError(f"offsets: {off.numel() - 1} bags is not a multiple of the {T} tables")
-    B = (off.numel() - 1) // T
-    bounds = off[torch.arange(T + 1, device=dev) * B].tolist()
-    for t, tab in enumerate(tabs):
-        check_ids(idx[bounds[t]:bounds[t + 1]], "indices" if T == 1 else f"indices of table {t}",
-                  tab.shape[0])
+    off = check_bags(tabs, idx, off, psw)
     idx = idx.contiguous()
     if psw is not None:
         if psw.dtype != torch.float32:
             raise TypeError(f"per_sample_weights: expected float32, got {psw.dtype}")
-        check_float(psw, "per_sample_weights", (idx.numel(),))
         psw = psw.contiguous()
-    name = _resolve(backend)
+    name = _resolve("embedding_bag", tabs, backend)
     if torch.compiler.is_compiling() or _needs_graph(tabs, psw):
         return _forward_through_op(name, tabs, idx, off, psw, mode)
     return _embedding_bag_run(name, tabs, idx, off, psw, mode)
@@ -273,15 +259,7 @@ def gpu_embedding_bag_backward(weight, indices, offsets, grad_output, per_sample
 
     ``deterministic=True`` (default): no float atomics, bit-identical run to run.
     """
-    if mode not in ("sum", "mean"):
-        raise ValueError(f"embedding_bag_backward: mode must be 'sum' or 'mean', got {mode!r}")
-    if optimizer not in ("sgd", "rowwise_adagrad"):
-        raise ValueError(f"embedding_bag_backward: optimizer must be 'sgd' or 'rowwise_adagrad', "
-                         f"got {optimizer!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr)):
-        raise ValueError(f"lr must be a finite number, got {lr!r}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    check_update_args(mode, optimizer, lr, eps)
     w, _ = as_tensor(weight, "weight")
     idx, _ = as_tensor(indices, "indices")
     off, _ = as_tensor(offsets, "offsets")
@@ -300,25 +278,17 @@ def gpu_embedding_bag_backward(weight, indices, offsets, grad_output, per_sample
         st, _ = as_tensor(state, "state")
     _check_device(w.device, [("indices", idx), ("offsets", off), ("grad_output", g),
                              ("per_sample_weights", psw), ("state", st)])
-    idx = check_ids(idx, "indices", w.shape[0])
-    off = check_offsets(off, "offsets", idx.numel())
-    if g.dtype != torch.float32:
-        raise TypeError(f"grad_output: expected float32, got {g.dtype}")
-    check_float(g, "grad_output", (off.numel() - 1, w.shape[1]))
+    if optimizer == "rowwise_adagrad" and st is None:
+        raise ValueError("state: rowwise_adagrad needs a (N,) float32 state")
+    # the CPU path's checks, then what the kernels need on top
+    idx, off = check_update_inputs(int(w.shape[0]), int(w.shape[1]), idx, off, g, psw, st)
     if psw is not None:
         if psw.dtype != torch.float32:
             raise TypeError(f"per_sample_weights: expected float32, got {psw.dtype}")
-        check_float(psw, "per_sample_weights", (idx.numel(),))
         psw = psw.contiguous()
-    if optimizer == "rowwise_adagrad":
-        if st is None:
-            raise ValueError("embedding_bag_backward: rowwise_adagrad needs state")
-        if st.dtype != torch.float32:
-            raise TypeError(f"state: expected float32, got {st.dtype}")
-        check_float(st, "state", (w.shape[0],))
-        if not st.is_contiguous():
-            raise ValueError("state: must be contiguous (it is updated in place)")
-    name = _resolve(backend)
+    if st is not None and not st.is_contiguous():
+        raise ValueError("state: must be contiguous (it is updated in place)")
+    name = _resolve("embedding_bag_backward", w, backend)
     if name == "torch":
         wc, sc = w.cpu(), None if st is None else st.cpu()
         reference.embedding_bag_backward(wc, idx.cpu(), off.cpu(), g.cpu(),
@@ -373,30 +343,16 @@ def _cuda_backward(w, idx, off, g, psw, mode, optimizer, lr, eps, st, determinis
 # Policy scoring
 # ---------------------------------------------------------------------------------------
 def _prepare_policy(user_states, items, k, bias, exclude, candidates, temperature):
-    u, _ = as_tensor(user_states, "user_states")
-    tab, _ = as_table(items, "items")
+    """The CPU path's checks (:func:`recmeta_sdk.ops._common.check_policy_args`: the same
+    messages for the same bad input), then what the kernels need on top: CUDA tensors on one
+    device, a well-formed QuantizedTable, a bias without NaN / +inf (-inf masks an item)."""
+    u, tab, b, exc, cand, _, k = check_policy_args(user_states, items, k, bias, exclude, candidates, temperature)
     _check_quantized(tab, "items")
-    N, d = tab.shape
-    if u.dtype != torch.float32:
-        raise TypeError(f"user_states: expected float32, got {u.dtype}")
+    if b is not None:
+        _check_bias_finite(b)  # -inf masks an item; NaN / +inf refused (as the CPU path)
+        b = b.contiguous()
     if u.device.type != "cuda":
         raise ValueError(f"user_states: expected a CUDA tensor, got device {u.device}")
-    check_float(u, "user_states", (None, d))
-
-    k = min(as_count(k), N)  # at most N columns (see ops.policy_topk)
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    b = None
-    if bias is not None:
-        b, _ = as_tensor(bias, "bias")
-        if b.dtype != torch.float32:
-            raise TypeError(f"bias: expected float32, got {b.dtype}")
-        check_float(b, "bias", (N,), finite=False)
-        _check_bias_finite(b)  # -inf masks an item; NaN / +inf refused
-        b = b.contiguous()
-    B = u.shape[0]
-    exc = check_csr(exclude, "exclude", B, N)
-    cand = check_csr(candidates, "candidates", B, N)
     _check_device(u.device, [("items", tab), ("bias", b)])
     return u, tab, b, exc, cand, k
 
@@ -448,7 +404,8 @@ def _exact_logtail(u, tab, b, exc, cand, temperature, ids):
 
 def _policy(user_states, items, k, seed, bias, exclude, candidates, temperature, backend):
     u, tab, b, exc, cand, k = _prepare_policy(user_states, items, k, bias, exclude, candidates, temperature)
-    return _policy_run(_resolve(backend), u, tab, k, seed, b, exc, cand, temperature)
+    op = "policy_topk" if seed is None else "policy_sample"
+    return _policy_run(_resolve(op, tab, backend), u, tab, k, seed, b, exc, cand, temperature)
 
 
 def _policy_run(name, u, tab, k, seed, b, exc, cand, temperature):

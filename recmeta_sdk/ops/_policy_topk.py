@@ -8,7 +8,6 @@ public functions call the same implementation directly, without the dispatcher's
 """
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
@@ -16,8 +15,7 @@ import torch
 from . import _native
 from . import backends
 from . import reference
-from ._common import _U64, _check_bias_finite, as_count, as_seed  # noqa: F401
-from ._common import as_table, as_tensor, check_csr, check_float, to_kind
+from ._common import _U64, _check_bias_finite, as_seed, check_policy_args, table_dtype, to_kind
 from .reference import QuantizedTable
 
 if TYPE_CHECKING:  # names used in annotations only
@@ -25,39 +23,14 @@ if TYPE_CHECKING:  # names used in annotations only
 
 __all__ = ["policy_topk", "policy_sample"]
 
-def _check_finite(t: torch.Tensor, name: str) -> None:
-    """Raise ValueError naming the first NaN/inf of ``t``. Fast path: a finite float64 sum
-    implies every element is finite (NaN and inf propagate through a sum)."""
-    if t.numel() and not math.isfinite(float(t.sum(dtype=torch.float64))):
-        check_float(t, name, (None,) * t.dim())  # locates and names the bad value
-
-
 def _prepare(user_states, items, k, bias, exclude, candidates, temperature):
-    """Convert and check the arguments. The finiteness of ``bias`` is checked by the caller
-    for the torch / GPU backends (:func:`_check_bias_finite`); the compiled core screens the
-    bias (and an int8 table's row_scale / row_min) itself while it reads them and raises a
-    ValueError naming the first bad value before returning any output, so the cpp backend
-    skips the separate scan (it cost ~1.4 ms per call at N = 1M)."""
-    u, kind = as_tensor(user_states, "user_states")
-    tab, _ = as_table(items, "items")
-    N, d = tab.shape
-    if u.dtype != torch.float32:
-        raise TypeError(f"user_states: expected float32, got {u.dtype}")
-    check_float(u, "user_states", (None, d))
-    k = min(as_count(k), N)  # at most N columns: k above the catalogue pads up to N
-    if isinstance(temperature, bool) or not (
-            isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    b = None
-    if bias is not None:
-        b, _ = as_tensor(bias, "bias")
-        if b.dtype != torch.float32:
-            raise TypeError(f"bias: expected float32, got {b.dtype}")
-        check_float(b, "bias", (N,), finite=False)
-    B = u.shape[0]
-    exc = check_csr(exclude, "exclude", B, N)
-    cand = check_csr(candidates, "candidates", B, N)
-    return u, tab, b, exc, cand, kind, k
+    """Convert and check the arguments (:func:`recmeta_sdk.ops._common.check_policy_args`, the
+    GPU launchers' checks too). The finiteness of ``bias`` is checked by the caller for the
+    torch / GPU backends (:func:`_check_bias_finite`); the compiled core screens the bias (and
+    an int8 table's row_scale / row_min) itself while it reads them and raises a ValueError
+    naming the first bad value before returning any output, so the cpp backend skips the
+    separate scan (it cost ~1.4 ms per call at N = 1M)."""
+    return check_policy_args(user_states, items, k, bias, exclude, candidates, temperature)
 
 
 # ---------------------------------------------------------------------------------------
@@ -191,7 +164,7 @@ def policy_topk(user_states: np.ndarray | torch.Tensor, items: np.ndarray | torc
     See :func:`recmeta_sdk.ops.reference.policy_topk` for the exact semantics.
     """
     u, tab, b, exc, cand, kind, k = _prepare(user_states, items, k, bias, exclude, candidates, temperature)
-    be = backends.resolve(backend, u.device.type)
+    be = backends.select("policy_topk", u.device.type, table_dtype(tab), backend)
     if be != "cpp":
         _check_bias_finite(b)
     if be in ("triton", "cuda"):
@@ -226,7 +199,7 @@ def policy_sample(user_states: np.ndarray | torch.Tensor, items: np.ndarray | to
     """
     seed = as_seed(seed)
     u, tab, b, exc, cand, kind, k = _prepare(user_states, items, k, bias, exclude, candidates, temperature)
-    be = backends.resolve(backend, u.device.type)
+    be = backends.select("policy_sample", u.device.type, table_dtype(tab), backend)
     if be != "cpp":
         _check_bias_finite(b)
     if be in ("triton", "cuda"):
