@@ -670,7 +670,7 @@ class Worker:
         from recmeta_sdk import online
 
         try:
-            online.parse_events(served.model, events)  # item ids, ranges: before it is logged
+            online.check_events(served.model, events)  # item ids, ranges: before it is logged
         except (ValueError, TypeError) as e:
             raise BadRequest(_feedback_field(str(e)), str(e)) from None
         origin = f"{os.getpid()}:{next(self._seq)}"

@@ -354,3 +354,16 @@ def test_concurrent_feedback_on_one_store(model):
             s = backend.stats()
             assert s["users"] <= 3 and s["evictions"] >= 3
             assert s["bytes"] == sum(v.nbytes for _, v in backend.items())
+
+
+def test_check_events_validates_without_applying(model):
+    from recmeta_sdk import online
+
+    good = [("a", int(model.item_ids[1]), 1.0), ("b", int(model.item_ids[2]), 0.0, 0.5)]
+    assert online.check_events(model, good) == 2
+    assert online.check_events(model, [{"user": "a", "item": int(model.item_ids[3]), "reward": 1.0}]) == 1
+    for bad, err in (([("a", 10**6, 1.0)], "unknown to the model"), ([("a", 1, 1.0, 0.0)], "propensity"),
+                     ([("a", 1, 1e39)], "finite"), ([(1.5, 1, 1.0)], "user ids")):
+        with pytest.raises(ValueError, match=err):
+            online.check_events(model, bad)
+    assert online.current(model, "a") is None  # nothing applied

@@ -119,6 +119,7 @@ __all__ = [
     "EVENT_COLUMNS",
     "OnlineStore",
     "OnlineUser",
+    "check_events",
     "current",
     "epsilon_slate",
     "feedback",
@@ -238,6 +239,18 @@ def _event_rows(model: Recommender, events: Any) -> list[tuple]:
     cols = [ev[c].to_numpy() for c in ("user", "item", "_idx", "reward", "propensity", "timestamp", "position")]
     return [(row, u, it.item() if hasattr(it, "item") else it, int(i), float(r), float(p), float(t), int(pos))
             for row, (u, it, i, r, p, t, pos) in enumerate(zip(*cols))]
+
+
+def check_events(model: Recommender, events: pd.DataFrame | Sequence[Mapping[str, Any] | tuple]) -> int:
+    """Validate feedback events as :func:`feedback` would, without applying them; returns their
+    number. Plain tuples / dicts are checked without pandas (the per-event fast path); anything
+    else, or anything not plainly valid, goes through :func:`parse_events`, whose ``ValueError``
+    / ``TypeError`` names the bad field (a web service validates a request this way before it
+    logs it)."""
+    rows = _fast_events(model, events)
+    if rows is not None:
+        return len(rows)
+    return len(parse_events(model, events))
 
 
 def parse_events(model: Recommender, events: pd.DataFrame | Sequence[Mapping[str, Any] | tuple]) -> pd.DataFrame:
