@@ -3,12 +3,11 @@ torchrun environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 
 ``python tests/_distributed_worker.py MODE OUT_DIR``; MODE:
 
-* ``train``: ``rm.train`` on :func:`tiny_log` (sharded item tables), rank 0 writes
-  ``OUT_DIR/model.recmeta`` through ``distributed.save``; every rank then loads it and
-  writes ``OUT_DIR/rank{r}.json`` (its history and whether the loaded file recommends what
-  its own model does).
-* ``tables``: the sharded item tables against the unsharded ones on random data of odd
-  sizes: lookups, gradients and one AdamW update; ``OUT_DIR/tables{r}.json``.
+* ``train``: first the sharded item tables against the unsharded ones on random data of
+  odd sizes (lookups, gradients, one AdamW update, the gathered tables:
+  ``OUT_DIR/tables{r}.json``), then ``recmeta train`` (the CLI) on ``OUT_DIR/log.csv`` with
+  the item tables sharded: rank 0 writes ``OUT_DIR/model.recmeta``, every rank loads it and
+  writes its recommendations for users 0-2 to ``OUT_DIR/rank{r}.json``.
 * ``kill``: ``rm.train`` on a larger log; rank 1 kills itself (SIGKILL) in its third
   training step; rank 0 must raise ``DistributedTrainingError``, writing nothing.
 """
@@ -40,21 +39,18 @@ def tiny_log(n_users: int = 61, n_items: int = 37, seed: int = 0):
 
 
 def _train(out: str) -> None:
+    """The tables check, then ``recmeta train`` (the CLI, as under torchrun) on ``OUT/log.csv``
+    with the item tables sharded; each rank then loads the file rank 0 wrote."""
     import recmeta_sdk as rm
-    from recmeta_sdk.training import distributed as dist
+    from recmeta_sdk import cli
 
-    log, items = tiny_log()
-    model = rm.train(log, items=items, config=CONFIG, distributed=dist.DistributedConfig(shard_tables=True,
-                                                                                           timeout_s=60))
+    _tables(out)
     path = os.path.join(out, "model.recmeta")
-    dist.save(model, path)
-    loaded = rm.load(path)
-    a = model.recommend([0, 1, 2], k=5)
-    b = loaded.recommend([0, 1, 2], k=5)
-    rank = int(os.environ["RANK"])
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"history": {k: v for k, v in model.history.items() if k in ("loss", "distributed")},
-                   "same_recs": bool(np.array_equal(a.ids, b.ids) and np.array_equal(a.scores, b.scores))}, f)
+    rc = cli.main(["train", "--data", os.path.join(out, "log.csv"), "--out", path, "--config", json.dumps(CONFIG),
+                   "--shard-tables", "--timeout", "60"])
+    recs = rm.load(path).recommend([0, 1, 2], k=5)
+    with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump({"rc": rc, "ids": recs.ids.tolist(), "scores": recs.scores.tolist()}, f)
 
 
 def _tables(out: str) -> None:
@@ -64,7 +60,7 @@ def _tables(out: str) -> None:
     from recmeta_sdk.training import distributed as dist
     from recmeta_sdk.training.loop import AdamW
 
-    ctx = dist.resolve(dist.DistributedConfig(shard_tables=True, timeout_s=60))
+    ctx = dist.resolve(dist.DistributedConfig(shard_tables=True, backend="gloo", timeout_s=60))
     rank = ctx.rank
     rng = np.random.default_rng(11)
     N, F, d = 53, 7, 13  # odd sizes: 53 items split 26 / 27
@@ -135,6 +131,22 @@ def _kill(out: str) -> None:
     dist.save(model, os.path.join(out, "model.recmeta"))
 
 
+def _nccl(out: str) -> None:
+    """One NCCL rank (a GPU machine): ``rm.train`` through the distributed path, the
+    collectives on the GPU, the item tables sharded (over one rank)."""
+    import recmeta_sdk as rm
+    from recmeta_sdk.training import distributed as dist
+
+    log, items = tiny_log()
+    model = rm.train(log, items=items, config=CONFIG,
+                     distributed=dist.DistributedConfig(shard_tables=True, backend="nccl", timeout_s=60))
+    ref = rm.train(log, items=items, config=CONFIG, distributed=False)
+    a, b = model.recommend([0, 1, 2], k=5), ref.recommend([0, 1, 2], k=5)
+    with open(os.path.join(out, "nccl.json"), "w") as f:
+        json.dump({"backend": model.history["distributed"]["backend"], "same_ids": bool(np.array_equal(a.ids, b.ids)),
+                   "max_score_diff": float(np.abs(a.scores - b.scores).max())}, f)
+
+
 if __name__ == "__main__":
     mode, out_dir = sys.argv[1], sys.argv[2]
-    {"train": _train, "tables": _tables, "kill": _kill}[mode](out_dir)
+    {"train": _train, "kill": _kill, "nccl": _nccl}[mode](out_dir)
