@@ -23,7 +23,7 @@ if not tdist.is_available() or not tdist.is_gloo_available():  # pragma: no cove
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "_distributed_worker.py")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from _distributed_worker import CONFIG, tiny_log  # noqa: E402
+from _distributed_worker import CONFIG, tiny_log
 
 #: a launch of 2 ranks must finish within this (seconds); a hang fails the test
 LAUNCH_TIMEOUT = 240
@@ -36,8 +36,13 @@ def _free_port() -> int:
 
 
 def _env(**extra) -> dict:
+    """The workers' environment: they import the recmeta_sdk this test imports (the installed
+    package in CI, the source tree with PYTHONPATH=.), on one thread each."""
+    import recmeta_sdk
+
     env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(recmeta_sdk.__file__)))
+    env["PYTHONPATH"] = pkg_parent + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -54,7 +59,8 @@ def torchrun_out(tmp_path_factory):
     log.to_csv(out / "log.csv", index=False)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", WORKER, "train", str(out)]
-    p = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    p = subprocess.run(cmd, check=False, env=_env(), cwd=ROOT, capture_output=True, text=True,
+                       timeout=LAUNCH_TIMEOUT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out
 
@@ -142,10 +148,44 @@ def test_distributed_needs_a_group_or_torchrun(monkeypatch):
 @pytest.mark.gpu
 def test_nccl_rank_trains_like_one_process(tmp_path):
     env = _env(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port())
-    p = subprocess.run([sys.executable, WORKER, "nccl", str(tmp_path)], env=env, cwd=ROOT, capture_output=True,
+    p = subprocess.run([sys.executable, WORKER, "nccl", str(tmp_path)], check=False, env=env, cwd=ROOT,
+                       capture_output=True,
                        text=True, timeout=LAUNCH_TIMEOUT)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "nccl.json").read_text())
     assert res["backend"] == "nccl"
     assert res["same_ids"], res
     assert res["max_score_diff"] < 1e-4, res
+
+
+def test_batch_parts_are_the_whole_batch():
+    """The ranks' parts (make_batch part=) are the batch one process cuts, and every rank's
+    rng ends where one process's does (user features included)."""
+    import torch
+
+    from recmeta_sdk.model.network import Config
+    from recmeta_sdk.training.loop import make_batch, prepare
+
+    log, _ = tiny_log()
+    prep = prepare(log)
+    cfg = Config(seed=1)
+    users = np.random.default_rng(2).permutation(len(prep.user_ids))[:13]
+    feats = (np.arange(len(prep.user_ids) + 1, dtype=np.int64), np.arange(len(prep.user_ids), dtype=np.int64) % 4)
+    rng = np.random.default_rng(7)
+    whole = make_batch(prep, users, cfg, rng, feats)
+    after = rng.random()
+    parts = []
+    for part in (slice(0, 6), slice(6, 13), slice(13, 13)):  # the last rank's part is empty
+        r = np.random.default_rng(7)
+        parts.append(make_batch(prep, users, cfg, r, feats, part=part))
+        assert r.random() == after
+    assert [p.B for p in parts] == [6, 7, 0]
+    assert torch.equal(torch.cat([p.users for p in parts]), whole.users)
+    assert torch.equal(torch.cat([p.prefix for p in parts]), whole.prefix)
+    for name in ("bag_idx", "bag_w", "sup_items", "sup_w", "q_items", "q_reward", "uf_idx"):
+        assert torch.equal(torch.cat([getattr(p, name) for p in parts]), getattr(whole, name)), name
+    assert torch.equal(torch.cat([p.seq for p in parts]), whole.seq)
+    shifts = np.cumsum([0] + [p.B for p in parts])
+    assert torch.equal(torch.cat([p.q_rows + s for p, s in zip(parts, shifts)]), whole.q_rows)
+    assert torch.equal(torch.cat([p.bag_off[:-1] + int(w.bag_off[s]) for p, w, s in
+                                  zip(parts, [whole] * 3, shifts)] + [whole.bag_off[-1:]]), whole.bag_off)

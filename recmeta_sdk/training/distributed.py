@@ -64,7 +64,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,8 +76,20 @@ from ..model.network import Config, RecMetaNet
 
 logger = logging.getLogger("recmeta")
 
-__all__ = ["DistributedConfig", "DistributedContext", "DistributedTrainingError", "ShardedItemTables",
-           "resolve", "fit", "save", "shard", "unshard", "table_bytes", "PARITY_TOL", "PARAM_ATOL"]
+__all__ = [
+    "PARAM_ATOL",
+    "PARITY_TOL",
+    "DistributedConfig",
+    "DistributedContext",
+    "DistributedTrainingError",
+    "ShardedItemTables",
+    "fit",
+    "resolve",
+    "save",
+    "shard",
+    "table_bytes",
+    "unshard",
+]
 
 #: relative tolerance of the 2-rank vs 1-process parity (dropout 0) of the served scores
 #: (``max |a - b| / max |b|`` over every user and item), as ``tests/test_distributed.py``
@@ -117,8 +129,8 @@ class DistributedConfig:
     """
 
     table_budget_bytes: int = 1 << 30
-    shard_tables: Optional[bool] = None
-    backend: Optional[str] = None
+    shard_tables: bool | None = None
+    backend: str | None = None
     timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -141,8 +153,8 @@ def _torchrun_env() -> bool:
     return all(k in os.environ for k in _TORCHRUN_ENV)
 
 
-def resolve(distributed: Union[bool, str, DistributedConfig, None] = "auto",
-            options: Optional[DistributedConfig] = None) -> Optional["DistributedContext"]:
+def resolve(distributed: bool | str | DistributedConfig | None = "auto",
+            options: DistributedConfig | None = None) -> DistributedContext | None:
     """The distributed context ``recmeta_sdk.train`` trains in, or None (one process).
 
     ``"auto"``: a context when a default process group of more than one rank is initialised,
@@ -288,7 +300,7 @@ class DistributedContext:
         loss.backward()
         return self.sync_grads(params, loss.detach(), max_norm=5.0)
 
-    def sync_grads(self, params: list, loss: torch.Tensor, max_norm: Optional[float] = None) -> float:
+    def sync_grads(self, params: list, loss: torch.Tensor, max_norm: float | None = None) -> float:
         """Sum the replicated parameters' gradients over the ranks (one flat all-reduce that
         also sums ``loss``, the presence of each gradient, and the squared norm of the
         sharded gradients), then clip every gradient by the global norm ``max_norm``.
@@ -433,7 +445,7 @@ def unshard(net: RecMetaNet, dist: DistributedContext) -> None:
 
 
 def fit(net: RecMetaNet, prep, cfg: Config, user_feats, dist: DistributedContext,
-        progress: Optional[bool] = None) -> dict:
+        progress: bool | None = None) -> dict:
     """Train ``net`` in place on this rank (see the module docstring): the inputs are
     checked to be the same on every rank, the item tables sharded by the options, then
     :func:`recmeta_sdk.training.loop.fit` with ``dist``, then the tables gathered back.
@@ -469,7 +481,7 @@ class _Stepper:
         return self._d.train_step(*args, **kwargs)
 
 
-def save(model: Any, path: Union[str, os.PathLike]) -> None:
+def save(model: Any, path: str | os.PathLike) -> None:
     """Write ``model`` (a :class:`~recmeta_sdk.Recommender`) to ``path`` on rank 0 only,
     atomically (:meth:`Recommender.save`), then wait until every rank is there, so that each
     can load the file. Without an initialised process group of more than one rank it is
