@@ -189,3 +189,28 @@ def test_batch_parts_are_the_whole_batch():
     assert torch.equal(torch.cat([p.q_rows + s for p, s in zip(parts, shifts)]), whole.q_rows)
     assert torch.equal(torch.cat([p.bag_off[:-1] + int(w.bag_off[s]) for p, w, s in
                                   zip(parts, [whole] * 3, shifts)] + [whole.bag_off[-1:]]), whole.bag_off)
+
+
+def test_table_budget_decides_sharding():
+    """Above the budget the id rows are sharded; a shard still above it is refused, naming
+    the ranks needed; under it (or shard_tables=False) the tables stay whole."""
+    from types import SimpleNamespace
+
+    from recmeta_sdk.model.network import Config, ItemFeatures, RecMetaNet
+    from recmeta_sdk.training import distributed as dist
+
+    N, d = 101, 4  # id rows: 2 * 101 * 4 * 4 = 3232 bytes; a shard of 51 items over 2 ranks: 1632
+    feats = ItemFeatures(N, [], np.arange(N + 1, dtype=np.int64), np.arange(N, dtype=np.int64),
+                         np.ones(N, np.float32))
+    net = RecMetaNet(Config(dim=d, heads=1, encoder="none", wide="none"), feats, 0)
+    assert dist.table_bytes(N, d) == 3232
+
+    def ctx(**opts):
+        return SimpleNamespace(options=dist.DistributedConfig(**opts), world_size=2, rank=0)
+
+    assert dist.shard(net, ctx(table_budget_bytes=3232)) is False
+    assert dist.shard(net, ctx(table_budget_bytes=10, shard_tables=False)) is False
+    with pytest.raises(ValueError, match=r"3232 bytes .* 1632 per rank sharded over 2 ranks: above table_budget_bytes "
+                                         r"1000; run on at least 4 ranks"):
+        dist.shard(net, ctx(table_budget_bytes=1000))
+    assert "emb_in" in dict(net.named_parameters())  # nothing changed
