@@ -112,7 +112,8 @@ def worker(args) -> dict:
     per_rank_items = -(-n_items // n_proc) if n_proc > 1 and h.get("distributed", {}).get("sharded") else n_items
     return {"rank": rank, "processes": n_proc, "threads": args.threads, "fit_s": marks["wall"], "train_s": wall,
             "samples_per_s": n_samples / marks["wall"], "n_items": n_items, "cpu_s": marks["cpu"],
-            "n_samples": n_samples, "sharded": bool(h.get("distributed", {}).get("sharded")),
+            "n_samples": n_samples, "collective_s": h.get("distributed", {}).get("collective_seconds"),
+            "sharded": bool(h.get("distributed", {}).get("sharded")),
             "train_peak_rss": marks.get("train_peak") if marks.get("hwm_reset") else None,
             "lifetime_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             # id rows of the two item tables: parameters, gradients, AdamW's two moments
@@ -183,18 +184,20 @@ def main(argv=None) -> int:
           f"gradients and AdamW moments); the 2-process run's budget is 60% of that, so they are sharded")
     base = runs[0][1][0]["samples_per_s"]
     print(f"{'run':34s} {'samples/s':>10s} {'x 1p1t':>7s} {'CPU-s/1k':>9s} {'rank':>4s} {'train peak RSS':>15s} "
-          f"{'lifetime peak':>14s} {'table MiB':>10s}")
+          f"{'lifetime peak':>14s} {'table MiB':>10s} {'in collectives':>16s}")
     for name, res in runs:
         sps = min(r["samples_per_s"] for r in res)  # the slower rank's
         cpu = 1000.0 * sum(r["cpu_s"] for r in res) / res[0]["n_samples"]
         for r in res:
             tp = f"{r['train_peak_rss'] / mib:.0f} MiB" if r["train_peak_rss"] else "n/a"
+            coll = f"{r['collective_s']:.1f} of {r['fit_s']:.1f} s" if r["collective_s"] is not None else "-"
             print(f"{name:34s} {sps:10.1f} {sps / base:7.2f} {cpu:9.2f} {r['rank']:4d} {tp:>15s} "
-                  f"{r['lifetime_peak_rss'] / mib:11.0f} MiB {r['table_bytes'] / mib:10.1f}")
+                  f"{r['lifetime_peak_rss'] / mib:11.0f} MiB {r['table_bytes'] / mib:10.1f} {coll:>16s}")
             name = ""
     print("(x 1p1t: samples/s over the 1-process 1-thread run's; CPU-s/1k: CPU seconds of all the run's "
           "processes per 1000 samples; table MiB: the item tables' id rows per process with gradients and "
-          "AdamW moments)")
+          "AdamW moments; in collectives: wall time in the collectives, waiting for the other rank included, "
+          "of the training's)")
     try:
         import fbgemm_gpu  # noqa: F401
         import torchrec  # noqa: F401

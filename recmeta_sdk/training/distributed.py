@@ -63,6 +63,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -208,7 +209,8 @@ class DistributedContext:
     Attributes: ``rank``, ``world_size``, ``backend``, ``options`` (the
     :class:`DistributedConfig`), ``device`` (where collectives run: CPU for gloo,
     ``cuda:LOCAL_RANK`` for NCCL), ``global_batch`` (the size of the global batch of the
-    current step), ``where`` (the epoch and step, for error messages).
+    current step), ``where`` (the step, for error messages), ``collective_seconds`` (wall
+    time spent in collectives so far, waiting for the other ranks included).
     """
 
     def __init__(self, options: DistributedConfig, initialised_here: bool = False):
@@ -220,11 +222,13 @@ class DistributedContext:
                        else torch.device("cpu"))
         self.initialised_here = initialised_here
         self.global_batch = 0
+        self.collective_seconds = 0.0  # wall time spent in collectives (waiting for the others included)
         self.where = "setup"
         self.sharded: set = set()  # ids of the sharded parameters (their gradients are not all-reduced)
 
     # ---------------------------------------------------------------- collectives
     def _run(self, what: str, fn):
+        t0 = time.perf_counter()
         try:
             return fn()
         except Exception as e:  # gloo / NCCL errors: RuntimeError, DistBackendError, timeouts
@@ -233,6 +237,8 @@ class DistributedContext:
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); another rank has probably "
                 f"died or stopped responding (timeout {self.options.timeout_s:g} s when this call set up the "
                 f"group); no model file is written") from e
+        finally:
+            self.collective_seconds += time.perf_counter() - t0
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks of ``t`` (every rank passes a tensor of the same shape); a
@@ -450,7 +456,7 @@ def fit(net: RecMetaNet, prep, cfg: Config, user_feats, dist: DistributedContext
     checked to be the same on every rank, the item tables sharded by the options, then
     :func:`recmeta_sdk.training.loop.fit` with ``dist``, then the tables gathered back.
     Returns the history (``loss``: the global batches' mean loss per epoch), with
-    ``distributed``: ``{"world_size", "backend", "sharded"}``."""
+    ``distributed``: ``{"world_size", "backend", "sharded", "collective_seconds"}``."""
     from . import loop
 
     dist.where = "setup"
@@ -461,7 +467,8 @@ def fit(net: RecMetaNet, prep, cfg: Config, user_feats, dist: DistributedContext
     finally:
         dist.where = "the end of training"
     unshard(net, dist)
-    hist["distributed"] = {"world_size": dist.world_size, "backend": dist.backend, "sharded": sharded}
+    hist["distributed"] = {"world_size": dist.world_size, "backend": dist.backend, "sharded": sharded,
+                           "collective_seconds": dist.collective_seconds}
     return hist
 
 
