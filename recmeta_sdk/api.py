@@ -1684,7 +1684,8 @@ def train(interactions: Any, *, users: Optional[pd.DataFrame] = None,
           tasks: str = "user",
           progress: Optional[bool] = None, resume: Optional[Recommender] = None,
           validation: Optional[pd.DataFrame] = None, num_threads: Optional[int] = None,
-          columns: Optional[Dict[str, str]] = None) -> Recommender:
+          columns: Optional[Dict[str, str]] = None,
+          distributed: Union[bool, str, Any, None] = "auto") -> Recommender:
     """Meta-train a recommender on an interaction log.
 
     Parameters
@@ -1733,6 +1734,14 @@ def train(interactions: Any, *, users: Optional[pd.DataFrame] = None,
         after; default: torch's current setting)
     columns : mapping ``{name in the log: standard name}``, optional, e.g.
         ``{"user_id": "user", "rating": "reward"}``, applied before anything else
+    distributed : ``"auto"`` (default), ``True``, ``False`` or a
+        :class:`recmeta_sdk.training.distributed.DistributedConfig`. ``"auto"`` trains
+        data-parallel across the ranks of an initialised ``torch.distributed`` group of more
+        than one rank, or under ``torchrun`` (``WORLD_SIZE`` > 1), else in this process;
+        ``True`` requires a group or the torchrun environment. Every rank makes the same call
+        on the same log and returns the same model (see
+        :mod:`recmeta_sdk.training.distributed`: item tables sharded above a per-rank budget;
+        per-user tasks without validation, resume or calibration)
 
     Returns
     -------
@@ -1745,13 +1754,22 @@ def train(interactions: Any, *, users: Optional[pd.DataFrame] = None,
         torch.set_num_threads(int(num_threads))
         try:
             return train(interactions, users=users, items=items, config=config, tasks=tasks, progress=progress,
-                         resume=resume, validation=validation, columns=columns)
+                         resume=resume, validation=validation, columns=columns, distributed=distributed)
         finally:
             torch.set_num_threads(before)
     if validation is not None and not isinstance(validation, pd.DataFrame):
         raise TypeError(f"validation must be a DataFrame of held-out interactions, got {type(validation).__name__}")
     if validation is not None and (resume is not None or parse_tasks(tasks).kind != "user"):
         raise ValueError("validation= is supported for per-user tasks without resume")
+    from .training import distributed as _dist
+
+    dctx = _dist.resolve(distributed)
+    if dctx is not None:
+        why = ("resume=" if resume is not None else "validation=" if validation is not None
+               else f"tasks={tasks!r}" if parse_tasks(tasks).kind != "user" else None)
+        if why is not None:
+            raise ValueError(f"distributed training (rank {dctx.rank} of {dctx.world_size}) does not support {why}; "
+                             f"pass distributed=False to train in each process on its own")
     if resume is not None:
         from .online.engine import resume_train
 
@@ -1811,8 +1829,15 @@ def train(interactions: Any, *, users: Optional[pd.DataFrame] = None,
         net.item_bias.copy_(lp - lp.mean())
     batches = None if spec.kind == "user" else task_sampler(spec, interactions, prep, cfg, users, items,
                                                             reward_scale)
-    history = fit(net, prep, cfg, (uf_off, uf_idx) if n_uf else None, progress=progress, batches=batches,
-                  validation=validation, tune=True)
+    if dctx is not None:
+        if cfg.validation > 0 or cfg.calib_users > 0:
+            raise ValueError(f"distributed training (rank {dctx.rank} of {dctx.world_size}) does not support "
+                             f"config validation={cfg.validation!r} / calib_users={cfg.calib_users!r} (> 0); pass "
+                             f"distributed=False to train in each process on its own")
+        history = _dist.fit(net, prep, cfg, (uf_off, uf_idx) if n_uf else None, dctx, progress=progress)
+    else:
+        history = fit(net, prep, cfg, (uf_off, uf_idx) if n_uf else None, progress=progress, batches=batches,
+                      validation=validation, tune=True)
     model = Recommender(net, cfg, prep.item_ids, prep.user_ids, prep.offsets, prep.items,
                         prep.rewards * reward_scale, prep.item_count, item_schema, user_schema,
                         uf_off, uf_idx, reward_scale)

@@ -3,7 +3,9 @@
 Commands
 --------
 env        what is installed and which backends are available, and why
-train      train a model on a dataset or a CSV / Parquet log and save it
+train      train a model on a dataset or a CSV / Parquet log and save it (under
+           ``torchrun --nproc_per_node=N -m recmeta_sdk train ...``: on N processes, see
+           :mod:`recmeta_sdk.training.distributed`; rank 0 writes the file)
 evaluate   ranking metrics of a saved model on a test log
 recommend  top-k for a known user or for a new user's history
 demo       the MovieLens-100K demo (meta-training, warm and cold-start tables vs peers)
@@ -70,10 +72,20 @@ def _config(args) -> dict:
 def _cmd_train(args) -> int:
     from .api import train
 
+    from .training import distributed
+
+    opts = distributed.DistributedConfig(
+        table_budget_bytes=(int(args.table_budget_mb * 2**20) if args.table_budget_mb is not None
+                            else distributed.DistributedConfig.table_budget_bytes),
+        shard_tables=args.shard_tables, timeout_s=args.timeout)
+    ctx = distributed.resolve("auto", options=opts)  # under torchrun: sets up the process group
     log, users, items = _read_log(args.data)
-    model = train(log, users=users, items=items, config=_config(args))
-    model.save(args.out)
-    print(f"saved {model!r} to {args.out}")
+    model = train(log, users=users, items=items, config=_config(args),
+                  distributed=opts if ctx is not None else False)
+    distributed.save(model, args.out)
+    if ctx is None or ctx.rank == 0:
+        where = f" (trained on {ctx.world_size} processes)" if ctx is not None else ""
+        print(f"saved {model!r} to {args.out}{where}")
     return 0
 
 
@@ -149,6 +161,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", required=True, help="model file to write")
     p.add_argument("--config", help="JSON object of config overrides")
     p.add_argument("--epochs", type=int)
+    p.add_argument("--table-budget-mb", type=float,
+                   help="distributed: per-rank budget of the item tables in MiB (default 1024); above it they are sharded")
+    p.add_argument("--shard-tables", action=argparse.BooleanOptionalAction, default=None,
+                   help="distributed: always (--shard-tables) or never (--no-shard-tables) shard the item tables")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="distributed: seconds a collective waits for the other ranks (default 300)")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("evaluate", help="ranking metrics of a saved model on a test log")
     p.add_argument("model")

@@ -606,7 +606,13 @@ class RecMetaNet(nn.Module):
 
     # ------------------------------------------------------------------ towers
     def item_vectors(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(X, V): input and output item vectors, (N, d) each, by one fused TBE bag."""
+        """(X, V): input and output item vectors, (N, d) each, by one fused TBE bag.
+
+        While the item tables are sharded across ranks (distributed training: a submodule
+        ``sharded_tables``, see :mod:`recmeta_sdk.training.distributed`) the shards compute
+        them."""
+        if "sharded_tables" in self._modules:
+            return self._modules["sharded_tables"].item_vectors(self)
         off = self.feat_offsets
         nnz = int(off[-1])
         offsets = torch.cat([off, off[1:] + nnz])

@@ -537,14 +537,18 @@ def history_tensors(hists, L: int, n_items: int):
             torch.from_numpy(seq), torch.from_numpy(sl))
 
 
-def user_feature_rows(user_feats, users, cfg: Config, rng: np.random.Generator):
+def user_feature_rows(user_feats, users, cfg: Config, rng: np.random.Generator, part: Optional[slice] = None):
     """CSR (offsets (B+1,), rows) of the users' side-feature rows for one batch, each user's
-    features dropped with probability ``cfg.user_feature_dropout`` (empty without features)."""
-    B = len(users)
+    features dropped with probability ``cfg.user_feature_dropout`` (empty without features).
+    ``part``: the draws are made for every user of ``users``, the rows returned for
+    ``users[part]`` only (one rank's part of a global batch, see :func:`make_batch`)."""
     if user_feats is None:
+        B = len(users) if part is None else len(range(len(users))[part])
         return np.zeros(B + 1, np.int64), np.zeros(0, np.int64)
     uf_off_np, uf_idx_np = user_feats
-    keepu = rng.random(B) >= cfg.user_feature_dropout
+    keepu = rng.random(len(users)) >= cfg.user_feature_dropout
+    if part is not None:
+        users, keepu = users[part], keepu[part]
     rows = [uf_idx_np[uf_off_np[u]:uf_off_np[u + 1]] if keepu[b] else np.zeros(0, np.int64)
             for b, u in enumerate(users)]
     uo = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
@@ -553,17 +557,27 @@ def user_feature_rows(user_feats, users, cfg: Config, rng: np.random.Generator):
 
 
 def make_batch(prep: Prepared, users: np.ndarray, cfg: Config, rng: np.random.Generator,
-               user_feats=None) -> Batch:
-    """Cut one support / query sample per user (see the module docstring)."""
+               user_feats=None, part: Optional[slice] = None) -> Batch:
+    """Cut one support / query sample per user (see the module docstring).
+
+    ``part`` (a slice of ``users``, optional): the random cuts are drawn for every user, in
+    the same order and with the same draws as without it, but only the samples of
+    ``users[part]`` are built: one rank's part of a global batch in distributed training
+    (:mod:`recmeta_sdk.training.distributed`), so that the ranks' parts together are the
+    batch one process would cut and ``rng`` stays in step on every rank."""
     N = len(prep.item_ids)
+    own = np.ones(len(users), bool)
+    if part is not None:
+        own[:] = False
+        own[part] = True
     sup, sup_r, q, q_r, q_p, is_prefix = [], [], [], [], [], []
-    for u in users:
+    for j, u in enumerate(users):
         lo, hi = prep.offsets[u], prep.offsets[u + 1]
         seq, rew = prep.items[lo:hi], prep.rewards[lo:hi]
         prop = prep.propensity[lo:hi] if prep.propensity is not None else None
         n = hi - lo
-        is_prefix.append(bool(rng.random() < cfg.prefix_prob))
-        if is_prefix[-1]:
+        prefix = bool(rng.random() < cfg.prefix_prob)
+        if prefix:
             m = int(rng.integers(1, min(cfg.max_prefix, n - 1) + 1))
             keep = np.zeros(n, bool)
             keep[:m] = True
@@ -573,6 +587,9 @@ def make_batch(prep: Prepared, users: np.ndarray, cfg: Config, rng: np.random.Ge
                 keep[rng.integers(n)] = False
             if not keep.any():
                 keep[rng.integers(n)] = True
+        if not own[j]:
+            continue
+        is_prefix.append(prefix)
         # non-positive rows (impressions, low ratings: reward 0 after train's threshold) are
         # context in the support (what the user was shown) and logged actions in the query
         # (behaviour estimate, RL term), never CE targets (see batch_loss)
@@ -580,17 +597,20 @@ def make_batch(prep: Prepared, users: np.ndarray, cfg: Config, rng: np.random.Ge
         q.append(seq[~keep]); q_r.append(rew[~keep])
         if prop is not None:
             q_p.append(prop[~keep])
+    uo, ui = user_feature_rows(user_feats, users, cfg, rng, part)
+    users = np.asarray(users)[own]
     bag_idx, bag_off, bag_w, sq, sl = history_tensors(sup, cfg.seq_len, N)
     B = len(users)
     sup_rows = torch.from_numpy(np.repeat(np.arange(B), [len(s) for s in sup]))
     q_rows = torch.from_numpy(np.repeat(np.arange(B), [len(s) for s in q]))
-    uo, ui = user_feature_rows(user_feats, users, cfg, rng)
-    sup_w = np.concatenate(sup_r).astype(np.float32)
+    def cat(parts, dtype):
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+    sup_w = cat(sup_r, np.float32)
     return Batch(bag_idx, bag_off, bag_w, sq, sl, torch.from_numpy(ui), torch.from_numpy(uo),
                  sup_rows, bag_idx.clone(), torch.from_numpy(np.maximum(sup_w, 0.0)),
-                 q_rows, torch.from_numpy(np.concatenate(q).astype(np.int64)),
-                 torch.from_numpy(np.concatenate(q_r).astype(np.float32)),
-                 torch.from_numpy(np.concatenate(q_p).astype(np.float32)) if q_p else None, B,
+                 q_rows, torch.from_numpy(cat(q, np.int64)), torch.from_numpy(cat(q_r, np.float32)),
+                 torch.from_numpy(cat(q_p, np.float32)) if q_p else None, B,
                  torch.from_numpy(np.asarray(users, dtype=np.int64)), prefix=torch.tensor(is_prefix, dtype=torch.bool))
 
 
@@ -620,19 +640,26 @@ def _segment_mean(values, rows, B):
     return tot / cnt
 
 
-def _user_weights(rows, B, power: float) -> torch.Tensor:
+def _user_weights(rows, B, power: float, normalise: bool = True) -> torch.Tensor:
     """Weights (B,) summing to 1 of the samples of a batch: proportional to
     ``(query size) ** power`` (0: every sample counts the same; 1: every query item does,
-    as in Mult-DAE's summed multinomial likelihood)."""
+    as in Mult-DAE's summed multinomial likelihood). ``normalise=False``: not divided by
+    their sum."""
     n = torch.bincount(rows, minlength=B).to(torch.float32)
     w = torch.where(n > 0, n.clamp(min=1.0).pow(power), torch.zeros_like(n))
-    return w / w.sum().clamp(min=1e-12)
+    return w / w.sum().clamp(min=1e-12) if normalise else w
 
 
 def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[torch.Tensor] = None,
                gen: Optional[torch.Generator] = None, meta: Optional[bool] = None, cross=None,
-               use_wide: bool = True):
-    """The training objective on one batch (see the module docstring). Returns (loss, stats)."""
+               use_wide: bool = True, dist=None):
+    """The training objective on one batch (see the module docstring). Returns (loss, stats).
+
+    ``dist`` (distributed training, :mod:`recmeta_sdk.training.distributed`): ``batch`` is
+    this rank's part of a global batch of ``dist.global_batch`` samples; the sample weights
+    are normalised by their sums over every rank (``dist.all_reduce_sum``) and the batch
+    means taken over the global batch, so that the ranks' losses sum to the loss one process
+    computes on the whole batch."""
     meta = (cfg.meta == "fomaml") if meta is None else meta
     X, V = net.item_vectors()
     h = net.user_state(X, batch.bag_idx, batch.bag_off, batch.bag_w, batch.seq, batch.seq_len,
@@ -699,6 +726,8 @@ def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[t
     # supervised targets: the positive query rows only (reward > 0; see train's
     # positive_threshold); the others inform the RL term and the behaviour estimate
     pos = batch.q_reward > 0
+    if dist is not None:
+        return _dist_loss(net, batch, cfg, dist, pos, logp, blogp, ent, hp)
     if bool(pos.all()):
         uw = _user_weights(batch.q_rows, B, cfg.query_weight)
         ce = (uw * _segment_mean(-logp, batch.q_rows, B)).sum()
@@ -718,6 +747,32 @@ def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[t
         loss = loss - cfg.entropy * ent
     if cfg.l2 > 0:
         loss = loss + cfg.l2 * (hp.pow(2).sum(1).mean())
+    return loss, {"ce": float(ce.detach())}
+
+
+def _dist_loss(net, batch, cfg, dist, pos, logp, blogp, ent, hp):
+    """The tail of :func:`batch_loss` for one rank's part of a global batch (see ``dist``
+    there): the same terms, normalised over the global batch."""
+    B = batch.B
+    prow = batch.q_rows[pos]
+    w_all = _user_weights(batch.q_rows, B, cfg.query_weight, normalise=False)
+    w_pos = _user_weights(prow, B, cfg.query_weight, normalise=False)
+    tot = dist.all_reduce_sum(torch.stack([w_all.sum(), w_pos.sum()]).detach())
+    frac = B / dist.global_batch  # this rank's share of the batch means
+    uw = w_all / tot[0].clamp(min=1e-12)
+    ce = (w_pos / tot[1].clamp(min=1e-12) * _segment_mean(-logp[pos], prow, B)).sum()
+    loss = cfg.ce_weight * ce
+    if cfg.rl_weight > 0:
+        beta = batch.q_prop if batch.q_prop is not None else torch.exp(blogp.detach())
+        rl = (uw * _segment_mean(reinforce_loss(logp, batch.q_reward, beta, cfg.is_cap, cfg.topk_k),
+                                 batch.q_rows, B)).sum()
+        loss = loss + cfg.rl_weight * rl
+    if batch.q_prop is None:
+        loss = loss + _segment_mean(-blogp, batch.q_rows, B).mean() * frac
+    if cfg.entropy > 0:
+        loss = loss - cfg.entropy * ent * frac
+    if cfg.l2 > 0:
+        loss = loss + cfg.l2 * (hp.pow(2).sum(1).mean()) * frac
     return loss, {"ce": float(ce.detach())}
 
 
@@ -1457,7 +1512,7 @@ def clip_grad_norm(params: list, max_norm: float) -> None:
 
 
 def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress: Optional[bool] = None,
-        batches=None, validation=None, tune: bool = False) -> dict:
+        batches=None, validation=None, tune: bool = False, dist=None) -> dict:
     """Train ``net`` in place. Returns the history: ``loss`` per epoch, ``validation`` (the
     validation NDCG@10 + Recall@10 per epoch, when there is a validation set), ``best_epoch``,
     ``wide_reg``, ``fusion`` and ``seconds``.
@@ -1478,7 +1533,13 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     temperature are fitted (:func:`tune_fusion`); the served EASE weights are refit on the
     whole log. Without a validation set (``tune`` False, or fewer than 10 validation users)
     the wide part's weight is learned during training against cross-fitted EASE weights
-    (:func:`fit_wide`)."""
+    (:func:`fit_wide`).
+
+    ``dist``: a :class:`recmeta_sdk.training.distributed.DistributedContext` (use
+    :func:`recmeta_sdk.training.distributed.fit`, which sets it up): every rank runs this
+    function on the same log with the same seed, cuts the same global batches and trains on
+    its part of each (see :meth:`~recmeta_sdk.training.distributed.DistributedContext.train_step`);
+    per-user tasks without a validation or calibration set only."""
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     t0 = time.perf_counter()
@@ -1506,6 +1567,9 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
         cal = calibration_split(prep, cfg, rng)
         if cal is not None:
             prep = cal[0]
+    if dist is not None and (batches is not None or val is not None or cal is not None):
+        raise ValueError("distributed training supports per-user tasks (tasks='user') without a validation "
+                         "or calibration set (validation=None, config validation=0 and calib_users=0)")
     W_train = None
     if val is not None:
         cross = None
@@ -1561,6 +1625,8 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     logq = torch.log(torch.as_tensor(prep.item_count + 1.0, dtype=torch.float32))
     logq = logq - torch.logsumexp(logq, 0)
     show = sys.stderr.isatty() if progress is None else progress
+    if dist is not None and dist.rank != 0:
+        show = False  # one progress bar, rank 0's
     bar = None
     steps_per_epoch = int(math.ceil(len(eligible) / cfg.batch_size))
     if batches is not None:
@@ -1601,6 +1667,13 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
                 g_["lr"] = g_["base_lr"] * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
             for s in range(steps_per_epoch):
                 users = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                if dist is not None:  # this rank's part of the batch, gradients summed over the ranks
+                    opt.zero_grad()
+                    tot += dist.train_step(net, prep, users, cfg, rng, user_feats, logq, gen, cross, params)
+                    opt.step()
+                    if bar is not None:
+                        bar.update(1)
+                    continue
                 batch = make_batch(prep, users, cfg, rng, user_feats) if batches is None else batches.draw(rng, user_feats)
                 loss, _ = batch_loss(net, batch, cfg, logq, gen, cross=cross,
                                      use_wide=val is None or cfg.wide_train == "residual")
