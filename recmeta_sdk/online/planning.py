@@ -63,7 +63,8 @@ class PlanResult:
     rho : float
         The ρ of the chosen candidate policy (0: the myopic one).
     value : float
-        Its estimated value over the horizon (expected clicks while the session lasts).
+        Its estimated value over the horizon (expected clicks while the session lasts; NaN
+        with ``plan=False``).
     values : dict
         ``{ρ: value}`` of every candidate (empty without planning).
     """
@@ -108,6 +109,16 @@ class Planner:
     adapt : bool
         Update the user's state from every slate's feedback (True) or keep the state the user
         started with (False): the switch of the in-session adaptation.
+    evidence : float >= 0
+        Strength of the in-session evidence (0: off): after each answered slate, every item's
+        logit moves by ``evidence · Σ_j K(i, j) (r_j − p_j)`` over the slate's items ``j``
+        (``p_j`` the predicted click probability, ``K`` a kernel on the model's item vectors,
+        ``exp((cos − 1) / bandwidth)``), and the accumulated offsets decay by
+        ``evidence_decay`` per step; the rollouts apply the same update.
+    bandwidth : float > 0
+        Width of that kernel (small: mostly the item itself and its near neighbours).
+    evidence_decay : float in [0, 1]
+        Per-step decay of the in-session offsets.
     seed : int
         Seed of the rollouts' random numbers.
 
