@@ -210,7 +210,8 @@ def run_seed(seed: int, n_users: int, epochs: int, sdk: bool, n_tune: int, world
             ens = [wm] + [WorldModel.fit(logs, item_features=env.items_frame(), seed=1000 * (m + 1) + seed)
                           for m in range(2)]
             fake = model_rollouts(ens, n_users=env.config.n_train_users, horizon=env.max_steps,
-                                  max_disagreement=0.1, seed=seed)
+                                  max_disagreement=0.1, seed=seed,
+                                  first_user=int(max(logs["user"].max(), env.users.max())) + 1)
             info["dyna_rows"], info["dyna_truncated"] = len(fake), fake.attrs["truncated"]
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*duplicate \\(user, item\\) rows.*")

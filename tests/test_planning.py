@@ -223,6 +223,8 @@ def test_dyna_rollouts_are_seeded_and_truncated_where_the_ensemble_disagrees(wor
     assert mixed.attrs["truncated"] > 0 and mixed.attrs["steps"] < same.attrs["steps"]
     loose = model_rollouts([world, other], n_users=20, horizon=8, max_disagreement=None, seed=0)
     assert loose.attrs["truncated"] == 0
+    numbered = model_rollouts([world, world], n_users=3, horizon=2, max_disagreement=None, seed=0, first_user=100)
+    assert set(numbered["user"]) <= {100, 101, 102} and numbered["user"].dtype.kind == "i"
     with pytest.raises(ValueError, match="at least 2"):
         model_rollouts([world], max_disagreement=0.1)
     with pytest.raises(ValueError, match="empty"):

@@ -33,7 +33,7 @@ __all__ = ["model_rollouts"]
 
 def model_rollouts(worlds: Sequence[Any], *, n_users: int = 100, horizon: int = 20, slate_size: int = 3,
                    max_disagreement: float | None = 0.1, policy: str = "uniform", seed: int = 0,
-                   user_prefix: str = "dyna-") -> pd.DataFrame:
+                   user_prefix: str = "dyna-", first_user: int | None = None) -> pd.DataFrame:
     """Synthetic sessions from an ensemble of world models, as training-log rows.
 
     Parameters
@@ -56,7 +56,10 @@ def model_rollouts(worlds: Sequence[Any], *, n_users: int = 100, horizon: int = 
     seed : int
         Seed of the slates, the member choice and the responses.
     user_prefix : str
-        Synthetic users are named ``f"{user_prefix}{j}"`` (never a real user id).
+        Synthetic users are named ``f"{user_prefix}{j}"`` (never a real user id) ...
+    first_user : int, optional
+        ... or, when given, numbered ``first_user + j`` (for logs with integer user ids, which
+        ``recmeta_sdk.train`` does not mix with strings; pick it above every real id).
 
     Returns
     -------
@@ -91,6 +94,9 @@ def model_rollouts(worlds: Sequence[Any], *, n_users: int = 100, horizon: int = 
         raise ValueError(f"policy must be 'uniform', got {policy!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if first_user is not None and (isinstance(first_user, bool) or not isinstance(first_user, (int, np.integer))):
+        raise TypeError(f"first_user must be an int, got {first_user!r}")
+    name = (lambda j: f"{user_prefix}{j}") if first_user is None else (lambda j: int(first_user) + int(j))
     rng = np.random.default_rng([int(seed), 31])
     U, M, N = int(n_users), len(ws), len(ids)
     cols = {c: [] for c in ("user", "item", "reward", "position", "propensity", "timestamp", "session")}
@@ -130,7 +136,7 @@ def model_rollouts(worlds: Sequence[Any], *, n_users: int = 100, horizon: int = 
             hs = new_hs
             live = np.flatnonzero(alive)
             for u in live:
-                cols["user"].extend([f"{user_prefix}{u}"] * k)
+                cols["user"].extend([name(u)] * k)
                 cols["item"].extend(ids[slates[u]].tolist())
                 cols["reward"].extend(resp[u].astype(np.float64).tolist())
                 cols["position"].extend(range(k))
