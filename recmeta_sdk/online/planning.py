@@ -8,11 +8,11 @@
   clicks and the misses, not from the cold state;
 * **planning** (``plan=True``): the slate is chosen by its expected long-term value, not by
   the next click only. A family of candidate policies is scored per item as
-  ``p_i · (1 + ρ · c_i)``, with ``p_i`` the model's click probability in the current state
+  ``log p_i + ρ · c_i``, with ``p_i`` the model's click probability in the current state
   and ``c_i`` the model's *continuation value* of a click on ``i`` (how much a click on it
-  lowers the predicted probability that the session ends:
-  ``P(end | no click) − P(end | click on i)``, from :meth:`WorldModel.end_probability`);
-  ``ρ = 0`` is the myopic policy. Each candidate policy is rolled out ``horizon`` steps in
+  lowers the predicted probability that the session ends,
+  ``P(end | no click) − P(end | click on i)`` from the model's end head, standardised over
+  the catalogue); ``ρ = 0`` is the myopic policy. Each candidate policy is rolled out ``horizon`` steps in
   the world model (``n_rollouts`` sampled response paths, the same random numbers for every
   candidate, so the comparison is paired): its value is the sum over the steps of the
   expected clicks times the probability that the session is still alive (the model's
@@ -318,7 +318,10 @@ class Planner:
         _, e1 = wm._dense_step(hh, dense, r1, V, True)
         _, e0 = wm._dense_step(h, dense[:1], torch.zeros(1, k), V, True)
         c = e0[0] - e1
-        return c / c.std().clamp_min(1e-12)  # standardised: ρ is in units of its spread
+        sd = float(c.std())
+        if not sd > 1e-9:  # no item changes the end probability: nothing to plan for
+            return torch.zeros(n)
+        return (c - c.mean()) / sd  # standardised: ρ is in units of its spread
 
     def _slate_probs(self, logit0: torch.Tensor, slates: torch.Tensor) -> torch.Tensor:
         """(B, k) click probabilities of ``slates`` at positions 0..k-1 from position-0 logits (B, N)."""
@@ -329,7 +332,7 @@ class Planner:
 
     def _rollouts(self, h: torch.Tensor, off: torch.Tensor, cont: torch.Tensor, k: int, excl: torch.Tensor,
                   V: torch.Tensor):
-        wm, net = self.world, self.world._net
+        wm = self.world
         C, R, H = len(self.rhos), self.n_rollouts, self.horizon
         rho = torch.as_tensor(self.rhos, dtype=torch.float32).repeat_interleave(R)       # (C*R,)
         u = torch.as_tensor(np.random.default_rng([self.seed, self._calls]).random((H, R, k)),
