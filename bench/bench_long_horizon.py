@@ -205,6 +205,7 @@ def run_seed(seed: int, n_users: int, epochs: int, sdk: bool, n_tune: int, world
         info["sdk_ms_per_event"] = 1e3 * out[SDK_ROW].seconds / max(ev, 1)
         if dyna:
             import pandas as pd
+
             from recmeta_sdk.training.dyna import model_rollouts
 
             ens = [wm] + [WorldModel.fit(logs, item_features=env.items_frame(), seed=1000 * (m + 1) + seed)

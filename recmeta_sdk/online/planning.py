@@ -76,7 +76,7 @@ class PlanResult:
 
 
 class _UserState:
-    __slots__ = ("h", "off", "slate", "resp", "steps")
+    __slots__ = ("h", "off", "resp", "slate", "steps")
 
     def __init__(self, h: np.ndarray, n_items: int):
         self.h = h
