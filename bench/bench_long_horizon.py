@@ -28,7 +28,7 @@ Policies (``recmeta_sdk.evaluation.bandits``), fitted on the existing users' log
   adaptation (the state stays at the prior), myopic with in-session adaptation (the world
   state steps per slate plus the in-session evidence, whose strength is tuned on existing
   users like LinUCB's alpha), and planning (lookahead rollouts in the model) with
-  adaptation;
+  adaptation; and myopic with the world state's own update alone (no evidence);
 - with ``--dyna``: the SDK's default online loop trained on the logs plus world-model
   rollouts (``recmeta_sdk.training.dyna.model_rollouts``, an ensemble of 3 world models whose
   disagreement truncates the rollouts), beside the same loop without them.
@@ -64,7 +64,7 @@ EVIDENCE = (1.0, 3.0, 5.0)   # in-session evidence strengths tried on existing u
 PLANNER = {"bandwidth": 0.05, "evidence_decay": 0.9}
 PLANNING = {"horizon": 8, "n_rollouts": 4}
 WM_ROWS = ("WM myopic, no in-session adaptation", "WM myopic + in-session adaptation",
-           "WM planning + in-session adaptation")
+           "WM planning + in-session adaptation", "WM myopic + world-state update only")
 SDK_ROW = "SDK (train + adapt/recommend/feedback)"
 DYNA_ROW = "SDK + Dyna (world-model rollouts)"
 
@@ -182,6 +182,7 @@ def run_seed(seed: int, n_users: int, epochs: int, sdk: bool, n_tune: int, world
             WM_ROWS[0]: lambda e: Planner(wm, plan=False, adapt=False),
             WM_ROWS[1]: lambda e: Planner(wm, plan=False, evidence=ev, **PLANNER),
             WM_ROWS[2]: lambda e: Planner(wm, plan=True, evidence=ev, seed=seed, **PLANNER, **PLANNING),
+            WM_ROWS[3]: lambda e: Planner(wm, plan=False),   # the GRU state steps, no in-session evidence
         }
         for nm, fac in wfacs.items():
             out[nm], moves[nm] = _moves(env, fac, seed, nm)
@@ -300,7 +301,8 @@ def main(argv=None) -> None:
     for n in names:
         mv = np.array([r["info"]["moves"][n] for r in runs])
         print(f"  {n:<42} {np.nanmean(mv[:, 0]):.2f} / {np.nanmean(mv[:, 1]):.2f}")
-    pairs = [(WM_ROWS[1], WM_ROWS[0], "in-session adaptation"), (WM_ROWS[2], WM_ROWS[1], "planning"),
+    pairs = [(WM_ROWS[1], WM_ROWS[0], "in-session adaptation"),
+             (WM_ROWS[3], WM_ROWS[0], "world-state update alone"), (WM_ROWS[2], WM_ROWS[1], "planning"),
              (WM_ROWS[2], "LinUCB", "planning + adaptation vs LinUCB"),
              (WM_ROWS[2], "greedy ridge (alpha 0)", "planning + adaptation vs greedy ridge"),
              (DYNA_ROW, SDK_ROW, "Dyna")]
