@@ -20,11 +20,20 @@ import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_long_horizon as B  # noqa: E402
+import bench_long_horizon as B
 
-from recmeta_sdk.evaluation import bandits, sim  # noqa: E402
-from recmeta_sdk.model import WorldModel  # noqa: E402
-from recmeta_sdk.online.planning import Planner  # noqa: E402
+from recmeta_sdk.evaluation import bandits, sim
+from recmeta_sdk.model import WorldModel
+from recmeta_sdk.online.planning import Planner
+
+
+def _policies(seed, ctr, feats, prior, wm) -> dict:
+    return {"random": lambda e: bandits.RandomPolicy(e.n_items, seed=seed),
+            "popularity": lambda e: bandits.PopularityPolicy(ctr),
+            "LinUCB (alpha 1)": lambda e: bandits.LinUCB(feats, alpha=1.0, lam=1.0, theta0=prior),
+            "greedy ridge": lambda e: bandits.LinUCB(feats, alpha=0.0, lam=1.0, theta0=prior),
+            "WM myopic, frozen": lambda e: Planner(wm, plan=False, adapt=False),
+            "WM myopic + evidence 5": lambda e: Planner(wm, plan=False, evidence=5.0, **B.PLANNER)}
 
 
 def main(argv=None) -> None:
@@ -41,12 +50,7 @@ def main(argv=None) -> None:
         wm = WorldModel.fit(logs, item_features=env.items_frame(), seed=seed)
         wenv = sim.WorldModelSimulator(wm, n_users=args.users, max_steps=env.max_steps,
                                        item_ids=np.arange(env.n_items))
-        facs = {"random": lambda e: bandits.RandomPolicy(e.n_items, seed=seed),
-                "popularity": lambda e: bandits.PopularityPolicy(ctr),
-                "LinUCB (alpha 1)": lambda e: bandits.LinUCB(feats, alpha=1.0, lam=1.0, theta0=prior),
-                "greedy ridge": lambda e: bandits.LinUCB(feats, alpha=0.0, lam=1.0, theta0=prior),
-                "WM myopic, frozen": lambda e: Planner(wm, plan=False, adapt=False),
-                "WM myopic + evidence 5": lambda e: Planner(wm, plan=False, evidence=5.0, **B.PLANNER)}
+        facs = _policies(seed, ctr, feats, prior, wm)
         real, learned = [], []
         for n, f in facs.items():
             a = sim.run_sessions(env, f, seed=seed).mean()
