@@ -57,6 +57,7 @@ __all__ = [
     "sndr",
     "expected_reward",
     "logged_reward",
+    "world_model_q",
     "ClickRateModel",
     "bernoulli_ts_action_dist",
 ]
@@ -387,6 +388,52 @@ def logged_reward(q_full, actions, positions=None) -> np.ndarray:
         raise ValueError(f"actions must be (n,) ints in [0, {q.shape[1]}), got shape {a.shape}")
     rows = np.arange(n)
     return q[rows, a] if pos is None else q[rows, a, pos]
+
+
+def world_model_q(world, states, *, n_positions: Optional[int] = None, items=None) -> np.ndarray:
+    """A world model as the reward model of :func:`dm` / :func:`dr`: its predicted click rates.
+
+    ``q_full[i, a, p]`` is ``world``'s probability that item ``items[a]`` is clicked at
+    position ``p`` by a user in state ``states[i]`` (``world.item_probabilities``); feed it
+    to :func:`expected_reward` (``v_hat``, with the target policy's action distribution) and
+    :func:`logged_reward` (``q_hat``, with the logged actions). For logged data, the state
+    of each round is ``world.log_states(log)`` (the user's state before the round).
+
+    Parameters
+    ----------
+    world : recmeta_sdk.model.WorldModel
+    states : (n, hidden) float
+        One user state per logged round.
+    n_positions : int, optional
+        Positions of the table (default: the model's trained positions); ``None`` with one
+        position gives a 2-D table.
+    items : (n_actions,) sequence, optional
+        The world model's external ids of the actions ``0..n_actions-1`` (default: its
+        catalogue order, ``world.item_map.ids``).
+
+    Returns
+    -------
+    ndarray
+        (n, n_actions, n_positions) float64, or (n, n_actions) when the table has one position.
+    """
+    if not callable(getattr(world, "item_probabilities", None)):
+        raise TypeError(f"world must be a recmeta_sdk.model.WorldModel, got {type(world).__name__}")
+    P = int(world.n_positions if n_positions is None else n_positions)
+    if isinstance(n_positions, bool) or not 1 <= P <= world.n_positions:
+        raise ValueError(f"n_positions must be in [1, {world.n_positions}] (the model's positions), got {n_positions!r}")
+    s = np.asarray(states, dtype=np.float32)
+    if s.ndim != 2:
+        raise ValueError(f"states must be (n, hidden), got shape {s.shape}")
+    cols = None
+    if items is not None:
+        cols = world.item_map.to_index(np.asarray(items))
+        if (cols < 0).any():
+            raise ValueError(f"items holds ids unknown to the world model: {np.asarray(items)[cols < 0][:5].tolist()}")
+    out = []
+    for p in range(P):
+        q = world.item_probabilities(s, position=p).astype(np.float64)
+        out.append(q if cols is None else q[:, cols])
+    return out[0] if P == 1 else np.stack(out, axis=2)
 
 
 class ClickRateModel:

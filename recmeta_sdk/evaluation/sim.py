@@ -34,6 +34,10 @@ Environments
     session). Served by :func:`run_sessions` (the loop above, until the environment says
     the user is done); its uniform-random logs (:meth:`LongSessionSimulator.log_sessions`)
     train offline models.
+:class:`WorldModelSimulator`
+    A learned simulator: users whose responses, state moves and session ends are drawn
+    from a fitted :class:`recmeta_sdk.model.WorldModel`, served by :func:`run_sessions` like
+    the others (a host can try its policies in it before serving real users).
 """
 from __future__ import annotations
 
@@ -59,6 +63,7 @@ __all__ = [
     "LongSessionSimulator",
     "SessionState",
     "SessionResult",
+    "WorldModelSimulator",
     "run_sessions",
     "format_table",
     "plot_curves",
@@ -1292,3 +1297,137 @@ def run_sessions(env, policy_factory: Callable[[object], OnlinePolicy], *, users
         sessions[j] = (st(user).session + 1) if callable(st) else 1
     return SessionResult(name=name, users=np.asarray(us), reward=rew, expected=exp, steps=steps,
                          sessions=sessions, clicks=clicks, seconds=time.perf_counter() - t0)
+
+
+class WorldModelSimulator:
+    """A learned simulator: a fitted world model as an environment for :func:`run_sessions`.
+
+    Each user starts from the world model's prior state (or from a history rolled in with
+    ``world.adapt``); in every step the responses to the slate are drawn from
+    ``world.predict``, the state moves with ``world.step``, and the session ends with
+    probability ``world.end_probability`` (when the model has a session head) or after
+    ``max_steps`` steps. The reward of a position is its 0/1 response. Randomness comes only
+    from the ``rng`` that :func:`run_sessions` passes (``k + 1`` uniforms per step), so two
+    policies served with the same seed meet the same draws.
+
+    Environment items are ``0..n_items-1``: index ``j`` is the world model's item
+    ``item_ids[j]`` (default ``world.item_map.ids``), and ``item_ids`` maps them back.
+
+    Parameters
+    ----------
+    world : recmeta_sdk.model.WorldModel
+    n_users : int
+        Users ``0..n_users-1`` (ignored when ``histories`` is given).
+    histories : sequence of (items, rewards) pairs, optional
+        One per user: the user's observed history, rolled in with ``world.adapt``.
+    slate_size : int
+        Items per step (at most the model's trained positions).
+    max_steps : int
+        Steps per user at most.
+    item_ids : sequence, optional
+        The world model's external ids of the environment items (default: its catalogue).
+    """
+
+    allow_repeats = True
+
+    def __init__(self, world, *, n_users: int = 100, histories: Sequence | None = None, slate_size: int = 3,
+                 max_steps: int = 100, item_ids: Sequence | None = None):
+        for attr in ("initial_state", "adapt", "predict", "step", "item_map", "n_positions"):
+            if not hasattr(world, attr):
+                raise TypeError(f"world must be a recmeta_sdk.model.WorldModel (no {attr!r} on {type(world).__name__})")
+        for name, v in (("n_users", n_users), ("slate_size", slate_size), ("max_steps", max_steps)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.world = world
+        self.item_ids = np.asarray(world.item_map.ids if item_ids is None else item_ids)
+        if self.item_ids.ndim != 1 or self.item_ids.shape[0] < 1:
+            raise ValueError(f"item_ids must be a non-empty 1-D sequence, got shape {self.item_ids.shape}")
+        bad = world.item_map.to_index(self.item_ids) < 0
+        if bad.any():
+            raise ValueError(f"item_ids holds items the world model does not know: {self.item_ids[bad][:5].tolist()}")
+        self.n_items = int(self.item_ids.shape[0])
+        if slate_size > min(self.n_items, world.n_positions):
+            raise ValueError(f"slate_size={slate_size} exceeds the catalogue ({self.n_items}) or the model's "
+                             f"trained positions ({world.n_positions})")
+        self.slate_size = int(slate_size)
+        self.max_steps = int(max_steps)
+        self.max_sessions = 1
+        if histories is not None:
+            hs = list(histories)
+            if not hs:
+                raise ValueError("histories is empty")
+            self._start = [np.asarray(world.adapt(it, rw), np.float32) for it, rw in hs]
+        else:
+            self._start = list(world.initial_state(int(n_users)))
+        self._h: dict = {}
+        self._t: dict = {}
+        self._done: dict = {}
+
+    @property
+    def users(self) -> np.ndarray:
+        return np.arange(len(self._start))
+
+    def _check_user(self, user) -> int:
+        if isinstance(user, bool) or not isinstance(user, (int, np.integer)) or not 0 <= user < len(self._start):
+            raise ValueError(f"user must be an integer in [0, {len(self._start)}), got {user!r}")
+        return int(user)
+
+    def reset(self, user) -> np.ndarray:
+        """Start ``user`` afresh from their initial state; returns the (hidden,) state."""
+        u = self._check_user(user)
+        self._h[u] = np.array(self._start[u], np.float32)
+        self._t[u] = 0
+        self._done[u] = False
+        return self._h[u].copy()
+
+    def done(self, user) -> bool:
+        """Whether the user's session has ended."""
+        u = self._check_user(user)
+        if u not in self._h:
+            self.reset(u)
+        return bool(self._done[u])
+
+    def context(self, user, t: int) -> UserContext:
+        """The user's context (no features)."""
+        return UserContext(user=self._check_user(user), t=int(t), features=None)
+
+    def _slate(self, slate) -> np.ndarray:
+        s = np.asarray(slate)
+        if s.ndim != 1 or not 1 <= s.shape[0] <= self.slate_size or not np.issubdtype(s.dtype, np.integer):
+            raise ValueError(f"slate must be 1-D integers with 1..{self.slate_size} items, got {s!r}")
+        if s.min() < 0 or s.max() >= self.n_items:
+            raise ValueError(f"slate has item id(s) outside [0, {self.n_items}): {s}")
+        return s.astype(np.int64)
+
+    def expected_reward(self, user, slate, t: int | None = None) -> float:
+        """The model's expected clicks of ``slate`` in the user's current state."""
+        u = self._check_user(user)
+        if u not in self._h:
+            self.reset(u)
+        s = self._slate(slate)
+        return float(self.world.predict(self._h[u], self.item_ids[s]).sum())
+
+    def step(self, user, slate, t: int, rng: np.random.Generator) -> np.ndarray:
+        """Draw the responses to ``slate`` from the model, move the state, maybe end the session."""
+        u = self._check_user(user)
+        if u not in self._h:
+            self.reset(u)
+        if self._done[u]:
+            raise ValueError(f"user {u} is done; reset() the user to serve them again")
+        if int(t) != self._t[u]:
+            raise ValueError(f"step t={t} does not match the user's state (next step is t={self._t[u]})")
+        s = self._slate(slate)
+        if np.unique(s).shape[0] != s.shape[0]:
+            raise ValueError(f"slate has duplicate item ids: {s}")
+        ids = self.item_ids[s]
+        h = self._h[u]
+        p = self.world.predict(h, ids)
+        draws = rng.random(s.shape[0] + 1)
+        r = (draws[:-1] < p).astype(np.float32)
+        ends = False
+        if getattr(self.world, "has_sessions", False):
+            ends = bool(draws[-1] < float(self.world.end_probability(h, ids, r)))
+        self._h[u] = np.asarray(self.world.step(h, ids, r), np.float32)
+        self._t[u] += 1
+        self._done[u] = ends or self._t[u] >= self.max_steps
+        return r.astype(np.float64)

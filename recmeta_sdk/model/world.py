@@ -263,6 +263,7 @@ class _Log:
     user_ids: np.ndarray    # (U,) external user ids
     has_sessions: bool
     dropped: int = 0
+    rows: np.ndarray | None = None  # (E,) the input row of each event
 
 
 _STAR_VALUES = (5.0, 10.0)
@@ -698,6 +699,30 @@ class WorldModel:
         p = self.predict(state, slate, positions=positions)
         return (rng.random(p.shape) < p).astype(np.float32)
 
+    def item_probabilities(self, state: Any, *, position: int = 0) -> np.ndarray:
+        """Click (positive-response) probability of every catalogue item shown at ``position``.
+
+        Parameters
+        ----------
+        state : array-like
+            (B, hidden) (or (hidden,)).
+        position : int
+            The slate position (``0 <= position < n_positions``).
+
+        Returns
+        -------
+        ndarray
+            (B, n_items) float32, columns in ``item_map`` order (``item_map.ids``);
+            (n_items,) for a 1-D state.
+        """
+        if isinstance(position, bool) or not isinstance(position, (int, np.integer)) \
+                or not 0 <= position < self.n_positions:
+            raise ValueError(f"position must be an integer in [0, {self.n_positions}), got {position!r}")
+        h, squeeze = self._states(state)
+        with torch.no_grad():
+            p = torch.sigmoid(self._all_logits(h, int(position))).numpy()
+        return p[0] if squeeze else p
+
     def next_item_scores(self, state: Any) -> np.ndarray:
         """``log P(next item = i) + log P(positive | i, position 0)`` for every catalogue item.
 
@@ -715,6 +740,51 @@ class WorldModel:
         with torch.no_grad():
             s = self._item_scores(h, self._item_vectors()).numpy()
         return s[0] if squeeze else s
+
+    def log_states(self, log: pd.DataFrame) -> np.ndarray:
+        """The user's state before each row's step, rolled in through the user's earlier rows.
+
+        What a reward model needs per logged round (e.g. for
+        :func:`recmeta_sdk.evaluation.ope.world_model_q`): row ``i``'s state has seen every
+        earlier step of the same user in the log (by timestamp, then position), not its own.
+
+        Parameters
+        ----------
+        log : DataFrame
+            A log with the training columns (the same names as :meth:`fit`); every item must
+            be in the catalogue.
+
+        Returns
+        -------
+        ndarray
+            (len(log), hidden) float32, in the rows' order.
+        """
+        if not isinstance(log, pd.DataFrame):
+            raise TypeError(f"log must be a pandas DataFrame, got {type(log).__name__}")
+        if len(log) == 0:
+            raise ValueError("log is empty")
+        cols = {key: (name if (name is not None and name in log.columns) else None)
+                for key, name in self._columns.items()}
+        for key in ("user", "item"):
+            if cols[key] is None:
+                raise ValueError(f"log lacks the {key} column {self._columns[key]!r}")
+        if self._segment_map is not None and cols["segment"] is None:
+            raise ValueError(f"log lacks the segment column {self._columns['segment']!r}")
+        lg = _build_log(log, cols, self.item_map, self.positive_threshold, self._segment_map,
+                        unknown="raise", n_positions=self.n_positions)
+        out = np.zeros((len(log), self.hidden), np.float32)
+        ev_step = np.repeat(np.arange(len(lg.step_ptr) - 1), np.diff(lg.step_ptr))
+        step_user = np.repeat(np.arange(len(lg.user_ptr) - 1), np.diff(lg.user_ptr))
+        with torch.no_grad():
+            V = self._item_vectors()
+            for lo in range(0, len(lg.user_ptr) - 1, 64):
+                ub = np.arange(lo, min(lo + 64, len(lg.user_ptr) - 1))
+                before = _forward(self._net, _batch(lg, ub, 10**12), V)[0].numpy()
+                ev = np.flatnonzero((step_user[ev_step] >= ub[0]) & (step_user[ev_step] <= ub[-1]))
+                s = ev_step[ev]
+                u = step_user[s]
+                out[lg.rows[ev]] = before[u - ub[0], s - lg.user_ptr[u]]
+        return out
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, held_out: pd.DataFrame, *, support: int = 10, online: bool = True, k: int = 10,
@@ -935,6 +1005,25 @@ class WorldModel:
         x = self._net.step_input(V[torch.as_tensor(dense)], torch.as_tensor(r),
                                  torch.ones(dense.shape, dtype=torch.bool))
         return self._net.gru_step(x, h), x
+
+    def _all_logits(self, h: torch.Tensor, position: int = 0, V: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n_items) calibrated response logits of every item at ``position`` (no checks)."""
+        net = self._net
+        V = self._item_vectors() if V is None else V
+        raw = net.resp_proj(h) @ V.T + net.resp_user(h) + net.item_bias + net.pos_bias[position]
+        return net.calib[0] * raw + net.calib[1]
+
+    def _dense_step(self, h: torch.Tensor, dense: torch.Tensor, r: torch.Tensor, V: torch.Tensor,
+                    with_end: bool) -> tuple:
+        """Planner fast path (no checks): next states (B, H) and, with ``with_end`` and a
+        session model, P(end) (B,) after slates ``dense`` (B, K) with 0/1 responses ``r``."""
+        net = self._net
+        x = net.step_input(V[dense], r, torch.ones(dense.shape, dtype=torch.bool))
+        h2 = net.gru_step(x, h)
+        if not (with_end and self.has_sessions):
+            return h2, None
+        n = torch.full((dense.shape[0],), float(dense.shape[1]))
+        return h2, torch.sigmoid(net.end_logits(h2, x, n))
 
     def _item_scores(self, h: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         net = self._net
@@ -1180,7 +1269,7 @@ def _build_log(df: pd.DataFrame, cols: dict, item_map: IdMap, threshold: tuple, 
         user_seg = first.astype(np.int64)
     return _Log(items=it.astype(np.int64), resp=r, pos=pp, step_ptr=step_ptr, step_end=step_end,
                 user_ptr=user_ptr, user_seg=user_seg, user_ids=np.asarray(user_uniques)[user_first],
-                has_sessions=has_sessions, dropped=dropped)
+                has_sessions=has_sessions, dropped=dropped, rows=order)
 
 
 def _popularity(log: _Log, n_items: int, n_positions: int) -> dict:
