@@ -77,11 +77,11 @@ import pandas as pd
 import torch
 
 from ..evaluation.baselines import ease_weights as _ease_weights
-from ..model.network import Config, ItemFeatures, RecMetaNet
+from ..model.network import Config, ItemFeatures, RecMetaNet, SparseWide, dense_wide_bytes
 
 logger = logging.getLogger("recmeta")
 
-__all__ = ["Prepared", "prepare", "fit", "make_batch", "batch_loss", "reinforce_weights"]
+__all__ = ["Prepared", "prepare", "fit", "make_batch", "batch_loss", "reinforce_weights", "sparse_ease"]
 
 
 # ---------------------------------------------------------------------------- features
@@ -733,28 +733,51 @@ def ease_from_gram(G: torch.Tensor, reg: float) -> torch.Tensor:
     return W.to(torch.float32).contiguous()
 
 
-def _interaction_matrix(prep: Prepared) -> torch.Tensor:
-    """(U, N) float64 multi-hot matrix of the positive rows (reward > 0)."""
+def _interaction_matrix(prep: Prepared):
+    """(U, N) float64 multi-hot matrix of the positive rows (reward > 0), as a scipy CSR
+    matrix (memory linear in the log; never a dense users x items array)."""
+    import scipy.sparse as sp
+
     U, N = len(prep.user_ids), len(prep.item_ids)
-    users = np.repeat(np.arange(U), np.diff(prep.offsets))
+    users = np.repeat(np.arange(U, dtype=np.int64), np.diff(prep.offsets))
     pos = prep.rewards > 0
-    X = torch.zeros(U, N, dtype=torch.float64)
-    X[torch.from_numpy(users[pos]), torch.from_numpy(prep.items[pos])] = 1.0
+    X = sp.csr_matrix((np.ones(int(pos.sum())), (users[pos], prep.items[pos])), shape=(U, N))
+    X.sum_duplicates()
+    X.data[:] = 1.0  # a repeated (user, item) pair is one 1, as in a multi-hot matrix
     return X
 
 
+def _gram(X) -> torch.Tensor:
+    """(N, N) float64 dense Gram matrix ``X^T X`` of a sparse (U, N) 0/1 matrix (integer
+    counts: exact in float64, so equal bit for bit to the dense product)."""
+    return torch.from_numpy(np.ascontiguousarray((X.T @ X).toarray()))
+
+
+def _rows(X, mask: np.ndarray):
+    """The rows of the sparse matrix ``X`` where ``mask`` (U,) bool is True."""
+    return X[np.flatnonzero(mask)]
+
+
 def fit_wide(net: RecMetaNet, prep: Prepared, cfg: Config, rng: np.random.Generator):
-    """Fill ``net.wide`` with the EASE weights of the whole training log (used at serving time)
-    and return cross-fitted weights for training: users are cut into 5 folds and the
+    """Fill the network's wide part with the EASE weights of the whole training log (used at
+    serving time) and return cross-fitted weights for training: users are cut into 5 folds and the
     samples of one fold see the weights fitted on the other four, so that the wide part never
     scores a query item it memorised from that very user (which would teach the deep part
     to trust it more than it deserves on new data). Returns (fold of each user, [W_-f])
-    or None when the wide part is disabled."""
+    or None when the wide part is disabled. A sparse wide part (see
+    :meth:`RecMetaNet.wide_mode`) is fitted by :func:`sparse_ease` and its ``W_-f`` are
+    :class:`~recmeta_sdk.model.network.SparseWide` matrices."""
     if not net.has_wide:
         return None
     U = len(prep.user_ids)
     X = _interaction_matrix(prep)
-    G = X.T @ X
+    if net.wide_sparse is not None:
+        K = 5 if U >= 10 else 2
+        fold = rng.permutation(U) % K
+        Ws = sparse_ease(X, cfg.wide_reg, cfg.wide_neighbours, folds=fold, block_bytes=_block_bytes(cfg))
+        net.set_wide_sparse(Ws[0])
+        return torch.from_numpy(fold), Ws[1:]
+    G = _gram(X)
     with torch.no_grad():
         net.wide.copy_(ease_from_gram(G, cfg.wide_reg))
     K = 5 if U >= 10 else 2
@@ -762,9 +785,183 @@ def fit_wide(net: RecMetaNet, prep: Prepared, cfg: Config, rng: np.random.Genera
     # the Gram matrix without fold f: G minus fold f's own (integer counts in float64: exact)
     others = []
     for f in range(K):
-        Xf = X[fold == f]
-        others.append(ease_from_gram(G - Xf.T @ Xf, cfg.wide_reg))
+        others.append(ease_from_gram(G - _gram(_rows(X, (fold == f).numpy())), cfg.wide_reg))
     return fold, others
+
+
+def _block_bytes(cfg: Config) -> int:
+    """Working memory of one block of :func:`sparse_ease`: a quarter of the wide part's budget
+    (64 MiB at least)."""
+    b = cfg.wide_budget_bytes if cfg.wide_budget_bytes is not None else 2**30
+    return max(int(b) // 4, 64 * 2**20)
+
+
+def _topm_cooccurrence(X, Xt, m: int, fold_of_row, K: int, block_bytes: int) -> tuple:
+    """Each item's ``m`` most co-occurring other items (ties: the smaller id first) with the
+    co-occurrence counts, per user fold (``fold_of_row`` (U,) int in ``[0, K)``).
+
+    The Gram rows ``X^T X`` are computed for blocks of items whose products (the sum over the
+    block's users of their history lengths) fit ``block_bytes``, and only the top ``m`` of each
+    row are kept, so memory is linear in the log plus ``N m``. Returns ``(indptr (N+1,) int64,
+    cols (nnz,) int64, counts (K, nnz) float64)`` in CSR order (each row by count, descending)."""
+    import scipy.sparse as sp
+
+    N = X.shape[1]
+    row_len = np.diff(X.indptr).astype(np.int64)
+    cost = np.asarray(Xt @ row_len.astype(np.float64)).ravel()  # products of each item's Gram row
+    per = max(int(block_bytes) // 48, 1)  # ~48 bytes per product (indices, values, sort keys)
+    Xf = [X] if K == 1 else [_rows(X, fold_of_row == f) for f in range(K)]
+    Xtf = [Xt] if K == 1 else [x.T.tocsr() for x in Xf]
+    ind_parts, cnt_parts, lens = [], [], np.zeros(N, np.int64)
+    start = 0
+    csum = np.concatenate([[0.0], np.cumsum(cost)])
+    while start < N:
+        stop = int(np.searchsorted(csum, csum[start] + per, side="right")) - 1
+        stop = min(max(stop, start + 1), N)
+        parts = [(xt[start:stop] @ x).tocoo() for xt, x in zip(Xtf, Xf)]
+        r = np.concatenate([p.row for p in parts]).astype(np.int64)
+        c = np.concatenate([p.col for p in parts]).astype(np.int64)
+        v = np.concatenate([p.data for p in parts])
+        fo = np.repeat(np.arange(len(parts)), [p.nnz for p in parts])
+        key = r * N + c
+        # per (row, col): the total count and each fold's count
+        ukey, inv = np.unique(key, return_inverse=True)
+        per_fold = np.zeros((K, len(ukey)))
+        np.add.at(per_fold, (fo, inv), v)
+        tot = per_fold.sum(0)
+        ur, uc = ukey // N, ukey % N
+        keep = uc != ur + start  # not the item itself
+        ur, uc, tot, per_fold = ur[keep], uc[keep], tot[keep], per_fold[:, keep]
+        order = np.lexsort((uc, -tot, ur))  # by row, count descending, id ascending
+        ur, uc, per_fold = ur[order], uc[order], per_fold[:, order]
+        cnt = np.bincount(ur, minlength=stop - start)
+        first = np.concatenate([[0], np.cumsum(cnt)])[:-1]
+        rank = np.arange(len(ur)) - first[ur]
+        sel = rank < m
+        ind_parts.append(uc[sel])
+        cnt_parts.append(per_fold[:, sel])
+        lens[start:stop] = np.minimum(cnt, m)
+        del parts, r, c, v, key, ukey, inv
+        start = stop
+    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    cols = np.concatenate(ind_parts) if ind_parts else np.zeros(0, np.int64)
+    counts = np.concatenate(cnt_parts, 1) if cnt_parts else np.zeros((K, 0))
+    del sp
+    return indptr, cols, counts
+
+
+def sparse_ease(X, reg: float, m: int, folds: Optional[np.ndarray] = None, block_bytes: int = 2**28,
+                pop_exp: float = 0.0) -> list:
+    """Item-neighbourhood EASE: sparse wide weights in memory linear in the log.
+
+    For each item ``a`` (a column of EASE's ``W``: the weights with which history items score
+    ``a``), ``S_a`` is the set of the ``m`` items that co-occur with ``a`` most often (X^T X;
+    ties: the smaller id), and ``W[S_a, a]`` solves EASE's ridge regression restricted to them,
+    ``(G[S_a, S_a] + reg I) w = G[S_a, a]``, where an entry ``G[j, k]`` (j != k) of the
+    neighbours' Gram block is the co-occurrence count when ``k`` is among ``j``'s kept items or
+    ``j`` among ``k``'s, and 0 otherwise. Relation to the dense EASE weights
+    (:func:`recmeta_sdk.evaluation.baselines.ease_weights`): EASE's column ``a`` is the same
+    ridge regression over every other item, so when every pair of items co-occurs and
+    ``m >= N - 1`` the weights are EASE's (up to float32 rounding); with fewer neighbours,
+    each column is EASE's regression on ``a``'s neighbourhood.
+
+    Parameters
+    ----------
+    X : scipy sparse (U, N) 0/1 matrix of users' positive interactions.
+    reg : float > 0, the ridge.
+    m : int > 0, neighbours per item.
+    folds : (U,) int array or None. With K folds the result also holds, for each fold f, the
+        weights fitted on the other folds' users (the same neighbourhoods, counts without fold f).
+    block_bytes : the working memory of one block of items.
+    pop_exp : popularity exponent: column ``a`` scaled by ``(count_a + 1)^-pop_exp``.
+
+    Returns
+    -------
+    list of :class:`~recmeta_sdk.model.network.SparseWide`: the weights of the whole log, then
+    one per fold (without it).
+    """
+    import scipy.sparse as sp
+
+    if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not math.isfinite(reg) or reg <= 0:
+        raise ValueError(f"sparse EASE reg must be a finite number > 0, got {reg!r}")
+    if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
+        raise ValueError(f"sparse EASE neighbours m must be a positive int, got {m!r}")
+    X = sp.csr_matrix(X, dtype=np.float64)
+    U, N = X.shape
+    K = 1 if folds is None else int(np.max(folds)) + 1 if len(folds) else 1
+    fold_of_row = np.zeros(U, np.int64) if folds is None else np.asarray(folds, np.int64)
+    if len(fold_of_row) != U:
+        raise ValueError(f"folds has {len(fold_of_row)} entries, X has {U} rows")
+    Xt = X.T.tocsr()
+    indptr, cols, counts = _topm_cooccurrence(X, Xt, m, fold_of_row, K, block_bytes)
+    # item counts (the Gram diagonal) per fold; variants: the whole log, then without each fold
+    diag_f = np.stack([np.bincount(X.indices[np.repeat(fold_of_row == f, np.diff(X.indptr))], minlength=N)
+                       for f in range(K)]).astype(np.float64)
+    tot_cnt, tot_diag = counts.sum(0), diag_f.sum(0)
+    variants = [(tot_cnt, tot_diag)]
+    if folds is not None:
+        variants += [(tot_cnt - counts[f], tot_diag - diag_f[f]) for f in range(K)]
+    lens = np.diff(indptr)
+    mm = int(lens.max()) if N and len(lens) else 0
+    # S: (N, mm) neighbour ids, -1 padded; E: the entry of each neighbour in the CSR lists
+    slot = np.arange(len(cols)) - np.repeat(indptr[:-1], lens)
+    owner = np.repeat(np.arange(N), lens)
+    out_vals = [np.zeros(len(cols), np.float32) for _ in variants]
+    if mm:
+        S = np.full((N, mm), -1, np.int64)
+        S[owner, slot] = cols
+        E = np.full((N, mm), -1, np.int64)
+        E[owner, slot] = np.arange(len(cols))
+        # targets per block: the block's pattern (b * mm * mm lookups) within block_bytes
+        bsz = max(1, min(N, int(block_bytes) // max(1, mm * mm * 40)))
+        for a0 in range(0, N, bsz):
+            a1 = min(N, a0 + bsz)
+            b = a1 - a0
+            Sb, Eb = S[a0:a1], E[a0:a1]
+            valid = Sb >= 0
+            # each neighbour j = Sb[t, p]'s own kept list: (t, p, k, entry)
+            t_idx, p_idx = np.nonzero(valid)
+            j = Sb[t_idx, p_idx]
+            jl = lens[j]
+            tot = int(jl.sum())
+            if tot:
+                ent = np.repeat(indptr[j] - (np.cumsum(jl) - jl), jl) + np.arange(tot)
+                te, pe, ke = np.repeat(t_idx, jl), np.repeat(p_idx, jl), cols[ent]
+                # is k among t's neighbours? (a sorted table of t * N + S[t, q])
+                tab_key = t_idx * N + j
+                order = np.argsort(tab_key, kind="stable")
+                tab_key, tab_q = tab_key[order], p_idx[order]
+                qk = te * N + ke
+                pos = np.searchsorted(tab_key, qk)
+                pos = np.minimum(pos, len(tab_key) - 1)
+                hit = tab_key[pos] == qk
+                te, pe, qe, ent = te[hit], pe[hit], tab_q[pos[hit]], ent[hit]
+            else:
+                te = pe = qe = ent = np.zeros(0, np.int64)
+            for vi, (cnt, dg) in enumerate(variants):
+                M = np.zeros((b, mm, mm))
+                M[te, pe, qe] = cnt[ent]
+                M[te, qe, pe] = cnt[ent]  # symmetric: found from either side
+                d = np.where(valid, dg[np.maximum(Sb, 0)] + reg, 1.0)
+                ar = np.arange(mm)
+                M[:, ar, ar] = d
+                rhs = np.where(valid, cnt[np.maximum(Eb, 0)], 0.0)
+                Mt, rt = torch.from_numpy(M), torch.from_numpy(rhs)[:, :, None]
+                sol, info = torch.linalg.solve_ex(Mt, rt)
+                bad = info != 0
+                if bool(bad.any()):  # singular (a truncated Gram block): least squares instead
+                    sol[bad] = torch.linalg.lstsq(Mt[bad], rt[bad]).solution
+                w = sol[:, :, 0].numpy()
+                out_vals[vi][Eb[valid]] = w[valid]
+    # CSR rows for the embedding-bag-like product: row j (a history item) -> the items a it scores
+    results = []
+    for vi, (_, dg) in enumerate(variants):
+        vals = out_vals[vi]
+        if pop_exp:
+            vals = vals * ((dg + 1.0) ** -pop_exp)[owner].astype(np.float32)
+        Wt = sp.csr_matrix((vals, (cols, owner)), shape=(N, N))  # W[j, a] = w of neighbour j for a
+        results.append(SparseWide.from_scipy(Wt))
+    return results
 
 
 #: the EASE ridge used when none is given and there is no validation set to tune it on
@@ -1479,6 +1676,12 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     whole log. Without a validation set (``tune`` False, or fewer than 10 validation users)
     the wide part's weight is learned during training against cross-fitted EASE weights
     (:func:`fit_wide`)."""
+    if (tune and batches is None and net.wide_sparse is not None
+            and (validation is not None or cfg.validation > 0)):
+        raise ValueError(
+            f"validation-tuned training needs the dense wide part, and {net.n_items} items need "
+            f"{dense_wide_bytes(net.n_items)} bytes, more than config.wide_budget_bytes={cfg.wide_budget_bytes}: "
+            "raise wide_budget_bytes, train without a validation set (the sparse wide part), or set wide='none'")
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     t0 = time.perf_counter()
@@ -1513,9 +1716,10 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             # the wide part is tuned with the held-out new users' rows in its matrix (they hold
             # none of the validation items; leaving them out would change the choices the warm
             # users get); the new users' samples are scored with weights fitted without them
-            G = _interaction_matrix(before if len(cold) else prep)
-            Xc = G[torch.from_numpy(cold)] if len(cold) else None
-            G = G.T @ G
+            X = _interaction_matrix(before if len(cold) else prep)
+            Xc = X[cold] if len(cold) else None
+            G = _gram(X)
+            del X
             W_train, report = tune_wide(G, val, cfg)
             hist["wide_tuning"] = {str(k): v for k, v in report.items()}
             logger.info("wide part chosen on %d validation users: EASE ridge %.4g, recency %.3g (decay %.3g), "
@@ -1524,7 +1728,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
                         max(report.values()))
             W_cold = W_train
             if Xc is not None:
-                Gc = G - Xc.T @ Xc
+                Gc = G - _gram(Xc)
                 W_cold = ease_from_gram(Gc, cfg.wide_reg) * _pop_scale(Gc, cfg.wide_pop_exp)
                 del Gc, Xc
             del G
@@ -1639,15 +1843,17 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             hist["fusion"] = tune_fusion(net, cfg, val, W_train, W_cold)
             del W_train, W_cold
             with torch.no_grad():  # the served weights: EASE on the whole log
-                X = _interaction_matrix(full)
-                G = X.T @ X
-                del X
+                G = _gram(_interaction_matrix(full))
                 net.wide.copy_(ease_from_gram(G, cfg.wide_reg) * _pop_scale(G, cfg.wide_pop_exp or 0.0))
                 del G
     elif cal is not None:
         hist["calibration"] = calibrate_wide(net, prep, cal[1], cal[2], cross, cfg, user_feats)
         with torch.no_grad():  # the served weights: EASE on the whole log
             X = _interaction_matrix(full)
-            net.wide.copy_(ease_from_gram(X.T @ X, cfg.wide_reg))
+            if net.wide_sparse is not None:
+                net.set_wide_sparse(sparse_ease(X, cfg.wide_reg, cfg.wide_neighbours,
+                                                block_bytes=_block_bytes(cfg))[0])
+            else:
+                net.wide.copy_(ease_from_gram(_gram(X), cfg.wide_reg))
     hist["seconds"] = time.perf_counter() - t0
     return hist
