@@ -272,7 +272,7 @@ class Config:
     wide_budget_bytes: Optional[int] = 2**30
     #: Neighbours kept per item by the sparse wide part (a positive int; see
     #: ``wide_budget_bytes``).
-    wide_neighbours: int = 64
+    wide_neighbours: int = 32
     #: Initial ``c0`` of ``alpha(n) = softplus(c0 + c1 log(1 + n))``: with ``wide_slope``,
     #: small for short histories, where item-to-item evidence is thin.
     wide_init: float = -8.0

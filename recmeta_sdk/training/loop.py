@@ -804,49 +804,53 @@ def _topm_cooccurrence(X, Xt, m: int, fold_of_row, K: int, block_bytes: int) -> 
     block's users of their history lengths) fit ``block_bytes``, and only the top ``m`` of each
     row are kept, so memory is linear in the log plus ``N m``. Returns ``(indptr (N+1,) int64,
     cols (nnz,) int64, counts (K, nnz) float64)`` in CSR order (each row by count, descending)."""
-    import scipy.sparse as sp
-
-    N = X.shape[1]
-    row_len = np.diff(X.indptr).astype(np.int64)
-    cost = np.asarray(Xt @ row_len.astype(np.float64)).ravel()  # products of each item's Gram row
+    N, U = X.shape[1], X.shape[0]
+    row_len = np.diff(X.indptr).astype(np.float64)
+    cost = np.asarray(Xt @ row_len).ravel()  # products of each item's Gram row
     per = max(int(block_bytes) // 48, 1)  # ~48 bytes per product (indices, values, sort keys)
-    Xf = [X] if K == 1 else [_rows(X, fold_of_row == f) for f in range(K)]
-    Xtf = [Xt] if K == 1 else [x.T.tocsr() for x in Xf]
+    if K > 1:
+        Xf = [_rows(X, fold_of_row == f) for f in range(K)]
+        Xtf = [x.T.tocsr() for x in Xf]
     ind_parts, cnt_parts, lens = [], [], np.zeros(N, np.int64)
     start = 0
     csum = np.concatenate([[0.0], np.cumsum(cost)])
     while start < N:
         stop = int(np.searchsorted(csum, csum[start] + per, side="right")) - 1
         stop = min(max(stop, start + 1), N)
-        parts = [(xt[start:stop] @ x).tocoo() for xt, x in zip(Xtf, Xf)]
-        r = np.concatenate([p.row for p in parts]).astype(np.int64)
-        c = np.concatenate([p.col for p in parts]).astype(np.int64)
-        v = np.concatenate([p.data for p in parts])
-        fo = np.repeat(np.arange(len(parts)), [p.nnz for p in parts])
-        key = r * N + c
-        # per (row, col): the total count and each fold's count
-        ukey, inv = np.unique(key, return_inverse=True)
-        per_fold = np.zeros((K, len(ukey)))
-        np.add.at(per_fold, (fo, inv), v)
-        tot = per_fold.sum(0)
-        ur, uc = ukey // N, ukey % N
-        keep = uc != ur + start  # not the item itself
-        ur, uc, tot, per_fold = ur[keep], uc[keep], tot[keep], per_fold[:, keep]
-        order = np.lexsort((uc, -tot, ur))  # by row, count descending, id ascending
-        ur, uc, per_fold = ur[order], uc[order], per_fold[:, order]
-        cnt = np.bincount(ur, minlength=stop - start)
+        G = (Xt[start:stop] @ X).tocsr()
+        G.sort_indices()
+        r = np.repeat(np.arange(stop - start, dtype=np.int64), np.diff(G.indptr))
+        c = G.indices.astype(np.int64)
+        v = G.data
+        keep = c != r + start  # not the item itself
+        r, c, v = r[keep], c[keep], v[keep]
+        # by row, count descending, id ascending (a stable sort of one key; ids are in order)
+        order = np.argsort(r * (U + 1) + (U - v.astype(np.int64)), kind="stable")
+        r, c, v = r[order], c[order], v[order]
+        cnt = np.bincount(r, minlength=stop - start)
         first = np.concatenate([[0], np.cumsum(cnt)])[:-1]
-        rank = np.arange(len(ur)) - first[ur]
-        sel = rank < m
-        ind_parts.append(uc[sel])
-        cnt_parts.append(per_fold[:, sel])
+        sel = (np.arange(len(r)) - first[r]) < m
+        r, c, v = r[sel], c[sel], v[sel]
+        if K > 1:  # each fold's counts of the kept pairs
+            per_fold = np.zeros((K, len(r)))
+            q = r * N + c
+            for f in range(K):
+                Gf = (Xtf[f][start:stop] @ Xf[f]).tocsr()
+                Gf.sort_indices()
+                kf = np.repeat(np.arange(stop - start, dtype=np.int64), np.diff(Gf.indptr)) * N + Gf.indices
+                if len(kf):
+                    pos = np.minimum(np.searchsorted(kf, q), len(kf) - 1)
+                    per_fold[f] = np.where(kf[pos] == q, Gf.data[pos], 0.0)
+        else:
+            per_fold = v[None, :]
+        ind_parts.append(c)
+        cnt_parts.append(per_fold)
         lens[start:stop] = np.minimum(cnt, m)
-        del parts, r, c, v, key, ukey, inv
+        del G, r, c, v
         start = stop
     indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     cols = np.concatenate(ind_parts) if ind_parts else np.zeros(0, np.int64)
     counts = np.concatenate(cnt_parts, 1) if cnt_parts else np.zeros((K, 0))
-    del sp
     return indptr, cols, counts
 
 
@@ -947,10 +951,14 @@ def sparse_ease(X, reg: float, m: int, folds: Optional[np.ndarray] = None, block
                 M[:, ar, ar] = d
                 rhs = np.where(valid, cnt[np.maximum(Eb, 0)], 0.0)
                 Mt, rt = torch.from_numpy(M), torch.from_numpy(rhs)[:, :, None]
-                sol, info = torch.linalg.solve_ex(Mt, rt)
+                L, info = torch.linalg.cholesky_ex(Mt)
+                sol = torch.cholesky_solve(rt, L)
                 bad = info != 0
-                if bool(bad.any()):  # singular (a truncated Gram block): least squares instead
-                    sol[bad] = torch.linalg.lstsq(Mt[bad], rt[bad]).solution
+                if bool(bad.any()):  # not positive definite (a truncated Gram block): LU, or least squares
+                    sb, ib = torch.linalg.solve_ex(Mt[bad], rt[bad])
+                    if bool((ib != 0).any()):
+                        sb[ib != 0] = torch.linalg.lstsq(Mt[bad][ib != 0], rt[bad][ib != 0]).solution
+                    sol[bad] = sb
                 w = sol[:, :, 0].numpy()
                 out_vals[vi][Eb[valid]] = w[valid]
     # CSR rows for the embedding-bag-like product: row j (a history item) -> the items a it scores
@@ -1657,7 +1665,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
         batches=None, validation=None, tune: bool = False) -> dict:
     """Train ``net`` in place. Returns the history: ``loss`` per epoch, ``validation`` (the
     validation NDCG@10 + Recall@10 per epoch, when there is a validation set), ``best_epoch``,
-    ``wide_reg``, ``fusion`` and ``seconds``.
+    ``wide_reg``, ``wide_seconds`` (the wide part's fit before the epochs), ``fusion`` and ``seconds``.
 
     ``batches``: None (per-user tasks) or a sampler of group-task meta-batches with
     ``steps_per_epoch`` and ``draw(rng, user_feats) -> Batch`` (see :mod:`recmeta_sdk.training.meta_tasks`).
@@ -1710,6 +1718,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
         if cal is not None:
             prep = cal[0]
     W_train = None
+    t_wide = time.perf_counter()
     if val is not None:
         cross = None
         if net.has_wide:
@@ -1747,6 +1756,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             cfg.wide_reg = DEFAULT_WIDE_REG
         cross = fit_wide(net, prep, cfg, rng)
     hist["wide_reg"] = cfg.wide_reg
+    hist["wide_seconds"] = time.perf_counter() - t_wide  # fitting (and tuning) the wide part
     n_per_user = np.diff(prep.offsets)
     users_of_row = np.repeat(np.arange(len(n_per_user)), n_per_user)
     n_pos = np.bincount(users_of_row[prep.rewards > 0], minlength=len(n_per_user))
