@@ -67,9 +67,13 @@ def test_sparse_ease_neighbourhoods():
         g[a] = -1
         order = np.lexsort((np.arange(40), -g))[:5]
         assert nz <= set(order.tolist())
-    # the same for any block size (blocks of one item, blocks of everything)
-    a1 = sparse_ease(X, 100.0, 5, block_bytes=1)[0].to_dense()
+    # the same in small blocks (6400 bytes: still every item a candidate, 40^2 float32 counts)
+    a1 = sparse_ease(X, 100.0, 5, block_bytes=6400)[0].to_dense()
     torch.testing.assert_close(a1, W, rtol=0, atol=0)
+    # a budget for 10 candidates: every neighbour is one of the 10 most popular items
+    top10 = set(np.lexsort((np.arange(40), -np.diag(G)))[:10].tolist())
+    a2 = sparse_ease(X, 100.0, 5, block_bytes=400)[0].to_dense()
+    assert set(np.flatnonzero(a2.abs().sum(1).numpy()).tolist()) <= top10
 
 
 def test_sparse_ease_rejects_bad_arguments():

@@ -796,33 +796,36 @@ def _block_bytes(cfg: Config) -> int:
     return max(int(b) // 4, 64 * 2**20)
 
 
-def _topm_cooccurrence(X, Xt, m: int, fold_of_row, K: int, block_bytes: int) -> tuple:
-    """Each item's ``m`` most co-occurring other items (ties: the smaller id first) with the
-    co-occurrence counts, per user fold (``fold_of_row`` (U,) int in ``[0, K)``).
+def _topm_cooccurrence(X, Xt, XH, H: np.ndarray, m: int, fold_of_row, K: int, block_bytes: int) -> tuple:
+    """Each item's ``m`` most co-occurring other items among the candidates ``H`` (sorted item
+    ids; ties: the smaller id first) with the co-occurrence counts per user fold
+    (``fold_of_row`` (U,) int in ``[0, K)``). ``XH`` is ``X[:, H]``.
 
-    The Gram rows ``X^T X`` are computed for blocks of items whose products (the sum over the
-    block's users of their history lengths) fit ``block_bytes``, and only the top ``m`` of each
-    row are kept, so memory is linear in the log plus ``N m``. Returns ``(indptr (N+1,) int64,
-    cols (nnz,) int64, counts (K, nnz) float64)`` in CSR order (each row by count, descending)."""
+    The Gram rows ``X^T X[:, H]`` are computed for blocks of items whose products (the sum over
+    the block's users of their history lengths) fit ``block_bytes``, and only the top ``m`` of
+    each row are kept, so memory is linear in the log plus ``N m``. Returns ``(indptr (N+1,)
+    int64, cols (nnz,) int64 positions in H, counts (K, nnz) float64)`` in CSR order (each row
+    by count, descending)."""
     N, U = X.shape[1], X.shape[0]
-    row_len = np.diff(X.indptr).astype(np.float64)
+    row_len = np.diff(XH.indptr).astype(np.float64)
     cost = np.asarray(Xt @ row_len).ravel()  # products of each item's Gram row
     per = max(int(block_bytes) // 48, 1)  # ~48 bytes per product (indices, values, sort keys)
     if K > 1:
-        Xf = [_rows(X, fold_of_row == f) for f in range(K)]
-        Xtf = [x.T.tocsr() for x in Xf]
+        sel_f = [np.flatnonzero(fold_of_row == f) for f in range(K)]
+        XHf = [XH[r] for r in sel_f]
+        Xtf = [X[r].T.tocsr() for r in sel_f]
     ind_parts, cnt_parts, lens = [], [], np.zeros(N, np.int64)
     start = 0
     csum = np.concatenate([[0.0], np.cumsum(cost)])
     while start < N:
         stop = int(np.searchsorted(csum, csum[start] + per, side="right")) - 1
         stop = min(max(stop, start + 1), N)
-        G = (Xt[start:stop] @ X).tocsr()
+        G = (Xt[start:stop] @ XH).tocsr()
         G.sort_indices()
         r = np.repeat(np.arange(stop - start, dtype=np.int64), np.diff(G.indptr))
         c = G.indices.astype(np.int64)
         v = G.data
-        keep = c != r + start  # not the item itself
+        keep = H[c] != r + start  # not the item itself
         r, c, v = r[keep], c[keep], v[keep]
         # by row, count descending, id ascending (a stable sort of one key; ids are in order)
         order = np.argsort(r * (U + 1) + (U - v.astype(np.int64)), kind="stable")
@@ -833,11 +836,11 @@ def _topm_cooccurrence(X, Xt, m: int, fold_of_row, K: int, block_bytes: int) -> 
         r, c, v = r[sel], c[sel], v[sel]
         if K > 1:  # each fold's counts of the kept pairs
             per_fold = np.zeros((K, len(r)))
-            q = r * N + c
+            q = r * len(H) + c
             for f in range(K):
-                Gf = (Xtf[f][start:stop] @ Xf[f]).tocsr()
+                Gf = (Xtf[f][start:stop] @ XHf[f]).tocsr()
                 Gf.sort_indices()
-                kf = np.repeat(np.arange(stop - start, dtype=np.int64), np.diff(Gf.indptr)) * N + Gf.indices
+                kf = np.repeat(np.arange(stop - start, dtype=np.int64), np.diff(Gf.indptr)) * len(H) + Gf.indices
                 if len(kf):
                     pos = np.minimum(np.searchsorted(kf, q), len(kf) - 1)
                     per_fold[f] = np.where(kf[pos] == q, Gf.data[pos], 0.0)
@@ -858,16 +861,17 @@ def sparse_ease(X, reg: float, m: int, folds: Optional[np.ndarray] = None, block
                 pop_exp: float = 0.0) -> list:
     """Item-neighbourhood EASE: sparse wide weights in memory linear in the log.
 
-    For each item ``a`` (a column of EASE's ``W``: the weights with which history items score
-    ``a``), ``S_a`` is the set of the ``m`` items that co-occur with ``a`` most often (X^T X;
-    ties: the smaller id), and ``W[S_a, a]`` solves EASE's ridge regression restricted to them,
-    ``(G[S_a, S_a] + reg I) w = G[S_a, a]``, where an entry ``G[j, k]`` (j != k) of the
-    neighbours' Gram block is the co-occurrence count when ``k`` is among ``j``'s kept items or
-    ``j`` among ``k``'s, and 0 otherwise. Relation to the dense EASE weights
-    (:func:`recmeta_sdk.evaluation.baselines.ease_weights`): EASE's column ``a`` is the same
-    ridge regression over every other item, so when every pair of items co-occurs and
-    ``m >= N - 1`` the weights are EASE's (up to float32 rounding); with fewer neighbours,
-    each column is EASE's regression on ``a``'s neighbourhood.
+    The neighbour candidates ``H`` are the most popular items (the most positives; ties: the
+    smaller id), as many as keep the exact Gram block ``X_H^T X_H`` of every user fold
+    (float32) within ``block_bytes``: all of them when ``K H^2 * 4 <= block_bytes``. For each
+    item ``a`` (a column of EASE's ``W``: the weights with which history items score ``a``),
+    ``S_a`` is the set of the ``m`` candidates that co-occur with ``a`` most often (ties: the
+    smaller id), and ``W[S_a, a]`` solves EASE's ridge regression restricted to them, with the
+    exact Gram block: ``(G[S_a, S_a] + reg I) w = G[S_a, a]``. Relation to the dense EASE
+    weights (:func:`recmeta_sdk.evaluation.baselines.ease_weights`): EASE's column ``a`` is
+    the same ridge regression over every other item, so when every pair of items co-occurs,
+    every item is a candidate and ``m >= N - 1``, the weights are EASE's (up to rounding);
+    otherwise each column is EASE's regression on ``a``'s neighbourhood.
 
     Parameters
     ----------
@@ -876,7 +880,7 @@ def sparse_ease(X, reg: float, m: int, folds: Optional[np.ndarray] = None, block
     m : int > 0, neighbours per item.
     folds : (U,) int array or None. With K folds the result also holds, for each fold f, the
         weights fitted on the other folds' users (the same neighbourhoods, counts without fold f).
-    block_bytes : the working memory of one block of items.
+    block_bytes : the working memory of one block (and of the candidates' Gram blocks).
     pop_exp : popularity exponent: column ``a`` scaled by ``(count_a + 1)^-pop_exp``.
 
     Returns
@@ -892,78 +896,60 @@ def sparse_ease(X, reg: float, m: int, folds: Optional[np.ndarray] = None, block
         raise ValueError(f"sparse EASE neighbours m must be a positive int, got {m!r}")
     X = sp.csr_matrix(X, dtype=np.float64)
     U, N = X.shape
-    K = 1 if folds is None else int(np.max(folds)) + 1 if len(folds) else 1
     fold_of_row = np.zeros(U, np.int64) if folds is None else np.asarray(folds, np.int64)
     if len(fold_of_row) != U:
         raise ValueError(f"folds has {len(fold_of_row)} entries, X has {U} rows")
+    K = 1 if folds is None or U == 0 else int(fold_of_row.max()) + 1
+    fold_rows = [np.flatnonzero(fold_of_row == f) for f in range(K)]
+    item_count = np.bincount(X.indices, minlength=N)
+    n_cand = int(min(N, max(1, math.isqrt(max(int(block_bytes) // (4 * K), 1)))))
+    H = np.sort(np.lexsort((np.arange(N), -item_count))[:n_cand])  # the candidates, by id
+    XH = X[:, H].tocsr()
     Xt = X.T.tocsr()
-    indptr, cols, counts = _topm_cooccurrence(X, Xt, m, fold_of_row, K, block_bytes)
-    # item counts (the Gram diagonal) per fold; variants: the whole log, then without each fold
-    diag_f = np.stack([np.bincount(X.indices[np.repeat(fold_of_row == f, np.diff(X.indptr))], minlength=N)
-                       for f in range(K)]).astype(np.float64)
+    indptr, pos, counts = _topm_cooccurrence(X, Xt, XH, H, m, fold_of_row, K, block_bytes)
+    cols = H[pos]
+    # the candidates' exact Gram block per fold (float32 counts: exact below 2^24 users)
+    GH = np.stack([(XH[r].T @ XH[r]).toarray().astype(np.float32) for r in fold_rows])
+    diag_f = np.stack([np.bincount(X[r].indices, minlength=N) for r in fold_rows]).astype(np.float64)
     tot_cnt, tot_diag = counts.sum(0), diag_f.sum(0)
-    variants = [(tot_cnt, tot_diag)]
+    variants = [(None, tot_cnt, tot_diag)]
     if folds is not None:
-        variants += [(tot_cnt - counts[f], tot_diag - diag_f[f]) for f in range(K)]
+        variants += [(f, tot_cnt - counts[f], tot_diag - diag_f[f]) for f in range(K)]
     lens = np.diff(indptr)
     mm = int(lens.max()) if N and len(lens) else 0
-    # S: (N, mm) neighbour ids, -1 padded; E: the entry of each neighbour in the CSR lists
     slot = np.arange(len(cols)) - np.repeat(indptr[:-1], lens)
     owner = np.repeat(np.arange(N), lens)
     out_vals = [np.zeros(len(cols), np.float32) for _ in variants]
     if mm:
-        S = np.full((N, mm), -1, np.int64)
-        S[owner, slot] = cols
-        E = np.full((N, mm), -1, np.int64)
+        S = np.full((N, mm), -1, np.int64)  # each item's neighbours, as positions in H (-1: none)
+        S[owner, slot] = pos
+        E = np.full((N, mm), -1, np.int64)  # their entries in the CSR lists
         E[owner, slot] = np.arange(len(cols))
-        # targets per block: the block's pattern (b * mm * mm lookups) within block_bytes
-        bsz = max(1, min(N, int(block_bytes) // max(1, mm * mm * 40)))
+        bsz = max(1, min(N, int(block_bytes) // max(1, mm * mm * 8 * (K + 2))))
+        ar = np.arange(mm)
         for a0 in range(0, N, bsz):
             a1 = min(N, a0 + bsz)
-            b = a1 - a0
             Sb, Eb = S[a0:a1], E[a0:a1]
             valid = Sb >= 0
-            # each neighbour j = Sb[t, p]'s own kept list: (t, p, k, entry)
-            t_idx, p_idx = np.nonzero(valid)
-            j = Sb[t_idx, p_idx]
-            jl = lens[j]
-            tot = int(jl.sum())
-            if tot:
-                ent = np.repeat(indptr[j] - (np.cumsum(jl) - jl), jl) + np.arange(tot)
-                te, pe, ke = np.repeat(t_idx, jl), np.repeat(p_idx, jl), cols[ent]
-                # is k among t's neighbours? (a sorted table of t * N + S[t, q])
-                tab_key = t_idx * N + j
-                order = np.argsort(tab_key, kind="stable")
-                tab_key, tab_q = tab_key[order], p_idx[order]
-                qk = te * N + ke
-                pos = np.searchsorted(tab_key, qk)
-                pos = np.minimum(pos, len(tab_key) - 1)
-                hit = tab_key[pos] == qk
-                te, pe, qe, ent = te[hit], pe[hit], tab_q[pos[hit]], ent[hit]
-            else:
-                te = pe = qe = ent = np.zeros(0, np.int64)
-            for vi, (cnt, dg) in enumerate(variants):
-                M = np.zeros((b, mm, mm))
-                M[te, pe, qe] = cnt[ent]
-                M[te, qe, pe] = cnt[ent]  # symmetric: found from either side
-                d = np.where(valid, dg[np.maximum(Sb, 0)] + reg, 1.0)
-                ar = np.arange(mm)
-                M[:, ar, ar] = d
+            Sc = np.maximum(Sb, 0)
+            blocks = GH[:, Sc[:, :, None], Sc[:, None, :]].astype(np.float64)  # (K, b, mm, mm)
+            blocks *= (valid[:, :, None] & valid[:, None, :])[None]
+            full = blocks.sum(0)
+            for vi, (f, cnt, dg) in enumerate(variants):
+                M = full if f is None else full - blocks[f]
+                M[:, ar, ar] = np.where(valid, dg[H[Sc]] + reg, 1.0)
                 rhs = np.where(valid, cnt[np.maximum(Eb, 0)], 0.0)
                 Mt, rt = torch.from_numpy(M), torch.from_numpy(rhs)[:, :, None]
                 L, info = torch.linalg.cholesky_ex(Mt)
                 sol = torch.cholesky_solve(rt, L)
                 bad = info != 0
-                if bool(bad.any()):  # not positive definite (a truncated Gram block): LU, or least squares
-                    sb, ib = torch.linalg.solve_ex(Mt[bad], rt[bad])
-                    if bool((ib != 0).any()):
-                        sb[ib != 0] = torch.linalg.lstsq(Mt[bad][ib != 0], rt[bad][ib != 0]).solution
-                    sol[bad] = sb
+                if bool(bad.any()):  # (G + reg I is positive definite; only rounding could get here)
+                    sol[bad] = torch.linalg.solve(Mt[bad], rt[bad])
                 w = sol[:, :, 0].numpy()
                 out_vals[vi][Eb[valid]] = w[valid]
     # CSR rows for the embedding-bag-like product: row j (a history item) -> the items a it scores
     results = []
-    for vi, (_, dg) in enumerate(variants):
+    for vi, (_, _, dg) in enumerate(variants):
         vals = out_vals[vi]
         if pop_exp:
             vals = vals * ((dg + 1.0) ** -pop_exp)[owner].astype(np.float32)
