@@ -1103,34 +1103,39 @@ def _heldout_nll(sc: torch.Tensor, truth: list, temperatures) -> dict:
     return {t: float(-torch.log_softmax(sc / t, 1)[rows, items].mean()) for t in temperatures}
 
 
-#: recent truth lists' dense forms (see _truth_matrix): {id(truth): (truth, (B, N) bool, (B,) sizes)}
+#: recent truth lists' sorted keys (see _truth_keys): {id(truth): (truth, (nnz,) int64 keys, (B,) sizes)}
 _TRUTH_CACHE: dict = {}
 
 
-def _truth_matrix(truth: list, n: int) -> tuple:
-    """``truth`` (a list of item sets) as a (B, n) bool membership matrix and the sets'
-    sizes, kept for the last few lists (the validation scores the same lists many times;
-    the list itself is held in the cache, so its id stays its own)."""
+def _truth_keys(truth: list) -> tuple:
+    """``truth`` (a list of item sets) as the sorted keys ``row * 2**32 + item`` of its
+    members and the sets' sizes (memory linear in the truth, never a users x items matrix),
+    kept for the last few lists (the validation scores the same lists many times; the list
+    itself is held in the cache, so its id stays its own)."""
     hit = _TRUTH_CACHE.get(id(truth))
-    if hit is not None and hit[0] is truth and hit[1].shape[1] >= n:
+    if hit is not None and hit[0] is truth:
         return hit[1], hit[2]
     sizes = np.array([len(t) for t in truth], np.int64)
-    rows = np.repeat(np.arange(len(truth)), sizes)
+    rows = np.repeat(np.arange(len(truth), dtype=np.int64), sizes)
     cols = np.fromiter((i for t in truth for i in t), np.int64, count=int(sizes.sum()))
-    T = np.zeros((len(truth), max(n, int(cols.max()) + 1 if len(cols) else 0)), bool)
-    T[rows, cols] = True
+    keys = np.sort(rows * 2**32 + cols)
     if len(_TRUTH_CACHE) >= 16:
         _TRUTH_CACHE.pop(next(iter(_TRUTH_CACHE)))
-    _TRUTH_CACHE[id(truth)] = (truth, T, sizes)
-    return T, sizes
+    _TRUTH_CACHE[id(truth)] = (truth, keys, sizes)
+    return keys, sizes
 
 
 def _ndcg_plus_recall(top: np.ndarray, truth: list, k: int) -> np.ndarray:
     """Per-user NDCG@k + Recall@k (RecBole's definitions) of (B, k) top lists."""
     top = np.asarray(top, np.int64)[:, :k]
-    T, sizes = _truth_matrix(truth, int(top.max()) + 1 if top.size else 0)
+    keys, sizes = _truth_keys(truth)
     disc = 1.0 / np.log2(np.arange(2, k + 2))
-    hit = np.take_along_axis(T, top, 1).astype(np.float64) if top.size else np.zeros((len(truth), 0))
+    if top.size and len(keys):
+        q = np.arange(len(truth), dtype=np.int64)[:, None] * 2**32 + top
+        pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+        hit = ((keys[pos] == q) & (top >= 0)).astype(np.float64)
+    else:
+        hit = np.zeros((len(truth), top.shape[1] if top.ndim == 2 else 0))
     idcg = np.cumsum(disc)[np.minimum(sizes, k) - 1]
     return (hit * disc[:hit.shape[1]]).sum(1) / idcg + hit.sum(1) / sizes
 
