@@ -89,7 +89,7 @@ def policy_dist(model, rows: pd.DataFrame, users: pd.DataFrame, cand_ids, store=
         cur = store.current(u) if store is not None else None
         if cur is not None:
             states.append(cur.state)
-        elif model._user_index.get_indexer([u])[0] >= 0:
+        elif model.user_map.position(u) >= 0:
             states.append(model.user_state(u, task=task, steps=steps))
         else:
             states.append(model.adapt([], features=users.loc[u].to_dict() if u in users.index else None, task=task,

@@ -179,8 +179,8 @@ def main(argv=None) -> int:
     except ImportError as e:
         print(f"implicit: not installed ({e}); skipped")
         return 0
-    idx_u = model._user_index.get_indexer(ds.interactions["user"].to_numpy())
-    idx_i = model._item_index.get_indexer(ds.interactions["item"].to_numpy())
+    idx_u = model.user_map.to_index(ds.interactions["user"].to_numpy())
+    idx_i = model.item_map.to_index(ds.interactions["item"].to_numpy())
     X = sp.csr_matrix((np.ones(len(idx_u), np.float32), (idx_u, idx_i)), shape=(len(model.user_ids), model.n_items))
     with threadpool_limits(args.threads):
         als = implicit.cpu.als.AlternatingLeastSquares(factors=model.config.dim, iterations=2, random_state=0,

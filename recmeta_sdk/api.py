@@ -42,13 +42,18 @@ import torch
 from . import ops
 from .ops import _native, backends
 from .ops import reference
+from .data import IdMap
 from .evaluation.metrics import beyond_accuracy, ranking_metrics
 from .model.io import (DEFAULT_LIMITS, LoadLimits, ModelFileError, list_from_tensors, list_tensor_names,
                        list_to_tensors, read_model_file, write_model_file)
+from .model.io import check_csr as _check_csr
+from .model.io import check_values as _check_values
+from .model.io import ids_from_tensors as _ids_from_tensors
 from .training.meta_tasks import parse_tasks, task_sampler
 from .training.meta_tasks import task_phi as _task_phi
 from .model.network import Config, ItemFeatures, RecMetaNet, SparseWide
 from .model.state import Recommendations, UserState
+from .serving import SERVING_VERSION, check_serving_section
 from .training.loop import (
     build_schema, check_log, encode_features, fit, history_tensors, item_features, positive_threshold,
     prepare, schema_names,
@@ -142,6 +147,10 @@ class Recommender:
     """A trained model: adapt to new users, recommend, evaluate, save (see the module docstring).
 
     Build one with :func:`train` or :func:`load`; the constructor is internal.
+
+    ``item_ids`` / ``user_ids`` are the catalogue's and the known users' external ids (sorted);
+    ``item_map`` / ``user_map`` the same as :class:`recmeta_sdk.data.IdMap` (the package's one
+    id map: ``to_index`` for arrays, ``position`` for one id, -1 where unknown).
     """
 
     def __init__(self, net: RecMetaNet, cfg: Config, item_ids: np.ndarray, user_ids: np.ndarray,
@@ -155,8 +164,9 @@ class Recommender:
         self.config = cfg
         self.item_ids = np.asarray(item_ids)
         self.user_ids = np.asarray(user_ids)
-        self._item_index = pd.Index(self.item_ids)
-        self._user_index = pd.Index(self.user_ids)
+        #: the catalogue's and the known users' id maps (position = the model's internal index)
+        self.item_map = IdMap(self.item_ids)
+        self.user_map = IdMap(self.user_ids)
         self._hist_offsets = np.asarray(hist_offsets, np.int64)
         self._hist_items = np.asarray(hist_items, np.int64)
         self._hist_rewards = np.asarray(hist_rewards, np.float32)
@@ -176,6 +186,9 @@ class Recommender:
         self._log_pop = torch.log1p(torch.as_tensor(self._item_count, dtype=torch.float32))
         # known users' states (see KNOWN_STATE_CACHE_BYTES): dense user id -> UserState
         self._known_states: OrderedDict = OrderedDict()
+        # known users' (vectors, bases) (U, d) each, from a file saved with serving=True (or set by
+        # such a save): the states served, instead of recomputing them (see _served_states)
+        self._saved_states: Optional[tuple] = None
         self._known_lock = threading.Lock()
         per_state = 4 * (2 * int(X.shape[1]) + len(self.item_ids)) + 512
         self._known_capacity = max(1, KNOWN_STATE_CACHE_BYTES // per_state)
@@ -279,7 +292,7 @@ class Recommender:
         by pandas."""
         ids = self._table().sorted_int_ids
         if ids is None or items.dtype != ids.dtype:
-            return self._item_index.get_indexer(items)
+            return self.item_map.to_index(items)
         pos = np.searchsorted(ids, items)
         pos[pos == len(ids)] = 0
         return np.where(ids[pos] == items, pos, -1).astype(np.int64)
@@ -547,12 +560,7 @@ class Recommender:
     def _known(self, user) -> int:
         if not _is_scalar_id(user):
             raise TypeError(f"user id must be an int or str, got {user!r}")
-        try:  # one hash look-up (Index.get_indexer on a list costs ~100x more per call)
-            u = self._user_index.get_loc(user)
-        except (KeyError, TypeError, ValueError):
-            u = -1
-        if not isinstance(u, (int, np.integer)):  # (a slice or mask: not one position)
-            u = self._user_index.get_indexer([user])[0]
+        u = self.user_map.position(user)
         if u < 0:
             raise ValueError(f"unknown user {user!r}: not in the training data (use adapt(history) for new users)")
         return int(u)
@@ -598,7 +606,8 @@ class Recommender:
         missed = set()
         for b, st in enumerate(out):
             if st is None:
-                st = self._compute_user_states([users[b]], [us[b]], None, None)[0]
+                st = (self._saved_state(users[b], us[b]) if self._saved_states is not None else
+                      self._compute_user_states([users[b]], [us[b]], None, None)[0])
                 # shared from now on: read-only, so that no caller can change another's state
                 for arr in (st.vector, st.base, st.rewards):
                     arr.setflags(write=False)
@@ -613,6 +622,14 @@ class Recommender:
             while len(cache) > self._known_capacity:
                 cache.popitem(last=False)
         return out
+
+    def _saved_state(self, user, u: int) -> UserState:
+        """Known user u's state from the saved states (see :meth:`save`'s ``serving``)."""
+        vectors, bases = self._saved_states
+        a, b = self._hist_offsets[u], self._hist_offsets[u + 1]
+        hist = self._hist_items[a:b]
+        return UserState(vectors[u], bases[u], hist, tuple(self.item_ids[hist].tolist()), self._hist_rewards[a:b],
+                         user, (), self._check_steps(None), None)
 
     def _compute_user_states(self, users, us, steps, task) -> List[UserState]:
         steps = self._check_steps(steps, task)
@@ -634,7 +651,7 @@ class Recommender:
         arr = np.asarray(list(ids)) if not isinstance(ids, np.ndarray) else ids
         if arr.ndim != 1:
             raise ValueError(f"{name} must be a 1-D list of item ids, got shape {arr.shape}")
-        idx = self._item_index.get_indexer(arr) if len(arr) else np.zeros(0, np.int64)
+        idx = self.item_map.to_index(arr) if len(arr) else np.zeros(0, np.int64)
         if (idx < 0).any():
             raise ValueError(f"{name} has item ids unknown to the model: {arr[idx < 0][:10].tolist()}")
         return idx.astype(np.int64)
@@ -906,11 +923,11 @@ class Recommender:
             raise ValueError("test must be a DataFrame with 'user' and 'item' columns")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
-        uc = self._user_index.get_indexer(test["user"].to_numpy())
+        uc = self.user_map.to_index(test["user"])
         if (uc < 0).any():
             bad = test["user"].to_numpy()[uc < 0][:5].tolist()
             raise ValueError(f"test has users unknown to the model: {bad}")
-        ic = self._item_index.get_indexer(test["item"].to_numpy())
+        ic = self.item_map.to_index(test["item"])
         users = np.unique(uc)
         pos = {u: p for p, u in enumerate(users)}
         truth = [set() for _ in users]
@@ -919,8 +936,8 @@ class Recommender:
                 truth[pos[u]].add(int(i))
         extra = [[] for _ in users]
         if exclude is not None:
-            eu = self._user_index.get_indexer(exclude["user"].to_numpy())
-            ei = self._item_index.get_indexer(exclude["item"].to_numpy())
+            eu = self.user_map.to_index(exclude["user"])
+            ei = self.item_map.to_index(exclude["item"])
             for u, i in zip(eu, ei):
                 if u in pos and i >= 0:
                     extra[pos[u]].append(int(i))
@@ -1006,7 +1023,7 @@ class Recommender:
                 bad = [x for x in new_ids if not isinstance(x, str)]
                 raise TypeError(f"add_items: this model's item ids are strings; got {bad[:5]!r}")
             new_ids = np.asarray(new_ids, dtype=object)
-        known = self._item_index.get_indexer(new_ids) >= 0
+        known = self.item_map.to_index(new_ids) >= 0
         if known.any():
             raise ValueError(f"add_items: {int(known.sum())} item id(s) are already in the catalogue: "
                              f"{new_ids[known][:10].tolist()} (add_items adds new items only)")
@@ -1084,8 +1101,19 @@ class Recommender:
         return out
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the model to ``path`` atomically (safetensors + JSON; see :mod:`recmeta_sdk.model.io`)."""
+    def save(self, path: Union[str, os.PathLike], *, serving: bool = False) -> None:
+        """Write the model to ``path`` atomically (safetensors + JSON; see :mod:`recmeta_sdk.model.io`).
+
+        With ``serving=True`` the file also carries what serving a known user reads (the
+        ``serving.*`` tensors: the served item table and biases, every known user's state and
+        base state, the wide part's ``alpha(n)`` table), so that :func:`recmeta_sdk.serving.load`
+        serves known users from it without torch. The states are computed once, in batches
+        (a few seconds per 100k users), and from then on this model and every model
+        :func:`load` reads from the file serve them (identical ids and scores to the
+        :class:`~recmeta_sdk.serving.ServingModel`); the file grows by ``8 * users * dim`` bytes.
+        """
+        if not isinstance(serving, bool):
+            raise TypeError(f"serving must be True or False, got {serving!r}")
         tensors = {f"net.{k}": v for k, v in self._net.state_dict().items()}
         tensors.update({
             "hist_offsets": torch.from_numpy(self._hist_offsets), "hist_items": torch.from_numpy(self._hist_items),
@@ -1112,7 +1140,36 @@ class Recommender:
             kind, t = list_to_tensors("feedback_users", log_meta["users"])
             tensors.update(t)
             meta["feedback"] = dict(log_meta, users={"kind": kind})
+        if serving:
+            tensors.update(self._serving_tensors())
+            meta["serving"] = {"version": SERVING_VERSION}
         write_model_file(path, tensors, meta)
+
+    def _serving_tensors(self) -> dict:
+        """The ``serving.*`` tensors of a file saved with ``serving=True`` (see
+        :mod:`recmeta_sdk.serving`): exactly the arrays :meth:`recommend` reads for a known user,
+        so that serving from them gives the same ids and scores."""
+        t = self._table()
+        if self._saved_states is None:
+            U = len(self.user_ids)
+            states = np.zeros((U, self.dim), np.float32)
+            bases = np.zeros((U, self.dim), np.float32)
+            for s in range(0, U, 512):  # in batches through the network
+                us = list(range(s, min(U, s + 512)))
+                for j, st in enumerate(self._compute_user_states([None] * len(us), us, None, None)):
+                    states[s + j], bases[s + j] = st.vector, st.base
+            states.setflags(write=False)
+            bases.setflags(write=False)
+            with self._known_lock:  # from now on this model serves the saved states
+                self._saved_states = (states, bases)
+                self._known_states.clear()
+        states, bases = self._saved_states
+        out = {"serving.item_table": np.ascontiguousarray(t.V), "serving.item_bias": np.ascontiguousarray(t.bias),
+               "serving.user_states": states, "serving.user_bases": bases, "serving.log_pop": self._log_pop.numpy()}
+        if t.W is not None:
+            lens = [len(np.unique(self._hist_items[a:b])) for a, b in zip(self._hist_offsets[:-1], self._hist_offsets[1:])]
+            out["serving.wide_alpha"] = np.array([t.alpha(n) for n in range(max(lens, default=0) + 1)], np.float32)
+        return out
 
 
 def _ids_to_tensors(name: str, ids: np.ndarray, tensors: dict) -> dict:
@@ -1137,17 +1194,6 @@ def _schema_to_tensors(schema: list, what: str, tensors: dict) -> list:
             f = dict(f, values={"kind": "str"})
         out.append(f)
     return out
-
-
-def _ids_from_tensors(d, tensors: dict, path, what: str, limit: int, limits: LoadLimits, used: set) -> np.ndarray:
-    """A format-3 id map: the metadata entry ``{"kind": "int" | "str"}`` and its tensors, checked
-    (:func:`recmeta_sdk.model.io.list_from_tensors`: counts, offsets, UTF-8, lengths, distinct)."""
-    if not isinstance(d, dict) or set(d) != {"kind"} or d["kind"] not in ("int", "str"):
-        raise ModelFileError(f"{path}: malformed id map {what} {_short(d)} (format 3: {{'kind': 'int' or 'str'}}, "
-                             f"the ids in the tensors lists.{what}.*)")
-    vals = list_from_tensors(tensors, what, d["kind"], path, limit, limits)
-    used.update(list_tensor_names(what))
-    return vals if d["kind"] == "int" else np.asarray(vals, dtype=object)
 
 
 def _schema_from_tensors(schema, tensors: dict, path, what: str, limit: int, limits: LoadLimits, used: set):
@@ -1359,22 +1405,6 @@ def _len1(t) -> int:
     return int(t.shape[0]) if t is not None and t.dim() == 1 else -1
 
 
-def _check_csr(off: np.ndarray, idx: np.ndarray, n_rows: int, what: str, path) -> None:
-    if len(off) == 0 or off[0] != 0 or (np.diff(off) < 0).any() or off[-1] != len(idx):
-        raise ModelFileError(f"{path}: {what} offsets are not a non-decreasing 0..{len(idx)} sequence")
-    if len(idx) and (idx.min() < 0 or idx.max() >= n_rows):
-        bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
-        raise ModelFileError(f"{path}: {what} index {bad} is out of range [0, {n_rows})")
-
-
-def _check_values(t: torch.Tensor, name: str, bound: float, path) -> None:
-    a = t.numpy()
-    if a.size and not (np.isfinite(a).all() and float(np.abs(a).max()) <= bound):
-        bad = a[~np.isfinite(a)] if not np.isfinite(a).all() else a.flat[int(np.abs(a).argmax())]
-        raise ModelFileError(f"{path}: tensor {name} holds {np.ravel(bad)[0]!r}: its values must be finite and "
-                             f"at most {bound:g} in absolute value")
-
-
 def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recommender:
     from .training.loop import dense_width
 
@@ -1447,7 +1477,7 @@ def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recomm
                                  f"expected {shape} {dtype}")
     others = set(tensors) - {"net." + k for k in got} - {"hist_offsets", "hist_items", "hist_rewards", "item_count",
                                                           "user_feat_offsets", "user_feat_indices"}
-    others = sorted(k for k in others - used if not k.startswith("feedback."))
+    others = sorted(k for k in others - used if not k.startswith(("feedback.", "serving.")))
     if others:
         raise ModelFileError(f"{path}: unexpected tensors {others[:5]}")
     # values: index ranges, finite and bounded floats
@@ -1481,6 +1511,12 @@ def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recomm
     from .online.engine import log_from_file
 
     log_from_file(model, tensors, feedback, path, limits)  # the feedback log, if saved (format 2 and later)
+    if "serving" in meta or any(k.startswith("serving.") for k in tensors):
+        # served from the network, but a file whose serving section is inconsistent is refused
+        sec = check_serving_section(tensors, meta, N, U, ho, hi, limits, path)
+        for a in (sec["user_states"], sec["user_bases"]):
+            a.setflags(write=False)
+        model._saved_states = (sec["user_states"], sec["user_bases"])
     _probe(model, path)
     return model
 

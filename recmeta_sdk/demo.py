@@ -67,7 +67,7 @@ def _fmt_row(name, vals, width=34):
     return f"  {name:<{width}s}" + "".join(f"{v:>10.4f}" for v in vals)
 
 
-def _histories(df: pd.DataFrame, users, item_index: pd.Index):
+def _histories(df: pd.DataFrame, users, item_map):
     """Per user (in the given order): internal item indices, rewards, time-ordered."""
     df = df.sort_values(["user", "timestamp"], kind="stable")
     groups = {u: g for u, g in df.groupby("user", sort=False)}
@@ -77,7 +77,7 @@ def _histories(df: pd.DataFrame, users, item_index: pd.Index):
         if g is None:
             out.append((np.zeros(0, np.int64), np.zeros(0, np.float32)))
         else:
-            out.append((item_index.get_indexer(g["item"].to_numpy()).astype(np.int64),
+            out.append((item_map.to_index(g["item"].to_numpy()).astype(np.int64),
                         g["reward"].to_numpy(dtype=np.float32) if "reward" in g else np.ones(len(g), np.float32)))
     return out
 
@@ -91,14 +91,14 @@ def _warm(ds, cfg, out) -> dict:
     model = train(parts.train, users=ds.users, items=ds.items, config=dict(WARM_CONFIG, **cfg))
     secs = time.perf_counter() - t0
     ours = model.evaluate(parts.test, k=10, exclude=parts.valid)
-    idx = pd.Index(model.item_ids)
+    idx = model.item_map
     users = np.unique(parts.test["user"])
     tr = _histories(parts.train, users, idx)
     va = _histories(parts.valid, users, idx)
     te = _histories(parts.test, users, idx)
     truth = [set(t[0].tolist()) for t in te]
     excl = [np.concatenate([a[0], b[0]]) for a, b in zip(tr, va)]
-    pop = Popularity(len(idx)).fit(idx.get_indexer(parts.train["item"].to_numpy()))
+    pop = Popularity(len(idx)).fit(idx.to_index(parts.train["item"].to_numpy()))
     pop_m = ranking_metrics(pop.recommend(len(users), 10, excl), truth, 10)
     all_tr = _histories(parts.train, model.user_ids, idx)
     uidx = np.repeat(np.arange(len(all_tr)), [len(h[0]) for h in all_tr])
@@ -150,7 +150,7 @@ def _cold_fold(ds, cfg, fold: int):
     plain = train(s20.train, users=ds.users, items=ds.items, config=dict(cfg, meta="none", prefix_prob=0.0))
     # ablation: the meta-training tasks without the inner loop
     tasks_only = train(s20.train, users=ds.users, items=ds.items, config=dict(cfg, meta="none"))
-    idx = pd.Index(meta.item_ids)
+    idx = meta.item_map
     held = [u for u in s20.held_out if (s20.query["user"] == u).any()]
     first20 = _histories(pd.concat([s20.support, s20.gap]), held, idx)
     query = _histories(s20.query, held, idx)
@@ -160,7 +160,7 @@ def _cold_fold(ds, cfg, fold: int):
     truth = [truth[i] for i in keep]
     first20 = [first20[i] for i in keep]
     excl = [f[0][f[0] >= 0] for f in first20]
-    pop = Popularity(len(idx)).fit(idx.get_indexer(s20.train["item"].to_numpy()))
+    pop = Popularity(len(idx)).fit(idx.to_index(s20.train["item"].to_numpy()))
     tr = _histories(s20.train, meta.user_ids, idx)
     uidx = np.repeat(np.arange(len(tr)), [len(h[0]) for h in tr])
     ease = EASE(len(idx), reg=250.0).fit(uidx, np.concatenate([h[0] for h in tr]), len(tr))
@@ -244,7 +244,7 @@ def _example(ds, ex, out) -> None:
     exclude = model.item_ids[ex["exclude"]]
     recs = model.recommend(state, k=5, exclude=exclude, explain=True)
     for item, score, e in zip(recs.ids, recs.scores, recs.explanations):
-        hit = "  <- in the user's later history" if model._item_index.get_loc(item) in ex["query"] else ""
+        hit = "  <- in the user's later history" if model.item_map.position(item) in ex["query"] else ""
         because = ", ".join(f"{name(h)} ({c:+.2f})" for h, c in e["history"][:2])
         feats = ", ".join(f"{n} ({c:+.2f})" for n, c in e["features"][:2])
         out(f"    {name(item)}: score {score:.2f}{hit}")

@@ -415,3 +415,34 @@ def test_stable_argsort_equals_numpy_stable(keys, as_float):
 
     arr = np.array(keys, dtype=np.float64 if as_float else np.int64)
     np.testing.assert_array_equal(stable_argsort(arr), np.argsort(arr, kind="stable"))
+
+
+def test_idmap_fit_sorted_and_position():
+    m = IdMap.fit_sorted(np.array([30, 10, 20, 10, 30]))
+    assert m.ids.tolist() == [10, 20, 30]
+    assert [m.position(x) for x in (10, 20, 30)] == [0, 1, 2]
+    # unknown ids, ids of another type and unhashable values all answer UNKNOWN, never raise
+    assert m.position(11) == UNKNOWN
+    assert m.position("10") == UNKNOWN
+    assert m.position([10]) == UNKNOWN
+    # position agrees with to_index on random ids, known and unknown
+    rng = np.random.default_rng(3)
+    q = rng.integers(0, 40, 200)
+    assert [m.position(int(x)) for x in q] == m.to_index(q).tolist()
+    s = IdMap.fit_sorted(pd.Series(["b", "c", "a", "b"]))
+    assert s.ids.tolist() == ["a", "b", "c"] and s.position("c") == 2 and s.position("z") == UNKNOWN
+    with pytest.raises(ValueError, match="missing"):
+        IdMap.fit_sorted(np.array([1.0, np.nan]))
+
+
+def test_recommender_uses_the_data_layers_id_map():
+    """One id map in the package: a trained model's catalogue and users are IdMaps."""
+    import recmeta_sdk as rm
+
+    rng = np.random.default_rng(0)
+    log = pd.DataFrame({"user": rng.integers(0, 12, 150), "item": rng.integers(100, 130, 150)})
+    model = rm.train(log, config={"epochs": 1, "dim": 8, "meta": "none"})
+    assert isinstance(model.item_map, IdMap) and isinstance(model.user_map, IdMap)
+    np.testing.assert_array_equal(model.item_map.ids, np.sort(log["item"].unique()))
+    np.testing.assert_array_equal(model.user_map.ids, np.sort(log["user"].unique()))
+    assert model.user_map.position(int(log["user"].iloc[0])) >= 0 and model.user_map.position(999) == UNKNOWN

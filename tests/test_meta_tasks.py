@@ -58,8 +58,8 @@ def held_out_recall(model, df, task_of=None, **kw):
         support, q_users = rows[rows.user.isin(us[:40])], us[40:]
         task = None if task_of is None else task_of(support)
         recs = model.recommend(list(q_users), k=10, task=task, **kw)
-        top = model._item_index.get_indexer(recs.ids.ravel()).reshape(recs.ids.shape)
-        truth = [set(model._item_index.get_indexer(rows.item[rows.user == u])) for u in q_users]
+        top = model.item_map.to_index(recs.ids.ravel()).reshape(recs.ids.shape)
+        truth = [set(model.item_map.to_index(rows.item[rows.user == u])) for u in q_users]
         out.append(ranking_metrics(top, truth, 10)["recall@10"])
     return float(np.mean(out))
 
@@ -74,8 +74,8 @@ def no_task_recall(model, df):
             q_users = rows.user.unique()[40:]
             sts = [model.user_state(u, steps=steps) for u in q_users]
             recs = model.recommend(sts, k=10)
-            top = model._item_index.get_indexer(recs.ids.ravel()).reshape(recs.ids.shape)
-            truth = [set(model._item_index.get_indexer(rows.item[rows.user == u])) for u in q_users]
+            top = model.item_map.to_index(recs.ids.ravel()).reshape(recs.ids.shape)
+            truth = [set(model.item_map.to_index(rows.item[rows.user == u])) for u in q_users]
             r.append(ranking_metrics(top, truth, 10)["recall@10"])
         out.append(float(np.mean(r)))
     return max(out)

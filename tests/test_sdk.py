@@ -103,7 +103,7 @@ def test_exploration_diversity_penalty_explain(trained):
     V = torch.nn.functional.normalize(model._V, dim=1)
 
     def ils(ids):
-        idx = model._item_index.get_indexer(ids)
+        idx = model.item_map.to_index(ids)
         s = (V[idx] @ V[idx].T).numpy()
         return (s.sum() - len(idx)) / (len(idx) * (len(idx) - 1))
     assert ils(div.ids) < ils(greedy.ids)
@@ -216,16 +216,16 @@ def test_wide_part_is_closed_form_ease_and_part_of_the_policy():
 
     log = _synthetic(n_users=50, n_items=23)
     m = rm.train(log, config=dict(TINY, epochs=1, wide_reg=7.0))
-    u = m._user_index.get_indexer(log["user"])
-    i = m._item_index.get_indexer(log["item"])
+    u = m.user_map.to_index(log["user"])
+    i = m.item_map.to_index(log["item"])
     ref = EASE(m.n_items, reg=7.0).fit(u, i, len(m.user_ids)).B
     np.testing.assert_allclose(m._net.wide.numpy(), ref, rtol=1e-4, atol=1e-6)
     # the recommended scores are <h', v_a> + b_a + alpha(n) (x W)_a
     st = m.adapt(["i1", "i4", "i9"])
     rec = m.recommend(st, k=5)
-    a = m._item_index.get_indexer(rec.ids)
+    a = m.item_map.to_index(rec.ids)
     x = np.zeros(m.n_items, np.float32)
-    x[m._item_index.get_indexer(["i1", "i4", "i9"])] = 1
+    x[m.item_map.to_index(["i1", "i4", "i9"])] = 1
     alpha = float(m._net.wide_alpha(torch.tensor([3.0]))[0])
     expect = (st.vector @ m._V.numpy().T + m._bias.numpy() + alpha * x @ ref.astype(np.float32))[a]
     np.testing.assert_allclose(rec.scores, expect / m.config.temperature, rtol=1e-4, atol=1e-4)
@@ -278,8 +278,8 @@ def test_calibrated_model_serves_full_log_ease_and_scaled_alpha():
 
     log = _synthetic(n_users=80, n_items=23)
     m = rm.train(log, config=dict(TINY, epochs=1, wide_reg=7.0, calib_users=0.5, calib_holdout=0.25))
-    u = m._user_index.get_indexer(log["user"])
-    i = m._item_index.get_indexer(log["item"])
+    u = m.user_map.to_index(log["user"])
+    i = m.item_map.to_index(log["item"])
     # the served weights are refit on the whole log, held-out interactions included
     ref = EASE(m.n_items, reg=7.0).fit(u, i, len(m.user_ids)).B
     np.testing.assert_allclose(m._net.wide.numpy(), ref, rtol=1e-4, atol=1e-6)

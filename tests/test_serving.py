@@ -92,12 +92,12 @@ def _general_recommend(model, state, k, *, exclude_seen=True, exclude=(), candid
     if wide is not None:
         bias = (bias + wide).contiguous()
     exc = np.unique(np.concatenate([np.asarray(state.history, np.int64) if exclude_seen else np.zeros(0, np.int64),
-                                    model._item_index.get_indexer(np.asarray(exclude)).astype(np.int64)
+                                    model.item_map.to_index(np.asarray(exclude)).astype(np.int64)
                                     if len(exclude) else np.zeros(0, np.int64)]))
     ex = (torch.tensor([0, len(exc)]), torch.from_numpy(exc)) if len(exc) else None
     ca = None
     if candidates is not None:
-        ci = model._item_index.get_indexer(np.asarray(candidates)).astype(np.int64)
+        ci = model.item_map.to_index(np.asarray(candidates)).astype(np.int64)
         ca = (torch.tensor([0, len(ci)]), torch.from_numpy(ci))
     u = torch.from_numpy(np.asarray(state.vector, np.float32)[None].copy())
     if seed is None:
@@ -148,7 +148,7 @@ def test_adapt_states_equal_the_network_over_the_whole_table(models, kind):
     for hist in _histories(model, rng) + [[]]:
         for steps in (0, 1, 3):
             st = model.adapt(hist, steps=steps)
-            idx = model._item_index.get_indexer(np.asarray(hist)).astype(np.int64) if hist else np.zeros(0, np.int64)
+            idx = model.item_map.to_index(np.asarray(hist)).astype(np.int64) if hist else np.zeros(0, np.int64)
             np.testing.assert_array_equal(st.history, idx)
             h, hp, wide = _general_states(model, [idx], [st.rewards], [np.zeros(0, np.int64)], steps)
             np.testing.assert_array_equal(st.base, h[0].numpy())
@@ -164,7 +164,7 @@ def test_batched_known_user_states_equal_the_network(models, featured):
     for model in (models["wide"], featured):
         users = list(model.user_ids[:9])
         sts = model._user_states(users, None)
-        us = model._user_index.get_indexer(users)
+        us = model.user_map.to_index(users)
         hists = [model._hist_items[model._hist_offsets[u]:model._hist_offsets[u + 1]] for u in us]
         rews = [model._hist_rewards[model._hist_offsets[u]:model._hist_offsets[u + 1]] for u in us]
         ufs = [model._uf_idx[model._uf_off[u]:model._uf_off[u + 1]] if len(model._uf_off) > u + 1
@@ -192,7 +192,7 @@ def test_adapt_with_user_features_equals_the_network(featured):
     for hist in ([50, 172, 181], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], []):
         st = model.adapt(hist, features=feats)
         uf = model._encode_user_features(feats)
-        idx = model._item_index.get_indexer(np.asarray(hist)).astype(np.int64) if hist else np.zeros(0, np.int64)
+        idx = model.item_map.to_index(np.asarray(hist)).astype(np.int64) if hist else np.zeros(0, np.int64)
         _, hp, _ = _general_states(model, [idx], [st.rewards], [uf], model.config.inner_steps)
         np.testing.assert_array_equal(st.vector, hp[0].numpy())
 
@@ -206,11 +206,11 @@ def test_item_positions_match_pandas(models):
             q = np.concatenate([rng.choice(ids, 30), rng.integers(-5, int(ids.max()) + 5, 60),
                                 [ids.min() - 1, ids.max() + 1, np.iinfo(np.int64).max]]).astype(ids.dtype)
             for arr in (q, q.astype(np.int32), q.astype(np.float64), q.astype(object)):
-                np.testing.assert_array_equal(model._item_positions(arr), model._item_index.get_indexer(arr))
+                np.testing.assert_array_equal(model._item_positions(arr), pd.Index(model.item_ids).get_indexer(arr))
         else:
             assert model._table().sorted_int_ids is None
             q = np.concatenate([rng.choice(ids, 20), np.array(["nope", "i999"], dtype=object)])
-            np.testing.assert_array_equal(model._item_positions(q), model._item_index.get_indexer(q))
+            np.testing.assert_array_equal(model._item_positions(q), pd.Index(model.item_ids).get_indexer(q))
     # an unsorted integer catalogue is not searched by bisection
     from recmeta_sdk.api import _ServingTable
 
@@ -287,7 +287,7 @@ def test_scores_are_the_policy_and_the_top_k_is_tie_aware(models):
     for hist in _histories(model, rng, 6):
         st = model.adapt(hist)
         rec = model.recommend(st, 8, temperature=0.8)
-        idx = model._item_index.get_indexer(rec.ids)
+        idx = model.item_map.to_index(rec.ids)
         full = (st.vector.astype(np.float64) @ model._V.numpy().T.astype(np.float64) + model._bias.numpy()
                 + _general_wide(model, st.history).numpy()) / 0.8
         np.testing.assert_allclose(rec.scores, full[idx], rtol=1e-5, atol=1e-5)
@@ -303,7 +303,7 @@ def test_diversity_and_explain_equal_the_general_pool(models):
     pids, psc, _ = _general_recommend(model, st, pool)
     gi, gs = model._mmr(torch.from_numpy(pids[None]), torch.from_numpy(psc[None]), k, 0.6)
     rec = model.recommend(st, k, diversity=0.6)
-    np.testing.assert_array_equal(model._item_index.get_indexer(rec.ids), gi[0].numpy())
+    np.testing.assert_array_equal(model.item_map.to_index(rec.ids), gi[0].numpy())
     np.testing.assert_array_equal(rec.scores, gs[0].numpy())
     ex = model.recommend(st, 3, explain=True)
     plain = model.recommend(st, 3)
@@ -320,7 +320,7 @@ def test_wide_cache_belongs_to_the_model_and_the_history(models):
     st = wide.adapt(hist)
     assert st._serving[0] is wide._table().token and st._serving[1] is st.history
     # a state whose history was replaced: its wide part is recomputed from the new history
-    other = np.asarray(wide._item_index.get_indexer(wide.item_ids[[7, 8]]), np.int64)
+    other = np.asarray(wide.item_map.to_index(wide.item_ids[[7, 8]]), np.int64)
     moved = dataclasses.replace(st, history=other)
     np.testing.assert_array_equal(wide._state_wide(moved), _general_wide(wide, other).numpy())
     _assert_same(wide, wide.recommend(moved, 6), _general_recommend(wide, moved, 6), 6)

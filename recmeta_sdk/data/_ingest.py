@@ -208,6 +208,18 @@ class IdMap:
         return cls(pd.Index(pd.unique(_as_1d(values))))
 
     @classmethod
+    def fit_sorted(cls, values: Any) -> IdMap:
+        """Build a map from the distinct values in ``values``, in sorted order (the order the
+        trained model's catalogue and user list use: dense id ``i`` is the ``i``-th smallest id).
+
+        Parameters
+        ----------
+        values : array-like
+            (n,) external ids, repeats allowed, no missing values, of one sortable type.
+        """
+        return cls(np.sort(np.asarray(pd.unique(_as_1d(values)))))
+
+    @classmethod
     def fit_transform(cls, values: Any) -> tuple[IdMap, np.ndarray]:
         """Fit a map and return it with the dense ids of ``values``.
 
@@ -244,6 +256,25 @@ class IdMap:
         """(n,) external ids in dense-id order."""
         return self._index.to_numpy()
 
+    @property
+    def index(self) -> pd.Index:
+        """The external ids as a pandas ``Index`` (position = dense id); do not modify it."""
+        return self._index
+
+    def position(self, external_id: Any) -> int:
+        """The dense id of one external id, :data:`UNKNOWN` (-1) if it is not in the map.
+
+        One hash look-up: the per-call path of serving (``to_index`` on a one-element list
+        costs ~100x more).
+        """
+        try:
+            loc = self._index.get_loc(external_id)
+        except (KeyError, TypeError, ValueError, pd.errors.InvalidIndexError):
+            return UNKNOWN
+        if isinstance(loc, (int, np.integer)):
+            return int(loc)
+        return self._safe_get(external_id)  # (a slice or a mask: not one position)
+
     def to_index(self, external_ids: Any) -> np.ndarray:
         """Dense ids of external ids.
 
@@ -270,7 +301,7 @@ class IdMap:
         try:
             loc = self._index.get_loc(v)
             return int(loc) if isinstance(loc, (int, np.integer)) else UNKNOWN
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, ValueError, pd.errors.InvalidIndexError):
             return UNKNOWN
 
     def to_external(self, dense_ids: Any) -> np.ndarray:

@@ -360,11 +360,12 @@ class RecommenderPolicy:
         self.item_ids = None if item_ids is None else np.asarray(item_ids)
         self._index = None
         if self.item_ids is not None:
-            import pandas as pd
+            from ..data import IdMap
 
-            self._index = pd.Index(self.item_ids)
-            if not self._index.is_unique:
-                raise ValueError("item_ids must be unique")
+            try:
+                self._index = IdMap(self.item_ids)
+            except ValueError as e:
+                raise ValueError(f"item_ids must be unique and not missing: {e}") from None
         self.adapt_steps = adapt_steps
         self.positives_only = (mode == "feedback") if positives_only is None else bool(positives_only)
         self.exclude_seen = bool(exclude_seen)
@@ -409,7 +410,7 @@ class RecommenderPolicy:
         ids = np.asarray(ids).reshape(-1)
         if self._index is None:
             return ids.astype(np.int64)
-        pos = self._index.get_indexer(ids)
+        pos = self._index.to_index(ids)
         if (pos < 0).any():
             raise ValueError(f"recommender returned item ids unknown to the environment: {ids[pos < 0][:5]}")
         return pos.astype(np.int64)

@@ -64,13 +64,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the reader is torch-free (read_model_arrays); torch loads where tensors are made
+    import torch
 
 __all__ = ["ModelFileError", "LoadLimits", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "MAX_HEADER",
-           "LEGACY_MAX_HEADER", "write_model_file", "read_model_file", "remove_stale_temp_files",
+           "LEGACY_MAX_HEADER", "write_model_file", "read_model_file", "read_model_arrays", "remove_stale_temp_files",
            "list_to_tensors", "list_from_tensors", "list_tensor_names"]
 
 FORMAT = "recmeta-model"
@@ -90,10 +92,10 @@ MAX_HEADER = 2**20
 #: header may need (``LoadLimits(max_header_bytes=LEGACY_MAX_HEADER)``; re-saving converts it)
 LEGACY_MAX_HEADER = 100_000_000
 
-_DTYPES = {"F32": (np.float32, torch.float32), "I64": (np.int64, torch.int64),
-           "F64": (np.float64, torch.float64), "I32": (np.int32, torch.int32),
-           "BOOL": (np.bool_, torch.bool), "U8": (np.uint8, torch.uint8)}
-_TORCH_TO_ST = {v[1]: k for k, v in _DTYPES.items()}
+#: the safetensors dtypes a model file may hold, as numpy dtypes
+_DTYPES = {"F32": np.float32, "I64": np.int64, "F64": np.float64, "I32": np.int32, "BOOL": np.bool_,
+           "U8": np.uint8}
+_NP_TO_ST = {np.dtype(v): k for k, v in _DTYPES.items()}
 logger = logging.getLogger("recmeta")
 
 
@@ -302,28 +304,44 @@ def remove_stale_temp_files(path) -> list:
 
 
 def _versions() -> dict:
+    import sys
+
     from .. import __version__
 
-    return {"library_version": str(__version__), "torch_version": str(torch.__version__)}
+    torch = sys.modules.get("torch")  # the writer of a model always has it; a torch-free writer says so
+    return {"library_version": str(__version__), "torch_version": str(torch.__version__) if torch else "none"}
 
 
-def write_model_file(path, tensors: Dict[str, torch.Tensor], meta: dict) -> None:
-    """Write tensors + metadata atomically (see the module docstring).
+def _as_array(name: str, t) -> np.ndarray:
+    """A tensor (torch or numpy) as a C-contiguous numpy array of a model-file dtype."""
+    if not isinstance(t, np.ndarray):
+        if not hasattr(t, "detach"):
+            raise TypeError(f"tensor {name!r}: expected a torch tensor or a numpy array, got {type(t).__name__}")
+        if str(t.dtype) not in ("torch.float32", "torch.int64", "torch.float64", "torch.int32", "torch.bool",
+                                "torch.uint8"):
+            raise TypeError(f"tensor {name!r}: unsupported dtype {t.dtype}")
+        t = t.detach().cpu().contiguous().numpy()
+    if t.dtype not in _NP_TO_ST:
+        raise TypeError(f"tensor {name!r}: unsupported dtype {t.dtype}")
+    return np.ascontiguousarray(t)
+
+
+def write_model_file(path, tensors: Dict[str, "torch.Tensor | np.ndarray"], meta: dict) -> None:
+    """Write tensors (torch tensors or numpy arrays) + metadata atomically (see the module
+    docstring).
 
     ``meta`` gets ``format``, ``format_version``, ``library_version``, ``torch_version`` and
     ``sha256``. The temp files of earlier interrupted saves of ``path`` are removed first.
     """
-    from safetensors.torch import save
+    from safetensors.numpy import save
 
     path = Path(path)
     clean = {}
     arrays = {}
     for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        if t.dtype not in _TORCH_TO_ST:
-            raise TypeError(f"tensor {name!r}: unsupported dtype {t.dtype}")
-        clean[name] = t
-        arrays[name] = (_TORCH_TO_ST[t.dtype], tuple(t.shape), memoryview(t.numpy().tobytes()))
+        a = _as_array(name, t)
+        clean[name] = a
+        arrays[name] = (_NP_TO_ST[a.dtype], tuple(a.shape), memoryview(a.tobytes()))
     meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, **_versions())
     meta["sha256"] = _digest(meta, arrays)
     # ensure_ascii=False: non-ASCII ids are stored as UTF-8, not as \uXXXX escapes that the
@@ -464,7 +482,7 @@ def list_tensor_names(name: str) -> set:
     return set(_list_names(name).values())
 
 
-def list_to_tensors(name: str, values, kind: Optional[str] = None) -> Tuple[str, Dict[str, torch.Tensor]]:
+def list_to_tensors(name: str, values, kind: Optional[str] = None) -> Tuple[str, Dict[str, "torch.Tensor"]]:
     """A list of ids (ints, strings or both) as tensors, for a model file of format 3.
 
     Ints are stored as an int64 tensor ``lists.<name>.int``; strings as their UTF-8 bytes
@@ -494,6 +512,8 @@ def list_to_tensors(name: str, values, kind: Optional[str] = None) -> Tuple[str,
     ValueError
         if an int is outside int64 or a string cannot be encoded as UTF-8 (a lone surrogate).
     """
+    import torch
+
     names = _list_names(name)
     arr = values if isinstance(values, np.ndarray) else None
     if arr is not None and arr.dtype != object and np.issubdtype(arr.dtype, np.integer):
@@ -587,9 +607,11 @@ def _list_tensor(tensors: dict, tname: str, dtype, path) -> np.ndarray:
     t = tensors.get(tname)
     if t is None:
         raise ModelFileError(f"{path}: tensor {tname} is missing")
-    if t.dim() != 1 or t.dtype != dtype:
-        raise ModelFileError(f"{path}: tensor {tname} has shape {tuple(t.shape)} {t.dtype}, expected 1-D {dtype}")
-    return t.numpy()
+    a = t if isinstance(t, np.ndarray) else t.numpy()  # a torch tensor (read_model_file) or an array
+    if a.ndim != 1 or a.dtype != dtype:
+        raise ModelFileError(f"{path}: tensor {tname} has shape {tuple(a.shape)} {a.dtype}, expected 1-D "
+                             f"{np.dtype(dtype)}")
+    return a
 
 
 def list_from_tensors(tensors: dict, name: str, kind, path, max_count: int, limits: Optional[LoadLimits] = None,
@@ -632,11 +654,11 @@ def list_from_tensors(tensors: dict, name: str, kind, path, max_count: int, limi
     extra = [names[k] for k in names if k not in want and names[k] in tensors]
     if extra:
         raise ModelFileError(f"{path}: tensors {extra} do not belong to a list of kind {kind!r}")
-    ints = _list_tensor(tensors, names["int"], torch.int64, path) if "int" in want else None
+    ints = _list_tensor(tensors, names["int"], np.int64, path) if "int" in want else None
     strs = []
     if "utf8" in want:
-        buf = _list_tensor(tensors, names["utf8"], torch.uint8, path)
-        off = _list_tensor(tensors, names["offsets"], torch.int64, path)
+        buf = _list_tensor(tensors, names["utf8"], np.uint8, path)
+        off = _list_tensor(tensors, names["offsets"], np.int64, path)
         if len(off) - 1 > max_count:
             raise ModelFileError(f"{path}: tensor {names['offsets']} holds {len(off) - 1} strings (limit {max_count})")
         if (len(off) == 0 or off[0] != 0 or off[-1] != len(buf) or (off < 0).any() or (off > len(buf)).any()
@@ -672,7 +694,7 @@ def list_from_tensors(tensors: dict, name: str, kind, path, max_count: int, limi
         if distinct and len(set(strs)) != len(strs):
             raise ModelFileError(f"{path}: the list {name} ({names['utf8']}) has duplicate ids")
         return strs
-    mask = _list_tensor(tensors, names["is_str"], torch.bool, path)
+    mask = _list_tensor(tensors, names["is_str"], np.bool_, path)
     n_str = int(mask.sum())
     if len(mask) > max_count or n_str != len(strs) or len(mask) - n_str != len(ints):
         raise ModelFileError(f"{path}: tensor {names['is_str']} of {len(mask)} entries ({n_str} strings) does not "
@@ -688,8 +710,18 @@ def list_from_tensors(tensors: dict, name: str, kind, path, max_count: int, limi
 
 # ---------------------------------------------------------------------------- reader
 
-def read_model_file(path, limits: Optional[LoadLimits] = None) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """Read and verify a model file; returns (tensors, metadata).
+def read_model_file(path, limits: Optional[LoadLimits] = None) -> Tuple[Dict[str, "torch.Tensor"], dict]:
+    """Read and verify a model file; returns (tensors, metadata): :func:`read_model_arrays`
+    with every array as a torch tensor.
+    """
+    import torch
+
+    arrays, meta = read_model_arrays(path, limits)
+    return {name: torch.from_numpy(a) for name, a in arrays.items()}, meta
+
+
+def read_model_arrays(path, limits: Optional[LoadLimits] = None) -> Tuple[Dict[str, np.ndarray], dict]:
+    """Read and verify a model file without torch; returns (numpy arrays, metadata).
 
     Parameters
     ----------
@@ -773,7 +805,7 @@ def read_model_file(path, limits: Optional[LoadLimits] = None) -> Tuple[Dict[str
                     or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o <= data_len for o in offs)):
                 raise ModelFileError(f"{path}: tensor {name!r} has malformed data_offsets {_short(offs)} "
                                      f"(two ints in [0, {data_len}])")
-            nbytes = math.prod(shape) * np.dtype(_DTYPES[info["dtype"]][0]).itemsize  # exact: Python ints
+            nbytes = math.prod(shape) * np.dtype(_DTYPES[info["dtype"]]).itemsize  # exact: Python ints
             if offs[1] - offs[0] != nbytes:
                 raise ModelFileError(f"{path}: tensor {name!r} of shape {shape} {info['dtype']} needs {nbytes} bytes: "
                                      f"it does not fit the data area at data_offsets {offs} (truncated or inconsistent)")
@@ -798,8 +830,42 @@ def read_model_file(path, limits: Optional[LoadLimits] = None) -> Tuple[Dict[str
         raise ModelFileError(f"{path}: metadata cannot be hashed ({e})") from None
     if digest != meta["sha256"]:
         raise ModelFileError(f"{path}: SHA-256 mismatch: the file was modified or corrupted")
-    tensors = {}
+    out = {}
     for name, (dt, shape, buf) in arrays.items():
-        arr = np.frombuffer(buf, dtype=_DTYPES[dt][0]).reshape(shape).copy()
-        tensors[name] = torch.from_numpy(arr)
-    return tensors, meta
+        out[name] = np.frombuffer(buf, dtype=_DTYPES[dt]).reshape(shape).copy()
+    return out, meta
+
+
+# ---------------------------------------------------------------------------- load checks
+# (shared by the model loader, recmeta_sdk.api.load, and the torch-free serving loader)
+
+def ids_from_tensors(d, tensors: dict, path, what: str, limit: int, limits: LoadLimits, used: set) -> np.ndarray:
+    """A format-3 id map: the metadata entry ``{"kind": "int" | "str"}`` and its tensors, checked
+    (:func:`list_from_tensors`: counts, offsets, UTF-8, lengths, distinct); the names of the
+    tensors read are added to ``used``. Returns int64 ids or an object array of strings."""
+    if not isinstance(d, dict) or set(d) != {"kind"} or d["kind"] not in ("int", "str"):
+        raise ModelFileError(f"{path}: malformed id map {what} {_short(d)} (format 3: {{'kind': 'int' or 'str'}}, "
+                             f"the ids in the tensors lists.{what}.*)")
+    vals = list_from_tensors(tensors, what, d["kind"], path, limit, limits)
+    used.update(list_tensor_names(what))
+    return vals if d["kind"] == "int" else np.asarray(vals, dtype=object)
+
+
+def check_csr(off: np.ndarray, idx: np.ndarray, n_rows: int, what: str, path) -> None:
+    """Refuse (:class:`ModelFileError`) offsets that are not a non-decreasing ``0 .. len(idx)``
+    sequence or indices outside ``[0, n_rows)``."""
+    if len(off) == 0 or off[0] != 0 or (np.diff(off) < 0).any() or off[-1] != len(idx):
+        raise ModelFileError(f"{path}: {what} offsets are not a non-decreasing 0..{len(idx)} sequence")
+    if len(idx) and (idx.min() < 0 or idx.max() >= n_rows):
+        bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
+        raise ModelFileError(f"{path}: {what} index {bad} is out of range [0, {n_rows})")
+
+
+def check_values(t, name: str, bound: float, path) -> None:
+    """Refuse (:class:`ModelFileError`) a float tensor or array with a non-finite value or one
+    above ``bound`` in absolute value."""
+    a = t if isinstance(t, np.ndarray) else t.numpy()
+    if a.size and not (np.isfinite(a).all() and float(np.abs(a).max()) <= bound):
+        bad = a[~np.isfinite(a)] if not np.isfinite(a).all() else a.flat[int(np.abs(a).argmax())]
+        raise ModelFileError(f"{path}: tensor {name} holds {float(np.ravel(bad)[0])!r}: its values must be finite and "
+                             f"at most {bound:g} in absolute value")

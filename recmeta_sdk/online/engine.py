@@ -165,7 +165,7 @@ def parse_events(model: Recommender, events: pd.DataFrame | Sequence[Mapping[str
         if not _scalar_id(u):
             raise ValueError(f"event user ids must be int or str, got {u!r}")
     items = df["item"].to_numpy()
-    idx = model._item_index.get_indexer(items) if n else np.zeros(0, np.int64)
+    idx = model.item_map.to_index(items) if n else np.zeros(0, np.int64)
     if (idx < 0).any():
         bad = [x.item() if hasattr(x, "item") else x for x in items[idx < 0][:10]]
         raise ValueError(f"feedback has item(s) unknown to the model: {bad}")
@@ -354,7 +354,7 @@ class OnlineStore:
         m = self.model
         if not known or len(m._uf_off) <= 1:
             return np.zeros(0, np.int64)
-        u = m._user_index.get_indexer([user])[0]
+        u = m.user_map.position(user)
         return m._uf_idx[m._uf_off[u]:m._uf_off[u + 1]]
 
     def _publish(self, user, version, h, gamma, delta, seen, seen_r, enc_items, enc_rewards, known, steps,
@@ -401,7 +401,7 @@ class OnlineStore:
         m = self.model
         if not self.known_users:
             return None
-        u = m._user_index.get_indexer([user])[0] if _scalar_id(user) else -1
+        u = m.user_map.position(user) if _scalar_id(user) else -1
         if u < 0:
             return None
         lo, hi = m._hist_offsets[u], m._hist_offsets[u + 1]
@@ -580,7 +580,7 @@ def recommend(model: Recommender, user: Any, k: int = 10, **kwargs: Any) -> tupl
             if extra:
                 kwargs["exclude"] = list(kwargs.get("exclude") or []) + extra
         return model.recommend(st.state, k, **kwargs), st.version
-    if _scalar_id(user) and model._user_index.get_indexer([user])[0] >= 0:
+    if _scalar_id(user) and model.user_map.position(user) >= 0:
         return model.recommend(model.user_state(user, task=kwargs.get("task")), k, **kwargs), 0
     return model.recommend(model.adapt([]), k, **kwargs), 0
 
@@ -618,7 +618,7 @@ def log_to_file(model: Recommender) -> tuple[dict, dict | None]:
         key = ("s", str(u)) if isinstance(u, str) else ("i", int(u))
         uidx[j] = distinct.setdefault(key, len(distinct))
     user_list = [k[1] for k in sorted(distinct, key=distinct.get)]
-    items = model._item_index.get_indexer(log["item"].to_numpy())
+    items = model.item_map.to_index(log["item"].to_numpy())
     if (items < 0).any():  # cannot happen: parse_events checked every event
         raise ValueError("the feedback log has items unknown to the model")
     tensors = {

@@ -76,6 +76,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data import IdMap
 from ..evaluation.baselines import ease_weights as _ease_weights
 from ..model.network import Config, ItemFeatures, RecMetaNet, SparseWide, dense_wide_bytes
 
@@ -409,12 +410,11 @@ def prepare(interactions: pd.DataFrame, item_ids: Optional[np.ndarray] = None) -
         raise ValueError("interactions has missing user or item ids")
     if item_ids is None:
         item_ids = np.sort(pd.unique(df["item"].to_numpy()))
-    item_index = pd.Index(item_ids)
-    it = item_index.get_indexer(df["item"].to_numpy())
+    it = IdMap(item_ids).to_index(df["item"].to_numpy())
     if (it < 0).any():
         raise ValueError("interactions has items outside the catalogue")
     user_ids = np.sort(pd.unique(df["user"].to_numpy()))
-    uc = pd.Index(user_ids).get_indexer(df["user"].to_numpy())
+    uc = IdMap(user_ids).to_index(df["user"].to_numpy())
     ts = df["timestamp"].to_numpy() if "timestamp" in df.columns else np.zeros(len(df))
     if "timestamp" in df.columns and not np.issubdtype(np.asarray(ts).dtype, np.number):
         ts = pd.to_datetime(df["timestamp"]).astype("int64").to_numpy()
@@ -1579,8 +1579,8 @@ def validation_from_frame(prep: Prepared, frame: pd.DataFrame, user_feats=None) 
     for col in ("user", "item"):
         if col not in frame.columns:
             raise ValueError(f"validation needs a {col!r} column; it has {list(frame.columns)}")
-    uc = pd.Index(prep.user_ids).get_indexer(frame["user"].to_numpy())
-    ic = pd.Index(prep.item_ids).get_indexer(frame["item"].to_numpy())
+    uc = IdMap(prep.user_ids).to_index(frame["user"].to_numpy())
+    ic = IdMap(prep.item_ids).to_index(frame["item"].to_numpy())
     ok = (uc >= 0) & (ic >= 0)
     if "reward" in frame.columns:
         ok &= frame["reward"].to_numpy(dtype=np.float64) > 0

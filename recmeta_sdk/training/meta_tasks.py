@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data import TASK_KINDS, make_tasks, timestamp_array
+from ..data import TASK_KINDS, IdMap, make_tasks, timestamp_array
 from .loop import Batch, Prepared, history_tensors, user_feature_rows
 
 logger = logging.getLogger("recmeta")
@@ -134,8 +134,8 @@ def _user_csr(interactions: pd.DataFrame, user_ids: np.ndarray, item_ids: np.nda
     """Per-user time-ordered rows of the log: (order, offsets, user code per row, items,
     rewards / reward_scale, propensities or None), ``order`` mapping these positions to rows."""
     df = interactions
-    uc = pd.Index(user_ids).get_indexer(df["user"].to_numpy())
-    it = pd.Index(item_ids).get_indexer(df["item"].to_numpy())
+    uc = IdMap(user_ids).to_index(df["user"].to_numpy())
+    it = IdMap(item_ids).to_index(df["item"].to_numpy())
     if (uc < 0).any() or (it < 0).any():
         raise ValueError("interactions has users or items outside the training id maps")
     ts = timestamp_array(df["timestamp"]) if "timestamp" in df.columns else np.zeros(len(df))
@@ -340,7 +340,7 @@ def adapt_task(model, interactions: pd.DataFrame, *, steps: int | None = None) -
     df = interactions
     if df["user"].isna().any():
         raise ValueError("adapt_task: interactions have missing user ids")
-    it = model._item_index.get_indexer(df["item"].to_numpy())
+    it = model.item_map.to_index(df["item"].to_numpy())
     if (it < 0).any():
         bad = df["item"].to_numpy()[it < 0][:10].tolist()
         raise ValueError(f"adapt_task: {int((it < 0).sum())} interaction(s) with items unknown to the model: {bad}")
@@ -352,7 +352,7 @@ def adapt_task(model, interactions: pd.DataFrame, *, steps: int | None = None) -
     ts = timestamp_array(df["timestamp"]) if "timestamp" in df.columns else np.zeros(len(df))
     order = np.lexsort((np.arange(len(df)), ts, ucodes))
     starts = np.concatenate([[0], np.cumsum(np.bincount(ucodes, minlength=len(uniq)))])
-    known = model._user_index.get_indexer(uniq.to_numpy())
+    known = model.user_map.to_index(uniq.to_numpy())
     hists, rews, ufs, sup_i, sup_w, sup_r = [], [], [], [], [], []
     for b, u in enumerate(known):
         sel = order[starts[b]:starts[b + 1]]
