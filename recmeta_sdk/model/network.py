@@ -135,7 +135,8 @@ class Config:
     * **Meta-learning**: ``meta``, ``inner_steps``, ``inner_lr``, ``meta_scalar``,
       ``meta_tasks``.
     * **Wide part** (a full-rank EASE item-to-item component, wide & deep): ``wide``,
-      ``wide_reg``, ``wide_max_items``, ``wide_init``, ``wide_slope``, ``scalar_lr``;
+      ``wide_reg``, ``wide_max_items``, ``wide_budget_bytes``, ``wide_neighbours``, ``wide_init``,
+      ``wide_slope``, ``scalar_lr``;
       its calibration ``calib_users``, ``calib_holdout``.
     * **Validation-tuned training** (off by default): ``validation``,
       ``validation_holdout``, ``validation_cold``, ``patience``, ``wide_train``,
