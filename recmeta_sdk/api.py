@@ -54,6 +54,7 @@ from .training.meta_tasks import task_phi as _task_phi
 from .model.network import Config, ItemFeatures, RecMetaNet, SparseWide
 from .model.state import Recommendations, UserState
 from .serving import SERVING_VERSION, check_serving_section
+from .serving.snapshot import sparse_rows_sum
 from .training.loop import (
     build_schema, check_log, encode_features, fit, history_tensors, item_features, positive_threshold,
     prepare, schema_names,
@@ -371,11 +372,9 @@ class Recommender:
         on the compiled core without torch ops: the sum of the W rows of the distinct history
         items in increasing order (one fused bag), times ``alpha(number of distinct items)``."""
         t = self._table()
-        if t.W is None:
-            if t.sparse:  # the sparse wide part: the network's own sum of the history's CSR rows
-                return self._wide_bias([np.asarray(history, np.int64)], new)[0].numpy()
+        if t.W is None and not t.sparse:
             return None
-        if not t.has_core or backends.resolve(None, "cpu") != "cpp":
+        if t.W is not None and (not t.has_core or backends.resolve(None, "cpu") != "cpp"):
             return self._wide_bias([np.asarray(history, np.int64)], new)[0].numpy()
         h = np.asarray(history, np.int64)
         items, last_rev = np.unique(h[::-1], return_index=True)  # first index in reverse = latest
@@ -385,6 +384,10 @@ class Recommender:
             rank = last_rev.astype(np.float32)
             w = (np.float32(1.0) + np.float32(g) * np.exp(np.float32(-float(self.config.wide_recency_decay)) * rank)
                  ).astype(np.float32)
+        if t.W is None:  # the sparse wide part (as recmeta_sdk.serving computes it, numpy only)
+            Ws = self._net.wide_sparse
+            base = sparse_rows_sum(Ws.indptr.numpy(), Ws.indices.numpy(), Ws.values.numpy(), items, w, self.n_items)
+            return base * t.alpha(len(items), new)
         base = _core_module().embedding_bag_forward([t.W], items, np.array([0, len(items)], np.int64), w, "sum")
         return base[0] * t.alpha(len(items), new)
 
@@ -1166,7 +1169,7 @@ class Recommender:
         states, bases = self._saved_states
         out = {"serving.item_table": np.ascontiguousarray(t.V), "serving.item_bias": np.ascontiguousarray(t.bias),
                "serving.user_states": states, "serving.user_bases": bases, "serving.log_pop": self._log_pop.numpy()}
-        if t.W is not None:
+        if t.W is not None or t.sparse:
             lens = [len(np.unique(self._hist_items[a:b])) for a, b in zip(self._hist_offsets[:-1], self._hist_offsets[1:])]
             out["serving.wide_alpha"] = np.array([t.alpha(n) for n in range(max(lens, default=0) + 1)], np.float32)
         return out
