@@ -227,3 +227,21 @@ def test_validation_tuned_training_needs_the_dense_part():
     log = _log_frame(seed=4)
     with pytest.raises(ValueError, match="validation-tuned training needs the dense wide part"):
         rm.train(log, config={"epochs": 1, "validation": 0.5, "wide_budget_bytes": 1, "encoder": "none"})
+
+
+def test_ndcg_plus_recall_without_a_dense_truth_matrix():
+    """The validation metric from sorted (row, item) keys equals the dense membership matrix's."""
+    from recmeta_sdk.training.loop import _ndcg_plus_recall
+
+    rng = np.random.default_rng(0)
+    truth = [set(rng.choice(50, rng.integers(1, 8), replace=False).tolist()) for _ in range(30)]
+    top = np.stack([rng.permutation(50)[:10] for _ in range(30)])
+    T = np.zeros((30, 50), bool)
+    for r, t in enumerate(truth):
+        T[r, list(t)] = True
+    disc = 1.0 / np.log2(np.arange(2, 12))
+    hit = np.take_along_axis(T, top, 1).astype(np.float64)
+    sizes = np.array([len(t) for t in truth])
+    ref = (hit * disc).sum(1) / np.cumsum(disc)[np.minimum(sizes, 10) - 1] + hit.sum(1) / sizes
+    np.testing.assert_array_equal(_ndcg_plus_recall(top, truth, 10), ref)
+    assert _ndcg_plus_recall(top[:, :3], truth, 3).shape == (30,)
