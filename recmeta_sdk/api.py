@@ -51,9 +51,10 @@ from .model.io import check_values as _check_values
 from .model.io import ids_from_tensors as _ids_from_tensors
 from .training.meta_tasks import parse_tasks, task_sampler
 from .training.meta_tasks import task_phi as _task_phi
-from .model.network import Config, ItemFeatures, RecMetaNet
+from .model.network import Config, ItemFeatures, RecMetaNet, SparseWide
 from .model.state import Recommendations, UserState
 from .serving import SERVING_VERSION, check_serving_section
+from .serving.snapshot import sparse_rows_sum
 from .training.loop import (
     build_schema, check_log, encode_features, fit, history_tensors, item_features, positive_threshold,
     prepare, schema_names,
@@ -110,7 +111,7 @@ class _ServingTable:
     wide-part cache of the states it adapted.
     """
 
-    __slots__ = ("V", "W", "_alpha", "_src", "bias", "has_core", "net", "sorted_int_ids", "token")
+    __slots__ = ("V", "W", "_alpha", "_src", "bias", "has_core", "net", "sorted_int_ids", "sparse", "token")
 
     def __init__(self, V: torch.Tensor, bias: torch.Tensor, item_ids: np.ndarray, net: RecMetaNet):
         self._src = (V, bias, item_ids, net)
@@ -118,7 +119,8 @@ class _ServingTable:
         self.bias = _readonly(bias)
         self.token = object()
         self.net = net
-        self.W = _readonly(net.wide) if net.has_wide else None  # the wide (EASE) weights (N, N)
+        self.W = _readonly(net.wide) if net.wide.numel() else None  # the dense wide (EASE) weights (N, N)
+        self.sparse = net.wide_sparse is not None  # a sparse wide part (item neighbourhoods, CSR)
         self._alpha: dict[tuple, np.float32] = {}
         self.has_core = _core_module() is not None
         # integer item ids in increasing order (the usual case) are looked up by binary search
@@ -476,9 +478,9 @@ class Recommender:
         on the compiled core without torch ops: the sum of the W rows of the distinct history
         items in increasing order (one fused bag), times ``alpha(number of distinct items)``."""
         t = self._table()
-        if t.W is None:
+        if t.W is None and not t.sparse:
             return None
-        if not t.has_core or backends.select("embedding_bag", "cpu", "float32") != "cpp":
+        if t.W is not None and (not t.has_core or backends.select("embedding_bag", "cpu", "float32") != "cpp"):
             return self._wide_bias([np.asarray(history, np.int64)], new)[0].numpy()
         h = np.asarray(history, np.int64)
         items, last_rev = np.unique(h[::-1], return_index=True)  # first index in reverse = latest
@@ -488,6 +490,10 @@ class Recommender:
             rank = last_rev.astype(np.float32)
             w = (np.float32(1.0) + np.float32(g) * np.exp(np.float32(-float(self.config.wide_recency_decay)) * rank)
                  ).astype(np.float32)
+        if t.W is None:  # the sparse wide part (as recmeta_sdk.serving computes it, numpy only)
+            Ws = self._net.wide_sparse
+            base = sparse_rows_sum(Ws.indptr.numpy(), Ws.indices.numpy(), Ws.values.numpy(), items, w, self.n_items)
+            return base * t.alpha(len(items), new)
         base = _core_module().embedding_bag_forward([t.W], items, np.array([0, len(items)], np.int64), w, "sum")
         return base[0] * t.alpha(len(items), new)
 
@@ -502,7 +508,7 @@ class Recommender:
         cached in the state when this model made it from the same history, else computed
         (and cached in the state: a pure function of the model and the history)."""
         t = self._table()
-        if t.W is None:
+        if t.W is None and not t.sparse:
             return None
         c = s._serving
         if c is not None and c[0] is t.token and c[1] is s.history and c[2] is not None:
@@ -1177,6 +1183,10 @@ class Recommender:
                 state[name] = new  # built from the new bags above
             elif name in ("emb_in", "emb_out"):  # rows: N items, then the feature values
                 state[name] = torch.cat([old[:N], torch.zeros(M, old.shape[1], dtype=old.dtype), old[N:]])
+            elif name == "wide_indptr":  # the sparse wide part: new items' rows are empty
+                state[name] = torch.cat([old, old[-1:].expand(M)])
+            elif name in ("wide_indices", "wide_values"):
+                state[name] = old.clone()
             elif name in ("item_bias", "beta_bias"):
                 state[name] = torch.cat([old, torch.full((M,), float(old.mean()), dtype=old.dtype)])
             elif old.shape == new.shape:
@@ -1189,6 +1199,8 @@ class Recommender:
             else:
                 raise RuntimeError(f"add_items: cannot extend network tensor {name!r} "
                                    f"from {tuple(old.shape)} to {tuple(new.shape)}")
+        if "wide_indptr" in state:  # (the sparse wide part's lengths are the old model's)
+            net2.set_wide_sparse(SparseWide(state["wide_indptr"], state["wide_indices"], state["wide_values"], N2))
         net2.load_state_dict(state)
         out = Recommender(net2, self.config, np.concatenate([self.item_ids, new_ids]), self.user_ids,
                           self._hist_offsets, self._hist_items, self._hist_rewards,
@@ -1270,7 +1282,7 @@ class Recommender:
         states, bases = self._saved_states
         out = {"serving.item_table": np.ascontiguousarray(t.V), "serving.item_bias": np.ascontiguousarray(t.bias),
                "serving.user_states": states, "serving.user_bases": bases, "serving.log_pop": self._log_pop.numpy()}
-        if t.W is not None:
+        if t.W is not None or t.sparse:
             lens = [len(np.unique(self._hist_items[a:b])) for a, b in zip(self._hist_offsets[:-1], self._hist_offsets[1:])]
             out["serving.wide_alpha"] = np.array([t.alpha(n) for n in range(max(lens, default=0) + 1)], np.float32)
         return out
@@ -1372,6 +1384,10 @@ def _config_from_file(d, path, limits: LoadLimits) -> Config:
         if f is None:
             raise ModelFileError(f"{path}: unknown config key {_short(name)}")
         kind = type(f.default)
+        if name == "wide_budget_bytes":
+            if v is None:  # no budget (Config.validate bounds an int)
+                continue
+            kind = int
         if f.default is None:  # an optional value (e.g. Optional[float]): None or a bounded number
             kind = float if "float" in str(f.type) or "int" in str(f.type) else None
             if v is None or kind is None:  # (other kinds: Config.validate checks them)
@@ -1381,6 +1397,8 @@ def _config_from_file(d, path, limits: LoadLimits) -> Config:
         elif kind is int:
             if name == "seed":  # a torch generator seed (and seed + 7919 for the dense part)
                 lo, hi = _I64_MIN, 2**64 - 1 - 7919
+            elif name == "wide_budget_bytes":  # bytes (Config.validate's bound)
+                lo, hi = 1, 2**62
             else:
                 lim = getattr(limits, _CONFIG_LIMITS.get(name, "max_config_int"))
                 lo, hi = -limits.max_config_int, lim
@@ -1396,6 +1414,8 @@ def _config_from_file(d, path, limits: LoadLimits) -> Config:
         if not ok:
             raise ModelFileError(f"{path}: config.{name} has an invalid value {_short(v)} "
                                  f"(expected {kind.__name__})")
+    if "wide_budget_bytes" not in d:  # files from before the budget: the dense wide part at every size
+        d = dict(d, wide_budget_bytes=None)
     try:
         cfg = Config.from_dict(d)
     except (TypeError, ValueError) as e:
@@ -1447,10 +1467,11 @@ def _schema_from_file(schema, path, what: str, limits: LoadLimits) -> list:
     return schema
 
 
-def _net_shapes(cfg: Config, N: int, R: int, nnz: int, D: int, n_uf: int) -> dict:
+def _net_shapes(cfg: Config, N: int, R: int, nnz: int, D: int, n_uf: int, wide_nnz: int = 0) -> dict:
     """The name -> (shape, dtype) of every tensor of a :class:`RecMetaNet` state dict, without
     building it (mirrors ``RecMetaNet._build``; ``tests/test_model_file_mutations.py`` checks
-    it against real networks): ``R`` table rows, ``nnz`` bag entries, ``D`` dense columns."""
+    it against real networks): ``R`` table rows, ``nnz`` bag entries, ``D`` dense columns,
+    ``wide_nnz`` entries of a sparse wide part."""
     d, f32 = cfg.dim, torch.float32
     n_parts = 3 if cfg.encoder != "none" else 2
     nw = N if RecMetaNet.wide_enabled(cfg, N) else 0
@@ -1462,6 +1483,9 @@ def _net_shapes(cfg: Config, N: int, R: int, nnz: int, D: int, n_uf: int) -> dic
          "phi_gamma": ((d,), f32), "phi_delta": ((d,), f32), "log_lr": ((2, d), f32), "wide": ((nw, nw), f32),
          "wide_coef": ((2,), f32), "wide_scale": ((3,), f32), "beta_map.weight": ((d, d), f32),
          "beta_map.bias": ((d,), f32), "beta_bias": ((N,), f32)}
+    if RecMetaNet.wide_mode(cfg, N) == "sparse":
+        s.update({"wide_indptr": ((N + 1,), torch.int64), "wide_indices": ((wide_nnz,), torch.int32),
+                  "wide_values": ((wide_nnz,), f32)})
     if D:
         s["item_dense"] = ((N, D), f32)
         s["item_dense_proj"] = ((D, 2 * d), f32)
@@ -1553,7 +1577,8 @@ def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recomm
                  torch.int64, path).numpy()
     ui = _expect(tensors, "user_feat_indices", (_len1(tensors.get("user_feat_indices")),), torch.int64,
                  path).numpy()
-    want = _net_shapes(cfg, N, R, max(_len1(tensors.get("net.feat_indices")), 0), D, n_uf)
+    want = _net_shapes(cfg, N, R, max(_len1(tensors.get("net.feat_indices")), 0), D, n_uf,
+                       max(_len1(tensors.get("net.wide_indices")), 0))
     got = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
     if "wide_scale" not in got:
         got["wide_scale"] = torch.tensor([0.0, 1.0, 2.0])  # files from before the calibration: alpha unscaled
@@ -1574,6 +1599,8 @@ def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recomm
     # values: index ranges, finite and bounded floats
     _check_csr(got["feat_offsets"].numpy(), got["feat_indices"].numpy(), R, "item feature bag", path)
     _check_csr(ho, hi, N, "user history", path)
+    if "wide_indptr" in got:
+        _check_csr(got["wide_indptr"].numpy(), got["wide_indices"].numpy(), N, "sparse wide part", path)
     if len(uo):
         _check_csr(uo, ui, max(n_uf, 1), "user feature bag", path)
     elif len(ui):
@@ -1592,6 +1619,8 @@ def _load_checked(path, tensors: dict, meta: dict, limits: LoadLimits) -> Recomm
     feats = ItemFeatures(N, list(names), got["feat_offsets"].numpy(), got["feat_indices"].numpy(),
                          got["feat_weights"].numpy(), got["item_dense"].numpy() if D else None)
     net = RecMetaNet(cfg, feats, n_uf)  # its tensors have the checked shapes of the file's
+    if "wide_indptr" in got:  # (the sparse wide part's lengths are the file's)
+        net.set_wide_sparse(SparseWide(got["wide_indptr"], got["wide_indices"], got["wide_values"], N))
     net.load_state_dict(got)
     model = Recommender(net, cfg, item_ids, user_ids, ho, hi, hr.numpy(), cnt, item_schema, user_schema,
                         uo, ui, rs)

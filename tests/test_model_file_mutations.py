@@ -438,7 +438,7 @@ def test_net_shapes_match_real_networks():
     from recmeta_sdk.model import Config, ItemFeatures, RecMetaNet
 
     for over in ({}, {"encoder": "gru", "layers": 2}, {"encoder": "none"}, {"wide": "none"},
-                 {"wide_max_items": 3}, {"layers": 3, "hidden": 5}):
+                 {"wide_max_items": 3}, {"layers": 3, "hidden": 5}, {"wide_budget_bytes": 1}):
         cfg = Config.from_dict({"dim": 4, "hidden": 6, "heads": 2, "seq_len": 3, **over})
         f = ItemFeatures(5, ["g=a", "g=b"], np.array([0, 2, 3, 5, 6, 7]), np.array([0, 5, 1, 2, 6, 3, 4]),
                          np.ones(7, np.float32), np.zeros((5, 3), np.float32))

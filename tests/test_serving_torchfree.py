@@ -32,6 +32,9 @@ CASES = {
     "wide-int": ({"epochs": 2, "dim": 16}, False),
     "wide-recency-str": ({"epochs": 2, "dim": 12, "wide_recency": 0.7, "wide_recency_decay": 0.2}, True),
     "deep-only": ({"epochs": 2, "dim": 8, "wide": "none"}, False),
+    # the sparse wide part (item neighbourhoods, forced by a tiny budget), with recency weights
+    "sparse-wide": ({"epochs": 2, "dim": 8, "wide_budget_bytes": 1, "wide_neighbours": 7, "wide_recency": 0.7,
+                     "wide_recency_decay": 0.2}, False),
 }
 
 

@@ -36,6 +36,88 @@ from .. import ops
 __all__ = ["Config", "ItemFeatures", "RecMetaNet"]
 
 
+#: Bytes per N^2 of the dense wide part at its peak (see :func:`dense_wide_bytes`)
+DENSE_WIDE_BYTES_PER_PAIR = 72
+
+
+def dense_wide_bytes(n_items: int) -> int:
+    """Peak bytes of the dense wide part of ``n_items`` items, ``72 N^2``: the float64 Gram
+    matrix (8 N^2), the Cholesky factor, inverse and weights of one EASE fit (24 N^2 in
+    float64), the served float32 weights (4 N^2), five cross-fitted float32 copies (20 N^2)
+    and one fold's Gram update (16 N^2). Compared with ``config.wide_budget_bytes``."""
+    return DENSE_WIDE_BYTES_PER_PAIR * int(n_items) * int(n_items)
+
+
+class SparseWide:
+    """Sparse wide-part weights ``W`` (N, N) in CSR form: row ``j`` lists the items that history
+    item ``j`` scores, ``W[j, indices[indptr[j]:indptr[j+1]]] = values[...]``.
+
+    Parameters
+    ----------
+    indptr : (N+1,) int64 torch tensor, nondecreasing from 0.
+    indices : (nnz,) int32 torch tensor, column indices in ``[0, N)``.
+    values : (nnz,) float32 torch tensor.
+    n : int, the number of items N.
+    """
+
+    __slots__ = ("indptr", "indices", "values", "n")
+
+    def __init__(self, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n: int):
+        self.indptr, self.indices, self.values, self.n = indptr, indices, values, int(n)
+
+    @classmethod
+    def from_scipy(cls, m) -> "SparseWide":
+        """From a scipy sparse (N, N) matrix (converted to CSR with sorted indices)."""
+        m = m.tocsr()
+        m.sort_indices()
+        return cls(torch.from_numpy(m.indptr.astype(np.int64)), torch.from_numpy(m.indices.astype(np.int32)),
+                   torch.from_numpy(m.data.astype(np.float32)), m.shape[0])
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.indptr.numel() * 8 + self.indices.numel() * 4 + self.values.numel() * 4)
+
+    def scale_columns(self, scale: torch.Tensor) -> "SparseWide":
+        """``W diag(scale)`` (scale (N,) float32): a new matrix with the same pattern."""
+        return SparseWide(self.indptr, self.indices, self.values * scale[self.indices.to(torch.int64)], self.n)
+
+    def to_dense(self) -> torch.Tensor:
+        """(N, N) float32 (for tests and small catalogues)."""
+        rows = torch.repeat_interleave(torch.arange(self.n), torch.diff(self.indptr))
+        out = torch.zeros(self.n, self.n)
+        out[rows, self.indices.to(torch.int64)] = self.values
+        return out
+
+    def rows_sum(self, items: torch.Tensor, offsets: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                 ) -> torch.Tensor:
+        """(B, N) float32 ``sum_{p in bag b} weights[p] W[items[p], :]`` for the CSR bags
+        ``items`` (H,) int64 / ``offsets`` (B+1,) int64 (weights 1 when None): the sparse
+        counterpart of an embedding bag over the rows of a dense ``W``, in memory
+        ``B x N`` plus the touched rows' entries. Entries are added in bag order (deterministic)."""
+        items = torch.as_tensor(items, dtype=torch.int64)
+        offsets = torch.as_tensor(offsets, dtype=torch.int64)
+        B, N = offsets.numel() - 1, self.n
+        out = torch.zeros(B * N, dtype=torch.float32)
+        if items.numel():
+            starts = self.indptr[items]
+            lens = self.indptr[items + 1] - starts
+            total = int(lens.sum())
+            if total:
+                excl = torch.cumsum(lens, 0) - lens
+                pos = torch.repeat_interleave(starts - excl, lens) + torch.arange(total)
+                bag = torch.repeat_interleave(torch.arange(B), torch.diff(offsets))
+                vals = self.values[pos]
+                if weights is not None:
+                    vals = vals * torch.repeat_interleave(torch.as_tensor(weights, dtype=torch.float32), lens)
+                flat = torch.repeat_interleave(bag, lens) * N + self.indices[pos].to(torch.int64)
+                out.index_add_(0, flat, vals)
+        return out.view(B, N)
+
+
 @dataclass
 class Config:
     """Every setting of the model and its training (all have defaults).
@@ -53,7 +135,8 @@ class Config:
     * **Meta-learning**: ``meta``, ``inner_steps``, ``inner_lr``, ``meta_scalar``,
       ``meta_tasks``.
     * **Wide part** (a full-rank EASE item-to-item component, wide & deep): ``wide``,
-      ``wide_reg``, ``wide_max_items``, ``wide_init``, ``wide_slope``, ``scalar_lr``;
+      ``wide_reg``, ``wide_max_items``, ``wide_budget_bytes``, ``wide_neighbours``, ``wide_init``,
+      ``wide_slope``, ``scalar_lr``;
       its calibration ``calib_users``, ``calib_holdout``.
     * **Validation-tuned training** (off by default): ``validation``,
       ``validation_holdout``, ``validation_cold``, ``patience``, ``wide_train``,
@@ -176,9 +259,21 @@ class Config:
     #: :mod:`recmeta_sdk.training.loop`; the trained model's config records the value used.
     #: The served EASE weights are refit on the whole log.
     wide_reg: Optional[float] = None
-    #: Catalogues larger than this (in items) skip the wide part (it needs an N x N matrix);
-    #: an int >= 0.
-    wide_max_items: int = 20000
+    #: Catalogues larger than this (in items) skip the wide part; an int >= 0.
+    wide_max_items: int = 10_000_000
+    #: Memory budget, in bytes, of the dense wide part (an int > 0, or None: no budget, the
+    #: dense EASE matrix at every size as before this field existed). The dense path holds
+    #: :func:`dense_wide_bytes` ``(N)`` = 72 N^2 bytes at its peak (the float64 Gram matrix,
+    #: its factor and inverse, the float32 weights and five cross-fitted copies); when that
+    #: exceeds the budget the wide part is **sparse**: each item's ``wide_neighbours`` most
+    #: co-occurring items (an item-neighbourhood EASE, see
+    #: :func:`recmeta_sdk.training.loop.sparse_ease`), built from a sparse users x items matrix
+    #: in memory linear in the log and stored as a CSR matrix. The default, 1 GiB, keeps the
+    #: dense path up to 3,861 items (MovieLens-100K's 1,682 included).
+    wide_budget_bytes: Optional[int] = 2**30
+    #: Neighbours kept per item by the sparse wide part (a positive int; see
+    #: ``wide_budget_bytes``).
+    wide_neighbours: int = 32
     #: Initial ``c0`` of ``alpha(n) = softplus(c0 + c1 log(1 + n))``: with ``wide_slope``,
     #: small for short histories, where item-to-item evidence is thin.
     wide_init: float = -8.0
@@ -338,6 +433,14 @@ class Config:
             raise ValueError(f"config.wide_reg must be None (tuned) or a finite number > 0, got {self.wide_reg!r}")
         if isinstance(self.wide_max_items, bool) or not isinstance(self.wide_max_items, int) or self.wide_max_items < 0:
             raise ValueError(f"config.wide_max_items must be an int >= 0, got {self.wide_max_items!r}")
+        if self.wide_budget_bytes is not None and (isinstance(self.wide_budget_bytes, bool)
+                                                   or not isinstance(self.wide_budget_bytes, int)
+                                                   or not 0 < self.wide_budget_bytes <= 2**62):
+            raise ValueError(f"config.wide_budget_bytes must be None or an int in [1, 2**62], "
+                             f"got {self.wide_budget_bytes!r}")
+        if (isinstance(self.wide_neighbours, bool) or not isinstance(self.wide_neighbours, int)
+                or not 0 < self.wide_neighbours <= 2**31 - 1):
+            raise ValueError(f"config.wide_neighbours must be a positive int, got {self.wide_neighbours!r}")
         if not isinstance(self.meta_scalar, bool):
             raise TypeError(f"config.meta_scalar must be a bool, got {self.meta_scalar!r}")
         if self.meta_tasks not in ("all", "prefix"):
@@ -512,8 +615,13 @@ class RecMetaNet(nn.Module):
         self.phi_delta = nn.Parameter(torch.zeros(d))
         self.log_lr = nn.Parameter(torch.full((2, d), math.log(cfg.inner_lr)))
         # wide item-to-item part (filled by training when enabled)
-        nw = N if self.wide_enabled(cfg, N) else 0
+        mode = self.wide_mode(cfg, N)
+        nw = N if mode == "dense" else 0
         self.register_buffer("wide", torch.zeros(nw, nw))
+        if mode == "sparse":  # the sparse wide part: CSR rows (history item -> scored items)
+            self.register_buffer("wide_indptr", torch.zeros(N + 1, dtype=torch.int64))
+            self.register_buffer("wide_indices", torch.zeros(0, dtype=torch.int32))
+            self.register_buffer("wide_values", torch.zeros(0, dtype=torch.float32))
         self.wide_coef = nn.Parameter(torch.tensor([float(cfg.wide_init), float(cfg.wide_slope)]))
         # multiplier of alpha set by the post-training calibration (1 while training)
         # (log m, n_lo, n_hi): alpha's multiplier, 1 up to n_lo items, m from n_hi on, log-linear
@@ -546,12 +654,40 @@ class RecMetaNet(nn.Module):
         self.item_dense_proj = nn.Parameter(torch.randn(self.n_dense, 2 * cfg.dim, generator=gd) * 0.05)
 
     @staticmethod
+    def wide_mode(cfg: Config, n_items: int) -> Optional[str]:
+        """``"dense"`` (an N x N EASE matrix: :func:`dense_wide_bytes` within
+        ``config.wide_budget_bytes``), ``"sparse"`` (an item-neighbourhood CSR matrix) or None
+        (no wide part: ``config.wide`` is ``"none"`` or the catalogue exceeds ``wide_max_items``)."""
+        if cfg.wide != "ease" or n_items > cfg.wide_max_items:
+            return None
+        budget = getattr(cfg, "wide_budget_bytes", None)
+        return "dense" if budget is None or dense_wide_bytes(n_items) <= budget else "sparse"
+
+    @staticmethod
     def wide_enabled(cfg: Config, n_items: int) -> bool:
-        return cfg.wide == "ease" and n_items <= cfg.wide_max_items
+        """True when the wide part is the dense N x N matrix (see :meth:`wide_mode`)."""
+        return RecMetaNet.wide_mode(cfg, n_items) == "dense"
+
+    @property
+    def wide_sparse(self) -> Optional["SparseWide"]:
+        """The sparse wide weights (a :class:`SparseWide` over the buffers), or None."""
+        if not hasattr(self, "wide_indptr"):
+            return None
+        return SparseWide(self.wide_indptr, self.wide_indices, self.wide_values, self.n_items)
+
+    def set_wide_sparse(self, W: "SparseWide") -> None:
+        """Replace the sparse wide weights (the buffers' lengths change with ``W``'s nnz)."""
+        if not hasattr(self, "wide_indptr"):
+            raise ValueError("this network's wide part is not sparse (see RecMetaNet.wide_mode)")
+        if W.n != self.n_items:
+            raise ValueError(f"sparse wide weights over {W.n} items, the network has {self.n_items}")
+        self.wide_indptr = W.indptr.clone()
+        self.wide_indices = W.indices.clone()
+        self.wide_values = W.values.clone()
 
     @property
     def has_wide(self) -> bool:
-        return self.wide.numel() > 0
+        return self.wide.numel() > 0 or hasattr(self, "wide_indptr")
 
     def wide_alpha(self, n: torch.Tensor, new: bool = False) -> torch.Tensor:
         """alpha(n) (B,) for history lengths n (B,): ``exp(s0 ramp(n)) softplus(c0 + c1
@@ -586,7 +722,8 @@ class RecMetaNet(nn.Module):
         ``new``: the histories are new users' (see :meth:`wide_alpha`)."""
         if not self.has_wide:
             return None
-        W = self.wide if W is None else W
+        if W is None:
+            W = self.wide_sparse if hasattr(self, "wide_indptr") else self.wide
         N = self.n_items
         rows, items = rows.to(torch.int64), items.to(torch.int64)
         key, inv = torch.unique(rows * N + items, return_inverse=True)  # sorted by row
@@ -601,7 +738,10 @@ class RecMetaNet(nn.Module):
             rank = (nocc[rows] - 1 - pos).to(torch.float32)
             w_occ = 1.0 + g * torch.exp(-float(self.cfg.wide_recency_decay) * rank)
             w = torch.zeros(key.numel()).scatter_reduce(0, inv, w_occ, "amax", include_self=False)
-        base = ops.embedding_bag(W, i, off, per_sample_weights=w)
+        if isinstance(W, SparseWide):
+            base = W.rows_sum(i, off, w)
+        else:
+            base = ops.embedding_bag(W, i, off, per_sample_weights=w)
         return base * self.wide_alpha(counts, new)[:, None]
 
     # ------------------------------------------------------------------ towers

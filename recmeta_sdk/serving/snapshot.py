@@ -39,6 +39,21 @@ def _array(arrays: dict, name: str, shape: tuple, dtype, path) -> np.ndarray:
     return a
 
 
+def sparse_rows_sum(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, items: np.ndarray,
+                    weights: Optional[np.ndarray], n: int) -> np.ndarray:
+    """(n,) float32 ``sum_p weights[p] W[items[p], :]`` of a CSR matrix ``W`` (``indptr`` (n+1,)
+    int64, ``indices`` (nnz,) int32, ``values`` (nnz,) float32), the rows' entries added in
+    order (numpy only): one user's sparse wide part, as the full model and
+    :class:`ServingModel` both compute it."""
+    items = np.asarray(items, np.int64)
+    starts, lens = indptr[items], indptr[items + 1] - indptr[items]
+    pos = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+    vals = values[pos] if weights is None else values[pos] * np.repeat(np.asarray(weights, np.float32), lens)
+    row = np.zeros(int(n), np.float32)
+    np.add.at(row, indices[pos], vals)
+    return row
+
+
 def _len1(a) -> int:
     return int(a.shape[0]) if a is not None and len(a.shape) == 1 else -1
 
@@ -76,8 +91,16 @@ def check_serving_section(arrays: dict, meta: dict, n_items: int, n_users: int, 
         "log_pop": _array(arrays, "serving.log_pop", (n_items,), np.float32, path),
     }
     wide = arrays.get("net.wide")
-    if wide is not None and tuple(wide.shape) != (0, 0):  # (0, 0): a model without a wide part
-        out["wide"] = _array(arrays, "net.wide", (n_items, n_items), np.float32, path)
+    sparse = "net.wide_indptr" in arrays  # a sparse wide part (CSR; see RecMetaNet.wide_mode)
+    if sparse or (wide is not None and tuple(wide.shape) != (0, 0)):  # (0, 0): a model without a wide part
+        if sparse:
+            out["wide_indptr"] = _array(arrays, "net.wide_indptr", (n_items + 1,), np.int64, path)
+            ix = arrays.get("net.wide_indices")
+            out["wide_indices"] = _array(arrays, "net.wide_indices", (_len1(ix),), np.int32, path)
+            out["wide_values"] = _array(arrays, "net.wide_values", (_len1(ix),), np.float32, path)
+            check_csr(out["wide_indptr"], out["wide_indices"], n_items, "sparse wide part", path)
+        else:
+            out["wide"] = _array(arrays, "net.wide", (n_items, n_items), np.float32, path)
         lens = [len(np.unique(hist_items[a:b])) for a, b in zip(hist_offsets[:-1], hist_offsets[1:])]
         need = max(lens, default=0) + 1
         alpha = arrays.get("serving.wide_alpha")
@@ -89,7 +112,9 @@ def check_serving_section(arrays: dict, meta: dict, n_items: int, n_users: int, 
     elif "serving.wide_alpha" in arrays:
         raise ModelFileError(f"{path}: tensor serving.wide_alpha without a wide part (net.wide)")
     for k, v in out.items():
-        check_values(v, "serving." + k if k != "wide" else "net.wide", limits.max_abs_weight, path)
+        if k not in ("wide_indptr", "wide_indices"):
+            check_values(v, "net." + k if k.startswith("wide") and k != "wide_alpha" else "serving." + k,
+                         limits.max_abs_weight, path)
     if "wide_alpha" in out and (out["wide_alpha"] < 0).any():
         raise ModelFileError(f"{path}: tensor serving.wide_alpha holds a negative alpha")
     extra = sorted(k for k in arrays if k.startswith("serving.") and k[8:] not in out and k != "serving.wide")
@@ -160,6 +185,8 @@ class ServingModel:
         self._states = sec["user_states"]
         self._log_pop = sec["log_pop"]
         self._W = sec.get("wide")
+        self._Wsp = ((sec["wide_indptr"], sec["wide_indices"], sec["wide_values"]) if "wide_indptr" in sec
+                     else None)
         self._alpha = sec.get("wide_alpha")
         for a in (self._V, self._bias, self._states, self._log_pop, self._W, self._alpha, self._hist_offsets,
                   self._hist_items, self.item_ids, self.user_ids):
@@ -204,7 +231,7 @@ class ServingModel:
     def _wide(self, u: int) -> Optional[np.ndarray]:
         """User u's wide part (N,) float32: ``alpha(n)`` times the recency-weighted sum of the W
         rows of the distinct history items (as :meth:`recmeta_sdk.Recommender.recommend`)."""
-        if self._W is None:
+        if self._W is None and self._Wsp is None:
             return None
         with self._lock:
             w = self._wide_cache.get(u)
@@ -218,7 +245,11 @@ class ServingModel:
             rank = last_rev.astype(np.float32)
             weights = (np.float32(1.0) + np.float32(self._recency) * np.exp(np.float32(-self._decay) * rank)
                        ).astype(np.float32)
-        base = self._core.embedding_bag_forward([self._W], items, np.array([0, len(items)], np.int64), weights, "sum")
+        if self._Wsp is not None:  # the sparse wide part: the history's CSR rows, added in order
+            base = sparse_rows_sum(*self._Wsp, items, weights, self.n_items)[None]
+        else:
+            base = self._core.embedding_bag_forward([self._W], items, np.array([0, len(items)], np.int64), weights,
+                                                    "sum")
         w = base[0] * self._alpha[len(items)]
         w.setflags(write=False)
         with self._lock:

@@ -78,11 +78,11 @@ import torch
 
 from ..data import IdMap
 from ..evaluation.baselines import ease_weights as _ease_weights
-from ..model.network import Config, ItemFeatures, RecMetaNet
+from ..model.network import Config, ItemFeatures, RecMetaNet, SparseWide, dense_wide_bytes
 
 logger = logging.getLogger("recmeta")
 
-__all__ = ["Prepared", "prepare", "fit", "make_batch", "batch_loss", "reinforce_weights"]
+__all__ = ["Prepared", "prepare", "fit", "make_batch", "batch_loss", "reinforce_weights", "sparse_ease"]
 
 
 # ---------------------------------------------------------------------------- features
@@ -788,28 +788,51 @@ def ease_from_gram(G: torch.Tensor, reg: float) -> torch.Tensor:
     return W.to(torch.float32).contiguous()
 
 
-def _interaction_matrix(prep: Prepared) -> torch.Tensor:
-    """(U, N) float64 multi-hot matrix of the positive rows (reward > 0)."""
+def _interaction_matrix(prep: Prepared):
+    """(U, N) float64 multi-hot matrix of the positive rows (reward > 0), as a scipy CSR
+    matrix (memory linear in the log; never a dense users x items array)."""
+    import scipy.sparse as sp
+
     U, N = len(prep.user_ids), len(prep.item_ids)
-    users = np.repeat(np.arange(U), np.diff(prep.offsets))
+    users = np.repeat(np.arange(U, dtype=np.int64), np.diff(prep.offsets))
     pos = prep.rewards > 0
-    X = torch.zeros(U, N, dtype=torch.float64)
-    X[torch.from_numpy(users[pos]), torch.from_numpy(prep.items[pos])] = 1.0
+    X = sp.csr_matrix((np.ones(int(pos.sum())), (users[pos], prep.items[pos])), shape=(U, N))
+    X.sum_duplicates()
+    X.data[:] = 1.0  # a repeated (user, item) pair is one 1, as in a multi-hot matrix
     return X
 
 
+def _gram(X) -> torch.Tensor:
+    """(N, N) float64 dense Gram matrix ``X^T X`` of a sparse (U, N) 0/1 matrix (integer
+    counts: exact in float64, so equal bit for bit to the dense product)."""
+    return torch.from_numpy(np.ascontiguousarray((X.T @ X).toarray()))
+
+
+def _rows(X, mask: np.ndarray):
+    """The rows of the sparse matrix ``X`` where ``mask`` (U,) bool is True."""
+    return X[np.flatnonzero(mask)]
+
+
 def fit_wide(net: RecMetaNet, prep: Prepared, cfg: Config, rng: np.random.Generator):
-    """Fill ``net.wide`` with the EASE weights of the whole training log (used at serving time)
-    and return cross-fitted weights for training: users are cut into 5 folds and the
+    """Fill the network's wide part with the EASE weights of the whole training log (used at
+    serving time) and return cross-fitted weights for training: users are cut into 5 folds and the
     samples of one fold see the weights fitted on the other four, so that the wide part never
     scores a query item it memorised from that very user (which would teach the deep part
     to trust it more than it deserves on new data). Returns (fold of each user, [W_-f])
-    or None when the wide part is disabled."""
+    or None when the wide part is disabled. A sparse wide part (see
+    :meth:`RecMetaNet.wide_mode`) is fitted by :func:`sparse_ease` and its ``W_-f`` are
+    :class:`~recmeta_sdk.model.network.SparseWide` matrices."""
     if not net.has_wide:
         return None
     U = len(prep.user_ids)
     X = _interaction_matrix(prep)
-    G = X.T @ X
+    if net.wide_sparse is not None:
+        K = 5 if U >= 10 else 2
+        fold = rng.permutation(U) % K
+        Ws = sparse_ease(X, cfg.wide_reg, cfg.wide_neighbours, folds=fold, block_bytes=_block_bytes(cfg))
+        net.set_wide_sparse(Ws[0])
+        return torch.from_numpy(fold), Ws[1:]
+    G = _gram(X)
     with torch.no_grad():
         net.wide.copy_(ease_from_gram(G, cfg.wide_reg))
     K = 5 if U >= 10 else 2
@@ -817,9 +840,177 @@ def fit_wide(net: RecMetaNet, prep: Prepared, cfg: Config, rng: np.random.Genera
     # the Gram matrix without fold f: G minus fold f's own (integer counts in float64: exact)
     others = []
     for f in range(K):
-        Xf = X[fold == f]
-        others.append(ease_from_gram(G - Xf.T @ Xf, cfg.wide_reg))
+        others.append(ease_from_gram(G - _gram(_rows(X, (fold == f).numpy())), cfg.wide_reg))
     return fold, others
+
+
+def _block_bytes(cfg: Config) -> int:
+    """Working memory of one block of :func:`sparse_ease`: a quarter of the wide part's budget
+    (64 MiB at least)."""
+    b = cfg.wide_budget_bytes if cfg.wide_budget_bytes is not None else 2**30
+    return max(int(b) // 4, 64 * 2**20)
+
+
+def _topm_cooccurrence(X, Xt, XH, H: np.ndarray, m: int, fold_of_row, K: int, block_bytes: int) -> tuple:
+    """Each item's ``m`` most co-occurring other items among the candidates ``H`` (sorted item
+    ids; ties: the smaller id first) with the co-occurrence counts per user fold
+    (``fold_of_row`` (U,) int in ``[0, K)``). ``XH`` is ``X[:, H]``.
+
+    The Gram rows ``X^T X[:, H]`` are computed for blocks of items whose products (the sum over
+    the block's users of their history lengths) fit ``block_bytes``, and only the top ``m`` of
+    each row are kept, so memory is linear in the log plus ``N m``. Returns ``(indptr (N+1,)
+    int64, cols (nnz,) int64 positions in H, counts (K, nnz) float64)`` in CSR order (each row
+    by count, descending)."""
+    N, U = X.shape[1], X.shape[0]
+    row_len = np.diff(XH.indptr).astype(np.float64)
+    cost = np.asarray(Xt @ row_len).ravel()  # products of each item's Gram row
+    per = max(int(block_bytes) // 48, 1)  # ~48 bytes per product (indices, values, sort keys)
+    if K > 1:
+        sel_f = [np.flatnonzero(fold_of_row == f) for f in range(K)]
+        XHf = [XH[r] for r in sel_f]
+        Xtf = [X[r].T.tocsr() for r in sel_f]
+    ind_parts, cnt_parts, lens = [], [], np.zeros(N, np.int64)
+    start = 0
+    csum = np.concatenate([[0.0], np.cumsum(cost)])
+    while start < N:
+        stop = int(np.searchsorted(csum, csum[start] + per, side="right")) - 1
+        stop = min(max(stop, start + 1), N)
+        G = (Xt[start:stop] @ XH).tocsr()
+        G.sort_indices()
+        r = np.repeat(np.arange(stop - start, dtype=np.int64), np.diff(G.indptr))
+        c = G.indices.astype(np.int64)
+        v = G.data
+        keep = H[c] != r + start  # not the item itself
+        r, c, v = r[keep], c[keep], v[keep]
+        # by row, count descending, id ascending (a stable sort of one key; ids are in order)
+        order = np.argsort(r * (U + 1) + (U - v.astype(np.int64)), kind="stable")
+        r, c, v = r[order], c[order], v[order]
+        cnt = np.bincount(r, minlength=stop - start)
+        first = np.concatenate([[0], np.cumsum(cnt)])[:-1]
+        sel = (np.arange(len(r)) - first[r]) < m
+        r, c, v = r[sel], c[sel], v[sel]
+        if K > 1:  # each fold's counts of the kept pairs
+            per_fold = np.zeros((K, len(r)))
+            q = r * len(H) + c
+            for f in range(K):
+                Gf = (Xtf[f][start:stop] @ XHf[f]).tocsr()
+                Gf.sort_indices()
+                kf = np.repeat(np.arange(stop - start, dtype=np.int64), np.diff(Gf.indptr)) * len(H) + Gf.indices
+                if len(kf):
+                    pos = np.minimum(np.searchsorted(kf, q), len(kf) - 1)
+                    per_fold[f] = np.where(kf[pos] == q, Gf.data[pos], 0.0)
+        else:
+            per_fold = v[None, :]
+        ind_parts.append(c)
+        cnt_parts.append(per_fold)
+        lens[start:stop] = np.minimum(cnt, m)
+        del G, r, c, v
+        start = stop
+    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    cols = np.concatenate(ind_parts) if ind_parts else np.zeros(0, np.int64)
+    counts = np.concatenate(cnt_parts, 1) if cnt_parts else np.zeros((K, 0))
+    return indptr, cols, counts
+
+
+def sparse_ease(X, reg: float, m: int, folds: Optional[np.ndarray] = None, block_bytes: int = 2**28,
+                pop_exp: float = 0.0) -> list:
+    """Item-neighbourhood EASE: sparse wide weights in memory linear in the log.
+
+    The neighbour candidates ``H`` are the most popular items (the most positives; ties: the
+    smaller id), as many as keep the exact Gram block ``X_H^T X_H`` of every user fold
+    (float32) within ``block_bytes``: all of them when ``K H^2 * 4 <= block_bytes``. For each
+    item ``a`` (a column of EASE's ``W``: the weights with which history items score ``a``),
+    ``S_a`` is the set of the ``m`` candidates that co-occur with ``a`` most often (ties: the
+    smaller id), and ``W[S_a, a]`` solves EASE's ridge regression restricted to them, with the
+    exact Gram block: ``(G[S_a, S_a] + reg I) w = G[S_a, a]``. Relation to the dense EASE
+    weights (:func:`recmeta_sdk.evaluation.baselines.ease_weights`): EASE's column ``a`` is
+    the same ridge regression over every other item, so when every pair of items co-occurs,
+    every item is a candidate and ``m >= N - 1``, the weights are EASE's (up to rounding);
+    otherwise each column is EASE's regression on ``a``'s neighbourhood.
+
+    Parameters
+    ----------
+    X : scipy sparse (U, N) 0/1 matrix of users' positive interactions.
+    reg : float > 0, the ridge.
+    m : int > 0, neighbours per item.
+    folds : (U,) int array or None. With K folds the result also holds, for each fold f, the
+        weights fitted on the other folds' users (the same neighbourhoods, counts without fold f).
+    block_bytes : the working memory of one block (and of the candidates' Gram blocks).
+    pop_exp : popularity exponent: column ``a`` scaled by ``(count_a + 1)^-pop_exp``.
+
+    Returns
+    -------
+    list of :class:`~recmeta_sdk.model.network.SparseWide`: the weights of the whole log, then
+    one per fold (without it).
+    """
+    import scipy.sparse as sp
+
+    if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not math.isfinite(reg) or reg <= 0:
+        raise ValueError(f"sparse EASE reg must be a finite number > 0, got {reg!r}")
+    if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
+        raise ValueError(f"sparse EASE neighbours m must be a positive int, got {m!r}")
+    X = sp.csr_matrix(X, dtype=np.float64)
+    U, N = X.shape
+    fold_of_row = np.zeros(U, np.int64) if folds is None else np.asarray(folds, np.int64)
+    if len(fold_of_row) != U:
+        raise ValueError(f"folds has {len(fold_of_row)} entries, X has {U} rows")
+    K = 1 if folds is None or U == 0 else int(fold_of_row.max()) + 1
+    fold_rows = [np.flatnonzero(fold_of_row == f) for f in range(K)]
+    item_count = np.bincount(X.indices, minlength=N)
+    n_cand = int(min(N, max(1, math.isqrt(max(int(block_bytes) // (4 * K), 1)))))
+    H = np.sort(np.lexsort((np.arange(N), -item_count))[:n_cand])  # the candidates, by id
+    XH = X[:, H].tocsr()
+    Xt = X.T.tocsr()
+    indptr, pos, counts = _topm_cooccurrence(X, Xt, XH, H, m, fold_of_row, K, block_bytes)
+    cols = H[pos]
+    # the candidates' exact Gram block per fold (float32 counts: exact below 2^24 users)
+    GH = np.stack([(XH[r].T @ XH[r]).toarray().astype(np.float32) for r in fold_rows])
+    diag_f = np.stack([np.bincount(X[r].indices, minlength=N) for r in fold_rows]).astype(np.float64)
+    tot_cnt, tot_diag = counts.sum(0), diag_f.sum(0)
+    variants = [(None, tot_cnt, tot_diag)]
+    if folds is not None:
+        variants += [(f, tot_cnt - counts[f], tot_diag - diag_f[f]) for f in range(K)]
+    lens = np.diff(indptr)
+    mm = int(lens.max()) if N and len(lens) else 0
+    slot = np.arange(len(cols)) - np.repeat(indptr[:-1], lens)
+    owner = np.repeat(np.arange(N), lens)
+    out_vals = [np.zeros(len(cols), np.float32) for _ in variants]
+    if mm:
+        S = np.full((N, mm), -1, np.int64)  # each item's neighbours, as positions in H (-1: none)
+        S[owner, slot] = pos
+        E = np.full((N, mm), -1, np.int64)  # their entries in the CSR lists
+        E[owner, slot] = np.arange(len(cols))
+        bsz = max(1, min(N, int(block_bytes) // max(1, mm * mm * 8 * (K + 2))))
+        ar = np.arange(mm)
+        for a0 in range(0, N, bsz):
+            a1 = min(N, a0 + bsz)
+            Sb, Eb = S[a0:a1], E[a0:a1]
+            valid = Sb >= 0
+            Sc = np.maximum(Sb, 0)
+            blocks = GH[:, Sc[:, :, None], Sc[:, None, :]].astype(np.float64)  # (K, b, mm, mm)
+            blocks *= (valid[:, :, None] & valid[:, None, :])[None]
+            full = blocks.sum(0)
+            for vi, (f, cnt, dg) in enumerate(variants):
+                M = full if f is None else full - blocks[f]
+                M[:, ar, ar] = np.where(valid, dg[H[Sc]] + reg, 1.0)
+                rhs = np.where(valid, cnt[np.maximum(Eb, 0)], 0.0)
+                Mt, rt = torch.from_numpy(M), torch.from_numpy(rhs)[:, :, None]
+                L, info = torch.linalg.cholesky_ex(Mt)
+                sol = torch.cholesky_solve(rt, L)
+                bad = info != 0
+                if bool(bad.any()):  # (G + reg I is positive definite; only rounding could get here)
+                    sol[bad] = torch.linalg.solve(Mt[bad], rt[bad])
+                w = sol[:, :, 0].numpy()
+                out_vals[vi][Eb[valid]] = w[valid]
+    # CSR rows for the embedding-bag-like product: row j (a history item) -> the items a it scores
+    results = []
+    for vi, (_, _, dg) in enumerate(variants):
+        vals = out_vals[vi]
+        if pop_exp:
+            vals = vals * ((dg + 1.0) ** -pop_exp)[owner].astype(np.float32)
+        Wt = sp.csr_matrix((vals, (cols, owner)), shape=(N, N))  # W[j, a] = w of neighbour j for a
+        results.append(SparseWide.from_scipy(Wt))
+    return results
 
 
 #: the EASE ridge used when none is given and there is no validation set to tune it on
@@ -967,34 +1158,39 @@ def _heldout_nll(sc: torch.Tensor, truth: list, temperatures) -> dict:
     return {t: float(-torch.log_softmax(sc / t, 1)[rows, items].mean()) for t in temperatures}
 
 
-#: recent truth lists' dense forms (see _truth_matrix): {id(truth): (truth, (B, N) bool, (B,) sizes)}
+#: recent truth lists' sorted keys (see _truth_keys): {id(truth): (truth, (nnz,) int64 keys, (B,) sizes)}
 _TRUTH_CACHE: dict = {}
 
 
-def _truth_matrix(truth: list, n: int) -> tuple:
-    """``truth`` (a list of item sets) as a (B, n) bool membership matrix and the sets'
-    sizes, kept for the last few lists (the validation scores the same lists many times;
-    the list itself is held in the cache, so its id stays its own)."""
+def _truth_keys(truth: list) -> tuple:
+    """``truth`` (a list of item sets) as the sorted keys ``row * 2**32 + item`` of its
+    members and the sets' sizes (memory linear in the truth, never a users x items matrix),
+    kept for the last few lists (the validation scores the same lists many times; the list
+    itself is held in the cache, so its id stays its own)."""
     hit = _TRUTH_CACHE.get(id(truth))
-    if hit is not None and hit[0] is truth and hit[1].shape[1] >= n:
+    if hit is not None and hit[0] is truth:
         return hit[1], hit[2]
     sizes = np.array([len(t) for t in truth], np.int64)
-    rows = np.repeat(np.arange(len(truth)), sizes)
+    rows = np.repeat(np.arange(len(truth), dtype=np.int64), sizes)
     cols = np.fromiter((i for t in truth for i in t), np.int64, count=int(sizes.sum()))
-    T = np.zeros((len(truth), max(n, int(cols.max()) + 1 if len(cols) else 0)), bool)
-    T[rows, cols] = True
+    keys = np.sort(rows * 2**32 + cols)
     if len(_TRUTH_CACHE) >= 16:
         _TRUTH_CACHE.pop(next(iter(_TRUTH_CACHE)))
-    _TRUTH_CACHE[id(truth)] = (truth, T, sizes)
-    return T, sizes
+    _TRUTH_CACHE[id(truth)] = (truth, keys, sizes)
+    return keys, sizes
 
 
 def _ndcg_plus_recall(top: np.ndarray, truth: list, k: int) -> np.ndarray:
     """Per-user NDCG@k + Recall@k (RecBole's definitions) of (B, k) top lists."""
     top = np.asarray(top, np.int64)[:, :k]
-    T, sizes = _truth_matrix(truth, int(top.max()) + 1 if top.size else 0)
+    keys, sizes = _truth_keys(truth)
     disc = 1.0 / np.log2(np.arange(2, k + 2))
-    hit = np.take_along_axis(T, top, 1).astype(np.float64) if top.size else np.zeros((len(truth), 0))
+    if top.size and len(keys):
+        q = np.arange(len(truth), dtype=np.int64)[:, None] * 2**32 + top
+        pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+        hit = ((keys[pos] == q) & (top >= 0)).astype(np.float64)
+    else:
+        hit = np.zeros((len(truth), top.shape[1] if top.ndim == 2 else 0))
     idcg = np.cumsum(disc)[np.minimum(sizes, k) - 1]
     return (hit * disc[:hit.shape[1]]).sum(1) / idcg + hit.sum(1) / sizes
 
@@ -1515,7 +1711,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
         batches=None, validation=None, tune: bool = False, dist=None) -> dict:
     """Train ``net`` in place. Returns the history: ``loss`` per epoch, ``validation`` (the
     validation NDCG@10 + Recall@10 per epoch, when there is a validation set), ``best_epoch``,
-    ``wide_reg``, ``fusion`` and ``seconds``.
+    ``wide_reg``, ``wide_seconds`` (the wide part's fit before the epochs), ``fusion`` and ``seconds``.
 
     ``batches``: None (per-user tasks) or a sampler of group-task meta-batches with
     ``steps_per_epoch`` and ``draw(rng, user_feats) -> Batch`` (see :mod:`recmeta_sdk.training.meta_tasks`).
@@ -1540,6 +1736,12 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     function on the same log with the same seed, cuts the same global batches and trains on
     its part of each (see :meth:`~recmeta_sdk.training.distributed.DistributedContext.train_step`);
     per-user tasks without a validation or calibration set only."""
+    if (tune and batches is None and net.wide_sparse is not None
+            and (validation is not None or cfg.validation > 0)):
+        raise ValueError(
+            f"validation-tuned training needs the dense wide part, and {net.n_items} items need "
+            f"{dense_wide_bytes(net.n_items)} bytes, more than config.wide_budget_bytes={cfg.wide_budget_bytes}: "
+            "raise wide_budget_bytes, train without a validation set (the sparse wide part), or set wide='none'")
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     t0 = time.perf_counter()
@@ -1571,15 +1773,17 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
         raise ValueError("distributed training supports per-user tasks (tasks='user') without a validation "
                          "or calibration set (validation=None, config validation=0 and calib_users=0)")
     W_train = None
+    t_wide = time.perf_counter()
     if val is not None:
         cross = None
         if net.has_wide:
             # the wide part is tuned with the held-out new users' rows in its matrix (they hold
             # none of the validation items; leaving them out would change the choices the warm
             # users get); the new users' samples are scored with weights fitted without them
-            G = _interaction_matrix(before if len(cold) else prep)
-            Xc = G[torch.from_numpy(cold)] if len(cold) else None
-            G = G.T @ G
+            X = _interaction_matrix(before if len(cold) else prep)
+            Xc = X[cold] if len(cold) else None
+            G = _gram(X)
+            del X
             W_train, report = tune_wide(G, val, cfg)
             hist["wide_tuning"] = {str(k): v for k, v in report.items()}
             logger.info("wide part chosen on %d validation users: EASE ridge %.4g, recency %.3g (decay %.3g), "
@@ -1588,7 +1792,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
                         max(report.values()))
             W_cold = W_train
             if Xc is not None:
-                Gc = G - Xc.T @ Xc
+                Gc = G - _gram(Xc)
                 W_cold = ease_from_gram(Gc, cfg.wide_reg) * _pop_scale(Gc, cfg.wide_pop_exp)
                 del Gc, Xc
             del G
@@ -1607,6 +1811,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             cfg.wide_reg = DEFAULT_WIDE_REG
         cross = fit_wide(net, prep, cfg, rng)
     hist["wide_reg"] = cfg.wide_reg
+    hist["wide_seconds"] = time.perf_counter() - t_wide  # fitting (and tuning) the wide part
     n_per_user = np.diff(prep.offsets)
     users_of_row = np.repeat(np.arange(len(n_per_user)), n_per_user)
     n_pos = np.bincount(users_of_row[prep.rewards > 0], minlength=len(n_per_user))
@@ -1712,15 +1917,17 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             hist["fusion"] = tune_fusion(net, cfg, val, W_train, W_cold)
             del W_train, W_cold
             with torch.no_grad():  # the served weights: EASE on the whole log
-                X = _interaction_matrix(full)
-                G = X.T @ X
-                del X
+                G = _gram(_interaction_matrix(full))
                 net.wide.copy_(ease_from_gram(G, cfg.wide_reg) * _pop_scale(G, cfg.wide_pop_exp or 0.0))
                 del G
     elif cal is not None:
         hist["calibration"] = calibrate_wide(net, prep, cal[1], cal[2], cross, cfg, user_feats)
         with torch.no_grad():  # the served weights: EASE on the whole log
             X = _interaction_matrix(full)
-            net.wide.copy_(ease_from_gram(X.T @ X, cfg.wide_reg))
+            if net.wide_sparse is not None:
+                net.set_wide_sparse(sparse_ease(X, cfg.wide_reg, cfg.wide_neighbours,
+                                                block_bytes=_block_bytes(cfg))[0])
+            else:
+                net.wide.copy_(ease_from_gram(_gram(X), cfg.wide_reg))
     hist["seconds"] = time.perf_counter() - t0
     return hist
