@@ -2,6 +2,7 @@
 users without torch, with the same ids and scores as the full model."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -124,7 +125,12 @@ def test_no_torch_is_imported(saved, tmp_path):
         assert r.ids.shape == (5,), r
         print("torch" in sys.modules)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # the package this test imported (installed in CI, the source tree with PYTHONPATH=.), from a
+    # neutral directory so that `python -c` does not pick up a source tree without the compiled core
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(rm.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([parent, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False", out.stdout
 
