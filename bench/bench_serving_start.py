@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import recmeta_sdk as rm  # noqa: E402
+from bench_recommend import _side_by_side  # noqa: E402  (p50 wall ms of two callables in alternation)
 from recmeta_sdk import serving  # noqa: E402
 
 _CHILD = """
@@ -52,21 +53,6 @@ def _start(path: str, user, light: bool) -> tuple:
         raise RuntimeError(out.stderr)
     t, rss, torch_loaded = out.stdout.split()
     return float(t), float(rss), torch_loaded == "True"
-
-
-def _side_by_side(fa, fb, n=300, warm=20):
-    for _ in range(warm):
-        fa()
-        fb()
-    ta, tb = [], []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fa()
-        t1 = time.perf_counter()
-        fb()
-        tb.append(time.perf_counter() - t1)
-        ta.append(t1 - t0)
-    return float(np.median(ta) * 1e3), float(np.median(tb) * 1e3)
 
 
 def main(argv=None) -> int:
@@ -104,7 +90,7 @@ def main(argv=None) -> int:
         a, b = fm.recommend(users, k=10), sm.recommend(users, k=10)
         same = np.array_equal(a.ids, b.ids) and np.array_equal(a.scores, b.scores)
         print(f"same ids and scores for 64 users: {same}")
-        ka, kb = _side_by_side(lambda: fm.recommend(user, k=10), lambda: sm.recommend(user, k=10))
+        ka, kb = _side_by_side(lambda: fm.recommend(user, k=10), lambda: sm.recommend(user, k=10), n=300)
         print(f"recommend(user_id), alternating calls: full model p50 {ka:.3f} ms, serving p50 {kb:.3f} ms, "
               f"ratio serving/full {kb / ka:.2f}")
         ba, bb = _side_by_side(lambda: fm.recommend(users, k=10), lambda: sm.recommend(users, k=10), n=60)

@@ -1,17 +1,7 @@
 """The trained model, :class:`Recommender`: adapt, recommend, evaluate, feedback, save
 (:mod:`recmeta_sdk.api` re-exports it; :func:`recmeta_sdk.api.load` reads its files).
 
-::
-
-    import recmeta_sdk as rm
-    ds = rm.datasets.load("ml-100k")
-    model = rm.train(ds.interactions, users=ds.users, items=ds.items)
-    state = model.adapt([50, 172, 181])              # a new user's first items, in ms
-    recs = model.recommend(state, k=10, explain=True)
-    recs.ids, recs.scores, recs.explanations[0]
-    model.recommend([1, 2, 3], k=10)                 # known users, batched: ids (3, 10)
-    model.evaluate(test, k=10)                       # Recall/NDCG/MRR/Hit/Precision@10 ...
-    model.save("model.recmeta"); same = rm.load("model.recmeta")
+(Usage: :mod:`recmeta_sdk.api`.)
 
 Thread safety: after construction a :class:`Recommender`'s weights are never mutated;
 ``adapt``, ``user_state``, ``recommend`` and ``evaluate`` only read them, so concurrent calls
