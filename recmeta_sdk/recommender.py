@@ -735,15 +735,7 @@ class Recommender:
         return out
 
     def _id_list(self, ids, name) -> np.ndarray:
-        if ids is None:
-            return np.zeros(0, np.int64)
-        arr = np.asarray(list(ids)) if not isinstance(ids, np.ndarray) else ids
-        if arr.ndim != 1:
-            raise ValueError(f"{name} must be a 1-D list of item ids, got shape {arr.shape}")
-        idx = self.item_map.to_index(arr) if len(arr) else np.zeros(0, np.int64)
-        if (idx < 0).any():
-            raise ValueError(f"{name} has item ids unknown to the model: {arr[idx < 0][:10].tolist()}")
-        return idx.astype(np.int64)
+        return np.zeros(0, np.int64) if ids is None else self.item_map.to_known_index(ids, name)
 
     def recommend(self, users_or_states: Union[int, np.integer, str, UserState, Sequence[Any], np.ndarray],
                   k: int = 10, *, exclude_seen: bool = True, exclude: Optional[Iterable[Any]] = None,

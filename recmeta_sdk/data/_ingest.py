@@ -297,6 +297,22 @@ class IdMap:
             out = np.array([self._safe_get(v) for v in values], dtype=np.int64)
         return out[0] if scalar else out
 
+    def to_known_index(self, external_ids: Any, what: str = "ids") -> np.ndarray:
+        """(m,) int64 dense ids of a 1-D list of external ids that must all be in the map.
+
+        Raises
+        ------
+        ValueError
+            naming ``what`` and up to 10 unknown ids, or its shape if it is not 1-D.
+        """
+        arr = np.asarray(list(external_ids)) if not isinstance(external_ids, np.ndarray) else external_ids
+        if arr.ndim != 1:
+            raise ValueError(f"{what} must be a 1-D list of item ids, got shape {arr.shape}")
+        idx = self.to_index(arr) if len(arr) else np.zeros(0, np.int64)
+        if (idx < 0).any():
+            raise ValueError(f"{what} has item ids unknown to the model: {arr[idx < 0][:10].tolist()}")
+        return idx.astype(np.int64)
+
     def _safe_get(self, v: Any) -> int:
         try:
             loc = self._index.get_loc(v)

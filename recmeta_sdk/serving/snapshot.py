@@ -258,15 +258,6 @@ class ServingModel:
                 self._wide_cache.popitem(last=False)
         return w
 
-    def _id_list(self, ids, name) -> np.ndarray:
-        arr = np.asarray(list(ids)) if not isinstance(ids, np.ndarray) else ids
-        if arr.ndim != 1:
-            raise ValueError(f"{name} must be a 1-D list of item ids, got shape {arr.shape}")
-        idx = self.item_map.to_index(arr) if len(arr) else np.zeros(0, np.int64)
-        if (idx < 0).any():
-            raise ValueError(f"{name} has item ids unknown to the model: {arr[idx < 0][:10].tolist()}")
-        return idx.astype(np.int64)
-
     def recommend(self, users: Union[int, np.integer, str, Sequence[Any], np.ndarray], k: int = 10, *,
                   exclude_seen: bool = True, exclude: Optional[Iterable[Any]] = None,
                   candidates: Optional[Iterable[Any]] = None, temperature: Optional[float] = None,
@@ -302,10 +293,10 @@ class ServingModel:
         if not batch:
             raise ValueError("recommend: empty list of users")
         us = [self._user(u) for u in batch]
-        extra = self._id_list(exclude, "exclude") if exclude is not None else np.zeros(0, np.int64)
+        extra = self.item_map.to_known_index(exclude, "exclude") if exclude is not None else np.zeros(0, np.int64)
         ca = None
         if candidates is not None:
-            cand = np.ascontiguousarray(self._id_list(candidates, "candidates"), dtype=np.int64)
+            cand = np.ascontiguousarray(self.item_map.to_known_index(candidates, "candidates"), dtype=np.int64)
             ca = (np.array([0, len(cand)], np.int64), cand)
         if popularity_penalty > 0:
             bias = self._bias - float(popularity_penalty) * float(tau) * self._log_pop
