@@ -226,8 +226,7 @@ def _op_inputs(weights, indices, offsets, per_sample_weights, padding_idx):
     return idx, off, psw
 
 
-@torch.library.custom_op("recmeta::embedding_bag_forward", mutates_args=(), device_types="cpu")
-def _forward_op(weights: List[torch.Tensor], row_scales: List[torch.Tensor], row_mins: List[torch.Tensor],
+def _forward_impl(weights: List[torch.Tensor], row_scales: List[torch.Tensor], row_mins: List[torch.Tensor],
                 indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
                 mode: str, padding_idx: Optional[int] = None, scale_grad_by_freq: bool = False) -> torch.Tensor:
     """Table-batched embedding bag on the compiled core; uint8 tables are row-wise int8 with
@@ -244,6 +243,10 @@ def _forward_op(weights: List[torch.Tensor], row_scales: List[torch.Tensor], row
     return torch.from_numpy(out)
 
 
+_forward_op = torch.library.custom_op("recmeta::embedding_bag_forward", mutates_args=(),
+                                      device_types="cpu")(_forward_impl)
+
+
 @_forward_op.register_fake
 def _forward_fake(weights, row_scales, row_mins, indices, offsets, per_sample_weights, mode, padding_idx=None,
                   scale_grad_by_freq=False):
@@ -253,8 +256,7 @@ def _forward_fake(weights, row_scales, row_mins, indices, offsets, per_sample_we
     return indices.new_empty((B, D), dtype=_out_dtype(weights))
 
 
-@torch.library.custom_op("recmeta::embedding_bag_grad", mutates_args=(), device_types=("cpu", "cuda"))
-def _grad_op(grad: torch.Tensor, weights: List[torch.Tensor], row_scales: List[torch.Tensor],
+def _grad_impl(grad: torch.Tensor, weights: List[torch.Tensor], row_scales: List[torch.Tensor],
              row_mins: List[torch.Tensor], indices: torch.Tensor, offsets: torch.Tensor,
              per_sample_weights: Optional[torch.Tensor], mode: str, need_weight_grad: List[bool],
              need_psw_grad: bool, padding_idx: Optional[int] = None,
@@ -321,6 +323,10 @@ def _grad_op(grad: torch.Tensor, weights: List[torch.Tensor], row_scales: List[t
     return outs
 
 
+_grad_op = torch.library.custom_op("recmeta::embedding_bag_grad", mutates_args=(),
+                                   device_types=("cpu", "cuda"))(_grad_impl)
+
+
 @_grad_op.register_fake
 def _grad_fake(grad, weights, row_scales, row_mins, indices, offsets, per_sample_weights, mode,
                need_weight_grad, need_psw_grad, padding_idx=None, scale_grad_by_freq=False):
@@ -362,6 +368,36 @@ def _forward_backward(ctx, grad):
 
 
 torch.library.register_autograd("recmeta::embedding_bag_forward", _forward_backward, setup_context=_forward_setup)
+
+
+class _EagerBag(torch.autograd.Function):
+    """The same forward and gradient as ``recmeta::embedding_bag_forward`` (the same two
+    functions, :func:`_forward_impl` and :func:`_grad_impl`) as a plain autograd Function, for
+    eager calls. A call through a ``torch.library`` custom op goes through torch's
+    ``_disable_dynamo`` wrapper, whose first call imports ``torch._dynamo`` (2.7-4.4 CPU-s
+    per process, most of a small model's training time); eager training does not need it. Under
+    ``torch.compile`` the custom op is used (it has the fake kernels the compiler needs)."""
+
+    @staticmethod
+    def forward(ctx, indices, offsets, psw, mode, scale_grad_by_freq, T, *tensors):
+        weights, scales, mins = list(tensors[:T]), list(tensors[T:2 * T]), list(tensors[2 * T:])
+        ctx.need_w = [bool(ctx.needs_input_grad[6 + t]) and w.dtype in _FLOAT_TABLES for t, w in enumerate(weights)]
+        ctx.need_psw = psw is not None and bool(ctx.needs_input_grad[2])
+        ctx.mode, ctx.scale_grad_by_freq, ctx.T, ctx.has_psw = mode, scale_grad_by_freq, T, psw is not None
+        ctx.save_for_backward(indices, offsets, psw if psw is not None else indices.new_empty(0), *tensors)
+        return _forward_impl(weights, scales, mins, indices, offsets, psw, mode, None, scale_grad_by_freq)
+
+    @staticmethod
+    def backward(ctx, grad):
+        T = ctx.T
+        saved = ctx.saved_tensors
+        indices, offsets, psw = saved[0], saved[1], saved[2]
+        weights, scales, mins = list(saved[3:3 + T]), list(saved[3 + T:3 + 2 * T]), list(saved[3 + 2 * T:])
+        grads = _grad_impl(grad, weights, scales, mins, indices, offsets, psw if ctx.has_psw else None,
+                           ctx.mode, ctx.need_w, ctx.need_psw, None, ctx.scale_grad_by_freq)
+        wgrads = [grads[t] if ctx.need_w[t] else None for t in range(T)]
+        return (None, None, grads[T] if ctx.need_psw else None, None, None, None,
+                *wgrads, *([None] * (2 * T)))
 
 
 @_forward_op.register_kernel("cuda")
@@ -740,6 +776,9 @@ def embedding_bag(weight: (np.ndarray | torch.Tensor | QuantizedTable
                 raise TypeError(f"per_sample_weights: expected a torch tensor, got {type(psw).__name__}")
             if use_ref:  # the op runs the reference without checks of its own
                 check_bags([p[0] for p in parts], indices, offsets, psw)
+            if not torch.compiler.is_compiling():
+                return _EagerBag.apply(indices, offsets, psw, mode, scale_grad_by_freq, len(parts),
+                                       *[p[0] for p in parts], *[p[1] for p in parts], *[p[2] for p in parts])
             return _forward_op([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
                                indices, offsets, psw, mode, None, scale_grad_by_freq)
         if not use_ref:
