@@ -111,10 +111,11 @@ def train(interactions: Any, *, users: Optional[pd.DataFrame] = None,
         it: the wide part (EASE ridge, recency and popularity weights), the number of epochs
         (early stopping after ``config["patience"]`` epochs without improvement, up to
         ``config["epochs"]``), the wide part's weight per history length and the temperature
-        (see :func:`recmeta_sdk.training.loop.fit`). ``config["validation"] > 0`` carves one from
-        ``interactions`` instead (``calib_holdout`` of the interactions of that fraction of
-        the users with 5 or more, at most 2,000). Neither is the default: see
-        :class:`~recmeta_sdk.model.Config` for what it measures. The returned model's
+        (see :func:`recmeta_sdk.training.loop.fit`). Without it, ``config["validation"]``
+        carves one from ``interactions`` (``calib_holdout`` of the interactions of that
+        fraction of the users with 5 or more, at most 2,000): by default (None) half of them
+        wherever validation-tuned training applies (per-user tasks, a dense wide part, not
+        distributed); 0 turns it off (see :class:`~recmeta_sdk.model.Config`). The returned model's
         ``history`` holds the loss per epoch and, with a validation set, the validation
         score per epoch and the choices made.
     num_threads : threads for training (``torch.set_num_threads`` for the call, restored
@@ -163,7 +164,7 @@ def train(interactions: Any, *, users: Optional[pd.DataFrame] = None,
         return resume_train(resume, interactions, config=config, progress=progress)
     interactions = _as_log(interactions, columns)
     cfg = Config.from_dict(config)
-    if cfg.wide_recency and cfg.wide_recency_decay is None and validation is None and not cfg.validation > 0:
+    if cfg.wide_recency and cfg.wide_recency_decay is None and validation is None and not (cfg.validation or 0) > 0:
         raise ValueError(f"config.wide_recency={cfg.wide_recency!r} needs config.wide_recency_decay: only "
                          "validation-tuned training (validation= or config.validation > 0) chooses it")
     spec = parse_tasks(tasks)
@@ -217,7 +218,7 @@ def train(interactions: Any, *, users: Optional[pd.DataFrame] = None,
     batches = None if spec.kind == "user" else task_sampler(spec, interactions, prep, cfg, users, items,
                                                             reward_scale)
     if dctx is not None:
-        if cfg.validation > 0 or cfg.calib_users > 0:
+        if (cfg.validation or 0) > 0 or cfg.calib_users > 0:
             raise ValueError(f"distributed training (rank {dctx.rank} of {dctx.world_size}) does not support "
                              f"config validation={cfg.validation!r} / calib_users={cfg.calib_users!r} (> 0); pass "
                              f"distributed=False to train in each process on its own")

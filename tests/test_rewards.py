@@ -188,10 +188,33 @@ def test_wide_recency_matches_between_serving_paths():
                            one / max(abs(one).max(), 1e-9))
 
 
-def test_default_training_has_no_validation_set():
-    model = rm.train(_warm_log(), config={k: v for k, v in TUNED.items() if k != "validation"})
+def test_validation_off_trains_without_validation_set():
+    model = rm.train(_warm_log(), config={**TUNED, "validation": 0})
     assert "validation" not in model.history and len(model.history["loss"]) == TUNED["epochs"]
     assert model.config.wide_reg == 250.0  # the documented default without a validation set
+
+
+def test_default_training_tunes_on_a_validation_set():
+    """config validation None (the default) carves AUTO_VALIDATION of the users where
+    validation-tuned training applies; with wide_train "learned" (the default) new users keep
+    the weight alpha(n) learned in training and known users' is re-fitted."""
+    from recmeta_sdk.model.network import AUTO_VALIDATION
+
+    cfg = {k: v for k, v in TUNED.items() if k != "validation"}
+    model = rm.train(_warm_log(), config=cfg)
+    h = model.history
+    assert model.config.validation == AUTO_VALIDATION and "validation" in h
+    assert len(h["validation"]) == len(h["loss"]) == TUNED["epochs"]  # patience >= epochs: all run
+    assert h["validation"][h["best_epoch"] - 1] == max(h["validation"])
+    assert h["fusion"]["new_user_alpha"] == "learned in training"
+    nua = model.config.new_user_alpha
+    assert nua is not None and len(nua) == 5
+    # the known users' curve was re-fitted: it differs from the learned one new users keep
+    known = model._net.wide_coef.tolist() + model._net.wide_scale.tolist()
+    assert not np.allclose(known, nua)
+    # where it does not apply (here: the wide part's calibration), it is off and says so
+    off = rm.train(_warm_log(), config={**cfg, "calib_users": 0.3})
+    assert off.config.validation == 0.0 and "validation" not in off.history
 
 
 def test_num_threads_and_progress_without_tqdm(monkeypatch, caplog):

@@ -40,6 +40,12 @@ __all__ = ["Config", "ItemFeatures", "RecMetaNet"]
 DENSE_WIDE_BYTES_PER_PAIR = 72
 
 
+#: ``config.validation`` where it is None (the default) and validation-tuned training applies:
+#: the fraction of the users (with 5 or more interactions, at most 2,000) who hold out part
+#: of their interactions as the validation set (see :attr:`Config.validation`)
+AUTO_VALIDATION = 0.5
+
+
 def dense_wide_bytes(n_items: int) -> int:
     """Peak bytes of the dense wide part of ``n_items`` items, ``72 N^2``: the float64 Gram
     matrix (8 N^2), the Cholesky factor, inverse and weights of one EASE fit (24 N^2 in
@@ -138,14 +144,14 @@ class Config:
       ``wide_reg``, ``wide_max_items``, ``wide_budget_bytes``, ``wide_neighbours``, ``wide_init``,
       ``wide_slope``, ``scalar_lr``;
       its calibration ``calib_users``, ``calib_holdout``.
-    * **Validation-tuned training** (off by default): ``validation``,
+    * **Validation-tuned training** (on by default where it applies): ``validation``,
       ``validation_holdout``, ``validation_cold``, ``patience``, ``wide_train``,
       ``new_user_alpha``, ``wide_recency``, ``wide_recency_decay``, ``wide_pop_exp``.
     * **Online feedback** (:mod:`recmeta_sdk.online`): ``feedback_posterior``,
       ``feedback_reg``, ``feedback_window``.
     * **Rewards**: ``positive_threshold``.
 
-    Fields that training may choose (``wide_reg``, ``wide_recency``, ``wide_recency_decay``,
+    Fields that training may choose (``validation``, ``wide_reg``, ``wide_recency``, ``wide_recency_decay``,
     ``wide_pop_exp``, ``new_user_alpha``, ``positive_threshold``, and ``temperature`` when
     re-fitted) are written back, so the trained model's config records the values used.
     """
@@ -179,7 +185,8 @@ class Config:
 
     # --------------------------------------------------------------- training
     #: Passes over the training users (a positive int). With a validation set it is the
-    #: maximum: early stopping ends training ``patience`` epochs after the best one.
+    #: maximum, and the best epoch's weights are kept (early stopping ends training
+    #: ``patience`` epochs after the best one).
     epochs: int = 30
     #: Samples (one per user) per optimiser step (a positive int); group tasks
     #: (:mod:`recmeta_sdk.training.meta_tasks`) draw ``batch_size // users_per_task`` tasks.
@@ -315,24 +322,22 @@ class Config:
 
     # ------------------------------------------------ validation-tuned training
     #: Fraction, in [0, 1), of the users with 5 or more interactions (at most 2,000) whose
-    #: ``calib_holdout`` share of interactions is held out as a validation set (0, the
-    #: default: no validation set, the learned-alpha path of ``wide``). A validation set can
+    #: ``calib_holdout`` share of interactions is held out as a validation set; None (the
+    #: default): :data:`AUTO_VALIDATION` where validation-tuned training applies (per-user
+    #: tasks, a dense wide part, not distributed, no ``calib_users``; otherwise 0), written
+    #: back as the value used. 0: no validation set (the wide part's weight ``alpha(n)`` is
+    #: learned in training for every user, the last epoch kept). A validation set can
     #: also be given as ``train(..., validation=frame)``; either turns on validation-tuned
     #: training (:func:`recmeta_sdk.training.loop.fit`): ``wide_reg``, ``wide_recency``,
-    #: ``wide_recency_decay`` and ``wide_pop_exp`` tuned when None, early stopping
-    #: (``patience``; the best epoch's weights are kept), ``wide_train``, the cold stand-ins
-    #: ``validation_cold`` (early stopping scores the warm sample and those equally), and
-    #: after training the wide part's weight ``alpha(n)`` fitted per history length (for
-    #: known users on the validation users' whole histories and their first 5 / 10 / 20
-    #: items; for new users, ``new_user_alpha``) and the temperature by the held-out
-    #: likelihood. ``Recommender.history`` records the scores behind the values chosen.
-    #: Measured on MovieLens-100K (``bench/bench_quality.py`` protocols, one run each) it
-    #: ties or beats tuned EASE warm (random 80/20 0.997-1.003 / 0.993-1.014 over seeds 0-2,
-    #: leave-last-out 1.05 / 1.05) but not on the temporal cut (0.98 / 0.93 on its 87 test
-    #: users), but on new users (cold-start fold 0) it trades places with the default path
-    #: (Recall@10 at k = 5 0.0575 against 0.0652, NDCG@10 at k = 20 0.4321 against 0.4408;
-    #: better at k = 20 Recall and k = 5 NDCG), so it is not the default yet.
-    validation: float = 0.0
+    #: ``wide_recency_decay`` and ``wide_pop_exp`` tuned when None, the best epoch kept
+    #: (early stopping after ``patience`` epochs without a better validation score),
+    #: ``wide_train``, the cold stand-ins ``validation_cold`` (whose scores choose the epoch),
+    #: and after training the known users' wide-part weight ``alpha(n)`` fitted per history
+    #: length (on the validation users' whole histories and their first 5 / 10 / 20 items)
+    #: and the temperature by the held-out likelihood. ``Recommender.history`` records the
+    #: scores behind the values chosen. Measured on MovieLens-100K: see the README's
+    #: "Warm quality" section (``bench/bench_quality.py`` and the cold-start protocol).
+    validation: Optional[float] = None
     #: Fraction, in [0, 1), of the users with more than 20 interactions (at most 500 users)
     #: held out of training whole as stand-ins for new users (their first 5 / 10 / 20
     #: interactions as the history, their positives after the first 20 as the truth: the
@@ -343,10 +348,14 @@ class Config:
     #: and ends), fitted by validation-tuned training (``adapt``) on the held-out new users.
     #: None (default): new users get the known users' weight.
     new_user_alpha: Optional[list] = None
-    #: With a validation set: ``"residual"`` trains the deep part with EASE in its logits at
-    #: the fixed weight that fits the validation items best (the deep part learns what EASE
-    #: misses); ``"none"`` trains it alone.
-    wide_train: str = "residual"
+    #: With a validation set: ``"learned"`` (default) trains the deep part with EASE in its
+    #: logits at the learned weight ``alpha(n)``, against cross-fitted EASE weights (5 folds of
+    #: users, the tuned ridge and popularity exponent), as training without a validation set
+    #: does; new users keep that learned weight (``new_user_alpha``) and known users' weight
+    #: is re-fitted on the validation users after training. ``"residual"`` trains it with EASE
+    #: at the fixed weight that fits the validation items best (the deep part learns what
+    #: EASE misses; new users' weight fitted on the cold stand-ins); ``"none"`` trains it alone.
+    wide_train: str = "learned"
     #: Recency weight ``g`` of the wide part's input: each history item weighs
     #: ``1 + wide_recency * exp(-wide_recency_decay * r)`` (r: its rank from the end of the
     #: history, 0 the last), a number in [0, 1000]. None (default): tuned with a validation
@@ -365,8 +374,12 @@ class Config:
     #: each way).
     validation_holdout: str = "mixed"
     #: Early stopping: training stops this many epochs after the best validation score (a
-    #: positive int; ``epochs`` is the maximum) and keeps the best epoch's weights.
-    patience: int = 3
+    #: positive int; ``epochs`` is the maximum) and keeps the best epoch's weights. The
+    #: default runs every one of the default 30 epochs: the cold stand-ins' score that
+    #: chooses the epoch is noisy from one epoch to the next, and stopping 3 epochs after a
+    #: lucky one left new users an undertrained deep part (cold-start Recall@10 at k = 10
+    #: 0.0662 against 0.0716 on MovieLens-100K's five folds).
+    patience: int = 30
 
     # --------------------------------------------------------- online feedback
     #: Weight (>= 0; 0 turns it off) of each user's adapted item-bias vector from the Gaussian
@@ -411,6 +424,8 @@ class Config:
         for name in ("dropout", "input_dropout", "prefix_prob", "user_feature_dropout", "calib_users", "validation",
                      "calib_holdout", "validation_cold"):
             v = getattr(self, name)
+            if v is None and name == "validation":
+                continue
             if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0 + (name == "prefix_prob"):
                 raise ValueError(f"config.{name} must be in [0, 1), got {v!r}")
         for name in ("lr", "temperature", "is_cap", "inner_lr", "scalar_lr"):
@@ -468,8 +483,8 @@ class Config:
         if self.validation_holdout not in ("random", "latest", "mixed"):
             raise ValueError(f"config.validation_holdout must be 'random', 'latest' or 'mixed', got "
                              f"{self.validation_holdout!r}")
-        if self.wide_train not in ("residual", "none"):
-            raise ValueError(f"config.wide_train must be 'residual' or 'none', got {self.wide_train!r}")
+        if self.wide_train not in ("residual", "learned", "none"):
+            raise ValueError(f"config.wide_train must be 'residual', 'learned' or 'none', got {self.wide_train!r}")
         if self.meta not in ("fomaml", "none"):
             raise ValueError(f"config.meta must be 'fomaml' or 'none', got {self.meta!r}")
         if self.encoder == "transformer" and self.dim % self.heads:

@@ -78,7 +78,7 @@ import torch
 
 from ..data import IdMap
 from ..evaluation.baselines import ease_weights as _ease_weights
-from ..model.network import Config, ItemFeatures, RecMetaNet, SparseWide, dense_wide_bytes
+from ..model.network import AUTO_VALIDATION, Config, ItemFeatures, RecMetaNet, SparseWide, dense_wide_bytes
 
 logger = logging.getLogger("recmeta")
 
@@ -844,6 +844,24 @@ def fit_wide(net: RecMetaNet, prep: Prepared, cfg: Config, rng: np.random.Genera
     return fold, others
 
 
+def _cross_fit(prep: Prepared, cfg: Config, rng: np.random.Generator):
+    """Cross-fitted dense EASE weights of ``prep``'s users, as :func:`fit_wide` makes them
+    (5 folds; fold f's users are scored with the weights of the other four), with the ridge
+    ``cfg.wide_reg`` and popularity exponent ``cfg.wide_pop_exp`` (validation-tuned). The
+    network's served weights are not touched. Returns (fold of each user, [W_-f])."""
+    U = len(prep.user_ids)
+    X = _interaction_matrix(prep)
+    G = _gram(X)
+    K = 5 if U >= 10 else 2
+    fold = torch.from_numpy(rng.permutation(U) % K)
+    others = []
+    for f in range(K):
+        Gf = G - _gram(_rows(X, (fold == f).numpy()))
+        W = _ease_weights(Gf.to(torch.float32), cfg.wide_reg).contiguous()  # float32: half the time
+        others.append(W * _pop_scale(Gf, cfg.wide_pop_exp or 0.0))
+    return fold, others
+
+
 def _block_bytes(cfg: Config) -> int:
     """Working memory of one block of :func:`sparse_ease`: a quarter of the wide part's budget
     (64 MiB at least)."""
@@ -1564,7 +1582,7 @@ def _fit_curve(sets: list, warm: Optional[int], known: Optional[tuple] = None) -
 
 
 def tune_fusion(net: RecMetaNet, cfg: Config, val: Validation, W: torch.Tensor,
-                W_new: Optional[torch.Tensor] = None) -> dict:
+                W_new: Optional[torch.Tensor] = None, new_user_alpha: Optional[list] = None) -> dict:
     """Weigh the wide part against the deep part on the validation users.
 
     The served policy is ``deep + alpha(n) (x W)``, ``n`` the number of distinct items of
@@ -1577,7 +1595,10 @@ def tune_fusion(net: RecMetaNet, cfg: Config, val: Validation, W: torch.Tensor,
     (:meth:`Validation.add_cold`) and ``a_hi`` / ``n_hi`` those of known users, written to
     ``config.new_user_alpha`` (None, the known users' curve, without new-user samples).
     ``W_new``: the wide weights the new-user samples are scored with (fitted without those
-    users; default ``W``). The temperature is then re-fit by the held-out log-likelihood of
+    users; default ``W``). ``new_user_alpha``: the five values of ``config.new_user_alpha``
+    to keep for new users instead of fitting them (the weight learned in training, with
+    ``wide_train="learned"``); the new-user samples are then only scored with it, for the
+    report. The temperature is then re-fit by the held-out log-likelihood of
     the warm set. Returns ``{set name: (mean n, weight at that n, score, score of the deep
     part alone, score of the wide part alone)}`` plus ``"alpha"`` and ``"new_user_alpha"`` (each ``(a_lo, a_mid,
     a_hi, n_hi)`` or None)."""
@@ -1593,16 +1614,25 @@ def tune_fusion(net: RecMetaNet, cfg: Config, val: Validation, W: torch.Tensor,
 
     sets, cold = logits(val.samples, W), logits(val.cold, W if W_new is None else W_new)
     best = _fit_curve(sets, 0)
-    best_new = _fit_curve(cold, None, best) if cold else None
+    best_new = _fit_curve(cold, None, best) if cold and new_user_alpha is None else None
     out = {}
-    for curve, group in ((best, sets), (best_new, cold)):
+    if new_user_alpha is not None:
+        cfg.new_user_alpha = [float(v) for v in new_user_alpha]
+        for name, n, D, E, ln, truth in cold:
+            with torch.no_grad():
+                a = net.wide_alpha(torch.expm1(ln).round().to(torch.int64), new=True)
+                a_n = float(net.wide_alpha(torch.tensor([int(round(n))]), new=True)[0])
+            wide_only = _val_score(E.masked_fill(torch.isinf(D), -float("inf")), truth)
+            out[name] = (n, a_n, _val_score(D + a[:, None] * E, truth), _val_score(D, truth), wide_only)
+    for curve, group in ((best, sets), (best_new, cold if best_new is not None else [])):
         for name, n, D, E, ln, truth in group:
             wide_only = _val_score(E.masked_fill(torch.isinf(D), -float("inf")), truth)
             alpha_n = float(_alpha_curve(torch.tensor(math.log1p(n)), *curve))
             fused = _val_score(D + _alpha_curve(ln, *curve)[:, None] * E, truth)
             out[name] = (n, alpha_n, fused, _val_score(D, truth), wide_only)
     coef, scale = _alpha_params(*best)
-    cfg.new_user_alpha = None
+    if new_user_alpha is None:
+        cfg.new_user_alpha = None
     if best_new is not None:
         c, sc = _alpha_params(*best_new)
         cfg.new_user_alpha = [float(c[0]), float(c[1]), float(sc[0]), float(sc[1]), float(sc[2])]
@@ -1615,14 +1645,14 @@ def tune_fusion(net: RecMetaNet, cfg: Config, val: Validation, W: torch.Tensor,
     tau = min(nll, key=nll.get)
     cfg.temperature = float(tau)
     out["alpha"] = best
-    out["new_user_alpha"] = best_new
+    out["new_user_alpha"] = best_new if new_user_alpha is None else "learned in training"
 
     def fmt(c):
-        return ("as known users" if c is None else
+        return ("as known users" if c is None else "learned in training" if isinstance(c, str) else
                 f"{c[0]:.3g} at n = {FUSION_KNOTS[0]:.0f}, {c[1]:.3g} at {FUSION_KNOTS[1]:.0f}, {c[2]:.3g} from {c[3]:.0f}")
 
     logger.info("wide part weighed on %d validation users: alpha(n) of known users %s, of new users %s; %s; "
-                "temperature %.3g", len(val.users), fmt(best), fmt(best_new),
+                "temperature %.3g", len(val.users), fmt(best), fmt(out["new_user_alpha"]),
                 ", ".join(f"{k} (n {v[0]:.0f}): alpha {v[1]:.3g}, {v[2]:.4f} vs deep alone {v[3]:.4f}, "
                           f"wide alone {v[4]:.4f}" for k, v in out.items() if k not in ("alpha", "new_user_alpha")), tau)
     return out
@@ -1736,6 +1766,10 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     function on the same log with the same seed, cuts the same global batches and trains on
     its part of each (see :meth:`~recmeta_sdk.training.distributed.DistributedContext.train_step`);
     per-user tasks without a validation or calibration set only."""
+    if cfg.validation is None:  # auto: a validation set where validation-tuned training applies
+        auto = (tune and batches is None and dist is None and validation is None and net.has_wide
+                and net.wide_sparse is None and cfg.calib_users == 0)
+        cfg.validation = AUTO_VALIDATION if auto else 0.0
     if (tune and batches is None and net.wide_sparse is not None
             and (validation is not None or cfg.validation > 0)):
         raise ValueError(
@@ -1806,6 +1840,10 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
                     net.wide_coef.copy_(torch.tensor([a + math.log(-math.expm1(-a)), 0.0]))
                     net.wide_scale.copy_(torch.tensor([0.0, 1.0, 2.0]))
                 hist["wide_train_weight"] = a
+            elif cfg.wide_train == "learned":
+                # as without a validation set: alpha(n) learned in training against cross-fitted
+                # EASE weights (the tuned ridge and popularity exponent), on the training users
+                cross = _cross_fit(prep, cfg, rng)
     else:
         if cfg.wide_reg is None:
             cfg.wide_reg = DEFAULT_WIDE_REG
@@ -1821,7 +1859,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
                          "(reward above the positive threshold): nothing to train on")
     scalar_names = ("wide_coef", "log_lr") if cfg.meta_scalar else ("wide_coef",)
     named = [(n, p) for n, p in net.named_parameters() if cfg.meta == "fomaml" or n != "log_lr"]
-    if val is not None:  # the wide part's weight is fitted after training (tune_fusion)
+    if val is not None and cfg.wide_train != "learned":  # the wide part's weight is fitted after training
         named = [(n, p) for n, p in named if n != "wide_coef"]
     params = [p for _, p in named]
     groups = [{"params": [p for n, p in named if n not in scalar_names], "base_lr": cfg.lr},
@@ -1858,6 +1896,11 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             a = hist["wide_train_weight"]
             W_scored = W_cold if val.cold else W_train  # (the new users' samples: weights without them)
             val_wide = [a * _wide_scores(W_scored, smp[2], cfg) for smp in scored]
+        val_E = None
+        if net.has_wide and cfg.wide_train == "learned":  # scored at the weight alpha(n) has in training
+            W_scored = W_cold if val.cold else W_train
+            val_E = [(_wide_scores(W_scored, smp[2], cfg),
+                      torch.tensor([len(np.unique(h)) for h in smp[2]], dtype=torch.int64)) for smp in scored]
     net.train()
     # dropout (nn.Dropout and the transformer layer's) takes no generator: it draws from the
     # global RNG, so it runs inside fork_rng, seeded from this run's rng (reproducible) and
@@ -1881,7 +1924,7 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
                     continue
                 batch = make_batch(prep, users, cfg, rng, user_feats) if batches is None else batches.draw(rng, user_feats)
                 loss, _ = batch_loss(net, batch, cfg, logq, gen, cross=cross,
-                                     use_wide=val is None or cfg.wide_train == "residual")
+                                     use_wide=val is None or cfg.wide_train != "none")
                 opt.zero_grad()
                 loss.backward()
                 clip_grad_norm(params, 5.0)
@@ -1893,6 +1936,9 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             msg = ""
             if val is not None:
                 net.eval()
+                if val_E is not None:
+                    with torch.no_grad():
+                        val_wide = [net.wide_alpha(n)[:, None] * E for E, n in val_E]
                 score = _epoch_score(net, cfg, scored, val_wide)
                 net.train()
                 hist["validation"].append(score)
@@ -1914,7 +1960,11 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
         net.load_state_dict(best_state)
         hist["best_epoch"] = best_epoch + 1
         if net.has_wide:
-            hist["fusion"] = tune_fusion(net, cfg, val, W_train, W_cold)
+            learned = None
+            if cfg.wide_train == "learned":  # new users keep the weight learned in training
+                (c0, c1), (s0, s1, s2) = net.wide_coef.tolist(), net.wide_scale.tolist()
+                learned = [c0, c1, s0, s1, s2]
+            hist["fusion"] = tune_fusion(net, cfg, val, W_train, W_cold, new_user_alpha=learned)
             del W_train, W_cold
             with torch.no_grad():  # the served weights: EASE on the whole log
                 G = _gram(_interaction_matrix(full))
