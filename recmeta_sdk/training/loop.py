@@ -82,7 +82,8 @@ from ..model.network import Config, ItemFeatures, RecMetaNet, SparseWide, dense_
 
 logger = logging.getLogger("recmeta")
 
-__all__ = ["Prepared", "prepare", "fit", "make_batch", "batch_loss", "reinforce_weights", "sparse_ease"]
+__all__ = ["Prepared", "prepare", "prepare_codes", "check_codes", "fit", "make_batch", "batch_loss",
+           "reinforce_weights", "sparse_ease"]
 
 
 # ---------------------------------------------------------------------------- features
@@ -398,6 +399,9 @@ def positive_threshold(rewards: np.ndarray, threshold: Optional[float]) -> tuple
 
 
 def prepare(interactions: pd.DataFrame, item_ids: Optional[np.ndarray] = None) -> Prepared:
+    """A log DataFrame (``user``, ``item``, optional ``timestamp``, ``reward``, ``propensity``)
+    as a :class:`Prepared`: sorted user ids, the catalogue ``item_ids`` (default the log's
+    items, sorted), through :func:`prepare_codes`."""
     if not isinstance(interactions, pd.DataFrame):
         raise TypeError(f"interactions must be a pandas DataFrame, got {type(interactions).__name__}")
     for col in ("user", "item"):
@@ -415,24 +419,82 @@ def prepare(interactions: pd.DataFrame, item_ids: Optional[np.ndarray] = None) -
         raise ValueError("interactions has items outside the catalogue")
     user_ids = np.sort(pd.unique(df["user"].to_numpy()))
     uc = IdMap(user_ids).to_index(df["user"].to_numpy())
-    ts = df["timestamp"].to_numpy() if "timestamp" in df.columns else np.zeros(len(df))
-    if "timestamp" in df.columns and not np.issubdtype(np.asarray(ts).dtype, np.number):
-        ts = pd.to_datetime(df["timestamp"]).astype("int64").to_numpy()
-    order = np.lexsort((np.arange(len(df)), ts, uc))
-    rewards = (df["reward"].to_numpy(dtype=np.float32) if "reward" in df.columns
-               else np.ones(len(df), np.float32))
+    ts = None
+    if "timestamp" in df.columns:
+        ts = df["timestamp"].to_numpy()
+        if not np.issubdtype(np.asarray(ts).dtype, np.number):
+            ts = pd.to_datetime(df["timestamp"]).astype("int64").to_numpy()
+    rewards = df["reward"].to_numpy(dtype=np.float32) if "reward" in df.columns else None
+    prop = df["propensity"].to_numpy(dtype=np.float32) if "propensity" in df.columns else None
+    return prepare_codes(user_ids, item_ids, uc, it, ts, rewards, prop)
+
+
+def prepare_codes(user_ids: np.ndarray, item_ids: np.ndarray, users: np.ndarray, items: np.ndarray,
+                  timestamps: Optional[np.ndarray] = None, rewards: Optional[np.ndarray] = None,
+                  propensity: Optional[np.ndarray] = None) -> Prepared:
+    """A :class:`Prepared` from a log's dense ids (what :func:`prepare` computes from a
+    DataFrame, and :func:`recmeta_sdk.data.scan_parquet` streams from Parquet files).
+
+    Parameters
+    ----------
+    user_ids : (U,) sorted external user ids; item_ids : (N,) external ids of the catalogue.
+    users, items : (n,) int32 / int64 dense ids into them, in the log's row order.
+    timestamps : (n,) numbers or None; each user's rows are ordered by it, ties (and every row
+        without timestamps) in row order.
+    rewards : (n,) float32 or None (every row 1); propensity : (n,) in (0, 1] or None.
+
+    Raises
+    ------
+    ValueError
+        An empty log, an id outside the maps, a non-finite reward, a propensity outside (0, 1].
+    """
+    n = len(users)
+    if n == 0:
+        raise ValueError("interactions is empty")
+    if len(items) != n or any(a is not None and len(a) != n for a in (timestamps, rewards, propensity)):
+        raise ValueError("prepare_codes: the per-row arrays differ in length")
+    if (np.asarray(items) < 0).any() or (len(items) and int(np.max(items)) >= len(item_ids)):
+        raise ValueError("interactions has items outside the catalogue")
+    if (np.asarray(users) < 0).any() or int(np.max(users)) >= len(user_ids):
+        raise ValueError("interactions has users outside the user ids")
+    # (np.lexsort is stable: rows of one user with equal timestamps keep their order)
+    order = np.lexsort((timestamps, users)) if timestamps is not None else np.argsort(users, kind="stable")
+    rewards = np.asarray(rewards, np.float32) if rewards is not None else np.ones(n, np.float32)
     if not np.isfinite(rewards).all():
         raise ValueError("interactions.reward has non-finite values")
     prop = None
-    if "propensity" in df.columns:
-        prop = df["propensity"].to_numpy(dtype=np.float32)
+    if propensity is not None:
+        prop = np.asarray(propensity, np.float32)
         if not ((prop > 0) & (prop <= 1)).all():
             raise ValueError("interactions.propensity must be in (0, 1]")
         prop = prop[order]
-    counts = np.bincount(uc, minlength=len(user_ids))
+    counts = np.bincount(users, minlength=len(user_ids))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return Prepared(user_ids, np.asarray(item_ids), offsets, it[order].astype(np.int64),
-                    rewards[order], prop, np.bincount(it, minlength=len(item_ids)).astype(np.int64))
+    return Prepared(np.asarray(user_ids), np.asarray(item_ids), offsets, items[order].astype(np.int64),
+                    rewards[order], prop, np.bincount(items, minlength=len(item_ids)).astype(np.int64))
+
+
+def check_codes(columns, users: np.ndarray, items: np.ndarray, n_items: int, stacklevel: int = 3) -> int:
+    """:func:`check_log`'s warnings for a log given as dense ids (a streamed Parquet log, whose
+    id columns each have one type): a reward-like column (``columns``: the log's names) without
+    ``reward``, and duplicate (user, item) rows. Returns the number of duplicate rows."""
+    import warnings
+
+    if "reward" not in columns:
+        like = [c for c in columns if str(c).lower() in REWARD_LIKE]
+        if like:
+            warnings.warn(f"interactions has a {like[0]!r} column but no 'reward' column: {like[0]!r} is "
+                          f"ignored and every row counts as a positive interaction (rename it to "
+                          f"'reward' to learn from it)", UserWarning, stacklevel=stacklevel)
+    keys = users.astype(np.int64) * int(n_items) + items
+    keys.sort()
+    dup = int((keys[1:] == keys[:-1]).sum()) if len(keys) > 1 else 0
+    del keys
+    if dup:
+        warnings.warn(f"interactions has {dup} duplicate (user, item) rows: they are kept as repeated "
+                      f"interactions (drop_duplicates(['user', 'item']) to count each pair once)",
+                      UserWarning, stacklevel=stacklevel)
+    return dup
 
 
 # ---------------------------------------------------------------------------- batches
