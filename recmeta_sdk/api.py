@@ -247,7 +247,7 @@ def train(interactions: Any, *, users: Optional[pd.DataFrame] = None,
     return model
 
 
-def _stream_prepare(source: Any, columns: Optional[Dict[str, str]], items: Optional[pd.DataFrame], dctx) -> tuple:
+def _stream_prepare(source: Any, columns: dict | None, items: pd.DataFrame | None, dctx) -> tuple:
     """A Parquet file / folder / dataset streamed into the training arrays without a DataFrame
     of the whole log (:func:`recmeta_sdk.data.scan_parquet`); in distributed training each rank
     reads its share (:func:`recmeta_sdk.training.distributed.read_parquet`). Returns

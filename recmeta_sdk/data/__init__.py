@@ -49,7 +49,14 @@ from ._ingest import (
     timestamp_array,
 )
 from ._split import SPLITS, ColdSplit, Split, split
-from ._stream import BATCH_ROWS, LogArrays, ParquetParts, is_parquet_source, parquet_parts, scan_parquet
+from ._stream import (
+    BATCH_ROWS,
+    LogArrays,
+    ParquetParts,
+    is_parquet_source,
+    parquet_parts,
+    scan_parquet,
+)
 from ._tasks import TASK_KINDS, Task, TaskSet, make_tasks
 
 __all__ = [

@@ -89,14 +89,14 @@ class LogArrays:
 
 
 def is_parquet_source(source: Any) -> bool:
-    """True for a ``pyarrow.dataset.Dataset``, a path ending in ``.parquet`` / ``.pq``, or a
-    folder holding such files (at any depth, e.g. hive partitions)."""
+    """True for a Parquet ``pyarrow.dataset.FileSystemDataset``, a path ending in ``.parquet`` /
+    ``.pq``, or a folder holding such files (at any depth, e.g. hive partitions)."""
     try:
         import pyarrow.dataset as ds
     except ImportError:  # pragma: no cover
         return False
-    if isinstance(source, ds.Dataset):
-        return True
+    if isinstance(source, ds.Dataset):  # files on a file system, in Parquet (not an in-memory dataset)
+        return isinstance(source, ds.FileSystemDataset) and isinstance(source.format, ds.ParquetFileFormat)
     if not isinstance(source, (str, os.PathLike)):
         return False
     p = Path(source)

@@ -530,15 +530,15 @@ def read_parquet(source: Any, dist: DistributedContext, columns: dict | None = N
     ts_float = float(dist.all_reduce_sum(torch.tensor([float(local.timestamps is not None and
                                                                local.timestamps.dtype == np.float64)]))[0]) > 0
 
-    def gather(a):
+    def gather(a, as_float: bool = False):
         if a is None:
             return None
-        if ts_float and a is local.timestamps:
+        if as_float:
             a = a.astype(np.float64)
         return dist.all_gather_rows(torch.from_numpy(np.ascontiguousarray(a)), counts).numpy()
 
     whole = LogArrays(gather(local.users), gather(local.items), local.user_map, local.item_map,
-                      gather(local.timestamps), gather(local.rewards), gather(local.propensities),
+                      gather(local.timestamps, ts_float), gather(local.rewards), gather(local.propensities),
                       columns=local.columns, row_start=0, total_rows=local.total_rows, parts=local.parts)
     mine = (len(local), local.parts)
     del local

@@ -430,8 +430,8 @@ def prepare(interactions: pd.DataFrame, item_ids: Optional[np.ndarray] = None) -
 
 
 def prepare_codes(user_ids: np.ndarray, item_ids: np.ndarray, users: np.ndarray, items: np.ndarray,
-                  timestamps: Optional[np.ndarray] = None, rewards: Optional[np.ndarray] = None,
-                  propensity: Optional[np.ndarray] = None) -> Prepared:
+                  timestamps: np.ndarray | None = None, rewards: np.ndarray | None = None,
+                  propensity: np.ndarray | None = None) -> Prepared:
     """A :class:`Prepared` from a log's dense ids (what :func:`prepare` computes from a
     DataFrame, and :func:`recmeta_sdk.data.scan_parquet` streams from Parquet files).
 
