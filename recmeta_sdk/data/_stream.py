@@ -327,8 +327,10 @@ def scan_parquet(
     ts_kind = _ts_kind(schema.field(names[TIMESTAMP]).type) if TIMESTAMP in names else None
     mine = parts.mine
 
-    # pass 1: the distinct ids of this share (only the id columns are decoded)
+    # pass 1: the distinct ids of this share (only the id columns are decoded); each batch's
+    # distinct ids wait in a list merged into the distinct ids so far once they outnumber them
     ids = {USER: [], ITEM: []}
+    seen = {USER: 0, ITEM: 0}  # ids in the list (the merged distinct ids first)
     row = parts.start
     for batch in _batches(mine, schema, [names[USER], names[ITEM]], batch_rows, memory_pool):
         for col in (USER, ITEM):
@@ -337,10 +339,12 @@ def scan_parquet(
                 bad = int(np.flatnonzero(_numpy(arr.is_null()))[0])
                 raise ValueError(f"interactions has missing user or item ids: column {names[col]!r} is "
                                  f"null at row {row + bad}")
-            uniq = pc.unique(arr)
-            ids[col].append(_numpy(uniq))
-            if len(ids[col]) >= 64:  # keep the pending list short
+            uniq = _numpy(pc.unique(arr))
+            ids[col].append(uniq)
+            seen[col] += len(uniq)
+            if seen[col] > 2 * max(len(ids[col][0]), 1 << 16):
                 ids[col] = [_distinct(ids[col])]
+                seen[col] = len(ids[col][0])
         row += batch.num_rows
     users_d, items_d = _distinct(ids[USER]), _distinct(ids[ITEM])
     del ids
