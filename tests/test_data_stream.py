@@ -178,3 +178,13 @@ def test_stream_memory_is_the_compact_arrays(tmp_path):
     used = peak + pool.max_memory()  # numpy / pandas allocations + Arrow's (an upper bound of the peak)
     assert used <= a.nbytes + 16 * 2**20, (used, a.nbytes)
     assert used < table_bytes / 2, (used, table_bytes)
+
+
+def test_cli_streams_parquet_paths(folder, tmp_path):
+    """``recmeta train --data PATH`` hands a Parquet file or folder to ``train`` as a path (so it
+    is streamed, each rank its share under torchrun); a CSV is still read into a DataFrame."""
+    from recmeta_sdk import cli
+
+    assert cli._read_log(str(folder)) == (str(folder), None, None)
+    pd.DataFrame({"user": [1], "item": [2]}).to_csv(tmp_path / "a.csv", index=False)
+    assert isinstance(cli._read_log(str(tmp_path / "a.csv"))[0], pd.DataFrame)
