@@ -82,7 +82,11 @@ def train(interactions: Any, *, users: Optional[pd.DataFrame] = None,
         layer reads (:func:`recmeta_sdk.data.read_interactions`: a pyarrow Table, a mapping of
         column name to 1-D array, a ``.csv`` / ``.tsv`` / ``.parquet`` path), or a scipy
         sparse users x items matrix (one interaction per stored entry, its value the
-        reward). Rewards: a row
+        reward). A Parquet file, a folder of them (hive partitions allowed) or a
+        ``pyarrow.dataset.Dataset`` is streamed by record batches into compact arrays, never
+        a DataFrame of the whole log (per-user tasks; only ``user``, ``item``,
+        ``timestamp``, ``reward`` and ``propensity`` are read; in distributed training each
+        rank reads its share of the row groups). Rewards: a row
         is a *positive* when its reward reaches ``config["positive_threshold"]`` (default:
         decided from the data and logged: 4 of 5 stars for star-rating-like rewards, else
         reward > 0; without a ``reward`` column every row is a positive). Positives are the
@@ -162,31 +166,40 @@ def train(interactions: Any, *, users: Optional[pd.DataFrame] = None,
         from .online.engine import resume_train
 
         return resume_train(resume, interactions, config=config, progress=progress)
-    interactions = _as_log(interactions, columns)
+    spec = parse_tasks(tasks)
+    from .data import is_parquet_source
+
+    streamed = spec.kind == "user" and is_parquet_source(interactions)
+    if not streamed:
+        interactions = _as_log(interactions, columns)
     cfg = Config.from_dict(config)
     if cfg.wide_recency and cfg.wide_recency_decay is None and validation is None and not (cfg.validation or 0) > 0:
         raise ValueError(f"config.wide_recency={cfg.wide_recency!r} needs config.wide_recency_decay: only "
                          "validation-tuned training (validation= or config.validation > 0) chooses it")
-    spec = parse_tasks(tasks)
     if items is not None and not isinstance(items, pd.DataFrame):
         raise TypeError(f"items must be a DataFrame indexed by item id, got {type(items).__name__}")
     if users is not None and not isinstance(users, pd.DataFrame):
         raise TypeError(f"users must be a DataFrame indexed by user id, got {type(users).__name__}")
-    if not isinstance(interactions, pd.DataFrame):
-        raise TypeError(f"interactions must be a pandas DataFrame, got {type(interactions).__name__}")
-    for col in ("user", "item"):
-        if col not in interactions.columns:
-            raise ValueError(f"interactions needs a {col!r} column; it has {list(interactions.columns)}")
-    check_log(interactions)
-    item_ids = pd.unique(interactions["item"].to_numpy())
-    if item_ids is not None and items is not None:
-        item_ids = np.union1d(item_ids, items.index.to_numpy())
-    elif item_ids is not None:
-        item_ids = np.sort(item_ids)
-    prep = prepare(interactions, item_ids)
+    ingest = None
+    if streamed:
+        prep, has_reward, ingest = _stream_prepare(interactions, columns, items, dctx)
+    else:
+        if not isinstance(interactions, pd.DataFrame):
+            raise TypeError(f"interactions must be a pandas DataFrame, got {type(interactions).__name__}")
+        for col in ("user", "item"):
+            if col not in interactions.columns:
+                raise ValueError(f"interactions needs a {col!r} column; it has {list(interactions.columns)}")
+        check_log(interactions)
+        item_ids = pd.unique(interactions["item"].to_numpy())
+        if item_ids is not None and items is not None:
+            item_ids = np.union1d(item_ids, items.index.to_numpy())
+        elif item_ids is not None:
+            item_ids = np.sort(item_ids)
+        prep = prepare(interactions, item_ids)
+        has_reward = "reward" in interactions.columns
     thr, strict, why = positive_threshold(prep.rewards, cfg.positive_threshold)
     positive = (prep.rewards > thr if strict else prep.rewards >= thr) & (prep.rewards > 0)
-    if "reward" in interactions.columns:
+    if has_reward:
         logger.info("positives: reward %s %g (%s): %d of %d rows; the others are logged actions only "
                     "(no supervised target)", ">" if strict else ">=", thr, why, int(positive.sum()),
                     len(positive))
@@ -230,4 +243,33 @@ def train(interactions: Any, *, users: Optional[pd.DataFrame] = None,
                         prep.rewards * reward_scale, prep.item_count, item_schema, user_schema,
                         uf_off, uf_idx, reward_scale)
     model.history = history
+    if ingest is not None:
+        model.history["ingest"] = ingest
     return model
+
+
+def _stream_prepare(source: Any, columns: dict | None, items: pd.DataFrame | None, dctx) -> tuple:
+    """A Parquet file / folder / dataset streamed into the training arrays without a DataFrame
+    of the whole log (:func:`recmeta_sdk.data.scan_parquet`); in distributed training each rank
+    reads its share (:func:`recmeta_sdk.training.distributed.read_parquet`). Returns
+    ``(Prepared, has a reward column, {"rows", "rows_read", "parts", "bytes"})``."""
+    from .data import scan_parquet
+    from .training.loop import check_codes, prepare_codes
+
+    extra = items.index.to_numpy() if items is not None else None
+    if dctx is not None:
+        from .training import distributed as _dist
+
+        arrays, mine = _dist.read_parquet(source, dctx, columns=columns, extra_items=extra)
+    else:
+        arrays = scan_parquet(source, columns=columns, extra_items=extra)
+        mine = (len(arrays), arrays.parts)
+    if len(arrays) == 0:
+        raise ValueError("interactions is empty")
+    ingest = {"rows": len(arrays), "rows_read": int(mine[0]), "parts": int(mine[1]), "bytes": arrays.nbytes}
+    check_codes(arrays.columns, arrays.users, arrays.items, len(arrays.item_map), stacklevel=4)
+    prep = prepare_codes(arrays.user_map.ids, arrays.item_map.ids, arrays.users, arrays.items, arrays.timestamps,
+                         arrays.rewards, arrays.propensities)
+    logger.info("streamed %d interactions from Parquet (%d read here in %d row groups): %d users, %d items",
+                ingest["rows"], ingest["rows_read"], ingest["parts"], len(prep.user_ids), len(prep.item_ids))
+    return prep, arrays.rewards is not None, ingest

@@ -51,12 +51,15 @@ def _cmd_env(args) -> int:
 
 
 def _read_log(spec: str):
-    """A dataset name known to recmeta_sdk.datasets, or a CSV / Parquet path."""
+    """A dataset name known to recmeta_sdk.datasets, or a CSV / Parquet path (a Parquet file or
+    folder is passed on as its path: ``train`` streams it, each rank its share under torchrun)."""
     from . import data, datasets
 
     if spec in datasets.DATASETS:
         ds = datasets.load(spec)
         return ds.interactions, ds.users, ds.items
+    if data.is_parquet_source(spec):
+        return spec, None, None
     return data.read_interactions(spec), None, None
 
 

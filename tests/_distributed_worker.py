@@ -7,7 +7,8 @@ torchrun environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
   odd sizes (lookups, gradients, one AdamW update, the gathered tables:
   ``OUT_DIR/tables{r}.json``), then ``recmeta train`` (the CLI) on ``OUT_DIR/log.csv`` with
   the item tables sharded: rank 0 writes ``OUT_DIR/model.recmeta``, every rank loads it and
-  writes its recommendations for users 0-2 to ``OUT_DIR/rank{r}.json``.
+  writes its recommendations for users 0-2 to ``OUT_DIR/rank{r}.json``; then ``rm.train`` on
+  the Parquet folder ``OUT_DIR/parquet``, each rank reading its share of the row groups.
 * ``kill``: ``rm.train`` on a larger log; rank 1 kills itself (SIGKILL) in its third
   training step; rank 0 must raise ``DistributedTrainingError``, writing nothing.
 """
@@ -51,6 +52,21 @@ def _train(out: str) -> None:
     recs = rm.load(path).recommend([0, 1, 2], k=5)
     with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
         json.dump({"rc": rc, "ids": recs.ids.tolist(), "scores": recs.scores.tolist()}, f)
+    _parquet(out)
+
+
+def _parquet(out: str) -> None:
+    """``rm.train`` on the Parquet folder ``OUT/parquet`` (written by the test): each rank reads
+    its share of the row groups; rank 0 writes ``OUT/model_pq.recmeta``; each rank records what
+    it read in ``OUT/parquet{r}.json``."""
+    import recmeta_sdk as rm
+    from recmeta_sdk.training import distributed as dist
+
+    model = rm.train(os.path.join(out, "parquet"), columns={"uid": "user"}, config=CONFIG,
+                     distributed=dist.DistributedConfig(timeout_s=60))
+    dist.save(model, os.path.join(out, "model_pq.recmeta"))
+    with open(os.path.join(out, f"parquet{os.environ['RANK']}.json"), "w") as f:
+        json.dump(model.history["ingest"], f)
 
 
 def _tables(out: str) -> None:

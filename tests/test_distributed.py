@@ -57,12 +57,58 @@ def torchrun_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     log, _ = tiny_log()
     log.to_csv(out / "log.csv", index=False)
+    _write_parquet_folder(log, out / "parquet")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", WORKER, "train", str(out)]
     p = subprocess.run(cmd, check=False, env=_env(), cwd=ROOT, capture_output=True, text=True,
                        timeout=LAUNCH_TIMEOUT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out
+
+
+def _write_parquet_folder(log, folder) -> None:
+    """The log as 3 hive-partitioned Parquet files of odd sizes and row groups (the user
+    column named ``uid``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cuts = [0, 101, 102, len(log)]  # 101 rows, 1 row, the rest
+    for k in range(3):
+        part = log.iloc[cuts[k]:cuts[k + 1]].rename(columns={"user": "uid"})
+        (folder / f"part={k}").mkdir(parents=True)
+        pq.write_table(pa.Table.from_pandas(part, preserve_index=False), folder / f"part={k}" / "f.parquet",
+                       row_group_size=37)
+
+
+def test_sharded_parquet_read_trains_the_whole_log_model(torchrun_out):
+    """Each rank reads only its share of the Parquet row groups (the shares make the log) and
+    the model equals one process trained on the whole log read by pandas, within the parity
+    tolerance."""
+    import pandas as pd
+
+    import recmeta_sdk as rm
+    from recmeta_sdk.training.distributed import PARAM_ATOL, PARITY_TOL
+
+    r0, r1 = (json.loads((torchrun_out / f"parquet{r}.json").read_text()) for r in (0, 1))
+    total = r0["rows"]
+    assert r1["rows"] == total == len(tiny_log()[0])
+    assert r0["rows_read"] + r1["rows_read"] == total
+    assert 0 < r0["rows_read"] < total and 0 < r1["rows_read"] < total
+    assert r0["parts"] + r1["parts"] == 3 + 1 + -(-(total - 102) // 37)  # row groups of the 3 files
+    two = rm.load(torchrun_out / "model_pq.recmeta")
+    whole = pd.read_parquet(torchrun_out / "parquet").rename(columns={"uid": "user"})
+    one = rm.train(whole, config=CONFIG, distributed=False)
+    np.testing.assert_array_equal(one.user_ids, two.user_ids)
+    np.testing.assert_array_equal(one.item_ids, two.item_ids)
+    a, b = one._net.state_dict(), two._net.state_dict()
+    for k in a:
+        if a[k].is_floating_point() and a[k].numel():
+            assert float((a[k] - b[k]).abs().max()) <= PARAM_ATOL, k
+    s1, s2 = one.recommend(list(range(61)), k=37), two.recommend(list(range(61)), k=37)
+    np.testing.assert_array_equal(s1.ids, s2.ids)
+    fin = np.isfinite(s1.scores)
+    err = np.abs(s1.scores[fin] - s2.scores[fin]).max() / np.abs(s1.scores[fin]).max()
+    assert err <= PARITY_TOL, err
 
 
 def test_sharded_tables_equal_unsharded_exactly(torchrun_out):

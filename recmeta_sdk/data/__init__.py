@@ -3,7 +3,9 @@
 Interaction logs are tables with the columns ``user`` and ``item`` and, optionally,
 ``timestamp``, ``reward``, ``propensity``, ``position`` and any context columns. They may
 be given as a pandas DataFrame, a pyarrow Table, a dict of 1-D arrays, or a CSV / Parquet
-path (:func:`read_interactions`).
+path or a folder of Parquet files (:func:`read_interactions`). :func:`scan_parquet` streams
+a Parquet file or folder by record batches into compact arrays (dense ids, float32 rewards)
+without a DataFrame of the whole log, optionally one rank's share of it.
 
 Typical flow::
 
@@ -47,9 +49,18 @@ from ._ingest import (
     timestamp_array,
 )
 from ._split import SPLITS, ColdSplit, Split, split
+from ._stream import (
+    BATCH_ROWS,
+    LogArrays,
+    ParquetParts,
+    is_parquet_source,
+    parquet_parts,
+    scan_parquet,
+)
 from ._tasks import TASK_KINDS, Task, TaskSet, make_tasks
 
 __all__ = [
+    "BATCH_ROWS",
     "OPTIONAL_COLUMNS",
     "REQUIRED_COLUMNS",
     "RULES",
@@ -62,6 +73,8 @@ __all__ = [
     "EncodedInteractions",
     "FeatureEncoder",
     "IdMap",
+    "LogArrays",
+    "ParquetParts",
     "Sequences",
     "Split",
     "Task",
@@ -70,9 +83,12 @@ __all__ = [
     "clean",
     "encode",
     "full_catalogue_targets",
+    "is_parquet_source",
     "make_tasks",
+    "parquet_parts",
     "read_interactions",
     "sample_negatives",
+    "scan_parquet",
     "split",
     "timestamp_array",
     "user_histories",

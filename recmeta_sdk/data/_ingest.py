@@ -44,7 +44,8 @@ def read_interactions(
     Parameters
     ----------
     source : DataFrame, pyarrow.Table, mapping of column name to 1-D array, or path
-        The log. A path must end in ``.csv``, ``.tsv``, ``.parquet`` or ``.pq``. Every
+        The log. A path must end in ``.csv``, ``.tsv``, ``.parquet`` or ``.pq``, or be a
+        folder of Parquet files (hive partitions allowed). Every
         source needs the columns ``user`` and ``item``; ``timestamp``, ``reward``,
         ``propensity`` and ``position`` are optional and any other column is kept as a
         context column.
@@ -113,6 +114,12 @@ def read_interactions(
 
 
 def _read_path(path: Path) -> pd.DataFrame:
+    if path.is_dir():  # a folder of Parquet files (hive partitions allowed)
+        from ._stream import is_parquet_source
+
+        if not is_parquet_source(path):
+            raise ValueError(f"folder {path} holds no .parquet / .pq file")
+        return pd.read_parquet(path)
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".pq", ".csv", ".tsv"):
         raise ValueError(f"unknown interaction file type {suffix!r} for {path}: use .csv, .tsv, .parquet or .pq")

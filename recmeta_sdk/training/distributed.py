@@ -17,7 +17,11 @@ What each rank does
   available (:class:`DistributedConfig` ``backend``). Training computes on the CPU as the
   single-process trainer does; with NCCL the collectives run on ``cuda:LOCAL_RANK``, the
   tensors staged through it. The group is left initialised.
-* **Data.** Every rank reads the same log and builds the same id maps (checked: a rank
+* **Data.** A Parquet file or folder (``recmeta_sdk.train(path)``) is read by each rank
+  for its own share of the row groups only (:func:`read_parquet`): the distinct ids are
+  all-gathered so that every rank builds the same id maps, then the compact arrays (dense
+  ids, float32 rewards, timestamps) are all-gathered in row order. Any other log is read
+  whole by every rank. Every rank then holds the same prepared log (checked: a rank
   whose log, catalogue or config differs from rank 0's raises :class:`ValueError`). All
   ranks draw the same user permutation and the same support / query cuts from the seed,
   and rank ``r`` trains on the ``r``-th contiguous part of each global batch of
@@ -85,6 +89,7 @@ __all__ = [
     "DistributedTrainingError",
     "ShardedItemTables",
     "fit",
+    "read_parquet",
     "resolve",
     "save",
     "shard",
@@ -486,6 +491,63 @@ class _Stepper:
         self._step += 1
         self._d.where = f"training step {self._step}"
         return self._d.train_step(*args, **kwargs)
+
+
+def read_parquet(source: Any, dist: DistributedContext, columns: dict | None = None,
+                 extra_items: Any = None) -> tuple:
+    """Read a Parquet log with each rank decoding only its share of the row groups.
+
+    Rank ``r`` reads the ``r``-th contiguous run of row groups (balanced by rows:
+    :func:`recmeta_sdk.data.parquet_parts`) by record batches
+    (:func:`recmeta_sdk.data.scan_parquet`). The id maps are agreed first: each rank reads
+    its share's id columns, the distinct user and item ids are all-gathered and every rank
+    builds the same sorted maps. Then each rank encodes its share (dense ids, float32 rewards,
+    timestamps) and the compact arrays are all-gathered in rank order: every rank holds the
+    log's arrays in the row order of a whole read (the trained model keeps every user's
+    history, so each rank needs them at the end), never a DataFrame and never another rank's
+    Parquet pages.
+
+    Returns ``(LogArrays of the whole log, (rows this rank read, row groups it read))``; the
+    arrays are equal to :func:`recmeta_sdk.data.scan_parquet` of the whole source.
+    """
+    from ..data import LogArrays, scan_parquet
+
+    def merge(users: np.ndarray, items: np.ndarray) -> tuple:
+        out: list = [None] * dist.world_size
+        dist.where = "agreeing on the id maps"
+        dist._run("all_gather_object", lambda: tdist.all_gather_object(out, (users, items)))
+        import pandas as pd
+
+        return (np.asarray(pd.unique(np.concatenate([o[0] for o in out]))),
+                np.asarray(pd.unique(np.concatenate([o[1] for o in out]))))
+
+    local = scan_parquet(source, columns=columns, rank=dist.rank, world_size=dist.world_size,
+                         extra_items=extra_items, merge_ids=merge)
+    dist.where = "gathering the log's arrays"
+    counts = [int(c) for c in dist.all_gather_rows(torch.tensor([len(local)], dtype=torch.int64),
+                                                   [1] * dist.world_size)]
+    # a timestamp column read as float64 on some rank (integers with nulls) is float64 on all
+    ts_float = float(dist.all_reduce_sum(torch.tensor([float(local.timestamps is not None and
+                                                               local.timestamps.dtype == np.float64)]))[0]) > 0
+
+    def gather(a, as_float: bool = False):
+        if a is None:
+            return None
+        if as_float:
+            a = a.astype(np.float64)
+        return dist.all_gather_rows(torch.from_numpy(np.ascontiguousarray(a)), counts).numpy()
+
+    whole = LogArrays(gather(local.users), gather(local.items), local.user_map, local.item_map,
+                      gather(local.timestamps, ts_float), gather(local.rewards), gather(local.propensities),
+                      columns=local.columns, row_start=0, total_rows=local.total_rows, parts=local.parts)
+    mine = (len(local), local.parts)
+    del local
+    if len(whole) != whole.total_rows:
+        raise ValueError(f"distributed Parquet read: {len(whole)} rows gathered, the files' metadata says "
+                         f"{whole.total_rows}")
+    logger.info("rank %d: read %d of %d interactions (%d row groups) from Parquet", dist.rank, mine[0],
+                len(whole), mine[1])
+    return whole, mine
 
 
 def save(model: Any, path: str | os.PathLike) -> None:

@@ -82,7 +82,8 @@ from ..model.network import AUTO_VALIDATION, Config, ItemFeatures, RecMetaNet, S
 
 logger = logging.getLogger("recmeta")
 
-__all__ = ["Prepared", "prepare", "fit", "make_batch", "batch_loss", "reinforce_weights", "sparse_ease"]
+__all__ = ["Prepared", "prepare", "prepare_codes", "check_codes", "fit", "make_batch", "batch_loss",
+           "reinforce_weights", "sparse_ease"]
 
 
 # ---------------------------------------------------------------------------- features
@@ -398,6 +399,9 @@ def positive_threshold(rewards: np.ndarray, threshold: Optional[float]) -> tuple
 
 
 def prepare(interactions: pd.DataFrame, item_ids: Optional[np.ndarray] = None) -> Prepared:
+    """A log DataFrame (``user``, ``item``, optional ``timestamp``, ``reward``, ``propensity``)
+    as a :class:`Prepared`: sorted user ids, the catalogue ``item_ids`` (default the log's
+    items, sorted), through :func:`prepare_codes`."""
     if not isinstance(interactions, pd.DataFrame):
         raise TypeError(f"interactions must be a pandas DataFrame, got {type(interactions).__name__}")
     for col in ("user", "item"):
@@ -415,24 +419,82 @@ def prepare(interactions: pd.DataFrame, item_ids: Optional[np.ndarray] = None) -
         raise ValueError("interactions has items outside the catalogue")
     user_ids = np.sort(pd.unique(df["user"].to_numpy()))
     uc = IdMap(user_ids).to_index(df["user"].to_numpy())
-    ts = df["timestamp"].to_numpy() if "timestamp" in df.columns else np.zeros(len(df))
-    if "timestamp" in df.columns and not np.issubdtype(np.asarray(ts).dtype, np.number):
-        ts = pd.to_datetime(df["timestamp"]).astype("int64").to_numpy()
-    order = np.lexsort((np.arange(len(df)), ts, uc))
-    rewards = (df["reward"].to_numpy(dtype=np.float32) if "reward" in df.columns
-               else np.ones(len(df), np.float32))
+    ts = None
+    if "timestamp" in df.columns:
+        ts = df["timestamp"].to_numpy()
+        if not np.issubdtype(np.asarray(ts).dtype, np.number):
+            ts = pd.to_datetime(df["timestamp"]).astype("int64").to_numpy()
+    rewards = df["reward"].to_numpy(dtype=np.float32) if "reward" in df.columns else None
+    prop = df["propensity"].to_numpy(dtype=np.float32) if "propensity" in df.columns else None
+    return prepare_codes(user_ids, item_ids, uc, it, ts, rewards, prop)
+
+
+def prepare_codes(user_ids: np.ndarray, item_ids: np.ndarray, users: np.ndarray, items: np.ndarray,
+                  timestamps: np.ndarray | None = None, rewards: np.ndarray | None = None,
+                  propensity: np.ndarray | None = None) -> Prepared:
+    """A :class:`Prepared` from a log's dense ids (what :func:`prepare` computes from a
+    DataFrame, and :func:`recmeta_sdk.data.scan_parquet` streams from Parquet files).
+
+    Parameters
+    ----------
+    user_ids : (U,) sorted external user ids; item_ids : (N,) external ids of the catalogue.
+    users, items : (n,) int32 / int64 dense ids into them, in the log's row order.
+    timestamps : (n,) numbers or None; each user's rows are ordered by it, ties (and every row
+        without timestamps) in row order.
+    rewards : (n,) float32 or None (every row 1); propensity : (n,) in (0, 1] or None.
+
+    Raises
+    ------
+    ValueError
+        An empty log, an id outside the maps, a non-finite reward, a propensity outside (0, 1].
+    """
+    n = len(users)
+    if n == 0:
+        raise ValueError("interactions is empty")
+    if len(items) != n or any(a is not None and len(a) != n for a in (timestamps, rewards, propensity)):
+        raise ValueError("prepare_codes: the per-row arrays differ in length")
+    if (np.asarray(items) < 0).any() or (len(items) and int(np.max(items)) >= len(item_ids)):
+        raise ValueError("interactions has items outside the catalogue")
+    if (np.asarray(users) < 0).any() or int(np.max(users)) >= len(user_ids):
+        raise ValueError("interactions has users outside the user ids")
+    # (np.lexsort is stable: rows of one user with equal timestamps keep their order)
+    order = np.lexsort((timestamps, users)) if timestamps is not None else np.argsort(users, kind="stable")
+    rewards = np.asarray(rewards, np.float32) if rewards is not None else np.ones(n, np.float32)
     if not np.isfinite(rewards).all():
         raise ValueError("interactions.reward has non-finite values")
     prop = None
-    if "propensity" in df.columns:
-        prop = df["propensity"].to_numpy(dtype=np.float32)
+    if propensity is not None:
+        prop = np.asarray(propensity, np.float32)
         if not ((prop > 0) & (prop <= 1)).all():
             raise ValueError("interactions.propensity must be in (0, 1]")
         prop = prop[order]
-    counts = np.bincount(uc, minlength=len(user_ids))
+    counts = np.bincount(users, minlength=len(user_ids))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return Prepared(user_ids, np.asarray(item_ids), offsets, it[order].astype(np.int64),
-                    rewards[order], prop, np.bincount(it, minlength=len(item_ids)).astype(np.int64))
+    return Prepared(np.asarray(user_ids), np.asarray(item_ids), offsets, items[order].astype(np.int64),
+                    rewards[order], prop, np.bincount(items, minlength=len(item_ids)).astype(np.int64))
+
+
+def check_codes(columns, users: np.ndarray, items: np.ndarray, n_items: int, stacklevel: int = 3) -> int:
+    """:func:`check_log`'s warnings for a log given as dense ids (a streamed Parquet log, whose
+    id columns each have one type): a reward-like column (``columns``: the log's names) without
+    ``reward``, and duplicate (user, item) rows. Returns the number of duplicate rows."""
+    import warnings
+
+    if "reward" not in columns:
+        like = [c for c in columns if str(c).lower() in REWARD_LIKE]
+        if like:
+            warnings.warn(f"interactions has a {like[0]!r} column but no 'reward' column: {like[0]!r} is "
+                          f"ignored and every row counts as a positive interaction (rename it to "
+                          f"'reward' to learn from it)", UserWarning, stacklevel=stacklevel)
+    keys = users.astype(np.int64) * int(n_items) + items
+    keys.sort()
+    dup = int((keys[1:] == keys[:-1]).sum()) if len(keys) > 1 else 0
+    del keys
+    if dup:
+        warnings.warn(f"interactions has {dup} duplicate (user, item) rows: they are kept as repeated "
+                      f"interactions (drop_duplicates(['user', 'item']) to count each pair once)",
+                      UserWarning, stacklevel=stacklevel)
+    return dup
 
 
 # ---------------------------------------------------------------------------- batches
@@ -1090,6 +1152,34 @@ CALIB_GRID = tuple(float(2.0 ** e) for e in np.arange(-1.0, 4.01, 0.25))
 TEMPERATURE_GRID = tuple(float(2.0 ** e) for e in np.arange(-1.0, 4.01, 0.25))
 
 
+#: bytes of one (users x items) float32 score matrix of held-out scoring (calibration, early
+#: stopping): the users are scored in blocks of rows that fit it, so that the working memory is a
+#: few such blocks whatever the catalogue (one block, the whole set, on MovieLens-sized data)
+SCORE_BLOCK_BYTES = 2**24
+
+
+def _row_blocks(B: int, N: int) -> list:
+    """Slices covering ``range(B)`` of at most ``SCORE_BLOCK_BYTES // (4 N)`` rows (1 at least)."""
+    step = max(1, SCORE_BLOCK_BYTES // max(4 * int(N), 1))
+    return [slice(a, min(a + step, B)) for a in range(0, B, step)] or [slice(0, 0)]
+
+
+def _fold_offsets(net: RecMetaNet, rows: torch.Tensor, items: torch.Tensor, B: int, fold_of_row: torch.Tensor,
+                  Ws) -> torch.Tensor:
+    """(B, N) cross-fitted wide logits: row ``b``'s history (``items`` where ``rows == b``,
+    ``rows`` nondecreasing) scored by the weights of its fold, ``Ws[fold_of_row[b]]``. Each
+    fold's rows are pooled in one bag call of their own (its rows only, copied in): the memory
+    is the result and one fold's rows, not a (B, N) matrix per fold."""
+    out = torch.zeros(B, net.n_items)
+    fold_item = fold_of_row[rows]
+    for f, W_other in enumerate(Ws):
+        sel = fold_item == f
+        if sel.any():
+            mine, local = torch.unique_consecutive(rows[sel], return_inverse=True)
+            out.index_copy_(0, mine, net.wide_offset(local, items[sel], int(mine.numel()), W_other))
+    return out
+
+
 def calibrate_wide(net: RecMetaNet, prep: Prepared, cal_users: np.ndarray, truth: list, cross,
                    cfg: Config, user_feats=None, k: int = 10) -> dict:
     """Fit alpha's multiplier m (``net.wide_scale``) on held-out items of training users.
@@ -1101,7 +1191,10 @@ def calibrate_wide(net: RecMetaNet, prep: Prepared, cal_users: np.ndarray, truth
     items). The m with the best NDCG@k + Recall@k is kept if its mean per-user gain over
     m = 1 exceeds one standard error (else alpha stays as trained); when it moves, the
     temperature is re-fit by the held-out log-likelihood so that the sharper policy's
-    probabilities stay calibrated. Returns {m: score}."""
+    probabilities stay calibrated. Returns {m: score}.
+
+    The users are scored in blocks of rows (:data:`SCORE_BLOCK_BYTES` per users x items
+    matrix), so memory is a few blocks plus the top-k lists, never a users x items matrix."""
     N = net.n_items
     hists = [prep.items[prep.offsets[u]:prep.offsets[u + 1]] for u in cal_users]
     rews = [np.maximum(prep.rewards[prep.offsets[u]:prep.offsets[u + 1]], 0.0) for u in cal_users]
@@ -1120,31 +1213,40 @@ def calibrate_wide(net: RecMetaNet, prep: Prepared, cal_users: np.ndarray, truth
     fold = cross[0][torch.from_numpy(np.asarray(cal_users, np.int64))]
     n_lo, n_hi = 0.0, 1.0  # one multiplier for every non-empty history
     result, per_user = {}, {}
+    blocks = _row_blocks(B, N)
+    kk = min(k, N)
     net.eval()
     with torch.no_grad():
         net.wide_scale.copy_(torch.tensor([0.0, n_lo, n_hi]))
         X, V = net.item_vectors()
         h = net.user_state(X, bi, bo, bw, sq, sl, torch.from_numpy(ui), torch.from_numpy(uo))
-        base = torch.zeros(B, N)
-        for f, W_other in enumerate(cross[1]):
-            sel = fold[rows] == f
-            if sel.any():
-                base = base + net.wide_offset(rows[sel], bi[sel], B, W_other)
         # base carries alpha at m = 1; the multiplier of each user at m is m ** ramp(n)
         n_hist = torch.tensor([len(np.unique(x)) for x in hists], dtype=torch.float32)
         ramp = ((torch.log1p(n_hist) - math.log1p(n_lo)) / (math.log1p(n_hi) - math.log1p(n_lo))).clamp(0.0, 1.0)
 
-        def logits_at(m):
-            offset = torch.pow(torch.tensor(m), ramp)[:, None] * base
-            gamma, delta = net.adapt_phi(h, V, rows, bi, w, cfg.inner_steps, lr=lr, offset=offset)
-            sc = net.logits(net.apply_phi(h, gamma, delta), V, offset)
-            sc[rows, bi] = -float("inf")
+        def block(b: slice) -> tuple:
+            """(rows, items, weights, base (b, N)) of the users in ``b``."""
+            lo, hi = int(bo[b.start]), int(bo[b.stop])
+            r, it = rows[lo:hi] - b.start, bi[lo:hi]
+            return r, it, w[lo:hi], _fold_offsets(net, r, it, b.stop - b.start, fold[b], cross[1])
+
+        def logits_at(m, b: slice, r, it, wb, base):
+            offset = torch.pow(torch.tensor(m), ramp[b])[:, None] * base
+            gamma, delta = net.adapt_phi(h[b], V, r, it, wb, cfg.inner_steps, lr=lr, offset=offset)
+            sc = net.logits(net.apply_phi(h[b], gamma, delta), V, offset)
+            sc[r, it] = -float("inf")
             return sc
 
+        tops = {m: np.zeros((B, kk), np.int64) for m in CALIB_GRID}
+        for b in blocks:
+            parts = block(b)
+            for m in CALIB_GRID:
+                tops[m][b] = torch.topk(logits_at(m, b, *parts), kk, dim=1).indices.numpy()
+            del parts
         for m in CALIB_GRID:
-            top = torch.topk(logits_at(m), min(k, N), dim=1).indices.numpy()
-            per_user[m] = _ndcg_plus_recall(top, truth, k)
+            per_user[m] = _ndcg_plus_recall(tops[m], truth, k)
             result[m] = float(per_user[m].mean())
+        del tops
         # keep alpha as trained unless the best m is clearly better on the held-out set (its
         # mean paired per-user gain over m = 1 exceeds one standard error), so that a small
         # or noisy held-out set cannot move it
@@ -1156,7 +1258,20 @@ def calibrate_wide(net: RecMetaNet, prep: Prepared, cal_users: np.ndarray, truth
         net.wide_scale[0] = math.log(best)
         tau = nll = None
         if best != 1.0:
-            nll = _heldout_nll(logits_at(best) * cfg.temperature, truth, TEMPERATURE_GRID + (float(cfg.temperature),))
+            temps = TEMPERATURE_GRID + (float(cfg.temperature),)
+            if len(blocks) == 1:
+                nll = _heldout_nll(logits_at(best, blocks[0], *block(blocks[0])) * cfg.temperature, truth, temps)
+            else:  # the mean over every (user, item) pair, summed block by block
+                tot, cnt = dict.fromkeys(temps, 0.0), 0
+                for b in blocks:
+                    tb = truth[b]
+                    n_b = sum(len(t) for t in tb)
+                    if n_b:
+                        part = _heldout_nll(logits_at(best, b, *block(b)) * cfg.temperature, tb, temps)
+                        for t in temps:
+                            tot[t] += part[t] * n_b
+                        cnt += n_b
+                nll = {t: tot[t] / max(cnt, 1) for t in temps}
             tau = min(nll, key=lambda t: (nll[t], abs(math.log(t / cfg.temperature))))
     logger.info("wide part calibrated on %d held-out users: alpha x %.3g "
                 "(NDCG+Recall@%d %.4f; x1: %.4f; best x %.3g: %.4f, %.2f standard errors above x1)",
@@ -1364,13 +1479,28 @@ def _epoch_samples(val: Validation) -> list:
 def _epoch_score(net: RecMetaNet, cfg: Config, samples: list, wide=None) -> float:
     """The early-stopping score of the deep part: the mean over ``samples`` (see
     :func:`_epoch_samples`) of NDCG@10 + Recall@10 of the deep logits plus ``wide`` (each
-    sample's wide logits at their training weight), or of the deep logits alone."""
+    sample's wide logits at their training weight), or of the deep logits alone. The users
+    are scored in blocks of rows (:data:`SCORE_BLOCK_BYTES`): memory stays a block of the
+    users x items scores."""
     scores = []
     for j, sample in enumerate(samples):
-        sc = _sample_logits(net, cfg, sample)
-        if wide is not None:
-            sc = sc + wide[j]
-        scores.append(_val_score(sc, sample[5]))
+        name, n, hists, rews, ufs, truth, excl = sample
+        blocks = _row_blocks(len(hists), net.n_items)
+        if len(blocks) == 1:
+            sc = _sample_logits(net, cfg, sample)
+            if wide is not None:
+                sc = sc + wide[j]
+            scores.append(_val_score(sc, truth))
+            continue
+        top = np.zeros((len(hists), min(10, net.n_items)), np.int64)
+        for b in blocks:
+            sc = _sample_logits(net, cfg, (name, n, hists[b], rews[b], ufs[b], truth[b],
+                                           excl[b] if excl is not None else None))
+            if wide is not None:
+                sc = sc + wide[j][b]
+            top[b] = torch.topk(sc, top.shape[1], dim=1).indices.numpy()
+            del sc
+        scores.append(float(_ndcg_plus_recall(top, truth, 10).mean()))
     return float(np.mean(scores))
 
 
