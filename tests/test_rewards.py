@@ -304,7 +304,9 @@ def test_alpha_curve_is_the_networks_formula():
 def test_tuned_training_fits_short_histories_on_new_users(tmp_path):
     import torch
 
-    model = rm.train(_long_log(), config={**TUNED, "validation": 0.3, "validation_cold": 0.2})
+    # wide_train "residual": new users' alpha(n) fitted on the cold stand-ins ("learned", the
+    # default, keeps the one learned in training: test_default_training_tunes_on_a_validation_set)
+    model = rm.train(_long_log(), config={**TUNED, "validation": 0.3, "validation_cold": 0.2, "wide_train": "residual"})
     fus = model.history["fusion"]
     assert {"warm", "first 5", "new users, first 5", "new users, first 10", "new users, first 20"} <= set(fus)
     for key in ("alpha", "new_user_alpha"):

@@ -215,7 +215,9 @@ def test_wide_part_is_closed_form_ease_and_part_of_the_policy():
     from recmeta_sdk.evaluation.baselines import EASE
 
     log = _synthetic(n_users=50, n_items=23)
-    m = rm.train(log, config=dict(TINY, epochs=1, wide_reg=7.0))
+    # without a validation set (validation-tuned training also tunes a popularity scaling
+    # and a recency weight, and re-fits alpha and the temperature: tests/test_rewards.py)
+    m = rm.train(log, config=dict(TINY, epochs=1, wide_reg=7.0, validation=0))
     u = m.user_map.to_index(log["user"])
     i = m.item_map.to_index(log["item"])
     ref = EASE(m.n_items, reg=7.0).fit(u, i, len(m.user_ids)).B
@@ -264,7 +266,7 @@ def test_calibration_split_holds_out_positive_items_of_some_users():
 
 def test_calibration_off_keeps_alpha_and_temperature():
     log = _synthetic(n_users=50, n_items=23)
-    m = rm.train(log, config=dict(TINY, epochs=1, calib_users=0.0, temperature=0.7))
+    m = rm.train(log, config=dict(TINY, epochs=1, calib_users=0.0, temperature=0.7, validation=0))
     assert m._net.wide_scale[0].item() == 0.0 and m.config.temperature == 0.7
     with pytest.raises(ValueError, match="calib_users"):
         rm.train(log, config=dict(TINY, epochs=1, calib_users=1.5))

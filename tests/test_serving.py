@@ -55,8 +55,9 @@ def featured():
 
 
 # ----------------------------------------------------------------------------- general path
-def _general_states(model, hists, rewards, ufeats, steps):
-    """(h, h', wide) by the network over the whole item table (the pre-fast-path computation)."""
+def _general_states(model, hists, rewards, ufeats, steps, new=False):
+    """(h, h', wide) by the network over the whole item table (the pre-fast-path computation);
+    ``new``: the histories are new users' (``adapt``: the new users' wide weight)."""
     net = model._net
     bi, bo, bw, sq, sl = history_tensors(hists, model.config.seq_len, model.n_items)
     uo = np.concatenate([[0], np.cumsum([len(u) for u in ufeats])]).astype(np.int64)
@@ -67,18 +68,18 @@ def _general_states(model, hists, rewards, ufeats, steps):
         rows = torch.from_numpy(np.repeat(np.arange(B), [len(x) for x in hists]))
         w = torch.from_numpy(np.maximum(np.concatenate(rewards), 0.0).astype(np.float32)) / model._reward_scale
         lr = None if model.config.meta == "fomaml" else model.config.inner_lr
-        offset = net.wide_offset(rows, bi, B)
+        offset = net.wide_offset(rows, bi, B, new=new)
         gamma, delta = net.adapt_phi(h, model._V, rows, bi, w, steps, lr=lr, offset=offset)
         hp = net.apply_phi(h, gamma, delta)
     return h, hp, offset
 
 
-def _general_wide(model, history):
+def _general_wide(model, history, new=True):
     if not model._net.has_wide:
         return None
     items = torch.from_numpy(np.asarray(history, np.int64))
     with torch.no_grad():
-        return model._net.wide_offset(torch.zeros(len(items), dtype=torch.int64), items, 1)[0]
+        return model._net.wide_offset(torch.zeros(len(items), dtype=torch.int64), items, 1, new=new)[0]
 
 
 def _general_recommend(model, state, k, *, exclude_seen=True, exclude=(), candidates=None, tau=None,
@@ -88,7 +89,7 @@ def _general_recommend(model, state, k, *, exclude_seen=True, exclude=(), candid
     bias = model._bias
     if popularity_penalty > 0:
         bias = bias - float(popularity_penalty) * float(tau) * model._log_pop
-    wide = _general_wide(model, state.history)
+    wide = _general_wide(model, state.history, new=state.user is None)
     if wide is not None:
         bias = (bias + wide).contiguous()
     exc = np.unique(np.concatenate([np.asarray(state.history, np.int64) if exclude_seen else np.zeros(0, np.int64),
@@ -150,7 +151,7 @@ def test_adapt_states_equal_the_network_over_the_whole_table(models, kind):
             st = model.adapt(hist, steps=steps)
             idx = model.item_map.to_index(np.asarray(hist)).astype(np.int64) if hist else np.zeros(0, np.int64)
             np.testing.assert_array_equal(st.history, idx)
-            h, hp, wide = _general_states(model, [idx], [st.rewards], [np.zeros(0, np.int64)], steps)
+            h, hp, wide = _general_states(model, [idx], [st.rewards], [np.zeros(0, np.int64)], steps, new=True)
             np.testing.assert_array_equal(st.base, h[0].numpy())
             np.testing.assert_array_equal(st.vector, hp[0].numpy())
             if wide is None:
@@ -193,7 +194,7 @@ def test_adapt_with_user_features_equals_the_network(featured):
         st = model.adapt(hist, features=feats)
         uf = model._encode_user_features(feats)
         idx = model.item_map.to_index(np.asarray(hist)).astype(np.int64) if hist else np.zeros(0, np.int64)
-        _, hp, _ = _general_states(model, [idx], [st.rewards], [uf], model.config.inner_steps)
+        _, hp, _ = _general_states(model, [idx], [st.rewards], [uf], model.config.inner_steps, new=True)
         np.testing.assert_array_equal(st.vector, hp[0].numpy())
 
 
