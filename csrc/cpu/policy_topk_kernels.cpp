@@ -76,7 +76,17 @@ typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));  // unaligne
 inline vf splat(float x) { return x - vf{}; }  // x - 0 == x for every x (also -0)
 inline vf loadu(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+/// a > b ? a : b (b when either is NaN), which is exactly MAXPS(a, b); GCC compiled the
+/// vector-extension form to a compare and a blend.
+inline vf vmax(vf a, vf b) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_max_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b)));
+#elif defined(__AVX2__)
+  return reinterpret_cast<vf>(_mm256_max_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b)));
+#else
+  return a > b ? a : b;
+#endif
+}
 
 #if defined(__AVX512F__)
 /// exp(x) for x <= 0 (x may be -inf): Cody-Waite reduction, the Cephes polynomial (about
@@ -168,6 +178,13 @@ inline float hsum_tree(vf v) {
 inline float hmax(vf v) {
 #if defined(__AVX512F__)
   return _mm512_reduce_max_ps(reinterpret_cast<__m512>(v));
+#elif defined(__AVX2__)
+  // the same tree as below, in registers (it ran per 64 items through the stack)
+  const __m256 x = reinterpret_cast<__m256>(v);
+  __m128 m = _mm_max_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+  m = _mm_max_ps(_mm_movehl_ps(m, m), m);
+  m = _mm_max_ss(_mm_shuffle_ps(m, m, 1), m);
+  return _mm_cvtss_f32(m);
 #else
   float t[VW];
   std::memcpy(t, &v, sizeof t);
