@@ -13,13 +13,17 @@ affinity + every library's thread setting), prints the wall time (best of a few 
   ``faiss.cvar.distance_compute_blas_threshold = 1`` (``faiss-blas``);
 
 the ratios peer / ours, and two floors with our fraction of each (floor / ours): the read
-floor, table bytes / measured read bandwidth (best of numpy's and torch's sum over the same
-table), and the FMA floor, 2*B*N*d / this core's float32 FMA peak (_core.fma_probe: 12
+floor, table bytes / measured read bandwidth (torch's sum over the same table, timed in the
+same rounds as the case, or the best of numpy's and torch's sum timed before, whichever is
+faster), and the FMA floor, 2*B*N*d / this core's float32 FMA peak (_core.fma_probe: 12
 independent vector FMA chains, times the thread count); torch's matmul rate is printed too.
 Also float16 and int8 tables against float32 at B = 1, in numpy memory like the float32 table
 and as quantize() returns them (torch memory; see the note in main()).
 
-Usage: python bench/bench_policy_topk.py [--quick] [--threads 1,2] [--no-faiss]
+Each row ends with issue 20's targets for it (met / MISSED with the figure).
+
+Usage: python bench/bench_policy_topk.py [--quick] [--threads 1,2] [--no-faiss] [--clock cpu]
+       [--stat median] [--reps 5] [--batches 1,8,64,512]
 The machine may be shared: expect noise; the ratios come from the same run.
 """
 from __future__ import annotations
@@ -324,7 +328,8 @@ def main(argv=None):
                       f"{'faiss':>8} {'f-blas':>8} {'np-mm':>8} | x torch  x chunk  x faiss  x f-blas  x np-mm | read ms  frac "
                       f"| FMA ms  frac | issue 20 targets")
                 for (B, k, e), case in cases.items():
-                    fns = {"ours": run_ours(items_t, bias_t, case)}
+                    # the read floor is timed in the same rounds (the machine's load moves)
+                    fns = {"ours": run_ours(items_t, bias_t, case), "read": lambda: items_t.sum()}
                     if not args.no_torch_full:
                         fns["torch"] = run_torch(items_t, bias_t, case)
                     fns["chunked"] = run_torch_chunked(items_t, bias_t, case)
@@ -335,7 +340,7 @@ def main(argv=None):
                         fns["f-blas"] = run_faiss(index, case, True)
                     peers = dict(zip(fns, interleaved(list(fns.values()), reps=args.reps, slow=0.5)))
                     ours = peers.pop("ours")
-                    read_floor = items.nbytes / bw * 1e3
+                    read_floor = min(peers.pop("read"), items.nbytes / bw * 1e3)
                     fma_floor = 2.0 * B * N * d / peak * 1e3
                     cols = " ".join(fmt(peers[n]) if n in peers else f"{'-':>8}"
                                     for n in ("torch", "chunked", "faiss", "f-blas", "np-mm"))
@@ -349,7 +354,8 @@ def main(argv=None):
                 U = torch.from_numpy(case.U)
                 tabs = [items_t, q16n, q16, q8n, q8]
                 times = interleaved([lambda U=U, tb=tb, k=case.k, b=bias_t: ops.policy_topk(U, tb, k, bias=b)
-                                     for tb in tabs], reps=max(9, args.reps))
+                                     for tb in tabs] + [lambda: items_t.sum()], reps=max(9, args.reps))
+                bw = max(bw, items.nbytes / (times.pop() / 1e3))  # the read rate of these rounds
                 base = times[0]
                 for j, (name, mem, nbytes) in enumerate((("fp16", "numpy", N * d * 2), ("fp16", "torch", N * d * 2),
                                                          ("int8", "numpy", N * d + 8 * N),
