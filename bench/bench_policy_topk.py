@@ -13,13 +13,17 @@ affinity + every library's thread setting), prints the wall time (best of a few 
   ``faiss.cvar.distance_compute_blas_threshold = 1`` (``faiss-blas``);
 
 the ratios peer / ours, and two floors with our fraction of each (floor / ours): the read
-floor, table bytes / measured read bandwidth (best of numpy's and torch's sum over the same
-table), and the FMA floor, 2*B*N*d / this core's float32 FMA peak (_core.fma_probe: 12
+floor, table bytes / measured read bandwidth (torch's sum over the same table, timed in the
+same rounds as the case, or the best of numpy's and torch's sum timed before, whichever is
+faster), and the FMA floor, 2*B*N*d / this core's float32 FMA peak (_core.fma_probe: 12
 independent vector FMA chains, times the thread count); torch's matmul rate is printed too.
 Also float16 and int8 tables against float32 at B = 1, in numpy memory like the float32 table
 and as quantize() returns them (torch memory; see the note in main()).
 
-Usage: python bench/bench_policy_topk.py [--quick] [--threads 1,2] [--no-faiss]
+Each row ends with issue 20's targets for it (met / MISSED with the figure).
+
+Usage: python bench/bench_policy_topk.py [--quick] [--threads 1,2] [--no-faiss] [--clock cpu]
+       [--stat median] [--reps 5] [--batches 1,8,64,512]
 The machine may be shared: expect noise; the ratios come from the same run.
 """
 from __future__ import annotations
@@ -85,24 +89,29 @@ def timeit(fn, reps: int = 5, slow: float = 1.0) -> float:
     return best * 1e3
 
 
+STAT = "best"
+
+
 def interleaved(fns, reps: int = 5, slow: float = 1.0) -> list:
-    """Best times in ms (CLOCK) of several callables timed in turns: each round runs every one
+    """Times in ms (CLOCK) of several callables timed in turns: each round runs every one
     once, so a burst of load from the machine's other users falls on all of them, not on
     whichever was being timed then. The first call of each warms up; a callable whose first
-    call took longer than `slow` s is not repeated (its first time is reported)."""
-    best = []
+    call took longer than `slow` s is not repeated (its first time is reported). Reports the
+    best of the rounds, or their median with ``--stat median`` (STAT)."""
+    first = []
     for fn in fns:
         t0 = CLOCK()
         fn()
-        best.append(CLOCK() - t0)
-    again = [i for i, t in enumerate(best) if t <= slow]
-    best = [t if t > slow else float("inf") for t in best]
+        first.append(CLOCK() - t0)
+    runs = [[] for _ in fns]
+    again = [i for i, t in enumerate(first) if t <= slow]
     for _ in range(reps):
         for i in again:
             t0 = CLOCK()
             fns[i]()
-            best[i] = min(best[i], CLOCK() - t0)
-    return [b * 1e3 for b in best]
+            runs[i].append(CLOCK() - t0)
+    pick = (lambda v: float(np.median(v))) if STAT == "median" else min
+    return [(pick(r) if r else f) * 1e3 for r, f in zip(runs, first)]
 
 
 def measure_bandwidth(table: np.ndarray) -> float:
@@ -228,6 +237,26 @@ def _numpy_copy(t: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(t.numpy().copy())
 
 
+def _targets(B, ours, peers, read_floor, fma_floor) -> str:
+    """Issue 20's targets for this row, each 'met' or 'MISSED' with the figure: B <= 4 at >= 90%
+    of the read floor and never slower than numpy's GEMV (at B = 1); B = 64 at >= 60% of the
+    FMA floor; B >= 8 at >= 2x faiss with its BLAS path forced."""
+    out = []
+
+    def one(name, ok, figure):
+        out.append(f"{name} {figure} {'met' if ok else 'MISSED'}")
+
+    if B <= 4:
+        one(">=90% read", read_floor / ours >= 0.9, f"{read_floor / ours:.0%}")
+        if B == 1 and "np-mm" in peers:
+            one("<=GEMV", ours <= peers["np-mm"], f"{peers['np-mm'] / ours:.2f}x")
+    if B == 64:
+        one(">=60% FMA", fma_floor / ours >= 0.6, f"{fma_floor / ours:.0%}")
+    if B >= 8 and "f-blas" in peers:
+        one(">=2x f-blas", peers["f-blas"] / ours >= 2.0, f"{peers['f-blas'] / ours:.2f}x")
+    return "; ".join(out)
+
+
 def fmt(ms):
     return f"{ms:8.1f}"
 
@@ -242,8 +271,12 @@ def main(argv=None):
     ap.add_argument("--no-excl", action="store_true", help="only the cases without exclusions")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: CPU time of the calling thread (1 thread only; robust on a shared machine)")
+    ap.add_argument("--stat", choices=("best", "median"), default="best",
+                    help="report the best (default) or the median of the interleaved rounds")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved rounds per case")
     args = ap.parse_args(argv)
-    global CLOCK
+    global CLOCK, STAT
+    STAT = args.stat
     if args.clock == "cpu":
         CLOCK = time.thread_time
         if args.threads != "1":
@@ -257,7 +290,7 @@ def main(argv=None):
     Bs = [int(b) for b in args.batches.split(",")]
     ks = [10] if args.quick else [10, 100]
     excls = [0] if args.no_excl else [0, 100]
-    print(f"clock: {args.clock}; recmeta core ISA {_core.cpu_isa()}, OpenMP {_core.has_openmp()}, torch {torch.__version__}"
+    print(f"clock: {args.clock}, {args.stat} of {args.reps} rounds; recmeta core ISA {_core.cpu_isa()}, OpenMP {_core.has_openmp()}, torch {torch.__version__}"
           + (f", faiss {faiss.__version__}" if faiss is not None else ""))
     rng = np.random.default_rng(20261129)
     for N in Ns:
@@ -293,9 +326,10 @@ def main(argv=None):
                       f"FMA peak {peak / 1e9:.0f} GFLOP/s ({t} x one core's)")
                 print(f"{'B':>4} {'k':>4} {'excl':>4} | {'ours ms':>8} | {'torch':>8} {'chunked':>8} "
                       f"{'faiss':>8} {'f-blas':>8} {'np-mm':>8} | x torch  x chunk  x faiss  x f-blas  x np-mm | read ms  frac "
-                      f"| FMA ms  frac")
+                      f"| FMA ms  frac | issue 20 targets")
                 for (B, k, e), case in cases.items():
-                    fns = {"ours": run_ours(items_t, bias_t, case)}
+                    # the read floor is timed in the same rounds (the machine's load moves)
+                    fns = {"ours": run_ours(items_t, bias_t, case), "read": lambda: items_t.sum()}
                     if not args.no_torch_full:
                         fns["torch"] = run_torch(items_t, bias_t, case)
                     fns["chunked"] = run_torch_chunked(items_t, bias_t, case)
@@ -304,30 +338,33 @@ def main(argv=None):
                     if use_faiss:
                         fns["faiss"] = run_faiss(index, case, False)
                         fns["f-blas"] = run_faiss(index, case, True)
-                    peers = dict(zip(fns, interleaved(list(fns.values()), slow=0.5)))
+                    peers = dict(zip(fns, interleaved(list(fns.values()), reps=args.reps, slow=0.5)))
                     ours = peers.pop("ours")
-                    read_floor = items.nbytes / bw * 1e3
+                    read_floor = min(peers.pop("read"), items.nbytes / bw * 1e3)
                     fma_floor = 2.0 * B * N * d / peak * 1e3
                     cols = " ".join(fmt(peers[n]) if n in peers else f"{'-':>8}"
                                     for n in ("torch", "chunked", "faiss", "f-blas", "np-mm"))
                     ratios = " ".join(f"{peers[n] / ours:7.2f}x" if n in peers else f"{'-':>8}"
                                       for n in ("torch", "chunked", "faiss", "f-blas", "np-mm"))
                     print(f"{B:>4} {k:>4} {e:>4} | {fmt(ours)} | {cols} | {ratios} | {fmt(read_floor)} "
-                          f"{read_floor / ours:5.0%} | {fmt(fma_floor)} {fma_floor / ours:5.0%}", flush=True)
+                          f"{read_floor / ours:5.0%} | {fmt(fma_floor)} {fma_floor / ours:5.0%} | "
+                          f"{_targets(B, ours, peers, read_floor, fma_floor)}", flush=True)
                 # quantised tables at B = 1
                 case = cases[(1, ks[0], 0)]
                 U = torch.from_numpy(case.U)
                 tabs = [items_t, q16n, q16, q8n, q8]
                 times = interleaved([lambda U=U, tb=tb, k=case.k, b=bias_t: ops.policy_topk(U, tb, k, bias=b)
-                                     for tb in tabs], reps=9)
+                                     for tb in tabs] + [lambda: items_t.sum()], reps=max(9, args.reps))
+                bw = max(bw, items.nbytes / (times.pop() / 1e3))  # the read rate of these rounds
                 base = times[0]
                 for j, (name, mem, nbytes) in enumerate((("fp16", "numpy", N * d * 2), ("fp16", "torch", N * d * 2),
                                                          ("int8", "numpy", N * d + 8 * N),
                                                          ("int8", "torch", N * d + 8 * N))):
                     ms = times[j + 1]
+                    frac = nbytes / bw * 1e3 / ms
                     print(f"B=1 {name} ({mem} memory): {fmt(ms)} ms vs fp32 {fmt(base)} ms -> "
                           f"{base / ms:.2f}x faster; {nbytes / 1e6:.0f} MB read, "
-                          f"{nbytes / bw * 1e3 / ms:.0%} of read bandwidth")
+                          f"{frac:.0%} of its byte floor (>=90%: {'met' if frac >= 0.9 else 'MISSED'})")
     return 0
 
 

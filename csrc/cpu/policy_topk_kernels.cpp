@@ -76,7 +76,17 @@ typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));  // unaligne
 inline vf splat(float x) { return x - vf{}; }  // x - 0 == x for every x (also -0)
 inline vf loadu(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+/// a > b ? a : b (b when either is NaN), which is exactly MAXPS(a, b); GCC compiled the
+/// vector-extension form to a compare and a blend.
+inline vf vmax(vf a, vf b) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_max_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b)));
+#elif defined(__AVX2__)
+  return reinterpret_cast<vf>(_mm256_max_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b)));
+#else
+  return a > b ? a : b;
+#endif
+}
 
 #if defined(__AVX512F__)
 /// exp(x) for x <= 0 (x may be -inf): Cody-Waite reduction, the Cephes polynomial (about
@@ -96,29 +106,60 @@ inline vf vexp(vf xv) {
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return reinterpret_cast<vf>(_mm512_scalef_ps(p, n));
 }
+/// The block sum's term exp(x - m), x <= m (x may be -inf); mL = m * log2(e) from
+/// shift_of(m). (The AVX-512 variant keeps the Cody-Waite form above.)
+inline vf shift_of(float m) { return splat(m); }
+inline vf vexp_shifted(vf x, vf m) { return vexp(x - m); }
 #else
-/// exp(x) for x <= 0 (x may be -inf): Cody-Waite reduction and the Cephes polynomial
-/// (about 1 ulp). x below -87 (-inf included) is taken as -87: such a term is 1.6e-38
-/// instead of at most that, and the only caller sums terms relative to their maximum (a
-/// sum >= 1), where N such terms change nothing at float or double precision. (One
-/// VMAXPS instead of a compare and a blend: the exp pass is the fold's main cost.)
-inline vf vexp(vf x) {
-  x = vmax(x, splat(-87.0f));
-  vf n = x * 1.44269504088896341f;
-  n = (n + 12582912.0f) - 12582912.0f;  // round to nearest integer
-  vf r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &e, sizeof scale);
-  return p * scale;
+/// exp(x - m) for x <= m (x may be -inf), as 2^t with t = x * log2(e) - m * log2(e) (one
+/// FMA: x * log2(e) is exact inside it, then one rounding), t = n + f with n = round(t) and
+/// |f| <= 1/2, 2^f by a degree-5 minimax polynomial and 2^n added to its exponent bits.
+/// 12 vector operations (the Cody-Waite form with the Cephes polynomial took 19; the exp
+/// pass is the fold's main cost at B >= 8).
+///
+/// Error bound, per term, relative: the polynomial evaluated in float32 (Horner, FMA) is
+/// within 2.1e-7 of 2^f on [-1/2, 1/2] (checked on a 2M-point grid); rounding t adds at
+/// most |t| * 2^-24 * ln 2 = |x - m| * 6e-8 (the Cody-Waite form's x - m rounds the same
+/// way); mL's own rounding (|m| * 2^-24 * log2(e)) is the same factor on every term of the
+/// block, i.e. an error of at most |m| * 6e-8 on its log-sum-exp, relative to a
+/// log-normaliser >= m. The terms that dominate a sum are those near its maximum (|x - m|
+/// small), so the terms add about 3e-7 (absolute) + 1e-7 * |m| to the log-normaliser's error;
+/// the float32 sum of a block adds at most 2.1e-6 (see fold_block; it was the same before).
+/// Far inside the reference tests' 1e-5; tests/test_policy_lognorm_bound.py checks it against
+/// exact log-sum-exps. t is clamped at -126 (x = -inf included): such a term is at most
+/// 2^-126 instead of smaller, and the sum it joins is >= 1/2, so N such terms change
+/// nothing at float or double precision.
+#if defined(__FMA__)
+inline vf fms(vf a, vf b, vf c) {
+#if defined(__AVX2__)
+  return reinterpret_cast<vf>(_mm256_fmsub_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
+                                              reinterpret_cast<__m256>(c)));
+#else
+  return a * b - c;
+#endif
+}
+#else
+inline vf fms(vf a, vf b, vf c) { return a * b - c; }
+#endif
+constexpr float kLog2e = 1.44269504088896341f;
+inline vf shift_of(float m) { return splat(m * kLog2e); }
+inline vf vexp_shifted(vf x, vf mL) {
+  vf t = fms(x, splat(kLog2e), mL);
+  t = vmax(t, splat(-126.0f));
+  const vf y = t + 12582912.0f;  // 1.5 * 2^23: the low mantissa bits of y hold round(t)
+  const vf f = t - (y - 12582912.0f);
+  vf p = splat(1.3277939287945628e-3f);
+  p = p * f + 9.675757959485054e-3f;
+  p = p * f + 5.550709739327431e-2f;
+  p = p * f + 2.4022114276885986e-1f;
+  p = p * f + 6.931469440460205e-1f;
+  p = p * f + 1.0000001192092896f;
+  vi pb, yb;
+  std::memcpy(&pb, &p, sizeof pb);
+  std::memcpy(&yb, &y, sizeof yb);
+  pb += yb << 23;  // + round(t) in the exponent field (p in [0.70, 1.42], t >= -126: no wrap)
+  std::memcpy(&p, &pb, sizeof p);
+  return p;
 }
 #endif
 
@@ -137,6 +178,13 @@ inline float hsum_tree(vf v) {
 inline float hmax(vf v) {
 #if defined(__AVX512F__)
   return _mm512_reduce_max_ps(reinterpret_cast<__m512>(v));
+#elif defined(__AVX2__)
+  // the same tree as below, in registers (it ran per 64 items through the stack)
+  const __m256 x = reinterpret_cast<__m256>(v);
+  __m128 m = _mm_max_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+  m = _mm_max_ps(_mm_movehl_ps(m, m), m);
+  m = _mm_max_ss(_mm_shuffle_ps(m, m, 1), m);
+  return _mm_cvtss_f32(m);
 #else
   float t[VW];
   std::memcpy(t, &v, sizeof t);
@@ -368,6 +416,15 @@ void pack_block(const TableView& t, int64_t row0, const int64_t* rows, int64_t n
   }
 }
 
+/// The screen of the per-row values a row kernel reads anyway (AVX2): the caller's bias
+/// (`bias`, unscaled: NaN and +inf are bad) and an int8 table's row_scale / row_min (any
+/// non-finite value is bad); `bad` is set when one is seen. Used on the dense path in place
+/// of a separate sweep over those arrays before each block (int8 at B = 1: ~10% of the time).
+struct RowScreen {
+  const float* bias = nullptr;
+  bool bad = false;
+};
+
 #if defined(__AVX512F__)
 // ---------------------------------------------------------------------------------------
 // Few users (<= kRowsKernelMaxUsers): no packing. Lanes run over the dim; each group of 16
@@ -550,7 +607,7 @@ void rows_kernel_d(const TableView& t, int64_t row0, const int64_t* rows, int64_
 }
 
 void rows_kernel(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, const float* U,
-                 int64_t nu, const float* bias, float* S, int64_t lds) {
+                 int64_t nu, const float* bias, float* S, int64_t lds, RowScreen* /*screen: AVX2 only*/ = nullptr) {
   switch (t.type) {
     case TableType::F16: rows_kernel_d<TableType::F16>(t, row0, rows, n, U, nu, bias, S, lds); break;
     case TableType::I8Rowwise: rows_kernel_d<TableType::I8Rowwise>(t, row0, rows, n, U, nu, bias, S, lds); break;
@@ -770,9 +827,12 @@ inline __m256 reduce8(const __m256 a[8]) {
 /// rows the dot product with the codes is scaled: scale * (u . q) + min * sum(u).
 template <TableType TT>
 void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, const float* U,
-                   int64_t nu, const float* bias, float* S, int64_t lds) {
+                   int64_t nu, const float* bias, float* S, int64_t lds, RowScreen* screen) {
   const int64_t d = t.dim;
   const int64_t d8 = d / 8 * 8;
+  const __m256 inf_v = _mm256_set1_ps(kInf);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 screen_bad = _mm256_setzero_ps();  // lanes all ones where a screened value is bad
   const int tail = static_cast<int>(d - d8);
   const char* const base = static_cast<const char*>(t.data);
   const int64_t row_bytes = t.row_stride * table_elem_size(t.type);
@@ -787,6 +847,12 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
   }
   // Rows this far ahead are prefetched into L2 (about 16 KB, as on AVX-512).
   constexpr int64_t kAhead = TT == TableType::F32 ? 32 : (TT == TableType::F16 ? 128 : 512);
+  // float32 rows are read front to back, one row after the other (see below); float16 and
+  // int8 rows dim-outer, 8 rows interleaved: their conversions make the kernel
+  // instruction-bound, and a row's chain of dependent FMAs (8 at d = 64) then stalled it:
+  // the interleaved order has 8 independent chains. Same bits either way (each row's sum
+  // runs over its dims in the same order).
+  constexpr bool row_order = TT == TableType::F32;
   const int64_t lines = (row_bytes + 63) / 64;
   for (int64_t j = 0; j < n; j += 8) {
     const int64_t cnt = std::min<int64_t>(8, n - j);
@@ -820,10 +886,20 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
       scale_v = gather8(row_scale);
       min_v = gather8(row_min);
     }
+    if (screen != nullptr && rows == nullptr) {  // padding lanes repeat row j (valid)
+      if (screen->bias != nullptr) {
+        const __m256 b = cnt == 8 ? _mm256_loadu_ps(screen->bias + row0 + j) : gather8(screen->bias);
+        screen_bad = _mm256_or_ps(screen_bad, _mm256_cmp_ps(b, inf_v, _CMP_NLT_UQ));  // NaN or +inf
+      }
+      if constexpr (TT == TableType::I8Rowwise) {
+        screen_bad = _mm256_or_ps(screen_bad, _mm256_cmp_ps(_mm256_and_ps(scale_v, abs_mask), inf_v, _CMP_NLT_UQ));
+        screen_bad = _mm256_or_ps(screen_bad, _mm256_cmp_ps(_mm256_and_ps(min_v, abs_mask), inf_v, _CMP_NLT_UQ));
+      }
+    }
     for (int64_t m = 0; m < nu; ++m) {
       const float* u = U + m * d;
       __m256 acc[8];
-      if (d8 > 0) {
+      if (d8 > 0 && row_order) {
         // Each row front to back (the memory is read in address order, as a plain sum
         // reads it): measured 80-95% of this machine's streaming read rate at B = 1 against
         // 65-80% for the dim-outer order (8 rows interleaved), same bits (each row's sum runs
@@ -839,13 +915,24 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
         }
         pf = pf_end;
       } else {
-      for (int q = 0; q < 8; ++q) acc[q] = _mm256_setzero_ps();
-      for (int64_t c = 0; c < d8; c += 8) {
-        for (const char* e = std::min(pf_end, pf + pf_step); pf < e; pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
-        const __m256 uc = _mm256_loadu_ps(u + c);
-#pragma GCC unroll 8
-        for (int q = 0; q < 8; ++q) acc[q] = _mm256_fmadd_ps(uc, load8_at<TT>(rp[q], c), acc[q]);
-      }
+        // Named accumulators and row pointers: with an array GCC stored all eight to the
+        // stack on every step of the loop.
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        const char *r0 = rp[0], *r1 = rp[1], *r2 = rp[2], *r3 = rp[3], *r4 = rp[4], *r5 = rp[5], *r6 = rp[6],
+                   *r7 = rp[7];
+        for (int64_t c = 0; c < d8; c += 8) {
+          for (const char* e = std::min(pf_end, pf + pf_step); pf < e; pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+          const __m256 uc = _mm256_loadu_ps(u + c);
+          a0 = _mm256_fmadd_ps(uc, load8_at<TT>(r0, c), a0);
+          a1 = _mm256_fmadd_ps(uc, load8_at<TT>(r1, c), a1);
+          a2 = _mm256_fmadd_ps(uc, load8_at<TT>(r2, c), a2);
+          a3 = _mm256_fmadd_ps(uc, load8_at<TT>(r3, c), a3);
+          a4 = _mm256_fmadd_ps(uc, load8_at<TT>(r4, c), a4);
+          a5 = _mm256_fmadd_ps(uc, load8_at<TT>(r5, c), a5);
+          a6 = _mm256_fmadd_ps(uc, load8_at<TT>(r6, c), a6);
+          a7 = _mm256_fmadd_ps(uc, load8_at<TT>(r7, c), a7);
+        }
+        acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3; acc[4] = a4; acc[5] = a5; acc[6] = a6; acc[7] = a7;
       }
       for (; pf < pf_end; pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
       if (tail) {
@@ -858,14 +945,15 @@ void rows_kernel_t(const TableView& t, int64_t row0, const int64_t* rows, int64_
       _mm256_storeu_ps(S + m * lds + j, _mm256_add_ps(bias_v, dots));
     }
   }
+  if (screen != nullptr && _mm256_movemask_ps(screen_bad) != 0) screen->bad = true;
 }
 
 void rows_kernel(const TableView& t, int64_t row0, const int64_t* rows, int64_t n, const float* U,
-                 int64_t nu, const float* bias, float* S, int64_t lds) {
+                 int64_t nu, const float* bias, float* S, int64_t lds, RowScreen* screen = nullptr) {
   switch (t.type) {
-    case TableType::F16: rows_kernel_t<TableType::F16>(t, row0, rows, n, U, nu, bias, S, lds); break;
-    case TableType::I8Rowwise: rows_kernel_t<TableType::I8Rowwise>(t, row0, rows, n, U, nu, bias, S, lds); break;
-    default: rows_kernel_t<TableType::F32>(t, row0, rows, n, U, nu, bias, S, lds); break;
+    case TableType::F16: rows_kernel_t<TableType::F16>(t, row0, rows, n, U, nu, bias, S, lds, screen); break;
+    case TableType::I8Rowwise: rows_kernel_t<TableType::I8Rowwise>(t, row0, rows, n, U, nu, bias, S, lds, screen); break;
+    default: rows_kernel_t<TableType::F32>(t, row0, rows, n, U, nu, bias, S, lds, screen); break;
   }
 }
 
@@ -1041,6 +1129,11 @@ struct Entry {
 inline bool better(const Entry& a, const Entry& b) {
   return a.key > b.key || (a.key == b.key && a.id < b.id);
 }
+/// `better` as a function object: the heap and sort calls inline it (a function pointer
+/// made every comparison of std::push_heap / pop_heap an indirect call).
+struct Better {
+  bool operator()(const Entry& a, const Entry& b) const { return better(a, b); }
+};
 
 struct Heap {
   Entry* e = nullptr;
@@ -1053,14 +1146,14 @@ struct Heap {
   int push(const Entry& x, Entry& evicted) {
     if (size < cap) {
       e[size++] = x;
-      std::push_heap(e, e + size, better);
+      std::push_heap(e, e + size, Better{});
       return 1;
     }
     if (better(x, e[0])) {
       evicted = e[0];
-      std::pop_heap(e, e + size, better);
+      std::pop_heap(e, e + size, Better{});
       e[size - 1] = x;
-      std::push_heap(e, e + size, better);
+      std::push_heap(e, e + size, Better{});
       return 2;
     }
     return 0;
@@ -1124,7 +1217,12 @@ void screen_scores(const Ctx& c, float* x, int64_t n, const int64_t* ids, int64_
 /// the heap partition the eligible items: Z = tail + sum of the kept items' exp(s) is a sum
 /// of positive terms, and the tail mass of a slate (what policy_sample's slate probability
 /// needs) is exact, never the difference Z - sum over the slate (which cancels when the
-/// slate holds nearly all the mass).
+/// slate holds nearly all the mass). That bookkeeping is for policy_sample only: for
+/// policy_topk (no tail asked for) (m, s) sums every eligible item, kept or not, and the
+/// heap is only the ranking (no eviction pays a double-precision exp, no kept item lowers a
+/// sub-block's maximum). At B = 64 the bookkeeping cost about a quarter of the time: each
+/// chunk's heaps start empty (for thread-count-independent bits), so every chunk's first
+/// blocks push and evict many entries.
 void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* ids, int64_t i0,
                 const int64_t* ex_b, const int64_t* ex_e, float& m, double& s, Heap& h) {
   const int64_t n_round = (n + VW - 1) / VW * VW;
@@ -1139,8 +1237,10 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
   float submax[1024 / kSubItems + 1];
   const int64_t nsub = (n + kSubItems - 1) / kSubItems;
   vf vm0 = splat(-kInf);
-  vi badv = vi{};
-  const vi expo = vi{} + 0x7F800000;
+  // The screen is a sum: it is finite iff every value is finite, unless finite values
+  // overflow it (then the slow screen below finds nothing to change). One add per vector
+  // instead of three integer operations.
+  vf sumv = splat(0.0f), sumw = splat(0.0f);
   int64_t jj = 0;
   int64_t sb = 0;
   for (; jj + kSubItems <= n; jj += kSubItems, ++sb) {
@@ -1148,10 +1248,8 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
 #pragma GCC unroll 8
     for (int64_t q = 0; q < kSubItems; q += 2 * VW) {
       const vf x0 = loadu(x + jj + q), x1 = loadu(x + jj + q + VW);
-      vi i0v, i1v;
-      std::memcpy(&i0v, &x0, sizeof i0v);
-      std::memcpy(&i1v, &x1, sizeof i1v);
-      badv |= ((i0v & expo) == expo) | ((i1v & expo) == expo);
+      sumv += x0;
+      sumw += x1;
       a0 = vmax(a0, x0);
       a1 = vmax(a1, x1);
     }
@@ -1164,15 +1262,12 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
     vf at = splat(-kInf);
     for (; jj + VW <= n; jj += VW) {
       const vf x0 = loadu(x + jj);
-      vi i0v;
-      std::memcpy(&i0v, &x0, sizeof i0v);
-      badv |= (i0v & expo) == expo;
+      sumv += x0;
       at = vmax(at, x0);
     }
     tail_max = hmax(at);
   }
-  bool bad = false;
-  for (int i = 0; i < VW; ++i) bad |= badv[i] != 0;
+  bool bad = !std::isfinite(hsum_tree(sumv + sumw));
   for (; jj < n; ++jj) {
     bad |= !std::isfinite(x[jj]);
     tail_max = x[jj] > tail_max ? x[jj] : tail_max;
@@ -1217,6 +1312,7 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
   // upper bound of it when sampling) reach the scalar code; the threshold only rises, so
   // each candidate is checked again against the current one before the heap sees it.
   const float shift = c.a->sample ? c.gmax : 0.0f;
+  const bool tail = c.a->sample;
   if (h.cap > 0 && !(h.full() && bm + shift < h.thresh())) {
     const uint32_t rk = c.a->sample ? row_key(c.key, row) : 0u;
     float em = -kInf;  // log-sum-exp of the evicted entries' scores
@@ -1240,7 +1336,7 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
           if (key < h.thresh()) continue;
         }
         const int r = h.push(Entry{key, v, id}, ev);
-        if (r == 0) continue;
+        if (r == 0 || !tail) continue;
         x[j] = -kInf;  // kept: not in the tail
         dirty |= 1u << (j / kSubItems);
         if (r == 2) lse_add(em, es, ev.score);
@@ -1253,9 +1349,21 @@ void fold_block(const Ctx& c, int64_t row, float* x, int64_t n, const int64_t* i
     }
   }
   const float m2 = bm > m ? bm : m;
-  vf acc = splat(0.0f);
-  for (int64_t j = 0; j < n_round; j += VW) acc += vexp(loadu(x + j) - m2);
-  const double bs = static_cast<double>(hsum_tree(acc));
+  // Four partial sums: no lane adds more than n / (4 VW) + 1 terms in sequence (at most 33
+  // at NB = 1024 on AVX2), which bounds the float32 accumulation error of the block sum by
+  // about 35 * 2^-24 = 2.1e-6 relative (one chain of 128 terms: 7.6e-6), and the four
+  // chains overlap the adds' latency.
+  const vf m2v = shift_of(m2);
+  vf acc0 = splat(0.0f), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  int64_t j = 0;
+  for (; j + 4 * VW <= n_round; j += 4 * VW) {
+    acc0 += vexp_shifted(loadu(x + j), m2v);
+    acc1 += vexp_shifted(loadu(x + j + VW), m2v);
+    acc2 += vexp_shifted(loadu(x + j + 2 * VW), m2v);
+    acc3 += vexp_shifted(loadu(x + j + 3 * VW), m2v);
+  }
+  for (; j < n_round; j += VW) acc0 += vexp_shifted(loadu(x + j), m2v);
+  const double bs = static_cast<double>(hsum_tree((acc0 + acc1) + (acc2 + acc3)));
   if (m2 != m) s = (m == -kInf ? 0.0 : s * std::exp(static_cast<double>(m) - static_cast<double>(m2)));
   s += bs;
   m = m2;
@@ -1290,7 +1398,15 @@ void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, in
 #endif
   for (int64_t i0 = c0; i0 < c1; i0 += NB) {
     const int64_t n = std::min(NB, c1 - i0);
-    if (c.checks->enabled && u0 == 0) {  // the first user tile screens each block once
+#if !defined(__AVX512F__) && defined(__AVX2__)
+    const bool kernel_screens = nu <= kRowsKernelMaxUsers;  // the row kernel screens what it reads
+#else
+    const bool kernel_screens = false;
+#endif
+    RowScreen screen;
+    screen.bias = a.bias;
+    RowScreen* const scr = c.checks->enabled && u0 == 0 && kernel_screens ? &screen : nullptr;
+    if (c.checks->enabled && u0 == 0 && !kernel_screens) {  // the first user tile screens each block once
       bool bad = a.bias != nullptr && !bias_ok(a.bias + i0, n);
       if (a.items.type == TableType::I8Rowwise)
         bad = bad || !all_finite(a.items.row_scale + i0, n) || !all_finite(a.items.row_min + i0, n);
@@ -1313,7 +1429,8 @@ void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, in
     };
 #if defined(__AVX512F__) || defined(__AVX2__)
     if (nu <= kRowsKernelMaxUsers) {
-      rows_kernel(a.items, i0, nullptr, n, c.users + u0 * d, nu, c.bias, w.S.p, NB);
+      rows_kernel(a.items, i0, nullptr, n, c.users + u0 * d, nu, c.bias, w.S.p, NB, scr);
+      if (scr != nullptr && scr->bad) __atomic_store_n(&c.checks->failed, true, __ATOMIC_RELAXED);
       fold_users(0, nu);
       continue;
     }
@@ -1356,9 +1473,10 @@ void scan_chunk(const Ctx& c, Scratch& w, int64_t u0, int64_t nu, int64_t c0, in
 }
 
 /// Write user `row`'s slate (the heap, best first, padded with -1 / -inf), its
-/// log-normaliser log(tail + sum over the heap of exp(s)) and, when asked, the log tail mass.
+/// log-normaliser log(tail + sum over the heap of exp(s)) (policy_topk: M + log S, the sum
+/// over every eligible item) and, when asked, the log tail mass.
 void write_user(const PolicyArgs& a, int64_t row, float M, double S, Heap& h) {
-  std::sort(h.e, h.e + h.size, better);
+  std::sort(h.e, h.e + h.size, Better{});
   int64_t* oi = a.out_ids + row * a.k;
   float* os = a.out_scores + row * a.k;
   for (int64_t j = 0; j < a.k; ++j) {
@@ -1372,6 +1490,10 @@ void write_user(const PolicyArgs& a, int64_t row, float M, double S, Heap& h) {
   }
   const double tail = (M == -kInf || !(S > 0.0)) ? -static_cast<double>(kInf)
                                                   : static_cast<double>(M) + std::log(S);
+  if (!a.sample) {  // (M, S) sums every eligible item (see fold_block)
+    a.out_lognorm[row] = static_cast<float>(tail);
+    return;
+  }
   if (a.out_logtail != nullptr) a.out_logtail[row] = tail;
   double mz = tail;
   for (int64_t j = 0; j < h.size; ++j) mz = std::max(mz, static_cast<double>(h.e[j].score));
@@ -1386,10 +1508,12 @@ void write_user(const PolicyArgs& a, int64_t row, float M, double S, Heap& h) {
 
 /// Push a chunk's kept entries e[0, n) into the user's heap h; what h drops (an entry not
 /// kept, or one evicted) joins the tail (M, S).
-void merge_heap(Heap& h, const Entry* e, int64_t n, float& M, double& S) {
+/// Without a tail (policy_topk) (M, S) already counts every entry: only the ranking merges.
+void merge_heap(Heap& h, const Entry* e, int64_t n, float& M, double& S, bool tail) {
   Entry ev;
   for (int64_t q = 0; q < n; ++q) {
     const int r = h.push(e[q], ev);
+    if (!tail) continue;
     if (r == 0) lse_add(M, S, e[q].score);
     else if (r == 2) lse_add(M, S, ev.score);
   }
@@ -1439,11 +1563,18 @@ void run_dense(const Ctx& c) {
         }
         for (int64_t ch = 0; ch < nchunks; ++ch) {
           const int64_t c0 = ch * c.CH, c1 = std::min(N, c0 + c.CH);
-          for (int64_t i = 0; i < nu; ++i) cheaps[i] = Heap{cbuf.data() + i * cap, 0, cap};
-          scan_chunk(c, w, u0, nu, c0, c1, cm.data(), cs.data(), cheaps.data());
+          // policy_topk: the chunk scans into the users' heaps themselves. Its partials (m, s)
+          // do not depend on what a heap holds (see fold_block), and the top-k of all the
+          // chunks is unique (a total order), so the bits are those of the chunk-parallel path;
+          // a heap that starts full raises the threshold test's bar from the first block
+          // (empty per-chunk heaps pushed and evicted many entries at the start of each chunk).
+          // policy_sample's tail bookkeeping needs a heap per chunk.
+          if (a.sample)
+            for (int64_t i = 0; i < nu; ++i) cheaps[i] = Heap{cbuf.data() + i * cap, 0, cap};
+          scan_chunk(c, w, u0, nu, c0, c1, cm.data(), cs.data(), a.sample ? cheaps.data() : heaps.data());
           for (int64_t i = 0; i < nu; ++i) {
             lse_combine(M[i], S[i], cm[i], cs[i]);
-            merge_heap(heaps[i], cheaps[i].e, cheaps[i].size, M[i], S[i]);
+            if (a.sample) merge_heap(heaps[i], cheaps[i].e, cheaps[i].size, M[i], S[i], true);
           }
         }
         for (int64_t i = 0; i < nu; ++i) write_user(a, u0 + i, M[i], S[i], heaps[i]);
@@ -1481,7 +1612,7 @@ void run_dense(const Ctx& c) {
       for (int64_t ch = 0; ch < nchunks; ++ch) {
         const int64_t idx = ch * B + row;
         lse_combine(M, S, pm[idx], ps[idx]);
-        merge_heap(h, pe.data() + idx * cap, psize[idx], M, S);
+        merge_heap(h, pe.data() + idx * cap, psize[idx], M, S, a.sample);
       }
       write_user(a, row, M, S, h);
     }
