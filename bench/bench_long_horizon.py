@@ -341,6 +341,11 @@ def main(argv=None) -> None:
     dm, ds, du, ratio = _paired(runs, "planning oracle", "myopic oracle")
     print(f"\nplanning oracle - myopic oracle: {dm:+.2f} ± {ds:.2f} (s.e. over seeds; {du:.2f} over users), "
           f"ratio {ratio:.2f}")
+    for n in names:
+        if n.startswith("SDK evidence=0 ") and SDK_ROW in means:
+            dm, ds, du, ratio = _paired(runs, SDK_ROW, n)
+            print(f"in-session evidence: {SDK_ROW} - {n}: {dm:+.2f} ± {ds:.2f} (s.e. over seeds; {du:.2f} over "
+                  f"users), ratio {ratio:.2f}")
     for sdk in [n for n in names if n.startswith("SDK")]:
         for ref in ("LinUCB", "greedy ridge (alpha 0)"):
             dm, ds, du, ratio = _paired(runs, sdk, ref)
