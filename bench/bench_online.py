@@ -23,9 +23,10 @@ With ``--recmeta-epochs N`` (ML) the SDK's policy joins them: ``recmeta_sdk.trai
 existing users (meta-trained, ``meta="fomaml"``, and the same network without
 meta-training, ``meta="none"``), served through ``bandits.RecommenderPolicy``, i.e. learning
 online by ``Recommender.feedback`` (one adaptation step per rewarded event; ``--recmeta-updates
-readapt`` re-adapts from the whole history instead) and the reward posterior of every event,
+readapt`` re-adapts from the whole history instead), the reward posterior of every event,
 misses included (:mod:`recmeta_sdk.online.posterior`: the user's item-bias vector, weight
-``feedback_posterior``). Every new user starts cold
+``feedback_posterior``) and the in-session evidence (``feedback_evidence``: each event's
+residual spread to similar items by a kernel on the item vectors). Every new user starts cold
 (``adapt([])``; the replay's dense user indices are not the model's user ids). By default it
 is trained on the existing users' liked ratings (>= 4, reward 1: what the replay rewards, and
 what the baselines are fitted on; ``--recmeta-positives all`` trains on every rating), with

@@ -77,7 +77,12 @@ def test_feedback_is_atomic_and_refuses_rewards_not_finite_in_float32(model):
         st.feedback([("a", 2, 1.0), ("b", 3, 1.0), ("a", 4, 1e300)])
     assert st.current("a") is before and st.current("b") is None and len(st.log()) == 1
     model.recommend("a" if False else before.state, k=3)  # the user is still served
-    st.feedback([("a", 2, 3e38)])  # finite in float32: accepted
+    # finite in float32 but beyond what a model file holds (LoadLimits.max_abs_weight reward
+    # scales; its item bias would overflow float32): refused whole; the bound itself is accepted
+    with pytest.raises(ValueError, match=r"reward 3e\+38: at most 1e\+06 reward scales"):
+        st.feedback([("a", 2, 3e38)])
+    st.feedback([("a", 2, 1e6 * model.reward_scale)])
+    assert np.isfinite(st.current("a").state.item_bias).all()
 
 
 def test_negative_adagrad_state_refused_naming_the_row():

@@ -254,10 +254,15 @@ def test_per_user_memory_is_sparse_and_reported(model):
     st.feedback(evs)
     cur = st.current("s")
     assert cur.correction is not None and cur.state.item_bias.shape == (model.n_items,)
-    # what the store keeps: the histories, two states, phi and the touched items' coefficients
+    # what the store keeps: the histories, two states, phi (twice while steps are pending: the
+    # stored ones and the computed ones), the pending steps and the touched items' coefficients
+    # (the reward posterior's and the in-session evidence's)
     d = model.dim
-    want = 4 * 4 * d + cur.seen.nbytes + cur.seen_rewards.nbytes + cur.enc_items.nbytes + \
-        cur.enc_rewards.nbytes + 16 * len(np.unique(cur.seen))
+    cfg = model.config
+    ev_window = posterior.evidence_window(cfg.feedback_evidence_decay, cfg.feedback_window)
+    want = 4 * 4 * d * (1 + bool(cur.pending)) + 8 * len(cur.pending) + cur.seen.nbytes + \
+        cur.seen_rewards.nbytes + cur.enc_items.nbytes + cur.enc_rewards.nbytes + 16 * len(np.unique(cur.seen)) + \
+        16 * len(np.unique(cur.seen[-ev_window:])) * (cfg.feedback_evidence > 0)
     assert cur.nbytes == want
     stats = st.stats()
     assert stats["bytes_per_user"] == cur.nbytes and stats["backend"]["bytes"] == cur.nbytes

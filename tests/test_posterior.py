@@ -13,8 +13,9 @@ from recmeta_sdk.online import posterior
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+# the reward posterior alone: the in-session evidence (its own tests: test_online_evidence.py) off
 TINY = {"dim": 16, "hidden": 32, "seq_len": 5, "layers": 1, "heads": 2, "epochs": 4, "batch_size": 32,
-        "lr": 0.01, "inner_steps": 1}
+        "lr": 0.01, "inner_steps": 1, "feedback_evidence": 0.0}
 
 
 def _random_log(rng, n_users, n_items, density=0.3, scale=5.0):

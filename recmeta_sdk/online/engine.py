@@ -29,6 +29,18 @@ under the Gaussian prior that the training users' rewards define
 misses matter there: an item shown and not rewarded lowers the items that go with it in the
 population beyond what the user's hits explain. On the MovieLens replay this is what lifts
 the online policy above EASE's fold-in of the hits (``bench/bench_online.py``).
+Every event also adds to that item bias its **in-session evidence** (weight
+``config.feedback_evidence``, 0 turns it off): its residual ``y - m`` (the normalised reward
+minus the user's running mean reward before it, prior 0.5) times a kernel on the model's item
+vectors, ``exp((cos(v_i, v_j) - 1) / config.feedback_bandwidth)``, decaying by
+``config.feedback_evidence_decay`` per later event, so a click raises the clicked item's
+neighbours in the very next slate and a miss lowers them (the world model's ``Planner`` does
+the same on its own item vectors).
+
+A hit's encoder pass and gradient step are **deferred**: the event records them
+(:attr:`OnlineUser.pending`) and they are computed, with the item bias, at the first read of
+the state (normally the next ``recommend``), bit for bit as at the event; a feedback event
+itself costs validation and a few appends (``bench/bench_feedback.py``).
 A user's first event starts from the model's prior:
 a known (training) user from its training state (``Recommender.user_state``), a new user
 from ``Recommender.adapt`` of that first event (``config.inner_steps`` steps). With
@@ -351,7 +363,7 @@ def parse_events(model: Recommender, events: pd.DataFrame | Sequence[Mapping[str
 
 @dataclass(frozen=True, eq=False)
 class OnlineUser:
-    """One published version of a user's online state (never mutated).
+    """One published version of a user's online state (never changed once published).
 
     Attributes
     ----------
@@ -365,11 +377,24 @@ class OnlineUser:
     n_prior : how many leading items of ``seen`` are the training history (a known user's),
         not feedback
     steps : adaptation steps taken
-    correction : the user's online item-bias correction in sparse form
-        (:class:`~recmeta_sdk.online.posterior.SparseCorrection`: the items its feedback touched
-        and one coefficient each), or None (no feedback yet, or ``config.feedback_posterior`` 0)
+    correction : the user's online item bias in sparse form
+        (:class:`~recmeta_sdk.online.posterior.SparseCorrection`: the reward posterior's
+        coefficients on the items its feedback touched and the in-session evidence's), or None
+        (no feedback yet, or ``config.feedback_posterior`` and ``config.feedback_evidence`` 0)
     stamp : a number unique to this version within its store (tells versions apart across an
         eviction, after which version numbers start again)
+    pending : the encoder-history lengths of the gradient steps this version has taken but
+        not yet computed (see below)
+
+    **Deferred computation.** ``vector``, ``base``, ``gamma``, ``delta`` and ``correction`` are
+    pure functions of the version's fields and the model. A hit event with ``update="step"``
+    (the default) records its step in ``pending`` instead of running the encoder and the
+    gradient step at once, and the correction is computed from ``seen`` when first read; both
+    happen at the first read of those attributes (normally the next ``recommend``), are cached
+    in the version, and give the same numbers, bit for bit, as computing them at the event
+    (the steps replay in order from the stored ``_gamma`` / ``_delta``). So a feedback event
+    costs validation and a few array appends; at most :data:`MAX_PENDING` steps wait (the
+    event that would exceed it computes them).
 
     :attr:`state` is the :class:`~recmeta_sdk.model.state.UserState` to pass to ``recommend``:
     built on demand (its ``item_bias`` is the dense form of ``correction``) and kept in the
@@ -382,22 +407,22 @@ class OnlineUser:
 
     user: Any
     version: int
-    vector: np.ndarray
-    base: np.ndarray
+    _vector: np.ndarray
+    _base: np.ndarray
     enc_items: np.ndarray
     enc_rewards: np.ndarray
-    gamma: np.ndarray
-    delta: np.ndarray
+    _gamma: np.ndarray
+    _delta: np.ndarray
     known: bool
     seen: np.ndarray
     seen_rewards: np.ndarray
     n_prior: int = 0
     steps: int = 0
-    correction: Optional[SparseCorrection] = None
     stamp: int = 0
     # the OnlineStore that serves this version (not pickled: a backend may serialise values;
     # the store binds what it reads back)
     _owner: Any = field(default=None, repr=False, compare=False)
+    pending: tuple = ()
 
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
@@ -407,41 +432,104 @@ class OnlineUser:
     def __setstate__(self, d: dict) -> None:
         self.__dict__.update(d)
 
+    def _bound(self):
+        if self._owner is None:
+            raise RuntimeError("this OnlineUser is not bound to an OnlineStore (read it through the store)")
+        return self._owner
+
+    def _resolved(self) -> tuple:
+        """``(vector, base, gamma, delta)`` after the pending steps (computed once, cached)."""
+        if not self.pending:
+            return self._vector, self._base, self._gamma, self._delta
+        out = self.__dict__.get("_resolved_state")
+        if out is None:
+            out = self._bound()._replay(self)
+            object.__setattr__(self, "_resolved_state", out)  # one assignment: readers see all or nothing
+        return out
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the state vectors are computed (no pending steps, or computed since)."""
+        return not self.pending or "_resolved_state" in self.__dict__
+
+    @property
+    def vector(self) -> np.ndarray:
+        """(d,) float32, the adapted state h'."""
+        return self._resolved()[0]
+
+    @property
+    def base(self) -> np.ndarray:
+        """(d,) float32, the encoder state h."""
+        return self._resolved()[1]
+
+    @property
+    def gamma(self) -> np.ndarray:
+        """(d,) float32, the user's fast parameter gamma."""
+        return self._resolved()[2]
+
+    @property
+    def delta(self) -> np.ndarray:
+        """(d,) float32, the user's fast parameter delta."""
+        return self._resolved()[3]
+
+    @property
+    def correction(self) -> Optional[SparseCorrection]:
+        """The sparse online item bias (see the class doc); computed on first read."""
+        d = self.__dict__
+        if "_correction" not in d:
+            n0 = self.n_prior
+            corr = self._bound()._correction(self.seen[n0:], self.seen_rewards[n0:], self.known)
+            object.__setattr__(self, "_correction", corr)
+        return d["_correction"]
+
     @property
     def nbytes(self) -> int:
-        """Bytes held by this version's arrays (what a store keeps per user)."""
-        n = sum(a.nbytes for a in (self.vector, self.base, self.enc_items, self.enc_rewards, self.gamma,
-                                   self.delta, self.seen, self.seen_rewards))
-        return int(n + (self.correction.nbytes if self.correction is not None else 0))
+        """Bytes held by this version's arrays (what a store keeps per user), counting what it
+        computes when read at its size (the state vectors after pending steps, the correction's
+        coefficients), so the number is the same before and after they are computed."""
+        n = sum(a.nbytes for a in (self._vector, self._base, self.enc_items, self.enc_rewards, self._gamma,
+                                   self._delta, self.seen, self.seen_rewards))
+        if self.pending:
+            n += 8 * len(self.pending) + sum(a.nbytes for a in (self._vector, self._base, self._gamma, self._delta))
+        corr = self.__dict__.get("_correction", False)
+        if corr is False:
+            owner = self._owner
+            n += 0 if owner is None else owner._correction_nbytes(self)
+        elif corr is not None:
+            n += corr.nbytes
+        return int(n)
 
     @property
     def state(self) -> UserState:
         """The :class:`~recmeta_sdk.model.state.UserState` of this version (see the class doc)."""
-        if self._owner is None:
-            raise RuntimeError("this OnlineUser is not bound to an OnlineStore (read it through the store)")
-        return self._owner._state_of(self)
+        return self._bound()._state_of(self)
 
     @property
     def seen_ids(self) -> tuple:
         """External ids of every item the user interacted with (training and feedback)."""
-        if self._owner is None:
-            raise RuntimeError("this OnlineUser is not bound to an OnlineStore (read it through the store)")
-        return _ext(self._owner.model, self.seen)
+        return _ext(self._bound().model, self.seen)
 
     def exclude_ids(self) -> list:
         """The seen items that ``state.history`` does not already exclude (the misses)."""
         extra = np.setdiff1d(self.seen, self.enc_items)
         if not len(extra):
             return []
-        if self._owner is None:
-            raise RuntimeError("this OnlineUser is not bound to an OnlineStore (read it through the store)")
-        return list(_ext(self._owner.model, extra))
+        return list(_ext(self._bound().model, extra))
+
+
+#: the most gradient steps an OnlineUser defers (see OnlineUser): the event that would defer
+#: one more computes them, so serving never replays more than this many
+MAX_PENDING = 16
 
 
 def _ext(model, idx: np.ndarray) -> tuple:
     return tuple(x.item() if hasattr(x, "item") else x for x in model.item_ids[idx])
 
 
+#: the largest |reward| / reward scale a feedback event may have: the model file's bound
+#: (``LoadLimits.max_abs_weight``), so that every accepted log can be saved and loaded again, and
+#: a deferred step (see :class:`OnlineUser`) stays finite
+MAX_ABS_REWARD = 1e6
 #: default bytes of served states (dense item biases) an OnlineStore keeps for its hot users
 SERVED_CACHE_BYTES = 64 << 20
 _N_STRIPES = 64  # per-user write locks: users hash onto this many locks (bounded, whatever the user count)
@@ -507,6 +595,7 @@ class OnlineStore:
             for u, grp in ev.groupby("user", sort=False):
                 self._pending[u] = (grp["_idx"].to_numpy(), grp["reward"].to_numpy())
             self._log.extend(ev[list(EVENT_COLUMNS)].itertuples(index=False, name=None))
+        self._max_abs_reward = MAX_ABS_REWARD * float(model.reward_scale)
         cfg = model.config
         net = model.network
         with torch.no_grad():
@@ -544,23 +633,58 @@ class OnlineStore:
             hp = self.model.network.apply_phi(h, gamma, delta)
         return OnlineUser(user, int(version), hp[0].numpy().copy(), h[0].numpy().copy(), enc_items, enc_rewards,
                           gamma[0].detach().numpy().copy(), delta[0].detach().numpy().copy(), known, seen, seen_r,
-                          int(n_prior), int(steps), self._correction(seen[n_prior:], seen_r[n_prior:], known),
-                          next(self._stamps), self)
+                          int(n_prior), int(steps), next(self._stamps), self)
 
     def _correction(self, items: np.ndarray, rewards: np.ndarray, known: bool) -> SparseCorrection | None:
         """The user's adapted item-bias vector from its feedback events (hits and misses), in
-        sparse form: ``kappa * (mu + correction)`` for a new user, ``kappa * correction`` for a
-        known one, from the reward posterior (:mod:`recmeta_sdk.online.posterior`); None when
-        ``config.feedback_posterior`` is 0 or there is no feedback yet."""
+        sparse form: the reward posterior's ``kappa * (mu + correction)`` for a new user,
+        ``kappa * correction`` for a known one (:mod:`recmeta_sdk.online.posterior`), plus the
+        in-session evidence (``config.feedback_evidence``); None when both are off or there is
+        no feedback yet."""
         m = self.model
         cfg = m.config
-        if cfg.feedback_posterior <= 0 or len(items) == 0:
+        ev_w = float(getattr(cfg, "feedback_evidence", 0.0))
+        if (cfg.feedback_posterior <= 0 and ev_w <= 0) or len(items) == 0:
             return None
         items, rewards = items[-cfg.feedback_window:], rewards[-cfg.feedback_window:]
-        post = posterior.of_model(m)
         y = np.maximum(np.asarray(rewards, np.float64), 0.0) / m.reward_scale
-        obs, coef = post.coefficients(items, y, float(cfg.feedback_reg))
-        return SparseCorrection(obs, coef, float(cfg.feedback_posterior) * posterior.score_scale(m), not known)
+        sc = posterior.score_scale(m)
+        if cfg.feedback_posterior > 0:
+            obs, coef = posterior.of_model(m).coefficients(items, y, float(cfg.feedback_reg))
+            scale, with_prior = float(cfg.feedback_posterior) * sc, not known
+        else:
+            obs, coef, scale, with_prior = np.zeros(0, np.int64), np.zeros(0), 0.0, False
+        if ev_w > 0:
+            n = posterior.evidence_window(float(cfg.feedback_evidence_decay), cfg.feedback_window)
+            ev_items, ev_coef = posterior.evidence_coefficients(items, y, float(cfg.feedback_evidence_decay), n)
+            return SparseCorrection(obs, coef, scale, with_prior, ev_items, ev_coef, ev_w * sc)
+        return SparseCorrection(obs, coef, scale, with_prior)
+
+    def _correction_nbytes(self, ou: OnlineUser) -> int:
+        """``ou.correction.nbytes`` without computing the correction."""
+        cfg = self.model.config
+        ev_w = float(getattr(cfg, "feedback_evidence", 0.0))
+        fb = ou.seen[ou.n_prior:]
+        if (cfg.feedback_posterior <= 0 and ev_w <= 0) or len(fb) == 0:
+            return 0
+        fb = fb[-cfg.feedback_window:]
+        n = 16 * len(np.unique(fb)) if cfg.feedback_posterior > 0 else 0
+        if ev_w > 0:
+            w = posterior.evidence_window(float(cfg.feedback_evidence_decay), cfg.feedback_window)
+            n += 16 * len(np.unique(fb[-w:]))
+        return n
+
+    def _dense_bias(self, corr: SparseCorrection) -> np.ndarray:
+        """The (N,) float32 item bias of a :class:`SparseCorrection` (both parts)."""
+        m = self.model
+        if corr.ev_scale == 0.0 or not len(corr.ev_items):
+            if corr.scale == 0.0 and not corr.with_prior:
+                return np.zeros(m.n_items, np.float32)
+            return posterior.of_model(m).dense(corr)
+        ev = corr.ev_scale * posterior.kernel_of_model(m).apply(corr.ev_items, corr.ev_coef)
+        if corr.scale == 0.0 and not corr.with_prior:
+            return ev.astype(np.float32)
+        return (posterior.of_model(m).dense(corr).astype(np.float64) + ev).astype(np.float32)
 
     def _offset_kw(self, rows, items, known) -> dict:
         """The wide (item-to-item) part of the logits, for models that have one (a new user's
@@ -586,7 +710,11 @@ class OnlineStore:
         return self._publish(user, 0, h, g, d, items, rews, items, rews, True, steps, len(items))
 
     def _apply(self, cur: OnlineUser | None, user, idx: int, reward: float) -> OnlineUser:
-        """The next version of ``user`` after one event (pure function of cur and the event)."""
+        """The next version of ``user`` after one event (pure function of cur and the event).
+
+        A user's first event (``adapt`` of it, or the known user's training state and a step)
+        and ``update="readapt"`` are computed at once; a step of ``update="step"`` is deferred
+        (recorded in ``pending``, computed when the state is read; see :class:`OnlineUser`)."""
         m = self.model
         if cur is None:
             cur = self._prior(user)
@@ -602,33 +730,60 @@ class OnlineStore:
             known, version, steps0 = cur.known, cur.version, cur.steps
         seen = np.append(seen, np.int64(idx))
         seen_r = np.append(seen_r, np.float32(reward)).astype(np.float32)
-        if self.encode == "all" or reward > 0:
+        step = self.encode == "all" or reward > 0
+        if step:
             enc_i = np.append(enc_i, np.int64(idx))
             enc_r = np.append(enc_r, np.float32(reward)).astype(np.float32)
-        if not new_user and self.encode == "positive" and not reward > 0:
-            # a miss: not read by the encoder, and its support gradient is zero; seen grows and
-            # the reward posterior (which reads misses) gives the state a new item bias
-            n0 = cur.n_prior
-            return replace(cur, version=version + 1, seen=seen, seen_rewards=seen_r,
-                           correction=self._correction(seen[n0:], seen_r[n0:], known), stamp=next(self._stamps),
-                           _owner=self)
-        h = m.encode_history(enc_i, self._ufeat(user, known))
+        if not new_user:
+            # the state vectors to start from: cur's computed ones if it has them, else its
+            # stored ones and its pending steps
+            if cur.resolved:
+                vec, base, g, d = cur._resolved()
+                pend = ()
+            else:
+                vec, base, g, d, pend = cur._vector, cur._base, cur._gamma, cur._delta, cur.pending
+        if not new_user and not step:
+            # a miss (encode="positive"): not read by the encoder, and its support gradient is
+            # zero; seen grows and the item bias (computed when read) changes
+            return replace(cur, version=version + 1, seen=seen, seen_rewards=seen_r, stamp=next(self._stamps),
+                           _owner=self, _vector=vec, _base=base, _gamma=g, _delta=d, pending=pend)
         if new_user or self.update == "readapt":
+            h = m.encode_history(enc_i, self._ufeat(user, known))
             steps = m.config.inner_steps
             g, d = self._adapt(h, enc_i, enc_r, steps, known)
-            total = steps
-        else:
-            rows, it, w = self._support(enc_i, enc_r)
-            g0 = torch.from_numpy(cur.gamma)[None]
-            d0 = torch.from_numpy(cur.delta)[None]
+            return self._publish(user, version + 1, h, g, d, seen, seen_r, enc_i, enc_r, known, steps,
+                                 0 if new_user else cur.n_prior)
+        out = OnlineUser(user, version + 1, vec, base, enc_i, enc_r, g, d, known, seen, seen_r, cur.n_prior,
+                         steps0 + 1, next(self._stamps), self, pend + (len(enc_i),))
+        if len(out.pending) >= MAX_PENDING:
+            out._resolved()
+        return out
+
+    def _replay(self, ou: OnlineUser) -> tuple:
+        """``(vector, base, gamma, delta)`` of a version with pending steps: each step, in order,
+        is what the event computed before steps were deferred (the encoder state of the history
+        up to it, one step of the support loss from the fast parameters so far)."""
+        m = self.model
+        g = torch.from_numpy(ou._gamma)[None]
+        d = torch.from_numpy(ou._delta)[None]
+        uf = self._ufeat(ou.user, ou.known)
+        h = None
+        for n in ou.pending:
+            ei, er = ou.enc_items[:n], ou.enc_rewards[:n]
+            h = m.encode_history(ei, uf)
+            rows, it, w = self._support(ei, er)
             with torch.no_grad():
-                gg, gd = m.network.support_grad(h, g0, d0, m.item_table, rows, it, w, 1,
-                                                **self._offset_kw(rows, it, known))
-                g = g0 - self._lr[0] * gg
-                d = d0 - self._lr[1] * gd
-            total = steps0 + 1
-        return self._publish(user, version + 1, h, g, d, seen, seen_r, enc_i, enc_r, known, total,
-                             0 if new_user else cur.n_prior)
+                gg, gd = m.network.support_grad(h, g, d, m.item_table, rows, it, w, 1,
+                                                **self._offset_kw(rows, it, ou.known))
+                g = g - self._lr[0] * gg
+                d = d - self._lr[1] * gd
+        with torch.no_grad():
+            hp = m.network.apply_phi(h, g, d)
+        out = (hp[0].numpy().copy(), h[0].numpy().copy(), g[0].detach().numpy().copy(),
+               d[0].detach().numpy().copy())
+        if not all(np.isfinite(a).all() for a in out):
+            raise ValueError(f"the online state of user {ou.user!r} (version {ou.version}) is not finite")
+        return out
 
     def _state_of(self, ou: OnlineUser) -> UserState:
         """``ou.state``: the served state of a version (from the served-state cache, or built)."""
@@ -638,7 +793,8 @@ class OnlineStore:
                 self._served.move_to_end(ou.user)
                 return ent[1]
         m = self.model
-        bias = None if ou.correction is None else posterior.of_model(m).dense(ou.correction)
+        corr = ou.correction
+        bias = None if corr is None else self._dense_bias(corr)
         st = UserState(ou.vector, ou.base, ou.enc_items, _ext(m, ou.enc_items), ou.enc_rewards,
                        ou.user if ou.known else None, (), int(ou.steps), None, bias)
         # its dense bias, and the wide part recommend will cache in it
@@ -696,6 +852,10 @@ class OnlineStore:
         rows = _event_rows(self.model, events)
         groups: dict[Any, list[tuple]] = {}
         for r in rows:
+            if abs(r[4]) > self._max_abs_reward:
+                raise ValueError(f"feedback event {r[0]} has reward {r[4]!r}: at most {MAX_ABS_REWARD:g} reward "
+                                 f"scales ({self._max_abs_reward:g}) in magnitude, what a model file can hold "
+                                 f"(LoadLimits.max_abs_weight); nothing of this call was applied")
             groups.setdefault(r[1], []).append(r)
         if self._pending:
             for user in groups:
@@ -713,7 +873,7 @@ class OnlineStore:
                 cur = self._get(user)
                 for row, _, item, idx, r, p, t, pos in evs:
                     cur = self._apply(cur, user, idx, r)
-                    if not np.isfinite(cur.vector).all():
+                    if cur.resolved and not np.isfinite(cur.vector).all():
                         raise ValueError(f"feedback event {row} (user {user!r}, reward {r!r}) would "
                                          f"make the user's state non-finite; nothing of this call was applied")
                     logs.append((user, item, r, p, t, pos))

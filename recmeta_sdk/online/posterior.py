@@ -28,11 +28,17 @@ vector**: ``kappa * (prior + correction)``, added to the policy's scores
 times the standard deviation of the model's own scores for a user with no history (so the
 setting is free of the model's score scale). For a new user the prior term is ``mu``; a
 known (training) user's prior is the model's own state, so only the correction is added.
+
+The same item bias carries the **in-session evidence** (:func:`evidence_coefficients`,
+:class:`ItemKernel`): each event's residual against the user's running mean reward, spread to
+similar items by a kernel on the model's item vectors and decayed per event, weighted by
+``config.feedback_evidence`` in the same score units. Both parts live in one
+:class:`SparseCorrection` (O(feedback window) numbers per user).
 """
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,7 +46,8 @@ import numpy as np
 if TYPE_CHECKING:
     from ..model.view import ModelView
 
-__all__ = ["RewardPosterior", "SparseCorrection", "of_model", "score_scale"]
+__all__ = ["ItemKernel", "RewardPosterior", "SparseCorrection", "evidence_coefficients", "evidence_window",
+           "kernel_of_model", "of_model", "score_scale"]
 
 _LOCK = threading.RLock()  # re-entrant: score_scale runs model code under it
 # Per model, built on first use and kept in the model object's own attribute dict under this
@@ -188,14 +195,22 @@ class RewardPosterior:
         return (correction.scale * b).astype(np.float32)
 
 
+_EMPTY_I = np.zeros(0, np.int64)
+_EMPTY_F = np.zeros(0, np.float64)
+_EMPTY_I.flags.writeable = False
+_EMPTY_F.flags.writeable = False
+
+
 @dataclass(frozen=True, eq=False)
 class SparseCorrection:
     """A user's online item-bias vector in sparse form: the items its feedback touched, one
     coefficient each, and a scale (memory O(feedback window), not O(catalogue)).
 
-    Its dense form, :meth:`RewardPosterior.dense`, is ``scale * (S[:, items] @ coef + prior)``
-    with ``prior = mu`` for a new user (``with_prior``) and 0 for a known one: the same numbers,
-    bit for bit, as the item-length vector the online loop computed before.
+    Two parts. The reward posterior's, whose dense form (:meth:`RewardPosterior.dense`) is
+    ``scale * (S[:, items] @ coef + prior)`` with ``prior = mu`` for a new user
+    (``with_prior``) and 0 for a known one. The in-session evidence's
+    (:class:`ItemKernel`), ``ev_scale * K[:, ev_items] @ ev_coef`` (empty when
+    ``config.feedback_evidence`` is 0). The user's item bias is their sum.
 
     Attributes
     ----------
@@ -203,17 +218,114 @@ class SparseCorrection:
     coef : (n,) float64, their coefficients ``(S[O, O] + lam I)^{-1} (y_O - mu_O)``
     scale : ``config.feedback_posterior * score_scale(model)``
     with_prior : whether the population mean ``mu`` is added (a new user)
+    ev_items : (m,) int64, the distinct items of the evidence window
+    ev_coef : (m,) float64, their summed decayed residuals (:func:`evidence_coefficients`)
+    ev_scale : ``config.feedback_evidence * score_scale(model)``
     """
 
     items: np.ndarray
     coef: np.ndarray
     scale: float
     with_prior: bool
+    ev_items: np.ndarray = field(default_factory=lambda: _EMPTY_I)
+    ev_coef: np.ndarray = field(default_factory=lambda: _EMPTY_F)
+    ev_scale: float = 0.0
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the arrays."""
-        return int(self.items.nbytes + self.coef.nbytes)
+        return int(self.items.nbytes + self.coef.nbytes + self.ev_items.nbytes + self.ev_coef.nbytes)
+
+
+#: the running mean reward a user's first event is compared with, and its weight in events
+EVIDENCE_PRIOR_MEAN = 0.5
+EVIDENCE_PRIOR_WEIGHT = 1.0
+#: events whose decayed weight falls below this are dropped from the evidence window
+EVIDENCE_MIN_WEIGHT = 1e-3
+
+
+def evidence_window(decay: float, window: int) -> int:
+    """How many of a user's latest events the in-session evidence reads: ``window``, or fewer
+    where ``decay ** age`` falls below :data:`EVIDENCE_MIN_WEIGHT`."""
+    if decay >= 1.0:
+        return int(window)
+    return int(min(window, int(np.floor(np.log(EVIDENCE_MIN_WEIGHT) / np.log(decay))) + 1))
+
+
+def evidence_coefficients(items: np.ndarray, y: np.ndarray, decay: float,
+                          keep: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The in-session evidence of a user's events, in sparse form: ``(distinct items, coef)``.
+
+    Event ``e`` (of ``n``, oldest first; ``y`` its normalised reward) contributes its residual
+    ``y_e - m_e`` with weight ``decay ** (n - 1 - e)`` to its item's coefficient, where ``m_e``
+    is the user's running mean reward before it over all the given events,
+    ``(EVIDENCE_PRIOR_MEAN * EVIDENCE_PRIOR_WEIGHT + sum_{f<e} y_f) / (EVIDENCE_PRIOR_WEIGHT + e)``:
+    a click above the user's usual rate raises the item and its neighbours, a miss lowers them.
+    Only the latest ``keep`` events contribute (default all; :func:`evidence_window`). An item
+    shown more than once sums its events."""
+    items = np.asarray(items, np.int64)
+    y = np.asarray(y, np.float64)
+    n = len(items)
+    if n == 0:
+        return _EMPTY_I, _EMPTY_F
+    before = np.concatenate([[0.0], np.cumsum(y)[:-1]])
+    m = (EVIDENCE_PRIOR_MEAN * EVIDENCE_PRIOR_WEIGHT + before) / (EVIDENCE_PRIOR_WEIGHT + np.arange(n))
+    w = float(decay) ** np.arange(n - 1, -1, -1, dtype=np.float64)
+    r = w * (y - m)
+    if keep is not None and keep < n:
+        items, r = items[n - keep:], r[n - keep:]
+    uniq, inv = np.unique(items, return_inverse=True)
+    return uniq, np.bincount(inv, weights=r, minlength=len(uniq))
+
+
+class ItemKernel:
+    """The similarity kernel of the in-session evidence, on a model's item vectors:
+    ``K(i, j) = exp((cos(v_i, v_j) - 1) / bandwidth)`` (1 on the diagonal).
+
+    Parameters
+    ----------
+    vectors : (N, d) array, the items' vectors (the policy's output table)
+    bandwidth : float > 0
+    """
+
+    def __init__(self, vectors: np.ndarray, bandwidth: float):
+        V = np.asarray(vectors, np.float64)
+        if V.ndim != 2:
+            raise ValueError(f"vectors must be (N, d), got shape {V.shape}")
+        if not np.isfinite(bandwidth) or bandwidth <= 0:
+            raise ValueError(f"bandwidth must be a finite number > 0, got {bandwidth}")
+        norm = np.linalg.norm(V, axis=1, keepdims=True)
+        self.unit = V / np.maximum(norm, 1e-12)
+        self.unit.flags.writeable = False
+        self.bandwidth = float(bandwidth)
+
+    def columns(self, items: np.ndarray) -> np.ndarray:
+        """``K[:, items]`` (N, n) float64."""
+        U = self.unit
+        return np.exp((U @ U[np.asarray(items, np.int64)].T - 1.0) / self.bandwidth)
+
+    def apply(self, items: np.ndarray, coef: np.ndarray) -> np.ndarray:
+        """``K[:, items] @ coef`` (N,) float64 (zeros for no items)."""
+        if len(items) == 0:
+            return np.zeros(self.unit.shape[0])
+        return self.columns(items) @ np.asarray(coef, np.float64)
+
+
+_KERNEL_KEY = "_feedback_item_kernel"
+
+
+def kernel_of_model(model: ModelView) -> ItemKernel:
+    """The :class:`ItemKernel` of a model's item table (``model.item_table``) at
+    ``config.feedback_bandwidth``; built on first use and kept with the model."""
+    bw = float(model.config.feedback_bandwidth)
+    k = model.__dict__.get(_KERNEL_KEY)
+    if k is None or k.bandwidth != bw:
+        with _LOCK:
+            k = model.__dict__.get(_KERNEL_KEY)
+            if k is None or k.bandwidth != bw:
+                k = ItemKernel(model.item_table.detach().numpy(), bw)
+                model.__dict__[_KERNEL_KEY] = k
+    return k
 
 def of_model(model: ModelView) -> RewardPosterior:
     """The :class:`RewardPosterior` of a model's training log (:meth:`ModelView.training_log`;
