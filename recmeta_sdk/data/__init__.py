@@ -45,6 +45,7 @@ from ._ingest import (
     EncodedInteractions,
     IdMap,
     encode,
+    is_parquet_source,
     read_interactions,
     timestamp_array,
 )
@@ -53,7 +54,6 @@ from ._stream import (
     BATCH_ROWS,
     LogArrays,
     ParquetParts,
-    is_parquet_source,
     parquet_parts,
     scan_parquet,
 )

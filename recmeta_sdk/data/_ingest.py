@@ -113,10 +113,30 @@ def read_interactions(
     return df
 
 
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def is_parquet_source(source: Any) -> bool:
+    """True for a Parquet ``pyarrow.dataset.FileSystemDataset``, a path ending in ``.parquet`` /
+    ``.pq``, or a folder holding such files (at any depth, e.g. hive partitions)."""
+    try:
+        import pyarrow.dataset as ds
+    except ImportError:  # pragma: no cover
+        return False
+    if isinstance(source, ds.Dataset):  # files on a file system, in Parquet (not an in-memory dataset)
+        return isinstance(source, ds.FileSystemDataset) and isinstance(source.format, ds.ParquetFileFormat)
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    p = Path(source)
+    if p.suffix.lower() in _PARQUET_SUFFIXES:
+        return True
+    if p.is_dir():
+        return any(f.suffix.lower() in _PARQUET_SUFFIXES for f in p.rglob("*") if f.is_file())
+    return False
+
+
 def _read_path(path: Path) -> pd.DataFrame:
     if path.is_dir():  # a folder of Parquet files (hive partitions allowed)
-        from ._stream import is_parquet_source
-
         if not is_parquet_source(path):
             raise ValueError(f"folder {path} holds no .parquet / .pq file")
         return pd.read_parquet(path)

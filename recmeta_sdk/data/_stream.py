@@ -17,7 +17,6 @@ id ``i`` is the ``i``-th smallest external id, the order of a trained model's ca
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,6 @@ from ._ingest import ITEM, PROPENSITY, REWARD, TIMESTAMP, USER, IdMap
 #: rows per record batch read by :func:`scan_parquet` (its working memory, besides the output)
 BATCH_ROWS = 1 << 16
 
-_PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
 @dataclass
@@ -86,25 +84,6 @@ class LogArrays:
         """Bytes of the per-row arrays."""
         return int(sum(a.nbytes for a in (self.users, self.items, self.timestamps, self.rewards,
                                           self.propensities) if a is not None))
-
-
-def is_parquet_source(source: Any) -> bool:
-    """True for a Parquet ``pyarrow.dataset.FileSystemDataset``, a path ending in ``.parquet`` /
-    ``.pq``, or a folder holding such files (at any depth, e.g. hive partitions)."""
-    try:
-        import pyarrow.dataset as ds
-    except ImportError:  # pragma: no cover
-        return False
-    if isinstance(source, ds.Dataset):  # files on a file system, in Parquet (not an in-memory dataset)
-        return isinstance(source, ds.FileSystemDataset) and isinstance(source.format, ds.ParquetFileFormat)
-    if not isinstance(source, (str, os.PathLike)):
-        return False
-    p = Path(source)
-    if p.suffix.lower() in _PARQUET_SUFFIXES:
-        return True
-    if p.is_dir():
-        return any(f.suffix.lower() in _PARQUET_SUFFIXES for f in p.rglob("*") if f.is_file())
-    return False
 
 
 def _dataset(source: Any):
