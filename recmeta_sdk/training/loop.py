@@ -727,16 +727,10 @@ def batch_loss(net: RecMetaNet, batch: Batch, cfg: Config, item_logq: Optional[t
     h = net.user_state(X, batch.bag_idx, batch.bag_off, batch.bag_w, batch.seq, batch.seq_len,
                        batch.uf_idx, batch.uf_off)
     B = batch.B
-    N_items = net.n_items
     if cross is not None and net.has_wide:
-        # cross-fitted wide part: users of fold f use the weights fitted without fold f
-        fold_of_row = cross[0][batch.users]
-        fold_of_item = fold_of_row[batch.sup_rows]
-        offset = torch.zeros(B, N_items)
-        for f, W_other in enumerate(cross[1]):
-            sel = fold_of_item == f
-            if sel.any():
-                offset = offset + net.wide_offset(batch.sup_rows[sel], batch.sup_items[sel], B, W_other)
+        # cross-fitted wide part: users of fold f use the weights fitted without fold f (each
+        # fold's rows pooled on their own: one (B, N) result, not one per fold)
+        offset = _fold_offsets(net, batch.sup_rows, batch.sup_items, B, cross[0][batch.users], cross[1])
     elif use_wide:
         offset = net.wide_offset(batch.sup_rows, batch.sup_items, B)
     else:  # the deep part alone (the wide part is weighed in after training: tune_fusion)
