@@ -88,7 +88,7 @@ def test_tampered_metadata_is_rejected(model, tmp_path):
     n = _header_len(blob)
     header = json.loads(blob[8:8 + n])
     meta = json.loads(header["__metadata__"]["recmeta"])
-    meta["config"]["temperature"] = 0.5  # a different model with the old hash
+    meta["config"]["temperature"] = 2 * meta["config"]["temperature"] + 0.25  # a different model, the old hash
     header["__metadata__"]["recmeta"] = json.dumps(meta)
     h = json.dumps(header).encode()
     q = tmp_path / "bad.recmeta"
