@@ -204,3 +204,16 @@ def check_topk(got, want, s_full, mask, *, rtol: float, atol: float, lz_atol: fl
 
 __all__ = ["HAS_CPP", "CPU_BACKENDS", "needs_cpp", "gen", "torch_bags", "torch_csr", "to_device", "floats", "with_repeats", "table_pair", "csr", "bags",
            "policy_case", "check_ranked", "check_topk", "R"]
+
+
+def segments_log(n_users=90, seed=0):
+    """Three segments of users; a user of segment s interacts with items 10s..10s+9."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        seg = u % 3
+        for t, i in enumerate(rng.choice(np.arange(seg * 10, seg * 10 + 10), size=6, replace=False)):
+            rows.append((f"u{u}", int(i), t, 1.0))
+    return pd.DataFrame(rows, columns=["user", "item", "timestamp", "reward"])

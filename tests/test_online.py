@@ -15,18 +15,11 @@ TINY = {"dim": 16, "hidden": 32, "seq_len": 5, "layers": 1, "heads": 2, "epochs"
         "lr": 0.01, "inner_steps": 1}
 
 
+from _helpers import segments_log as _segments_log  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _segments_log(n_users=90, seed=0):
-    """Three segments of users; a user of segment s interacts with items 10s..10s+9."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for u in range(n_users):
-        seg = u % 3
-        for t, i in enumerate(rng.choice(np.arange(seg * 10, seg * 10 + 10), size=6, replace=False)):
-            rows.append((f"u{u}", int(i), t, 1.0))
-    return pd.DataFrame(rows, columns=["user", "item", "timestamp", "reward"])
 
 
 @pytest.fixture(scope="module")
