@@ -891,30 +891,25 @@ def fit_wide(net: RecMetaNet, prep: Prepared, cfg: Config, rng: np.random.Genera
     G = _gram(X)
     with torch.no_grad():
         net.wide.copy_(ease_from_gram(G, cfg.wide_reg))
-    K = 5 if U >= 10 else 2
-    fold = torch.from_numpy(rng.permutation(U) % K)
-    # the Gram matrix without fold f: G minus fold f's own (integer counts in float64: exact)
-    others = []
-    for f in range(K):
-        others.append(ease_from_gram(G - _gram(_rows(X, (fold == f).numpy())), cfg.wide_reg))
-    return fold, others
+    return _cross_fit(X, G, cfg.wide_reg, 0.0, rng, float32=False)
 
 
-def _cross_fit(prep: Prepared, cfg: Config, rng: np.random.Generator):
-    """Cross-fitted dense EASE weights of ``prep``'s users, as :func:`fit_wide` makes them
-    (5 folds; fold f's users are scored with the weights of the other four), with the ridge
-    ``cfg.wide_reg`` and popularity exponent ``cfg.wide_pop_exp`` (validation-tuned). The
-    network's served weights are not touched. Returns (fold of each user, [W_-f])."""
-    U = len(prep.user_ids)
-    X = _interaction_matrix(prep)
-    G = _gram(X)
+def _cross_fit(X, G: torch.Tensor, reg: float, pop_exp: float, rng: np.random.Generator,
+               float32: bool = True) -> tuple:
+    """Cross-fitted dense EASE weights of the users (rows) of ``X`` (Gram matrix ``G``): users
+    are cut into 5 folds (2 under 10 users) and fold f's users are scored with the weights of
+    the other four, ridge ``reg``, popularity-scaled by ``pop_exp``; the Cholesky in float32
+    when ``float32`` (half the time; the validation-tuned path) else float64. Returns (fold of
+    each user, [W_-f])."""
+    U = X.shape[0]
     K = 5 if U >= 10 else 2
     fold = torch.from_numpy(rng.permutation(U) % K)
     others = []
     for f in range(K):
+        # the Gram matrix without fold f: G minus fold f's own (integer counts in float64: exact)
         Gf = G - _gram(_rows(X, (fold == f).numpy()))
-        W = _ease_weights(Gf.to(torch.float32), cfg.wide_reg).contiguous()  # float32: half the time
-        others.append(W * _pop_scale(Gf, cfg.wide_pop_exp or 0.0))
+        W = (_ease_weights(Gf.to(torch.float32), reg).contiguous() if float32 else ease_from_gram(Gf, reg))
+        others.append(W * _pop_scale(Gf, pop_exp) if pop_exp else W)
     return fold, others
 
 
@@ -1970,7 +1965,9 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
             elif cfg.wide_train == "learned":
                 # as without a validation set: alpha(n) learned in training against cross-fitted
                 # EASE weights (the tuned ridge and popularity exponent), on the training users
-                cross = _cross_fit(prep, cfg, rng)
+                Xp = _interaction_matrix(prep)
+                cross = _cross_fit(Xp, _gram(Xp), cfg.wide_reg, cfg.wide_pop_exp or 0.0, rng)
+                del Xp
     else:
         if cfg.wide_reg is None:
             cfg.wide_reg = DEFAULT_WIDE_REG
