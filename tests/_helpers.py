@@ -217,3 +217,20 @@ def segments_log(n_users=90, seed=0):
         for t, i in enumerate(rng.choice(np.arange(seg * 10, seg * 10 + 10), size=6, replace=False)):
             rows.append((f"u{u}", int(i), t, 1.0))
     return pd.DataFrame(rows, columns=["user", "item", "timestamp", "reward"])
+
+
+def run_package_child(code: str, cwd, timeout: int = 300):
+    """``python -c code`` in a fresh process that imports the package this test imported
+    (installed in CI, the source tree with PYTHONPATH=.), run from the neutral directory ``cwd``
+    so that it does not pick up a source tree without the compiled core. Returns the
+    CompletedProcess (text stdout / stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    import recmeta_sdk as rm
+
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(rm.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([parent, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, env=env)

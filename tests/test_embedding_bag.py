@@ -1193,7 +1193,7 @@ def test_eager_autograd_equals_custom_op(mode):
 def test_training_does_not_import_dynamo(tmp_path):
     """A fresh process that trains a small model never imports torch._dynamo (importing it
     cost 2.7-4.4 CPU-s of each training process through the custom op's wrapper)."""
-    import recmeta_sdk as rm
+    from _helpers import run_package_child
 
     code = textwrap.dedent("""
         import sys
@@ -1204,9 +1204,6 @@ def test_training_does_not_import_dynamo(tmp_path):
         m = rm.train(df, config={"epochs": 1, "dim": 8, "hidden": 8}, progress=False)
         print("torch._dynamo" in sys.modules)
     """)
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(rm.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([parent, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                         env=env)
+    out = run_package_child(code, tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout

@@ -2,9 +2,6 @@
 users without torch, with the same ids and scores as the full model."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -14,6 +11,7 @@ import pytest
 import recmeta_sdk as rm
 from recmeta_sdk import serving
 from recmeta_sdk.model.io import ModelFileError, read_model_arrays, write_model_file
+from _helpers import run_package_child  # noqa: E402
 
 
 def _log(seed: int, str_ids: bool) -> pd.DataFrame:
@@ -125,12 +123,7 @@ def test_no_torch_is_imported(saved, tmp_path):
         assert r.ids.shape == (5,), r
         print("torch" in sys.modules)
     """)
-    # the package this test imported (installed in CI, the source tree with PYTHONPATH=.), from a
-    # neutral directory so that `python -c` does not pick up a source tree without the compiled core
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(rm.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([parent, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                         env=env)
+    out = run_package_child(code, tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False", out.stdout
 
