@@ -606,6 +606,36 @@ def _init_sequence_encoder(seq: nn.Module, g: torch.Generator) -> None:
                     nn.init.uniform_(p, -b, b, generator=g)
 
 
+def _causal_last(enc: nn.TransformerEncoder, e: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The causal transformer ``enc``'s output at position ``last[b]`` of each sequence
+    ``e[b]`` (B, L, d), without computing the other positions of the last layer.
+
+    The layers before the last run on every position (their outputs are the last layer's
+    keys and values). In the last (pre-norm) layer only the query at ``last[b]`` is needed:
+    it attends to positions ``<= last[b]`` (what the causal mask leaves it), and its
+    feed-forward block runs on one row per sequence, so the last layer costs its key / value
+    projections instead of L rows of attention output, projection and feed-forward. The
+    result equals ``enc(e, mask=causal)[arange(B), last]`` up to float rounding (same
+    parameters, same operations per row; dropout draws differ in training)."""
+    B, L, _ = e.shape
+    layers = enc.layers
+    if len(layers) > 1:
+        mask = torch.triu(torch.full((L, L), float("-inf")), diagonal=1)
+        for layer in layers[:-1]:
+            e = layer(e, src_mask=mask, is_causal=True)
+    layer = layers[-1]
+    if not layer.norm_first:  # the network builds pre-norm layers; anything else: full pass
+        mask = torch.triu(torch.full((L, L), float("-inf")), diagonal=1)
+        return layer(e, src_mask=mask, is_causal=True)[torch.arange(B), last]
+    rows = torch.arange(B)
+    x = e[rows, last]  # (B, d): the residual stream at the read-out positions
+    y = layer.norm1(e)
+    after = torch.arange(L)[None, :] > last[:, None]  # keys the causal mask hides
+    a = layer.self_attn(y[rows, last][:, None], y, y, key_padding_mask=after, need_weights=False)[0]
+    x = x + layer.dropout1(a[:, 0])
+    return x + layer._ff_block(layer.norm2(x))
+
+
 class RecMetaNet(nn.Module):
     """The network (see the module docstring). All state lives in parameters and buffers."""
 
@@ -830,13 +860,12 @@ class RecMetaNet(nn.Module):
             L = seq.shape[1]
             Xp = torch.cat([X, torch.zeros(1, X.shape[1])], 0)  # row N: padding
             e = Xp[seq] + self.pos[:L][None]
+            last = (seq_len.clamp(min=1) - 1)
             if self.cfg.encoder == "transformer":
-                mask = torch.triu(torch.full((L, L), float("-inf")), diagonal=1)
-                out = self.seq(e, mask=mask, is_causal=True)
+                s = _causal_last(self.seq, e, last)
             else:
                 out, _ = self.seq(e)
-            last = (seq_len.clamp(min=1) - 1)
-            s = out[torch.arange(B), last]
+                s = out[torch.arange(B), last]
             s = torch.where((seq_len > 0)[:, None], s, torch.zeros_like(s))
             parts.append(s)
         z = torch.cat(parts, 1)
