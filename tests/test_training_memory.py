@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import recmeta_sdk as rm
 from recmeta_sdk.training import loop
@@ -149,3 +150,60 @@ def _check_blocks(monkeypatch, RecMetaNet):
     assert cal.keys() == whole_cal.keys()
     np.testing.assert_allclose([cal[m] for m in cal], [whole_cal[m] for m in cal], rtol=0, atol=1e-9)
     assert abs(score - whole_val) <= 1e-9
+
+
+def test_adamw_and_clipping_match_torch():
+    """The loop's own AdamW (multi-tensor updates; no torch.optim import in training) and
+    gradient clipping equal torch.optim.AdamW and torch.nn.utils.clip_grad_norm_ on random
+    parameters of odd shapes, with a parameter that has no gradient."""
+    from recmeta_sdk.training.loop import AdamW, clip_grad_norm
+
+    g = torch.Generator().manual_seed(5)
+    ps = [torch.randn(7, 5, generator=g).requires_grad_(), torch.randn(3, generator=g).requires_grad_(),
+          torch.randn(2, 9, generator=g).requires_grad_()]
+    ref = [p.detach().clone().requires_grad_() for p in ps]
+    ours = AdamW([{"params": ps[:2], "base_lr": 1e-2}, {"params": ps[2:], "base_lr": 1e-2}], lr=1e-2, weight_decay=0.05)
+    theirs = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.05)
+    for step in range(6):
+        for i, (p, r) in enumerate(zip(ps, ref)):
+            if step == 3 and i == 1:  # no gradient this step: the parameter is left alone
+                p.grad = r.grad = None
+                continue
+            gr = torch.randn(p.shape, generator=g) * 3.0
+            p.grad, r.grad = gr.clone(), gr.clone()
+        before = ps[1].detach().clone()
+        clip_grad_norm(ps, 1.0)
+        torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        ours.step()
+        theirs.step()
+        if step == 3:
+            assert torch.equal(ps[1], before)
+        # one step count for all parameters (torch counts per parameter): the parameter that
+        # skipped a step is compared up to then only
+        for i, (p, r) in enumerate(zip(ps, ref)):
+            if i != 1 or step < 3:
+                torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+
+
+def test_fusion_curve_search_remembers_scores_without_changing_the_choice(monkeypatch):
+    """_fit_curve scores each distinct curve of a set once (the short sets see only the first
+    two values): the same curve as scoring every request, in fewer scorings."""
+    g = torch.Generator().manual_seed(11)
+    N = 57
+    sets = []
+    for j, (name, n) in enumerate([("warm", 40.0), ("first 5", 5.0), ("first 10", 10.0), ("first 20", 20.0)]):
+        U = 23 + j
+        D = torch.randn(U, N, generator=g)
+        E = torch.randn(U, N, generator=g) * 0.01 + 0.02 * D  # correlated with D, on another scale
+        lens = torch.full((U,), n) if j else torch.randint(21, 300, (U,), generator=g).to(torch.float32)
+        truth = [set(torch.randint(0, N, (4,), generator=g).tolist()) for _ in range(U)]
+        sets.append((name, n, D, E, torch.log1p(lens), truth))
+    calls = []
+    real = loop._val_score
+    monkeypatch.setattr(loop, "_val_score", lambda *a: calls.append(1) or real(*a))
+    fast = loop._fit_curve(sets, 0)
+    n_fast = len(calls)
+    calls.clear()
+    slow = loop._fit_curve(sets, 0, remember=False)
+    assert fast == slow
+    assert n_fast < 0.75 * len(calls), (n_fast, len(calls))

@@ -269,6 +269,11 @@ def _grad_impl(grad: torch.Tensor, weights: List[torch.Tensor], row_scales: List
     maximum (reference.max_positions)."""
     dev = grad.device
     T = len(weights)
+    if (dev.type == "cpu" and mode in ("sum", "mean") and padding_idx is None and not scale_grad_by_freq
+            and not need_psw_grad and all(need_weight_grad) and grad.dtype == torch.float32
+            and all(w.dtype == torch.float32 and w.device.type == "cpu" for w in weights)
+            and all(s.numel() == 0 for s in row_scales)):
+        return _grad_core(grad, weights, indices, offsets, per_sample_weights, mode)
     nnz_all = indices.numel()
     keep = None
     if padding_idx is not None:
@@ -320,6 +325,26 @@ def _grad_impl(grad: torch.Tensor, weights: List[torch.Tensor], row_scales: List
         full[keep] = psw_grad
         psw_grad = full
     outs.append(psw_grad)
+    return outs
+
+
+def _grad_core(grad: torch.Tensor, weights: List[torch.Tensor], indices: torch.Tensor, offsets: torch.Tensor,
+               per_sample_weights: Optional[torch.Tensor], mode: str) -> List[torch.Tensor]:
+    """:func:`_grad_impl` for plain float32 CPU tables (sum / mean, every table's gradient, no
+    per-sample-weight gradient) on the compiled core: the core's fused backward with plain SGD
+    applied to zero tables at learning rate -1 leaves each table holding ``0 + grad``, the
+    dense gradient (the same sums as the torch code, accumulated row by row in the core's
+    deterministic order; tested against it in tests/test_embedding_bag_autograd.py)."""
+    outs = [torch.zeros(w.shape[0], w.shape[1], dtype=torch.float32) for w in weights]
+    psw = None if per_sample_weights is None else _np(per_sample_weights.to(torch.float32), "per_sample_weights")
+    g = _np(grad, "grad")
+    if len(weights) == 1:
+        _core().embedding_bag_backward(outs[0].numpy(), _np(indices, "indices"), _np(offsets, "offsets"), g, psw,
+                                       mode, "sgd", -1.0)
+    else:
+        _core().embedding_bag_backward_tbe([o.numpy() for o in outs], _np(indices, "indices"),
+                                           _np(offsets, "offsets"), g, psw, mode, "sgd", -1.0)
+    outs.append(torch.zeros(0, dtype=torch.float32))
     return outs
 
 

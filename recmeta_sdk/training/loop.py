@@ -1566,8 +1566,13 @@ def tune_wide(G: torch.Tensor, val: Validation, cfg: Config) -> tuple:
     scales = {p: _pop_scale(G, p) for p in pops}
     per_kind = {}  # (reg, g, d, p) -> mean score of each kind
 
+    kept = {}  # the weights of the best ridge so far (each fit is a Cholesky of an N x N matrix)
+
     def ease32(reg):
-        return _ease_weights(G32, reg)
+        if reg not in kept:
+            kept.clear()
+            kept[reg] = _ease_weights(G32, reg)
+        return kept[reg]
 
     def run(reg):
         B = ease32(reg)
@@ -1584,8 +1589,13 @@ def tune_wide(G: torch.Tensor, val: Validation, cfg: Config) -> tuple:
         return B
 
     def score_plain(reg):
-        top = torch.topk((x @ ease32(reg)).masked_fill(seen, -float("inf")), min(10, N), dim=1).indices.numpy()
-        return float(_ndcg_plus_recall(top, truth, 10).mean())
+        B = kept[reg] if reg in kept else _ease_weights(G32, reg)
+        top = torch.topk((x @ B).masked_fill(seen, -float("inf")), min(10, N), dim=1).indices.numpy()
+        sc = float(_ndcg_plus_recall(top, truth, 10).mean())
+        if not pooled or sc > max(pooled.values()):
+            kept.clear()
+            kept[reg] = B
+        return sc
 
     def robust():
         # each kind's reference: plain EASE (no recency, no popularity exponent) at its best ridge
@@ -1593,8 +1603,8 @@ def tune_wide(G: torch.Tensor, val: Validation, cfg: Config) -> tuple:
         best = plain.max(axis=0)
         return {key: min(v / max(b, 1e-12) for v, b in zip(vals, best)) for key, vals in per_kind.items()}
 
+    pooled = {}
     if cfg.wide_reg is None:  # the ridge of plain EASE, on every validation user
-        pooled = {}
         for reg in WIDE_REG_GRID:
             pooled[reg] = score_plain(reg)
         reg0 = max(pooled, key=pooled.get)
@@ -1655,16 +1665,27 @@ def _alpha_curve(ln: torch.Tensor, a_lo: float, a_mid: float, a_hi: float, n_hi:
     return torch.exp(scale[0] * ramp) * torch.nn.functional.softplus(coef[0] + coef[1] * ln)
 
 
-def _fit_curve(sets: list, warm: Optional[int], known: Optional[tuple] = None) -> tuple:
+def _fit_curve(sets: list, warm: Optional[int], known: Optional[tuple] = None, remember: bool = True) -> tuple:
     """``(a_lo, a_mid, a_hi, n_hi)`` of :func:`_alpha_curve` fitted on ``sets`` (``(name, n,
     D, E, log(1 + lengths), truth)``) by NDCG@10 + Recall@10 on :data:`FUSION_GRID`: ``a_lo``
     by the set of shortest histories, ``a_mid`` (not below it) by the mean over the other
     short ones, ``(a_hi, n_hi)`` by the warm set ``sets[warm]`` (with ``known`` instead,
     taken from it), then each value in turn by the joint score (the warm set weighing as
-    much as the short ones together). Without short sets, one constant fitted on the warm set."""
+    much as the short ones together). Without short sets, one constant fitted on the warm set.
+    ``remember`` (the default) scores each distinct curve of a set once (the same choices as
+    scoring every request: tests/test_training_memory.py)."""
+    # scores are remembered: the search asks for many curves twice, and a set whose histories
+    # are all at most FUSION_KNOTS[1] long sees only (a_lo, a_mid) (the ramp to a_hi is 0)
+    # (the test in the curve's own float32 arithmetic: ramp = clamp(ln - log1p(knot), 0) / ...)
+    short_only = [bool(((st[4] - math.log1p(FUSION_KNOTS[1])) <= 0).all()) for st in sets]
+    memo = {}
+
     def score(j, *curve):
-        _, _, D, E, ln, truth = sets[j]
-        return _val_score(D + _alpha_curve(ln, *curve)[:, None] * E, truth)
+        key = (j,) + (curve[:2] if short_only[j] else curve)
+        if key not in memo or not remember:
+            _, _, D, E, ln, truth = sets[j]
+            memo[key] = _val_score(D + _alpha_curve(ln, *curve)[:, None] * E, truth)
+        return memo[key]
 
     n_hi0 = FUSION_N_HI[0]
     short = sorted((j for j in range(len(sets)) if j != warm), key=lambda j: sets[j][1])
@@ -1808,7 +1829,8 @@ def validation_from_frame(prep: Prepared, frame: pd.DataFrame, user_feats=None) 
 class AdamW:
     """AdamW (Loshchilov & Hutter; torch.optim.AdamW's update, betas (0.9, 0.999), eps
     1e-8, decoupled weight decay) over param groups ``{"params", "base_lr", "lr",
-    "weight_decay"}``.
+    "weight_decay"}``, with one step count for all parameters (torch counts per parameter;
+    the two differ only after a step in which a parameter had no gradient).
 
     Ours because constructing any ``torch.optim`` optimizer imports ``torch._dynamo``: about
     2.7 CPU-seconds on this machine, a fifth of the whole training budget on MovieLens-100K.
@@ -1833,15 +1855,22 @@ class AdamW:
         c1, c2 = 1.0 - b1 ** self.t, math.sqrt(1.0 - b2 ** self.t)
         for g in self.param_groups:
             lr, wd = g["lr"], g["weight_decay"]
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                m, v = self.state[id(p)]
-                if wd:
-                    p.mul_(1.0 - lr * wd)
-                m.lerp_(p.grad, 1.0 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1.0 - b2)
-                p.addcdiv_(m, v.sqrt().div_(c2).add_(self.eps), value=-lr / c1)
+            ps = [p for p in g["params"] if p.grad is not None]
+            if not ps:
+                continue
+            # the same element-wise update as one loop per parameter, in a few multi-tensor calls
+            grads = [p.grad for p in ps]
+            ms = [self.state[id(p)][0] for p in ps]
+            vs = [self.state[id(p)][1] for p in ps]
+            if wd:
+                torch._foreach_mul_(ps, 1.0 - lr * wd)
+            torch._foreach_lerp_(ms, grads, 1.0 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, grads, grads, value=1.0 - b2)
+            den = torch._foreach_sqrt(vs)
+            torch._foreach_div_(den, c2)
+            torch._foreach_add_(den, self.eps)
+            torch._foreach_addcdiv_(ps, ms, den, value=-lr / c1)
 
 
 def clip_grad_norm(params: list, max_norm: float) -> None:
@@ -1849,11 +1878,10 @@ def clip_grad_norm(params: list, max_norm: float) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
-    total = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     scale = max_norm / (float(total) + 1e-6)
     if scale < 1.0:
-        for g in grads:
-            g.mul_(scale)
+        torch._foreach_mul_(grads, scale)
 
 
 def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress: Optional[bool] = None,
