@@ -279,13 +279,13 @@ def test_calibrated_model_serves_full_log_ease_and_scaled_alpha():
     from recmeta_sdk.evaluation.baselines import EASE
 
     log = _synthetic(n_users=80, n_items=23)
-    m = rm.train(log, config=dict(TINY, epochs=1, wide_reg=7.0, calib_users=0.5, calib_holdout=0.25))
+    m = rm.train(log, config=dict(TINY, epochs=1, wide_reg=7.0, calib_users=0.5, calib_holdout=0.25, seed=2))
     u = m.user_map.to_index(log["user"])
     i = m.item_map.to_index(log["item"])
     # the served weights are refit on the whole log, held-out interactions included
     ref = EASE(m.n_items, reg=7.0).fit(u, i, len(m.user_ids)).B
     np.testing.assert_allclose(m._net.wide.numpy(), ref, rtol=1e-4, atol=1e-6)
-    assert float(m._net.wide_scale[0]) != 0.0  # (this seed's held-out set moves alpha)
+    assert float(m._net.wide_scale[0]) != 0.0  # (seed 2's held-out set moves alpha; seeds 0, 1, 5 do not)
     n = torch.tensor([1.0, 3.0, 8.0])
     c = m._net.wide_coef.detach()
     expect = torch.exp(m._net.wide_scale[0]) * torch.nn.functional.softplus(c[0] + c[1] * torch.log1p(n))

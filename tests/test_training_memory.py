@@ -207,3 +207,33 @@ def test_fusion_curve_search_remembers_scores_without_changing_the_choice(monkey
     slow = loop._fit_curve(sets, 0, remember=False)
     assert fast == slow
     assert n_fast < 0.75 * len(calls), (n_fast, len(calls))
+
+
+def test_auto_epochs_resolve_from_the_step_budget(monkeypatch):
+    """Config.epochs None (the default) trains AUTO_STEPS // steps-per-epoch epochs, within
+    [1, AUTO_EPOCHS], and writes the number back; an explicit value is kept."""
+    from recmeta_sdk.model import network
+
+    assert network.Config().epochs is None
+    assert network.auto_epochs(8) == network.AUTO_EPOCHS  # MovieLens-100K: 943 users, 8 steps
+    assert network.auto_epochs(47) == network.AUTO_STEPS // 47
+    assert network.auto_epochs(10 ** 6) == 1
+    monkeypatch.setattr(network, "AUTO_STEPS", 7)  # 90 users, batch 16: 6 steps an epoch -> 1 epoch
+    cfg = {k: v for k, v in TINY.items() if k != "epochs"}
+    m = rm.train(_log(), config=dict(cfg, validation=0), progress=False, num_threads=1)
+    assert m.config.epochs == 1 and len(m.history["loss"]) == 1
+    m = rm.train(_log(), config=dict(cfg, validation=0, epochs=3), progress=False, num_threads=1)
+    assert m.config.epochs == 3 and len(m.history["loss"]) == 3
+    with pytest.raises(ValueError, match="epochs"):
+        rm.train(_log(), config=dict(cfg, epochs=0), progress=False)
+
+
+def test_rows_times_equals_the_dense_product():
+    """The validation scoring's sparse product (an embedding bag over W's rows) equals x @ W
+    on random sparse rows with weights, an empty row included; float64 falls back to @."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(13, 29, generator=g) < 0.15).to(torch.float32) * (torch.rand(13, 29, generator=g) + 0.5)
+    x[4] = 0.0
+    W = torch.randn(29, 29, generator=g)
+    torch.testing.assert_close(loop._rows_times(x, W), x @ W, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loop._rows_times(x.double(), W.double()), x.double() @ W.double())

@@ -44,6 +44,16 @@ DENSE_WIDE_BYTES_PER_PAIR = 72
 #: the fraction of the users (with 5 or more interactions, at most 2,000) who hold out part
 #: of their interactions as the validation set (see :attr:`Config.validation`)
 AUTO_VALIDATION = 0.5
+#: ``Config.epochs=None``: at most this many epochs ...
+AUTO_EPOCHS = 30
+#: ... and as many as fit in this many optimiser steps (at least one epoch)
+AUTO_STEPS = 900
+
+
+def auto_epochs(steps_per_epoch: int) -> int:
+    """The number of epochs ``Config.epochs=None`` resolves to: ``AUTO_STEPS //
+    steps_per_epoch`` within ``[1, AUTO_EPOCHS]``."""
+    return int(min(AUTO_EPOCHS, max(1, AUTO_STEPS // max(int(steps_per_epoch), 1))))
 
 
 def dense_wide_bytes(n_items: int) -> int:
@@ -185,10 +195,13 @@ class Config:
     temperature: float = 1.0
 
     # --------------------------------------------------------------- training
-    #: Passes over the training users (a positive int). With a validation set it is the
-    #: maximum, and the best epoch's weights are kept (early stopping ends training
-    #: ``patience`` epochs after the best one).
-    epochs: int = 30
+    #: Passes over the training users (a positive int), or None (the default): as many as
+    #: fit in :data:`AUTO_STEPS` optimiser steps, at most :data:`AUTO_EPOCHS` and at least
+    #: one (30 on MovieLens-100K's 943 users, 19 on 6,000 users, 2 on 50,000: a large log
+    #: needs fewer passes, and the cost stays near linear in the log); the value used is
+    #: written back. With a validation set it is the maximum, and the best epoch's weights
+    #: are kept (early stopping ends training ``patience`` epochs after the best one).
+    epochs: Optional[int] = None
     #: Samples (one per user) per optimiser step (a positive int); group tasks
     #: (:mod:`recmeta_sdk.training.meta_tasks`) draw ``batch_size // users_per_task`` tasks.
     batch_size: int = 128
@@ -442,6 +455,8 @@ class Config:
                    "feedback_window", "patience")
         for name in pos_int:
             v = getattr(self, name)
+            if v is None and name == "epochs":  # auto (see Config.epochs)
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"config.{name} must be a positive int, got {v!r}")
         if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) or self.inner_steps < 0:

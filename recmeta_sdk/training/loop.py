@@ -76,9 +76,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import ops
 from ..data import IdMap
 from ..evaluation.baselines import ease_weights as _ease_weights
-from ..model.network import AUTO_VALIDATION, Config, ItemFeatures, RecMetaNet, SparseWide, dense_wide_bytes
+from ..model.network import AUTO_VALIDATION, Config, auto_epochs, ItemFeatures, RecMetaNet, SparseWide, dense_wide_bytes
 
 logger = logging.getLogger("recmeta")
 
@@ -1510,6 +1511,19 @@ def _wide_inputs(hists, N: int, decays=()) -> tuple:
     return x, rec
 
 
+def _rows_times(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``x @ W`` for a sparse-valued (B, N) ``x`` (history multi-hots: a few percent of
+    nonzeros at most) as one embedding bag over the rows of ``W``: the cost is the nonzeros
+    times N, not B N^2 (2x faster on MovieLens-100K's validation users, 8x at 2,000 users of
+    3,700 items)."""
+    if W.dtype != torch.float32 or x.dtype != torch.float32:
+        return x @ W
+    rows, cols = x.nonzero(as_tuple=True)  # row-major: each row's nonzeros together
+    off = torch.zeros(x.shape[0] + 1, dtype=torch.int64)
+    off[1:] = torch.bincount(rows, minlength=x.shape[0]).cumsum(0)
+    return ops.embedding_bag(W.contiguous(), cols, off, per_sample_weights=x[rows, cols])
+
+
 def _wide_scores(W: torch.Tensor, hists, cfg: Optional[Config] = None) -> torch.Tensor:
     """(B, N) ``x W`` of the histories, with the recency weights of ``cfg`` (see
     :meth:`RecMetaNet.wide_offset`; none without ``cfg``)."""
@@ -1518,7 +1532,7 @@ def _wide_scores(W: torch.Tensor, hists, cfg: Optional[Config] = None) -> torch.
     x, rec = _wide_inputs(hists, W.shape[0], (d,) if g else ())
     if g:
         x = torch.where(x > 0, 1.0 + g * rec[d], x)
-    return x @ W
+    return _rows_times(x, W)
 
 
 def _val_score(sc: torch.Tensor, truth: list, k: int = 10) -> float:
@@ -1576,9 +1590,9 @@ def tune_wide(G: torch.Tensor, val: Validation, cfg: Config) -> tuple:
 
     def run(reg):
         B = ease32(reg)
-        base = {0.0: x @ B}
+        base = {0.0: _rows_times(x, B)}
         for d in decays:
-            base[d] = rec[d].masked_fill(~seen, 0.0) @ B
+            base[d] = _rows_times(rec[d].masked_fill(~seen, 0.0), B)
         for g, d in recs:
             sc0 = base[0.0] + g * base[d] if g else base[0.0]
             for p in pops:
@@ -1590,7 +1604,7 @@ def tune_wide(G: torch.Tensor, val: Validation, cfg: Config) -> tuple:
 
     def score_plain(reg):
         B = kept[reg] if reg in kept else _ease_weights(G32, reg)
-        top = torch.topk((x @ B).masked_fill(seen, -float("inf")), min(10, N), dim=1).indices.numpy()
+        top = torch.topk(_rows_times(x, B).masked_fill(seen, -float("inf")), min(10, N), dim=1).indices.numpy()
         sc = float(_ndcg_plus_recall(top, truth, 10).mean())
         if not pooled or sc > max(pooled.values()):
             kept.clear()
@@ -2026,6 +2040,8 @@ def fit(net: RecMetaNet, prep: Prepared, cfg: Config, user_feats=None, progress:
     steps_per_epoch = int(math.ceil(len(eligible) / cfg.batch_size))
     if batches is not None:
         steps_per_epoch = batches.steps_per_epoch
+    if cfg.epochs is None:  # auto: the steps of AUTO_STEPS in whole epochs (written back)
+        cfg.epochs = auto_epochs(steps_per_epoch)
     total = cfg.epochs * steps_per_epoch
     if show:
         try:
