@@ -237,3 +237,31 @@ def test_rows_times_equals_the_dense_product():
     W = torch.randn(29, 29, generator=g)
     torch.testing.assert_close(loop._rows_times(x, W), x @ W, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loop._rows_times(x.double(), W.double()), x.double() @ W.double())
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_causal_last_equals_the_full_causal_encoder(layers):
+    """The user state's sequence read-out computes only the last layer's read-out positions
+    (network._causal_last); values and gradients equal the full causal transformer's output
+    at those positions (dropout off), odd sizes and a length-1 sequence included."""
+    from torch import nn
+
+    from recmeta_sdk.model.network import _causal_last
+
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(6, 2, dim_feedforward=10, dropout=0.0, batch_first=True,
+                                                           norm_first=True), layers, enable_nested_tensor=False)
+    B, L = 7, 5
+    g = torch.Generator().manual_seed(1)
+    e = torch.randn(B, L, 6, generator=g).requires_grad_()
+    last = torch.tensor([0, 4, 2, 3, 1, 4, 0])
+    mask = torch.triu(torch.full((L, L), float("-inf")), diagonal=1)
+    for train in (True, False):
+        enc.train(train)
+        want = enc(e, mask=mask, is_causal=True)[torch.arange(B), last]
+        got = _causal_last(enc, e, last)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        gw = torch.autograd.grad((want * want).sum(), [e] + list(enc.parameters()))
+        gg = torch.autograd.grad((got * got).sum(), [e] + list(enc.parameters()))
+        for a, b in zip(gg, gw):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

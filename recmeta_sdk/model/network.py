@@ -646,8 +646,24 @@ def _causal_last(enc: nn.TransformerEncoder, e: torch.Tensor, last: torch.Tensor
     x = e[rows, last]  # (B, d): the residual stream at the read-out positions
     y = layer.norm1(e)
     after = torch.arange(L)[None, :] > last[:, None]  # keys the causal mask hides
-    a = layer.self_attn(y[rows, last][:, None], y, y, key_padding_mask=after, need_weights=False)[0]
-    x = x + layer.dropout1(a[:, 0])
+    mha = layer.self_attn
+    if not (mha._qkv_same_embed_dim and mha.in_proj_bias is not None and mha.bias_k is None
+            and not mha.add_zero_attn and mha.batch_first):
+        a = mha(y[rows, last][:, None], y, y, key_padding_mask=after, need_weights=False)[0][:, 0]
+    else:
+        # nn.MultiheadAttention's computation for one query per sequence, on the (B, L, d)
+        # layout as it is (no transposed copies): projections, scaled dot-product attention
+        # with attention dropout in training, output projection
+        d, H = mha.embed_dim, mha.num_heads
+        w, b = mha.in_proj_weight, mha.in_proj_bias
+        q = torch.nn.functional.linear(y[rows, last], w[:d], b[:d]).view(B, H, 1, d // H)
+        kv = torch.nn.functional.linear(y, w[d:], b[d:]).view(B, L, 2, H, d // H)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, H, L, d / H)
+        mask = torch.zeros(B, 1, 1, L).masked_fill(after[:, None, None, :], float("-inf"))
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=mha.dropout if mha.training else 0.0)
+        a = mha.out_proj(o.reshape(B, d))
+    x = x + layer.dropout1(a)
     return x + layer._ff_block(layer.norm2(x))
 
 
