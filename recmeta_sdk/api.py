@@ -114,7 +114,8 @@ def train(interactions: Any, *, users: Optional[pd.DataFrame] = None,
         of users in ``interactions``, optional. With a validation set training chooses on
         it: the wide part (EASE ridge, recency and popularity weights), the number of epochs
         (early stopping after ``config["patience"]`` epochs without improvement, up to
-        ``config["epochs"]``), the wide part's weight per history length and the temperature
+        ``config["epochs"]``; by default as many epochs as fit in 900 optimiser steps, at most
+        30), the wide part's weight per history length and the temperature
         (see :func:`recmeta_sdk.training.loop.fit`). Without it, ``config["validation"]``
         carves one from ``interactions`` (``calib_holdout`` of the interactions of that
         fraction of the users with 5 or more, at most 2,000): by default (None) half of them
