@@ -1126,11 +1126,9 @@ def calibration_split(prep: Prepared, cfg: Config, rng: np.random.Generator, use
         else:
             pos = lo + rng.choice(hi - lo, m, replace=False)
         keep[pos] = False
-        truth.append(set(prep.items[pos][prep.rewards[pos] > 0].tolist()))  # positive feedback only
-    # an item held out and also kept (a repeat) is not a held-out target
-    users = np.repeat(np.arange(len(prep.user_ids)), n)
-    kept_pairs = set(zip(users[keep].tolist(), prep.items[keep].tolist()))
-    truth = [{i for i in t if (int(u), i) not in kept_pairs} for u, t in zip(cal_users, truth)]
+        # positive feedback only; an item held out and also kept (a repeat) is not a target
+        kept = set(prep.items[lo:hi][keep[lo:hi]].tolist())
+        truth.append({i for i in prep.items[pos][prep.rewards[pos] > 0].tolist() if i not in kept})
     rest = _keep_rows(prep, keep)
     ok = np.array([len(t) > 0 for t in truth])
     return rest, cal_users[ok], [t for t, o in zip(truth, ok) if o], latest[ok]
