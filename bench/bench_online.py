@@ -205,7 +205,7 @@ def sim_factories(env: sim.UserSimulator, seed: int) -> dict:
     }
 
 
-def sim_recmeta_factories(env: sim.UserSimulator, epochs: int, seed: int, linear: float = 40.0,
+def sim_recmeta_factories(env: sim.UserSimulator, epochs: int, seed: int, linear: float = 100.0,
                           metas: tuple = ("fomaml", "none")) -> dict:
     """The SDK's policy in the simulator: trained on the clicks of the same uniform-random logs
     of the existing users that the baselines are fitted on (the information EASE gets), with
@@ -213,8 +213,8 @@ def sim_recmeta_factories(env: sim.UserSimulator, epochs: int, seed: int, linear
     not, learning online through ``Recommender.feedback``. The simulator allows repeats, so
     the policy does not exclude the items it showed before (the environment's exclusions
     still apply). With ``linear > 0`` the meta-trained model is also served with the online
-    linear evidence (``config.feedback_linear=linear``; its settings were chosen on simulator
-    seeds 101-103). ``metas``: which of the two models to train."""
+    linear evidence (``config.feedback_linear=linear``; 100 and the settings of
+    :mod:`recmeta_sdk.online.posterior` were chosen on simulator seeds 101-104). ``metas``: which of the two models to train."""
     import pandas as pd
 
     from recmeta_sdk import api
@@ -266,7 +266,7 @@ def main(argv=None) -> None:
     ap.add_argument("--recmeta-config", default=json.dumps(RECMETA_CONFIG),
                     help="ML: JSON dict of recmeta_sdk Config overrides for the SDK policy's training "
                          f"(default {json.dumps(RECMETA_CONFIG)}; '{{}}': the library defaults)")
-    ap.add_argument("--recmeta-linear", type=float, default=40.0,
+    ap.add_argument("--recmeta-linear", type=float, default=100.0,
                     help="sim: also serve the meta-trained model with config.feedback_linear=this (0: no such row)")
     ap.add_argument("--sim-seed", type=int, default=0, help="sim: SimConfig.seed (the world; default 0)")
     ap.add_argument("--threads", type=int, default=1,

@@ -36,6 +36,12 @@ vectors, ``exp((cos(v_i, v_j) - 1) / config.feedback_bandwidth)``, decaying by
 ``config.feedback_evidence_decay`` per later event, so a click raises the clicked item's
 neighbours in the very next slate and a miss lowers them (the world model's ``Planner`` does
 the same on its own item vectors).
+With ``config.feedback_linear > 0`` (off by default) and a model whose items have dense side
+features, the item bias also carries the **linear evidence**: the posterior mean of the user's
+Bayesian ridge regression of its rewards on the items' features, the item vectors' principal
+directions and the model's cold score (the prior: ``posterior.LINEAR_PRIOR`` on it), plus a
+confidence bonus (LinUCB's, width ``posterior.LINEAR_UCB``), a closed-form update of
+O(rank^2) numbers per event (:class:`~recmeta_sdk.online.posterior.ItemBasis`).
 
 A hit's encoder pass and gradient step are **deferred**: the event records them
 (:attr:`OnlineUser.pending`) and they are computed, with the item bias, at the first read of

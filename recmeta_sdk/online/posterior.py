@@ -32,8 +32,11 @@ known (training) user's prior is the model's own state, so only the correction i
 The same item bias carries the **in-session evidence** (:func:`evidence_coefficients`,
 :class:`ItemKernel`): each event's residual against the user's running mean reward, spread to
 similar items by a kernel on the model's item vectors and decayed per event, weighted by
-``config.feedback_evidence`` in the same score units. Both parts live in one
-:class:`SparseCorrection` (O(feedback window) numbers per user).
+``config.feedback_evidence`` in the same score units. With ``config.feedback_linear`` (off by
+default; models with dense item features) it also carries the **linear evidence**
+(:class:`ItemBasis`): the user's ridge regression of its rewards on the items' features, the
+item vectors' principal directions and the model's cold score, plus a confidence bonus. All
+parts live in one :class:`SparseCorrection` (O(feedback window + rank^2) numbers per user).
 """
 from __future__ import annotations
 
@@ -46,8 +49,9 @@ import numpy as np
 if TYPE_CHECKING:
     from ..model.view import ModelView
 
-__all__ = ["ItemBasis", "ItemKernel", "RewardPosterior", "basis_of_model", "has_dense_features", "SparseCorrection", "evidence_coefficients", "evidence_window",
-           "kernel_of_model", "of_model", "score_scale"]
+__all__ = ["ItemBasis", "ItemKernel", "RewardPosterior", "SparseCorrection", "basis_of_model",
+           "evidence_coefficients", "evidence_window", "has_dense_features", "kernel_of_model", "of_model",
+           "score_scale"]
 
 _LOCK = threading.RLock()  # re-entrant: score_scale runs model code under it
 # Per model, built on first use and kept in the model object's own attribute dict under this
@@ -221,6 +225,11 @@ class SparseCorrection:
     ev_items : (m,) int64, the distinct items of the evidence window
     ev_coef : (m,) float64, their summed decayed residuals (:func:`evidence_coefficients`)
     ev_scale : ``config.feedback_evidence * score_scale(model)``
+    lin_coef : (r,) float64, the linear evidence's posterior mean over :class:`ItemBasis`
+        (empty when it is off); its dense form is ``lin_scale * (Z @ lin_coef + bonus)``
+    lin_scale : ``config.feedback_linear * score_scale(model)``
+    lin_inv : (r, r) float64 or None, ``LINEAR_UCB ** 2`` times the posterior covariance
+        ``(reg I + Z_O^T Z_O)^{-1}``: the bonus is ``sqrt(z_i^T lin_inv z_i)``
     """
 
     items: np.ndarray
@@ -252,24 +261,17 @@ EVIDENCE_MIN_WEIGHT = 1e-3
 #: models with dense item side features): the rank of the item vectors' principal part of the
 #: basis, the ridge (prior precision), the prior weight of the model's cold score (reward units
 #: per standard deviation of it) and the width of the confidence bonus (LinUCB's alpha),
-#: chosen on validation seeds 101-103 of the multi-task simulator (``bench/bench_online.py``)
+#: chosen on validation seeds 101-104 of the multi-task simulator (``bench/bench_online.py
+#: --sim-seed``; LinUCB's own settings there: ridge 1, alpha 0.5)
 LINEAR_RANK = 16
 LINEAR_REG = 1.0
-LINEAR_PRIOR = 0.5
+LINEAR_PRIOR = 1.0
 LINEAR_UCB = 0.25
 
 
 def has_dense_features(model: ModelView) -> bool:
     """Whether the model's items have dense side features (what the linear evidence reads)."""
     return getattr(model.network, "item_dense", None) is not None and int(getattr(model.network, "n_dense", 0)) > 0
-
-
-def running_mean(y: np.ndarray) -> np.ndarray:
-    """The user's running mean reward before each event (prior :data:`EVIDENCE_PRIOR_MEAN`
-    with weight :data:`EVIDENCE_PRIOR_WEIGHT`), as :func:`evidence_coefficients` uses it."""
-    y = np.asarray(y, np.float64)
-    before = np.concatenate([[0.0], np.cumsum(y)[:-1]])
-    return (EVIDENCE_PRIOR_MEAN * EVIDENCE_PRIOR_WEIGHT + before) / (EVIDENCE_PRIOR_WEIGHT + np.arange(len(y)))
 
 
 def evidence_window(decay: float, window: int) -> int:
