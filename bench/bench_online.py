@@ -17,7 +17,9 @@ Two environments (``--env``):
     never seen in training, slates of 3 with position bias, slow interest drift. The same
     baselines; popularity and EASE are fitted on uniform-random logs of the existing users
     (with ``--recmeta-epochs N`` the SDK's policy joins them, trained on the clicks of those
-    logs with the items' latent features as a dense side feature).
+    logs with the items' latent features as a dense side feature; the meta-trained one is also
+    served with the opt-in linear evidence, ``--recmeta-linear``, ``config.feedback_linear``).
+    ``--sim-seed`` draws another world; paired differences per user against EASE and LinUCB.
 
 With ``--recmeta-epochs N`` (ML) the SDK's policy joins them: ``recmeta_sdk.train`` on the
 existing users (meta-trained, ``meta="fomaml"``, and the same network without
