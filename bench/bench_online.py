@@ -17,7 +17,9 @@ Two environments (``--env``):
     never seen in training, slates of 3 with position bias, slow interest drift. The same
     baselines; popularity and EASE are fitted on uniform-random logs of the existing users
     (with ``--recmeta-epochs N`` the SDK's policy joins them, trained on the clicks of those
-    logs with the items' latent features as a dense side feature).
+    logs with the items' latent features as a dense side feature; the meta-trained one is also
+    served with the opt-in linear evidence, ``--recmeta-linear``, ``config.feedback_linear``).
+    ``--sim-seed`` draws another world; paired differences per user against EASE and LinUCB.
 
 With ``--recmeta-epochs N`` (ML) the SDK's policy joins them: ``recmeta_sdk.train`` on the
 existing users (meta-trained, ``meta="fomaml"``, and the same network without
@@ -205,13 +207,16 @@ def sim_factories(env: sim.UserSimulator, seed: int) -> dict:
     }
 
 
-def sim_recmeta_factories(env: sim.UserSimulator, epochs: int, seed: int) -> dict:
+def sim_recmeta_factories(env: sim.UserSimulator, epochs: int, seed: int, linear: float = 100.0,
+                          metas: tuple = ("fomaml", "none")) -> dict:
     """The SDK's policy in the simulator: trained on the clicks of the same uniform-random logs
     of the existing users that the baselines are fitted on (the information EASE gets), with
     the items' latent features as a dense side feature (what LinUCB gets); meta-trained and
     not, learning online through ``Recommender.feedback``. The simulator allows repeats, so
     the policy does not exclude the items it showed before (the environment's exclusions
-    still apply)."""
+    still apply). With ``linear > 0`` the meta-trained model is also served with the online
+    linear evidence (``config.feedback_linear=linear``; 100 and the settings of
+    :mod:`recmeta_sdk.online.posterior` were chosen on simulator seeds 101-104). ``metas``: which of the two models to train."""
     import pandas as pd
 
     from recmeta_sdk import api
@@ -222,11 +227,23 @@ def sim_recmeta_factories(env: sim.UserSimulator, epochs: int, seed: int) -> dic
     ids = np.arange(env.n_items)
     out = {}
     for label, meta in (("recmeta meta-RL", "fomaml"), ("recmeta no meta-training", "none")):
+        if meta not in metas:
+            continue
         t0 = time.perf_counter()
         model = api.train(clicks, items=items, progress=False, config={"epochs": epochs, "meta": meta, "seed": seed})
         print(f"  trained {label} ({epochs} epochs) in {time.perf_counter() - t0:.0f} s")
         out[f"{label}, online feedback (step)"] = (
             lambda e, m=model: bandits.RecommenderPolicy(m, item_ids=ids, exclude_seen=not e.allow_repeats))
+        if meta == "fomaml" and linear > 0:
+            # the same model with the online linear evidence (config.feedback_linear)
+            import copy
+            from dataclasses import replace
+
+            ml = copy.copy(model)
+            ml.config = replace(model.config, feedback_linear=float(linear))
+            ml.default_online_store = None
+            out[f"{label}, online feedback (step), feedback_linear={linear:g}"] = (
+                lambda e, m=ml: bandits.RecommenderPolicy(m, item_ids=ids, exclude_seen=not e.allow_repeats))
     return out
 
 
@@ -251,9 +268,23 @@ def main(argv=None) -> None:
     ap.add_argument("--recmeta-config", default=json.dumps(RECMETA_CONFIG),
                     help="ML: JSON dict of recmeta_sdk Config overrides for the SDK policy's training "
                          f"(default {json.dumps(RECMETA_CONFIG)}; '{{}}': the library defaults)")
+    ap.add_argument("--recmeta-linear", type=float, default=100.0,
+                    help="sim: also serve the meta-trained model with config.feedback_linear=this (0: no such row)")
+    ap.add_argument("--sim-seed", type=int, default=0, help="sim: SimConfig.seed (the world; default 0)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch and BLAS threads (default 1: on shared cores more threads spin)")
     ap.add_argument("--only", default="", help="comma-separated substrings: run only the matching policies")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(args.threads)
+    with threadpool_limits(args.threads):
+        _run(args)
+
+
+def _run(args) -> None:
     envs = ("ml100k", "sim") if args.env == "both" else (args.env,)
     for name in envs:
         t0 = time.perf_counter()
@@ -272,20 +303,22 @@ def main(argv=None) -> None:
                                               args.recmeta_positives, json.loads(args.recmeta_config)))
             bars = ML_BARS
         else:
-            env = sim.UserSimulator(SIM_CONFIG)
+            from dataclasses import replace
+
+            env = sim.UserSimulator(replace(SIM_CONFIG, seed=args.sim_seed))
             print(f"== simulator: {len(env.users)} new users from {SIM_CONFIG.n_test_segments} unseen segments, "
                   f"{env.n_items} items, slates of {env.slate_size}, T={args.T}")
             facs = sim_factories(env, args.seed)
             if args.recmeta_epochs > 0:
-                facs.update(sim_recmeta_factories(env, args.recmeta_epochs, args.seed))
+                metas = ("fomaml",) if args.only and "no meta" not in args.only else ("fomaml", "none")
+                facs.update(sim_recmeta_factories(env, args.recmeta_epochs, args.seed, args.recmeta_linear, metas))
             bars = None
         if args.only:
             keys = [x for x in args.only.split(",") if x]
             facs = {n: f for n, f in facs.items() if any(x in n for x in keys)}
         res = sim.run_benchmark(env, facs, args.T, seed=args.seed)
         print(sim.format_table(res, bars))
-        ref = "EASE online fold-in"
-        if ref in res:
+        for ref in [n for n in res if n == "EASE online fold-in" or n.startswith("LinUCB")]:
             for nm, r in res.items():
                 if nm.startswith("recmeta"):
                     cells = []

@@ -159,7 +159,7 @@ class Config:
       ``new_user_alpha``, ``wide_recency``, ``wide_recency_decay``, ``wide_pop_exp``.
     * **Online feedback** (:mod:`recmeta_sdk.online`): ``feedback_posterior``,
       ``feedback_reg``, ``feedback_window``, ``feedback_evidence``, ``feedback_bandwidth``,
-      ``feedback_evidence_decay``.
+      ``feedback_evidence_decay``, ``feedback_linear``.
     * **Rewards**: ``positive_threshold``.
 
     Fields that training may choose (``validation``, ``wide_reg``, ``wide_recency``, ``wide_recency_decay``,
@@ -434,6 +434,16 @@ class Config:
     #: Per-event decay, in (0, 1], of the in-session evidence (older events weigh
     #: ``decay ** age``; events whose weight is below 1e-3 are dropped).
     feedback_evidence_decay: float = 0.7
+    #: Weight (>= 0; 0, the default, turns it off) of the online **linear evidence**
+    #: (:mod:`recmeta_sdk.online.posterior`, ``ItemBasis``), used only by models whose items
+    #: have dense side features: each user's Bayesian ridge regression of its rewards on the
+    #: items' dense features, the item vectors' principal directions and the model's cold score
+    #: (its prior), whose prediction plus a confidence bonus is added to the user's item bias,
+    #: in standard deviations of the model's scores per unit of predicted reward. 100 (chosen on
+    #: validation seeds of the multi-task simulator) brings the online loop to LinUCB's level in
+    #: that simulator, but costs it on the long-horizon one, hence off by default (see the
+    #: README's online section).
+    feedback_linear: float = 0.0
 
     # ---------------------------------------------------------------- rewards
     #: The reward at or above which a logged row is a positive (a reward <= 0 never is): a
@@ -484,7 +494,7 @@ class Config:
                 raise ValueError(f"config.{name} must be a number in "
                                  f"{'(0, 1]' if name == 'feedback_evidence_decay' else '(0, inf)'}, got {v!r}")
         for name in ("weight_decay", "l2", "ce_weight", "rl_weight", "entropy", "feedback_posterior",
-                     "feedback_evidence"):
+                     "feedback_evidence", "feedback_linear"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"config.{name} must be a finite number >= 0, got {v!r}")

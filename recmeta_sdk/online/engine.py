@@ -36,6 +36,12 @@ vectors, ``exp((cos(v_i, v_j) - 1) / config.feedback_bandwidth)``, decaying by
 ``config.feedback_evidence_decay`` per later event, so a click raises the clicked item's
 neighbours in the very next slate and a miss lowers them (the world model's ``Planner`` does
 the same on its own item vectors).
+With ``config.feedback_linear > 0`` (off by default) and a model whose items have dense side
+features, the item bias also carries the **linear evidence**: the posterior mean of the user's
+Bayesian ridge regression of its rewards on the items' features, the item vectors' principal
+directions and the model's cold score (the prior: ``posterior.LINEAR_PRIOR`` on it), plus a
+confidence bonus (LinUCB's, width ``posterior.LINEAR_UCB``), a closed-form update of
+O(rank^2) numbers per event (:class:`~recmeta_sdk.online.posterior.ItemBasis`).
 
 A hit's encoder pass and gradient step are **deferred**: the event records them
 (:attr:`OnlineUser.pending`) and they are computed, with the item bias, at the first read of
@@ -644,7 +650,8 @@ class OnlineStore:
         m = self.model
         cfg = m.config
         ev_w = float(getattr(cfg, "feedback_evidence", 0.0))
-        if (cfg.feedback_posterior <= 0 and ev_w <= 0) or len(items) == 0:
+        lin_w = float(getattr(cfg, "feedback_linear", 0.0))
+        if (cfg.feedback_posterior <= 0 and ev_w <= 0 and lin_w <= 0) or len(items) == 0:
             return None
         items, rewards = items[-cfg.feedback_window:], rewards[-cfg.feedback_window:]
         y = np.maximum(np.asarray(rewards, np.float64), 0.0) / m.reward_scale
@@ -654,34 +661,61 @@ class OnlineStore:
             scale, with_prior = float(cfg.feedback_posterior) * sc, not known
         else:
             obs, coef, scale, with_prior = np.zeros(0, np.int64), np.zeros(0), 0.0, False
+        kw = {}
         if ev_w > 0:
             n = posterior.evidence_window(float(cfg.feedback_evidence_decay), cfg.feedback_window)
             ev_items, ev_coef = posterior.evidence_coefficients(items, y, float(cfg.feedback_evidence_decay), n)
-            return SparseCorrection(obs, coef, scale, with_prior, ev_items, ev_coef, ev_w * sc)
-        return SparseCorrection(obs, coef, scale, with_prior)
+            kw.update(ev_items=ev_items, ev_coef=ev_coef, ev_scale=ev_w * sc)
+        if lin_w > 0 and posterior.has_dense_features(m):
+            basis = self._basis()
+            reg = posterior.LINEAR_REG
+            w0 = np.zeros(basis.rank)
+            w0[basis.n_basis] = posterior.LINEAR_PRIOR
+            w = basis.coefficients(items, y, reg, w0)
+            kw.update(lin_coef=w, lin_scale=lin_w * sc)
+            ucb = posterior.LINEAR_UCB
+            if ucb > 0:
+                kw.update(lin_inv=ucb * ucb * basis.inverse(items, reg))
+        return SparseCorrection(obs, coef, scale, with_prior, **kw)
+
+    def _basis(self) -> posterior.ItemBasis:
+        """The model's :class:`~recmeta_sdk.online.posterior.ItemBasis` of the linear evidence."""
+        return posterior.basis_of_model(self.model, posterior.LINEAR_RANK)
 
     def _correction_nbytes(self, ou: OnlineUser) -> int:
         """``ou.correction.nbytes`` without computing the correction."""
         cfg = self.model.config
         ev_w = float(getattr(cfg, "feedback_evidence", 0.0))
         fb = ou.seen[ou.n_prior:]
-        if (cfg.feedback_posterior <= 0 and ev_w <= 0) or len(fb) == 0:
+        if (cfg.feedback_posterior <= 0 and ev_w <= 0 and float(getattr(cfg, "feedback_linear", 0.0)) <= 0) \
+                or len(fb) == 0:
             return 0
         fb = fb[-cfg.feedback_window:]
         n = 16 * len(np.unique(fb)) if cfg.feedback_posterior > 0 else 0
         if ev_w > 0:
             w = posterior.evidence_window(float(cfg.feedback_evidence_decay), cfg.feedback_window)
             n += 16 * len(np.unique(fb[-w:]))
+        if float(getattr(cfg, "feedback_linear", 0.0)) > 0 and posterior.has_dense_features(self.model):
+            r = self._basis().rank
+            n += 8 * r + (8 * r * r if posterior.LINEAR_UCB > 0 else 0)
         return n
 
     def _dense_bias(self, corr: SparseCorrection) -> np.ndarray:
         """The (N,) float32 item bias of a :class:`SparseCorrection` (both parts)."""
         m = self.model
-        if corr.ev_scale == 0.0 or not len(corr.ev_items):
+        lin = corr.lin_scale != 0.0 and len(corr.lin_coef)
+        if (corr.ev_scale == 0.0 or not len(corr.ev_items)) and not lin:
             if corr.scale == 0.0 and not corr.with_prior:
                 return np.zeros(m.n_items, np.float32)
             return posterior.of_model(m).dense(corr)
-        ev = corr.ev_scale * posterior.kernel_of_model(m).apply(corr.ev_items, corr.ev_coef)
+        ev = np.zeros(m.n_items)
+        if corr.ev_scale != 0.0 and len(corr.ev_items):
+            ev = corr.ev_scale * posterior.kernel_of_model(m).apply(corr.ev_items, corr.ev_coef)
+        if lin:
+            basis = self._basis()
+            ev = ev + corr.lin_scale * basis.apply(corr.lin_coef)
+            if corr.lin_inv is not None:
+                ev = ev + corr.lin_scale * basis.bonus(corr.lin_inv)
         if corr.scale == 0.0 and not corr.with_prior:
             return ev.astype(np.float32)
         return (posterior.of_model(m).dense(corr).astype(np.float64) + ev).astype(np.float32)

@@ -32,8 +32,11 @@ known (training) user's prior is the model's own state, so only the correction i
 The same item bias carries the **in-session evidence** (:func:`evidence_coefficients`,
 :class:`ItemKernel`): each event's residual against the user's running mean reward, spread to
 similar items by a kernel on the model's item vectors and decayed per event, weighted by
-``config.feedback_evidence`` in the same score units. Both parts live in one
-:class:`SparseCorrection` (O(feedback window) numbers per user).
+``config.feedback_evidence`` in the same score units. With ``config.feedback_linear`` (off by
+default; models with dense item features) it also carries the **linear evidence**
+(:class:`ItemBasis`): the user's ridge regression of its rewards on the items' features, the
+item vectors' principal directions and the model's cold score, plus a confidence bonus. All
+parts live in one :class:`SparseCorrection` (O(feedback window + rank^2) numbers per user).
 """
 from __future__ import annotations
 
@@ -46,8 +49,9 @@ import numpy as np
 if TYPE_CHECKING:
     from ..model.view import ModelView
 
-__all__ = ["ItemKernel", "RewardPosterior", "SparseCorrection", "evidence_coefficients", "evidence_window",
-           "kernel_of_model", "of_model", "score_scale"]
+__all__ = ["ItemBasis", "ItemKernel", "RewardPosterior", "SparseCorrection", "basis_of_model",
+           "evidence_coefficients", "evidence_window", "has_dense_features", "kernel_of_model", "of_model",
+           "score_scale"]
 
 _LOCK = threading.RLock()  # re-entrant: score_scale runs model code under it
 # Per model, built on first use and kept in the model object's own attribute dict under this
@@ -221,6 +225,11 @@ class SparseCorrection:
     ev_items : (m,) int64, the distinct items of the evidence window
     ev_coef : (m,) float64, their summed decayed residuals (:func:`evidence_coefficients`)
     ev_scale : ``config.feedback_evidence * score_scale(model)``
+    lin_coef : (r,) float64, the linear evidence's posterior mean over :class:`ItemBasis`
+        (empty when it is off); its dense form is ``lin_scale * (Z @ lin_coef + bonus)``
+    lin_scale : ``config.feedback_linear * score_scale(model)``
+    lin_inv : (r, r) float64 or None, ``LINEAR_UCB ** 2`` times the posterior covariance
+        ``(reg I + Z_O^T Z_O)^{-1}``: the bonus is ``sqrt(z_i^T lin_inv z_i)``
     """
 
     items: np.ndarray
@@ -230,11 +239,15 @@ class SparseCorrection:
     ev_items: np.ndarray = field(default_factory=lambda: _EMPTY_I)
     ev_coef: np.ndarray = field(default_factory=lambda: _EMPTY_F)
     ev_scale: float = 0.0
+    lin_coef: np.ndarray = field(default_factory=lambda: _EMPTY_F)
+    lin_scale: float = 0.0
+    lin_inv: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the arrays."""
-        return int(self.items.nbytes + self.coef.nbytes + self.ev_items.nbytes + self.ev_coef.nbytes)
+        return int(self.items.nbytes + self.coef.nbytes + self.ev_items.nbytes + self.ev_coef.nbytes
+                   + self.lin_coef.nbytes + (0 if self.lin_inv is None else self.lin_inv.nbytes))
 
 
 #: the running mean reward a user's first event is compared with, and its weight in events
@@ -242,6 +255,23 @@ EVIDENCE_PRIOR_MEAN = 0.5
 EVIDENCE_PRIOR_WEIGHT = 1.0
 #: events whose decayed weight falls below this are dropped from the evidence window
 EVIDENCE_MIN_WEIGHT = 1e-3
+
+
+#: the online **linear evidence** (:class:`ItemBasis`; weight ``config.feedback_linear``, for
+#: models with dense item side features): the rank of the item vectors' principal part of the
+#: basis, the ridge (prior precision), the prior weight of the model's cold score (reward units
+#: per standard deviation of it) and the width of the confidence bonus (LinUCB's alpha),
+#: chosen on validation seeds 101-104 of the multi-task simulator (``bench/bench_online.py
+#: --sim-seed``; LinUCB's own settings there: ridge 1, alpha 0.5)
+LINEAR_RANK = 16
+LINEAR_REG = 1.0
+LINEAR_PRIOR = 1.0
+LINEAR_UCB = 0.25
+
+
+def has_dense_features(model: ModelView) -> bool:
+    """Whether the model's items have dense side features (what the linear evidence reads)."""
+    return getattr(model.network, "item_dense", None) is not None and int(getattr(model.network, "n_dense", 0)) > 0
 
 
 def evidence_window(decay: float, window: int) -> int:
@@ -309,6 +339,108 @@ class ItemKernel:
         if len(items) == 0:
             return np.zeros(self.unit.shape[0])
         return self.columns(items) @ np.asarray(coef, np.float64)
+
+
+class ItemBasis:
+    """The item representation of the online **linear evidence**: a per-user Bayesian ridge
+    regression of the rewards on ``z_i`` (LinUCB's model, on the SDK's own representation and
+    with the model's prediction as its prior).
+
+    ``z_i = [p_i, f_i, s_i, 1]``: ``p_i`` the item's coordinates on the top ``rank`` principal
+    directions of the centred item vectors, ``f_i`` its centred dense side features (each block
+    scaled so that its rows have mean squared norm 1, then both together again), ``s_i`` the
+    model's cold score standardised over the catalogue (column :attr:`n_basis`) and a constant.
+
+    Parameters
+    ----------
+    vectors : (N, d) array, the items' vectors (the policy's output table)
+    rank : int >= 0 (capped at ``min(N, d)``)
+    features : (N, D) array, optional, dense item side features
+    score : (N,) array, optional, the model's score of each item for a user with no history
+    """
+
+    def __init__(self, vectors: np.ndarray, rank: int, features: np.ndarray | None = None,
+                 score: np.ndarray | None = None):
+        V = np.asarray(vectors, np.float64)
+        if V.ndim != 2:
+            raise ValueError(f"vectors must be (N, d), got shape {V.shape}")
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
+            raise ValueError(f"rank must be an int >= 0, got {rank!r}")
+        if not np.isfinite(V).all():
+            raise ValueError("item vectors must be finite")
+        parts = []
+        r = int(min(rank, V.shape[0], V.shape[1]))
+        if r > 0:
+            Vc = V - V.mean(axis=0, keepdims=True)
+            _, _, vt = np.linalg.svd(Vc, full_matrices=False)
+            parts.append(self._unit(Vc @ vt[:r].T))
+        if features is not None and np.asarray(features).shape[1]:
+            F = np.asarray(features, np.float64)
+            parts.append(self._unit(F - F.mean(axis=0, keepdims=True)))
+        Z = np.hstack(parts) if parts else np.zeros((V.shape[0], 0))
+        Z = self._unit(Z)
+        self.n_basis = Z.shape[1]
+        if score is not None:
+            sc = np.asarray(score, np.float64)
+            sd = float(sc.std()) or 1.0
+            Z = np.hstack([Z, ((sc - sc.mean()) / sd)[:, None], np.ones((len(Z), 1))])
+        self.Z = np.ascontiguousarray(Z)
+        self.Z.flags.writeable = False
+        self.rank = Z.shape[1]
+        self.key = (r, None if features is None else np.asarray(features).shape[1])
+
+    @staticmethod
+    def _unit(Z):
+        ms = float((Z * Z).sum(axis=1).mean()) if len(Z) else 0.0
+        return Z / np.sqrt(ms) if ms > 0 else Z
+
+    def coefficients(self, items: np.ndarray, y: np.ndarray, reg: float, prior: np.ndarray | None = None) -> np.ndarray:
+        """The posterior mean ``w = (reg I + Z_O^T Z_O)^{-1} (reg w0 + Z_O^T y)`` (rank,) float64 of
+        the rewards ``y`` of the events on ``items`` (one row per event: an item shown twice
+        counts twice), under the prior ``N(w0 = prior (default 0), I / reg)``."""
+        if not np.isfinite(reg) or reg <= 0:
+            raise ValueError(f"reg must be a finite number > 0, got {reg}")
+        items = np.asarray(items, np.int64)
+        y = np.asarray(y, np.float64)
+        Zo = self.Z[items]
+        A = Zo.T @ Zo + reg * np.eye(self.rank)
+        b = Zo.T @ y
+        if prior is not None:
+            b = b + reg * prior
+        return np.linalg.solve(A, b)
+
+    def inverse(self, items: np.ndarray, reg: float) -> np.ndarray:
+        """``(reg I + Z_O^T Z_O)^{-1}`` (rank, rank)."""
+        Zo = self.Z[np.asarray(items, np.int64)]
+        return np.linalg.inv(Zo.T @ Zo + reg * np.eye(self.rank))
+
+    def bonus(self, inv: np.ndarray) -> np.ndarray:
+        """``sqrt(z_i^T inv z_i)`` (N,) for every item."""
+        return np.sqrt(np.maximum(((self.Z @ inv) * self.Z).sum(axis=1), 0.0))
+
+    def apply(self, coef: np.ndarray) -> np.ndarray:
+        """``Z @ coef`` (N,) float64."""
+        return self.Z @ np.asarray(coef, np.float64)
+
+
+_BASIS_KEY = "_feedback_item_basis"
+
+
+def basis_of_model(model: ModelView, rank: int = LINEAR_RANK) -> ItemBasis:
+    """The :class:`ItemBasis` of a model for the linear evidence: the top ``rank`` principal
+    directions of its item table, its items' dense side features (where it has them) and its
+    cold score (``score_all(adapt([]))``); built on first use and kept with the model."""
+    b = model.__dict__.get(_BASIS_KEY)
+    if b is None or b[0] != int(rank):
+        with _LOCK:
+            b = model.__dict__.get(_BASIS_KEY)
+            if b is None or b[0] != int(rank):
+                dense = getattr(model.network, "item_dense", None)
+                F = None if dense is None else dense.detach().numpy()
+                S = model.score_all(model.adapt([])).astype(np.float64)
+                b = (int(rank), ItemBasis(model.item_table.detach().numpy(), int(rank), F, S))
+                model.__dict__[_BASIS_KEY] = b
+    return b[1]
 
 
 _KERNEL_KEY = "_feedback_item_kernel"
