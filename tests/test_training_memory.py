@@ -265,3 +265,23 @@ def test_causal_last_equals_the_full_causal_encoder(layers):
         gg = torch.autograd.grad((got * got).sum(), [e] + list(enc.parameters()))
         for a, b in zip(gg, gw):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_curves_stay_within_the_model_file_limits():
+    """Every curve the fusion search can choose has |log m| <= LoadLimits.max_log_step (a
+    model trained on a simulator world chose log m = -10.2 and then failed to load), and the
+    search scores exactly the curve the network serves."""
+    from recmeta_sdk.model.io import LoadLimits
+
+    lo, hi = min(loop.FUSION_GRID), max(loop.FUSION_GRID)
+    ln = torch.log1p(torch.tensor([1.0, 5.0, 12.0, 20.0, 30.0, 80.0, 600.0]))
+    for a_lo in (lo, 1.0, hi):
+        for a_mid in (a_lo, hi):
+            for a_hi in (lo, hi):
+                for n_hi in loop.FUSION_N_HI:
+                    coef, scale = loop._alpha_params(a_lo, a_mid, a_hi, n_hi)
+                    assert abs(float(scale[0])) <= LoadLimits().max_log_step, (a_lo, a_mid, a_hi, n_hi, scale)
+                    (c0, c1), (s0, s1, s2) = coef, scale
+                    served = torch.exp(s0 * ((ln - torch.log1p(s1)) / (torch.log1p(s2) - torch.log1p(s1))).clamp(0, 1)) \
+                        * torch.nn.functional.softplus(c0 + c1 * ln)
+                    torch.testing.assert_close(loop._alpha_curve(ln, a_lo, a_mid, a_hi, n_hi), served, rtol=1e-5, atol=1e-6)

@@ -79,6 +79,7 @@ import torch
 from .. import ops
 from ..data import IdMap
 from ..evaluation.baselines import ease_weights as _ease_weights
+from ..model.io import LoadLimits
 from ..model.network import AUTO_VALIDATION, Config, auto_epochs, ItemFeatures, RecMetaNet, SparseWide, dense_wide_bytes
 
 logger = logging.getLogger("recmeta")
@@ -1656,6 +1657,12 @@ def _softplus_inv(a: float) -> float:
     return a + math.log(-math.expm1(-a))
 
 
+#: the largest |log m| of the wide part's multiplier that tune_fusion writes: the default limit
+#: a model file is loaded under (LoadLimits.max_log_step); m = e^-10 leaves the wide part 5e-5
+#: of its weight at n_hi, as good as off
+MAX_LOG_M = LoadLimits.max_log_step
+
+
 def _alpha_params(a_lo: float, a_mid: float, a_hi: float, n_hi: float) -> tuple:
     """The network's ``(wide_coef, wide_scale)`` (see :meth:`RecMetaNet.wide_alpha`) of the
     curve through ``alpha(FUSION_KNOTS[0]) = a_lo`` and ``alpha(FUSION_KNOTS[1]) = a_mid``
@@ -1666,7 +1673,10 @@ def _alpha_params(a_lo: float, a_mid: float, a_hi: float, n_hi: float) -> tuple:
     c1 = (y1 - y0) / (l1 - l0)
     c0 = y0 - c1 * l0
     base_hi = float(torch.nn.functional.softplus(torch.tensor(c0 + c1 * math.log1p(n_hi), dtype=torch.float64)))
-    return (torch.tensor([c0, c1]), torch.tensor([math.log(a_hi / base_hi), FUSION_KNOTS[1], n_hi]))
+    # |log m| within what a model file may hold (LoadLimits.max_log_step), so that every model
+    # training writes loads back; the search scores the curve as clamped here (_alpha_curve)
+    log_m = min(max(math.log(a_hi / base_hi), -MAX_LOG_M), MAX_LOG_M)
+    return (torch.tensor([c0, c1]), torch.tensor([log_m, FUSION_KNOTS[1], n_hi]))
 
 
 def _alpha_curve(ln: torch.Tensor, a_lo: float, a_mid: float, a_hi: float, n_hi: float) -> torch.Tensor:
