@@ -334,7 +334,8 @@ def _grad_core(grad: torch.Tensor, weights: List[torch.Tensor], indices: torch.T
     per-sample-weight gradient) on the compiled core: the core's fused backward with plain SGD
     applied to zero tables at learning rate -1 leaves each table holding ``0 + grad``, the
     dense gradient (the same sums as the torch code, accumulated row by row in the core's
-    deterministic order; tested against torch in tests/test_embedding_bag.py, test_core_gradient_path_matches_torch)."""
+    deterministic order; tested against torch by test_core_gradient_path_matches_torch in
+    tests/test_embedding_bag.py)."""
     outs = [torch.zeros(w.shape[0], w.shape[1], dtype=torch.float32) for w in weights]
     psw = None if per_sample_weights is None else _np(per_sample_weights.to(torch.float32), "per_sample_weights")
     g = _np(grad, "grad")
